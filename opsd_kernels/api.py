@@ -1,0 +1,280 @@
+"""Public functions: validation, implementation dispatch, reductions. Thin by design."""
+
+from __future__ import annotations
+
+import torch
+
+from ._validation import check_float_tensor, check_impl, check_mask, check_options
+from .autograd import DivergenceFunction, FusedLinearDivergenceFunction, auto_chunk_size
+from .torch_impl import divergence_rows_torch
+
+
+def _row_function(impl: str):
+    if impl == "torch":
+        return divergence_rows_torch
+    from .triton.divergence_rows import divergence_rows_triton
+
+    return divergence_rows_triton
+
+
+def divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    clip: float | None = None,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Per-token divergence between teacher and student next-token distributions.
+
+    Args:
+        student_logits: (..., V) float32, bfloat16, float16 (or float64) logits.
+        teacher_logits: (..., V) logits of the same shape and device.
+        kind: ``"forward_kl"`` = KL(p_T || p_S) (the OPSD paper's final choice),
+            ``"reverse_kl"`` = KL(p_S || p_T), ``"jsd"`` = generalized JSD:
+            ``beta KL(p_T || m) + (1 - beta) KL(p_S || m)``, ``m = beta p_T + (1 - beta) p_S``.
+        beta: JSD mixture weight, strictly between 0 and 1 (ignored by the KL kinds).
+        temperature: both logits are divided by it before the softmax.
+        clip: None, or tau > 0: every vocabulary entry's pointwise contribution is
+            clipped, ``min(phi_v, tau)``, before the sum over V (the method's v3
+            loss; the clipped sum can be negative). Clipped entries pass no gradient.
+        mask: None or bool (...): False positions contribute nothing and get zero
+            gradient; their contents are never used (padding may hold anything).
+        reduction: ``"mean"`` (sum over counted tokens / number of counted tokens;
+            0 when none is counted), ``"sum"``, or ``"none"`` (per-token losses of
+            shape (...), whose backward accepts any upstream gradient).
+        impl: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"``,
+            or ``"torch"`` (row-chunked; bounded extra memory).
+
+    Returns:
+        float32 loss (float64 for float64 inputs on the torch path): a scalar,
+        or shape (...) for ``reduction="none"``. Gradients flow to both logits
+        when they require grad, in their own dtypes. Arithmetic is float32.
+
+    Special values: -inf logits (banned tokens) are exact: ``0 log 0 = 0``, and a
+    KL is +inf where one side puts mass on a token the other bans (the
+    gradient of an infinite loss is not meaningful). NaN in a counted row gives
+    NaN. A counted row must have at least one finite logit on each side.
+
+    Example: replace a naive ``F.kl_div`` chain with one call.
+
+    >>> import torch, torch.nn.functional as F
+    >>> s = torch.randn(2, 6, 50, requires_grad=True); t = torch.randn(2, 6, 50)
+    >>> naive = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1),
+    ...                  log_target=True, reduction="none").sum(-1).mean()
+    >>> loss = divergence(s, t)                  # forward KL(p_T || p_S), token mean
+    >>> torch.allclose(loss, naive, atol=1e-6)
+    True
+    >>> loss.backward(); s.grad.shape
+    torch.Size([2, 6, 50])
+    """
+    opts = check_options(kind, beta, temperature, clip, reduction)
+    check_float_tensor("student_logits", student_logits)
+    check_float_tensor("teacher_logits", teacher_logits)
+    if student_logits.dim() == 0:
+        raise ValueError("student_logits must have at least one dimension (the vocabulary)")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            f"student_logits is on {student_logits.device} but teacher_logits is on "
+            f"{teacher_logits.device}"
+        )
+    if student_logits.shape[-1] == 0:
+        raise ValueError("student_logits has an empty vocabulary (last dimension is 0)")
+    check_mask(mask, student_logits.shape[:-1], student_logits.device)
+    impl = check_impl(impl, ("auto", "torch", "triton"), student_logits.device)
+    return DivergenceFunction.apply(student_logits, teacher_logits, mask, opts, _row_function(impl))
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    *,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Drop-in for TRL's GKD/GOLD ``generalized_jsd_loss`` convention.
+
+    ``beta=0`` is forward KL(p_T || p_S), ``beta=1`` reverse KL(p_S || p_T),
+    otherwise the generalized JSD with mixture ``beta p_T + (1 - beta) p_S``.
+    ``labels`` (..., ) marks ignored positions with ``ignore_index``.
+    ``reduction``: ``"batchmean"`` or ``"mean"`` (sum / number of counted tokens),
+    ``"sum"`` or ``"none"`` (per-token losses).
+
+    >>> s, t = torch.randn(2, 3, 10), torch.randn(2, 3, 10)
+    >>> a = generalized_jsd(s, t, beta=0.0)
+    >>> torch.allclose(a, divergence(s, t, kind="forward_kl"))
+    True
+    """
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if reduction not in ("batchmean", "mean", "sum", "none"):
+        raise ValueError(
+            f"reduction must be one of ('batchmean', 'mean', 'sum', 'none'), got {reduction!r}"
+        )
+    kind = "forward_kl" if beta == 0 else "reverse_kl" if beta == 1 else "jsd"
+    mask = None if labels is None else labels != ignore_index
+    return divergence(
+        student_logits, teacher_logits, kind=kind, beta=beta if kind == "jsd" else 0.5,
+        temperature=temperature, mask=mask,
+        reduction="mean" if reduction == "batchmean" else reduction, impl=impl,
+    )
+
+
+def fused_linear_divergence(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    teacher_weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    clip: float | None = None,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    fp32_weight_grad: bool = True,
+) -> torch.Tensor:
+    """Divergence computed from hidden states and the lm_head, never the full logits.
+
+    Equals ``divergence(student_hidden @ weight.T + bias, teacher_hidden @ W_T.T + b_T)``
+    with the teacher side held constant.
+
+    Args:
+        student_hidden: (..., H) final hidden states of the student context.
+        teacher_hidden: (..., H_T) teacher hidden states, same leading shape
+            (the positions that predict the same tokens).
+        weight: (V, H) lm_head weight.
+        teacher_weight: None (self-distillation: the teacher shares ``weight``
+            and ``bias``; the fastest case, one GEMM for both roles) or (V, H_T).
+        bias: None or (V,) lm_head bias.
+        teacher_bias: None or (V,); only with a separate ``teacher_weight``.
+        kind, beta, temperature, clip, mask, reduction: as :func:`divergence`.
+        impl: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``.
+            Both are token-chunked: per chunk one logits GEMM, the row divergence
+            (gradient written over the logits buffer), then the gradient GEMMs.
+        chunk_size: tokens per chunk; None picks it from
+            ``opsd_kernels.config.chunk_memory_budget`` (default 512 MiB).
+        fp32_weight_grad: accumulate the weight (and bias) gradient over chunks in
+            float32 (default); False accumulates in the weight's dtype.
+
+    Gradients flow to ``student_hidden``, ``weight`` and ``bias`` when they require
+    grad; a frozen weight (``requires_grad=False``, the LoRA case) skips the weight
+    gradient entirely. No gradient flows to ``teacher_hidden``, ``teacher_weight``
+    or ``teacher_bias``: the teacher is a constant (the method's stop-gradient).
+    With ``reduction="mean"``/``"sum"`` the gradients are formed during the
+    forward; with ``"none"`` and a trainable weight or bias they are recomputed
+    in the backward from the upstream per-token gradients.
+
+    Returns: float32 loss, scalar or shape (...) for ``reduction="none"``.
+
+    >>> torch.manual_seed(0) and None
+    >>> h_s = torch.randn(4, 7, 16, requires_grad=True)   # student hidden states
+    >>> h_t = torch.randn(4, 7, 16)                       # teacher hidden states
+    >>> lm_head = torch.nn.Linear(16, 100, bias=False)
+    >>> loss = fused_linear_divergence(h_s, h_t, lm_head.weight, temperature=1.1, clip=0.05)
+    >>> loss.backward()
+    >>> h_s.grad.shape, lm_head.weight.grad.shape
+    (torch.Size([4, 7, 16]), torch.Size([100, 16]))
+    """
+    opts = check_options(kind, beta, temperature, clip, reduction)
+    check_float_tensor("student_hidden", student_hidden)
+    check_float_tensor("teacher_hidden", teacher_hidden)
+    check_float_tensor("weight", weight)
+    if student_hidden.dim() == 0 or teacher_hidden.dim() == 0:
+        raise ValueError("student_hidden and teacher_hidden must have shape (..., hidden)")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            "student_hidden and teacher_hidden must have the same leading shape, got "
+            f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
+        )
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, H), got {tuple(weight.shape)}")
+    V, H = weight.shape
+    if V == 0:
+        raise ValueError("weight has an empty vocabulary (V = 0 rows)")
+    if student_hidden.shape[-1] != H:
+        raise ValueError(
+            f"student_hidden has hidden size {student_hidden.shape[-1]} but weight is "
+            f"(V={V}, H={H})"
+        )
+    device = student_hidden.device
+    for name, x in (("teacher_hidden", teacher_hidden), ("weight", weight),
+                    ("teacher_weight", teacher_weight), ("bias", bias),
+                    ("teacher_bias", teacher_bias)):
+        if x is not None and x.device != device:
+            raise ValueError(f"{name} is on {x.device} but student_hidden is on {device}")
+    if teacher_weight is None:
+        if teacher_bias is not None:
+            raise ValueError(
+                "teacher_bias is only used with a separate teacher_weight; with a shared "
+                "lm_head the teacher uses `bias`"
+            )
+        if teacher_hidden.shape[-1] != H:
+            raise ValueError(
+                f"teacher_hidden has hidden size {teacher_hidden.shape[-1]} but the shared "
+                f"weight expects {H}; pass teacher_weight for a teacher of another size"
+            )
+        t_weight_dtype = weight.dtype
+    else:
+        check_float_tensor("teacher_weight", teacher_weight)
+        if teacher_weight.dim() != 2 or teacher_weight.shape != (V, teacher_hidden.shape[-1]):
+            raise ValueError(
+                f"teacher_weight must have shape (V={V}, H_T={teacher_hidden.shape[-1]}), got "
+                f"{tuple(teacher_weight.shape)}"
+            )
+        t_weight_dtype = teacher_weight.dtype
+    for name, b in (("bias", bias), ("teacher_bias", teacher_bias)):
+        if b is not None:
+            check_float_tensor(name, b)
+            if b.shape != (V,):
+                raise ValueError(f"{name} must have shape (V={V},), got {tuple(b.shape)}")
+    if student_hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(
+            f"student_hidden ({student_hidden.dtype}), weight ({weight.dtype}) and bias must "
+            "share one dtype"
+        )
+    if teacher_hidden.dtype != t_weight_dtype or (
+        teacher_bias is not None and teacher_bias.dtype != t_weight_dtype
+    ):
+        raise TypeError(
+            f"teacher_hidden ({teacher_hidden.dtype}) must have its weight's dtype "
+            f"({t_weight_dtype})"
+        )
+    if teacher_weight is None and teacher_hidden.dtype != student_hidden.dtype:
+        raise TypeError("with a shared weight, teacher_hidden and student_hidden share one dtype")
+    check_mask(mask, student_hidden.shape[:-1], device)
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    impl = check_impl(impl, ("auto", "torch", "triton"), device)
+    chunk = chunk_size or auto_chunk_size(V, student_hidden.element_size(), impl)
+    if weight.dtype == torch.float64:
+        grad_dtype = torch.float64
+    else:
+        grad_dtype = torch.float32 if fp32_weight_grad else weight.dtype
+    # the teacher is a constant: detach so no graph is kept for it
+    teacher_hidden = teacher_hidden.detach()
+    teacher_weight = None if teacher_weight is None else teacher_weight.detach()
+    teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+    return FusedLinearDivergenceFunction.apply(
+        student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask, opts,
+        _row_function(impl), chunk, grad_dtype,
+    )

@@ -1,0 +1,143 @@
+"""The formula sheet: one entry per divergence kind, with torch and Triton twins.
+
+Notation (per token row, vocabulary length V, temperature ``tau``)::
+
+    b = s / tau, a = t / tau                   student / teacher scaled logits
+    lS = b - LSE(b), lT = a - LSE(a)           log-probabilities
+    pS = exp(lS),    pT = exp(lT)
+    L  = sum_v c(phi_v),  c(x) = min(x, clip) or x
+
+For each kind the sheet gives three pointwise terms:
+
+    phi_v  the contribution of entry v to the row loss
+    g_v    d phi_v / d lS_v   (student side)
+    h_v    d phi_v / d lT_v   (teacher side)
+
+| kind       | phi_v                                 | g_v                 | h_v                |
+|------------|---------------------------------------|---------------------|--------------------|
+| forward_kl | pT (lT - lS)                          | -pT                 | pT (lT - lS + 1)   |
+| reverse_kl | pS (lS - lT)                          | pS (lS - lT + 1)    | -pS                |
+| jsd(beta)  | beta pT (lT - lM) + (1-beta) pS (lS - lM) | (1-beta) pS (lS - lM) | beta pT (lT - lM) |
+
+with lM = log(beta pT + (1-beta) pS) formed by ``logaddexp`` (never the log of
+an underflowed sum). Because lS = b - LSE(b), the chain rule through the
+softmax gives, with clipped entries' g and h set to 0,
+
+    dL/ds_j = (g_j - pS_j * G) / tau,   G = sum_v g_v
+    dL/dt_j = (h_j - pT_j * H) / tau,   H = sum_v h_v
+
+Special values: ``0 * log 0`` counts as 0 (a term whose weight probability is
+exactly 0 contributes nothing, even where the other side is -inf), a term with
+positive weight against a zero probability is ``+inf`` (the KL is infinite),
+and NaN in a row propagates to that row's outputs.
+
+Adding a kind: write its ``_terms`` function in torch here and its Triton twin
+in ``opsd_kernels/triton/formulas.py``, then add one :class:`KindSpec` entry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Terms = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _weighted_log_ratio(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """``p * (lp - lq)`` with ``0 * anything = 0`` where ``p == 0`` exactly.
+
+    ``p == 0`` is used (not ``p > 0``) so that a NaN probability stays NaN.
+    Where ``lq`` is ``-inf`` and ``lp`` is finite the result is ``+inf`` even if
+    ``p`` underflowed in floating point, matching the exact value.
+    """
+    safe = torch.where(p == 0, torch.zeros_like(lq), lp - lq)
+    term = p * safe
+    inf = torch.full_like(term, math.inf)
+    return torch.where((lq == -math.inf) & (lp > -math.inf), inf, term)
+
+
+def forward_kl_terms(lT, lS, pT, pS, beta: float) -> Terms:
+    phi = _weighted_log_ratio(pT, lT, lS)
+    g = -pT
+    h = torch.where(pT == 0, torch.zeros_like(pT), phi + pT)
+    return phi, g, h
+
+
+def reverse_kl_terms(lT, lS, pT, pS, beta: float) -> Terms:
+    phi = _weighted_log_ratio(pS, lS, lT)
+    g = torch.where(pS == 0, torch.zeros_like(pS), phi + pS)
+    h = -pS
+    return phi, g, h
+
+
+def jsd_terms(lT, lS, pT, pS, beta: float) -> Terms:
+    # log of the mixture, stable: logaddexp never takes the log of an underflowed sum
+    lM = torch.logaddexp(lT + math.log(beta), lS + math.log1p(-beta))
+    teacher_part = _weighted_log_ratio(pT, lT, lM)
+    student_part = _weighted_log_ratio(pS, lS, lM)
+    g = (1.0 - beta) * student_part
+    h = beta * teacher_part
+    return g + h, g, h
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """One divergence kind.
+
+    ``kind_id`` selects the Triton twin (a ``tl.constexpr``); ``one_pass`` says
+    whether, without clipping, the row loss follows from one online pass over
+    the vocabulary (running max, sum-exp and one weighted sum), so the kernels
+    can skip the separate loss pass.
+    """
+
+    name: str
+    kind_id: int
+    terms: Callable[..., Terms]
+    one_pass: bool
+    needs_beta: bool
+
+
+KINDS: dict[str, KindSpec] = {
+    "forward_kl": KindSpec("forward_kl", 0, forward_kl_terms, one_pass=True, needs_beta=False),
+    "reverse_kl": KindSpec("reverse_kl", 1, reverse_kl_terms, one_pass=True, needs_beta=False),
+    "jsd": KindSpec("jsd", 2, jsd_terms, one_pass=False, needs_beta=True),
+}
+
+
+def rows_loss_and_grads(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    spec: KindSpec,
+    beta: float,
+    temperature: float,
+    clip: float | None,
+    want_student_grad: bool,
+    want_teacher_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Row losses and unit-upstream logit gradients of a block of rows, in float32+.
+
+    ``student``/``teacher``: (R, V) logits in float32 or float64 (the caller
+    upcasts). Returns ``(loss (R,), dL/ds (R, V) or None, dL/dt (R, V) or None)``
+    where the gradients are those of each row's own loss (upstream gradient 1).
+    """
+    inv_t = 1.0 / temperature
+    lS = torch.log_softmax(student * inv_t, dim=-1)
+    lT = torch.log_softmax(teacher * inv_t, dim=-1)
+    pS = lS.exp()
+    pT = lT.exp()
+    phi, g, h = spec.terms(lT, lS, pT, pS, beta)
+    if clip is not None:
+        kept = phi < clip
+        phi = torch.clamp(phi, max=clip)
+        g = torch.where(kept, g, torch.zeros_like(g))
+        h = torch.where(kept, h, torch.zeros_like(h))
+    loss = phi.sum(-1)
+    grad_s = grad_t = None
+    if want_student_grad:
+        grad_s = (g - pS * g.sum(-1, keepdim=True)) * inv_t
+    if want_teacher_grad:
+        grad_t = (h - pT * h.sum(-1, keepdim=True)) * inv_t
+    return loss, grad_s, grad_t

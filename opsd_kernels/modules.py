@@ -1,0 +1,67 @@
+"""nn.Module forms of the public functions (options fixed at construction)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._validation import check_options
+from .api import divergence, fused_linear_divergence
+
+
+class Divergence(torch.nn.Module):
+    """Module form of :func:`opsd_kernels.divergence`.
+
+    >>> loss_fn = Divergence(kind="jsd", beta=0.5, temperature=1.1)
+    >>> s, t = torch.randn(3, 20), torch.randn(3, 20)
+    >>> loss_fn(s, t).shape
+    torch.Size([])
+    """
+
+    def __init__(self, kind="forward_kl", beta=0.5, temperature=1.0, clip=None,
+                 reduction="mean", impl="auto"):
+        super().__init__()
+        check_options(kind, beta, temperature, clip, reduction)  # fail at construction
+        self.kind, self.beta, self.temperature = kind, beta, temperature
+        self.clip, self.reduction, self.impl = clip, reduction, impl
+
+    def forward(self, student_logits, teacher_logits, mask=None):
+        return divergence(student_logits, teacher_logits, kind=self.kind, beta=self.beta,
+                          temperature=self.temperature, clip=self.clip, mask=mask,
+                          reduction=self.reduction, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
+                f"clip={self.clip}, reduction={self.reduction!r}, impl={self.impl!r}")
+
+
+class FusedLinearDivergence(torch.nn.Module):
+    """Module form of :func:`opsd_kernels.fused_linear_divergence`.
+
+    The lm_head weight is passed at call time (it belongs to the model).
+
+    >>> loss_fn = FusedLinearDivergence(kind="forward_kl", clip=0.05)
+    >>> head = torch.nn.Linear(8, 30, bias=False)
+    >>> loss_fn(torch.randn(5, 8), torch.randn(5, 8), head.weight).shape
+    torch.Size([])
+    """
+
+    def __init__(self, kind="forward_kl", beta=0.5, temperature=1.0, clip=None,
+                 reduction="mean", impl="auto", chunk_size=None, fp32_weight_grad=True):
+        super().__init__()
+        check_options(kind, beta, temperature, clip, reduction)
+        self.kind, self.beta, self.temperature = kind, beta, temperature
+        self.clip, self.reduction, self.impl = clip, reduction, impl
+        self.chunk_size, self.fp32_weight_grad = chunk_size, fp32_weight_grad
+
+    def forward(self, student_hidden, teacher_hidden, weight, *, teacher_weight=None,
+                bias=None, teacher_bias=None, mask=None):
+        return fused_linear_divergence(
+            student_hidden, teacher_hidden, weight, teacher_weight=teacher_weight, bias=bias,
+            teacher_bias=teacher_bias, kind=self.kind, beta=self.beta,
+            temperature=self.temperature, clip=self.clip, mask=mask, reduction=self.reduction,
+            impl=self.impl, chunk_size=self.chunk_size, fp32_weight_grad=self.fp32_weight_grad)
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
+                f"clip={self.clip}, reduction={self.reduction!r}, impl={self.impl!r}, "
+                f"chunk_size={self.chunk_size}")

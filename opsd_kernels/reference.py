@@ -1,0 +1,123 @@
+"""The readable spec: naive implementations that materialise everything.
+
+Every faster path is tested against these. They follow the formula sheet in
+:mod:`opsd_kernels.divergences` literally: full log-softmax of both logits,
+the pointwise terms, per-entry clipping, a sum over the vocabulary, then the
+reduction over tokens. Gradients come from autograd (not from the analytic
+formulas the fast paths use), so the tests compare two independent routes.
+
+They default to float64 arithmetic and use O(N * V) memory: never use them
+for training at real sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .divergences import KINDS
+
+
+def _safe_weighted_log_ratio(p, lp, lq):
+    # p * (lp - lq) with 0 * log 0 = 0, written so that autograd produces no NaN
+    # through the unused branch of the where (both operands are made finite there).
+    zero = p == 0
+    lp_s = torch.where(zero, torch.zeros_like(lp), lp)
+    lq_s = torch.where(zero, torch.zeros_like(lq), lq)
+    return torch.where(zero, torch.zeros_like(p), p * (lp_s - lq_s))
+
+
+def _pointwise(kind: str, lT, lS, beta: float):
+    pT, pS = lT.exp(), lS.exp()
+    if kind == "forward_kl":
+        return _safe_weighted_log_ratio(pT, lT, lS)
+    if kind == "reverse_kl":
+        return _safe_weighted_log_ratio(pS, lS, lT)
+    if kind == "jsd":
+        # log(beta pT + (1-beta) pS), formed without taking the log of an underflowed sum
+        lM = torch.logaddexp(lT + math.log(beta), lS + math.log1p(-beta))
+        return beta * _safe_weighted_log_ratio(pT, lT, lM) + (1 - beta) * _safe_weighted_log_ratio(
+            pS, lS, lM
+        )
+    raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+
+
+def divergence_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    clip: float | None = None,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Naive divergence between student and teacher logits of shape (..., V).
+
+    Same semantics as :func:`opsd_kernels.divergence`; arithmetic in ``dtype``
+    (float64 by default); returns a tensor of ``dtype``. Differentiable by
+    autograd in both inputs. Masked rows are replaced by zeros before any
+    arithmetic, so whatever they hold (NaN padding included) has no effect.
+
+    >>> s, t = torch.randn(3, 5), torch.randn(3, 5)
+    >>> float(divergence_reference(s, s)) == 0.0
+    True
+    >>> divergence_reference(s, t, reduction="none").shape
+    torch.Size([3])
+    """
+    s = student_logits.to(dtype)
+    t = teacher_logits.to(dtype)
+    if mask is not None:
+        keep = mask.unsqueeze(-1)
+        s = torch.where(keep, s, torch.zeros_like(s))
+        t = torch.where(keep, t, torch.zeros_like(t))
+    lS = torch.log_softmax(s / temperature, dim=-1)
+    lT = torch.log_softmax(t / temperature, dim=-1)
+    phi = _pointwise(kind, lT, lS, beta)
+    if clip is not None:
+        phi = torch.clamp(phi, max=clip)
+    per_token = phi.sum(-1)
+    if mask is not None:
+        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    count = max(per_token.numel(), 1) if mask is None else mask.sum().clamp(min=1)
+    return per_token.sum() / count
+
+
+def fused_linear_divergence_reference(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    teacher_weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+    **divergence_options,
+) -> torch.Tensor:
+    """Naive fused-linear divergence: full logits ``h @ W.T + b`` then the reference.
+
+    The teacher side is detached (the method's stop-gradient). Arithmetic in
+    ``dtype``; differentiable in ``student_hidden``, ``weight`` and ``bias``.
+
+    >>> h, w = torch.randn(4, 8), torch.randn(11, 8)
+    >>> fused_linear_divergence_reference(h, h, w).item()
+    0.0
+    """
+    w_s = weight.to(dtype)
+    b_s = None if bias is None else bias.to(dtype)
+    if teacher_weight is None:
+        w_t, b_t = w_s, b_s
+    else:
+        w_t = teacher_weight.to(dtype)
+        b_t = None if teacher_bias is None else teacher_bias.to(dtype)
+    student_logits = torch.nn.functional.linear(student_hidden.to(dtype), w_s, b_s)
+    with torch.no_grad():
+        teacher_logits = torch.nn.functional.linear(teacher_hidden.to(dtype), w_t, b_t)
+    return divergence_reference(student_logits, teacher_logits, dtype=dtype, **divergence_options)

@@ -1,0 +1,74 @@
+"""Chunked torch implementation of the row divergence: the CPU path.
+
+Works on blocks of rows so that its float32 temporaries stay within
+``config.chunk_memory_budget`` whatever the number of rows; it has the same
+signature as the Triton launcher
+(:func:`opsd_kernels.triton.divergence_rows.divergence_rows_triton`) so the
+autograd functions can use either.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import config
+from .divergences import KindSpec, rows_loss_and_grads
+
+# float32 temporaries of width V alive at once in rows_loss_and_grads (upper bound)
+_TEMPS_PER_ROW = 10
+
+
+def rows_per_chunk(V: int, bytes_per_element: int = 4, temps: int = _TEMPS_PER_ROW) -> int:
+    return max(1, config.chunk_memory_budget // max(1, V * bytes_per_element * temps))
+
+
+def divergence_rows_torch(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    spec: KindSpec,
+    beta: float,
+    temperature: float,
+    clip: float | None,
+    mask: torch.Tensor | None,
+    scale: torch.Tensor,
+    grad_student: torch.Tensor | None,
+    grad_teacher: torch.Tensor | None,
+    block_rows: int | None = None,
+) -> torch.Tensor:
+    """Row losses (float32, shape (R,)) and gradients written into the given outputs.
+
+    Arguments as the Triton launcher's. Arithmetic in float32 (float64 for
+    float64 inputs). The gradient outputs may alias the inputs.
+    """
+    R, V = student.shape
+    compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = torch.empty(R, dtype=compute, device=student.device)
+    step = block_rows or rows_per_chunk(V)
+    for lo in range(0, R, step):
+        hi = min(R, lo + step)
+        s = student[lo:hi].to(compute)
+        t = teacher[lo:hi].to(compute)
+        keep = None
+        if mask is not None:
+            # masked rows never reach the arithmetic (padding may hold NaN)
+            keep = mask[lo:hi].unsqueeze(-1)
+            s = torch.where(keep, s, torch.zeros((), dtype=compute, device=s.device))
+            t = torch.where(keep, t, torch.zeros((), dtype=compute, device=t.device))
+        rows_loss, g_s, g_t = rows_loss_and_grads(
+            s, t, spec, beta, temperature, clip,
+            grad_student is not None, grad_teacher is not None,
+        )
+        del s, t
+        row_scale = (scale if scale.numel() == 1 else scale[lo:hi]).to(compute).reshape(-1, 1)
+        for out, g in ((grad_student, g_s), (grad_teacher, g_t)):
+            if out is None:
+                continue
+            g = g * row_scale
+            if keep is not None:
+                g = torch.where(keep, g, torch.zeros((), dtype=compute, device=g.device))
+            out[lo:hi].copy_(g)
+        if keep is not None:
+            rows_loss = torch.where(keep.squeeze(-1), rows_loss, torch.zeros_like(rows_loss))
+        loss[lo:hi] = rows_loss
+    return loss.float() if compute == torch.float64 and student.dtype != torch.float64 else loss

@@ -1,0 +1,197 @@
+"""Triton kernel: per-row divergence between two logit rows, with its gradient.
+
+One program per row; the row is swept in BLOCK_V blocks. Derivation (see
+opsd_kernels/divergences.py): with b = s/tau, a = t/tau,
+
+    L      = sum_v c(phi_v)
+    dL/ds  = (g - pS * G) / tau,   G = sum_v g_v   (clipped entries: g_v = 0)
+    dL/dt  = (h - pT * H) / tau,   H = sum_v h_v
+
+Passes over the row (each pass reads both rows once):
+- forward/reverse KL without clip (ONE_PASS): pass 1 keeps online max and
+  sum-exp of both rows plus one weighted sum, e.g. for forward KL
+  w = sum e^(a - m_T) (a - b), so L = w / z_T - LSE_T + LSE_S; then G and H are
+  closed forms (forward: G = -1, H = L + 1; reverse: G = L + 1, H = -1).
+- jsd or clip: pass 1 gives the two log-sum-exps, pass 2 forms phi, L, G, H.
+- last pass (only if a gradient is wanted) writes the gradients, multiplied
+  by the row's upstream scale. The gradient may be written over the input
+  logits in place (grad_s_ptr == s_ptr): each element is read before it is
+  written, by the same program.
+
+A masked row (HAS_MASK, mask 0) skips the statistic passes, stores loss 0 and
+a zero gradient, and never lets its contents (NaN padding included) reach an
+output.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..divergences import KindSpec
+from .formulas import divergence_terms, online_logsumexp_update, weighted_log_ratio
+
+
+@triton.jit
+def _divergence_rows_kernel(
+    s_ptr, t_ptr, grad_s_ptr, grad_t_ptr, loss_ptr, mask_ptr, scale_ptr,
+    s_stride, t_stride, grad_s_stride, grad_t_stride, scale_stride,
+    V, inv_temp, beta, log_beta, log_1m_beta, clip,
+    KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_MASK: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + row) != 0
+    else:
+        valid = True
+    # masked rows run no statistics pass at all
+    v_stat = tl.where(valid, V, 0)
+
+    # ---- pass 1: online log-sum-exp of both rows (+ the KL weighted sum) ----
+    m_s = float("-inf")
+    z_s = 0.0
+    m_t = float("-inf")
+    z_t = 0.0
+    w = 0.0
+    for start in range(0, v_stat, BLOCK_V):
+        offs = start + cols
+        inside = offs < V
+        b = tl.load(s_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+        a = tl.load(t_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+        m_s, z_s, rescale_s, shift_s = online_logsumexp_update(m_s, z_s, b)
+        m_t, z_t, rescale_t, shift_t = online_logsumexp_update(m_t, z_t, a)
+        if ONE_PASS:
+            if KIND == 0:
+                w = w * rescale_t + tl.sum(weighted_log_ratio(tl.exp(a - shift_t), a, b), axis=0)
+            else:
+                w = w * rescale_s + tl.sum(weighted_log_ratio(tl.exp(b - shift_s), b, a), axis=0)
+    lse_s = tl.where(m_s == float("-inf"), 0.0, m_s) + tl.log(z_s)
+    lse_t = tl.where(m_t == float("-inf"), 0.0, m_t) + tl.log(z_t)
+
+    if ONE_PASS:
+        if KIND == 0:
+            loss = w / z_t - lse_t + lse_s
+            G = -1.0
+            H = loss + 1.0
+        else:
+            loss = w / z_s - lse_s + lse_t
+            G = loss + 1.0
+            H = -1.0
+    else:
+        # ---- pass 2: pointwise terms, clip, and their sums ----
+        loss = 0.0
+        G = 0.0
+        H = 0.0
+        for start in range(0, v_stat, BLOCK_V):
+            offs = start + cols
+            inside = offs < V
+            b = tl.load(s_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+            a = tl.load(t_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+            lS = b - lse_s
+            lT = a - lse_t
+            phi, g, h = divergence_terms(lT, lS, tl.exp(lT), tl.exp(lS), beta, log_beta, log_1m_beta, KIND)
+            if HAS_CLIP:
+                kept = phi < clip
+                phi = tl.minimum(phi, clip)
+                g = tl.where(kept, g, 0.0)
+                h = tl.where(kept, h, 0.0)
+            loss += tl.sum(tl.where(inside, phi, 0.0), axis=0)
+            G += tl.sum(tl.where(inside, g, 0.0), axis=0)
+            H += tl.sum(tl.where(inside, h, 0.0), axis=0)
+
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+
+    # ---- last pass: gradients (unit upstream times the row's scale) ----
+    if GRAD_S or GRAD_T:
+        scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * inv_temp
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            inside = offs < V
+            b = tl.load(s_row + offs, mask=inside, other=0.0).to(tl.float32) * inv_temp
+            a = tl.load(t_row + offs, mask=inside, other=0.0).to(tl.float32) * inv_temp
+            lS = b - lse_s
+            lT = a - lse_t
+            pS = tl.exp(lS)
+            pT = tl.exp(lT)
+            phi, g, h = divergence_terms(lT, lS, pT, pS, beta, log_beta, log_1m_beta, KIND)
+            if HAS_CLIP:
+                kept = phi < clip
+                g = tl.where(kept, g, 0.0)
+                h = tl.where(kept, h, 0.0)
+            if GRAD_S:
+                grad_s = tl.where(valid, (g - pS * G) * scale, 0.0)
+                tl.store(grad_s_ptr + row * grad_s_stride + offs,
+                         grad_s.to(grad_s_ptr.dtype.element_ty), mask=inside)
+            if GRAD_T:
+                grad_t = tl.where(valid, (h - pT * H) * scale, 0.0)
+                tl.store(grad_t_ptr + row * grad_t_stride + offs,
+                         grad_t.to(grad_t_ptr.dtype.element_ty), mask=inside)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_block_v(V: int, device: torch.device) -> int:
+    """Vocabulary block: big enough to stream, small enough for registers."""
+    cap = 4096 if device.type == "cuda" else 1024
+    return max(16, min(cap, triton.next_power_of_2(V)))
+
+
+def divergence_rows_triton(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    spec: KindSpec,
+    beta: float,
+    temperature: float,
+    clip: float | None,
+    mask: torch.Tensor | None,
+    scale: torch.Tensor,
+    grad_student: torch.Tensor | None,
+    grad_teacher: torch.Tensor | None,
+    block_v: int | None = None,
+) -> torch.Tensor:
+    """Launch the row kernel on (R, V) logits; returns float32 row losses (R,).
+
+    ``scale``: float32 tensor of shape (R,) or (1,) (broadcast): each row's
+    gradient is multiplied by it. ``grad_student``/``grad_teacher``: (R, V)
+    outputs (may be the inputs themselves, for in-place use) or None.
+    Rows must be contiguous in the last dimension.
+    """
+    R, V = student.shape
+    loss = torch.empty(R, dtype=torch.float32, device=student.device)
+    if R == 0:
+        return loss
+    for name, x in (("student", student), ("teacher", teacher),
+                    ("grad_student", grad_student), ("grad_teacher", grad_teacher)):
+        if x is not None and x.stride(-1) != 1:
+            raise ValueError(f"{name} rows must be contiguous (stride(-1) == 1)")
+    block = block_v or default_block_v(V, student.device)
+    mask_arg = mask.view(torch.uint8) if mask is not None else loss
+    has_grad = grad_student is not None or grad_teacher is not None
+    grad_s = grad_student if grad_student is not None else student
+    grad_t = grad_teacher if grad_teacher is not None else teacher
+    # beta is irrelevant for the KL kinds; keep its logs finite there
+    b = beta if spec.needs_beta else 0.5
+    _divergence_rows_kernel[(R,)](
+        student, teacher, grad_s, grad_t, loss, mask_arg, scale,
+        student.stride(0), teacher.stride(0), grad_s.stride(0), grad_t.stride(0),
+        scale.stride(0) if scale.numel() > 1 else 0,
+        V, 1.0 / temperature, b, math.log(b), math.log1p(-b),
+        clip if clip is not None else 0.0,
+        KIND=spec.kind_id, ONE_PASS=spec.one_pass and clip is None,
+        HAS_CLIP=clip is not None, HAS_MASK=mask is not None,
+        GRAD_S=grad_student is not None, GRAD_T=grad_teacher is not None,
+        BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+    )
+    del has_grad
+    return loss

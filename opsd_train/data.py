@@ -1,0 +1,278 @@
+"""Problems for OPSD: the record type, loaders (JSONL, Hugging Face ``datasets``) and the
+built-in generator of synthetic multi-step arithmetic word problems (the embedded default).
+
+Every problem carries the privileged information the teacher sees: a worked ``solution``
+ending in ``\\boxed{answer}``.
+
+>>> train, held_out = synthetic_split(n_train=8, n_eval=4, seed=0)
+>>> len(train), len(held_out)
+(8, 4)
+>>> p = train[0]
+>>> p.solution.endswith("\\\\boxed{" + p.answer + "}.")
+True
+>>> {q.question for q in train}.isdisjoint({q.question for q in held_out})
+True
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = [
+    "Problem",
+    "load_jsonl",
+    "save_jsonl",
+    "load_hf_dataset",
+    "problems_from_records",
+    "synthetic_problem",
+    "synthetic_problems",
+    "synthetic_split",
+]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One training/evaluation item.
+
+    ``question`` is what the student sees; ``solution`` is the verified worked solution the
+    teacher additionally sees; ``answer`` is the final answer used by the checker.
+    """
+
+    question: str
+    solution: str
+    answer: str
+
+    def to_dict(self) -> dict:
+        """Return the problem as a plain ``dict`` (JSON-serialisable)."""
+        return asdict(self)
+
+
+def _answer_from_solution(solution: str) -> str | None:
+    # Local import: evaluate imports nothing from here, so no cycle.
+    from .evaluate import extract_boxed
+
+    return extract_boxed(solution)
+
+
+def problems_from_records(
+    records: Iterable[dict],
+    *,
+    question_key: str = "question",
+    solution_key: str = "solution",
+    answer_key: str = "answer",
+    source: str = "dataset",
+) -> list[Problem]:
+    """Turn mapping rows into :class:`Problem` records.
+
+    Missing ``question`` or ``solution`` (absent, ``None`` or empty) raises ``ValueError``
+    naming the row and the column. A missing ``answer`` is taken from the last ``\\boxed{}``
+    of the solution (documented handling); if the solution has none, ``ValueError``.
+    An empty input raises ``ValueError``.
+
+    >>> problems_from_records([{"question": "1+1?", "solution": "1+1=2. \\\\boxed{2}"}])[0].answer
+    '2'
+    >>> problems_from_records([{"question": "1+1?"}])
+    Traceback (most recent call last):
+    ...
+    ValueError: dataset row 0: missing or empty field 'solution' (columns present: ['question'])
+    """
+    out: list[Problem] = []
+    for i, row in enumerate(records):
+        if not isinstance(row, dict):
+            raise ValueError(f"{source} row {i}: expected a mapping, got {type(row).__name__}")
+        vals = {}
+        for field, key in (("question", question_key), ("solution", solution_key)):
+            v = row.get(key)
+            if v is None or (isinstance(v, str) and not v.strip()):
+                raise ValueError(
+                    f"{source} row {i}: missing or empty field {key!r} "
+                    f"(columns present: {sorted(row)})"
+                )
+            vals[field] = str(v)
+        ans = row.get(answer_key)
+        if ans is None or (isinstance(ans, str) and not ans.strip()):
+            ans = _answer_from_solution(vals["solution"])
+            if ans is None:
+                raise ValueError(
+                    f"{source} row {i}: no {answer_key!r} field and the solution has no "
+                    "\\boxed{} answer to take it from"
+                )
+        out.append(Problem(vals["question"], vals["solution"], str(ans).strip()))
+    if not out:
+        raise ValueError(f"{source} is empty: no problems to train or evaluate on")
+    return out
+
+
+def load_jsonl(
+    path: str | Path,
+    *,
+    question_key: str = "question",
+    solution_key: str = "solution",
+    answer_key: str = "answer",
+) -> list[Problem]:
+    """Load problems from a JSON-lines file (one object per line; blank lines skipped).
+
+    Column names are configurable; see :func:`problems_from_records` for the handling of
+    missing fields. Raises ``FileNotFoundError``, or ``ValueError`` for malformed JSON (with
+    the line number) or an empty file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+    return problems_from_records(
+        rows,
+        question_key=question_key,
+        solution_key=solution_key,
+        answer_key=answer_key,
+        source=str(path),
+    )
+
+
+def save_jsonl(problems: Sequence[Problem], path: str | Path) -> None:
+    """Write problems as JSON lines (the format :func:`load_jsonl` reads)."""
+    with Path(path).open("w", encoding="utf-8") as f:
+        for p in problems:
+            f.write(json.dumps(p.to_dict()) + "\n")
+
+
+def load_hf_dataset(
+    name_or_path: str,
+    *,
+    split: str = "train",
+    config_name: str | None = None,
+    question_key: str = "problem",
+    solution_key: str = "solution",
+    answer_key: str = "answer",
+    limit: int | None = None,
+) -> list[Problem]:
+    """Load problems with Hugging Face ``datasets`` (optional dependency).
+
+    ``datasets`` is imported lazily; without it this raises ``ImportError`` with an install
+    hint. Column names default to the common ``problem``/``solution``/``answer`` layout.
+    """
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "load_hf_dataset needs the 'datasets' package: pip install datasets "
+            "(or convert your data to JSONL and use load_jsonl)"
+        ) from e
+    ds = datasets.load_dataset(name_or_path, config_name, split=split)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return problems_from_records(
+        (dict(r) for r in ds),
+        question_key=question_key,
+        solution_key=solution_key,
+        answer_key=answer_key,
+        source=f"{name_or_path}[{split}]",
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Synthetic multi-step arithmetic word problems (the embedded default)
+# ---------------------------------------------------------------------------------------
+
+NAMES = ["Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kim", "Leo"]
+ITEMS = ["apples", "pens", "cards", "coins", "books", "eggs", "shells", "stamps", "marbles"]
+
+
+def _fmt_eq(a: int, op: str, b: int, r: int) -> str:
+    return f"{a} {op} {b} = {r}"
+
+
+def synthetic_problem(rng: random.Random) -> Problem:
+    """Draw one synthetic problem (2 or 3 arithmetic steps) from ``rng``.
+
+    The worked solution states each intermediate result as an equation and ends with
+    ``The answer is \\boxed{N}.``; all intermediate values are non-negative integers.
+    """
+    name = rng.choice(NAMES)
+    item = rng.choice(ITEMS)
+    kind = rng.randrange(4)
+    if kind == 0:  # a + b - c
+        a, b = rng.randint(2, 19), rng.randint(2, 9)
+        s = a + b
+        c = rng.randint(1, min(9, s - 1))
+        r = s - c
+        q = (
+            f"{name} has {a} {item}. {name} gets {b} more {item}, then gives away {c}. "
+            f"How many {item} does {name} have now?"
+        )
+        steps = [_fmt_eq(a, "+", b, s), _fmt_eq(s, "-", c, r)]
+    elif kind == 1:  # a * b - c
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        p = a * b
+        c = rng.randint(1, min(9, p - 1))
+        r = p - c
+        q = (
+            f"{name} buys {a} bags with {b} {item} in each bag and loses {c} {item}. "
+            f"How many {item} does {name} have?"
+        )
+        steps = [_fmt_eq(a, "*", b, p), _fmt_eq(p, "-", c, r)]
+    elif kind == 2:  # a * b + c
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        p = a * b
+        c = rng.randint(1, 9)
+        r = p + c
+        q = (
+            f"{name} has {a} boxes of {b} {item} and {c} loose {item}. "
+            f"How many {item} does {name} have in total?"
+        )
+        steps = [_fmt_eq(a, "*", b, p), _fmt_eq(p, "+", c, r)]
+    else:  # (a + b) * c - d
+        a, b, c = rng.randint(1, 5), rng.randint(1, 4), rng.randint(2, 5)
+        s = a + b
+        p = s * c
+        d = rng.randint(1, min(9, p - 1))
+        r = p - d
+        q = (
+            f"{name} has {a} red and {b} blue {item} in each of {c} bags, "
+            f"then uses {d} {item}. How many {item} are left?"
+        )
+        steps = [_fmt_eq(a, "+", b, s), _fmt_eq(s, "*", c, p), _fmt_eq(p, "-", d, r)]
+    solution = ". ".join(steps) + f". The answer is \\boxed{{{r}}}."
+    return Problem(q, solution, str(r))
+
+
+def synthetic_problems(n: int, seed: int = 0) -> list[Problem]:
+    """``n`` synthetic problems drawn with ``random.Random(seed)`` (duplicates possible)."""
+    rng = random.Random(seed)
+    return [synthetic_problem(rng) for _ in range(n)]
+
+
+def synthetic_split(
+    n_train: int = 4000, n_eval: int = 200, seed: int = 0
+) -> tuple[list[Problem], list[Problem]]:
+    """A seeded train/held-out split of distinct synthetic problems.
+
+    Held-out questions never occur in the training set (questions are deduplicated before
+    splitting), so held-out accuracy measures generalisation, not recall.
+    """
+    if n_train < 1 or n_eval < 0:
+        raise ValueError("n_train must be >= 1 and n_eval >= 0")
+    rng = random.Random(seed)
+    seen: dict[str, Problem] = {}
+    attempts = 0
+    while len(seen) < n_train + n_eval:
+        p = synthetic_problem(rng)
+        seen.setdefault(p.question, p)
+        attempts += 1
+        if attempts > 50 * (n_train + n_eval) + 1000:
+            raise ValueError(f"cannot draw {n_train + n_eval} distinct synthetic problems")
+    items = list(seen.values())
+    return items[n_eval:], items[:n_eval]
+
