@@ -76,12 +76,18 @@ def check_mask(mask, leading_shape: torch.Size, device: torch.device) -> None:
         raise ValueError(f"mask is on {mask.device} but the inputs are on {device}")
 
 
-def check_impl(impl: str, allowed: tuple[str, ...], device: torch.device) -> str:
-    """Resolve ``impl`` ("auto" -> triton on CUDA, torch otherwise)."""
+def check_impl(impl: str, allowed: tuple[str, ...], device: torch.device,
+               dtype: torch.dtype) -> str:
+    """Resolve ``impl``: "auto" is Triton on CUDA, torch otherwise (and for float64,
+    which only the torch path computes exactly)."""
     if impl not in allowed:
         raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+    if impl != "torch" and dtype == torch.float64:
+        raise TypeError(
+            f"impl={impl!r} computes in float32; float64 inputs need impl='torch' (or 'auto')"
+        )
     if impl in ("triton", "fused") and device.type != "cuda":
         import os
 

@@ -90,7 +90,8 @@ def divergence(
     if student_logits.shape[-1] == 0:
         raise ValueError("student_logits has an empty vocabulary (last dimension is 0)")
     check_mask(mask, student_logits.shape[:-1], student_logits.device)
-    impl = check_impl(impl, ("auto", "torch", "triton"), student_logits.device)
+    impl = check_impl(impl, ("auto", "torch", "triton"), student_logits.device,
+                      torch.promote_types(student_logits.dtype, teacher_logits.dtype))
     return DivergenceFunction.apply(student_logits, teacher_logits, mask, opts, _row_function(impl))
 
 
@@ -264,7 +265,7 @@ def fused_linear_divergence(
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    impl = check_impl(impl, ("auto", "torch", "triton"), device)
+    impl = check_impl(impl, ("auto", "torch", "triton"), device, weight.dtype)
     chunk = chunk_size or auto_chunk_size(V, student_hidden.element_size(), impl)
     if weight.dtype == torch.float64:
         grad_dtype = torch.float64

@@ -35,8 +35,13 @@ def _pointwise(kind: str, lT, lS, beta: float):
     if kind == "reverse_kl":
         return _safe_weighted_log_ratio(pS, lS, lT)
     if kind == "jsd":
-        # log(beta pT + (1-beta) pS), formed without taking the log of an underflowed sum
-        lM = torch.logaddexp(lT + math.log(beta), lS + math.log1p(-beta))
+        # log(beta pT + (1-beta) pS), formed without taking the log of an underflowed sum;
+        # where both are banned the mixture is unused (both weights are 0), and the
+        # inputs are made finite there so that autograd sees no -inf - -inf
+        none = (pT == 0) & (pS == 0)
+        lT_s = torch.where(none, torch.zeros_like(lT), lT)
+        lS_s = torch.where(none, torch.zeros_like(lS), lS)
+        lM = torch.logaddexp(lT_s + math.log(beta), lS_s + math.log1p(-beta))
         return beta * _safe_weighted_log_ratio(pT, lT, lM) + (1 - beta) * _safe_weighted_log_ratio(
             pS, lS, lM
         )

@@ -1,0 +1,313 @@
+"""The OPSD loss step: teacher and student forwards over the same completion, exact position
+alignment, and the divergence through :func:`opsd_kernels.fused_linear_divergence`.
+
+Layout. Sample ``i`` has a student prompt of length ``Ls_i``, a teacher prompt of length
+``Lt_i`` and a completion ``c_i`` of length ``C_i``. The student input is
+``student_prompt_i + c_i`` and the teacher input ``teacher_prompt_i + c_i``, both right
+padded (so position ids are the plain ``0..T-1`` of each row). Completion token ``j`` is
+predicted by the hidden state at position ``Ls_i - 1 + j`` in the student row and
+``Lt_i - 1 + j`` in the teacher row; :func:`gather_completion_states` collects exactly these
+into ``(B, Cmax, H)`` tensors whose row ``j`` refers to the same token in both contexts,
+with a mask of the ``C_i`` valid entries. Full logits are never formed: only the final
+hidden states are computed (the model body, without its lm_head), and the lm_head weight
+goes to the fused loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "LossConfig",
+    "PackedBatch",
+    "pack_batch",
+    "get_body",
+    "get_lm_head",
+    "final_hidden_states",
+    "gather_completion_states",
+    "token_logprobs",
+    "opsd_loss",
+    "sft_loss",
+]
+
+LOSS_TYPES = ("full", "sampled_token")
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass
+class LossConfig:
+    """Divergence settings.
+
+    ``loss="full"`` is the full-vocabulary divergence ``kind`` (with ``beta`` for JSD,
+    per-entry ``clip`` tau or ``None``); ``loss="sampled_token"`` is the paper's Eq. 9
+    estimator ``-mean_n stopgrad(log pT(y_n) - log pS(y_n)) * log pS(y_n)``. Both divide
+    logits by ``temperature``. ``impl``/``chunk_size`` are passed to the kernel.
+    """
+
+    loss: str = "full"
+    kind: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    clip: float | None = None
+    impl: str = "auto"
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        if self.loss not in LOSS_TYPES:
+            raise ValueError(f"loss must be one of {LOSS_TYPES}, got {self.loss!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"clip must be None or > 0, got {self.clip}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+
+
+@dataclass
+class PackedBatch:
+    """Right-padded token ids with the completion start of every row.
+
+    ``input_ids``/``attention_mask``: ``(B, T)``; ``starts``: ``(B,)`` index of the first
+    completion token; ``completion``: ``(B, C)`` completion ids (pad beyond ``lengths``);
+    ``mask``: ``(B, C)`` bool, True for real completion tokens.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    starts: torch.Tensor
+    completion: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device) -> PackedBatch:
+        """Move all tensors to ``device``."""
+        return PackedBatch(*(t.to(device) for t in (
+            self.input_ids, self.attention_mask, self.starts, self.completion, self.mask)))
+
+
+def pack_batch(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+) -> PackedBatch:
+    """Concatenate prompt + completion per row, right-pad, and record the alignment.
+
+    >>> b = pack_batch([[1, 2, 3], [4]], [[7, 8], [9]], pad_id=0)
+    >>> b.input_ids.tolist(), b.starts.tolist(), b.mask.tolist()
+    ([[1, 2, 3, 7, 8], [4, 9, 0, 0, 0]], [3, 1], [[True, True], [True, False]])
+    """
+    if len(prompts) != len(completions):
+        raise ValueError("prompts and completions differ in number")
+    if not prompts:
+        raise ValueError("empty batch")
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if len(p) == 0:
+            raise ValueError(f"row {i}: empty prompt (the first completion token needs a "
+                             "preceding position to be predicted from)")
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    cmax = max(1, max(len(c) for c in completions))
+    b = len(prompts)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.long)
+    comp = torch.full((b, cmax), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, cmax), dtype=torch.bool)
+    starts = torch.empty(b, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        row = list(p) + list(c)
+        ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        attn[i, : len(row)] = 1
+        starts[i] = len(p)
+        if len(c):
+            comp[i, : len(c)] = torch.as_tensor(list(c), dtype=torch.long)
+            mask[i, : len(c)] = True
+    return PackedBatch(ids, attn, starts, comp, mask)
+
+
+def get_body(model):
+    """The transformer body of a causal LM (the module producing final, normed hidden
+    states), unwrapping ``peft`` models. Raises ``ValueError`` if there is none."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = getattr(base, "base_model_prefix", None)
+    body = getattr(base, prefix, None) if prefix else None
+    if body is None or body is base:
+        raise ValueError(
+            f"{type(base).__name__} has no separate transformer body "
+            f"(attribute {prefix!r}); load the model as a *ForCausalLM"
+        )
+    return body
+
+
+def get_lm_head(model) -> torch.nn.Module:
+    """The model's lm_head (output embeddings); ``ValueError`` if it has none."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(
+            f"{type(model).__name__} has no lm_head (output embeddings): OPSD needs a causal "
+            "language model; load it with AutoModelForCausalLM"
+        )
+    return head
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Final (post-norm) hidden states ``(B, T, H)`` from the model body; no logits."""
+    out = get_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def gather_completion_states(hidden: torch.Tensor, starts: torch.Tensor, width: int):
+    """Hidden states predicting each completion token: row ``i``, slot ``j`` is
+    ``hidden[i, starts[i] - 1 + j]`` (clamped into range for padded slots, which the mask
+    excludes). Returns ``(B, width, H)``.
+
+    >>> h = torch.arange(10.).view(1, 5, 2)
+    >>> gather_completion_states(h, torch.tensor([2]), 2)[0].tolist()
+    [[2.0, 3.0], [4.0, 5.0]]
+    """
+    b, t, hdim = hidden.shape
+    pos = starts.to(hidden.device).view(b, 1) - 1 + torch.arange(width, device=hidden.device)
+    pos = pos.clamp(0, t - 1)
+    return hidden.gather(1, pos.unsqueeze(-1).expand(b, width, hdim))
+
+
+def _chunk_logprobs(h, w, b, y, temperature):
+    logits = torch.nn.functional.linear(h, w, b).float() / temperature
+    return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """``log softmax(hidden @ weight.T / temperature)[target]`` for each row, in float32,
+    computed in row chunks (logits of one chunk at a time, recomputed in backward).
+
+    >>> h, w = torch.randn(5, 4), torch.randn(7, 4)
+    >>> y = torch.tensor([0, 1, 2, 3, 4])
+    >>> ref = torch.log_softmax(h @ w.T, -1)[torch.arange(5), y]
+    >>> torch.allclose(token_logprobs(h, w, y, chunk_size=2), ref, atol=1e-6)
+    True
+    """
+    shape = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1)
+    outs = []
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    for s in range(0, h.shape[0], chunk_size):
+        args = (h[s : s + chunk_size], weight, bias, y[s : s + chunk_size], temperature)
+        if grad:
+            outs.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            outs.append(_chunk_logprobs(*args))
+    if not outs:
+        return hidden.new_zeros(shape, dtype=torch.float32)
+    return torch.cat(outs).view(shape)
+
+
+def _fused_divergence():
+    try:
+        from opsd_kernels import fused_linear_divergence
+    except ImportError as e:  # pragma: no cover - only before opsd_kernels exists
+        raise ImportError("opsd_train needs opsd_kernels.fused_linear_divergence") from e
+    return fused_linear_divergence
+
+
+def opsd_loss(
+    model,
+    student: PackedBatch,
+    teacher: PackedBatch,
+    config: LossConfig,
+    teacher_ctx=None,
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """The OPSD loss of one micro-batch.
+
+    ``student``/``teacher`` are :func:`pack_batch` results over the *same* completions with
+    the student and teacher prompts. ``teacher_ctx`` is a
+    :meth:`opsd_train.teacher.Teacher.weights` context factory (``None``: current weights).
+    The result is the sum of per-token divergences over completion tokens divided by
+    ``normalizer`` (default: this micro-batch's token count), so accumulating micro-batches
+    with the global token count gives the token mean of the whole batch.
+
+    Returns ``(loss, stats)`` with ``stats["div_sum"]`` (the detached per-token sum) and
+    ``stats["tokens"]``.
+    """
+    if not torch.equal(student.completion, teacher.completion) or not torch.equal(
+        student.mask, teacher.mask
+    ):
+        raise ValueError("student and teacher batches must hold the same completions")
+    head = get_lm_head(model)
+    width = student.completion.shape[1]
+    mask = student.mask
+    tokens = int(mask.sum())
+    norm = float(normalizer) if normalizer is not None else float(max(tokens, 1))
+
+    with torch.no_grad():
+        if teacher_ctx is None:
+            t_w, t_b = None, None
+            h_t = final_hidden_states(model, teacher.input_ids, teacher.attention_mask)
+        else:
+            with teacher_ctx(model) as (t_w, t_b):
+                h_t = final_hidden_states(model, teacher.input_ids, teacher.attention_mask)
+        h_t = gather_completion_states(h_t, teacher.starts, width)
+
+    h_s = final_hidden_states(model, student.input_ids, student.attention_mask)
+    h_s = gather_completion_states(h_s, student.starts, width)
+    bias = getattr(head, "bias", None)
+    if config.loss == "full":
+        kw = {}
+        if t_w is not None or t_b is not None:
+            kw = dict(
+                teacher_weight=head.weight.detach() if t_w is None else t_w,
+                teacher_bias=t_b,
+            )
+        total = _fused_divergence()(
+            h_s,
+            h_t,
+            head.weight,
+            bias=bias,
+            kind=config.kind,
+            beta=config.beta,
+            temperature=config.temperature,
+            clip=config.clip,
+            mask=mask,
+            reduction="sum",
+            impl=config.impl,
+            chunk_size=config.chunk_size,
+            **kw,
+        )
+        div_sum = total.detach().float()
+    else:
+        y = student.completion
+        lp_s = token_logprobs(h_s, head.weight, y, bias=bias, temperature=config.temperature)
+        with torch.no_grad():
+            w_t = head.weight if t_w is None else t_w
+            b_t = bias if t_w is None else t_b
+            lp_t = token_logprobs(h_t, w_t, y, bias=b_t, temperature=config.temperature)
+        adv = (lp_t - lp_s).detach()
+        per_tok = torch.where(mask, -adv * lp_s, torch.zeros_like(lp_s))
+        total = per_tok.sum()
+        # log-ratio estimate of KL(pS||pT) along the student's own samples, for logging
+        div_sum = torch.where(mask, -adv, torch.zeros_like(adv)).sum().detach()
+    return total / norm, {"div_sum": float(div_sum), "tokens": tokens}
+
+
+def sft_loss(model, batch: PackedBatch, normalizer: float | None = None):
+    """Teacher-forced cross-entropy on the completion tokens (warm-up and control), with the
+    same token normalisation as :func:`opsd_loss`. Returns ``(loss, stats)``."""
+    head = get_lm_head(model)
+    width = batch.completion.shape[1]
+    h = final_hidden_states(model, batch.input_ids, batch.attention_mask)
+    h = gather_completion_states(h, batch.starts, width)
+    lp = token_logprobs(h, head.weight, batch.completion, bias=getattr(head, "bias", None))
+    nll = torch.where(batch.mask, -lp, torch.zeros_like(lp)).sum()
+    tokens = int(batch.mask.sum())
+    norm = float(normalizer) if normalizer is not None else float(max(tokens, 1))
+    return nll / norm, {"div_sum": float(nll.detach()), "tokens": tokens}
