@@ -30,17 +30,20 @@ from .torch_impl import _TEMPS_PER_ROW
 RowFunction = Callable[..., torch.Tensor]
 
 
-def _mean_scale(mask: torch.Tensor | None, rows: int, device) -> torch.Tensor:
-    """(1,) float32 factor of the "mean" reduction, without a host sync."""
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward_scale(reduction: str, mask, rows: int, device, dtype) -> torch.Tensor:
+    """(1,) per-row gradient factor known in the forward: 1/count for "mean", else 1.
+
+    Formed on the device, without a host sync.
+    """
+    if reduction != "mean":
+        return torch.ones(1, dtype=dtype, device=device)
     if mask is None:
-        return torch.full((1,), 1.0 / max(rows, 1), dtype=torch.float32, device=device)
-    return mask.sum(dtype=torch.float32).clamp(min=1.0).reciprocal().reshape(1)
-
-
-def _forward_scale(reduction: str, mask, rows: int, device) -> torch.Tensor:
-    if reduction == "mean":
-        return _mean_scale(mask, rows, device)
-    return torch.ones(1, dtype=torch.float32, device=device)
+        return torch.full((1,), 1.0 / max(rows, 1), dtype=dtype, device=device)
+    return mask.sum(dtype=dtype).clamp(min=1.0).reciprocal().reshape(1)
 
 
 def _reduce(loss_rows: torch.Tensor, reduction: str, scale: torch.Tensor, lead_shape):
@@ -74,7 +77,8 @@ class DivergenceFunction(torch.autograd.Function):
         t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
         mask1 = None if mask is None else mask.reshape(-1).contiguous()
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        scale = _forward_scale(opts.reduction, mask1, s2.shape[0], student.device)
+        scale = _forward_scale(opts.reduction, mask1, s2.shape[0], student.device,
+                               _compute_dtype(torch.promote_types(student.dtype, teacher.dtype)))
         grad_s = torch.empty_like(s2, memory_format=torch.contiguous_format) if want_s else None
         grad_t = torch.empty_like(t2, memory_format=torch.contiguous_format) if want_t else None
         loss_rows = row_fn(
@@ -118,8 +122,7 @@ def _chunked_linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mas
     """
     N = hs.shape[0]
     V = weight.shape[0]
-    loss = torch.empty(N, dtype=torch.float32 if hs.dtype != torch.float64 else hs.dtype,
-                       device=hs.device)
+    loss = torch.empty(N, dtype=_compute_dtype(hs.dtype), device=hs.device)
     grad_h = torch.empty_like(hs) if want_h else None
     grad_w = torch.zeros(weight.shape, dtype=weight_grad_dtype, device=weight.device) if want_w else None
     grad_b = (torch.zeros(V, dtype=weight_grad_dtype, device=weight.device)
@@ -177,7 +180,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         N = hs.shape[0]
         # "none" with weight/bias gradients: rows mix in dW and db, so the backward recomputes
         defer = opts.reduction == "none" and (want_w or want_b)
-        scale = _forward_scale(opts.reduction, mask1, N, hs.device)
+        scale = _forward_scale(opts.reduction, mask1, N, hs.device, _compute_dtype(hs.dtype))
         loss, grad_h, grad_w, grad_b = _chunked_linear_pass(
             hs, ht, weight, teacher_weight, bias, teacher_bias, mask1, opts, row_fn, chunk,
             scale, want_h and not defer, want_w and not defer, want_b and not defer,
@@ -203,7 +206,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         if ctx.defer:
             hs, ht, weight, teacher_weight, bias, teacher_bias = ctx.saved_tensors
             mask1, opts, row_fn, chunk = ctx.args
-            scale = grad_out.reshape(-1).to(torch.float32).contiguous()
+            scale = grad_out.reshape(-1).to(_compute_dtype(hs.dtype)).contiguous()
             _, grad_h, grad_w, grad_b = _chunked_linear_pass(
                 hs, ht, weight, teacher_weight, bias, teacher_bias, mask1, opts, row_fn, chunk,
                 scale, want_h, want_w, want_b, ctx.weight_grad_dtype,

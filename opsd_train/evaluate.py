@@ -211,11 +211,11 @@ def evaluate_problems(
 
     greedy = run({"do_sample": False, "max_new_tokens": max_new_tokens}, 1)
     texts = [decode(c) for c in greedy]
-    correct = [is_correct(t, a) for t, a in zip(texts, answers)]
+    correct = [is_correct(t, a) for t, a in zip(texts, answers, strict=True)]
     boxed = [extract_boxed(t) is not None for t in texts]
     samples = [
         {"completion": t, "answer": a, "correct": c}
-        for t, a, c in list(zip(texts, answers, correct))[:n_samples_kept]
+        for t, a, c in list(zip(texts, answers, correct, strict=True))[:n_samples_kept]
     ]
     avg_k = None
     if k > 0:

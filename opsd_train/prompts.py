@@ -54,9 +54,8 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.student_template = student_template
         self.teacher_template = teacher_template
-        self.use_chat_template = bool(
-            use_chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None)
-        )
+        has_template = tokenizer is not None and getattr(tokenizer, "chat_template", None)
+        self.use_chat_template = bool(use_chat_template and has_template)
 
     def student_text(self, problem: Problem) -> str:
         """The student's user message (before the chat template)."""

@@ -103,11 +103,11 @@ def pack_batch(
         raise ValueError("prompts and completions differ in number")
     if not prompts:
         raise ValueError("empty batch")
-    for i, (p, c) in enumerate(zip(prompts, completions)):
+    for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"row {i}: empty prompt (the first completion token needs a "
                              "preceding position to be predicted from)")
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
     cmax = max(1, max(len(c) for c in completions))
     b = len(prompts)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -115,7 +115,7 @@ def pack_batch(
     comp = torch.full((b, cmax), pad_id, dtype=torch.long)
     mask = torch.zeros((b, cmax), dtype=torch.bool)
     starts = torch.empty(b, dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         row = list(p) + list(c)
         ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
         attn[i, : len(row)] = 1

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from train_fixtures)
 """The OPSD step: position alignment, loss against the full-logit reference, gradients,
 the sampled-token estimator, and teacher modes."""
 

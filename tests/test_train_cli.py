@@ -1,0 +1,86 @@
+# ruff: noqa: F811  (pytest fixtures imported from train_fixtures)
+"""The ``opsd-train`` CLI end to end at a tiny budget (demo and --model paths)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import TINY_TEST_MODEL, tiny_dir  # noqa: E402,F401
+
+from opsd_train.cli import main  # noqa: E402
+from opsd_train.data import save_jsonl, synthetic_split  # noqa: E402
+
+TINY_DEMO = {
+    "demo": {
+        "n_train": 40,
+        "n_eval": 6,
+        "model": TINY_TEST_MODEL,
+        "warmup": {"steps": 3, "batch_size": 8, "warmup_steps": 1},
+        "opsd": {"steps": 2, "batch_size": 4, "max_new_tokens": 6},
+        "eval_max_new_tokens": 6,
+    }
+}
+
+
+def test_cli_demo_end_to_end(tmp_path, capsys):
+    cfg = tmp_path / "demo.json"
+    cfg.write_text(json.dumps(TINY_DEMO))
+    out = tmp_path / "run"
+    assert main(["--config", str(cfg), "--out", str(out), "--no-progress", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "after OPSD" in printed and "teacher w/ solution" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seed"] == 3
+    for key in ("student_before", "student_after_opsd", "student_after_control_sft",
+                "teacher_with_solution"):
+        assert 0.0 <= summary[key]["pass@1"] <= 1.0
+    assert summary["opsd_steps"] == summary["control_steps"] == 2
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    phases = {r["phase"] for r in recs if r["event"] == "step"}
+    assert phases == {"warmup", "opsd", "control"}
+    assert (out / "opsd_demo.png").stat().st_size > 1000
+
+
+def test_cli_real_model_path(tmp_path, tiny_dir):
+    train, held = synthetic_split(12, 4, seed=1)
+    save_jsonl(train, tmp_path / "train.jsonl")
+    save_jsonl(held, tmp_path / "held.jsonl")
+    out = tmp_path / "real"
+    rc = main(["--model", str(tiny_dir), "--data", str(tmp_path / "train.jsonl"),
+               "--eval-data", str(tmp_path / "held.jsonl"), "--steps", "2",
+               "--batch-size", "4", "--grad-accum", "2", "--max-new-tokens", "5",
+               "--teacher", "ema", "--clip", "0.05", "--out", str(out), "--no-progress",
+               "--save-every", "1"])
+    assert rc == 0
+    assert (out / "checkpoints" / "step_1" / "trainer_state.pt").is_file()
+    assert (out / "final" / "config.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and len(summary["evals"]) == 2
+    # resume from step 1 to a longer budget
+    rc = main(["--model", str(tiny_dir), "--data", str(tmp_path / "train.jsonl"),
+               "--eval-data", str(tmp_path / "held.jsonl"), "--steps", "3",
+               "--batch-size", "4", "--max-new-tokens", "5", "--teacher", "ema",
+               "--out", str(tmp_path / "resumed"), "--no-progress",
+               "--resume", str(out / "checkpoints" / "step_1")])
+    assert rc == 0
+    steps = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl")
+             .read_text().splitlines()]
+    assert [r["step"] for r in steps if r["event"] == "step"] == [2, 3]
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(SystemExit, match="need --model"):
+        main(["--data", "x.jsonl"])
+    with pytest.raises(SystemExit, match="apply to --model runs"):
+        main(["--steps", "3"])
+    with pytest.raises(SystemExit):
+        main(["--model", "whatever"])  # no data
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        main(["--model", "unused", "--data", str(empty)])

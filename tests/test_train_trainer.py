@@ -1,0 +1,187 @@
+# ruff: noqa: F811  (pytest fixtures imported from train_fixtures)
+"""Training loop: loss goes down, exact resume, bad inputs, LoRA (optional)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import TINY_TEST_MODEL, problems, tiny, tiny_dir  # noqa: E402,F401
+
+from opsd_train.modeling import ensure_pad_token, load_model_and_tokenizer  # noqa: E402
+from opsd_train.prompts import PromptBuilder  # noqa: E402
+from opsd_train.step import LossConfig, opsd_loss, pack_batch  # noqa: E402
+from opsd_train.teacher import Teacher  # noqa: E402
+from opsd_train.trainer import TrainConfig, Trainer  # noqa: E402
+
+
+def _cfg(**kw):
+    base = dict(objective="opsd", steps=4, batch_size=4, lr=1e-2, temperature=1.0, top_p=1.0,
+                top_k=0, max_new_tokens=6, clip=None, progress=False, eval_at_start=False,
+                eval_at_end=False, seed=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_few_steps_reduce_the_loss_on_a_fixed_batch(tiny, problems):
+    model, tok = tiny
+    train, _ = problems
+    pb = PromptBuilder(tok)
+    comps = [list(tok(p.solution)["input_ids"]) + [tok.eos_token_id] for p in train[:4]]
+    sb = pack_batch([pb.student_ids(p) for p in train[:4]], comps, tok.pad_token_id)
+    tb = pack_batch([pb.teacher_ids(p) for p in train[:4]], comps, tok.pad_token_id)
+    teacher = Teacher(model, "fixed")
+    with torch.no_grad():  # start the student away from the (fixed) teacher
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss, _ = opsd_loss(model, sb, tb, LossConfig(), teacher_ctx=teacher.weights)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[0] > 1e-3
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("mode", ["ema", "fixed"])
+def test_checkpoint_resume_is_bit_identical(tiny_dir, problems, tmp_path, mode):
+    train, _ = problems
+    cfg = dict(teacher=mode, ema_decay=0.5, grad_accum=2, warmup_steps=1)
+
+    def fresh():
+        model, tok = load_model_and_tokenizer(str(tiny_dir))
+        return model, tok
+
+    torch.manual_seed(123)
+    m_a, tok = fresh()
+    ta = Trainer(m_a, tok, train, _cfg(**cfg))
+    ta.train()
+
+    torch.manual_seed(123)
+    m_b, _ = fresh()
+    tb = Trainer(m_b, tok, train, _cfg(**cfg))
+    tb.train_step()
+    tb.train_step()
+    tb.save_checkpoint(tmp_path / "ck")
+    torch.manual_seed(999)  # the resumed run must not depend on the ambient RNG
+    m_c, _ = fresh()
+    tc = Trainer(m_c, tok, train, _cfg(**cfg))
+    tc.load_checkpoint(tmp_path / "ck")
+    assert tc.step == 2
+    tc.train()
+    assert tc.step == 4
+    for (n, pa), (_, pc) in zip(m_a.named_parameters(), m_c.named_parameters(), strict=True):
+        assert torch.equal(pa, pc), n
+    la = [r["loss"] for r in ta.history if r["event"] == "step"][2:]
+    lc = [r["loss"] for r in tc.history if r["event"] == "step"]
+    assert la == lc
+    assert ta.history[-1]["rollout_len"] == tc.history[-1]["rollout_len"]
+    for n in ta.teacher.shadow:
+        assert torch.equal(ta.teacher.shadow[n], tc.teacher.shadow[n]), n
+    # the run actually trained (weights moved away from the saved initial model)
+    m0, _ = fresh()
+    assert not all(torch.equal(a, b) for a, b in zip(m0.parameters(), m_a.parameters(),
+                                                     strict=True))
+
+
+def test_trainer_logs_metrics_and_evaluates(tiny, problems, tmp_path):
+    model, tok = tiny
+    train, held = problems
+    t = Trainer(model, tok, train, _cfg(steps=2, eval_every=1, eval_at_start=True,
+                                        eval_at_end=True, eval_max_new_tokens=4, eval_k=2),
+                eval_problems=held, output_dir=tmp_path)
+    evals = t.train()
+    assert len(evals) == 3  # start, step 1, end
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2]
+    for key in ("loss", "completion_tokens", "rollout_len", "tokens_per_s", "peak_mem_gb",
+                "lr", "grad_norm"):
+        assert all(r[key] is not None for r in steps), key
+    assert all(1 <= r["rollout_len"] <= 6 for r in steps)
+    ev = [r for r in recs if r["event"] == "eval"]
+    assert len(ev) == 3 and all(0 <= r["pass@1"] <= 1 and r["n"] == len(held) for r in ev)
+    assert all(r["avg@2"] is not None for r in ev)
+    # teacher evaluation runs with the teacher's weights and restores the student's
+    before = [p.detach().clone() for p in model.parameters()]
+    res = t.evaluate(role="teacher", k=0)
+    assert 0 <= res.pass1 <= 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_sft_objective_lowers_cross_entropy(tiny, problems):
+    model, tok = tiny
+    train, _ = problems
+    t = Trainer(model, tok, train[:8], _cfg(objective="sft", steps=12, batch_size=8, lr=1e-2,
+                                            sft_teacher_fraction=0.5))
+    t.train()
+    losses = [r["loss"] for r in t.history]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_bad_inputs(tiny_dir, tiny, problems):
+    model, tok = tiny
+    train, _ = problems
+    with pytest.raises(ValueError, match="empty"):
+        Trainer(model, tok, [], _cfg())
+    from transformers import AutoModel
+
+    body_only = AutoModel.from_pretrained(str(tiny_dir))
+    with pytest.raises(ValueError, match="lm_head"):
+        Trainer(body_only, tok, train, _cfg())
+    with pytest.raises(ValueError, match="divisible"):
+        _cfg(batch_size=3, grad_accum=2)
+    with pytest.raises(ValueError, match="kind"):
+        _cfg(kind="tv")
+    with pytest.raises(ValueError, match="unknown training config"):
+        TrainConfig.from_dict({"stepz": 3})
+
+
+def test_tokenizer_without_pad_token(tiny, problems):
+    model, tok = tiny
+    train, _ = problems
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    with pytest.warns(UserWarning, match="no pad token"):
+        t = Trainer(model, tok, train, _cfg(steps=1))
+    assert tok.pad_token_id == tok.eos_token_id
+    t.train()  # trains with EOS padding
+    tok.pad_token = None
+    tok.eos_token = None
+    with pytest.raises(ValueError, match="neither a pad token nor an EOS"):
+        ensure_pad_token(tok)
+
+
+def test_lora_fixed_teacher_disables_adapter(tiny_dir, problems):
+    pytest.importorskip("peft")
+    from opsd_train.modeling import prepare_model
+
+    train, _ = problems
+    model, tok = load_model_and_tokenizer(str(tiny_dir))
+    ref = [p.detach().clone() for p in model.parameters()]
+    model = prepare_model(model, lora=True, lora_r=4, lora_alpha=8)
+    t = Trainer(model, tok, train, _cfg(steps=2, lr=5e-2))
+    assert t.teacher.use_adapter_toggle and not t.teacher.shadow
+    t.train()
+    ids = torch.tensor([PromptBuilder(tok).teacher_ids(train[0])])
+    base, _ = load_model_and_tokenizer(str(tiny_dir))
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        with t.teacher.weights(model):
+            got = model(input_ids=ids).logits
+        student = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(student, want)  # the adapter did learn something
+    # base weights are frozen
+    base_params = [p for n, p in model.named_parameters() if "lora_" not in n]
+    assert len(base_params) == len(ref)
+    assert all(torch.equal(a, b) for a, b in zip(ref, base_params, strict=True))
+    assert TINY_TEST_MODEL["hidden_size"] == model.config.hidden_size
