@@ -184,6 +184,7 @@ def _run_real(opts: dict) -> dict:
         use_chat_template=opts.get("chat_template", True) is not False,
     )
     tc = TrainConfig.from_dict({k: v for k, v in opts.items() if k in _TRAIN_KEYS})
+    tc.phase = tc.objective
     out = Path(opts.get("out", "runs/opsd"))
     trainer = Trainer(model, tok, train, tc, eval_problems=held_out, prompt_builder=pb,
                       output_dir=out)

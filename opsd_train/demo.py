@@ -183,14 +183,16 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, summary: dict | Non
     if w:
         axes[0].plot([r["step"] for r in w], [r["loss"] for r in w])
     axes[0].set(title="warm-up SFT loss", xlabel="step", ylabel="cross-entropy / token")
-    for phase, label in (("opsd", "OPSD divergence (per token)"),
-                         ("control", "control SFT loss")):
+    labels = {"opsd": "OPSD divergence (per token)", "control": "control SFT loss"}
+    step_phases = sorted({r["phase"] for r in recs if r["event"] == "step"} - {"warmup"})
+    for phase in step_phases:
         rs = [r for r in recs if r["event"] == "step" and r["phase"] == phase]
-        if rs:
-            axes[1].plot([r["step"] for r in rs], [r["loss"] for r in rs], label=label)
-    axes[1].set(title="OPSD phase", xlabel="step")
-    axes[1].legend()
-    for phase, style in (("opsd", "o-"), ("control", "s--")):
+        axes[1].plot([r["step"] for r in rs], [r["loss"] for r in rs],
+                     label=labels.get(phase, f"{phase} loss"))
+    axes[1].set(title="training loss after warm-up", xlabel="step")
+    eval_phases = sorted({r["phase"] for r in recs if r["event"] == "eval"})
+    for phase in eval_phases:
+        style = "s--" if phase == "control" else "o-"
         es = [r for r in recs if r["event"] == "eval" and r["phase"] == phase
               and r["role"] == "student"]
         if es:
@@ -200,7 +202,9 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, summary: dict | Non
     if te:
         axes[2].axhline(te[0]["pass@1"], color="gray", ls=":", label="teacher w/ solution")
     axes[2].set(title="held-out pass@1", xlabel="step", ylim=(0, 1))
-    axes[2].legend()
+    for ax in axes[1:]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     if summary:
         fig.suptitle(f"OPSD demo (seed {summary['seed']}): pass@1 "
                      f"{summary['student_before']['pass@1']:.3f} -> "

@@ -51,13 +51,22 @@ def test_few_steps_reduce_the_loss_on_a_fixed_batch(tiny, problems):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-@pytest.mark.parametrize("mode", ["ema", "fixed"])
+@pytest.mark.parametrize("mode", ["ema", "fixed", "lora-fixed"])
 def test_checkpoint_resume_is_bit_identical(tiny_dir, problems, tmp_path, mode):
     train, _ = problems
-    cfg = dict(teacher=mode, ema_decay=0.5, grad_accum=2, warmup_steps=1)
+    lora = mode.startswith("lora")
+    if lora:
+        pytest.importorskip("peft")
+    cfg = dict(teacher=mode.removeprefix("lora-"), ema_decay=0.5, grad_accum=2,
+               warmup_steps=1)
 
     def fresh():
+        from opsd_train.modeling import prepare_model
+
         model, tok = load_model_and_tokenizer(str(tiny_dir))
+        if lora:
+            torch.manual_seed(5)  # the adapter init must match across the three runs
+            model = prepare_model(model, lora=True, lora_r=4, lora_alpha=8)
         return model, tok
 
     torch.manual_seed(123)
@@ -84,6 +93,8 @@ def test_checkpoint_resume_is_bit_identical(tiny_dir, problems, tmp_path, mode):
     lc = [r["loss"] for r in tc.history if r["event"] == "step"]
     assert la == lc
     assert ta.history[-1]["rollout_len"] == tc.history[-1]["rollout_len"]
+    if lora:
+        assert not ta.teacher.shadow
     for n in ta.teacher.shadow:
         assert torch.equal(ta.teacher.shadow[n], tc.teacher.shadow[n]), n
     # the run actually trained (weights moved away from the saved initial model)
