@@ -124,7 +124,8 @@ def _chunked_linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mas
     V = weight.shape[0]
     loss = torch.empty(N, dtype=_compute_dtype(hs.dtype), device=hs.device)
     grad_h = torch.empty_like(hs) if want_h else None
-    grad_w = torch.zeros(weight.shape, dtype=weight_grad_dtype, device=weight.device) if want_w else None
+    grad_w = (torch.zeros(weight.shape, dtype=weight_grad_dtype, device=weight.device)
+              if want_w else None)
     grad_b = (torch.zeros(V, dtype=weight_grad_dtype, device=weight.device)
               if want_b else None)
     any_grad = want_h or want_w or want_b

@@ -13,11 +13,11 @@ For each kind the sheet gives three pointwise terms:
     g_v    d phi_v / d lS_v   (student side)
     h_v    d phi_v / d lT_v   (teacher side)
 
-| kind       | phi_v                                 | g_v                 | h_v                |
-|------------|---------------------------------------|---------------------|--------------------|
-| forward_kl | pT (lT - lS)                          | -pT                 | pT (lT - lS + 1)   |
-| reverse_kl | pS (lS - lT)                          | pS (lS - lT + 1)    | -pS                |
-| jsd(beta)  | beta pT (lT - lM) + (1-beta) pS (lS - lM) | (1-beta) pS (lS - lM) | beta pT (lT - lM) |
+| kind       | phi_v                     | g_v                   | h_v               |
+|------------|---------------------------|-----------------------|-------------------|
+| forward_kl | pT (lT - lS)              | -pT                   | pT (lT - lS + 1)  |
+| reverse_kl | pS (lS - lT)              | pS (lS - lT + 1)      | -pS               |
+| jsd(beta)  | h_v + g_v                 | (1-beta) pS (lS - lM) | beta pT (lT - lM) |
 
 with lM = log(beta pT + (1-beta) pS) formed by ``logaddexp`` (never the log of
 an underflowed sum). Because lS = b - LSE(b), the chain rule through the

@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-template", help="teacher prompt template, or @file")
     g.add_argument("--no-chat-template", dest="chat_template", action="store_false")
     g.add_argument("--device")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    g.add_argument("--precision", choices=["auto", "bf16", "bf16-mixed", "fp32"],
+                   help="auto: CUDA -> bf16 weights with --lora, else bf16-mixed (fp32 "
+                   "weights, bf16 autocast); CPU -> fp32")
     g.add_argument("--lora", action="store_true")
     g.add_argument("--lora-r", type=int)
     g.add_argument("--lora-alpha", type=int)
@@ -152,7 +154,13 @@ def _run_real(opts: dict) -> dict:
     from .trainer import TrainConfig, Trainer
 
     device = opts.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(opts.get("precision", "auto"), device)
+    precision = opts.get("precision", "auto")
+    if precision == "auto" and torch.device(device).type == "cuda":
+        precision = "bf16" if opts.get("lora") else "bf16-mixed"
+    autocast = None
+    if precision == "bf16-mixed":
+        precision, autocast = "fp32", "bf16"
+    dtype = resolve_dtype(precision, device)
     keys = {k: opts[k] for k in ("question_key", "solution_key", "answer_key") if k in opts}
     if opts.get("data"):
         train = load_jsonl(opts["data"], **keys)
@@ -185,6 +193,7 @@ def _run_real(opts: dict) -> dict:
     )
     tc = TrainConfig.from_dict({k: v for k, v in opts.items() if k in _TRAIN_KEYS})
     tc.phase = tc.objective
+    tc.autocast = autocast
     out = Path(opts.get("out", "runs/opsd"))
     trainer = Trainer(model, tok, train, tc, eval_problems=held_out, prompt_builder=pb,
                       output_dir=out)

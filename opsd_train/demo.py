@@ -48,6 +48,7 @@ class DemoConfig:
         min_lr_ratio=0.1, teacher="fixed", kind="forward_kl", clip=None,
         temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=48, max_grad_norm=1.0))
     control_sft_teacher_fraction: float | None = None
+    warmup_from: str | None = None
     eval_k: int = 0
     eval_temperature: float = 1.0
     eval_max_new_tokens: int = 48
@@ -101,14 +102,24 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
         tc.progress = progress
         return Trainer(model, tok, train, tc, eval_problems=held_out, output_dir=out)
 
-    # 1. warm-up
+    # 1. warm-up (or reuse a saved warm-up)
     t0 = time.perf_counter()
-    wt = trainer(_phase_config(cfg.warmup, cfg, "warmup"))
-    wt.train()
+    warm_steps = 0
+    if cfg.warmup_from:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(cfg.warmup_from, dtype=torch.float32)
+        log(f"[opsd-demo] warm-up: loaded {cfg.warmup_from}")
+    else:
+        wt = trainer(_phase_config(cfg.warmup, cfg, "warmup"))
+        wt.train()
+        warm_steps = wt.step
+        log(f"[opsd-demo] warm-up: {wt.step} SFT steps in {time.perf_counter() - t0:.0f}s, "
+            f"final loss {wt.history[-1]['loss']:.3f}")
+        model.save_pretrained(out / "warmup_model")
+        tok.save_pretrained(out / "warmup_model")
     t_warm = time.perf_counter() - t0
     warm_state = copy.deepcopy(model.state_dict())
-    log(f"[opsd-demo] warm-up: {wt.step} SFT steps in {t_warm:.0f}s, "
-        f"final loss {wt.history[-1]['loss']:.3f}")
 
     # 2. evaluate the warmed-up student and the teacher (solution in context)
     ot = trainer(_phase_config(cfg.opsd, cfg, "opsd"))
@@ -150,7 +161,7 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
         "student_after_control_sft": control.to_dict(),
         "opsd_steps": ot.step,
         "control_steps": ct.step,
-        "warmup_steps": wt.step,
+        "warmup_steps": warm_steps,
         "divergence_first": opsd_steps[0]["divergence"] if opsd_steps else None,
         "divergence_last": opsd_steps[-1]["divergence"] if opsd_steps else None,
         "time_s": {"warmup": t_warm, "opsd": t_opsd, "control": t_ctl, "total": wall},

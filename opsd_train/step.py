@@ -261,6 +261,15 @@ def opsd_loss(
     h_s = final_hidden_states(model, student.input_ids, student.attention_mask)
     h_s = gather_completion_states(h_s, student.starts, width)
     bias = getattr(head, "bias", None)
+    # The loss runs outside autocast, with hidden states in the lm_head's dtype.
+    with torch.autocast(h_s.device.type, enabled=False):
+        h_s = h_s.to(head.weight.dtype)
+        h_t = h_t.to(head.weight.dtype if t_w is None else t_w.dtype)
+        return _opsd_loss_tail(head, h_s, h_t, bias, t_w, t_b, mask, student, config, norm,
+                               tokens)
+
+
+def _opsd_loss_tail(head, h_s, h_t, bias, t_w, t_b, mask, student, config, norm, tokens):
     if config.loss == "full":
         kw = {}
         if t_w is not None or t_b is not None:
@@ -306,7 +315,9 @@ def sft_loss(model, batch: PackedBatch, normalizer: float | None = None):
     width = batch.completion.shape[1]
     h = final_hidden_states(model, batch.input_ids, batch.attention_mask)
     h = gather_completion_states(h, batch.starts, width)
-    lp = token_logprobs(h, head.weight, batch.completion, bias=getattr(head, "bias", None))
+    with torch.autocast(h.device.type, enabled=False):
+        lp = token_logprobs(h.to(head.weight.dtype), head.weight, batch.completion,
+                            bias=getattr(head, "bias", None))
     nll = torch.where(batch.mask, -lp, torch.zeros_like(lp)).sum()
     tokens = int(batch.mask.sum())
     norm = float(normalizer) if normalizer is not None else float(max(tokens, 1))

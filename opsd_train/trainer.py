@@ -9,6 +9,7 @@ every RNG state, so a resumed run continues bit-identically on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -43,6 +44,8 @@ class TrainConfig:
     by ``grad_accum``). ``loss_temperature=None`` uses the sampling ``temperature``.
     ``sft_teacher_fraction`` (objective ``sft`` only) is the share of examples formatted with
     the teacher prompt (reference solution in context) instead of the student prompt.
+    ``autocast="bf16"`` runs the forward passes under ``torch.autocast`` in bfloat16 (mixed
+    precision with float32 master weights; the loss itself runs outside autocast).
     """
 
     objective: str = "opsd"
@@ -78,6 +81,7 @@ class TrainConfig:
     eval_max_new_tokens: int | None = None
     eval_batch_size: int = 64
     save_every: int = 0
+    autocast: str | None = None
     seed: int = 0
     progress: bool = True
     phase: str = "train"
@@ -95,6 +99,8 @@ class TrainConfig:
                 f"batch_size ({self.batch_size}) must be divisible by grad_accum "
                 f"({self.grad_accum})"
             )
+        if self.autocast not in (None, "bf16", "fp16"):
+            raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
         if not 0.0 <= self.sft_teacher_fraction <= 1.0:
             raise ValueError("sft_teacher_fraction must be in [0, 1]")
         self.adam_betas = tuple(self.adam_betas)
@@ -230,6 +236,12 @@ class Trainer:
         size = math.ceil(n / k)
         return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
+    def _autocast(self):
+        if self.config.autocast is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.autocast == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics (also appended to ``history``)."""
         cfg = self.config
@@ -239,7 +251,9 @@ class Trainer:
         t_roll = 0.0
         if cfg.objective == "opsd":
             s_prompts = [self._ids("student", i) for i in idx]
-            comps = self.engine.generate(s_prompts, cfg.sampling(), cfg.rollouts_per_prompt)
+            with self._autocast():
+                comps = self.engine.generate(s_prompts, cfg.sampling(),
+                                             cfg.rollouts_per_prompt)
             t_roll = time.perf_counter() - t0
             reps = cfg.rollouts_per_prompt
             rows = [(s_prompts[j // reps], self._ids("teacher", idx[j // reps]), comps[j])
@@ -263,13 +277,17 @@ class Trainer:
                     continue
                 sb = pack_batch([r[0] for r in part], [r[2] for r in part], self.pad_id)
                 fwd_tokens += int(sb.attention_mask.sum())
-                if cfg.objective == "opsd":
-                    tb = pack_batch([r[1] for r in part], [r[2] for r in part], self.pad_id)
-                    fwd_tokens += int(tb.attention_mask.sum())
-                    loss, st = opsd_loss(self.model, sb.to(self.device), tb.to(self.device),
-                                         lcfg, teacher_ctx=ctx, normalizer=total_tokens)
-                else:
-                    loss, st = sft_loss(self.model, sb.to(self.device), normalizer=total_tokens)
+                with self._autocast():
+                    if cfg.objective == "opsd":
+                        tb = pack_batch([r[1] for r in part], [r[2] for r in part],
+                                        self.pad_id)
+                        fwd_tokens += int(tb.attention_mask.sum())
+                        loss, st = opsd_loss(self.model, sb.to(self.device),
+                                             tb.to(self.device), lcfg, teacher_ctx=ctx,
+                                             normalizer=total_tokens)
+                    else:
+                        loss, st = sft_loss(self.model, sb.to(self.device),
+                                            normalizer=total_tokens)
                 loss.backward()
                 loss_sum += float(loss.detach())
                 div_sum += st["div_sum"]

@@ -28,7 +28,8 @@ def run_case(impl, shape, dtype, kind, temperature, clip, masked, reduction,
     out = divergence(s, t, impl=impl, **opts)
     s_ref = s.detach().double().cpu().requires_grad_()
     t_ref = t.detach().double().cpu().requires_grad_()
-    ref = divergence_reference(s_ref, t_ref, **{**opts, "mask": None if mask is None else mask.cpu()})
+    ref_mask = None if mask is None else mask.cpu()
+    ref = divergence_reference(s_ref, t_ref, **{**opts, "mask": ref_mask})
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(out, ref, dtype, "loss")
     g = torch.Generator().manual_seed(seed + 7)
@@ -124,7 +125,7 @@ def test_triton_blocks_do_not_matter():
                     outs.append((loss, gs))
                 ref = divergence_reference(s.double().cpu(), t.double().cpu(), kind=kind,
                                            beta=0.4, temperature=1.1, clip=clip, reduction="none")
-                for loss, gs in outs:
+                for loss, _ in outs:
                     assert_close(loss, ref, torch.float32, f"{kind} {clip} V={V}")
                 torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-6)
 

@@ -56,3 +56,17 @@ def online_logsumexp_update(m, z, x):
     rescale = tl.exp(m - m_safe)
     z_new = z * rescale + tl.sum(tl.exp(x - m_safe), axis=0)
     return m_new, z_new, rescale, m_safe
+
+
+@triton.jit
+def online_logsumexp_update_rows(m, z, x):
+    """:func:`online_logsumexp_update` for a 2-D tile: one running (max, sum) per row.
+
+    ``m``, ``z``: (R,) running max and sum of exp(x - m); ``x``: (R, C) block.
+    Returns ``(m_new, z_new, rescale, m_safe)``, each (R,).
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    rescale = tl.exp(m - m_safe)
+    z_new = z * rescale + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+    return m_new, z_new, rescale, m_safe

@@ -1,0 +1,223 @@
+"""Baselines the benchmark compares opsd_kernels against.
+
+* ``naive_*``: the method's reference code path. Full teacher and student
+  logits, ``log_softmax``, the elementwise divergence through ``F.kl_div``
+  (per-entry clip with ``clamp``), sum over the vocabulary, token mean; the
+  backward is plain autograd through all of it.
+* ``compiled_chunked_linear``: ``torch.compile`` of a token-chunked loss. Per
+  chunk of tokens a compiled function forms the chunk's logits, the loss and,
+  through ``torch.func.grad_and_value``, its gradients; the gradients are
+  accumulated in the forward (so no chunk's activations outlive its chunk) and
+  scaled in the backward. ``compiled_chunked_logits`` is the same on logits.
+* ``liger_*``: Liger-Kernel's modules (CUDA only, imported lazily; ``None``
+  when liger-kernel is not installed).
+
+Liger has no per-entry clip; its cases always compute the unclipped loss, and
+the report says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------- naive
+
+
+def naive_pointwise(ls: torch.Tensor, lt: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    """Elementwise divergence terms from log-probabilities, as the reference code writes it."""
+    if kind == "forward_kl":  # KL(p_T || p_S): F.kl_div(input=log p_S, target=log p_T)
+        return F.kl_div(ls, lt, log_target=True, reduction="none")
+    if kind == "reverse_kl":  # KL(p_S || p_T)
+        return F.kl_div(lt, ls, log_target=True, reduction="none")
+    # generalized JSD (TRL GKD convention for the mixture)
+    lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), dim=0)
+    return beta * F.kl_div(lm, lt, log_target=True, reduction="none") + (1 - beta) * F.kl_div(
+        lm, ls, log_target=True, reduction="none"
+    )
+
+
+def naive_divergence(s, t, *, kind="forward_kl", beta=0.5, temperature=1.0, clip=None):
+    """Token-mean divergence on full logits (N, V), the reference code's chain."""
+    ls = F.log_softmax(s.float() / temperature, dim=-1)
+    lt = F.log_softmax(t.float() / temperature, dim=-1)
+    per = naive_pointwise(ls, lt, kind, beta)
+    if clip is not None:
+        per = per.clamp(max=clip)
+    return per.sum(-1).mean()
+
+
+def naive_linear(h_s, h_t, weight, *, kind="forward_kl", beta=0.5, temperature=1.0, clip=None):
+    """Token-mean divergence from hidden states: both full logits are materialised."""
+    s = h_s @ weight.t()
+    with torch.no_grad():  # the teacher is a constant (stop-gradient)
+        t = h_t @ weight.t()
+    return naive_divergence(s, t, kind=kind, beta=beta, temperature=temperature, clip=clip)
+
+
+# --------------------------------------------------------------- torch.compile, chunked
+
+
+def _chunk_loss_linear(h_s, weight, h_t, kind, beta, temperature, clip):
+    s = h_s @ weight.t()
+    t = h_t @ weight.t()
+    ls = F.log_softmax(s.float() / temperature, dim=-1)
+    lt = F.log_softmax(t.float() / temperature, dim=-1)
+    per = naive_pointwise(ls, lt, kind, beta)
+    if clip is not None:
+        per = per.clamp(max=clip)
+    return per.sum()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_grad_fn(argnums: tuple[int, ...], logits: bool):
+    if logits:
+        fn = torch.func.grad_and_value(_chunk_loss_logits, argnums=argnums)
+    else:
+        fn = torch.func.grad_and_value(_chunk_loss_linear, argnums=argnums)
+    return torch.compile(fn, dynamic=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_fwd_fn(logits: bool):
+    return torch.compile(_chunk_loss_logits if logits else _chunk_loss_linear, dynamic=False)
+
+
+def _chunk_loss_logits(s, t, kind, beta, temperature, clip):
+    ls = F.log_softmax(s.float() / temperature, dim=-1)
+    lt = F.log_softmax(t.float() / temperature, dim=-1)
+    per = naive_pointwise(ls, lt, kind, beta)
+    if clip is not None:
+        per = per.clamp(max=clip)
+    return per.sum()
+
+
+class _ChunkedCompiled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, weight, opts, chunk, logits):
+        need_a = ctx.needs_input_grad[0]
+        need_w = (not logits) and ctx.needs_input_grad[2]
+        n = a.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=a.device)
+        if not (need_a or need_w):
+            fn = _compiled_fwd_fn(logits)
+            for i in range(0, n, chunk):
+                args = (a[i:i + chunk], b[i:i + chunk]) if logits else (
+                    a[i:i + chunk], weight, b[i:i + chunk])
+                total += fn(*args, *opts)
+            ctx.save_for_backward()
+            return total / n
+        argnums = tuple(x for x, keep in ((0, need_a), (1, need_w)) if keep)
+        fn = _compiled_grad_fn(argnums, logits)
+        grad_a = torch.empty_like(a) if need_a else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for i in range(0, n, chunk):
+            args = (a[i:i + chunk], b[i:i + chunk]) if logits else (
+                a[i:i + chunk], weight, b[i:i + chunk])
+            grads, value = fn(*args, *opts)
+            total += value
+            grads = list(grads)
+            if need_a:
+                grad_a[i:i + chunk] = grads.pop(0)
+            if need_w:
+                grad_w += grads.pop(0)
+        ctx.save_for_backward(grad_a, grad_w)
+        ctx.n = n
+        ctx.need = (need_a, need_w)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_a, grad_w = ctx.saved_tensors
+        scale = grad_out / ctx.n
+        ga = grad_a * scale.to(grad_a.dtype) if ctx.need[0] else None
+        gw = (grad_w * scale).to(grad_w.dtype) if ctx.need[1] else None
+        return ga, None, gw, None, None, None
+
+
+def compiled_chunked_linear(h_s, h_t, weight, *, kind="forward_kl", beta=0.5, temperature=1.0,
+                            clip=None, chunk=1024):
+    """torch.compile of a token-chunked fused-linear loss (token mean), grads in the forward."""
+    out = _ChunkedCompiled.apply(h_s, h_t.detach(), weight, (kind, beta, temperature, clip),
+                                 chunk, False)
+    return out
+
+
+def compiled_chunked_logits(s, t, *, kind="forward_kl", beta=0.5, temperature=1.0, clip=None,
+                            chunk=1024):
+    """torch.compile of a token-chunked divergence on logits (token mean)."""
+    return _ChunkedCompiled.apply(s, t.detach(), s, (kind, beta, temperature, clip), chunk, True)
+
+
+# -------------------------------------------------------------------------- Liger
+
+
+def liger_available() -> bool:
+    """True when liger-kernel imports and CUDA is present (its kernels are Triton, GPU only)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import liger_kernel  # noqa: F401
+    except Exception:  # pragma: no cover - not installed or broken
+        return False
+    return True
+
+
+def liger_beta(kind: str, beta: float) -> float | None:
+    """Liger's generalized-JSD beta for our kind: 0 forward KL, 1 reverse KL."""
+    return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(kind, beta)
+
+
+def liger_fused_linear_jsd(kind, beta, temperature):
+    """LigerFusedLinearJSD (token-chunked GEMM + Triton JSD rows); call(h_s, h_t, W)."""
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    mod = LigerFusedLinearJSD(jsd_beta=liger_beta(kind, beta), temperature=temperature)
+    return lambda h_s, h_t, w: mod(h_s, w, h_t, w, None)
+
+
+def liger_fused_linear_jsd_loss(kind, beta, temperature):
+    """chunked_loss LigerFusedLinearJSDLoss (torch.compile per chunk), soft loss only."""
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    mod = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0,
+                                  beta=liger_beta(kind, beta), temperature=temperature)
+    labels = {}
+
+    def call(h_s, h_t, w):
+        key = (h_s.shape[0], h_s.device)
+        if key not in labels:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            labels[key] = torch.randint(0, w.shape[0], (h_s.shape[0],), generator=g).to(h_s.device)
+        return mod(h_s, w, h_t, w, labels[key])
+
+    return call
+
+
+def liger_kldiv(temperature):
+    """LigerKLDIVLoss on log-probabilities (forward KL only); call(s, t) on logits."""
+    from liger_kernel.transformers import LigerKLDIVLoss
+
+    mod = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+
+    def call(s, t):
+        return mod(F.log_softmax(s.float() / temperature, -1),
+                   F.log_softmax(t.float() / temperature, -1))
+
+    return call
+
+
+def liger_jsd(kind, beta, temperature):
+    """LigerJSD on log-probabilities (beta 0/1 for the KL kinds); call(s, t) on logits."""
+    from liger_kernel.transformers import LigerJSD
+
+    mod = LigerJSD(beta=liger_beta(kind, beta))
+
+    def call(s, t):
+        return mod(F.log_softmax(s.float() / temperature, -1),
+                   F.log_softmax(t.float() / temperature, -1))
+
+    return call
