@@ -177,7 +177,6 @@ def divergence_rows_triton(
             raise ValueError(f"{name} rows must be contiguous (stride(-1) == 1)")
     block = block_v or default_block_v(V, student.device)
     mask_arg = mask.view(torch.uint8) if mask is not None else loss
-    has_grad = grad_student is not None or grad_teacher is not None
     grad_s = grad_student if grad_student is not None else student
     grad_t = grad_teacher if grad_teacher is not None else teacher
     # beta is irrelevant for the KL kinds; keep its logs finite there
@@ -193,5 +192,4 @@ def divergence_rows_triton(
         GRAD_S=grad_student is not None, GRAD_T=grad_teacher is not None,
         BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
     )
-    del has_grad
     return loss
