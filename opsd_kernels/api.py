@@ -151,6 +151,7 @@ def fused_linear_divergence(
     impl: str = "auto",
     chunk_size: int | None = None,
     fp32_weight_grad: bool = True,
+    skip_threshold: float = 0.0,
 ) -> torch.Tensor:
     """Divergence computed from hidden states and the lm_head, never the full logits.
 
@@ -167,21 +168,55 @@ def fused_linear_divergence(
         bias: None or (V,) lm_head bias.
         teacher_bias: None or (V,); only with a separate ``teacher_weight``.
         kind, beta, temperature, clip, mask, reduction: as :func:`divergence`.
-        impl: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``.
-            Both are token-chunked: per chunk one logits GEMM, the row divergence
-            (gradient written over the logits buffer), then the gradient GEMMs.
-        chunk_size: tokens per chunk; None picks it from
+        impl: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``,
+            ``"fused"``. ``"torch"`` and ``"triton"`` are token-chunked: per chunk one
+            logits GEMM, the row divergence (gradient written over the logits buffer),
+            then the gradient GEMMs; extra memory O(chunk * V). ``"fused"`` (CUDA, or
+            the Triton interpreter) never writes logits to global memory: Triton tiles
+            over (tokens x vocabulary) form both logits with ``tl.dot`` and reduce them
+            at once into per-token statistics; the backward recomputes the tiles.
+            Extra memory O(N) statistics plus O((N / 64) x (V / 128)) tile maxima
+            (and bounded float32 scratch for 16-bit gradients); flops 4NHV (one-pass
+            KL kinds) or 8NHV (jsd / clip) forward, 6NHV backward with a frozen
+            weight, 12NHV with a trainable one. Its backward is deterministic (no
+            atomics): d(student_hidden) by a kernel over token blocks, d(weight) and
+            d(bias) by a kernel over vocabulary blocks.
+        chunk_size: tokens per chunk of the chunked impls; None picks it from
             ``opsd_kernels.config.chunk_memory_budget`` (default 512 MiB).
         fp32_weight_grad: accumulate the weight (and bias) gradient over chunks in
-            float32 (default); False accumulates in the weight's dtype.
+            float32 (default); False accumulates in the weight's dtype. (``"fused"``
+            always accumulates in float32; False only avoids a float32 (V, H) buffer:
+            it accumulates in bounded float32 slices cast to the weight's dtype.)
+        skip_threshold: ``impl="fused"`` only, in [0, 1]; 0.0 (default) is exact.
+            The forward records each tile's (64 tokens x 128 entries on CUDA) largest
+            scaled logit (logit / temperature) of both sides; the backward skips,
+            without recomputing it, every tile where ``exp(tile max - smallest LSE of
+            the tile's tokens)`` -- a bound on every probability in the tile -- is
+            below the threshold for the teacher AND the student. The loss is never
+            affected. A skipped entry (i, v) drops
+            ``|dS_iv| <= |r_i| (|g_iv| + pS_iv |G_i|) / temperature`` from the
+            student-logit gradient (``r_i``: token i's upstream factor, e.g.
+            1/count for "mean"; ``G_i = sum_v g_iv``), where with pT, pS < threshold
+            ``|g_iv| <= threshold`` (forward_kl, ``|G_i| <= 1``), ``<= threshold (1 +
+            |lS_iv - lT_iv|)`` (reverse_kl) and ``<= (1 - beta) threshold max(1/e,
+            log(1 / (1 - beta)))`` (jsd); clipped entries pass no gradient anyway. So
+            per token row ``sum_v |error in dS_iv|`` is at most
+            ``|r_i| (1 + |G_i|) min(1, n_skipped * threshold) / temperature`` for
+            forward KL; row i of the hidden-state gradient errs by at most that times
+            ``max |W|``, and row v of the weight gradient by at most ``max |h|`` times
+            ``sum_i |error in dS_iv|`` (each term ``<= 2 |r_i| threshold / temperature``
+            for forward KL). The default stays 0.0 until the accuracy/speed trade-off
+            is measured on a GPU.
 
     Gradients flow to ``student_hidden``, ``weight`` and ``bias`` when they require
     grad; a frozen weight (``requires_grad=False``, the LoRA case) skips the weight
     gradient entirely. No gradient flows to ``teacher_hidden``, ``teacher_weight``
     or ``teacher_bias``: the teacher is a constant (the method's stop-gradient).
-    With ``reduction="mean"``/``"sum"`` the gradients are formed during the
-    forward; with ``"none"`` and a trainable weight or bias they are recomputed
-    in the backward from the upstream per-token gradients.
+    Chunked impls: with ``reduction="mean"``/``"sum"`` the gradients are formed
+    during the forward; with ``"none"`` and a trainable weight or bias they are
+    recomputed in the backward from the upstream per-token gradients. ``"fused"``
+    always recomputes in the backward (nothing is stored but the statistics), so its
+    graph may also be backpropagated twice (``retain_graph=True``).
 
     Returns: float32 loss, scalar or shape (...) for ``reduction="none"``.
 
@@ -265,7 +300,13 @@ def fused_linear_divergence(
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    impl = check_impl(impl, ("auto", "torch", "triton"), device, weight.dtype)
+    if isinstance(skip_threshold, bool) or not isinstance(skip_threshold, (int, float)):
+        raise TypeError(f"skip_threshold must be a float, got {skip_threshold!r}")
+    if not 0.0 <= skip_threshold <= 1.0:
+        raise ValueError(f"skip_threshold must lie in [0, 1], got {skip_threshold!r}")
+    impl = check_impl(impl, ("auto", "torch", "triton", "fused"), device, weight.dtype)
+    if skip_threshold > 0 and impl != "fused":
+        raise ValueError(f"skip_threshold only applies to impl='fused' (got impl={impl!r})")
     chunk = chunk_size or auto_chunk_size(V, student_hidden.element_size(), impl)
     if weight.dtype == torch.float64:
         grad_dtype = torch.float64
@@ -275,6 +316,13 @@ def fused_linear_divergence(
     teacher_hidden = teacher_hidden.detach()
     teacher_weight = None if teacher_weight is None else teacher_weight.detach()
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+    if impl == "fused":
+        from .triton.fused_function import FusedTritonLinearDivergenceFunction
+
+        return FusedTritonLinearDivergenceFunction.apply(
+            student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask,
+            opts, float(skip_threshold), grad_dtype,
+        )
     return FusedLinearDivergenceFunction.apply(
         student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask, opts,
         _row_function(impl), chunk, grad_dtype,

@@ -46,12 +46,14 @@ class FusedLinearDivergence(torch.nn.Module):
     """
 
     def __init__(self, kind="forward_kl", beta=0.5, temperature=1.0, clip=None,
-                 reduction="mean", impl="auto", chunk_size=None, fp32_weight_grad=True):
+                 reduction="mean", impl="auto", chunk_size=None, fp32_weight_grad=True,
+                 skip_threshold=0.0):
         super().__init__()
         check_options(kind, beta, temperature, clip, reduction)
         self.kind, self.beta, self.temperature = kind, beta, temperature
         self.clip, self.reduction, self.impl = clip, reduction, impl
         self.chunk_size, self.fp32_weight_grad = chunk_size, fp32_weight_grad
+        self.skip_threshold = skip_threshold
 
     def forward(self, student_hidden, teacher_hidden, weight, *, teacher_weight=None,
                 bias=None, teacher_bias=None, mask=None):
@@ -59,7 +61,8 @@ class FusedLinearDivergence(torch.nn.Module):
             student_hidden, teacher_hidden, weight, teacher_weight=teacher_weight, bias=bias,
             teacher_bias=teacher_bias, kind=self.kind, beta=self.beta,
             temperature=self.temperature, clip=self.clip, mask=mask, reduction=self.reduction,
-            impl=self.impl, chunk_size=self.chunk_size, fp32_weight_grad=self.fp32_weight_grad)
+            impl=self.impl, chunk_size=self.chunk_size, fp32_weight_grad=self.fp32_weight_grad,
+            skip_threshold=self.skip_threshold)
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "

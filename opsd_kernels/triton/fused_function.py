@@ -1,0 +1,88 @@
+"""Autograd Function of ``fused_linear_divergence(impl="fused")``.
+
+The forward runs :func:`~opsd_kernels.triton.fused_forward.fused_forward` and
+keeps only O(N) per-token statistics and the tile maxima besides references
+to the inputs; the backward recomputes logit tiles
+(:func:`~opsd_kernels.triton.fused_backward.fused_backward`) with the per-token
+upstream factors, so every reduction (including "none" with arbitrary
+upstream gradients) goes through the same kernels. Nothing is modified in
+place, so the graph may be backpropagated more than once (``retain_graph``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._validation import DivergenceOptions
+from ..autograd import _forward_scale, _reduce
+from .fused_backward import fused_backward
+from .fused_forward import fused_forward
+
+
+def _rows(x: torch.Tensor | None) -> torch.Tensor | None:
+    if x is None:
+        return None
+    x = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
+    """Fully fused fused-linear divergence: logits exist only as on-chip tiles."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias,
+                mask, opts: DivergenceOptions, skip_threshold: float,
+                weight_grad_dtype: torch.dtype):
+        lead = student_hidden.shape[:-1]
+        hs, ht = _rows(student_hidden), _rows(teacher_hidden)
+        w, wt = _rows(weight), _rows(teacher_weight)
+        b = None if bias is None else bias.contiguous()
+        bt = None if teacher_bias is None else teacher_bias.contiguous()
+        mask1 = None if mask is None else mask.reshape(-1).contiguous()
+        N = hs.shape[0]
+        scale = _forward_scale(opts.reduction, mask1, N, hs.device, torch.float32)
+        if N == 0:
+            loss = torch.zeros(0, dtype=torch.float32, device=hs.device)
+            stats = None
+        else:
+            stats = fused_forward(hs, ht, w, wt, b, bt, mask1, spec=opts.spec, beta=opts.beta,
+                                  temperature=opts.temperature, clip=opts.clip)
+            loss = stats.loss
+        ctx.save_for_backward(hs, ht, w, wt, b, bt, mask1, scale)
+        ctx.stats = stats
+        ctx.opts = opts
+        ctx.skip_threshold = skip_threshold
+        ctx.weight_grad_dtype = weight_grad_dtype
+        ctx.meta = (student_hidden.shape, weight.dtype, None if bias is None else bias.dtype)
+        return _reduce(loss, opts.reduction, scale, lead)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hs, ht, w, wt, b, bt, mask1, scale = ctx.saved_tensors
+        shape, w_dtype, b_dtype = ctx.meta
+        want_h, want_w, want_b = (ctx.needs_input_grad[0], ctx.needs_input_grad[2],
+                                  ctx.needs_input_grad[4])
+        opts = ctx.opts
+        if ctx.stats is None:  # no tokens
+            grad_h = torch.zeros_like(hs) if want_h else None
+            grad_w = torch.zeros_like(w) if want_w else None
+            grad_b = torch.zeros_like(b) if want_b else None
+        else:
+            if opts.reduction == "none":
+                row_scale = grad_out.reshape(-1).to(torch.float32).contiguous()
+            else:
+                row_scale = (grad_out.to(torch.float32) * scale).reshape(1)
+            grad_h, grad_w, grad_b = fused_backward(
+                hs, ht, w, wt, b, bt, mask1, ctx.stats, row_scale, spec=opts.spec,
+                beta=opts.beta, temperature=opts.temperature, clip=opts.clip,
+                skip_threshold=ctx.skip_threshold, want_h=want_h, want_w=want_w,
+                want_b=want_b, weight_grad_dtype=ctx.weight_grad_dtype,
+            )
+        return (
+            None if grad_h is None else grad_h.view(shape),
+            None,
+            None if grad_w is None else grad_w.to(w_dtype),
+            None,
+            None if grad_b is None else grad_b.to(b_dtype),
+            None, None, None, None, None,
+        )

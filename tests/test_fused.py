@@ -1,0 +1,299 @@
+"""`fused_linear_divergence(impl="fused")`: the fully fused Triton kernels against the reference.
+
+On CPU these run in the Triton interpreter (TRITON_INTERPRET=1, set by the root
+conftest) at small shapes with small tiles, so that every case crosses several
+token blocks, vocabulary blocks and hidden-size steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from opsd_kernels import fused_linear_divergence
+from opsd_kernels.divergences import KINDS
+from opsd_kernels.reference import fused_linear_divergence_reference
+from tests.helpers import HAS_CUDA, TRITON_RUNS, assert_close, make_mask
+from tests.test_fused_linear import DEVICE, make_inputs, run_case
+
+pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+
+@pytest.fixture
+def blocks(monkeypatch):
+    """Override the fused kernels' tile sizes / options for the current device."""
+    from opsd_kernels.triton import fused_forward
+
+    key = "cuda" if HAS_CUDA else "cpu"
+
+    def set_blocks(**kw):
+        monkeypatch.setitem(fused_forward.CONFIGS, key,
+                            dataclasses.replace(fused_forward.CONFIGS[key], **kw))
+
+    return set_blocks
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("clip", [None, 0.02])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_option_grid(kind, clip, reduction, masked):
+    run_case("fused", kind=kind, clip=clip, reduction=reduction, masked=masked)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_several_token_blocks_and_splits(blocks, kind):
+    # 24 tokens = 1.5 token blocks of 16, V = 300 = 9.4 vocabulary blocks of 32 in 3 splits,
+    # H = 40 = 2.5 steps of 16
+    blocks(splits=3)
+    run_case("fused", lead=(3, 8), H=40, V=300, kind=kind, clip=0.05 if kind == "jsd" else None,
+             reduction="none", masked=True, bias=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_separate_teacher_weight_other_hidden_size(reduction, frozen, bias):
+    run_case("fused", H=16, H_T=40, separate=True, bias=bias, frozen=frozen,
+             reduction=reduction, kind="jsd", clip=0.05, masked=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_shared_weight_bias_and_frozen(reduction, frozen):
+    run_case("fused", bias=True, frozen=frozen, reduction=reduction, clip=0.05, masked=True,
+             kind="reverse_kl")
+
+
+def test_bias_trainable_weight_frozen():
+    # only the bias gradient: the dW kernel runs without its dot
+    x = make_inputs((6,), 16, 50, bias=True)
+    x["bias"].requires_grad_()
+    out = fused_linear_divergence(**x, impl="fused", kind="jsd", reduction="sum")
+    ref_in = {k: v.detach().double().cpu() for k, v in x.items()}
+    ref_in["bias"].requires_grad_()
+    ref = fused_linear_divergence_reference(**ref_in, kind="jsd", reduction="sum")
+    out.backward()
+    ref.backward()
+    assert x["weight"].grad is None
+    assert_close(x["bias"].grad, ref_in["bias"].grad, torch.float32, "grad bias")
+
+
+@pytest.mark.parametrize("lead, H, V", [((1,), 16, 1), ((1,), 20, 33), ((17,), 16, 16),
+                                        ((2, 3, 2), 24, 65)])
+def test_odd_shapes(lead, H, V):
+    # one token, V = 1, a vocabulary one past a block, H not a multiple of the K step
+    run_case("fused", lead=lead, H=H, V=V, reduction="none", kind="reverse_kl", clip=0.05)
+
+
+def test_noncontiguous_hidden():
+    run_case("fused", lead=(3, 4), noncontig=True, reduction="none", kind="jsd")
+
+
+def test_no_tokens():
+    x = make_inputs((0,), 8, 20)
+    x["student_hidden"].requires_grad_()
+    out = fused_linear_divergence(**x, impl="fused", reduction="sum")
+    assert out.item() == 0.0
+    out.backward()
+    assert x["student_hidden"].grad.shape == (0, 8)
+
+
+def test_all_masked_and_nan_padding():
+    x = make_inputs((20,), 16, 40)
+    mask = make_mask((20,), seed=4, device=DEVICE)
+    mask[16:] = False  # the second token block has no counted token
+    x["student_hidden"][~mask] = float("nan")  # padding may hold anything
+    x["teacher_hidden"][~mask] = float("nan")
+    x["student_hidden"].requires_grad_()
+    x["weight"].requires_grad_()
+    out = fused_linear_divergence(**x, mask=mask, impl="fused", kind="jsd", clip=0.05)
+    out.backward()
+    assert torch.isfinite(out)
+    assert torch.count_nonzero(x["student_hidden"].grad[~mask]) == 0
+    assert torch.isfinite(x["weight"].grad).all()
+    clean = {k: torch.where(mask[:, None], v.detach(), 0.0) if "hidden" in k else v.detach()
+             for k, v in x.items()}
+    ref = fused_linear_divergence_reference(**{k: v.double().cpu() for k, v in clean.items()},
+                                            mask=mask.cpu(), kind="jsd", clip=0.05)
+    assert_close(out, ref, torch.float32, "loss")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fp32_weight_grad", [True, False])
+def test_low_precision(blocks, dtype, fp32_weight_grad):
+    # a tiny scratch budget forces the float32 accumulation into several token/vocab slices
+    blocks(scratch_bytes=16 * 4 * 16)
+    run_case("fused", lead=(40,), H=16, V=70, dtype=dtype, clip=0.05,
+             fp32_weight_grad=fp32_weight_grad, masked=True, bias=True, reduction="none")
+
+
+def test_deterministic_and_retain_graph():
+    x = make_inputs((20,), 16, 70)
+    for k in ("student_hidden", "weight"):
+        x[k].requires_grad_()
+    out = fused_linear_divergence(**x, impl="fused", kind="jsd", clip=0.05, reduction="none")
+    up = torch.linspace(-1, 2, 20, device=DEVICE)
+    grads = []
+    for _ in range(2):  # nothing is modified in place: the graph can be walked twice
+        gh, gw = torch.autograd.grad(out, (x["student_hidden"], x["weight"]), up,
+                                     retain_graph=True)
+        grads.append((gh, gw))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_matches_chunked_triton():
+    kw = dict(kind="forward_kl", clip=0.05, temperature=1.1, reduction="sum")
+    x = make_inputs((12,), 16, 90, bias=True)
+    a = fused_linear_divergence(**x, impl="fused", **kw)
+    b = fused_linear_divergence(**x, impl="triton", **kw)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, exc", [(-0.1, ValueError), (1.5, ValueError),
+                                      (float("nan"), ValueError), ("0.1", TypeError),
+                                      (True, TypeError)])
+def test_skip_threshold_validation(bad, exc):
+    x = make_inputs((3,), 8, 20)
+    with pytest.raises(exc, match="skip_threshold"):
+        fused_linear_divergence(**x, impl="fused", skip_threshold=bad)
+
+
+def test_skip_threshold_needs_fused():
+    x = make_inputs((3,), 8, 20)
+    with pytest.raises(ValueError, match="skip_threshold only applies"):
+        fused_linear_divergence(**x, impl="torch", skip_threshold=1e-6)
+
+
+# ---------------------------------------------------------------- tile skipping
+
+
+def peaked_inputs(N, H, V, seed=0, dtype=torch.float32, opposite=False):
+    """LM-like distributions: logits fall off along the vocabulary (frequent tokens
+    first), so tiles far down the vocabulary carry tiny probability for every token.
+    ``opposite``: the teacher's mass sits at the other end of the vocabulary, so tiles
+    exist where only one of the two distributions is negligible."""
+    x = make_inputs((N,), H, V, dtype=torch.float64, seed=seed)
+    decay = torch.linspace(1.5, -2.5, V, dtype=torch.float64, device=x["weight"].device)
+    x["weight"][:, 0] = decay + 0.1 * x["weight"][:, 0]
+    x["weight"][:, 1] = decay.flip(0) + 0.1 * x["weight"][:, 1]
+    x["student_hidden"][:, 0] = 6.0
+    x["student_hidden"][:, 1] = 0.0
+    x["teacher_hidden"][:, 0] = 0.0 if opposite else 6.5
+    x["teacher_hidden"][:, 1] = 6.5 if opposite else 0.0
+    return {k: v.to(dtype).to(DEVICE) for k, v in x.items()}
+
+
+def _skipped_tiles(x, threshold, temperature):
+    """(token blocks, vocab blocks) bool: the tiles the backward skips, from the forward's
+    statistics and the documented rule, and the tile sizes."""
+    from opsd_kernels.divergences import KINDS as K
+    from opsd_kernels.triton.fused_forward import config_for, fused_forward
+
+    st = fused_forward(x["student_hidden"], x["teacher_hidden"], x["weight"], None, None, None,
+                       None, spec=K["forward_kl"], beta=0.5, temperature=temperature, clip=None)
+    cfg = config_for(x["weight"].device)
+    BN = cfg.block_n
+    N = x["student_hidden"].shape[0]
+    pad = (-N) % BN
+    mins = [torch.nn.functional.pad(lse, (0, pad), value=math.inf).view(-1, BN).min(1).values
+            for lse in (st.lse_s, st.lse_t)]
+    bound = torch.maximum((st.tmax_s - mins[0][:, None]).exp(),
+                          (st.tmax_t - mins[1][:, None]).exp())
+    return bound < threshold, BN, cfg.block_v
+
+
+def _skipped_fraction(x, threshold, temperature):
+    return _skipped_tiles(x, threshold, temperature)[0].float().mean().item()
+
+
+@pytest.mark.parametrize("clip, opposite", [(None, False), (None, True), (0.05, True)])
+def test_skipping_within_stated_bound(clip, opposite):
+    N, H, V, tau = 24, 16, 300, 1.1
+    x = peaked_inputs(N, H, V, opposite=opposite)
+    up = torch.randn(N, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def grads(threshold):
+        xs = {k: v.detach().clone() for k, v in x.items()}
+        xs["student_hidden"].requires_grad_()
+        xs["weight"].requires_grad_()
+        out = fused_linear_divergence(**xs, impl="fused", kind="forward_kl", clip=clip,
+                                      temperature=tau, reduction="none",
+                                      skip_threshold=threshold)
+        (out * up.to(out)).sum().backward()
+        return out.detach(), xs["student_hidden"].grad, xs["weight"].grad
+
+    thr = 1e-3
+    tiles, BN, BV = _skipped_tiles(x, thr, tau)
+    assert 0.1 < tiles.float().mean().item() < 0.9  # really exercises skipping
+    loss0, gh0, gw0 = grads(0.0)
+    loss1, gh1, gw1 = grads(thr)
+    assert torch.equal(loss0, loss1)  # the forward never skips: the loss is exact
+    eh = (gh1 - gh0).double().abs().cpu()
+    ew = (gw1 - gw0).double().abs().cpu()
+    assert eh.max() > 0 and ew.max() > 0  # skipping changed something
+    h = x["student_hidden"].double().abs().cpu()
+    w = x["weight"].double().abs().cpu()
+    r = up.abs()
+    slack = 1e-5 * max(1.0, gh0.abs().max().item(), gw0.abs().max().item())
+    # the documented coarse bound, forward KL: a skipped entry's
+    # |dS_iv| <= |r_i| (pT + pS |G|) / tau <= 2 |r_i| thr / tau, at most V entries per row
+    assert (eh <= (2 * thr / tau) * (r[:, None] * V) * w.max(0).values[None, :] + slack).all()
+    assert (ew <= (2 * thr / tau) * (r[:, None] * h).sum(0)[None, :] + slack).all()
+    # the per-entry accounting over the skipped entries themselves (|G| <= 1 here)
+    skipped = tiles.cpu().repeat_interleave(BN, 0)[:N].repeat_interleave(BV, 1)[:, :V]
+    xd = {k: v.double().cpu() for k, v in x.items()}
+    pS = torch.softmax(xd["student_hidden"] @ xd["weight"].T / tau, -1)
+    pT = torch.softmax(xd["teacher_hidden"] @ xd["weight"].T / tau, -1)
+    e = torch.where(skipped, r[:, None] * (pT + pS) / tau, 0.0)
+    assert (eh <= e @ w + slack).all()
+    assert (ew <= e.T @ h + slack).all()
+
+
+def test_skipping_negligible_threshold_is_exact():
+    x = peaked_inputs(24, 16, 300)
+    outs = []
+    for thr in (0.0, 1e-30):
+        xs = {k: v.detach().clone() for k, v in x.items()}
+        xs["student_hidden"].requires_grad_()
+        fused_linear_divergence(**xs, impl="fused", kind="jsd", skip_threshold=thr).backward()
+        outs.append(xs["student_hidden"].grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------- CUDA, realistic sizes
+
+
+@cuda_only
+@pytest.mark.parametrize("kind, clip", [("forward_kl", 0.05), ("forward_kl", None),
+                                        ("reverse_kl", None), ("jsd", 0.05)])
+def test_cuda_bf16_realistic_vocab(kind, clip):
+    run_case("fused", lead=(256,), H=256, V=32000, dtype=torch.bfloat16, kind=kind, clip=clip,
+             temperature=1.1, masked=True, reduction="mean")
+
+
+@cuda_only
+def test_cuda_bf16_separate_teacher_none_reduction():
+    run_case("fused", lead=(2, 128), H=256, H_T=384, V=32000, dtype=torch.bfloat16,
+             separate=True, bias=True, kind="jsd", clip=0.05, reduction="none")
+
+
+@cuda_only
+def test_cuda_bf16_skipping_close_to_exact():
+    N, H, V = 256, 256, 32000
+    x = peaked_inputs(N, H, V, dtype=torch.bfloat16)
+    res = []
+    for thr in (0.0, 1e-6):
+        xs = {k: v.detach().clone() for k, v in x.items()}
+        xs["student_hidden"].requires_grad_()
+        xs["weight"].requires_grad_()
+        fused_linear_divergence(**xs, impl="fused", kind="forward_kl", clip=0.05,
+                                temperature=1.1, skip_threshold=thr).backward()
+        res.append((xs["student_hidden"].grad.float(), xs["weight"].grad.float()))
+    assert _skipped_fraction(x, 1e-6, 1.1) > 0.3
+    for a, b in zip(res[0], res[1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1.6e-2, atol=1e-2 * a.abs().max().item())
