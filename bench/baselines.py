@@ -61,9 +61,9 @@ def naive_linear(h_s, h_t, weight, *, kind="forward_kl", beta=0.5, temperature=1
 # --------------------------------------------------------------- torch.compile, chunked
 
 
-def _chunk_loss_linear(h_s, weight, h_t, kind, beta, temperature, clip):
+def _chunk_loss_linear(h_s, weight, h_t, teacher_weight, kind, beta, temperature, clip):
     s = h_s @ weight.t()
-    t = h_t @ weight.t()
+    t = h_t @ teacher_weight.t()  # a separate argument: never differentiated
     ls = F.log_softmax(s.float() / temperature, dim=-1)
     lt = F.log_softmax(t.float() / temperature, dim=-1)
     per = naive_pointwise(ls, lt, kind, beta)
@@ -72,7 +72,7 @@ def _chunk_loss_linear(h_s, weight, h_t, kind, beta, temperature, clip):
     return per.sum()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_grad_fn(argnums: tuple[int, ...], logits: bool):
     if logits:
         fn = torch.func.grad_and_value(_chunk_loss_logits, argnums=argnums)
@@ -81,7 +81,7 @@ def _compiled_grad_fn(argnums: tuple[int, ...], logits: bool):
     return torch.compile(fn, dynamic=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_fwd_fn(logits: bool):
     return torch.compile(_chunk_loss_logits if logits else _chunk_loss_linear, dynamic=False)
 
@@ -106,7 +106,7 @@ class _ChunkedCompiled(torch.autograd.Function):
             fn = _compiled_fwd_fn(logits)
             for i in range(0, n, chunk):
                 args = (a[i:i + chunk], b[i:i + chunk]) if logits else (
-                    a[i:i + chunk], weight, b[i:i + chunk])
+                    a[i:i + chunk], weight, b[i:i + chunk], weight.detach())
                 total += fn(*args, *opts)
             ctx.save_for_backward()
             return total / n
@@ -116,7 +116,7 @@ class _ChunkedCompiled(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         for i in range(0, n, chunk):
             args = (a[i:i + chunk], b[i:i + chunk]) if logits else (
-                a[i:i + chunk], weight, b[i:i + chunk])
+                a[i:i + chunk], weight, b[i:i + chunk], weight.detach())
             grads, value = fn(*args, *opts)
             total += value
             grads = list(grads)

@@ -307,7 +307,8 @@ def fused_linear_divergence(
     impl = check_impl(impl, ("auto", "torch", "triton", "fused"), device, weight.dtype)
     if skip_threshold > 0 and impl != "fused":
         raise ValueError(f"skip_threshold only applies to impl='fused' (got impl={impl!r})")
-    chunk = chunk_size or auto_chunk_size(V, student_hidden.element_size(), impl)
+    chunk = chunk_size or auto_chunk_size(V, student_hidden.element_size(), impl,
+                                          student_hidden.numel() // H)
     if weight.dtype == torch.float64:
         grad_dtype = torch.float64
     else:

@@ -101,16 +101,23 @@ class DivergenceFunction(torch.autograd.Function):
         return outs[0], outs[1], None, None, None
 
 
-def auto_chunk_size(V: int, element_size: int, impl: str) -> int:
+def auto_chunk_size(V: int, element_size: int, impl: str, N: int | None = None) -> int:
     """Tokens per chunk so the chunk's working memory fits ``config.chunk_memory_budget``.
 
     Per token the Triton path holds the student and teacher logit rows
     (``2 * V * element_size`` bytes); the torch path also holds its float32
-    temporaries (about ``10 * V * 4`` bytes).
+    temporaries (about ``10 * V * 4`` bytes). Given the token count ``N``, the
+    chunk is also capped at ``max(128, ceil(N / 8))`` tokens so that small
+    inputs, which would fit the budget in one chunk, still work in pieces and
+    stay leaner than the naive path (a chunk of 128+ tokens keeps the GEMMs
+    efficient).
     """
     per_token = 2 * V * element_size + (_TEMPS_PER_ROW * V * 4 if impl == "torch" else 0)
     c = max(1, config.chunk_memory_budget // per_token)
-    return c // 64 * 64 if c >= 128 else c
+    c = c // 64 * 64 if c >= 128 else c
+    if N is not None:
+        c = min(c, max(128, -(-N // 8)))
+    return c
 
 
 def _chunked_linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mask, opts,

@@ -18,8 +18,13 @@ from .divergences import KindSpec, rows_loss_and_grads
 _TEMPS_PER_ROW = 10
 
 
-def rows_per_chunk(V: int, bytes_per_element: int = 4, temps: int = _TEMPS_PER_ROW) -> int:
-    return max(1, config.chunk_memory_budget // max(1, V * bytes_per_element * temps))
+def rows_per_chunk(V: int, R: int, bytes_per_element: int = 4,
+                   temps: int = _TEMPS_PER_ROW) -> int:
+    """Rows per block: the float32 temporaries fit ``config.chunk_memory_budget``, and
+    at most ``max(16, ceil(R / 8))`` rows so that small inputs also work in pieces
+    (their temporaries then stay near the size of one input)."""
+    budget_rows = max(1, config.chunk_memory_budget // max(1, V * bytes_per_element * temps))
+    return min(budget_rows, max(16, -(-R // 8)))
 
 
 def divergence_rows_torch(
@@ -44,7 +49,7 @@ def divergence_rows_torch(
     R, V = student.shape
     compute = torch.float64 if student.dtype == torch.float64 else torch.float32
     loss = torch.empty(R, dtype=compute, device=student.device)
-    step = block_rows or rows_per_chunk(V)
+    step = block_rows or rows_per_chunk(V, R)
     for lo in range(0, R, step):
         hi = min(R, lo + step)
         s = student[lo:hi].to(compute)
