@@ -4,8 +4,16 @@ supervised warm-up, then OPSD against a same-budget SFT continuation (the contro
 Phases (all seeded by ``DemoConfig.seed``):
 
 1. **warm-up**: teacher-forced SFT on (prompt -> worked solution) pairs. A share of the
-   examples uses the teacher prompt (reference solution in context) so the tiny model also
-   learns to *read* a reference solution, which large pretrained models can already do.
+   examples (``sft_teacher_fraction``) uses the teacher prompt (reference solution in
+   context), so the tiny model also learns to *read* a reference solution, which large
+   pretrained models can already do. A fifth of those teacher-format examples
+   (``teacher_deviation_fraction``) show a completion that departs from the reference at one
+   intermediate result (that number is masked out of the loss, so no wrong arithmetic is
+   ever trained) and then continues consistently from it: without this the tiny teacher
+   learns to copy the reference token by token, and on a student rollout that has already
+   departed from the reference it then asks for the reference's numbers after the student's
+   own (e.g. ``48 - 9 = 39`` after the student wrote ``49``), i.e. for wrong arithmetic.
+   A large teacher follows the student's prefix on its own.
 2. **evaluate** the warmed-up model: student pass@1 on held-out problems, and the teacher's
    accuracy with the solution in context.
 3. **OPSD** from the warmed-up weights for ``steps`` steps.
@@ -18,37 +26,86 @@ from __future__ import annotations
 
 import copy
 import json
+import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .data import save_jsonl, synthetic_split
+from .data import Problem, save_jsonl, synthetic_split
 from .tiny import build_tiny_model, build_tokenizer
 from .trainer import TrainConfig, Trainer
 
-__all__ = ["DemoConfig", "run_demo", "plot_run"]
+__all__ = ["DemoConfig", "run_demo", "plot_run", "deviated_solution"]
+
+_EQ_RE = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def deviated_solution(problem: Problem, rng: random.Random) -> tuple[str, str, str] | None:
+    """A worked solution that departs from the reference at one step and then stays
+    consistent with itself: ``(before, wrong, after)`` where ``wrong`` is the replaced
+    intermediate result (a nearby wrong number, with its leading space), and every later
+    step is recomputed from it. ``None`` if the solution has no equation chain or the
+    recomputation would go negative.
+
+    >>> p = Problem("q", "2 + 3 = 5. 5 * 2 = 10. The answer is \\\\boxed{10}.", "10")
+    >>> before, wrong, after = deviated_solution(p, random.Random(0))
+    >>> before + wrong + after
+    '2 + 3 = 5. 5 * 2 = 11. The answer is \\\\boxed{11}.'
+    """
+    eqs = [(int(a), op, int(b), int(r)) for a, op, b, r in _EQ_RE.findall(problem.solution)]
+    if not eqs:
+        return None
+    k = rng.randrange(len(eqs))
+    a, op, b, r = eqs[k]
+    deltas = [d for d in (-3, -2, -1, 1, 2, 3) if r + d >= 0]
+    value = r + rng.choice(deltas)
+    head = ". ".join(f"{x} {o} {y} = {z}" for x, o, y, z in eqs[:k])
+    before = (head + ". " if head else "") + f"{a} {op} {b} ="
+    wrong = f" {value}"
+    tail = []
+    for x, o, y, _ in eqs[k + 1 :]:
+        x = value  # the chain: each step starts from the previous result
+        value = _OPS[o](x, y)
+        if value < 0:
+            return None
+        tail.append(f"{x} {o} {y} = {value}")
+    after = "".join(". " + t for t in tail) + f". The answer is \\boxed{{{value}}}."
+    return before, wrong, after
 
 
 @dataclass
 class DemoConfig:
-    """Settings of the embedded default (tuned for a 2-core CPU, about 5 minutes)."""
+    """Settings of the embedded default (sized for a 2-core CPU: a few minutes).
+
+    ``warmup``/``opsd`` are :class:`~opsd_train.trainer.TrainConfig` fields for those phases;
+    the control copies the OPSD phase's steps, batch size, learning-rate schedule and seed
+    and uses the warm-up's data mixture (``control_sft_teacher_fraction`` overrides its
+    teacher-format share). ``warmup_from`` loads a saved warm-up (``warmup_model/`` of an
+    earlier run) instead of training one. ``eval_every`` adds held-out evaluations during
+    the OPSD and control phases.
+    """
 
     seed: int = 0
-    n_train: int = 2000
-    n_eval: int = 200
+    n_train: int = 5000
+    n_eval: int = 400
     threads: int | None = None
     model: dict = field(default_factory=dict)
     warmup: dict = field(default_factory=lambda: dict(
-        objective="sft", steps=300, batch_size=32, lr=3e-3, warmup_steps=20,
-        min_lr_ratio=0.1, weight_decay=0.0, sft_teacher_fraction=0.5, max_grad_norm=1.0))
+        objective="sft", steps=400, batch_size=32, lr=3e-3, warmup_steps=20,
+        min_lr_ratio=0.1, weight_decay=0.0, sft_teacher_fraction=0.3, max_grad_norm=1.0))
     opsd: dict = field(default_factory=lambda: dict(
-        objective="opsd", steps=40, batch_size=32, lr=3e-4, warmup_steps=0,
+        objective="opsd", steps=50, batch_size=32, lr=2e-4, warmup_steps=0,
         min_lr_ratio=0.1, teacher="fixed", kind="forward_kl", clip=None,
-        temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=48, max_grad_norm=1.0))
+        temperature=0.5, loss_temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=48,
+        max_grad_norm=1.0))
     control_sft_teacher_fraction: float | None = None
     warmup_from: str | None = None
+    teacher_deviation_fraction: float = 0.2
+    eval_every: int = 25
     eval_k: int = 0
     eval_temperature: float = 1.0
     eval_max_new_tokens: int = 48
@@ -72,6 +129,7 @@ def _phase_config(d: dict, cfg: DemoConfig, phase: str, **over) -> TrainConfig:
     x.update(over)
     x.setdefault("seed", cfg.seed)
     x.update(phase=phase, eval_at_start=False, eval_at_end=False, eval_k=cfg.eval_k,
+             eval_every=0 if phase == "warmup" else cfg.eval_every,
              eval_temperature=cfg.eval_temperature,
              eval_max_new_tokens=cfg.eval_max_new_tokens)
     x.setdefault("max_new_tokens", cfg.eval_max_new_tokens)
@@ -98,9 +156,27 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
     log(f"[opsd-demo] tiny Qwen3 ({n_params / 1e6:.2f}M params, vocab {len(tok)}), "
         f"{len(train)} train / {len(held_out)} held-out problems, seed {cfg.seed}")
 
+    def sft_example(problem: Problem, role: str, rng: random.Random):
+        # Teacher-format warm-up examples: with probability teacher_deviation_fraction the
+        # completion departs from the reference at one step (that number is masked out of
+        # the loss) and continues consistently, so the teacher learns to follow the
+        # student's own prefix instead of copying the reference blindly.
+        if role != "teacher" or rng.random() >= cfg.teacher_deviation_fraction:
+            return None
+        parts = deviated_solution(problem, rng)
+        if parts is None:
+            return None
+        ids, keep = [], []
+        for text, trained in zip(parts, (True, False, True), strict=True):
+            piece = tok(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            keep += [trained] * len(piece)
+        return ids + [tok.eos_token_id], keep + [True]
+
     def trainer(tc: TrainConfig) -> Trainer:
         tc.progress = progress
-        return Trainer(model, tok, train, tc, eval_problems=held_out, output_dir=out)
+        return Trainer(model, tok, train, tc, eval_problems=held_out, output_dir=out,
+                       sft_example_fn=sft_example if tc.objective == "sft" else None)
 
     # 1. warm-up (or reuse a saved warm-up)
     t0 = time.perf_counter()
@@ -206,6 +282,10 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, summary: dict | Non
         style = "s--" if phase == "control" else "o-"
         es = [r for r in recs if r["event"] == "eval" and r["phase"] == phase
               and r["role"] == "student"]
+        start = [r for r in recs if r["event"] == "eval" and r["phase"] == "opsd"
+                 and r["role"] == "student" and r["step"] == 0]
+        if phase == "control" and start:  # the control starts from the same weights
+            es = start[:1] + es
         if es:
             axes[2].plot([r["step"] for r in es], [r["pass@1"] for r in es], style,
                          label=f"student ({phase})")

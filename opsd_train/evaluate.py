@@ -166,14 +166,12 @@ class EvalResult:
     samples: list[dict]
 
     def to_dict(self) -> dict:
-        """The metrics (without the samples) as a dict."""
-        return {
-            "pass@1": self.pass1,
-            f"avg@{self.k}": self.avg_k,
-            "n": self.n,
-            "mean_len": self.mean_len,
-            "boxed_rate": self.boxed_rate,
-        }
+        """The metrics (without the samples) as a dict (``avg@k`` only when ``k > 0``)."""
+        out = {"pass@1": self.pass1}
+        if self.k > 0:
+            out[f"avg@{self.k}"] = self.avg_k
+        out.update(n=self.n, mean_len=self.mean_len, boxed_rate=self.boxed_rate)
+        return out
 
 
 def evaluate_problems(

@@ -155,14 +155,18 @@ class Trainer:
     """OPSD (or SFT) training of ``model`` on ``train_problems``.
 
     ``engine`` is any :class:`~opsd_train.rollout.RolloutEngine` (default: Hugging Face
-    ``generate``). ``output_dir`` receives ``metrics.jsonl`` (appended, one JSON object per
-    step or evaluation, tagged with ``phase``) and checkpoints under ``checkpoints/``.
+    ``generate``). ``sft_example_fn(problem, role, rng)`` (objective ``sft`` only) may
+    return ``(completion_ids, loss_mask)`` to replace the default target (the solution plus
+    EOS, every token trained) for one example, or ``None`` to keep it; ``rng`` is a
+    ``random.Random`` seeded from ``(seed, step)``. ``output_dir`` receives
+    ``metrics.jsonl`` (appended, one JSON object per step or evaluation, tagged with
+    ``phase``) and checkpoints under ``checkpoints/``.
     """
 
     def __init__(self, model, tokenizer, train_problems: Sequence[Problem], config: TrainConfig,
                  *, eval_problems: Sequence[Problem] | None = None,
                  prompt_builder: PromptBuilder | None = None, engine=None,
-                 output_dir: str | Path | None = None):
+                 output_dir: str | Path | None = None, sft_example_fn=None):
         if not train_problems:
             raise ValueError("the training set is empty")
         ensure_pad_token(tokenizer)
@@ -179,6 +183,7 @@ class Trainer:
         self.eos_id = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None
                           else tokenizer.pad_token_id)
         self.engine = engine or HFGenerateEngine(model, self.pad_id, self.eos_id)
+        self.sft_example_fn = sft_example_fn
         self.output_dir = Path(output_dir) if output_dir is not None else None
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -251,20 +256,28 @@ class Trainer:
         t_roll = 0.0
         if cfg.objective == "opsd":
             s_prompts = [self._ids("student", i) for i in idx]
+            comps = []
+            per_micro = cfg.batch_size // cfg.grad_accum  # generate one micro-batch at a time
             with self._autocast():
-                comps = self.engine.generate(s_prompts, cfg.sampling(),
-                                             cfg.rollouts_per_prompt)
+                for s in range(0, len(s_prompts), per_micro):
+                    comps += self.engine.generate(s_prompts[s : s + per_micro], cfg.sampling(),
+                                                  cfg.rollouts_per_prompt)
             t_roll = time.perf_counter() - t0
             reps = cfg.rollouts_per_prompt
-            rows = [(s_prompts[j // reps], self._ids("teacher", idx[j // reps]), comps[j])
+            rows = [(s_prompts[j // reps], self._ids("teacher", idx[j // reps]), comps[j], None)
                     for j in range(len(comps))]
         else:
             g = random.Random(cfg.seed * 7_919 + self.step)
             rows = []
             for i in idx:
                 role = "teacher" if g.random() < cfg.sft_teacher_fraction else "student"
-                rows.append((self._ids(role, i), None, self._ids("solution", i)))
-        total_tokens = sum(len(r[2]) for r in rows)
+                target, keep = self._ids("solution", i), None
+                if self.sft_example_fn is not None:
+                    custom = self.sft_example_fn(self.train_problems[i], role, g)
+                    if custom is not None:
+                        target, keep = custom
+                rows.append((self._ids(role, i), None, target, keep))
+        total_tokens = sum(len(r[2]) if r[3] is None else sum(r[3]) for r in rows)
         loss_sum, div_sum, fwd_tokens = 0.0, 0.0, 0
         if total_tokens > 0:
             lcfg = cfg.loss_config()
@@ -276,6 +289,9 @@ class Trainer:
                 if not part:
                     continue
                 sb = pack_batch([r[0] for r in part], [r[2] for r in part], self.pad_id)
+                for j, r in enumerate(part):
+                    if r[3] is not None:
+                        sb.mask[j, : len(r[3])] &= torch.as_tensor(r[3], dtype=torch.bool)
                 fwd_tokens += int(sb.attention_mask.sum())
                 with self._autocast():
                     if cfg.objective == "opsd":

@@ -105,3 +105,32 @@ def test_prompts_student_and_teacher():
     with pytest.raises(ValueError, match="solution"):
         PromptBuilder(tok, teacher_template="{problem} only")
     assert "{solution}" in DEFAULT_TEACHER_TEMPLATE
+
+
+def test_deviated_solution_is_self_consistent():
+    import random
+
+    from opsd_train.demo import deviated_solution
+
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    rng = random.Random(0)
+    n = 0
+    for p in synthetic_problems(200, seed=9):
+        parts = deviated_solution(p, rng)
+        if parts is None:
+            continue
+        n += 1
+        before, wrong, after = parts
+        text = before + wrong + after
+        eqs = _EQ.findall(text)
+        ref = _EQ.findall(p.solution)
+        assert len(eqs) == len(ref)
+        k = len(_EQ.findall(before + wrong)) - 1  # the deviating step
+        a, op, b, r = eqs[k]
+        assert int(r) == int(wrong) and int(r) != ops[op](int(a), int(b))
+        for a, op, b, r in eqs[k + 1 :]:  # later steps: correct arithmetic on the new chain
+            assert ops[op](int(a), int(b)) == int(r)
+        for prev, nxt in zip(eqs, eqs[1:], strict=False):
+            assert prev[3] == nxt[0]
+        assert extract_boxed(text) == eqs[-1][3] != p.answer
+    assert n > 150

@@ -138,6 +138,18 @@ def test_sft_objective_lowers_cross_entropy(tiny, problems):
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_bf16_autocast_step(tiny, problems):
+    model, tok = tiny
+    train, _ = problems
+    t = Trainer(model, tok, train, _cfg(steps=1, autocast="bf16"))
+    before = [p.detach().clone() for p in model.parameters()]
+    t.train()
+    rec = t.history[-1]
+    assert torch.isfinite(torch.tensor(rec["loss"])) and rec["loss"] > 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_bad_inputs(tiny_dir, tiny, problems):
     model, tok = tiny
     train, _ = problems
@@ -196,3 +208,30 @@ def test_lora_fixed_teacher_disables_adapter(tiny_dir, problems):
     assert len(base_params) == len(ref)
     assert all(torch.equal(a, b) for a, b in zip(ref, base_params, strict=True))
     assert TINY_TEST_MODEL["hidden_size"] == model.config.hidden_size
+
+
+def test_sft_example_fn_loss_mask(tiny, problems):
+    """A custom SFT target whose mask keeps only the EOS token: the loss is exactly
+    -mean log p(EOS | prompt + solution), computed here from the full logits."""
+    model, tok = tiny
+    train, _ = problems
+    eos = tok.eos_token_id
+
+    def only_eos(problem, role, rng):
+        ids = list(tok(problem.solution, add_special_tokens=False)["input_ids"]) + [eos]
+        return ids, [False] * (len(ids) - 1) + [True]
+
+    t = Trainer(model, tok, train, _cfg(objective="sft", steps=1, batch_size=4, lr=0.0),
+                sft_example_fn=only_eos)
+    idx = t.batch_indices(0)
+    pb = PromptBuilder(tok)
+    want = []
+    with torch.no_grad():
+        for i in idx:
+            prompt = pb.student_ids(train[i])
+            comp = list(tok(train[i].solution, add_special_tokens=False)["input_ids"]) + [eos]
+            logits = model(input_ids=torch.tensor([prompt + comp])).logits[0]
+            want.append(-torch.log_softmax(logits[len(prompt) + len(comp) - 2], -1)[eos])
+    rec = t.train_step()
+    assert rec["completion_tokens"] == 4
+    assert abs(rec["loss"] - torch.stack(want).mean().item()) < 1e-5
