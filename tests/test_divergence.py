@@ -305,3 +305,20 @@ def test_auto_picks_torch_on_cpu(monkeypatch):
     s, t = make_logits((2, 8))
     divergence(s, t)
     assert seen == ["torch"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+def test_infinite_kl_survives_a_later_larger_maximum(impl, kind):
+    """+inf found in an early vocabulary block must stay +inf when a later block raises
+    the running maximum so far that the rescale factor underflows (inf * 0 is NaN)."""
+    V = 2048  # several blocks of the Triton kernel (1024 on CPU, 4096 on CUDA: one)
+    s, t = make_logits((2, V), seed=13)
+    heavy, banned = (t, s) if kind == "forward_kl" else (s, t)
+    heavy[:, 0] = 0.0
+    banned[:, 0] = -math.inf      # the other side bans what this side allows
+    heavy[:, 1500] = 200.0        # a much larger maximum later in the row
+    out = divergence(s.to(DEVICE), t.to(DEVICE), kind=kind, impl=impl, reduction="none").cpu()
+    ref = divergence_reference(s, t, kind=kind, reduction="none")
+    assert torch.isinf(ref).all()
+    assert torch.equal(out, ref.float())

@@ -297,3 +297,21 @@ def test_cuda_bf16_skipping_close_to_exact():
     assert _skipped_fraction(x, 1e-6, 1.1) > 0.3
     for a, b in zip(res[0], res[1], strict=True):
         torch.testing.assert_close(b, a, rtol=1.6e-2, atol=1e-2 * a.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+def test_infinite_kl_survives_a_later_larger_maximum(blocks, kind):
+    """A banned token (-inf bias) on one side, mass there on the other, and a much larger
+    logit in a later vocabulary block: the KL is +inf, never NaN (the running weighted
+    sum is rescaled by a factor that underflows to 0)."""
+    blocks(block_v=16, splits=1)
+    x = make_inputs((3,), 8, 64, separate=True, bias=True)
+    banned, heavy = ("bias", "teacher_bias") if kind == "forward_kl" else ("teacher_bias", "bias")
+    x[banned][0] = -math.inf
+    x[heavy][0] = 0.0
+    x[heavy][50] = 300.0
+    out = fused_linear_divergence(**x, kind=kind, impl="fused", reduction="none")
+    ref = fused_linear_divergence_reference(**{k: v.cpu() for k, v in x.items()}, kind=kind,
+                                            reduction="none")
+    assert torch.isinf(ref).all()
+    assert torch.isinf(out).all() and (out > 0).all()

@@ -30,7 +30,12 @@ import triton
 import triton.language as tl
 
 from ..divergences import KindSpec
-from .formulas import divergence_terms, online_logsumexp_update, weighted_log_ratio
+from .formulas import (
+    divergence_terms,
+    online_logsumexp_update,
+    rescale_sum,
+    weighted_log_ratio,
+)
 
 
 @triton.jit
@@ -68,9 +73,9 @@ def _divergence_rows_kernel(
         m_t, z_t, rescale_t, shift_t = online_logsumexp_update(m_t, z_t, a)
         if ONE_PASS:
             if KIND == 0:
-                w = w * rescale_t + tl.sum(weighted_log_ratio(tl.exp(a - shift_t), a, b), axis=0)
+                w = rescale_sum(w, rescale_t) + tl.sum(weighted_log_ratio(tl.exp(a - shift_t), a, b), axis=0)
             else:
-                w = w * rescale_s + tl.sum(weighted_log_ratio(tl.exp(b - shift_s), b, a), axis=0)
+                w = rescale_sum(w, rescale_s) + tl.sum(weighted_log_ratio(tl.exp(b - shift_s), b, a), axis=0)
     lse_s = tl.where(m_s == float("-inf"), 0.0, m_s) + tl.log(z_s)
     lse_t = tl.where(m_t == float("-inf"), 0.0, m_t) + tl.log(z_t)
 

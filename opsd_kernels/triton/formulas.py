@@ -17,6 +17,13 @@ def weighted_log_ratio(p, lp, lq):
 
 
 @triton.jit
+def rescale_sum(w, rescale):
+    """``w * rescale`` for a running weighted sum, keeping ``+inf`` (an infinite KL)
+    infinite when the rescale factor underflows to 0 (never ``inf * 0 = NaN``)."""
+    return tl.where(w == float("inf"), w, w * rescale)
+
+
+@triton.jit
 def log_add_exp(x, y):
     """``log(exp(x) + exp(y))`` without overflow, -inf when both are -inf."""
     m = tl.maximum(x, y)

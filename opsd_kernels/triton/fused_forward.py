@@ -42,7 +42,12 @@ import triton
 import triton.language as tl
 
 from ..divergences import KindSpec
-from .formulas import divergence_terms, online_logsumexp_update_rows, weighted_log_ratio
+from .formulas import (
+    divergence_terms,
+    online_logsumexp_update_rows,
+    rescale_sum,
+    weighted_log_ratio,
+)
 
 
 @triton.jit
@@ -144,10 +149,10 @@ def _fused_stats_kernel(
         if ONE_PASS:
             if KIND == 0:
                 p = tl.exp(a - shift_t[:, None])
-                w = w * rescale_t + tl.sum(weighted_log_ratio(p, a, b), axis=1)
+                w = rescale_sum(w, rescale_t) + tl.sum(weighted_log_ratio(p, a, b), axis=1)
             else:
                 p = tl.exp(b - shift_s[:, None])
-                w = w * rescale_s + tl.sum(weighted_log_ratio(p, b, a), axis=1)
+                w = rescale_sum(w, rescale_s) + tl.sum(weighted_log_ratio(p, b, a), axis=1)
         # the tile's largest scaled logit over its counted tokens: the backward's skip bound
         tile_s = tl.max(tl.max(tl.where(row_ok[:, None], b, float("-inf")), axis=1), axis=0)
         tile_t = tl.max(tl.max(tl.where(row_ok[:, None], a, float("-inf")), axis=1), axis=0)
@@ -264,6 +269,11 @@ def kernel_flags(dtype: torch.dtype, cfg: FusedConfig) -> dict:
     return dict(UPCAST=upcast, DOT_PRECISION=cfg.dot_precision)
 
 
+def _rescale_sum(w: torch.Tensor, log_factor: torch.Tensor) -> torch.Tensor:
+    """Torch twin of ``formulas.rescale_sum``: ``w * exp(log_factor)``, +inf kept."""
+    return torch.where(w == float("inf"), w, w * torch.exp(log_factor))
+
+
 def _merge_lse(m: torch.Tensor, z: torch.Tensor):
     """Merge per-split (max, sum-exp) rows (S, N) into (lse (N,), shift (N,))."""
     top = m.max(0).values
@@ -331,11 +341,11 @@ def fused_forward(
     lse_t, shift_t, zt_tot = _merge_lse(m_t, z_t)
     if one_pass:
         if spec.kind_id == 0:  # forward KL: w weighted by e^(a - m_T)
-            w_tot = (w_sum * torch.exp(m_t - shift_t)).sum(0)
+            w_tot = _rescale_sum(w_sum, m_t - shift_t).sum(0)
             loss = w_tot / zt_tot - lse_t + lse_s
             g_sum = torch.full_like(loss, -1.0)
         else:  # reverse KL: w weighted by e^(b - m_S)
-            w_tot = (w_sum * torch.exp(m_s - shift_s)).sum(0)
+            w_tot = _rescale_sum(w_sum, m_s - shift_s).sum(0)
             loss = w_tot / zs_tot - lse_s + lse_t
             g_sum = loss + 1.0
     else:
