@@ -43,7 +43,7 @@ def divergence(
             clipped, ``min(phi_v, tau)``, before the sum over V (the method's v3
             loss; the clipped sum can be negative). Clipped entries pass no gradient.
         mask: None or bool (...): False positions contribute nothing and get zero
-            gradient; their contents are never used (padding may hold anything).
+            gradient; their contents never reach an output (padding may hold anything).
         reduction: ``"mean"`` (sum over counted tokens / number of counted tokens;
             0 when none is counted), ``"sum"``, or ``"none"`` (per-token losses of
             shape (...), whose backward accepts any upstream gradient).
@@ -92,6 +92,10 @@ def divergence(
     check_mask(mask, student_logits.shape[:-1], student_logits.device)
     impl = check_impl(impl, ("auto", "torch", "triton"), student_logits.device,
                       torch.promote_types(student_logits.dtype, teacher_logits.dtype))
+    if not torch.is_grad_enabled():
+        # a custom Function sees requires_grad even under no_grad: detach so that no
+        # gradient is formed (and no (N, V) gradient buffer allocated) for nothing
+        student_logits, teacher_logits = student_logits.detach(), teacher_logits.detach()
     return DivergenceFunction.apply(student_logits, teacher_logits, mask, opts, _row_function(impl))
 
 
@@ -111,8 +115,9 @@ def generalized_jsd(
     ``beta=0`` is forward KL(p_T || p_S), ``beta=1`` reverse KL(p_S || p_T),
     otherwise the generalized JSD with mixture ``beta p_T + (1 - beta) p_S``.
     ``labels`` (..., ) marks ignored positions with ``ignore_index``.
-    ``reduction``: ``"batchmean"`` or ``"mean"`` (sum / number of counted tokens),
-    ``"sum"`` or ``"none"`` (per-token losses).
+    ``reduction``: ``"batchmean"`` or ``"mean"`` (sum / number of counted tokens, as
+    TRL does for (batch, sequence, vocab) logits), ``"sum"`` or ``"none"`` (per-token
+    losses).
 
     >>> s, t = torch.randn(2, 3, 10), torch.randn(2, 3, 10)
     >>> a = generalized_jsd(s, t, beta=0.0)
@@ -184,7 +189,9 @@ def fused_linear_divergence(
         chunk_size: tokens per chunk of the chunked impls; None picks it from
             ``opsd_kernels.config.chunk_memory_budget`` (default 512 MiB).
         fp32_weight_grad: accumulate the weight (and bias) gradient over chunks in
-            float32 (default); False accumulates in the weight's dtype. (``"fused"``
+            float32 (default; for 16-bit weights this holds a float32 (V, H) buffer, and
+            its cast to the weight's dtype at the end); False accumulates in the
+            weight's dtype. (``"fused"``
             always accumulates in float32; False only avoids a float32 (V, H) buffer:
             it accumulates in bounded float32 slices cast to the weight's dtype.)
         skip_threshold: ``impl="fused"`` only, in [0, 1]; 0.0 (default) is exact.
@@ -245,6 +252,8 @@ def fused_linear_divergence(
     V, H = weight.shape
     if V == 0:
         raise ValueError("weight has an empty vocabulary (V = 0 rows)")
+    if H == 0 or teacher_hidden.shape[-1] == 0:
+        raise ValueError("student_hidden and teacher_hidden need a hidden size > 0")
     if student_hidden.shape[-1] != H:
         raise ValueError(
             f"student_hidden has hidden size {student_hidden.shape[-1]} but weight is "
@@ -317,6 +326,10 @@ def fused_linear_divergence(
     teacher_hidden = teacher_hidden.detach()
     teacher_weight = None if teacher_weight is None else teacher_weight.detach()
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+    if not torch.is_grad_enabled():
+        # see divergence(): no gradient work under no_grad
+        student_hidden, weight = student_hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
     if impl == "fused":
         from .triton.fused_function import FusedTritonLinearDivergenceFunction
 

@@ -137,6 +137,8 @@ def _chunked_linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mas
               if want_b else None)
     any_grad = want_h or want_w or want_b
     shared = teacher_weight is None
+    # vocabulary rows per slice of the weight-gradient temporary (<= 64 MiB)
+    w_slice = max(1, min(V, (64 * 2**20) // max(1, weight.shape[1] * weight.element_size())))
     for lo in range(0, N, chunk):
         hi = min(N, lo + chunk)
         c = hi - lo
@@ -163,7 +165,10 @@ def _chunked_linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mas
             if grad_w.dtype == s_l.dtype:
                 grad_w.addmm_(s_l.t(), hs_c)
             else:
-                grad_w.add_(torch.mm(s_l.t(), hs_c))
+                # fp32 accumulation of a 16-bit GEMM: the product of one slice of
+                # vocabulary rows at a time, so the temporary stays small (not V x H)
+                for v0 in range(0, V, w_slice):
+                    grad_w[v0:v0 + w_slice].add_(torch.mm(s_l[:, v0:v0 + w_slice].t(), hs_c))
         if want_b:
             grad_b.add_(s_l.sum(0, dtype=grad_b.dtype))
         del s_l

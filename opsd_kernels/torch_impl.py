@@ -41,13 +41,14 @@ def divergence_rows_torch(
     grad_teacher: torch.Tensor | None,
     block_rows: int | None = None,
 ) -> torch.Tensor:
-    """Row losses (float32, shape (R,)) and gradients written into the given outputs.
+    """Row losses (shape (R,), in the compute dtype) and gradients written into the outputs.
 
-    Arguments as the Triton launcher's. Arithmetic in float32 (float64 for
-    float64 inputs). The gradient outputs may alias the inputs.
+    Arguments as the Triton launcher's. Arithmetic in float32 (float64 when
+    either input is float64). The gradient outputs may alias the inputs.
     """
     R, V = student.shape
-    compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+    wide = torch.float64 in (student.dtype, teacher.dtype)
+    compute = torch.float64 if wide else torch.float32
     loss = torch.empty(R, dtype=compute, device=student.device)
     step = block_rows or rows_per_chunk(V, R)
     for lo in range(0, R, step):
@@ -76,4 +77,4 @@ def divergence_rows_torch(
         if keep is not None:
             rows_loss = torch.where(keep.squeeze(-1), rows_loss, torch.zeros_like(rows_loss))
         loss[lo:hi] = rows_loss
-    return loss.float() if compute == torch.float64 and student.dtype != torch.float64 else loss
+    return loss

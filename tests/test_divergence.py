@@ -322,3 +322,11 @@ def test_infinite_kl_survives_a_later_larger_maximum(impl, kind):
     ref = divergence_reference(s, t, kind=kind, reduction="none")
     assert torch.isinf(ref).all()
     assert torch.equal(out, ref.float())
+
+
+def test_mixed_float64_is_computed_in_float64():
+    s, t = make_logits((3, 50), torch.float64, seed=14)
+    out = divergence(s.float(), t, kind="jsd", reduction="none")
+    ref = divergence_reference(s.float().double(), t, kind="jsd", reduction="none")
+    assert out.dtype == torch.float64
+    assert_close(out, ref, torch.float64)

@@ -92,3 +92,8 @@ def test_fused_linear_bad_input(args, kwargs, exc, words):
 def test_fused_linear_device_mismatch():
     with pytest.raises(ValueError, match="weight is on"):
         fused_linear_divergence(H, H, W.to("meta"))
+
+
+def test_zero_hidden_size():
+    with pytest.raises(ValueError, match="hidden size > 0"):
+        fused_linear_divergence(torch.randn(3, 0), torch.randn(3, 0), torch.randn(10, 0))

@@ -63,3 +63,22 @@ def test_divergence_torch_extra_memory_is_bounded(monkeypatch):
         peaks[N] = pm.peak_bytes - N * V * 4  # minus the student gradient itself
     assert peaks[2048] - peaks[512] <= (2048 - 512) * 4 * 4
     assert peaks[2048] <= 2 * 2**20
+
+
+def test_no_gradient_work_under_no_grad():
+    """Under torch.no_grad the losses allocate no gradient buffers, even for inputs
+    that require grad (a custom autograd Function would otherwise still see them)."""
+    s = torch.randn(64, 500, requires_grad=True)
+    t = torch.randn(64, 500)
+    with torch.no_grad(), PeakMemory() as pm:
+        divergence(s, t, impl="torch")
+    with PeakMemory() as detached:
+        divergence(s.detach(), t, impl="torch")
+    assert pm.peak_bytes == detached.peak_bytes  # no (N, V) gradient buffer
+    hs = torch.randn(64, 16, requires_grad=True)
+    w = torch.randn(5000, 16, requires_grad=True)
+    with torch.no_grad(), PeakMemory() as pm:
+        fused_linear_divergence(hs, hs.detach(), w, impl="torch", chunk_size=8)
+    with PeakMemory() as detached:
+        fused_linear_divergence(hs.detach(), hs.detach(), w.detach(), impl="torch", chunk_size=8)
+    assert pm.peak_bytes == detached.peak_bytes  # no (V, H) weight or (N, H) hidden gradient

@@ -120,3 +120,7 @@ def test_fused_kernels_compile_for_sm90(case):
     if proc.returncode != 0 and "GPUTarget" in proc.stderr and "ImportError" in proc.stderr:
         pytest.skip("this Triton build cannot compile ahead of time")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # shared memory is only checked when a kernel loads on a device: check it here
+    # against the H100/H200 per-block limit (227 KiB)
+    shared = int(proc.stdout.split("shared")[-1].split()[0])
+    assert shared <= 232_448, f"{case}: {shared} bytes of shared memory"
