@@ -311,8 +311,9 @@ class Trainer:
         if cfg.max_grad_norm is not None:
             gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         else:
-            gn = float(torch.linalg.vector_norm(torch.stack(
-                [p.grad.norm() for p in params if p.grad is not None])))
+            norms = [p.grad.norm() for p in params if p.grad is not None]
+            # no gradient at all (e.g. every completion empty): the norm is 0
+            gn = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
