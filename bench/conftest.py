@@ -77,6 +77,8 @@ def pytest_configure(config):
 def pytest_collect_file(file_path, parent):
     """Collect ``bench_*.py`` as test modules (pytest's default is ``test_*.py``)."""
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        if parent.session.isinitpath(file_path):
+            return None  # named on the command line: pytest collects it already
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU check (see ../shared/gpu.md): CUDA tests, then the benchmark at real
 # model shapes, each under its own time cap; logs, JSON, report (and plots when
-# matplotlib is present) under $OUT; a short table printed last. About 6.5 minutes
+# matplotlib is present) under $OUT; a short table printed last. About 7 minutes
 # at most. Run from the repository root:
 #
 #     bash bench/gpu_check.sh                      # run(... timeout_s=480)
@@ -80,6 +80,19 @@ if [ "$CAP2" -gt 30 ]; then
     echo "bench pass 2 exit code: $?"
 else
     echo "== bench pass 2 skipped (${LEFT}s left)"
+fi
+
+# Pass 3: impl="fused" tile skipping on LM-like distributions (fraction, error, time).
+LEFT=$(( 400 - ($(date +%s) - T0) ))
+if [ "$LEFT" -gt 40 ]; then
+    echo "== bench pass 3: tile skipping (cap ${LEFT}s)"
+    timeout -s INT -k 15 "$LEFT" $PY -m pytest bench/bench_skipping.py -q -s \
+        -p no:cacheprovider --temperature 1.1 --clip 0.05 \
+        --report-dir "$OUT/pass3" > "$OUT/bench-pass3.log" 2>&1
+    echo "bench pass 3 exit code: $?"
+    grep -B2 -A6 "skip_threshold" "$OUT/bench-pass3.log" | head -30
+else
+    echo "== bench pass 3 skipped (${LEFT}s left)"
 fi
 
 echo "== report"

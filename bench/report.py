@@ -294,6 +294,9 @@ def _checks_section(checks):
         return []
     out = ["## Targets checked in this run", ""]
     for ch in checks:
+        if "markdown" in ch:  # a check that renders itself (e.g. the tile-skipping table)
+            out += [f"- **{ch['name']}** ({ch['shape']}):", "", *ch["markdown"], ""]
+            continue
         p = ch["peak_bytes"]
         out += [
             f"- **{ch['name']}** ({ch['shape']}): torch peak {p['torch'] / MIB:.1f} MiB, naive "

@@ -192,19 +192,13 @@ def _skipped_tiles(x, threshold, temperature):
     """(token blocks, vocab blocks) bool: the tiles the backward skips, from the forward's
     statistics and the documented rule, and the tile sizes."""
     from opsd_kernels.divergences import KINDS as K
+    from opsd_kernels.triton.fused_backward import skipped_tiles
     from opsd_kernels.triton.fused_forward import config_for, fused_forward
 
     st = fused_forward(x["student_hidden"], x["teacher_hidden"], x["weight"], None, None, None,
                        None, spec=K["forward_kl"], beta=0.5, temperature=temperature, clip=None)
     cfg = config_for(x["weight"].device)
-    BN = cfg.block_n
-    N = x["student_hidden"].shape[0]
-    pad = (-N) % BN
-    mins = [torch.nn.functional.pad(lse, (0, pad), value=math.inf).view(-1, BN).min(1).values
-            for lse in (st.lse_s, st.lse_t)]
-    bound = torch.maximum((st.tmax_s - mins[0][:, None]).exp(),
-                          (st.tmax_t - mins[1][:, None]).exp())
-    return bound < threshold, BN, cfg.block_v
+    return skipped_tiles(st, threshold, cfg.block_n), cfg.block_n, cfg.block_v
 
 
 def _skipped_fraction(x, threshold, temperature):

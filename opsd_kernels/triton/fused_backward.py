@@ -187,6 +187,26 @@ def _fused_dw_kernel(
         tl.store(db_ptr + cols, db, mask=col_ok)
 
 
+def skipped_tiles(stats: ForwardStats, threshold: float, block_n: int,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(token blocks, vocabulary blocks) bool: the tiles the backward skips at ``threshold``.
+
+    The same rule as the kernels' ``_skip_tile``, in torch, for reports and tests:
+    ``exp(tile max - min over the block's counted tokens of LSE) < threshold`` for
+    the student and the teacher.
+    """
+    N = stats.lse_s.shape[0]
+    pad = (-N) % block_n
+    mins = []
+    for lse in (stats.lse_s, stats.lse_t):
+        lse = lse if mask is None else torch.where(mask, lse, torch.full_like(lse, math.inf))
+        padded = torch.nn.functional.pad(lse, (0, pad), value=math.inf)
+        mins.append(padded.view(-1, block_n).min(1).values)
+    bound = torch.maximum((stats.tmax_s - mins[0][:, None]).exp(),
+                          (stats.tmax_t - mins[1][:, None]).exp())
+    return bound < threshold
+
+
 def fused_backward(
     hs: torch.Tensor, ht: torch.Tensor, weight: torch.Tensor,
     teacher_weight: torch.Tensor | None, bias: torch.Tensor | None,
