@@ -44,7 +44,14 @@ import triton.language as tl
 
 from ..divergences import KindSpec
 from .formulas import divergence_terms
-from .fused_forward import ForwardStats, FusedConfig, config_for, kernel_flags, logit_tiles
+from .fused_forward import (
+    ForwardStats,
+    FusedConfig,
+    config_for,
+    kernel_flags,
+    logit_tiles,
+    token_block,
+)
 
 
 @triton.jit
@@ -83,11 +90,7 @@ def _fused_dh_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_range = rows < N
-    row_ok = in_range
-    if HAS_MASK:
-        row_ok = row_ok & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
+    rows, in_range, row_ok = token_block(pid_n, N, mask_ptr, HAS_MASK, BLOCK_N)
     lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
     G = tl.load(g_sum_ptr + rows, mask=in_range, other=0.0)
@@ -143,11 +146,7 @@ def _fused_dw_kernel(
     ks = tl.arange(0, BLOCK_K)
     db = tl.zeros((BLOCK_V,), tl.float32)
     for nb in range(0, tl.cdiv(N, BLOCK_N)):
-        rows = (nb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        in_range = rows < N
-        row_ok = in_range
-        if HAS_MASK:
-            row_ok = row_ok & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
+        rows, in_range, row_ok = token_block(nb, N, mask_ptr, HAS_MASK, BLOCK_N)
         lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
         lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
         compute = True

@@ -51,6 +51,18 @@ from .formulas import (
 
 
 @triton.jit
+def token_block(nb, N, mask_ptr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Token block ``nb``: int64 ``rows``, ``in_range`` (rows < N) and ``row_ok``
+    (in range and counted by the mask)."""
+    rows = (nb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # nb * BLOCK_N < N: int32 is safe
+    in_range = rows < N
+    row_ok = in_range
+    if HAS_MASK:
+        row_ok = row_ok & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
+    return rows, in_range, row_ok
+
+
+@triton.jit
 def logit_tiles(
     hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr,
     rows, row_ok, cols, col_ok,
@@ -124,10 +136,7 @@ def _fused_stats_kernel(
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    if HAS_MASK:
-        row_ok = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
+    rows, _, row_ok = token_block(pid_n, N, mask_ptr, HAS_MASK, BLOCK_N)
     n_vblocks = tl.cdiv(V, BLOCK_V)
     vb_lo = split * blocks_per_split
     vb_hi = tl.minimum(vb_lo + blocks_per_split, n_vblocks)
@@ -181,11 +190,7 @@ def _fused_terms_kernel(
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_range = rows < N
-    row_ok = in_range
-    if HAS_MASK:
-        row_ok = row_ok & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
+    rows, in_range, row_ok = token_block(pid_n, N, mask_ptr, HAS_MASK, BLOCK_N)
     lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
     n_vblocks = tl.cdiv(V, BLOCK_V)
