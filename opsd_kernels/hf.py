@@ -1,0 +1,206 @@
+"""Final hidden states and lm_head of a Hugging Face causal LM, without the logits.
+
+The fused losses take ``(hidden states, lm_head weight, bias)`` instead of logits. This
+module is the one place that knows how to get them from a ``transformers`` causal LM:
+it unwraps PEFT models, runs the model's body (``model.base_model``, the module that
+ends with the final norm), and reads the output embeddings (the input embedding
+matrix itself when they are tied). Scalar logit multipliers applied after the lm_head
+are folded into the returned hidden states and bias, so that
+
+    hidden_states @ weight.T + bias == model(input_ids, attention_mask).logits
+
+(up to rounding). Post-processing that is not linear in the hidden states, Gemma-2/3
+style ``final_logit_softcapping`` (``c * tanh(logits / c)``), cannot be expressed that
+way: it is refused with a clear error. ``transformers`` is imported by the models
+passed in, never by this module.
+
+Scalar multipliers recognised (from the model's text config, as ``transformers`` 5.x
+models apply them): ``logit_scale`` (Cohere, x), ``output_multiplier`` (x),
+``lm_head_multiplier`` (Falcon-H1, x), ``logits_scaling`` (Granite, MiniCPM3: /;
+HyperCLOVA X: x). An architecture that transforms its logits in some other way after
+the lm_head is not detected: check a new architecture once with
+:func:`check_causal_lm_hidden_states`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "CausalLMHead",
+    "LMHeadInputs",
+    "causal_lm_backbone",
+    "causal_lm_head",
+    "causal_lm_hidden_states",
+    "check_causal_lm_hidden_states",
+]
+
+
+class CausalLMHead(NamedTuple):
+    """The output layer of a causal LM: ``logits = logit_scale * (h @ weight.T + bias)``."""
+
+    weight: torch.Tensor  # (V, H); the input embedding matrix itself when tied
+    bias: torch.Tensor | None  # (V,) or None
+    logit_scale: float  # scalar multiplier applied after the lm_head (1.0 for most models)
+
+
+class LMHeadInputs(NamedTuple):
+    """What the fused losses take: ``hidden_states @ weight.T + bias`` are the logits."""
+
+    hidden_states: torch.Tensor  # (B, T, H) final hidden states, logit scale folded in
+    weight: torch.Tensor  # (V, H) lm_head weight (a Parameter of the model: gradients reach it)
+    bias: torch.Tensor | None  # (V,) lm_head bias times the logit scale, or None
+
+
+def _unwrap(model):
+    """The ``transformers`` model inside a PEFT wrapper (LoRA layers stay injected)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
+            type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine")):
+        raise ValueError(
+            f"model is a {type(model).__name__} wrapper: pass the unwrapped model "
+            "(e.g. accelerator.unwrap_model(model)) and call it through the wrapper's "
+            "forward so that gradient synchronisation still happens")
+    if hasattr(model, "get_base_model") and callable(model.get_base_model):
+        model = model.get_base_model()  # peft.PeftModel
+    return model
+
+
+def _text_config(model):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} has no .config: expected a transformers model")
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _logit_scale(model) -> float:
+    config = _text_config(model)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        raise ValueError(
+            f"{type(model).__name__} applies final_logit_softcapping={cap} "
+            "(logits -> c * tanh(logits / c)) after its lm_head; the fused losses read the "
+            "logits as hidden_states @ weight.T + bias and cannot apply it. Either set "
+            "model.config.final_logit_softcapping = None (this changes the model's "
+            "distribution: train and sample consistently without it) or compute the loss "
+            "from the model's logits (opsd_kernels.divergence / generalized_jsd)")
+    scale = 1.0
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(config, name, None)
+        if value is not None:
+            scale *= float(value)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None:
+        hyperclova = getattr(config, "model_type", "").startswith("hyperclovax")
+        scale = scale * float(scaling) if hyperclova else scale / float(scaling)
+    if not math.isfinite(scale):
+        raise ValueError(f"{type(model).__name__}'s logit scale is not finite: {scale}")
+    return scale
+
+
+def causal_lm_head(model) -> CausalLMHead:
+    """The lm_head weight, bias and logit scale of a causal LM (PEFT-wrapped or not).
+
+    Raises ``ValueError`` for a model without a linear output layer, or with
+    ``final_logit_softcapping`` (Gemma-2/3), which no ``(weight, bias)`` can express.
+    """
+    base = _unwrap(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"{type(base).__name__} has no linear lm_head (get_output_embeddings() returned "
+            f"{type(head).__name__}): load the model as a causal LM (AutoModelForCausalLM)")
+    bias = getattr(head, "bias", None)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
+        raise ValueError(f"the lm_head bias has shape {tuple(bias.shape)}, expected "
+                         f"({weight.shape[0]},)")
+    return CausalLMHead(weight, bias, _logit_scale(base))
+
+
+def causal_lm_backbone(model) -> torch.nn.Module:
+    """The body of a causal LM: the module whose ``last_hidden_state`` feeds the lm_head
+    (after the final norm). Unwraps PEFT models; ``ValueError`` if there is no separate body.
+    """
+    base = _unwrap(model)
+    prefix = getattr(base, "base_model_prefix", None)
+    body = getattr(base, prefix, None) if prefix else None
+    if not isinstance(body, torch.nn.Module) or body is base:
+        raise ValueError(
+            f"{type(base).__name__} has no separate body (attribute {prefix!r}): load the "
+            "model as a causal LM (AutoModelForCausalLM), not as its bare body")
+    return body
+
+
+def causal_lm_hidden_states(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **model_kwargs,
+) -> LMHeadInputs:
+    """Final hidden states and lm_head of a causal LM: the inputs of the fused losses.
+
+    Runs the model's body only (no lm_head, no logits). Works for plain and PEFT-wrapped
+    ``transformers`` causal LMs (Qwen3, Llama, Gemma, Mistral, ...), tied or untied
+    embeddings; folds scalar logit multipliers (Cohere, Granite, ...) into the hidden
+    states and bias; refuses ``final_logit_softcapping`` (Gemma-2/3) with a
+    ``ValueError``. Pass the unwrapped model (not a DDP/FSDP wrapper).
+
+    Args:
+        model: a ``transformers`` causal LM, or a ``peft`` model wrapping one.
+        input_ids: (B, T) token ids.
+        attention_mask: None or (B, T).
+        **model_kwargs: passed to the body (``use_cache`` defaults to False).
+
+    Returns:
+        ``LMHeadInputs(hidden_states (B, T, H), weight (V, H), bias (V,) or None)`` with
+        ``hidden_states @ weight.T + bias`` equal to the model's logits. ``weight`` and
+        ``bias`` are the model's parameters (gradients reach them, and the embedding
+        through a tied weight); the hidden states carry the body's autograd graph.
+
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+    ...                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    >>> model = LlamaForCausalLM(cfg).eval()
+    >>> ids = torch.randint(0, 50, (2, 5))
+    >>> h, w, b = causal_lm_hidden_states(model, ids)
+    >>> h.shape, w.shape, b
+    (torch.Size([2, 5, 16]), torch.Size([50, 16]), None)
+    >>> torch.allclose(h @ w.T, model(ids).logits, atol=1e-5)
+    True
+    """
+    weight, bias, scale = causal_lm_head(model)
+    body = causal_lm_backbone(model)
+    model_kwargs.setdefault("use_cache", False)
+    out = body(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if scale != 1.0:
+        hidden = hidden * scale
+        bias = None if bias is None else bias * scale
+    return LMHeadInputs(hidden, weight, bias)
+
+
+@torch.no_grad()
+def check_causal_lm_hidden_states(model, input_ids: torch.Tensor,
+                                  attention_mask: torch.Tensor | None = None,
+                                  rtol: float = 1e-4, atol: float = 1e-4) -> None:
+    """Check once, for an architecture not listed in the module docstring, that
+    :func:`causal_lm_hidden_states` reproduces ``model(...).logits``. Forms the full
+    logits of ``input_ids``: use a short input. Raises ``AssertionError`` on a mismatch.
+
+    >>> import torch
+    >>> from transformers import Qwen3Config, Qwen3ForCausalLM
+    >>> cfg = Qwen3Config(vocab_size=40, hidden_size=16, intermediate_size=32,
+    ...                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    >>> check_causal_lm_hidden_states(Qwen3ForCausalLM(cfg).eval(), torch.randint(0, 40, (1, 4)))
+    """
+    hidden, weight, bias = causal_lm_hidden_states(model, input_ids, attention_mask)
+    ours = torch.nn.functional.linear(hidden.float(), weight.float(),
+                                      None if bias is None else bias.float())
+    theirs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    torch.testing.assert_close(ours, theirs.float(), rtol=rtol, atol=atol,
+                               msg=lambda m: f"{type(_unwrap(model)).__name__}: hidden states "
+                               f"@ lm_head do not reproduce the model's logits: {m}")
