@@ -68,3 +68,65 @@ class FusedLinearDivergence(torch.nn.Module):
         return (f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
                 f"clip={self.clip}, reduction={self.reduction!r}, impl={self.impl!r}, "
                 f"chunk_size={self.chunk_size}")
+
+
+class TopkDivergence(torch.nn.Module):
+    """Module form of :func:`opsd_kernels.topk_divergence` (a top-k teacher).
+
+    >>> loss_fn = TopkDivergence(kind="forward_kl", tail="bucket", clip=0.05)
+    >>> s = torch.randn(3, 20)
+    >>> lp, ids = torch.log_softmax(torch.randn(3, 20), -1).topk(4, dim=-1)
+    >>> loss_fn(s, ids, lp).shape
+    torch.Size([])
+    """
+
+    def __init__(self, kind="forward_kl", beta=0.5, tail="bucket", temperature=1.0, clip=None,
+                 reduction="mean", impl="auto", validate=None):
+        super().__init__()
+        from .topk import _check_topk_options
+
+        _check_topk_options(kind, beta, tail, temperature, clip, reduction)
+        self.kind, self.beta, self.tail, self.temperature = kind, beta, tail, temperature
+        self.clip, self.reduction, self.impl, self.validate = clip, reduction, impl, validate
+
+    def forward(self, student_logits, teacher_ids, teacher_logprobs, mask=None):
+        from .topk import topk_divergence
+
+        return topk_divergence(student_logits, teacher_ids, teacher_logprobs, kind=self.kind,
+                               beta=self.beta, tail=self.tail, temperature=self.temperature,
+                               clip=self.clip, mask=mask, reduction=self.reduction,
+                               impl=self.impl, validate=self.validate)
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind!r}, tail={self.tail!r}, temperature={self.temperature}, "
+                f"clip={self.clip}, reduction={self.reduction!r}, impl={self.impl!r}")
+
+
+class FusedLinearTopkDivergence(TopkDivergence):
+    """Module form of :func:`opsd_kernels.fused_linear_topk_divergence`; the lm_head
+    weight (and bias) are passed at call time.
+
+    >>> loss_fn = FusedLinearTopkDivergence(temperature=1.1)
+    >>> head = torch.nn.Linear(8, 30, bias=False)
+    >>> lp, ids = torch.log_softmax(torch.randn(5, 30), -1).topk(4, dim=-1)
+    >>> loss_fn(torch.randn(5, 8), head.weight, ids, lp).shape
+    torch.Size([])
+    """
+
+    def __init__(self, kind="forward_kl", beta=0.5, tail="bucket", temperature=1.0, clip=None,
+                 reduction="mean", impl="auto", chunk_size=None, validate=None):
+        super().__init__(kind, beta, tail, temperature, clip, reduction, impl, validate)
+        self.chunk_size = chunk_size
+
+    def forward(self, student_hidden, weight, teacher_ids, teacher_logprobs, *, bias=None,
+                mask=None):
+        from .topk import fused_linear_topk_divergence
+
+        return fused_linear_topk_divergence(
+            student_hidden, weight, teacher_ids, teacher_logprobs, bias=bias, kind=self.kind,
+            beta=self.beta, tail=self.tail, temperature=self.temperature, clip=self.clip,
+            mask=mask, reduction=self.reduction, impl=self.impl, chunk_size=self.chunk_size,
+            validate=self.validate)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", chunk_size={self.chunk_size}"

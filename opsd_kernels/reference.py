@@ -126,3 +126,111 @@ def fused_linear_divergence_reference(
     with torch.no_grad():
         teacher_logits = torch.nn.functional.linear(teacher_hidden.to(dtype), w_t, b_t)
     return divergence_reference(student_logits, teacher_logits, dtype=dtype, **divergence_options)
+
+
+def topk_divergence_reference(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    clip: float | None = None,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Naive top-k-teacher divergence (see :func:`opsd_kernels.topk_divergence`).
+
+    Straight from the formulas, on the full student log-softmax (N x V):
+    entries with teacher log-prob -inf are padding (not outcomes);
+    ``tail="bucket"``: outcomes are the ids plus the rest of the vocabulary,
+    teacher ``rT = max(0, 1 - sum pT)`` (0 when the ids cover the vocabulary),
+    student ``rS`` = the student's mass outside the ids; ``tail="renormalize"``:
+    ``q = pT / sum pT`` and ``u = pS / sum_I pS``. Arithmetic in ``dtype``;
+    differentiable in ``student_logits`` by autograd. Assumes valid teacher input.
+
+    >>> s = torch.randn(3, 6)
+    >>> lp, ids = torch.log_softmax(s, -1).topk(2, dim=-1)
+    >>> abs(float(topk_divergence_reference(s, ids, lp))) < 1e-6   # teacher = student
+    True
+    """
+    s = student_logits.to(dtype)
+    lt = teacher_logprobs.to(dtype)
+    ids = teacher_ids.long()
+    valid = lt != -math.inf
+    if mask is not None:
+        s = torch.where(mask.unsqueeze(-1), s, torch.zeros_like(s))
+        valid = valid & mask.unsqueeze(-1)
+    ids = torch.where(valid, ids, torch.zeros_like(ids))
+    zero = torch.zeros((), dtype=dtype)
+    lS_full = torch.log_softmax(s / temperature, dim=-1)
+    lS = lS_full.gather(-1, ids)
+    pT = torch.where(valid, lt.exp(), zero)
+    lT = torch.where(valid, lt, zero)
+    if tail == "bucket":
+        in_ids = torch.zeros(s.shape, dtype=torch.long).scatter_add(-1, ids, valid.long()) > 0
+        empty = in_ids.all(-1)  # the ids cover the vocabulary: no rest outcome
+        rest = torch.where(in_ids | empty.unsqueeze(-1), -math.inf, lS_full)
+        lrS = torch.where(empty, -math.inf, torch.logsumexp(rest, dim=-1))
+        rT = torch.where(empty, zero, torch.clamp(1 - pT.sum(-1), min=0))
+        lT = torch.cat([lT, rT.log().unsqueeze(-1)], -1)
+        lS = torch.cat([lS, lrS.unsqueeze(-1)], -1)
+        valid = torch.cat([valid, ~empty.unsqueeze(-1)], -1)
+    elif tail == "renormalize":
+        pS = torch.where(valid, lS.exp(), zero)
+        one = torch.ones((), dtype=dtype)
+        # padding: a placeholder 1 inside the log, so the unused branch has a finite gradient
+        lT = torch.where(valid, (torch.where(valid, pT, one) / pT.sum(-1, keepdim=True)).log(),
+                         zero)
+        lS = torch.where(valid, (torch.where(valid, pS, one) / pS.sum(-1, keepdim=True)).log(),
+                         zero)
+    else:
+        raise ValueError(f"tail must be 'bucket' or 'renormalize', got {tail!r}")
+    # padding outcomes: finite placeholders (so autograd sees no NaN), then dropped
+    lT = torch.where(valid, lT, zero)
+    lS = torch.where(valid, lS, zero)
+    phi = _pointwise(kind, lT, lS, beta)
+    if clip is not None:
+        phi = torch.clamp(phi, max=clip)
+    per_token = torch.where(valid, phi, zero).sum(-1)
+    if mask is not None:
+        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    count = max(per_token.numel(), 1) if mask is None else mask.sum().clamp(min=1)
+    return per_token.sum() / count
+
+
+def fused_linear_topk_divergence_reference(
+    student_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+    **options,
+) -> torch.Tensor:
+    """Naive: full logits ``h @ W.T + b`` (masked rows of ``h`` zeroed), then
+    :func:`topk_divergence_reference`. Differentiable in ``student_hidden``,
+    ``weight`` and ``bias``.
+
+    >>> h, w = torch.randn(4, 8), torch.randn(11, 8)
+    >>> ids = torch.arange(11).expand(4, 11)
+    >>> lp = torch.log_softmax(h.double() @ w.double().T, -1)   # the full distribution
+    >>> abs(float(fused_linear_topk_divergence_reference(h, w, ids, lp))) < 1e-12
+    True
+    """
+    h = student_hidden.to(dtype)
+    if mask is not None:
+        h = torch.where(mask.unsqueeze(-1), h, torch.zeros_like(h))
+    logits = torch.nn.functional.linear(h, weight.to(dtype),
+                                        None if bias is None else bias.to(dtype))
+    return topk_divergence_reference(logits, teacher_ids, teacher_logprobs, mask=mask,
+                                     dtype=dtype, **options)

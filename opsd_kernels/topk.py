@@ -1,0 +1,793 @@
+"""Top-k teachers: the divergence against a teacher given as its top-k log-probabilities.
+
+The teacher is not in the process (served by vLLM/SGLang, or cached offline): per
+token it is K distinct ids ``I`` and their log-probabilities ``lt`` (used as given;
+the caller applies any teacher temperature; ``-inf`` entries are padding for rows
+with fewer than K entries). The student is the full-vocabulary softmax,
+``lS = log_softmax(s / temperature)``, ``pS_k = exp(lS[I_k])``.
+
+Two ways to compare a K-entry teacher with a V-entry student (``tail``):
+
+* ``"bucket"`` (default): two distributions over K + 1 outcomes, the K ids and
+  "everything else". Teacher: ``pT_k`` and ``rT = max(0, 1 - sum_k pT_k)``;
+  student: ``pS_k`` and ``rS = sum_{v not in I} pS_v``, formed as
+  ``LSE(complement) - LSE(all)`` (never ``1 - sum``, which cancels).
+* ``"renormalize"``: both renormalised over I: ``q_k = pT_k / sum pT``,
+  ``u_k = pS_k / sum_I pS``. Needs no full-vocabulary pass at all.
+
+Row loss ``L = sum_j c(phi(lT_j, lS_j))`` over the outcomes j, with the kinds of
+:mod:`opsd_kernels.divergences` (forward_kl, reverse_kl, jsd) and the per-entry
+clip ``c(x) = min(x, clip)``.
+
+Gradient (b = s / tau, g_j = d c(phi_j) / d lS_j, 0 where clipped, G = sum_j g_j):
+
+* bucket: ``lS_k = b_{I_k} - LSE``, ``log rS = LSE_C - LSE`` (LSE_C: over the
+  complement), so
+  ``dL/db_{I_k} = g_k - pS_k G`` and, for v not in I,
+  ``dL/db_v = g_R e^(b_v - LSE_C) - G pS_v = e^(b_v - LSE_C) (g_R - G rS)``:
+  one coefficient per row times the complement's own softmax (always <= 1,
+  never a division by a small rS).
+* renormalize: ``dL/db_{I_k} = g_k - u_k G``, zero elsewhere.
+* ``dL/ds = dL/db / tau``.
+
+Edge conventions: when the ids cover the whole vocabulary (K = V) the bucket is
+empty and ``rT`` is taken as 0 (the teacher's own rounding of ``1 - sum`` is no
+mass), so both tails then equal :func:`opsd_kernels.divergence` on the full
+teacher. ``0 log 0 = 0``; a side that puts mass where the other has none gives
+``+inf`` (e.g. reverse KL, bucket tail, a teacher whose top-k mass reaches 1
+while the student keeps mass outside).
+
+Input checks on the values (ids in range, log-probs <= 0, teacher mass <= 1 +
+tol, no duplicate ids among the non-padding entries of a counted row) are
+computed on the device without a host sync, as one flag per row. With
+``validate=True`` (the default for CPU tensors, where it costs no device
+synchronisation) a flagged row raises a clear error; otherwise (the default on
+CUDA, to keep the hot path free of host syncs) a flagged row's loss and
+gradient are NaN, never a silently wrong number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import config
+from ._validation import check_float_tensor, check_impl, check_mask, check_options
+from .divergences import KindSpec
+
+TAILS = ("bucket", "renormalize")
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class TopkOptions:
+    spec: KindSpec
+    beta: float
+    temperature: float
+    clip: float | None
+    reduction: str
+    tail: str
+
+
+@dataclass
+class TeacherRows:
+    """The teacher, prepared once per call (all (N, K) or (N,); no (N, V) tensor).
+
+    ids: int64, padding/invalid entries replaced by 0 (a safe index, contributing 0);
+    logprobs: compute dtype, the teacher log-probabilities of the K outcomes
+    (renormalised over the valid entries for ``tail="renormalize"``), -inf where
+    not valid; valid: bool, real entries of counted rows with an in-range id;
+    log_rest: (N,) log rT for the bucket tail, None for renormalize;
+    bad: (N,) bool, rows that failed a value check (NaN output), or None.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    valid: torch.Tensor
+    log_rest: torch.Tensor | None
+    bad: torch.Tensor | None
+
+    def rows(self, lo: int, hi: int) -> dict:
+        return dict(ids=self.ids[lo:hi], logprobs=self.logprobs[lo:hi],
+                    valid=self.valid[lo:hi],
+                    log_rest=None if self.log_rest is None else self.log_rest[lo:hi])
+
+
+def _compute_dtype(*dtypes) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def mass_tolerance(dtype: torch.dtype) -> float:
+    """How far above 1 a row's teacher mass ``sum_k exp(lt_k)`` may be (rounding of
+    ``dtype`` log-probs) before it is rejected: ``max(1e-4, 4 eps(dtype))``."""
+    return max(1e-4, 4 * torch.finfo(dtype).eps)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_topk_options(kind, beta, tail, temperature, clip, reduction) -> TopkOptions:
+    o = check_options(kind, beta, temperature, clip, reduction)
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    return TopkOptions(o.spec, o.beta, o.temperature, o.clip, o.reduction, tail)
+
+
+def _check_teacher(teacher_ids, teacher_logprobs, lead_shape, device) -> int:
+    """Types, shapes and devices of the teacher tensors; returns K."""
+    if not isinstance(teacher_ids, torch.Tensor):
+        raise TypeError(f"teacher_ids must be a torch.Tensor, got {type(teacher_ids).__name__}")
+    if teacher_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"teacher_ids must have dtype torch.int64 or torch.int32, got {teacher_ids.dtype}"
+        )
+    check_float_tensor("teacher_logprobs", teacher_logprobs)
+    if teacher_ids.shape != teacher_logprobs.shape:
+        raise ValueError(
+            "teacher_ids and teacher_logprobs must have the same shape (..., K), got "
+            f"{tuple(teacher_ids.shape)} and {tuple(teacher_logprobs.shape)}"
+        )
+    if teacher_ids.dim() != len(lead_shape) + 1 or teacher_ids.shape[:-1] != lead_shape:
+        raise ValueError(
+            f"teacher_ids must have shape (*{tuple(lead_shape)}, K) (the student's leading "
+            f"shape, then K), got {tuple(teacher_ids.shape)}"
+        )
+    K = teacher_ids.shape[-1]
+    if K == 0:
+        raise ValueError("teacher_ids has K = 0 entries per token; at least 1 is needed")
+    for name, x in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but the student is on {device}")
+    return K
+
+
+def prepare_teacher(teacher_ids, teacher_logprobs, mask, V: int, tail: str,
+                    compute: torch.dtype, validate: bool) -> TeacherRows:
+    """Flatten the teacher to (N, K), check its values, form the K (+1) teacher outcomes.
+
+    No host sync unless ``validate`` (then one, plus more on the error path).
+    """
+    K = teacher_ids.shape[-1]
+    ids = teacher_ids.reshape(-1, K).long()
+    lt = teacher_logprobs.reshape(-1, K)
+    N = ids.shape[0]
+    # -inf is padding; NaN is not (it must stay visible)
+    real = lt != _NEG_INF
+    if mask is not None:
+        real = real & mask.reshape(-1, 1)  # masked rows' contents are never looked at
+    in_range = (ids >= 0) & (ids < V)
+    valid = real & in_range
+    # the teacher's mass in float64: its rounding, not ours, decides the rest rT
+    lt64 = torch.where(real, lt.to(torch.float64), _NEG_INF)
+    mass = lt64.exp().sum(-1)
+    bad_range = real & ~in_range
+    bad_logprob = real & (lt > 0)
+    bad_mass = mass > 1.0 + mass_tolerance(lt.dtype)
+    # duplicates among the real in-range entries: sort with distinct negative sentinels
+    sentinel = -1 - torch.arange(K, device=ids.device).expand(N, K)
+    key = torch.where(valid, ids, sentinel).sort(-1).values
+    dup = (key[:, 1:] == key[:, :-1]).any(-1) if K > 1 else torch.zeros_like(bad_mass)
+    bad = bad_range.any(-1) | bad_logprob.any(-1) | bad_mass | dup
+    if validate:
+        _raise_on_bad(bad_range, bad_logprob, bad_mass, dup, mass, ids, lt, V, tail)
+        bad = None
+    safe_ids = torch.where(valid, ids, 0)
+    if tail == "bucket":
+        # no complement when the ids cover the vocabulary: no rest outcome, rT := 0
+        covers = valid.sum(-1) >= V
+        rest = torch.where(covers, 0.0, (1.0 - mass).clamp(min=0.0))
+        log_rest = rest.log().to(compute)
+        logprobs = torch.where(valid, lt64, _NEG_INF).to(compute)
+    else:
+        lse = torch.logsumexp(torch.where(valid, lt64, _NEG_INF), -1, keepdim=True)
+        lse = torch.where(lse == _NEG_INF, 0.0, lse)  # a row without entries: loss 0
+        logprobs = torch.where(valid, lt64 - lse, _NEG_INF).to(compute)
+        log_rest = None
+    return TeacherRows(safe_ids, logprobs, valid, log_rest, bad)
+
+
+def _raise_on_bad(bad_range, bad_logprob, bad_mass, dup, mass, ids, lt, V, tail) -> None:
+    flags = torch.stack([bad_range.any(), bad_logprob.any(), bad_mass.any(), dup.any()]).tolist()
+    if not any(flags):
+        return
+
+    def first(t):
+        return tuple(int(i) for i in t.nonzero()[0])
+
+    if flags[0]:
+        r, k = first(bad_range)
+        raise ValueError(
+            f"teacher_ids must lie in [0, V={V}) for every non-padding entry; token row {r} "
+            f"(flattened), entry {k} has id {int(ids[r, k])}"
+        )
+    if flags[1]:
+        r, k = first(bad_logprob)
+        raise ValueError(
+            f"teacher_logprobs must be <= 0 (log-probabilities; -inf marks padding); token "
+            f"row {r} (flattened), entry {k} is {float(lt[r, k])}"
+        )
+    if flags[2]:
+        (r,) = first(bad_mass)
+        raise ValueError(
+            f"teacher_logprobs of a row must sum (as probabilities) to at most 1 + "
+            f"{mass_tolerance(lt.dtype):g}; token row {r} (flattened) sums to "
+            f"{float(mass[r]):.6g} (log-probs over the full vocabulary, not logits?)"
+        )
+    (r,) = first(dup)
+    raise ValueError(
+        f"teacher_ids must be distinct within a row (padding entries, log-prob -inf, "
+        f"excepted); token row {r} (flattened) repeats an id: {ids[r].tolist()}"
+    )
+
+
+# --------------------------------------------------------------------------- row math
+
+
+def _tail_outcomes(b, ids, logprobs, valid, log_rest):
+    """Student log-probs of the outcomes, from scaled logits ``b`` (modified in place).
+
+    Returns ``(lT, lS, outcome_valid, lse_c, lse)`` where the bucket's outcome is
+    last (lse_c: log-sum-exp over the complement; None for renormalize).
+    """
+    zk = b.gather(1, ids)
+    zk = torch.where(valid, zk, _NEG_INF)
+    lse_k = torch.logsumexp(zk, 1)
+    if log_rest is None:  # renormalize: only the K logits matter
+        lse_k_safe = torch.where(lse_k == _NEG_INF, 0.0, lse_k)
+        return logprobs, zk - lse_k_safe[:, None], valid, None, lse_k_safe
+    # exclude the ids from the row: -inf at each valid id ("amin" keeps other rows'
+    # and padding entries' values whatever duplicates the safe index 0 has)
+    fill = torch.where(valid, _NEG_INF, math.inf).to(b.dtype)
+    b.scatter_reduce_(1, ids, fill, reduce="amin")
+    lse_c = torch.logsumexp(b, 1)
+    lse = torch.logaddexp(lse_c, lse_k)
+    lS = torch.cat([zk - lse[:, None], (lse_c - lse)[:, None]], 1)
+    lT = torch.cat([logprobs, log_rest[:, None]], 1)
+    ones = torch.ones_like(valid[:, :1])
+    return lT, lS, torch.cat([valid, ones], 1), lse_c, lse
+
+
+def outcome_terms(lT, lS, ok, spec: KindSpec, beta: float, clip: float | None):
+    """Per-outcome ``(phi, g)`` with clip applied and invalid outcomes set to 0."""
+    zero = torch.zeros((), dtype=lT.dtype, device=lT.device)
+    lT_s = torch.where(ok, lT, zero)
+    lS_s = torch.where(ok, lS, zero)
+    phi, g, _ = spec.terms(lT_s, lS_s, lT_s.exp(), lS_s.exp(), beta)
+    if clip is not None:
+        kept = phi < clip
+        phi = torch.clamp(phi, max=clip)
+        g = torch.where(kept, g, zero)
+    return torch.where(ok, phi, zero), torch.where(ok, g, zero)
+
+
+def topk_rows_torch(logits, *, ids, logprobs, valid, log_rest, spec, beta, temperature, clip,
+                    scale, want_grad):
+    """Row losses (R,) of a block of student logits against the prepared teacher.
+
+    ``logits``: (R, V) float32/float64 buffer that this function owns: it is
+    overwritten (with dL/ds times the row ``scale`` when ``want_grad``, else
+    scratch). ``scale``: (1,) or (R,) per-row gradient factors.
+    """
+    inv_t = 1.0 / temperature
+    b = logits.mul_(inv_t)
+    lT, lS, ok, lse_c, _ = _tail_outcomes(b, ids, logprobs, valid, log_rest)
+    phi, g = outcome_terms(lT, lS, ok, spec, beta, clip)
+    loss = phi.sum(1)
+    if not want_grad:
+        return loss
+    G = g.sum(1)
+    row = (scale.to(b.dtype) * inv_t).reshape(-1)
+    K = ids.shape[1]
+    pS = torch.where(ok[:, :K], lS[:, :K], _NEG_INF).exp()
+    entry = (g[:, :K] - pS * G[:, None]) * row[:, None]
+    if log_rest is None:
+        b.zero_()
+    else:
+        coef = (g[:, K] - G * lS[:, K].exp()) * row
+        lse_c_safe = torch.where(lse_c == _NEG_INF, 0.0, lse_c)
+        # the ids hold -inf here, so they come out 0 before the scatter below
+        b.sub_(lse_c_safe[:, None]).exp_().mul_(coef[:, None])
+    b.scatter_add_(1, ids, torch.where(valid, entry, 0.0))
+    return loss
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _row_function(impl: str):
+    if impl == "torch":
+        return topk_rows_torch
+    from .triton.topk_rows import topk_rows_triton
+
+    return topk_rows_triton
+
+
+def _forward_scale(reduction, mask1, rows, device, dtype) -> torch.Tensor:
+    if reduction != "mean":
+        return torch.ones(1, dtype=dtype, device=device)
+    if mask1 is None:
+        return torch.full((1,), 1.0 / max(rows, 1), dtype=dtype, device=device)
+    return mask1.sum(dtype=dtype).clamp(min=1.0).reciprocal().reshape(1)
+
+
+def _reduce(loss_rows, reduction, scale, lead):
+    if reduction == "none":
+        return loss_rows.view(lead)
+    total = loss_rows.sum()
+    return total * scale[0] if reduction == "mean" else total
+
+
+def _finish_rows(loss, grad, keep, bad):
+    """Masked rows give 0 (loss and gradient); rows that failed a value check give NaN."""
+    if keep is not None:
+        loss = torch.where(keep, loss, 0.0)
+        if grad is not None:
+            grad.masked_fill_(~keep[:, None], 0.0)
+    if bad is not None:
+        loss = torch.where(bad, math.nan, loss)
+        if grad is not None:
+            grad.masked_fill_(bad[:, None], math.nan)
+    return loss
+
+
+def _slice(x, lo, hi):
+    return None if x is None else x[lo:hi]
+
+
+def _rows_per_block(V: int, R: int) -> int:
+    # about 3 float32 rows of width V alive per row (buffer, logsumexp temporaries)
+    budget = max(1, config.chunk_memory_budget // max(1, 3 * V * 4))
+    return max(1, min(budget, max(16, -(-R // 8))))
+
+
+# --------------------------------------------------------------------------- on logits
+
+
+class TopkDivergenceFunction(torch.autograd.Function):
+    """Top-k divergence on student logits. The forward forms no gradient; the backward
+    recomputes each row block with its upstream factor (any reduction, any dtype: a
+    16-bit gradient is only written after the upstream factor is applied)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher: TeacherRows, mask1, opts: TopkOptions, row_fn, block):
+        V = student.shape[-1]
+        lead = student.shape[:-1]
+        s2 = student.reshape(-1, V)
+        N = s2.shape[0]
+        compute = _compute_dtype(student.dtype)
+        scale = _forward_scale(opts.reduction, mask1, N, student.device, compute)
+        loss = torch.empty(N, dtype=compute, device=student.device)
+        for lo in range(0, N, block):
+            hi = min(N, lo + block)
+            rows = _run_block(s2, lo, hi, teacher, mask1, opts, row_fn, compute, scale, False)
+            loss[lo:hi] = rows
+        ctx.save_for_backward(student)
+        ctx.args = (teacher, mask1, opts, row_fn, block, scale)
+        return _reduce(loss, opts.reduction, scale, lead)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (student,) = ctx.saved_tensors
+        teacher, mask1, opts, row_fn, block, scale = ctx.args
+        V = student.shape[-1]
+        s2 = student.reshape(-1, V)
+        N = s2.shape[0]
+        compute = _compute_dtype(student.dtype)
+        if opts.reduction == "none":
+            factor = grad_out.reshape(-1).to(compute)
+        else:
+            factor = (scale * grad_out.to(compute)).reshape(1)
+        grad = torch.empty(s2.shape, dtype=student.dtype, device=student.device)
+        for lo in range(0, N, block):
+            hi = min(N, lo + block)
+            f = factor if factor.numel() == 1 else factor[lo:hi]
+            buf = _run_block(s2, lo, hi, teacher, mask1, opts, row_fn, compute, f, True)
+            grad[lo:hi] = buf
+        return grad.view(student.shape), None, None, None, None, None
+
+
+def _run_block(s2, lo, hi, teacher, mask1, opts, row_fn, compute, scale, want_grad):
+    """Loss rows of rows lo:hi (want_grad False) or their gradient buffer (True)."""
+    buf = s2[lo:hi].to(compute, copy=True)
+    keep = _slice(mask1, lo, hi)
+    if keep is not None:
+        buf.masked_fill_(~keep[:, None], 0.0)  # padding rows may hold anything (NaN)
+    loss = row_fn(buf, **teacher.rows(lo, hi), spec=opts.spec, beta=opts.beta,
+                  temperature=opts.temperature, clip=opts.clip, scale=scale,
+                  want_grad=want_grad)
+    loss = _finish_rows(loss, buf if want_grad else None, keep, _slice(teacher.bad, lo, hi))
+    return buf if want_grad else loss
+
+
+def _validate_default(validate, device) -> bool:
+    if validate is None:
+        return device.type == "cpu"
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be None, True or False, got {validate!r}")
+    return validate
+
+
+def topk_divergence(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    clip: float | None = None,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+    validate: bool | None = None,
+) -> torch.Tensor:
+    """Per-token divergence between a top-k teacher and the full student distribution.
+
+    Args:
+        student_logits: (..., V) float32, bfloat16, float16 (or float64) logits.
+        teacher_ids: (..., K) int64 or int32 token ids, distinct within a row
+            (padding entries excepted).
+        teacher_logprobs: (..., K) float teacher log-probabilities of those ids,
+            used as given (apply any teacher temperature before); ``-inf`` marks
+            padding (rows with fewer than K entries; their ids are ignored).
+        kind: ``"forward_kl"`` (KL(teacher || student)), ``"reverse_kl"``, or
+            ``"jsd"`` (generalized JSD with ``beta``), on the two K(+1)-outcome
+            distributions that ``tail`` defines.
+        tail: ``"bucket"`` (default): K + 1 outcomes, the ids plus one bucket for
+            the rest of the vocabulary (teacher ``rT = max(0, 1 - sum pT)``,
+            student ``rS`` = its mass outside the ids, formed stably in log space);
+            ``"renormalize"``: both sides renormalised over the ids.
+        temperature: the student logits are divided by it before the softmax
+            (the teacher's log-probs are not touched).
+        clip: None, or tau > 0: each outcome's pointwise term is clipped,
+            ``min(phi, tau)``, before the sum (clipped outcomes pass no gradient).
+        mask, reduction: as :func:`opsd_kernels.divergence` (masked rows' logits,
+            ids and log-probs are never read into an output).
+        impl: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``.
+        validate: raise on bad teacher values (ids out of range, log-probs > 0,
+            mass > 1 + :func:`mass_tolerance`, duplicate ids) of counted rows.
+            None (default): True for CPU tensors, False on CUDA (no host sync in
+            the hot path; a bad row's loss and gradient are then NaN).
+
+    Returns:
+        float32 loss (float64 for float64 logits): a scalar, or shape (...) for
+        ``reduction="none"``. Gradients flow to ``student_logits`` only. The forward
+        stores nothing of size (..., V); the backward recomputes row blocks.
+
+    With K = V (the whole teacher distribution) both tails equal
+    ``divergence(student_logits, teacher_logits)`` for
+    ``teacher_logprobs = log_softmax(teacher_logits / temperature)``.
+
+    >>> import torch
+    >>> s = torch.randn(4, 50, requires_grad=True)
+    >>> t_lp = torch.log_softmax(torch.randn(4, 50), -1)
+    >>> lp, ids = t_lp.topk(5, dim=-1)                 # what a serving engine returns
+    >>> loss = topk_divergence(s, ids, lp, tail="bucket")
+    >>> loss.backward(); s.grad.shape
+    torch.Size([4, 50])
+    >>> from opsd_kernels import divergence          # K = V: the full divergence
+    >>> lp, ids = t_lp.topk(50, dim=-1)
+    >>> full = divergence(s, t_lp)
+    >>> torch.allclose(topk_divergence(s, ids, lp), full, atol=1e-5)
+    True
+    """
+    opts = _check_topk_options(kind, beta, tail, temperature, clip, reduction)
+    check_float_tensor("student_logits", student_logits)
+    if student_logits.dim() == 0 or student_logits.shape[-1] == 0:
+        raise ValueError("student_logits must have shape (..., V) with V > 0")
+    device = student_logits.device
+    _check_teacher(teacher_ids, teacher_logprobs, student_logits.shape[:-1], device)
+    check_mask(mask, student_logits.shape[:-1], device)
+    impl = check_impl(impl, ("auto", "torch", "triton"), device, student_logits.dtype)
+    V = student_logits.shape[-1]
+    compute = _compute_dtype(student_logits.dtype)
+    mask1 = None if mask is None else mask.reshape(-1)
+    teacher = prepare_teacher(teacher_ids.detach(), teacher_logprobs.detach(), mask1, V,
+                              opts.tail, compute, _validate_default(validate, device))
+    if not torch.is_grad_enabled():
+        student_logits = student_logits.detach()
+    N = student_logits.numel() // V
+    return TopkDivergenceFunction.apply(student_logits, teacher, mask1, opts,
+                                        _row_function(impl), _rows_per_block(V, N))
+
+
+# --------------------------------------------------------------------------- fused linear
+
+
+_W_SLICE_BYTES = 64 * 2**20
+
+
+def _weight_slice_rows(weight) -> int:
+    """Vocabulary rows per float32 slice of the weight (<= 64 MiB)."""
+    return max(1, _W_SLICE_BYTES // max(1, weight.shape[1] * 4))
+
+
+def _mm_out_dtype(a, b):
+    """``a @ b`` in float32 from two same-dtype 16-bit CUDA operands, or None."""
+    if a.device.type != "cuda" or a.dtype != b.dtype or a.dtype not in (torch.bfloat16,
+                                                                      torch.float16):
+        return None
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return None
+
+
+def chunk_logits(h_c, weight, bias, compute):
+    """(c, V) student logits of a token chunk in ``compute`` (float32/64), whatever the
+    operands' dtypes: never rounded to 16 bits, and without a float32 copy of the
+    whole weight (16-bit weights are upcast one <= 64 MiB vocabulary slice at a time)."""
+    b = None if bias is None else bias.to(compute)
+    if h_c.dtype == weight.dtype == compute:
+        return F.linear(h_c, weight, b)
+    out = _mm_out_dtype(h_c, weight.t())
+    if out is not None:
+        return out if b is None else out.add_(b)
+    c, V = h_c.shape[0], weight.shape[0]
+    out = torch.empty(c, V, dtype=compute, device=h_c.device)
+    hf = h_c.to(compute)
+    step = _weight_slice_rows(weight)
+    for v0 in range(0, V, step):
+        v1 = min(V, v0 + step)
+        out[:, v0:v1] = hf @ weight[v0:v1].to(compute).t()
+    return out if b is None else out.add_(b)
+
+
+def _grad_gemms(dS, h_c, weight, gh_c, gw, want_h, want_w):
+    """gh_c = dS @ W and gw += dS^T @ h_c, in the compute dtype of ``dS`` (float32/64).
+
+    ``dS`` already carries every factor known so far; 16-bit operands are upcast per
+    vocabulary slice (on CUDA, bf16 uses a float32-output GEMM on a bf16 copy of dS,
+    which keeps bf16's range; fp16 is upcast, never rounded to fp16 here)."""
+    compute = dS.dtype
+    if weight.dtype == compute and h_c.dtype == compute:
+        if want_h:
+            torch.mm(dS, weight, out=gh_c)
+        if want_w:
+            gw.addmm_(dS.t(), h_c)
+        return
+    if weight.dtype == h_c.dtype == torch.bfloat16 and dS.device.type == "cuda":
+        d16 = dS.to(torch.bfloat16)
+        oh = _mm_out_dtype(d16, weight) if want_h else None
+        ow = _mm_out_dtype(d16.t(), h_c) if want_w else None
+        if (oh is not None or not want_h) and (ow is not None or not want_w):
+            if want_h:
+                gh_c.copy_(oh)
+            if want_w:
+                gw.add_(ow)
+            return
+    hf = h_c.to(compute) if want_w else None
+    if want_h:
+        gh_c.zero_()
+    step = _weight_slice_rows(weight)
+    for v0 in range(0, weight.shape[0], step):
+        v1 = min(weight.shape[0], v0 + step)
+        d = dS[:, v0:v1]
+        if want_h:
+            gh_c.addmm_(d, weight[v0:v1].to(compute))
+        if want_w:
+            gw[v0:v1].addmm_(d.t(), hf)
+
+
+def auto_topk_chunk(V: int, N: int) -> int:
+    """Tokens per chunk: about 3 float32 rows of width V per token fit
+    ``config.chunk_memory_budget``; at most ``max(128, ceil(N / 8))`` tokens."""
+    c = max(1, config.chunk_memory_budget // (3 * V * 4))
+    c = c // 64 * 64 if c >= 128 else c
+    return min(c, max(128, -(-N // 8)))
+
+
+def _linear_pass(hs, weight, bias, teacher, mask1, opts, row_fn, chunk, scale,
+                 want_h, want_w, want_b, compute):
+    N = hs.shape[0]
+    V = weight.shape[0]
+    loss = torch.empty(N, dtype=compute, device=hs.device)
+    gh = torch.empty(hs.shape, dtype=compute, device=hs.device) if want_h else None
+    gw = torch.zeros(weight.shape, dtype=compute, device=hs.device) if want_w else None
+    gb = torch.zeros(V, dtype=compute, device=hs.device) if want_b else None
+    want = want_h or want_w or want_b
+    for lo in range(0, N, chunk):
+        hi = min(N, lo + chunk)
+        h_c = hs[lo:hi]
+        logits = chunk_logits(h_c, weight, bias, compute)
+        rows = row_fn(logits, **teacher.rows(lo, hi), spec=opts.spec, beta=opts.beta,
+                      temperature=opts.temperature, clip=opts.clip,
+                      scale=scale if scale.numel() == 1 else scale[lo:hi], want_grad=want)
+        loss[lo:hi] = _finish_rows(rows, logits if want else None, _slice(mask1, lo, hi),
+                                   _slice(teacher.bad, lo, hi))
+        # logits now holds dL/d(student logits) of the chunk (float32/64)
+        if want_h or want_w:
+            _grad_gemms(logits, h_c, weight, gh[lo:hi] if want_h else None, gw, want_h, want_w)
+        if want_b:
+            gb.add_(logits.sum(0))
+        del logits
+    return loss, gh, gw, gb
+
+
+class FusedLinearTopkFunction(torch.autograd.Function):
+    """Chunked fused-linear top-k divergence; gradients to hidden, weight and bias.
+
+    "mean"/"sum" (and "none" with only the hidden-state gradient): the gradients
+    are formed in the forward into float32 (float64) buffers, and the backward
+    multiplies them by the upstream gradient before casting to the input dtypes
+    (so a 16-bit gradient never holds an unscaled value). "none" with a weight or
+    bias gradient: the chunks are recomputed in the backward with the per-token
+    upstream gradients as the row factors.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher: TeacherRows, mask1, opts: TopkOptions,
+                row_fn, chunk):
+        H = hidden.shape[-1]
+        lead = hidden.shape[:-1]
+        hs = hidden.reshape(-1, H)
+        if mask1 is not None:
+            # masked rows are zeroed before any GEMM that mixes rows (0 * NaN = NaN)
+            hs = torch.where(mask1[:, None], hs, torch.zeros((), dtype=hs.dtype,
+                                                             device=hs.device))
+        hs = hs.contiguous()
+        N = hs.shape[0]
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        compute = _compute_dtype(hidden.dtype, weight.dtype)
+        defer = opts.reduction == "none" and (want_w or want_b)
+        scale = _forward_scale(opts.reduction, mask1, N, hs.device, compute)
+        loss, gh, gw, gb = _linear_pass(
+            hs, weight, bias, teacher, mask1, opts, row_fn, chunk, scale,
+            want_h and not defer, want_w and not defer, want_b and not defer, compute)
+        ctx.defer = defer
+        ctx.reduction = opts.reduction
+        ctx.meta = (hidden.shape, hidden.dtype, weight.dtype,
+                    None if bias is None else bias.dtype, compute)
+        if defer:
+            ctx.save_for_backward(hs, weight, bias)
+            ctx.args = (teacher, mask1, opts, row_fn, chunk)
+        else:
+            ctx.grads = (gh, gw, gb)
+        return _reduce(loss, opts.reduction, scale, lead)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        shape, h_dtype, w_dtype, b_dtype, compute = ctx.meta
+        if ctx.defer:
+            hs, weight, bias = ctx.saved_tensors
+            teacher, mask1, opts, row_fn, chunk = ctx.args
+            factor = grad_out.reshape(-1).to(compute)
+            _, gh, gw, gb = _linear_pass(hs, weight, bias, teacher, mask1, opts, row_fn, chunk,
+                                         factor, want_h, want_w, want_b, compute)
+        else:
+            gh, gw, gb = ctx.grads
+            go = grad_out.to(compute)
+            go_rows = go.reshape(-1, 1) if ctx.reduction == "none" else go
+            # new tensors (not in place): a retained graph can be backpropagated again
+            gh = None if gh is None else gh * go_rows
+            gw = None if gw is None else gw * go
+            gb = None if gb is None else gb * go
+        return (
+            None if gh is None or not want_h else gh.to(h_dtype).view(shape),
+            None if gw is None or not want_w else gw.to(w_dtype),
+            None if gb is None or not want_b else gb.to(b_dtype),
+            None, None, None, None, None,
+        )
+
+
+def fused_linear_topk_divergence(
+    student_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    clip: float | None = None,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    """:func:`topk_divergence` from the student's hidden states and lm_head, never
+    forming the (tokens x V) logits.
+
+    Equals ``topk_divergence(student_hidden @ weight.T + bias, teacher_ids,
+    teacher_logprobs, ...)``. Per chunk of tokens: one logits GEMM into a float32
+    (c, V) buffer (16-bit operands are upcast per chunk / per <= 64 MiB weight
+    slice, or multiplied with a float32-output GEMM on CUDA: the logits are never
+    16-bit), one pass for the student's log-sum-exp and the complement's, a
+    gather at the K ids, the row terms, the logit gradient written over the
+    buffer, then the gradient GEMMs. Extra memory O(N * K) plus one chunk
+    (about 3 float32 rows of width V per token, bounded by
+    ``opsd_kernels.config.chunk_memory_budget``), plus float32 (N, H) and, for a
+    trainable weight, (V, H) gradient accumulators.
+
+    Args:
+        student_hidden: (..., H) final hidden states of the student.
+        weight: (V, H) lm_head weight; bias: None or (V,). Any float dtypes
+            (mixed allowed); arithmetic in float32 (float64 if any is float64);
+            gradients returned in each input's dtype.
+        teacher_ids, teacher_logprobs: (..., K), as :func:`topk_divergence`.
+        kind, beta, tail, temperature, clip, mask, reduction, validate: as
+            :func:`topk_divergence`. Masked rows of ``student_hidden`` are
+            zeroed before any GEMM, so whatever they hold never reaches an output
+            (the weight gradient included).
+        impl: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, or
+            ``"triton"`` (the same chunk loop with a Triton row kernel over the
+            float32 chunk logits). ``"fused"`` (on-chip tiles) is not available for
+            top-k teachers.
+        chunk_size: tokens per chunk; None picks it from the memory budget.
+
+    Gradients flow to ``student_hidden``, ``weight`` and ``bias`` when they require
+    grad (a frozen weight skips the weight gradient). With ``reduction="none"``
+    the backward accepts any per-token upstream gradient.
+
+    Per-token negative log-likelihood of sampled tokens (K = 1, teacher log-prob
+    0, bucket tail, forward KL): the loss is ``-log p_S(token)`` exactly.
+
+    >>> import torch
+    >>> h = torch.randn(6, 16, requires_grad=True)
+    >>> lm_head = torch.nn.Linear(16, 40, bias=False)
+    >>> tokens = torch.randint(0, 40, (6, 1))
+    >>> nll = fused_linear_topk_divergence(h, lm_head.weight, tokens, torch.zeros(6, 1),
+    ...                                    reduction="none")
+    >>> ref = -torch.log_softmax(h @ lm_head.weight.T, -1).gather(-1, tokens)[:, 0]
+    >>> torch.allclose(nll, ref, atol=1e-5)
+    True
+    >>> nll.sum().backward(); h.grad.shape
+    torch.Size([6, 16])
+    """
+    opts = _check_topk_options(kind, beta, tail, temperature, clip, reduction)
+    check_float_tensor("student_hidden", student_hidden)
+    check_float_tensor("weight", weight)
+    if student_hidden.dim() == 0:
+        raise ValueError("student_hidden must have shape (..., H)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, H), got {tuple(weight.shape)}")
+    V, H = weight.shape
+    if V == 0 or H == 0:
+        raise ValueError(f"weight must have V > 0 rows and H > 0 columns, got {(V, H)}")
+    if student_hidden.shape[-1] != H:
+        raise ValueError(
+            f"student_hidden has hidden size {student_hidden.shape[-1]} but weight is "
+            f"(V={V}, H={H})"
+        )
+    device = student_hidden.device
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but student_hidden is on {device}")
+    if bias is not None:
+        check_float_tensor("bias", bias)
+        if bias.shape != (V,):
+            raise ValueError(f"bias must have shape (V={V},), got {tuple(bias.shape)}")
+        if bias.device != device:
+            raise ValueError(f"bias is on {bias.device} but student_hidden is on {device}")
+    lead = student_hidden.shape[:-1]
+    _check_teacher(teacher_ids, teacher_logprobs, lead, device)
+    check_mask(mask, lead, device)
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    if impl == "fused":
+        raise ValueError(
+            "impl='fused' is not available for top-k teachers (the student needs only one "
+            "logits GEMM per chunk; use impl='triton' on CUDA or 'torch')"
+        )
+    dtypes = [student_hidden.dtype, weight.dtype] + ([] if bias is None else [bias.dtype])
+    compute = _compute_dtype(*dtypes)
+    impl = check_impl(impl, ("auto", "torch", "triton"), device, compute)
+    mask1 = None if mask is None else mask.reshape(-1)
+    teacher = prepare_teacher(teacher_ids.detach(), teacher_logprobs.detach(), mask1, V,
+                              opts.tail, compute, _validate_default(validate, device))
+    if not torch.is_grad_enabled():
+        student_hidden, weight = student_hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
+    N = student_hidden.numel() // H
+    chunk = chunk_size or auto_topk_chunk(V, N)
+    return FusedLinearTopkFunction.apply(student_hidden, weight, bias, teacher, mask1, opts,
+                                         _row_function(impl), chunk)
