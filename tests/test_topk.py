@@ -19,7 +19,7 @@ from tests.helpers import HAS_CUDA, TRITON_RUNS, assert_close, make_mask
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TRITON = pytest.param("triton", marks=pytest.mark.skipif(
-    True or not TRITON_RUNS, reason="the Triton row kernel is being written"))
+    not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1"))
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 TAILS = ("bucket", "renormalize")
 INF = math.inf
@@ -118,6 +118,8 @@ def test_k1_and_odd_shapes(impl):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("tail", TAILS)
 def test_k_equals_v_is_the_full_divergence(impl, tail, kind, clip):
+    if impl == "triton" and clip is not None and not HAS_CUDA:
+        pytest.skip("interpreter time: the clip specialisations are covered elsewhere")
     V = 19
     dtype = torch.float64 if impl == "torch" else torch.float32
     s, t = make_student((6,), V, 0, dtype=dtype), make_student((6,), V, 1, dtype=dtype)

@@ -1,0 +1,171 @@
+"""Triton kernel: one top-k-teacher row of float32 chunk logits, with its gradient.
+
+One program per token row (the math is in :mod:`opsd_kernels.topk`). The
+launcher first gathers the student logits at the K ids and, for the bucket
+tail, writes -inf over those ids in the row, so that the row itself is the
+complement. Then, per row (b = logit / tau):
+
+- bucket only, pass 1 over V: online log-sum-exp of the complement, LSE_C;
+- over the K entries: LSE_K, then LSE = logaddexp(LSE_C, LSE_K) (renormalize:
+  LSE = LSE_K), the outcomes' log-probs lS_k = b_k - LSE and
+  log rS = LSE_C - LSE, the pointwise terms (divergence_terms, the Triton twin
+  of the formula sheet), clip, the loss L and G = sum_j g_j;
+- with a gradient, over the K entries: ``(g_k - pS_k G) * scale / tau`` into a
+  (R, K) buffer, and (bucket) a last pass over V writing
+  ``exp(b_v - LSE_C) (g_R - G rS) * scale / tau`` over the row in place (the ids
+  hold -inf there, so they get 0); renormalize writes zeros. The launcher then
+  adds the K entry gradients at the ids.
+
+The teacher side ((R, K) log-probs, -inf where not an outcome, and log rT) is
+prepared in torch (in float64 for the mass 1 - sum pT); the kernel never sees
+padding or masked entries as outcomes.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .divergence_rows import default_block_v
+from .formulas import divergence_terms, log_add_exp, online_logsumexp_update
+
+
+@triton.jit
+def _topk_rows_kernel(
+    x_ptr, zk_ptr, lt_ptr, log_rest_ptr, loss_ptr, entry_ptr, scale_ptr,
+    x_stride, k_stride, scale_stride,
+    V, K, inv_temp, beta, log_beta, log_1m_beta, clip,
+    KIND: tl.constexpr, BUCKET: tl.constexpr, HAS_CLIP: tl.constexpr, GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    ks = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * x_stride
+    zk_row = zk_ptr + row * k_stride
+    lt_row = lt_ptr + row * k_stride
+
+    # ---- log-sum-exp of the complement (bucket) and of the K entries ----
+    lse_c = float("-inf")
+    if BUCKET:
+        m_c = float("-inf")
+        z_c = 0.0
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            b = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
+            m_c, z_c, _r, _s = online_logsumexp_update(m_c, z_c, b)
+        lse_c = tl.where(m_c == float("-inf"), 0.0, m_c) + tl.log(z_c)
+    m_k = float("-inf")
+    z_k = 0.0
+    for start in range(0, K, BLOCK_K):
+        offs = start + ks
+        zb = tl.load(zk_row + offs, mask=offs < K, other=float("-inf")) * inv_temp
+        m_k, z_k, _r, _s = online_logsumexp_update(m_k, z_k, zb)
+    lse_k = tl.where(m_k == float("-inf"), 0.0, m_k) + tl.log(z_k)
+    if BUCKET:
+        lse = log_add_exp(lse_c, lse_k)
+    else:
+        lse = tl.where(m_k == float("-inf"), 0.0, lse_k)  # no entries: loss 0
+
+    # ---- the outcomes' terms ----
+    loss = 0.0
+    G = 0.0
+    for start in range(0, K, BLOCK_K):
+        offs = start + ks
+        inside = offs < K
+        lS = tl.load(zk_row + offs, mask=inside, other=float("-inf")) * inv_temp - lse
+        lT = tl.load(lt_row + offs, mask=inside, other=float("-inf"))
+        ok = lT != float("-inf")  # an outcome (the launcher set -inf elsewhere)
+        lS = tl.where(ok, lS, 0.0)
+        lT = tl.where(ok, lT, 0.0)
+        phi, g, _h = divergence_terms(lT, lS, tl.exp(lT), tl.exp(lS), beta, log_beta, log_1m_beta, KIND)
+        if HAS_CLIP:
+            g = tl.where(phi < clip, g, 0.0)
+            phi = tl.minimum(phi, clip)
+        loss += tl.sum(tl.where(ok, phi, 0.0), axis=0)
+        G += tl.sum(tl.where(ok, g, 0.0), axis=0)
+    g_rest = 0.0
+    log_rs = lse_c - lse
+    if BUCKET:
+        log_rt = tl.load(log_rest_ptr + row)
+        phi_r, g_rest, _h = divergence_terms(log_rt, log_rs, tl.exp(log_rt), tl.exp(log_rs), beta, log_beta, log_1m_beta, KIND)
+        if HAS_CLIP:
+            g_rest = tl.where(phi_r < clip, g_rest, 0.0)
+            phi_r = tl.minimum(phi_r, clip)
+        loss += phi_r
+        G += g_rest
+    tl.store(loss_ptr + row, loss)
+
+    # ---- gradient: the K entries, then the rest of the row in place ----
+    if GRAD:
+        factor = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * inv_temp
+        for start in range(0, K, BLOCK_K):
+            offs = start + ks
+            inside = offs < K
+            lS = tl.load(zk_row + offs, mask=inside, other=float("-inf")) * inv_temp - lse
+            lT = tl.load(lt_row + offs, mask=inside, other=float("-inf"))
+            ok = lT != float("-inf")
+            lS = tl.where(ok, lS, 0.0)
+            lT = tl.where(ok, lT, 0.0)
+            pS = tl.exp(lS)
+            phi, g, _h = divergence_terms(lT, lS, tl.exp(lT), pS, beta, log_beta, log_1m_beta, KIND)
+            if HAS_CLIP:
+                g = tl.where(phi < clip, g, 0.0)
+            entry = tl.where(ok, (g - pS * G) * factor, 0.0)
+            tl.store(entry_ptr + row * k_stride + offs, entry, mask=inside)
+        if BUCKET:
+            coef = (g_rest - G * tl.exp(log_rs)) * factor
+            shift = tl.where(lse_c == float("-inf"), 0.0, lse_c)
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                inside = offs < V
+                b = tl.load(x_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+                tl.store(x_row + offs, tl.exp(b - shift) * coef, mask=inside)
+        else:
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                tl.store(x_row + offs, tl.zeros([BLOCK_V], dtype=tl.float32), mask=offs < V)
+
+
+def topk_rows_triton(logits, *, ids, logprobs, valid, log_rest, spec, beta, temperature, clip,
+                     scale, want_grad):
+    """Launcher with the signature of :func:`opsd_kernels.topk.topk_rows_torch`.
+
+    ``logits``: (R, V) float32, rows contiguous; overwritten (the gradient times the
+    row ``scale`` when ``want_grad``). ``ids``, ``logprobs``, ``valid``: (R, K);
+    ``log_rest``: (R,) log rT (bucket) or None (renormalize). Returns float32 (R,).
+    """
+    R, V = logits.shape
+    K = ids.shape[1]
+    loss = torch.empty(R, dtype=torch.float32, device=logits.device)
+    if R == 0:
+        return loss
+    if logits.dtype != torch.float32 or logits.stride(-1) != 1:
+        raise ValueError("topk_rows_triton needs float32 logits with contiguous rows")
+    neg_inf = torch.tensor(float("-inf"), dtype=torch.float32, device=logits.device)
+    zk = torch.where(valid, logits.gather(1, ids), neg_inf).contiguous()
+    lt = torch.where(valid, logprobs.float(), neg_inf).contiguous()
+    bucket = log_rest is not None
+    if bucket:
+        # the row becomes the complement: -inf at each valid id ("amin" leaves the
+        # value of a padding entry's safe index untouched)
+        fill = torch.where(valid, neg_inf, -neg_inf)
+        logits.scatter_reduce_(1, ids, fill, reduce="amin")
+        log_rest = log_rest.float().contiguous()
+    entry = torch.empty((R, K), dtype=torch.float32, device=logits.device) if want_grad else zk
+    scale = scale.float().contiguous()
+    b = beta if spec.needs_beta else 0.5
+    block_k = max(16, min(256, triton.next_power_of_2(K)))
+    block_v = default_block_v(V, logits.device)
+    _topk_rows_kernel[(R,)](
+        logits, zk, lt, log_rest if bucket else loss, loss, entry, scale,
+        logits.stride(0), K, scale.stride(0) if scale.numel() > 1 else 0,
+        V, K, 1.0 / temperature, b, math.log(b), math.log1p(-b),
+        clip if clip is not None else 0.0,
+        KIND=spec.kind_id, BUCKET=bucket, HAS_CLIP=clip is not None, GRAD=want_grad,
+        BLOCK_V=block_v, BLOCK_K=block_k, num_warps=8 if block_v >= 2048 else 4,
+    )
+    if want_grad:
+        logits.scatter_add_(1, ids, entry)
+    return loss
