@@ -98,3 +98,103 @@ def check_impl(impl: str, allowed: tuple[str, ...], device: torch.device,
                 "interpreter (slow, for tests)"
             )
     return impl
+
+
+def check_same_device(reference_name: str, reference: torch.Tensor, **others) -> None:
+    for name, x in others.items():
+        if x is not None and x.device != reference.device:
+            raise ValueError(f"{name} is on {x.device} but {reference_name} is on "
+                             f"{reference.device}")
+
+
+def check_logits_inputs(student_logits, teacher_logits, mask) -> None:
+    """Checks of :func:`opsd_kernels.divergence`'s tensors."""
+    check_float_tensor("student_logits", student_logits)
+    check_float_tensor("teacher_logits", teacher_logits)
+    if student_logits.dim() == 0:
+        raise ValueError("student_logits must have at least one dimension (the vocabulary)")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    check_same_device("student_logits", student_logits, teacher_logits=teacher_logits)
+    if student_logits.shape[-1] == 0:
+        raise ValueError("student_logits has an empty vocabulary (last dimension is 0)")
+    check_mask(mask, student_logits.shape[:-1], student_logits.device)
+
+
+def check_linear_inputs(student_hidden, teacher_hidden, weight, teacher_weight, bias,
+                        teacher_bias, mask) -> None:
+    """Checks of :func:`opsd_kernels.fused_linear_divergence`'s tensors.
+
+    Dtypes may differ (e.g. bf16 hidden states against a float32 master lm_head);
+    :mod:`opsd_kernels.gemm` states how mixed operands are computed.
+    """
+    for name, x in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden),
+                    ("weight", weight)):
+        check_float_tensor(name, x)
+    for name, x in (("teacher_weight", teacher_weight), ("bias", bias),
+                    ("teacher_bias", teacher_bias)):
+        if x is not None:
+            check_float_tensor(name, x)
+    if student_hidden.dim() == 0 or teacher_hidden.dim() == 0:
+        raise ValueError("student_hidden and teacher_hidden must have shape (..., hidden)")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            "student_hidden and teacher_hidden must have the same leading shape, got "
+            f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
+        )
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, H), got {tuple(weight.shape)}")
+    V, H = weight.shape
+    H_T = teacher_hidden.shape[-1]
+    if V == 0:
+        raise ValueError("weight has an empty vocabulary (V = 0 rows)")
+    if H == 0 or H_T == 0:
+        raise ValueError("student_hidden and teacher_hidden need a hidden size > 0")
+    if student_hidden.shape[-1] != H:
+        raise ValueError(
+            f"student_hidden has hidden size {student_hidden.shape[-1]} but weight is "
+            f"(V={V}, H={H})"
+        )
+    check_same_device("student_hidden", student_hidden, teacher_hidden=teacher_hidden,
+                      weight=weight, teacher_weight=teacher_weight, bias=bias,
+                      teacher_bias=teacher_bias)
+    if teacher_weight is None:
+        if teacher_bias is not None:
+            raise ValueError(
+                "teacher_bias is only used with a separate teacher_weight; with a shared "
+                "lm_head the teacher uses `bias`"
+            )
+        if H_T != H:
+            raise ValueError(
+                f"teacher_hidden has hidden size {H_T} but the shared weight expects {H}; "
+                "pass teacher_weight for a teacher of another size"
+            )
+    elif teacher_weight.dim() != 2 or teacher_weight.shape != (V, H_T):
+        raise ValueError(
+            f"teacher_weight must have shape (V={V}, H_T={H_T}), got "
+            f"{tuple(teacher_weight.shape)}"
+        )
+    for name, b in (("bias", bias), ("teacher_bias", teacher_bias)):
+        if b is not None and b.shape != (V,):
+            raise ValueError(f"{name} must have shape (V={V},), got {tuple(b.shape)}")
+    check_mask(mask, student_hidden.shape[:-1], student_hidden.device)
+
+
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+def check_skip_threshold(skip_threshold, impl: str) -> float:
+    if isinstance(skip_threshold, bool) or not isinstance(skip_threshold, (int, float)):
+        raise TypeError(f"skip_threshold must be a float, got {skip_threshold!r}")
+    if not 0.0 <= skip_threshold <= 1.0:
+        raise ValueError(f"skip_threshold must lie in [0, 1], got {skip_threshold!r}")
+    if skip_threshold > 0 and impl != "fused":
+        raise ValueError(f"skip_threshold only applies to impl='fused' (got impl={impl!r})")
+    return float(skip_threshold)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_float_tensor, check_impl, check_mask, check_options
+from . import gemm
+from ._validation import (
+    check_chunk_size,
+    check_impl,
+    check_linear_inputs,
+    check_logits_inputs,
+    check_options,
+    check_skip_threshold,
+)
 from .autograd import DivergenceFunction, FusedLinearDivergenceFunction, auto_chunk_size
 from .torch_impl import divergence_rows_torch
 
@@ -73,23 +81,7 @@ def divergence(
     torch.Size([2, 6, 50])
     """
     opts = check_options(kind, beta, temperature, clip, reduction)
-    check_float_tensor("student_logits", student_logits)
-    check_float_tensor("teacher_logits", teacher_logits)
-    if student_logits.dim() == 0:
-        raise ValueError("student_logits must have at least one dimension (the vocabulary)")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            "student_logits and teacher_logits must have the same shape, got "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
-        )
-    if student_logits.device != teacher_logits.device:
-        raise ValueError(
-            f"student_logits is on {student_logits.device} but teacher_logits is on "
-            f"{teacher_logits.device}"
-        )
-    if student_logits.shape[-1] == 0:
-        raise ValueError("student_logits has an empty vocabulary (last dimension is 0)")
-    check_mask(mask, student_logits.shape[:-1], student_logits.device)
+    check_logits_inputs(student_logits, teacher_logits, mask)
     impl = check_impl(impl, ("auto", "torch", "triton"), student_logits.device,
                       torch.promote_types(student_logits.dtype, teacher_logits.dtype))
     if not torch.is_grad_enabled():
@@ -197,88 +189,29 @@ def fused_linear_divergence(
     (torch.Size([4, 7, 16]), torch.Size([100, 16]))
     """
     opts = check_options(kind, beta, temperature, clip, reduction)
-    check_float_tensor("student_hidden", student_hidden)
-    check_float_tensor("teacher_hidden", teacher_hidden)
-    check_float_tensor("weight", weight)
-    if student_hidden.dim() == 0 or teacher_hidden.dim() == 0:
-        raise ValueError("student_hidden and teacher_hidden must have shape (..., hidden)")
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(
-            "student_hidden and teacher_hidden must have the same leading shape, got "
-            f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
+    check_linear_inputs(student_hidden, teacher_hidden, weight, teacher_weight, bias,
+                        teacher_bias, mask)
+    check_chunk_size(chunk_size)
+    tensors = [t for t in (student_hidden, teacher_hidden, weight, teacher_weight, bias,
+                           teacher_bias) if t is not None]
+    dtypes = {t.dtype for t in tensors}
+    cdt = gemm.compute_dtype(*dtypes)
+    impl = check_impl(impl, ("auto", "torch", "triton", "fused"), student_hidden.device,
+                      cdt if len(dtypes) > 1 else weight.dtype)
+    if impl == "fused" and len(dtypes) > 1:
+        raise TypeError(
+            "impl='fused' needs student_hidden, teacher_hidden, weight and the biases in one "
+            f"dtype, got {sorted(str(d) for d in dtypes)}; cast them, or use impl='triton' or "
+            "'torch', which accept mixed dtypes"
         )
-    if weight.dim() != 2:
-        raise ValueError(f"weight must have shape (V, H), got {tuple(weight.shape)}")
+    skip_threshold = check_skip_threshold(skip_threshold, impl)
     V, H = weight.shape
-    if V == 0:
-        raise ValueError("weight has an empty vocabulary (V = 0 rows)")
-    if H == 0 or teacher_hidden.shape[-1] == 0:
-        raise ValueError("student_hidden and teacher_hidden need a hidden size > 0")
-    if student_hidden.shape[-1] != H:
-        raise ValueError(
-            f"student_hidden has hidden size {student_hidden.shape[-1]} but weight is "
-            f"(V={V}, H={H})"
-        )
-    device = student_hidden.device
-    for name, x in (("teacher_hidden", teacher_hidden), ("weight", weight),
-                    ("teacher_weight", teacher_weight), ("bias", bias),
-                    ("teacher_bias", teacher_bias)):
-        if x is not None and x.device != device:
-            raise ValueError(f"{name} is on {x.device} but student_hidden is on {device}")
-    if teacher_weight is None:
-        if teacher_bias is not None:
-            raise ValueError(
-                "teacher_bias is only used with a separate teacher_weight; with a shared "
-                "lm_head the teacher uses `bias`"
-            )
-        if teacher_hidden.shape[-1] != H:
-            raise ValueError(
-                f"teacher_hidden has hidden size {teacher_hidden.shape[-1]} but the shared "
-                f"weight expects {H}; pass teacher_weight for a teacher of another size"
-            )
-        t_weight_dtype = weight.dtype
-    else:
-        check_float_tensor("teacher_weight", teacher_weight)
-        if teacher_weight.dim() != 2 or teacher_weight.shape != (V, teacher_hidden.shape[-1]):
-            raise ValueError(
-                f"teacher_weight must have shape (V={V}, H_T={teacher_hidden.shape[-1]}), got "
-                f"{tuple(teacher_weight.shape)}"
-            )
-        t_weight_dtype = teacher_weight.dtype
-    for name, b in (("bias", bias), ("teacher_bias", teacher_bias)):
-        if b is not None:
-            check_float_tensor(name, b)
-            if b.shape != (V,):
-                raise ValueError(f"{name} must have shape (V={V},), got {tuple(b.shape)}")
-    if student_hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise TypeError(
-            f"student_hidden ({student_hidden.dtype}), weight ({weight.dtype}) and bias must "
-            "share one dtype"
-        )
-    if teacher_hidden.dtype != t_weight_dtype or (
-        teacher_bias is not None and teacher_bias.dtype != t_weight_dtype
-    ):
-        raise TypeError(
-            f"teacher_hidden ({teacher_hidden.dtype}) must have its weight's dtype "
-            f"({t_weight_dtype})"
-        )
-    if teacher_weight is None and teacher_hidden.dtype != student_hidden.dtype:
-        raise TypeError("with a shared weight, teacher_hidden and student_hidden share one dtype")
-    check_mask(mask, student_hidden.shape[:-1], device)
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    if isinstance(skip_threshold, bool) or not isinstance(skip_threshold, (int, float)):
-        raise TypeError(f"skip_threshold must be a float, got {skip_threshold!r}")
-    if not 0.0 <= skip_threshold <= 1.0:
-        raise ValueError(f"skip_threshold must lie in [0, 1], got {skip_threshold!r}")
-    impl = check_impl(impl, ("auto", "torch", "triton", "fused"), device, weight.dtype)
-    if skip_threshold > 0 and impl != "fused":
-        raise ValueError(f"skip_threshold only applies to impl='fused' (got impl={impl!r})")
-    chunk = chunk_size or auto_chunk_size(V, student_hidden.element_size(), impl,
-                                          student_hidden.numel() // H)
-    if weight.dtype == torch.float64:
+    if chunk_size is None:
+        s_op = gemm.operand_dtype(student_hidden.dtype, weight.dtype)
+        chunk_size = auto_chunk_size(
+            V, impl, student_hidden.numel() // H, logit_bytes=cdt.itemsize,
+            operand_bytes=s_op.itemsize if s_op != cdt else 0)
+    if cdt == torch.float64:
         grad_dtype = torch.float64
     else:
         grad_dtype = torch.float32 if fp32_weight_grad else weight.dtype
@@ -295,9 +228,9 @@ def fused_linear_divergence(
 
         return FusedTritonLinearDivergenceFunction.apply(
             student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask,
-            opts, float(skip_threshold), grad_dtype,
+            opts, skip_threshold, grad_dtype,
         )
     return FusedLinearDivergenceFunction.apply(
         student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask, opts,
-        _row_function(impl), chunk, grad_dtype,
+        _row_function(impl), chunk_size, grad_dtype,
     )

@@ -21,36 +21,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from . import config
+from . import config, gemm
 from ._validation import DivergenceOptions
-from .torch_impl import _TEMPS_PER_ROW
+from .reductions import forward_scale, reduce_rows
+from .torch_impl import TEMPS_PER_ROW
 
 RowFunction = Callable[..., torch.Tensor]
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _forward_scale(reduction: str, mask, rows: int, device, dtype) -> torch.Tensor:
-    """(1,) per-row gradient factor known in the forward: 1/count for "mean", else 1.
-
-    Formed on the device, without a host sync.
-    """
-    if reduction != "mean":
-        return torch.ones(1, dtype=dtype, device=device)
-    if mask is None:
-        return torch.full((1,), 1.0 / max(rows, 1), dtype=dtype, device=device)
-    return mask.sum(dtype=dtype).clamp(min=1.0).reciprocal().reshape(1)
-
-
-def _reduce(loss_rows: torch.Tensor, reduction: str, scale: torch.Tensor, lead_shape):
-    if reduction == "none":
-        return loss_rows.view(lead_shape)
-    total = loss_rows.sum()
-    return total * scale[0] if reduction == "mean" else total
+# old private names, kept for modules not yet moved to opsd_kernels.reductions
+_forward_scale = forward_scale
+_reduce = reduce_rows
 
 
 def _check_single_backward(ctx) -> None:
@@ -65,7 +46,14 @@ def _check_single_backward(ctx) -> None:
 
 
 class DivergenceFunction(torch.autograd.Function):
-    """Divergence on logits; gradients to both logits when they require grad."""
+    """Divergence on logits; gradients to both logits when they require grad.
+
+    float32/bfloat16/float64: the gradients are formed in the forward (one pass
+    fewer) and scaled by the upstream gradient in the backward. float16: a
+    gradient formed before the upstream factor (e.g. a GradScaler's 65536) would
+    underflow in a float16 buffer, so the forward computes only the loss and the
+    backward forms the gradients with the upstream factor already applied.
+    """
 
     @staticmethod
     def forward(ctx, student, teacher, mask, opts: DivergenceOptions, row_fn: RowFunction):
@@ -77,22 +65,44 @@ class DivergenceFunction(torch.autograd.Function):
         t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
         mask1 = None if mask is None else mask.reshape(-1).contiguous()
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        scale = _forward_scale(opts.reduction, mask1, s2.shape[0], student.device,
-                               _compute_dtype(torch.promote_types(student.dtype, teacher.dtype)))
-        grad_s = torch.empty_like(s2, memory_format=torch.contiguous_format) if want_s else None
-        grad_t = torch.empty_like(t2, memory_format=torch.contiguous_format) if want_t else None
+        scale = forward_scale(opts.reduction, mask1, s2.shape[0], student.device,
+                              gemm.compute_dtype(student.dtype, teacher.dtype))
+        defer = (want_s and student.dtype == torch.float16) or (
+            want_t and teacher.dtype == torch.float16)
+        now_s, now_t = want_s and not defer, want_t and not defer
+        grad_s = torch.empty_like(s2, memory_format=torch.contiguous_format) if now_s else None
+        grad_t = torch.empty_like(t2, memory_format=torch.contiguous_format) if now_t else None
         loss_rows = row_fn(
             s2, t2, spec=opts.spec, beta=opts.beta, temperature=opts.temperature,
             clip=opts.clip, mask=mask1, scale=scale, grad_student=grad_s, grad_teacher=grad_t,
         )
-        ctx.grads = (grad_s, grad_t)
+        ctx.defer = defer
+        ctx.wants = (want_s, want_t)
         ctx.shapes = (student.shape, teacher.shape)
         ctx.reduction = opts.reduction
-        return _reduce(loss_rows, opts.reduction, scale, lead)
+        if defer:
+            ctx.save_for_backward(s2, t2, scale)
+            ctx.args = (mask1, opts, row_fn)
+        else:
+            ctx.grads = (grad_s, grad_t)
+        return reduce_rows(loss_rows, opts.reduction, scale, lead)
 
     @staticmethod
     def backward(ctx, grad_out):
         _check_single_backward(ctx)
+        if ctx.defer:
+            s2, t2, fwd_scale = ctx.saved_tensors
+            mask1, opts, row_fn = ctx.args
+            want_s, want_t = ctx.wants
+            scale = (fwd_scale * grad_out.reshape(-1).to(fwd_scale.dtype)).contiguous()
+            grad_s = torch.empty_like(s2, memory_format=torch.contiguous_format) if want_s else None
+            grad_t = torch.empty_like(t2, memory_format=torch.contiguous_format) if want_t else None
+            row_fn(s2, t2, spec=opts.spec, beta=opts.beta, temperature=opts.temperature,
+                   clip=opts.clip, mask=mask1, scale=scale, grad_student=grad_s,
+                   grad_teacher=grad_t)
+            outs = [None if g is None else g.view(shape)
+                    for g, shape in zip((grad_s, grad_t), ctx.shapes, strict=True)]
+            return outs[0], outs[1], None, None, None
         go = grad_out.reshape(-1, 1) if ctx.reduction == "none" else grad_out
         outs = []
         for g, shape in zip(ctx.grads, ctx.shapes, strict=True):
@@ -101,18 +111,22 @@ class DivergenceFunction(torch.autograd.Function):
         return outs[0], outs[1], None, None, None
 
 
-def auto_chunk_size(V: int, element_size: int, impl: str, N: int | None = None) -> int:
+def auto_chunk_size(V: int, impl: str, N: int | None = None, *, logit_bytes: int = 4,
+                    operand_bytes: int = 0) -> int:
     """Tokens per chunk so the chunk's working memory fits ``config.chunk_memory_budget``.
 
-    Per token the Triton path holds the student and teacher logit rows
-    (``2 * V * element_size`` bytes); the torch path also holds its float32
-    temporaries (about ``10 * V * 4`` bytes). Given the token count ``N``, the
-    chunk is also capped at ``max(128, ceil(N / 8))`` tokens so that small
-    inputs, which would fit the budget in one chunk, still work in pieces and
-    stay leaner than the naive path (a chunk of 128+ tokens keeps the GEMMs
-    efficient).
+    Per token the chunked paths hold the student and teacher logit rows in the
+    compute dtype (``2 * V * logit_bytes``: float32 logits, see
+    :mod:`opsd_kernels.gemm`), plus, for 16-bit weights, the logit gradient as
+    a 16-bit GEMM operand (``V * operand_bytes``); the torch row function also
+    holds its float32 temporaries (about ``10 * V * 4`` bytes). Given the token
+    count ``N``, the chunk is also capped at ``max(128, ceil(N / 8))`` tokens so
+    that small inputs, which would fit the budget in one chunk, still work in
+    pieces and stay leaner than the naive path (a chunk of 128+ tokens keeps the
+    GEMMs efficient).
     """
-    per_token = 2 * V * element_size + (_TEMPS_PER_ROW * V * 4 if impl == "torch" else 0)
+    per_token = V * (2 * logit_bytes + operand_bytes)
+    per_token += TEMPS_PER_ROW * V * 4 if impl == "torch" else 0
     c = max(1, config.chunk_memory_budget // per_token)
     c = c // 64 * 64 if c >= 128 else c
     if N is not None:
@@ -122,61 +136,76 @@ def auto_chunk_size(V: int, element_size: int, impl: str, N: int | None = None) 
 
 def _chunked_linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mask, opts,
                          row_fn, chunk, scale, want_h, want_w, want_b, weight_grad_dtype):
-    """One sweep over token chunks: logits, row kernel, gradient GEMMs.
+    """One sweep over token chunks: float32 logits, row kernel, gradient GEMMs.
 
-    ``scale``: (1,) or (N,) float32 per-row gradient factors. Returns
-    ``(loss_rows, grad_hidden, grad_weight, grad_bias)`` (None where unwanted).
+    ``scale``: (1,) or (N,) per-row gradient factors in the compute dtype.
+    Returns ``(loss_rows, grad_hidden, grad_weight, grad_bias)`` (None where
+    unwanted); the hidden and bias gradients are in the compute dtype (float32
+    or float64), the weight gradient in ``weight_grad_dtype``.
     """
     N = hs.shape[0]
     V = weight.shape[0]
-    loss = torch.empty(N, dtype=_compute_dtype(hs.dtype), device=hs.device)
-    grad_h = torch.empty_like(hs) if want_h else None
+    t_w = weight if teacher_weight is None else teacher_weight
+    t_b = bias if teacher_weight is None else teacher_bias
+    cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype, t_w.dtype)
+    s_op = gemm.operand_dtype(hs.dtype, weight.dtype)
+    loss = torch.empty(N, dtype=cdt, device=hs.device)
+    grad_h = torch.empty(N, hs.shape[1], dtype=cdt, device=hs.device) if want_h else None
     grad_w = (torch.zeros(weight.shape, dtype=weight_grad_dtype, device=weight.device)
               if want_w else None)
-    grad_b = (torch.zeros(V, dtype=weight_grad_dtype, device=weight.device)
-              if want_b else None)
+    grad_b = torch.zeros(V, dtype=cdt, device=weight.device) if want_b else None
     any_grad = want_h or want_w or want_b
-    shared = teacher_weight is None
-    # vocabulary rows per slice of the weight-gradient temporary (<= 64 MiB)
-    w_slice = max(1, min(V, (64 * 2**20) // max(1, weight.shape[1] * weight.element_size())))
+    # one GEMM for both roles when they share the lm_head and a dtype: one read of W
+    one_gemm = teacher_weight is None and hs.dtype == ht.dtype
     for lo in range(0, N, chunk):
         hi = min(N, lo + chunk)
         c = hi - lo
-        hs_c = hs[lo:hi]
-        if shared:
-            # one GEMM for both roles: one read of the lm_head serves teacher and student
-            logits = F.linear(torch.cat([hs_c, ht[lo:hi]]), weight, bias)
+        hs_c, ht_c = hs[lo:hi], ht[lo:hi]
+        mask_c = None if mask is None else mask[lo:hi]
+        if mask_c is not None:
+            # masked rows never reach a GEMM that mixes rows (0 * NaN = NaN in dW)
+            keep = mask_c.unsqueeze(-1)
+            hs_c = torch.where(keep, hs_c, torch.zeros((), dtype=hs_c.dtype, device=hs.device))
+            ht_c = torch.where(keep, ht_c, torch.zeros((), dtype=ht_c.dtype, device=hs.device))
+        if one_gemm:
+            logits = gemm.linear_logits(torch.cat([hs_c, ht_c]), weight, bias)
             s_l, t_l = logits[:c], logits[c:]
         else:
-            s_l = F.linear(hs_c, weight, bias)
-            t_l = F.linear(ht[lo:hi], teacher_weight, teacher_bias)
+            s_l = gemm.linear_logits(hs_c, weight, bias)
+            t_l = gemm.linear_logits(ht_c, t_w, t_b)
         rows = row_fn(
             s_l, t_l, spec=opts.spec, beta=opts.beta, temperature=opts.temperature,
-            clip=opts.clip, mask=None if mask is None else mask[lo:hi],
-            scale=scale if scale.numel() == 1 else scale[lo:hi],
+            clip=opts.clip, mask=mask_c, scale=scale if scale.numel() == 1 else scale[lo:hi],
             grad_student=s_l if any_grad else None, grad_teacher=None,
         )
         loss[lo:hi] = rows
         del t_l
-        # s_l now holds dL/d(student logits) for this chunk
-        if want_h:
-            torch.mm(s_l, weight, out=grad_h[lo:hi])
-        if want_w:
-            if grad_w.dtype == s_l.dtype:
-                grad_w.addmm_(s_l.t(), hs_c)
-            else:
-                # fp32 accumulation of a 16-bit GEMM: the product of one slice of
-                # vocabulary rows at a time, so the temporary stays small (not V x H)
-                for v0 in range(0, V, w_slice):
-                    grad_w[v0:v0 + w_slice].add_(torch.mm(s_l[:, v0:v0 + w_slice].t(), hs_c))
+        if not any_grad:
+            continue
+        # s_l now holds dL/d(student logits) for this chunk, in the compute dtype,
+        # already multiplied by the rows' factors
         if want_b:
-            grad_b.add_(s_l.sum(0, dtype=grad_b.dtype))
+            grad_b.add_(s_l.sum(0))
+        op, inv = gemm.gradient_operand(s_l, s_op)
         del s_l
+        if want_h:
+            grad_h[lo:hi] = gemm.grad_hidden(op, inv, weight, cdt)
+        if want_w:
+            gemm.accumulate_grad_weight(grad_w, op, inv, hs_c, cdt)
+        del op
     return loss, grad_h, grad_w, grad_b
 
 
 class FusedLinearDivergenceFunction(torch.autograd.Function):
-    """Chunked fused-linear divergence; gradients to student hidden, weight and bias."""
+    """Chunked fused-linear divergence; gradients to student hidden, weight and bias.
+
+    Logits are float32 (:mod:`opsd_kernels.gemm`). Gradients formed in the forward
+    are kept in float32 until the backward has applied the upstream factor (e.g. a
+    GradScaler's loss scale), and only then cast to each input's dtype. A weight
+    gradient that must accumulate in float16 (``fp32_weight_grad=False`` with a
+    float16 weight) is recomputed in the backward instead, with the upstream factor
+    applied first.
+    """
 
     @staticmethod
     def forward(ctx, student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias,
@@ -191,39 +220,46 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         want_w = ctx.needs_input_grad[2]
         want_b = ctx.needs_input_grad[4]
         N = hs.shape[0]
-        # "none" with weight/bias gradients: rows mix in dW and db, so the backward recomputes
-        defer = opts.reduction == "none" and (want_w or want_b)
-        scale = _forward_scale(opts.reduction, mask1, N, hs.device, _compute_dtype(hs.dtype))
-        loss, grad_h, grad_w, grad_b = _chunked_linear_pass(
-            hs, ht, weight, teacher_weight, bias, teacher_bias, mask1, opts, row_fn, chunk,
-            scale, want_h and not defer, want_w and not defer, want_b and not defer,
-            weight_grad_dtype,
-        )
+        cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype)
+        # rows mix in dW and db: with "none" the per-row upstream factors are only known
+        # in the backward; a float16 accumulator must not hold unscaled values
+        defer = (want_w or want_b) and (
+            opts.reduction == "none" or (want_w and weight_grad_dtype == torch.float16))
+        scale = forward_scale(opts.reduction, mask1, N, hs.device, cdt)
+        with torch.autocast(hs.device.type, enabled=False):
+            loss, grad_h, grad_w, grad_b = _chunked_linear_pass(
+                hs, ht, weight, teacher_weight, bias, teacher_bias, mask1, opts, row_fn, chunk,
+                scale, want_h and not defer, want_w and not defer, want_b and not defer,
+                weight_grad_dtype,
+            )
         ctx.defer = defer
         ctx.reduction = opts.reduction
         ctx.wants = (want_h, want_w, want_b)
         ctx.weight_grad_dtype = weight_grad_dtype
-        ctx.shapes = (student_hidden.shape, weight.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (student_hidden.shape, student_hidden.dtype, weight.dtype,
+                      None if bias is None else bias.dtype)
         if defer:
-            ctx.save_for_backward(hs, ht, weight, teacher_weight, bias, teacher_bias)
+            ctx.save_for_backward(hs, ht, weight, teacher_weight, bias, teacher_bias, scale)
             ctx.args = (mask1, opts, row_fn, chunk)
         else:
             ctx.grads = (grad_h, grad_w, grad_b)
-        return _reduce(loss, opts.reduction, scale, lead)
+        return reduce_rows(loss, opts.reduction, scale, lead)
 
     @staticmethod
     def backward(ctx, grad_out):
         _check_single_backward(ctx)
         want_h, want_w, want_b = ctx.wants
-        shape, w_dtype, b_dtype = ctx.shapes
+        shape, h_dtype, w_dtype, b_dtype = ctx.dtypes
         if ctx.defer:
-            hs, ht, weight, teacher_weight, bias, teacher_bias = ctx.saved_tensors
+            hs, ht, weight, teacher_weight, bias, teacher_bias, fwd_scale = ctx.saved_tensors
             mask1, opts, row_fn, chunk = ctx.args
-            scale = grad_out.reshape(-1).to(_compute_dtype(hs.dtype)).contiguous()
-            _, grad_h, grad_w, grad_b = _chunked_linear_pass(
-                hs, ht, weight, teacher_weight, bias, teacher_bias, mask1, opts, row_fn, chunk,
-                scale, want_h, want_w, want_b, ctx.weight_grad_dtype,
-            )
+            # the upstream factor goes in first: no 16-bit buffer holds an unscaled value
+            scale = (fwd_scale * grad_out.reshape(-1).to(fwd_scale.dtype)).contiguous()
+            with torch.autocast(hs.device.type, enabled=False):
+                _, grad_h, grad_w, grad_b = _chunked_linear_pass(
+                    hs, ht, weight, teacher_weight, bias, teacher_bias, mask1, opts, row_fn,
+                    chunk, scale, want_h, want_w, want_b, ctx.weight_grad_dtype,
+                )
         else:
             grad_h, grad_w, grad_b = ctx.grads
             ctx.grads = None
@@ -235,7 +271,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             if grad_b is not None:
                 grad_b.mul_(grad_out)
         return (
-            None if grad_h is None else grad_h.view(shape),
+            None if grad_h is None else grad_h.to(h_dtype).view(shape),
             None,
             None if grad_w is None else grad_w.to(w_dtype),
             None,

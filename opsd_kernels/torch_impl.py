@@ -15,11 +15,11 @@ from . import config
 from .divergences import KindSpec, rows_loss_and_grads
 
 # float32 temporaries of width V alive at once in rows_loss_and_grads (upper bound)
-_TEMPS_PER_ROW = 10
+TEMPS_PER_ROW = 10
 
 
 def rows_per_chunk(V: int, R: int, bytes_per_element: int = 4,
-                   temps: int = _TEMPS_PER_ROW) -> int:
+                   temps: int = TEMPS_PER_ROW) -> int:
     """Rows per block: the float32 temporaries fit ``config.chunk_memory_budget``, and
     at most ``max(16, ceil(R / 8))`` rows so that small inputs also work in pieces
     (their temporaries then stay near the size of one input)."""

@@ -60,6 +60,18 @@ def test_generalized_jsd_errors():
         generalized_jsd(S, T, beta=1.5)
     with pytest.raises(ValueError, match="reduction"):
         generalized_jsd(S, T, reduction="avg")
+    with pytest.raises(ValueError, match="labels must be a tensor of shape"):
+        generalized_jsd(S, T, labels=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        generalized_jsd(S, T, temperature=0.0)
+    with pytest.raises(TypeError, match="logits_are_probs"):
+        generalized_jsd(S, T, logits_are_probs="yes")
+    with pytest.raises(TypeError, match="num_items_in_batch"):
+        generalized_jsd(S, T, num_items_in_batch="7")
+    with pytest.raises(ValueError, match="same shape"):
+        generalized_jsd(S, T[:, :9])
+    with pytest.raises(TypeError, match="student_logits"):
+        generalized_jsd(S.long(), T)
 
 
 H = torch.randn(3, 8)
@@ -76,7 +88,8 @@ W = torch.randn(10, 8)
      "teacher_weight must have shape"),
     ((H, H, W), dict(teacher_bias=torch.randn(10)), ValueError, "teacher_bias"),
     ((H, H, W), dict(bias=torch.randn(11)), ValueError, "bias must have shape"),
-    ((H, H, W.double()), {}, TypeError, "share one dtype"),
+    ((H, H, W.half()), dict(impl="fused"), TypeError, "one dtype"),
+    ((H, H, W.double()), dict(impl="triton"), TypeError, "float64"),
     ((H, H, W), dict(chunk_size=0), ValueError, "chunk_size"),
     ((H, H, W), dict(chunk_size=2.5), ValueError, "chunk_size"),
     ((H, H, W), dict(mask=torch.ones(3)), TypeError, "mask"),

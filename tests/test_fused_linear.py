@@ -166,8 +166,42 @@ def test_auto_chunk_size_follows_budget(monkeypatch):
     from opsd_kernels.autograd import auto_chunk_size
 
     monkeypatch.setattr(opsd_kernels.config, "chunk_memory_budget", 64 * 2**20)
-    c = auto_chunk_size(151_936, 2, "triton")
-    assert 2 * c * 151_936 * 2 <= 64 * 2**20 and c >= 64
-    assert auto_chunk_size(151_936, 2, "torch") < c
+    # bf16 operands: float32 student + teacher logits and a bf16 gradient operand per entry
+    c = auto_chunk_size(151_936, "triton", logit_bytes=4, operand_bytes=2)
+    assert c * 151_936 * (2 * 4 + 2) <= 64 * 2**20 and c >= 32
+    assert auto_chunk_size(151_936, "triton", logit_bytes=4) >= c  # no operand copy
+    assert auto_chunk_size(151_936, "torch", logit_bytes=4, operand_bytes=2) < c
     monkeypatch.setattr(opsd_kernels.config, "chunk_memory_budget", 1)
-    assert auto_chunk_size(151_936, 2, "torch") == 1
+    assert auto_chunk_size(151_936, "torch") == 1
+
+
+@pytest.mark.parametrize("impl", IMPLS + [pytest.param("fused", marks=pytest.mark.skipif(
+    not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1"))])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_masked_rows_never_reach_any_gradient(impl, reduction, bias, poison):
+    """Padding rows may hold anything: NaN or inf in masked student AND teacher rows
+    must not reach the loss or any gradient, the weight and bias gradients included
+    (0 * NaN = NaN in a GEMM that mixes rows)."""
+    x = make_inputs((12,), 16, 70, bias=bias)
+    mask = torch.ones(12, dtype=torch.bool, device=DEVICE)
+    mask[[2, 7, 11]] = False
+    clean = {k: v.clone() for k, v in x.items()}
+    for k in ("student_hidden", "teacher_hidden"):
+        x[k][~mask] = poison
+        clean[k][~mask] = 0.0
+    outs = []
+    for inputs in (x, clean):
+        trainable = {k: inputs[k].clone().requires_grad_()
+                     for k in ("student_hidden", "weight", "bias") if k in inputs}
+        loss = fused_linear_divergence(**{**inputs, **trainable}, mask=mask, impl=impl,
+                                       chunk_size=5, reduction=reduction, clip=0.05)
+        (loss.sum() if reduction == "none" else loss).backward()
+        outs.append((loss.detach(), {k: v.grad for k, v in trainable.items()}))
+    (loss_p, grads_p), (loss_c, grads_c) = outs
+    assert torch.isfinite(loss_p).all()
+    torch.testing.assert_close(loss_p, loss_c)
+    for k, g in grads_p.items():
+        assert torch.isfinite(g).all(), k
+        torch.testing.assert_close(g, grads_c[k], msg=k)
