@@ -581,8 +581,56 @@ def auto_topk_chunk(V: int, N: int) -> int:
     return min(c, max(128, -(-N // 8)))
 
 
+def auto_renormalize_chunk(K: int, H: int) -> int:
+    """Tokens per chunk of the renormalize tail: its (c, K, H) float32 gather of weight
+    rows (and one temporary of that size) fit ``config.chunk_memory_budget``."""
+    return max(1, config.chunk_memory_budget // (2 * K * H * 4))
+
+
+def _renormalize_linear_pass(hs, weight, bias, teacher, mask1, opts, chunk, scale,
+                             want_h, want_w, want_b, compute):
+    """The renormalize tail needs only the K logits per token: ``h . W[I_k] (+ b[I_k])``
+    from gathered weight rows, O(N K H) flops instead of O(N V H); the gradient goes
+    back to those rows only (``index_add_``)."""
+    N, H = hs.shape
+    K = teacher.ids.shape[1]
+    loss = torch.empty(N, dtype=compute, device=hs.device)
+    gh = torch.empty(hs.shape, dtype=compute, device=hs.device) if want_h else None
+    gw = torch.zeros(weight.shape, dtype=compute, device=hs.device) if want_w else None
+    gb = torch.zeros(weight.shape[0], dtype=compute, device=hs.device) if want_b else None
+    want = want_h or want_w or want_b
+    for lo in range(0, N, chunk):
+        hi = min(N, lo + chunk)
+        rows = teacher.rows(lo, hi)
+        ids = rows.pop("ids")
+        h_c = hs[lo:hi].to(compute)
+        w_k = weight[ids].to(compute)  # (c, K, H)
+        z = torch.bmm(w_k, h_c[:, :, None])[:, :, 0]
+        if bias is not None:
+            z = z + bias.to(compute)[ids]
+        # the K logits are the whole "row": the entries are 0..K-1 of z
+        local = torch.arange(K, device=hs.device).expand(hi - lo, K)
+        out = topk_rows_torch(z, ids=local, **rows, spec=opts.spec, beta=opts.beta,
+                              temperature=opts.temperature, clip=opts.clip,
+                              scale=scale if scale.numel() == 1 else scale[lo:hi],
+                              want_grad=want)
+        loss[lo:hi] = _finish_rows(out, z if want else None, _slice(mask1, lo, hi),
+                                   _slice(teacher.bad, lo, hi))
+        # z now holds dL/d(the K logits); padding entries hold 0
+        if want_h:
+            gh[lo:hi] = torch.bmm(z[:, None, :], w_k)[:, 0, :]
+        if want_w:
+            gw.index_add_(0, ids.reshape(-1), (z[:, :, None] * h_c[:, None, :]).reshape(-1, H))
+        if want_b:
+            gb.index_add_(0, ids.reshape(-1), z.reshape(-1))
+    return loss, gh, gw, gb
+
+
 def _linear_pass(hs, weight, bias, teacher, mask1, opts, row_fn, chunk, scale,
                  want_h, want_w, want_b, compute):
+    if opts.tail == "renormalize":
+        return _renormalize_linear_pass(hs, weight, bias, teacher, mask1, opts, chunk, scale,
+                                        want_h, want_w, want_b, compute)
     N = hs.shape[0]
     V = weight.shape[0]
     loss = torch.empty(N, dtype=compute, device=hs.device)
@@ -697,15 +745,28 @@ def fused_linear_topk_divergence(
     forming the (tokens x V) logits.
 
     Equals ``topk_divergence(student_hidden @ weight.T + bias, teacher_ids,
-    teacher_logprobs, ...)``. Per chunk of tokens: one logits GEMM into a float32
-    (c, V) buffer (16-bit operands are upcast per chunk / per <= 64 MiB weight
-    slice, or multiplied with a float32-output GEMM on CUDA: the logits are never
-    16-bit), one pass for the student's log-sum-exp and the complement's, a
-    gather at the K ids, the row terms, the logit gradient written over the
-    buffer, then the gradient GEMMs. Extra memory O(N * K) plus one chunk
-    (about 3 float32 rows of width V per token, bounded by
-    ``opsd_kernels.config.chunk_memory_budget``), plus float32 (N, H) and, for a
-    trainable weight, (V, H) gradient accumulators.
+    teacher_logprobs, ...)``.
+
+    ``tail="bucket"``: per chunk of tokens, one logits GEMM into a float32 (c, V)
+    buffer (16-bit operands are upcast per chunk / per <= 64 MiB weight slice, or
+    multiplied with a float32-output GEMM on CUDA: the logits are never 16-bit),
+    one pass for the student's log-sum-exp and the complement's, a gather at the
+    K ids, the row terms, the logit gradient written over the buffer, then the
+    gradient GEMMs (2NHV flops forward, +2NHV for the hidden-state gradient,
+    +2NHV for the weight gradient). Extra memory O(N * K) plus one chunk (about 3
+    float32 rows of width V per token, bounded by
+    ``opsd_kernels.config.chunk_memory_budget``).
+
+    ``tail="renormalize"`` needs only the K logits of each token: they are formed
+    from the gathered weight rows ``W[I_k]`` (O(N K H) flops, no pass over the
+    vocabulary, chunks of (c, K, H) float32 within the budget), and the weight
+    gradient goes to those rows only (``index_add_``: on CUDA its summation order,
+    hence the last bits, may vary between runs). Both impls take this path; the
+    Triton row kernel serves the bucket tail.
+
+    Either tail adds float32 (N, H) and, for a trainable weight, (V, H) gradient
+    accumulators (the upstream factor is applied to them before any cast to a
+    16-bit dtype).
 
     Args:
         student_hidden: (..., H) final hidden states of the student.
@@ -788,6 +849,11 @@ def fused_linear_topk_divergence(
         student_hidden, weight = student_hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
     N = student_hidden.numel() // H
-    chunk = chunk_size or auto_topk_chunk(V, N)
+    if chunk_size is not None:
+        chunk = chunk_size
+    elif opts.tail == "renormalize":
+        chunk = auto_renormalize_chunk(teacher_ids.shape[-1], H)
+    else:
+        chunk = auto_topk_chunk(V, N)
     return FusedLinearTopkFunction.apply(student_hidden, weight, bias, teacher, mask1, opts,
                                          _row_function(impl), chunk)

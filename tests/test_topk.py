@@ -283,6 +283,23 @@ def test_linear_never_forms_full_logits():
     assert pm.peak_bytes < full / 3, (pm.peak_bytes, full)
 
 
+def test_linear_renormalize_reads_only_k_rows():
+    N, H, V, K = 256, 16, 20000, 4
+    x, ids, lp = linear_inputs((N,), H, V, K, torch.float32, seed=2)
+    x["student_hidden"].requires_grad_()
+    with PeakMemory() as pm:
+        loss = fused_linear_topk_divergence(**x, teacher_ids=ids, teacher_logprobs=lp,
+                                            tail="renormalize", chunk_size=64)
+        loss.backward()
+    assert pm.peak_bytes < N * V * 4 / 50, pm.peak_bytes  # no (chunk x V) buffer at all
+    ref = fused_linear_topk_divergence(**x, teacher_ids=ids, teacher_logprobs=lp,
+                                       tail="renormalize", chunk_size=64, impl="torch")
+    ref_in = {k: v.detach().double() for k, v in x.items()}
+    expected = fused_linear_topk_divergence_reference(**ref_in, teacher_ids=ids,
+                                                      teacher_logprobs=lp, tail="renormalize")
+    assert_close(ref, expected, torch.float32, "loss")
+
+
 def test_modules():
     from opsd_kernels.modules import FusedLinearTopkDivergence, TopkDivergence
 
