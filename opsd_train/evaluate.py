@@ -1,8 +1,19 @@
-"""Answer checking and held-out evaluation.
+"""Answer checking, evaluation data and held-out evaluation.
 
-The checker takes the **last** ``\\boxed{...}`` of a completion (braces may nest),
-normalises both sides and compares them as strings, then numerically (integers, decimals,
-fractions ``a/b`` and ``\\frac{a}{b}``, thousands separators, percent signs).
+**Checking.** The checker takes the **last** ``\\boxed{...}`` of a completion (braces may
+nest). :func:`answers_match` decides equality with the ``math-verify`` library (parse both
+sides as LaTeX, then ``verify(reference, prediction)``, as the OPSD reference evaluation
+does), after two cheap exact tests: equal normalised strings, and equal plain numbers.
+Without ``math-verify`` it falls back to string and number comparison and warns once.
+
+**Data.** Evaluation sets need a question and an answer, no solution
+(:func:`load_eval_jsonl`, :func:`eval_problems_from_records`).
+
+**Protocol.** :func:`evaluate_problems` takes the sampling settings as arguments; greedy
+pass@1 is optional and avg@k samples ``k`` completions per problem. ``EVAL_PRESETS["paper"]``
+holds the reference protocol (T 1.0, top-p 0.95, no top-k, 38,912 new tokens, avg@12, no
+greedy pass); the prompt side (no ``Problem:`` prefix, thinking on) is
+:meth:`opsd_train.prompts.PromptBuilder.eval_ids`.
 
 >>> extract_boxed(r"first \\boxed{1}, finally \\boxed{\\frac{1}{2}}")
 '\\\\frac{1}{2}'
@@ -14,18 +25,30 @@ True
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from pathlib import Path
+
+from .data import Problem
 
 __all__ = [
     "extract_boxed",
     "normalize_answer",
     "parse_number",
     "answers_match",
+    "answer_checker",
     "is_correct",
+    "EvalSampling",
+    "EVAL_PRESETS",
+    "eval_preset",
+    "eval_problems_from_records",
+    "load_eval_jsonl",
     "EvalResult",
     "evaluate_problems",
 ]
@@ -126,21 +149,119 @@ def parse_number(s: str) -> Fraction | float | None:
     return val
 
 
-def answers_match(pred: str | None, ref: str, rel_tol: float = 1e-6) -> bool:
-    """Whether a predicted answer equals the reference: equal after normalisation, or equal
-    as numbers (exactly for rationals, within ``rel_tol`` otherwise). ``None`` never matches.
+# ---------------------------------------------------------------------------------------
+# Equality of answers
+# ---------------------------------------------------------------------------------------
+
+_PLAIN_NUMBER_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# Inputs that can make sympy work for minutes (a tower of powers, a huge power or
+# factorial). Only screened where math-verify's signal-based timeout cannot run.
+_RISKY_RE = re.compile(r"\^\s*\{[^{}]*\^|\^\s*\{?\s*\d{5,}|\d{4,}\s*!|\*\*\s*\(?[^)]*\*\*")
+_MAX_UNGUARDED_LEN = 300
+
+_UNSET = object()
+_MATH_VERIFY = _UNSET  # the imported module, None when it is missing, _UNSET before looking
+
+
+def _math_verify():
+    global _MATH_VERIFY
+    if _MATH_VERIFY is _UNSET:
+        try:
+            import math_verify
+        except ImportError:
+            math_verify = None
+            warnings.warn(
+                "math-verify is not installed: answers are compared as normalised strings and "
+                "plain numbers only, so equal expressions written differently (2\\sqrt{3} vs "
+                "\\sqrt{12}) count as wrong. Install it: pip install math-verify",
+                RuntimeWarning, stacklevel=3)
+        _MATH_VERIFY = math_verify
+    return _MATH_VERIFY
+
+
+def answer_checker() -> str:
+    """The equality backend in use: ``"math-verify"`` or ``"fallback"`` (strings and plain
+    numbers; used only when the library is missing).
+
+    >>> answer_checker() in ("math-verify", "fallback")
+    True
     """
-    if pred is None:
-        return False
-    a, b = normalize_answer(pred), normalize_answer(ref)
-    if a == b and a != "":
-        return True
-    x, y = parse_number(a), parse_number(b)
-    if x is None or y is None:
-        return False
+    return "math-verify" if _math_verify() is not None else "fallback"
+
+
+def _numbers_equal(x: Fraction | float, y: Fraction | float, rel_tol: float) -> bool:
     if isinstance(x, Fraction) and isinstance(y, Fraction):
         return x == y
     return math.isclose(float(x), float(y), rel_tol=rel_tol, abs_tol=1e-12)
+
+
+def _legacy_match(a: str, b: str, rel_tol: float) -> bool:
+    """Equal normalised strings, or equal numbers (``parse_number``)."""
+    if a == b:
+        return a != ""
+    x, y = parse_number(a), parse_number(b)
+    return x is not None and y is not None and _numbers_equal(x, y, rel_tol)
+
+
+def _math_verify_match(mv, pred: str, ref: str, timeout_seconds: int | None) -> bool | None:
+    """``verify(parse(ref), parse(pred))``; ``None`` when a side does not parse or the input
+    is unsafe to run without a timeout."""
+    # math-verify's timeout is signal.alarm, which only the main thread may set: elsewhere
+    # run without it and refuse inputs that could run for minutes instead.
+    in_main = threading.current_thread() is threading.main_thread()
+    timeout = timeout_seconds if in_main else None
+    if not in_main:
+        for s in (pred, ref):
+            if len(s) > _MAX_UNGUARDED_LEN or _RISKY_RE.search(s):
+                return None
+    wrap = lambda s: s if "$" in s else f"${s}$"
+    gold = mv.parse(wrap(ref), fallback_mode="no_fallback", parsing_timeout=timeout)
+    target = mv.parse(wrap(pred), fallback_mode="no_fallback", parsing_timeout=timeout)
+    if not gold or not target:
+        return None
+    return bool(mv.verify(gold, target, timeout_seconds=timeout))
+
+
+def answers_match(pred: str | None, ref: str | None, rel_tol: float = 1e-6, *,
+                  timeout_seconds: int = 5) -> bool:
+    """Whether a predicted answer equals the reference answer (both without ``\\boxed``).
+
+    In order: equal after :func:`normalize_answer` (a cheap exact test); both plain numbers
+    (integers, decimals, scientific notation: compared exactly); otherwise math-verify
+    decides (``verify(reference, prediction)``, float rounding to 6 digits), and exact
+    number equality (:func:`parse_number`: fractions, percentages) can only add a match.
+    When math-verify cannot parse a side, or is not installed (a warning says so once),
+    string and number equality decide alone. ``None`` or an empty answer never matches.
+
+    ``timeout_seconds`` bounds each math-verify parse and comparison in the main thread
+    (math-verify uses ``signal.alarm``). In other threads there is no timeout; inputs that
+    could run for minutes (power towers, huge exponents or factorials, over 300 characters)
+    then skip math-verify and get the string/number test.
+
+    With math-verify, ``answers_match(r"2\\sqrt{3}", r"\\sqrt{12}")``,
+    ``answers_match(r"\\dfrac{\\sqrt3}{2}", r"\\frac{\\sqrt{3}}{2}")`` and
+    ``answers_match("x=3", "3")`` are true (tests/test_train_evaluate.py); these hold either way:
+
+    >>> answers_match(r"\\dfrac{3}{4}", "0.75"), answers_match("7", "8")
+    (True, False)
+    """
+    if pred is None or ref is None:
+        return False
+    a, b = normalize_answer(pred), normalize_answer(ref)
+    if not a or not b:
+        return False
+    if a == b:
+        return True
+    if _PLAIN_NUMBER_RE.fullmatch(a) and _PLAIN_NUMBER_RE.fullmatch(b):
+        x, y = parse_number(a), parse_number(b)
+        if x is not None and y is not None:
+            return _numbers_equal(x, y, rel_tol)
+    legacy = _legacy_match(a, b, rel_tol)
+    mv = _math_verify()
+    if mv is None or legacy:
+        return legacy
+    verdict = _math_verify_match(mv, pred.strip(), ref.strip(), timeout_seconds)
+    return bool(verdict)
 
 
 def is_correct(completion: str, answer: str) -> bool:
@@ -148,29 +269,194 @@ def is_correct(completion: str, answer: str) -> bool:
     return answers_match(extract_boxed(completion), answer)
 
 
-@dataclass
-class EvalResult:
-    """Accuracy of one evaluation pass.
+# ---------------------------------------------------------------------------------------
+# Evaluation data: a question and an answer, no solution needed
+# ---------------------------------------------------------------------------------------
 
-    ``pass1`` is greedy-decoding accuracy (pass@1); ``avg_k`` is the mean accuracy over
-    ``k`` sampled completions per problem (avg@k; ``None`` when ``k == 0``);
-    ``mean_len`` is the mean completion length in tokens of the greedy pass.
+_QUESTION_KEYS = ("question", "problem", "prompt")
+
+
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip())
+
+
+def eval_problems_from_records(
+    records: Iterable[dict],
+    *,
+    question_key: str | None = None,
+    answer_key: str = "answer",
+    solution_key: str = "solution",
+    source: str = "dataset",
+) -> list[Problem]:
+    """Evaluation problems from mapping rows: a question and an answer per row.
+
+    ``question_key=None`` takes the first of ``question``, ``problem``, ``prompt`` present
+    in each row (AIME/HMMT sets use ``problem``). The answer is ``row[answer_key]`` (numbers
+    are turned into strings); a row without one takes the last ``\\boxed{}`` of its
+    solution (MATH-500 style). A solution, when present, is kept (the teacher-role
+    evaluation reads it) but never required. Bad rows raise ``ValueError`` naming the row.
+
+    >>> [p.answer for p in eval_problems_from_records([{"problem": "2+2?", "answer": 4}])]
+    ['4']
+    >>> eval_problems_from_records([{"problem": "2+2?"}])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: dataset row 0: no 'answer' field and no 'solution' with a ...
+    """
+    out: list[Problem] = []
+    for i, row in enumerate(records):
+        if not isinstance(row, dict):
+            raise ValueError(f"{source} row {i}: expected a mapping, got {type(row).__name__}")
+        keys = (question_key,) if question_key is not None else _QUESTION_KEYS
+        qkey = next((k for k in keys if not _blank(row.get(k))), None)
+        if qkey is None:
+            want = repr(question_key) if question_key is not None else \
+                "one of " + ", ".join(repr(k) for k in _QUESTION_KEYS)
+            raise ValueError(f"{source} row {i}: missing or empty question field {want} "
+                             f"(columns present: {sorted(row)})")
+        solution = row.get(solution_key)
+        solution = "" if _blank(solution) else str(solution)
+        answer = row.get(answer_key)
+        if _blank(answer):
+            answer = extract_boxed(solution) if solution else None
+            if _blank(answer):
+                raise ValueError(
+                    f"{source} row {i}: no {answer_key!r} field and no {solution_key!r} with "
+                    f"a \\boxed{{}} answer (columns present: {sorted(row)})")
+        out.append(Problem(str(row[qkey]), solution, str(answer).strip()))
+    if not out:
+        raise ValueError(f"{source} is empty: nothing to evaluate")
+    return out
+
+
+def load_eval_jsonl(path: str | Path, **keys) -> list[Problem]:
+    """Evaluation problems from a JSON-lines file (blank lines skipped); ``keys`` as in
+    :func:`eval_problems_from_records`. Raises ``FileNotFoundError``, or ``ValueError`` for
+    malformed JSON (with the line number) or a bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation data file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+    return eval_problems_from_records(rows, source=str(path), **keys)
+
+
+# ---------------------------------------------------------------------------------------
+# The protocol: sampling settings and the evaluation loop
+# ---------------------------------------------------------------------------------------
+
+
+def _check_sampling(temperature, top_p, top_k, max_new_tokens, k, greedy) -> None:
+    if not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be an integer >= 0, got {k!r}")
+    if not greedy and k == 0:
+        raise ValueError("nothing to evaluate: greedy=False and k=0 (set k > 0 for avg@k)")
+    if k > 0 and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling (k > 0), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
+@dataclass(frozen=True)
+class EvalSampling:
+    """Sampling settings of one evaluation: ``k`` sampled completions per problem (avg@k)
+    at ``temperature``/``top_p``/``top_k`` (``top_k=0`` and ``top_p=1`` disable those
+    filters), up to ``max_new_tokens`` each, plus a greedy pass (pass@1) when ``greedy``.
+    ``as_kwargs()`` gives the keyword arguments of :func:`evaluate_problems`.
+
+    >>> EVAL_PRESETS["paper"].as_kwargs()["max_new_tokens"]
+    38912
     """
 
-    pass1: float
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    k: int = 0
+    greedy: bool = True
+
+    def __post_init__(self):
+        _check_sampling(self.temperature, self.top_p, self.top_k, self.max_new_tokens,
+                        self.k, self.greedy)
+
+    def as_kwargs(self) -> dict:
+        """The settings as keyword arguments of :func:`evaluate_problems`."""
+        return asdict(self)
+
+
+EVAL_PRESETS: dict[str, EvalSampling] = {
+    # the OPSD reference evaluation: T 1.0, top-p 0.95, top-k off, 38,912 new tokens, avg@12
+    "paper": EvalSampling(temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=38_912, k=12,
+                          greedy=False),
+}
+
+
+def eval_preset(name: str) -> EvalSampling:
+    """The named evaluation preset (``ValueError`` listing the names otherwise)."""
+    if name not in EVAL_PRESETS:
+        raise ValueError(f"unknown evaluation preset {name!r}; known: {sorted(EVAL_PRESETS)}")
+    return EVAL_PRESETS[name]
+
+
+@dataclass
+class EvalResult:
+    """Accuracy of one evaluation.
+
+    ``pass1``: greedy-decoding accuracy (pass@1), ``None`` without a greedy pass.
+    ``avg_k``: mean accuracy over ``k`` sampled completions per problem (avg@k) and
+    ``pass_k``: share of problems with at least one correct sample (pass@k); both ``None``
+    when ``k == 0``. ``mean_len`` and ``boxed_rate`` describe the greedy completions when
+    there are some, else the sampled ones. ``generated_tokens`` counts every completion
+    token of the evaluation; ``per_problem`` is each problem's accuracy (greedy, or over
+    its samples when there is no greedy pass).
+    """
+
+    pass1: float | None
     avg_k: float | None
     k: int
     n: int
     mean_len: float
     boxed_rate: float
     samples: list[dict]
+    pass_k: float | None = None
+    generated_tokens: int = 0
+    per_problem: list[float] = field(default_factory=list)
+    checker: str = ""
+
+    @property
+    def score(self) -> float:
+        """The headline accuracy: pass@1 when there was a greedy pass, else avg@k."""
+        return self.pass1 if self.pass1 is not None else self.avg_k
+
+    @property
+    def score_name(self) -> str:
+        """``"pass@1"`` or ``"avg@k"``, naming :attr:`score`."""
+        return "pass@1" if self.pass1 is not None else f"avg@{self.k}"
 
     def to_dict(self) -> dict:
-        """The metrics (without the samples) as a dict (``avg@k`` only when ``k > 0``)."""
-        out = {"pass@1": self.pass1}
+        """The metrics (without samples and per-problem scores) as a dict: ``pass@1`` only
+        with a greedy pass, ``avg@k``/``pass@k`` only when ``k > 0``."""
+        out: dict = {}
+        if self.pass1 is not None:
+            out["pass@1"] = self.pass1
         if self.k > 0:
             out[f"avg@{self.k}"] = self.avg_k
-        out.update(n=self.n, mean_len=self.mean_len, boxed_rate=self.boxed_rate)
+            out[f"pass@{self.k}"] = self.pass_k
+        out.update(n=self.n, mean_len=self.mean_len, boxed_rate=self.boxed_rate,
+                   generated_tokens=self.generated_tokens)
+        if self.checker:
+            out["checker"] = self.checker
         return out
 
 
@@ -185,56 +471,86 @@ def evaluate_problems(
     top_p: float = 1.0,
     top_k: int = 0,
     max_new_tokens: int = 256,
+    greedy: bool = True,
     batch_size: int = 64,
     n_samples_kept: int = 4,
+    check: Callable[[str, str], bool] = is_correct,
 ) -> EvalResult:
     """Score prompts against reference answers.
 
-    ``generate(prompt_ids, sampling)`` returns one completion per prompt, where
-    ``sampling`` is a dict with ``do_sample``, ``temperature``, ``top_p``, ``top_k`` and
-    ``max_new_tokens`` (a :class:`opsd_train.rollout.RolloutEngine` provides one).
-    Greedy decoding gives pass@1; ``k > 0`` adds avg@k from ``k`` samples per prompt.
+    ``generate(prompt_ids, sampling)`` returns one completion per prompt, where ``sampling``
+    is a dict with ``do_sample``, ``max_new_tokens`` and, when sampling, ``temperature``,
+    ``top_p`` and ``top_k`` (a :class:`opsd_train.rollout.RolloutEngine` provides one).
+    ``greedy`` adds a greedy pass (pass@1); ``k > 0`` samples ``k`` completions per prompt
+    (avg@k and pass@k). ``check(completion_text, answer)`` scores a completion (default:
+    its last ``\\boxed{}`` through :func:`answers_match`). The reference protocol is
+    ``evaluate_problems(..., **EVAL_PRESETS["paper"].as_kwargs())``.
+
+    >>> gen = lambda batch, sampling: [[7] for _ in batch]
+    >>> res = evaluate_problems(gen, lambda ids: r"\\boxed{7}", [[1], [2]], ["7", "8"], k=3)
+    >>> res.pass1, res.avg_k, res.pass_k, res.generated_tokens
+    (0.5, 0.5, 0.5, 8)
     """
     if len(prompts) != len(answers):
-        raise ValueError("prompts and answers differ in length")
+        raise ValueError(f"prompts and answers differ in length ({len(prompts)} vs "
+                         f"{len(answers)})")
     if not prompts:
         raise ValueError("nothing to evaluate: the evaluation set is empty")
+    _check_sampling(temperature, top_p, top_k, max_new_tokens, k, greedy)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
     def run(sampling: dict, reps: int) -> list[list[int]]:
         outs: list[list[int]] = []
         expanded = [p for p in prompts for _ in range(reps)]
         for i in range(0, len(expanded), batch_size):
             outs.extend(generate(expanded[i : i + batch_size], sampling))
+        if len(outs) != len(expanded):
+            raise ValueError(f"generate returned {len(outs)} completions for "
+                             f"{len(expanded)} prompts")
         return outs
 
-    greedy = run({"do_sample": False, "max_new_tokens": max_new_tokens}, 1)
-    texts = [decode(c) for c in greedy]
-    correct = [is_correct(t, a) for t, a in zip(texts, answers, strict=True)]
-    boxed = [extract_boxed(t) is not None for t in texts]
-    samples = [
-        {"completion": t, "answer": a, "correct": c}
-        for t, a, c in list(zip(texts, answers, correct, strict=True))[:n_samples_kept]
-    ]
-    avg_k = None
+    def score(comps: list[list[int]], reps: int) -> tuple[list[str], list[bool]]:
+        texts = [decode(c) for c in comps]
+        return texts, [check(t, answers[i // reps]) for i, t in enumerate(texts)]
+
+    n = len(prompts)
+    pass1 = avg_k = pass_k = None
+    generated = 0
+    shown = None  # (completions, texts, correct, reps) that mean_len/boxed_rate/samples use
+    per_problem: list[float] = []
+    if greedy:
+        comps = run({"do_sample": False, "max_new_tokens": max_new_tokens}, 1)
+        texts, correct = score(comps, 1)
+        pass1 = sum(correct) / n
+        per_problem = [float(c) for c in correct]
+        generated += sum(len(c) for c in comps)
+        shown = (comps, texts, correct, 1)
     if k > 0:
-        sampling = {
-            "do_sample": True,
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,
-            "max_new_tokens": max_new_tokens,
-        }
-        sampled = run(sampling, k)
-        hits = [
-            is_correct(decode(c), answers[i // k]) for i, c in enumerate(sampled)
-        ]
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p,
+                    "top_k": top_k, "max_new_tokens": max_new_tokens}
+        comps = run(sampling, k)
+        texts, hits = score(comps, k)
+        by_problem = [hits[i * k : (i + 1) * k] for i in range(n)]
         avg_k = sum(hits) / len(hits)
+        pass_k = sum(any(h) for h in by_problem) / n
+        generated += sum(len(c) for c in comps)
+        if shown is None:
+            per_problem = [sum(h) / k for h in by_problem]
+            shown = (comps, texts, hits, k)
+    comps, texts, correct, reps = shown
+    samples = [{"completion": t, "answer": answers[i // reps], "correct": c}
+               for i, (t, c) in enumerate(zip(texts, correct, strict=True))][:n_samples_kept]
     return EvalResult(
-        pass1=sum(correct) / len(correct),
+        pass1=pass1,
         avg_k=avg_k,
         k=k,
-        n=len(prompts),
-        mean_len=sum(len(c) for c in greedy) / len(greedy),
-        boxed_rate=sum(boxed) / len(boxed),
+        n=n,
+        mean_len=sum(len(c) for c in comps) / len(comps),
+        boxed_rate=sum(extract_boxed(t) is not None for t in texts) / len(texts),
         samples=samples,
+        pass_k=pass_k,
+        generated_tokens=generated,
+        per_problem=per_problem,
+        checker=answer_checker() if check is is_correct else "custom",
     )
