@@ -6,9 +6,17 @@ With ``--model`` it trains a real model on ``--data`` (JSONL) or ``--hf-dataset`
     opsd-train --model Qwen/Qwen3-1.7B --data problems.jsonl --lora --steps 100 \\
         --batch-size 32 --grad-accum 8 --lr 5e-6 --max-new-tokens 1024 --out runs/qwen
 
-``--config FILE`` (JSON, TOML or YAML) supplies any option by its long name with
-underscores (``batch_size: 16``); flags given on the command line win. For the default
-run the file may hold a ``demo`` table of :class:`~opsd_train.demo.DemoConfig` fields.
+The flags are generated from the fields of :class:`RunConfig` (model, data, run folder)
+and :class:`~opsd_train.trainer.TrainConfig` (training): one field, one flag, its doc the
+help text. ``--config FILE`` (JSON, TOML or YAML) supplies any of them by field name
+(``batch_size: 16``); flags given on the command line win. For the default run the file
+may hold a ``demo`` table of :class:`~opsd_train.demo.DemoConfig` fields.
+
+Everything is checked before any file is read or any model is loaded, in this order:
+every value (types, ranges, choices, unknown keys with a suggestion), the loss options
+(the kernels' own checks), the paths (data, templates, ``--model``), the checkpoint to
+resume and its stored configuration, then the data and the prompt lengths against the
+model's maximum positions (tokenizer and model config only), and only then the weights.
 """
 
 from __future__ import annotations
@@ -16,195 +24,386 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "load_config_file"]
+from .config import (
+    ConfigError,
+    add_arguments,
+    check_fields,
+    check_keys,
+    flag_name,
+    option,
+    option_fields,
+)
+
+__all__ = ["main", "build_parser", "load_config_file", "RunConfig", "parse_options"]
+
+PRECISIONS = ("auto", "bf16", "bf16-mixed", "fp32")
+
+
+@dataclass
+class RunConfig:
+    """The run's model, data and folder (every field is one ``opsd-train`` flag; the
+    training settings are :class:`~opsd_train.trainer.TrainConfig`'s)."""
+
+    config: str | None = option(None, "JSON/TOML/YAML file of options (keys: the flag "
+                                "names with underscores)", group="run", resume="free")
+    out: str | None = option(None, "run folder (default runs/opsd-demo for the demo, "
+                             "runs/opsd otherwise)", group="run", resume="free")
+    resume: str | None = option(None, "checkpoint folder to resume from, or 'latest': the "
+                                "newest complete checkpoint in --out (a fresh start if "
+                                "there is none)", group="run", resume="free")
+    resume_override: tuple[str, ...] = option((), "config keys allowed to differ from the "
+                                              "resumed checkpoint's, comma-separated (e.g. "
+                                              "steps to extend a run)", group="run",
+                                              resume="free", metavar="KEY,...")
+    threads: int | None = option(None, "torch CPU threads", low=1, group="run", resume="free")
+    model: str | None = option(None, "local folder or hub id of a causal LM (omit for the "
+                               "embedded demo)", group="model and data")
+    data: str | None = option(None, "training problems, JSONL", group="model and data")
+    eval_data: str | None = option(None, "held-out problems, JSONL", group="model and data")
+    hf_dataset: str | None = option(None, "Hugging Face dataset name (needs `datasets`)",
+                                    group="model and data")
+    hf_split: str = option("train", "split of --hf-dataset", group="model and data")
+    hf_config: str | None = option(None, "config name of --hf-dataset",
+                                   group="model and data")
+    question_key: str | None = option(None, "question column (default question; problem "
+                                      "for --hf-dataset)", group="model and data")
+    solution_key: str | None = option(None, "solution column (default solution)",
+                                      group="model and data")
+    answer_key: str | None = option(None, "answer column (default answer; a missing answer "
+                                    "is taken from the solution's last \\boxed{})",
+                                    group="model and data")
+    eval_n: int | None = option(None, "use at most N held-out problems", low=1,
+                                group="model and data", resume="free")
+    eval_fraction: float = option(0.05, "without --eval-data, hold out this share of --data",
+                                  low=0, high=1, high_open=True, group="model and data")
+    long_prompts: str = option("error", "problems whose prompt + --max-new-tokens exceed the "
+                               "model's maximum positions: error, or drop them (count "
+                               "reported)", choices=("error", "drop"), group="model and data")
+    student_template: str | None = option(None, "student prompt template, or @file",
+                                          group="model and data")
+    teacher_template: str | None = option(None, "teacher prompt template, or @file",
+                                          group="model and data")
+    chat_template: bool = option(True, "wrap prompts in the tokenizer's chat template",
+                                 group="model and data")
+    device: str | None = option(None, "torch device (default cuda if available, else cpu)",
+                                group="memory and speed", resume="free")
+    precision: str = option("auto", "auto: CUDA -> bf16 weights with --lora, else "
+                            "bf16-mixed (fp32 weights, bf16 autocast); CPU -> fp32",
+                            choices=PRECISIONS, group="memory and speed")
+    lora: bool = option(False, "train a LoRA adapter (needs peft)", group="memory and speed",
+                        resume="fixed")
+    lora_r: int = option(64, "LoRA rank", low=1, group="memory and speed", resume="fixed")
+    lora_alpha: int = option(128, "LoRA alpha", low=1, group="memory and speed",
+                             resume="fixed")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward",
+                                          group="memory and speed", resume="free")
+    liger: bool = option(False, "Liger kernels for norm/RoPE/MLP (CUDA)",
+                         group="memory and speed", resume="free")
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.data and self.hf_dataset:
+            raise ConfigError("give --data or --hf-dataset, not both", "hf_dataset")
+
+
+# Settings the embedded demo takes from the command line; everything else comes from the
+# config file's "demo" table.
+DEMO_KEYS = ("config", "out", "seed", "progress", "threads")
+
+
+def _fields(cls) -> dict:
+    return {f.name: f for f, _ in option_fields(cls)}
+
+
+def _cli_names(cls) -> list[str]:
+    return [n for n, f in _fields(cls).items() if f.metadata.get("cli")]
 
 
 def load_config_file(path: str | Path) -> dict:
-    """Read a JSON, TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML) file."""
+    """Read a JSON, TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML) file into a
+    dict (``-`` in keys becomes ``_``); errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        import tomllib
+        raise ConfigError(f"config file not found: {path}", "config")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason})", "config") from e
+    try:
+        if path.suffix == ".toml":
+            import tomllib
 
-        data = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every parser has its own error type
+        raise ConfigError(f"config file {path} cannot be parsed: {e}", "config") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the config must be a mapping")
-    return {k.replace("-", "_"): v for k, v in data.items()}
-
-
-def _clip(v: str):
-    return None if str(v).lower() in ("none", "off", "0") else float(v)
+        raise ConfigError(f"config file {path}: the top level must be a mapping", "config")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (every default is ``None``: unset flags fall back to the config
-    file, then to :class:`~opsd_train.trainer.TrainConfig`)."""
+    """The argument parser, generated from :class:`RunConfig` and
+    :class:`~opsd_train.trainer.TrainConfig`. Only flags given on the command line appear
+    in the parsed namespace (unset ones fall back to the config file, then the defaults)."""
+    from .trainer import TrainConfig
+
     p = argparse.ArgumentParser(
         prog="opsd-train",
         description="On-policy self-distillation. No arguments: the embedded CPU demo.",
-        argument_default=None,
+        argument_default=argparse.SUPPRESS,
     )
-    g = p.add_argument_group("run")
-    g.add_argument("--config", help="JSON/TOML/YAML file of options")
-    g.add_argument("--out", help="run folder (default runs/opsd-demo or runs/opsd)")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--resume", help="checkpoint folder to resume from")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
-    g.add_argument("--threads", type=int, help="torch CPU threads")
-    g = p.add_argument_group("model and data (omit --model for the embedded demo)")
-    g.add_argument("--model", help="path or hub id of a causal LM")
-    g.add_argument("--data", help="training problems, JSONL")
-    g.add_argument("--eval-data", help="held-out problems, JSONL")
-    g.add_argument("--hf-dataset", help="Hugging Face dataset name (needs `datasets`)")
-    g.add_argument("--hf-split")
-    g.add_argument("--hf-config")
-    g.add_argument("--question-key")
-    g.add_argument("--solution-key")
-    g.add_argument("--answer-key")
-    g.add_argument("--eval-n", type=int, help="use at most N held-out problems")
-    g.add_argument("--eval-fraction", type=float,
-                   help="without --eval-data, hold out this share of --data (default 0.05)")
-    g.add_argument("--student-template", help="student prompt template, or @file")
-    g.add_argument("--teacher-template", help="teacher prompt template, or @file")
-    g.add_argument("--no-chat-template", dest="chat_template", action="store_false")
-    g.add_argument("--device")
-    g.add_argument("--precision", choices=["auto", "bf16", "bf16-mixed", "fp32"],
-                   help="auto: CUDA -> bf16 weights with --lora, else bf16-mixed (fp32 "
-                   "weights, bf16 autocast); CPU -> fp32")
-    g.add_argument("--lora", action="store_true")
-    g.add_argument("--lora-r", type=int)
-    g.add_argument("--lora-alpha", type=int)
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--liger", action="store_true", help="Liger kernels for norm/RoPE/MLP (CUDA)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--batch-size", type=int, help="prompts per optimizer step")
-    g.add_argument("--grad-accum", type=int)
-    g.add_argument("--rollouts-per-prompt", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--warmup-steps", type=int)
-    g.add_argument("--min-lr-ratio", type=float)
-    g.add_argument("--max-grad-norm", type=float)
-    g = p.add_argument_group("rollouts")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--max-new-tokens", type=int)
-    g = p.add_argument_group("loss and teacher")
-    g.add_argument("--loss", choices=["full", "sampled_token"])
-    g.add_argument("--kind", choices=["forward_kl", "reverse_kl", "jsd"])
-    g.add_argument("--beta", type=float)
-    g.add_argument("--loss-temperature", type=float)
-    g.add_argument("--clip", type=_clip, help="per-entry clip tau, or 'none'")
-    g.add_argument("--impl")
-    g.add_argument("--chunk-size", type=int)
-    g.add_argument("--teacher", choices=["fixed", "current", "ema"])
-    g.add_argument("--ema-decay", type=float)
-    g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int)
-    g.add_argument("--eval-k", type=int)
-    g.add_argument("--eval-max-new-tokens", type=int)
-    g.add_argument("--eval-batch-size", type=int)
-    g.add_argument("--save-every", type=int)
-    p.set_defaults(progress=None, chat_template=None, lora=None,
-                   gradient_checkpointing=None, liger=None)
+    groups: dict = {}
+    for title in ("run", "model and data", "optimisation", "rollouts", "loss and teacher",
+                  "evaluation and checkpoints", "memory and speed"):
+        groups[title] = p.add_argument_group(title)
+    add_arguments(p, RunConfig, groups)
+    add_arguments(p, TrainConfig, groups)
     return p
 
 
-_TRAIN_KEYS = {
-    "steps", "batch_size", "grad_accum", "rollouts_per_prompt", "lr", "weight_decay",
-    "warmup_steps", "min_lr_ratio", "max_grad_norm", "temperature", "top_p", "top_k",
-    "max_new_tokens", "loss", "kind", "beta", "loss_temperature", "clip", "impl",
-    "chunk_size", "teacher", "ema_decay", "eval_every", "eval_k", "eval_max_new_tokens",
-    "eval_batch_size", "save_every", "seed", "progress",
-}
+@dataclass
+class Options:
+    """Parsed and checked options: the run part, the training keys given, the demo table
+    (``None`` if absent) and where each key came from (for messages)."""
+
+    run: RunConfig
+    train: dict
+    demo: dict | None
+    given: dict
+    sources: dict
 
 
-def _template(v: str | None) -> str | None:
-    if v and v.startswith("@"):
-        return Path(v[1:]).read_text()
-    return v
+def parse_options(argv: list[str] | None) -> Options:
+    """Command line + config file -> checked :class:`Options`; raises :class:`ConfigError`
+    naming the key and where it came from (nothing is loaded or read besides the file)."""
+    from .trainer import TrainConfig
+
+    args = vars(build_parser().parse_args(argv))
+    sources = {k: flag_name(k) for k in args}
+    opts: dict = {}
+    demo = None
+    if args.get("config"):
+        where = f"config file {args['config']}"
+        file_opts = load_config_file(args["config"])
+        demo = file_opts.pop("demo", None)
+        valid = [n for n in _cli_names(RunConfig) + _cli_names(TrainConfig) if n != "config"]
+        check_keys(file_opts, valid + ["demo"], where)
+        opts.update(file_opts)
+        sources.update({k: where for k in file_opts if k not in args})
+    opts.update(args)
+    run_keys = set(_fields(RunConfig))
+    train_keys = set(_cli_names(TrainConfig))
+    try:
+        run = RunConfig(**{k: v for k, v in opts.items() if k in run_keys})
+        train = {k: v for k, v in opts.items() if k in train_keys}
+        if run.model:
+            TrainConfig(**train)  # every training value checked now, before any loading
+    except ConfigError as e:
+        src = sources.get(e.key) if e.key else None
+        raise ConfigError(f"{src}: {e}" if src else str(e), e.key) from e
+    return Options(run, train, demo, opts, sources)
 
 
-def _merged(args: argparse.Namespace) -> dict:
-    opts = load_config_file(args.config) if args.config else {}
-    for k, v in vars(args).items():
-        if v is not None and k != "config":
-            opts[k] = v
-    return opts
+# ---------------------------------------------------------------------------------------
+# the --model path
+# ---------------------------------------------------------------------------------------
 
 
-def _run_real(opts: dict) -> dict:
+def _effective_run_config(run: RunConfig) -> dict:
+    from .config import to_dict
+
+    return to_dict(run)
+
+
+def _resolve_resume(run: RunConfig, out: Path):
+    """The checkpoint folder to resume (or ``None``), verified and named in errors."""
+    from . import checkpoint as ckpt
+
+    if not run.resume:
+        ckdir = out / "checkpoints"
+        earlier = ([p.name for p in ckdir.iterdir()] if ckdir.is_dir() else [])
+        metrics = out / "metrics.jsonl"
+        if earlier or (metrics.is_file() and metrics.stat().st_size > 0):
+            raise ConfigError(
+                f"--out {out} already holds a run ({', '.join(sorted(earlier)[:3]) or ''}"
+                f"{' and ' if earlier else ''}metrics.jsonl): pass --resume latest to "
+                "continue it, or choose another --out", "out")
+        return None
+    if run.resume == "latest":
+        found = ckpt.find_latest(out / "checkpoints")
+        if found is None:
+            print(f"[opsd-train] --resume latest: no complete checkpoint in "
+                  f"{out / 'checkpoints'}; starting from step 0")
+        return found
+    path = Path(run.resume)
+    ckpt.verify_checkpoint(path)
+    return path
+
+
+def _held_out_split(run: RunConfig, train):
+    from .data import load_jsonl, split_held_out
+
+    keys = _data_keys(run)
+    if run.eval_data:
+        held_out = load_jsonl(run.eval_data, **keys)
+        held_q = {p.question for p in held_out}
+        kept = [p for p in train if p.question not in held_q]
+        removed = len(train) - len(kept)
+        train = kept
+    else:
+        train, held_out, removed = split_held_out(train, run.eval_fraction)
+    if removed:
+        print(f"[opsd-train] removed {removed} training problem(s) whose question is also "
+              "in the held-out set")
+    if not train:
+        raise ValueError("no training problems left after holding out the eval share")
+    if run.eval_n:
+        held_out = held_out[: run.eval_n]
+    return train, held_out
+
+
+def _data_keys(run: RunConfig) -> dict:
+    return {k: getattr(run, k) for k in ("question_key", "solution_key", "answer_key")
+            if getattr(run, k) is not None}
+
+
+def _check_prompt_lengths(run: RunConfig, tc, pb, train, held_out, limit: int | None):
+    """Reject (or drop, with a count) problems whose prompt + new tokens exceed ``limit``."""
+    if limit is None:
+        return train, held_out
+    eval_new = tc.eval_max_new_tokens or tc.max_new_tokens
+    train_new = tc.max_new_tokens
+
+    def too_long(p, budget):
+        return max(len(pb.student_ids(p)), len(pb.teacher_ids(p))) + budget > limit
+
+    bad_train = [i for i, p in enumerate(train) if too_long(p, train_new)]
+    bad_eval = [i for i, p in enumerate(held_out) if too_long(p, eval_new)]
+    if not bad_train and not bad_eval:
+        return train, held_out
+    what = (f"{len(bad_train)} training and {len(bad_eval)} held-out problem(s) have a "
+            f"prompt longer than the model's {limit} positions minus the new tokens "
+            f"({train_new} training, {eval_new} evaluation)")
+    if run.long_prompts == "error":
+        first = bad_train[:5] if bad_train else bad_eval[:5]
+        raise ValueError(f"{what}; first {'training' if bad_train else 'held-out'} indices "
+                         f"{first}. Pass --long-prompts drop to skip them, or lower "
+                         "--max-new-tokens")
+    print(f"[opsd-train] dropped {what}")
+    bt, be = set(bad_train), set(bad_eval)
+    train = [p for i, p in enumerate(train) if i not in bt]
+    held_out = [p for i, p in enumerate(held_out) if i not in be]
+    if not train:
+        raise ValueError("no training problems left after dropping the long ones")
+    return train, held_out
+
+
+def _run_real(o: Options) -> dict:
     import torch
 
+    from . import checkpoint as ckpt
     from .data import load_hf_dataset, load_jsonl
-    from .modeling import load_model_and_tokenizer, prepare_model, resolve_dtype
-    from .prompts import DEFAULT_STUDENT_TEMPLATE, DEFAULT_TEACHER_TEMPLATE, PromptBuilder
-    from .trainer import TrainConfig, Trainer
+    from .modeling import (
+        load_model_and_tokenizer,
+        load_model_config,
+        load_tokenizer,
+        prepare_model,
+        resolve_dtype,
+        resolve_model_source,
+    )
+    from .prompts import (
+        DEFAULT_STUDENT_TEMPLATE,
+        DEFAULT_TEACHER_TEMPLATE,
+        PromptBuilder,
+        load_template,
+    )
+    from .trainer import TrainConfig, Trainer, seed_everything
 
-    device = opts.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = opts.get("precision", "auto")
+    run = o.run
+    # 1. settings that depend on the device, then the final TrainConfig
+    device = run.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = run.precision
     if precision == "auto" and torch.device(device).type == "cuda":
-        precision = "bf16" if opts.get("lora") else "bf16-mixed"
+        precision = "bf16" if run.lora else "bf16-mixed"
     autocast = None
     if precision == "bf16-mixed":
         precision, autocast = "fp32", "bf16"
     dtype = resolve_dtype(precision, device)
-    keys = {k: opts[k] for k in ("question_key", "solution_key", "answer_key") if k in opts}
-    if opts.get("data"):
-        train = load_jsonl(opts["data"], **keys)
-    elif opts.get("hf_dataset"):
-        train = load_hf_dataset(opts["hf_dataset"], split=opts.get("hf_split", "train"),
-                                config_name=opts.get("hf_config"), **keys)
-    else:
-        raise SystemExit("opsd-train: --model needs --data FILE.jsonl or --hf-dataset NAME")
-    if opts.get("eval_data"):
-        held_out = load_jsonl(opts["eval_data"], **keys)
-    else:
-        frac = float(opts.get("eval_fraction", 0.05))
-        n_eval = int(len(train) * frac)
-        held_out, train = train[:n_eval], train[n_eval:]
-        if not train:
-            raise ValueError("no training problems left after holding out the eval share")
-    if opts.get("eval_n"):
-        held_out = held_out[: opts["eval_n"]]
-    model, tok = load_model_and_tokenizer(opts["model"], dtype=dtype, device=device)
-    model = prepare_model(
-        model, lora=bool(opts.get("lora")), lora_r=opts.get("lora_r", 64),
-        lora_alpha=opts.get("lora_alpha", 128),
-        gradient_checkpointing=bool(opts.get("gradient_checkpointing")),
-        liger=bool(opts.get("liger")))
-    pb = PromptBuilder(
-        tok,
-        _template(opts.get("student_template")) or DEFAULT_STUDENT_TEMPLATE,
-        _template(opts.get("teacher_template")) or DEFAULT_TEACHER_TEMPLATE,
-        use_chat_template=opts.get("chat_template", True) is not False,
-    )
-    tc = TrainConfig.from_dict({k: v for k, v in opts.items() if k in _TRAIN_KEYS})
+    tc = TrainConfig(**o.train)
     tc.phase = tc.objective
     tc.autocast = autocast
-    out = Path(opts.get("out", "runs/opsd"))
+    # 2. paths, before anything is read
+    if not run.data and not run.hf_dataset:
+        raise SystemExit("opsd-train: --model needs --data FILE.jsonl or --hf-dataset NAME")
+    for flag, value in (("--data", run.data), ("--eval-data", run.eval_data)):
+        if value and not Path(value).is_file():
+            raise FileNotFoundError(f"{flag}: data file not found: {value}")
+    if run.hf_dataset:
+        try:
+            import datasets  # noqa: F401
+        except ImportError as e:
+            raise ImportError("--hf-dataset needs the 'datasets' package: pip install "
+                              "datasets (or convert the data to JSONL for --data)") from e
+    student_tpl = load_template(run.student_template) or DEFAULT_STUDENT_TEMPLATE
+    teacher_tpl = load_template(run.teacher_template) or DEFAULT_TEACHER_TEMPLATE
+    resolve_model_source(run.model)
+    out = Path(run.out or "runs/opsd")
+    # 3. the checkpoint to resume, and its configuration against this one
+    effective = {**_effective_run_config(run), **tc.to_dict()}
+    policies = {**{n: f.metadata["resume"] for n, f in _fields(RunConfig).items()},
+                **TrainConfig.resume_policies()}
+    resume_from = _resolve_resume(run, out)
+    if resume_from is not None:
+        stored = ckpt.read_checkpoint_config(resume_from)
+        ckpt.check_resume_config(stored, effective, policies, run.resume_override,
+                                 where=f"checkpoint {resume_from}")
+    # 4. data, tokenizer and model config (no weights yet): prompt lengths
+    keys = _data_keys(run)
+    if run.data:
+        train = load_jsonl(run.data, **keys)
+    else:
+        train = load_hf_dataset(run.hf_dataset, split=run.hf_split,
+                                config_name=run.hf_config, **keys)
+    train, held_out = _held_out_split(run, train)
+    tok = load_tokenizer(run.model)
+    pb = PromptBuilder(tok, student_tpl, teacher_tpl, use_chat_template=run.chat_template)
+    limit = getattr(load_model_config(run.model), "max_position_embeddings", None)
+    train, held_out = _check_prompt_lengths(run, tc, pb, train, held_out,
+                                            limit if isinstance(limit, int) else None)
+    # 5. the weights, after seeding every generator (LoRA init and rollouts draw from them)
+    seed_everything(tc.seed)
+    model, tok = load_model_and_tokenizer(run.model, dtype=dtype, device=device)
+    model = prepare_model(model, lora=run.lora, lora_r=run.lora_r, lora_alpha=run.lora_alpha,
+                          gradient_checkpointing=run.gradient_checkpointing, liger=run.liger)
+    pb.tokenizer = tok
     trainer = Trainer(model, tok, train, tc, eval_problems=held_out, prompt_builder=pb,
-                      output_dir=out)
-    if opts.get("resume"):
-        trainer.load_checkpoint(opts["resume"])
-    (out / "config.json").write_text(json.dumps({**opts, "train_config": tc.to_dict()},
-                                                indent=2, default=str))
+                      output_dir=out, run_options=_effective_run_config(run))
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from, allow_changes=run.resume_override)
+        print(f"[opsd-train] resumed from {resume_from} (step {trainer.step})")
+    elif run.resume == "latest":
+        ckpt.truncate_metrics(out / "metrics.jsonl", tc.phase, 0)
+    (out / "config.json").write_text(json.dumps(effective, indent=2, default=str))
     evals = trainer.train()
-    trainer.save_checkpoint(out / "checkpoints" / f"step_{trainer.step}")
-    model.save_pretrained(out / "final")
-    tok.save_pretrained(out / "final")
+    if trainer.last_saved_step != trainer.step:
+        trainer.save_checkpoint(out / "checkpoints" / f"step_{trainer.step}")
+    try:
+        model.save_pretrained(out / "final")
+        tok.save_pretrained(out / "final")
+    except OSError as e:
+        raise ckpt.CheckpointWriteError.wrap(
+            e, f"cannot write the final weights to {out / 'final'}") from e
     summary = {"steps": trainer.step, "evals": [e.to_dict() for e in evals]}
     if evals:
         print(f"[opsd-train] held-out pass@1: start {evals[0].pass1:.3f} -> "
@@ -220,34 +419,53 @@ def _run_real(opts: dict) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``opsd-train`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    opts = _merged(args)
-    if opts.get("threads"):
-        import torch
-
-        torch.set_num_threads(int(opts["threads"]))
-    if opts.get("model"):
-        _run_real(opts)
-        return 0
+def _run_demo(o: Options) -> None:
     from .demo import DemoConfig, run_demo
 
-    if opts.get("data") or opts.get("hf_dataset"):
+    if o.run.data or o.run.hf_dataset:
         raise SystemExit("opsd-train: --data/--hf-dataset need --model (the demo uses "
                          "its own synthetic problems)")
-    stray = sorted(k for k in opts if k in _TRAIN_KEYS - {"seed", "progress"}
-                   or k in ("lora", "liger", "gradient_checkpointing", "resume", "device"))
+    stray = sorted(k for k in o.given if k not in DEMO_KEYS)
     if stray:
         raise SystemExit(
-            f"opsd-train: {', '.join('--' + k.replace('_', '-') for k in stray)} apply to "
+            f"opsd-train: {', '.join(flag_name(k) for k in stray)} apply to "
             "--model runs; the embedded demo takes its settings from a config file's "
             "'demo' table (see opsd_train.demo.DemoConfig)")
-    demo = DemoConfig.from_dict(opts.get("demo", {}))
-    if "seed" in opts:
-        demo.seed = int(opts["seed"])
-    run_demo(demo, out_dir=opts.get("out", "runs/opsd-demo"),
-             progress=opts.get("progress", True) is not False)
+    table = dict(o.demo or {})
+    if "seed" in o.given:
+        table["seed"] = o.given["seed"]
+    try:
+        demo = DemoConfig.from_dict(table)  # checks every phase's settings now
+    except ConfigError as e:
+        if e.key == "seed" and "seed" in o.sources:
+            src = o.sources["seed"]
+        else:
+            src = f"config file {o.run.config}" if o.run.config else None
+        raise ConfigError(f"{src}: {e}" if src else str(e), e.key) from e
+    run_demo(demo, out_dir=o.run.out or "runs/opsd-demo",
+             progress=o.given.get("progress", True) is not False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``opsd-train`` console script; returns the exit code.
+
+    Configuration errors (bad values, unknown keys, a torn or mismatched checkpoint) end
+    the program with ``SystemExit`` and a one-line message, before anything is loaded.
+    """
+    from .checkpoint import CheckpointError
+
+    try:
+        o = parse_options(argv)
+        if o.run.threads:
+            import torch
+
+            torch.set_num_threads(o.run.threads)
+        if o.run.model:
+            _run_real(o)
+        else:
+            _run_demo(o)
+    except (ConfigError, CheckpointError) as e:
+        raise SystemExit(f"opsd-train: error: {e}") from e
     return 0
 
 

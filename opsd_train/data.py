@@ -28,6 +28,7 @@ __all__ = [
     "save_jsonl",
     "load_hf_dataset",
     "problems_from_records",
+    "split_held_out",
     "synthetic_problem",
     "synthetic_problems",
     "synthetic_split",
@@ -124,8 +125,14 @@ def load_jsonl(
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                    f"{e.start + 1}); re-encode the file as UTF-8") from e
             if not line.strip():
                 continue
             try:
@@ -139,6 +146,28 @@ def load_jsonl(
         answer_key=answer_key,
         source=str(path),
     )
+
+
+def split_held_out(problems: Sequence[Problem], fraction: float
+                   ) -> tuple[list[Problem], list[Problem], int]:
+    """Hold out the first ``int(len(problems) * fraction)`` problems for evaluation.
+
+    Returns ``(train, held_out, removed)``: training problems whose question also occurs in
+    the held-out set are removed (``removed`` counts them), so duplicated questions in the
+    data never make the held-out set overlap the training set.
+
+    >>> ps = [Problem(q, "s", "1") for q in ("a", "b", "a", "c")]
+    >>> train, held, removed = split_held_out(ps, 0.25)
+    >>> [p.question for p in train], [p.question for p in held], removed
+    (['b', 'c'], ['a'], 1)
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {fraction!r}")
+    n_eval = int(len(problems) * fraction)
+    held = list(problems[:n_eval])
+    seen = {p.question for p in held}
+    train = [p for p in problems[n_eval:] if p.question not in seen]
+    return train, held, len(problems) - n_eval - len(train)
 
 
 def save_jsonl(problems: Sequence[Problem], path: str | Path) -> None:

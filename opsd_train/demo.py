@@ -29,14 +29,15 @@ import json
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
+from .config import ConfigError, check_fields, check_keys, option
 from .data import Problem, save_jsonl, synthetic_split
-from .tiny import build_tiny_model, build_tokenizer
-from .trainer import TrainConfig, Trainer
+from .tiny import TINY_MODEL_DEFAULTS, build_tiny_model, build_tokenizer
+from .trainer import TrainConfig, Trainer, seed_everything
 
 __all__ = ["DemoConfig", "run_demo", "plot_run", "deviated_solution"]
 
@@ -77,6 +78,19 @@ def deviated_solution(problem: Problem, rng: random.Random) -> tuple[str, str, s
     return before, wrong, after
 
 
+def _warmup_defaults() -> dict:
+    return dict(objective="sft", steps=400, batch_size=32, lr=3e-3, warmup_steps=20,
+                min_lr_ratio=0.1, weight_decay=0.0, sft_teacher_fraction=0.3,
+                max_grad_norm=1.0)
+
+
+def _opsd_defaults() -> dict:
+    return dict(objective="opsd", steps=50, batch_size=32, lr=2e-4, warmup_steps=0,
+                min_lr_ratio=0.1, teacher="fixed", kind="forward_kl", clip=None,
+                temperature=0.5, loss_temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=48,
+                max_grad_norm=1.0)
+
+
 @dataclass
 class DemoConfig:
     """Settings of the embedded default (sized for a 2-core CPU: a few minutes).
@@ -87,41 +101,73 @@ class DemoConfig:
     teacher-format share). ``warmup_from`` loads a saved warm-up (``warmup_model/`` of an
     earlier run) instead of training one. ``eval_every`` adds held-out evaluations during
     the OPSD and control phases.
+
+    Every value, including each phase's training settings and the model overrides, is
+    checked at construction (:meth:`phase_configs`), before the warm-up starts.
     """
 
-    seed: int = 0
-    n_train: int = 5000
-    n_eval: int = 400
-    threads: int | None = None
-    model: dict = field(default_factory=dict)
-    warmup: dict = field(default_factory=lambda: dict(
-        objective="sft", steps=400, batch_size=32, lr=3e-3, warmup_steps=20,
-        min_lr_ratio=0.1, weight_decay=0.0, sft_teacher_fraction=0.3, max_grad_norm=1.0))
-    opsd: dict = field(default_factory=lambda: dict(
-        objective="opsd", steps=50, batch_size=32, lr=2e-4, warmup_steps=0,
-        min_lr_ratio=0.1, teacher="fixed", kind="forward_kl", clip=None,
-        temperature=0.5, loss_temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=48,
-        max_grad_norm=1.0))
-    control_sft_teacher_fraction: float | None = None
-    warmup_from: str | None = None
-    teacher_deviation_fraction: float = 0.2
-    eval_every: int = 25
-    eval_k: int = 0
-    eval_temperature: float = 1.0
-    eval_max_new_tokens: int = 48
+    seed: int = option(0, "seed of data, model and every phase", low=0, cli=False)
+    n_train: int = option(5000, "synthetic training problems", low=1, cli=False)
+    n_eval: int = option(400, "held-out problems", low=1, cli=False)
+    threads: int | None = option(None, "torch CPU threads", low=1, cli=False)
+    model: dict = option(default_factory=dict, doc="overrides of TINY_MODEL_DEFAULTS",
+                         cli=False)
+    warmup: dict = option(default_factory=_warmup_defaults, doc="warm-up TrainConfig",
+                          cli=False)
+    opsd: dict = option(default_factory=_opsd_defaults, doc="OPSD TrainConfig", cli=False)
+    control_sft_teacher_fraction: float | None = option(
+        None, "teacher-format share of the control (none = the warm-up's)", low=0, high=1,
+        cli=False)
+    warmup_from: str | None = option(None, "load this warm-up instead of training one",
+                                     cli=False)
+    teacher_deviation_fraction: float = option(0.2, "share of departing teacher examples",
+                                               low=0, high=1, cli=False)
+    eval_every: int = option(25, "held-out evaluation every N steps", low=0, cli=False)
+    eval_k: int = option(0, "avg@k samples", low=0, cli=False)
+    eval_temperature: float = option(1.0, "avg@k temperature", low=0, low_open=True,
+                                     cli=False)
+    eval_max_new_tokens: int = option(48, "evaluation completion length", low=1, cli=False)
+
+    def __post_init__(self):
+        check_fields(self)
+        from transformers import Qwen3Config
+
+        valid = set(Qwen3Config().to_dict()) | set(TINY_MODEL_DEFAULTS)
+        check_keys(self.model, sorted(valid), "demo.model")
+        self.phase_configs()
 
     @classmethod
     def from_dict(cls, d: dict) -> DemoConfig:
-        """Build from a dict; nested phase dicts update the defaults."""
-        base = cls()
+        """Build from a dict (a config file's ``demo`` table); nested phase dicts update
+        the defaults. Unknown keys and bad values raise
+        :class:`~opsd_train.config.ConfigError` naming them."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"demo: expected a table/mapping, got {type(d).__name__}")
+        check_keys(d, [f.name for f in fields(cls)], "demo")
+        kw = {}
         for k, v in d.items():
-            if not hasattr(base, k):
-                raise ValueError(f"unknown demo config key {k!r}")
-            if isinstance(getattr(base, k), dict) and isinstance(v, dict):
-                getattr(base, k).update(v)
+            default = cls.__dataclass_fields__[k].default_factory
+            if k in ("warmup", "opsd") and isinstance(v, dict):
+                kw[k] = {**default(), **v}
             else:
-                setattr(base, k, v)
-        return base
+                kw[k] = v
+        return cls(**kw)
+
+    def phase_configs(self) -> dict[str, TrainConfig]:
+        """The :class:`~opsd_train.trainer.TrainConfig` of each phase (``warmup``,
+        ``opsd``, ``control``), checked."""
+        frac = self.control_sft_teacher_fraction
+        if frac is None:
+            frac = self.warmup.get("sft_teacher_fraction", 0.0)
+        control_over = {k: v for k, v in self.opsd.items()
+                        if k in ("steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio",
+                                 "weight_decay", "max_grad_norm", "grad_accum", "seed")}
+        return {
+            "warmup": _phase_config(self.warmup, self, "warmup"),
+            "opsd": _phase_config(self.opsd, self, "opsd"),
+            "control": _phase_config(dict(objective="sft", sft_teacher_fraction=frac,
+                                          **control_over), self, "control"),
+        }
 
 
 def _phase_config(d: dict, cfg: DemoConfig, phase: str, **over) -> TrainConfig:
@@ -133,20 +179,26 @@ def _phase_config(d: dict, cfg: DemoConfig, phase: str, **over) -> TrainConfig:
              eval_temperature=cfg.eval_temperature,
              eval_max_new_tokens=cfg.eval_max_new_tokens)
     x.setdefault("max_new_tokens", cfg.eval_max_new_tokens)
-    return TrainConfig.from_dict(x)
+    where = f"demo.{phase}" if phase != "control" else "demo (control phase)"
+    try:
+        return TrainConfig.from_dict(x, where)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}", e.key) from e
 
 
 def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-demo",
              progress: bool = True, log=print) -> dict:
     """Run the embedded default end to end; returns (and writes) the summary dict."""
     cfg = cfg or DemoConfig()
+    phases = cfg.phase_configs()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     tok = build_tokenizer()
     model = build_tiny_model(tok, seed=cfg.seed, **cfg.model)
     train, held_out = synthetic_split(cfg.n_train, cfg.n_eval, seed=cfg.seed)
@@ -187,7 +239,7 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
         model = AutoModelForCausalLM.from_pretrained(cfg.warmup_from, dtype=torch.float32)
         log(f"[opsd-demo] warm-up: loaded {cfg.warmup_from}")
     else:
-        wt = trainer(_phase_config(cfg.warmup, cfg, "warmup"))
+        wt = trainer(phases["warmup"])
         wt.train()
         warm_steps = wt.step
         log(f"[opsd-demo] warm-up: {wt.step} SFT steps in {time.perf_counter() - t0:.0f}s, "
@@ -198,7 +250,7 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
     warm_state = copy.deepcopy(model.state_dict())
 
     # 2. evaluate the warmed-up student and the teacher (solution in context)
-    ot = trainer(_phase_config(cfg.opsd, cfg, "opsd"))
+    ot = trainer(phases["opsd"])
     before = ot.evaluate()
     teacher = ot.evaluate(role="teacher")
     log(f"[opsd-demo] before: student pass@1 {before.pass1:.3f}, "
@@ -212,14 +264,7 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
 
     # 4. control: same-budget SFT continuation from the same weights
     model.load_state_dict(warm_state)
-    frac = cfg.control_sft_teacher_fraction
-    if frac is None:
-        frac = cfg.warmup.get("sft_teacher_fraction", 0.0)
-    control_over = {k: v for k, v in cfg.opsd.items()
-                    if k in ("steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio",
-                             "weight_decay", "max_grad_norm", "grad_accum", "seed")}
-    ctl_cfg = _phase_config(dict(objective="sft", sft_teacher_fraction=frac, **control_over),
-                            cfg, "control")
+    ctl_cfg = phases["control"]
     ct = trainer(ctl_cfg)
     t0 = time.perf_counter()
     ct.train()

@@ -4,7 +4,10 @@ checkpointing and precision."""
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -14,6 +17,9 @@ __all__ = [
     "LORA_TARGET_MODULES",
     "ensure_pad_token",
     "resolve_dtype",
+    "resolve_model_source",
+    "load_tokenizer",
+    "load_model_config",
     "load_model_and_tokenizer",
     "apply_lora",
     "apply_liger",
@@ -61,15 +67,69 @@ def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     return table[precision]
 
 
-def load_model_and_tokenizer(name_or_path: str, *, dtype=torch.float32, device="cpu"):
-    """Load a causal LM and its tokenizer with ``transformers`` (local path or hub id)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+
+def resolve_model_source(name_or_path: str) -> tuple[str, bool]:
+    """``(name, is_local)`` for ``--model``, checked without touching the network.
+
+    An existing folder must hold a ``config.json``. A name that can only be a path
+    (absolute, ``./``, ``~``, more than one ``/``, or ``org/name`` whose ``org`` is a local
+    folder) must exist. Anything else is a hub id (refused when ``HF_HUB_OFFLINE`` is set).
+
+    >>> resolve_model_source("Qwen/Qwen3-1.7B")
+    ('Qwen/Qwen3-1.7B', False)
+    >>> resolve_model_source("/no/such/model")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: --model /no/such/model: no such folder ...
+    """
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError(f"--model must be a folder or a hub id, got {name_or_path!r}")
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise FileNotFoundError(f"--model {name_or_path}: {p} is not a model folder "
+                                    "(no config.json in it)")
+        return str(p), True
+    head = name_or_path.split("/")[0]
+    if not _HUB_ID.match(name_or_path) or ("/" in name_or_path and Path(head).is_dir()):
+        raise FileNotFoundError(f"--model {name_or_path}: no such folder (and not a hub id "
+                                "of the form org/name)")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise FileNotFoundError(f"--model {name_or_path}: no such local folder, and "
+                                "HF_HUB_OFFLINE is set")
+    return name_or_path, False
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of ``--model`` (a local folder never contacts the hub)."""
+    from transformers import AutoTokenizer
+
+    name, local = resolve_model_source(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def load_model_config(name_or_path: str):
+    """The model's ``transformers`` config (cheap: no weights)."""
+    from transformers import AutoConfig
+
+    name, local = resolve_model_source(name_or_path)
+    return AutoConfig.from_pretrained(name, local_files_only=local)
+
+
+def load_model_and_tokenizer(name_or_path: str, *, dtype=torch.float32, device="cpu"):
+    """Load a causal LM and its tokenizer with ``transformers`` (local path or hub id; a
+    local folder is read with ``local_files_only``, see :func:`resolve_model_source`)."""
+    from transformers import AutoModelForCausalLM
+
+    name, local = resolve_model_source(name_or_path)
+    tokenizer = load_tokenizer(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
     get_lm_head(model)
     get_body(model)
-    ensure_pad_token(tokenizer)
     return model.to(device), tokenizer
 
 

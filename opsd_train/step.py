@@ -35,7 +35,16 @@ __all__ = [
 ]
 
 LOSS_TYPES = ("full", "sampled_token")
-KINDS = ("forward_kl", "reverse_kl", "jsd")
+IMPLS = ("auto", "torch", "triton", "fused")
+
+
+def _kernel_kinds() -> tuple[str, ...]:
+    from opsd_kernels.divergences import KINDS as registry
+
+    return tuple(registry)
+
+
+KINDS = _kernel_kinds()  # the kernels' registry of divergence kinds
 
 
 @dataclass
@@ -46,6 +55,15 @@ class LossConfig:
     per-entry ``clip`` tau or ``None``); ``loss="sampled_token"`` is the paper's Eq. 9
     estimator ``-mean_n stopgrad(log pT(y_n) - log pS(y_n)) * log pS(y_n)``. Both divide
     logits by ``temperature``. ``impl``/``chunk_size`` are passed to the kernel.
+
+    The divergence options are checked by the kernels' own validation
+    (``opsd_kernels._validation.check_options``) here, at construction, so a bad value is
+    reported before any model is loaded and with the kernels' wording.
+
+    >>> LossConfig(kind="jsd", beta=1.0)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: beta must lie strictly between 0 and 1 for kind='jsd', got 1.0 ...
     """
 
     loss: str = "full"
@@ -57,16 +75,18 @@ class LossConfig:
     chunk_size: int | None = None
 
     def __post_init__(self):
+        from opsd_kernels._validation import check_options
+
         if self.loss not in LOSS_TYPES:
             raise ValueError(f"loss must be one of {LOSS_TYPES}, got {self.loss!r}")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.clip is not None and not self.clip > 0:
-            raise ValueError(f"clip must be None or > 0, got {self.clip}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        check_options(self.kind, self.beta, self.temperature, self.clip, "sum")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or not
+                                            isinstance(self.chunk_size, int)
+                                            or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or an integer >= 1, "
+                             f"got {self.chunk_size!r}")
 
 
 @dataclass

@@ -1,10 +1,17 @@
 """The training loop: rollouts, the OPSD step (or teacher-forced SFT for warm-up and the
 control), AdamW with warmup + cosine schedule, gradient clipping and accumulation, metrics
-to JSONL, periodic evaluation, and checkpoints with exact resume.
+to JSONL, periodic evaluation, and crash-safe checkpoints with exact resume.
+
+One optimizer step (:meth:`Trainer.train_step`) is five named parts: :meth:`~Trainer.
+collect_rows` (rollouts or SFT targets, as :class:`Row` records) -> :meth:`~Trainer.
+pack_rows` (padded batches) -> :meth:`~Trainer.loss_backward` (loss and gradients, per
+micro-batch) -> :meth:`~Trainer.optimizer_step` (clipping, AdamW, schedule) ->
+:meth:`~Trainer.update_teacher`.
 
 Data order is a pure function of ``(seed, step)`` (a seeded permutation per epoch), and the
-checkpoint stores weights (or the adapter), optimizer, scheduler, teacher state, step and
-every RNG state, so a resumed run continues bit-identically on CPU.
+checkpoint stores weights (or the adapter), optimizer, scheduler, teacher state, step, every
+RNG state and the effective configuration, so a resumed run continues bit-identically on
+CPU. Checkpoints are written atomically (:mod:`opsd_train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -15,121 +22,226 @@ import math
 import random
 import resource
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import checkpoint as ckpt
+from .config import ConfigError, check_fields, from_mapping, option, option_fields, to_dict
 from .data import Problem
 from .evaluate import EvalResult, evaluate_problems
 from .modeling import ensure_pad_token
 from .prompts import PromptBuilder
 from .rollout import HFGenerateEngine, SamplingParams
-from .step import LossConfig, get_body, get_lm_head, opsd_loss, pack_batch, sft_loss
+from .step import (
+    IMPLS,
+    KINDS,
+    LOSS_TYPES,
+    LossConfig,
+    PackedBatch,
+    get_body,
+    get_lm_head,
+    opsd_loss,
+    pack_batch,
+    sft_loss,
+)
 from .teacher import TEACHER_MODES, Teacher, is_peft_model
 
-__all__ = ["TrainConfig", "Trainer", "cosine_with_warmup"]
+__all__ = ["TrainConfig", "Trainer", "Row", "cosine_with_warmup", "seed_everything",
+           "max_positions"]
 
 OBJECTIVES = ("opsd", "sft")
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from: Python's ``random``, numpy's global
+    generator, torch's CPU generator and every CUDA device's.
+
+    >>> seed_everything(3); a = torch.rand(2); seed_everything(3)
+    >>> torch.equal(a, torch.rand(2))
+    True
+    """
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)  # noqa: NPY002 - the global generator is what libraries use
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        pass
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
 @dataclass
 class TrainConfig:
-    """Everything that defines a run (defaults follow the method's v3 setup where it
-    applies; the embedded demo overrides them for a tiny model).
+    """Everything that defines a run's training (defaults follow the method's v3 setup
+    where it applies; the embedded demo overrides them for a tiny model).
 
-    ``batch_size`` prompts per optimizer step, each with ``rollouts_per_prompt`` sampled
-    completions, processed in ``grad_accum`` micro-batches (``batch_size`` must be divisible
-    by ``grad_accum``). ``loss_temperature=None`` uses the sampling ``temperature``.
-    ``sft_teacher_fraction`` (objective ``sft`` only) is the share of examples formatted with
-    the teacher prompt (reference solution in context) instead of the student prompt.
-    ``autocast="bf16"`` runs the forward passes under ``torch.autocast`` in bfloat16 (mixed
-    precision with float32 master weights; the loss itself runs outside autocast).
+    Each field is one ``opsd-train`` flag (``batch_size`` -> ``--batch-size``) and one
+    config-file key; its doc is the flag's help; :func:`opsd_train.config.check_fields`
+    checks every value (types, ranges, choices) and :meth:`__post_init__` the relations
+    between them, before any data or model is loaded. ``batch_size`` prompts per optimizer
+    step, each with ``rollouts_per_prompt`` sampled completions, processed in
+    ``grad_accum`` micro-batches.
     """
 
-    objective: str = "opsd"
-    steps: int = 100
-    batch_size: int = 32
-    grad_accum: int = 1
-    rollouts_per_prompt: int = 1
-    lr: float = 5e-6
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
-    temperature: float = 1.1
-    top_p: float = 0.95
-    top_k: int = 20
-    max_new_tokens: int = 1024
-    loss: str = "full"
-    kind: str = "forward_kl"
-    beta: float = 0.5
-    loss_temperature: float | None = None
-    clip: float | None = 0.05
-    impl: str = "auto"
-    chunk_size: int | None = None
-    teacher: str = "fixed"
-    ema_decay: float = 0.999
-    sft_teacher_fraction: float = 0.0
-    eval_every: int = 0
-    eval_at_start: bool = True
-    eval_at_end: bool = True
-    eval_k: int = 0
-    eval_temperature: float | None = None
-    eval_max_new_tokens: int | None = None
-    eval_batch_size: int = 64
-    save_every: int = 0
-    autocast: str | None = None
-    seed: int = 0
-    progress: bool = True
-    phase: str = "train"
-    extra: dict = field(default_factory=dict)
+    objective: str = option("opsd", "training objective: opsd, or sft (teacher-forced "
+                            "cross-entropy on the reference solutions)", choices=OBJECTIVES,
+                            group="optimisation", resume="fixed")
+    steps: int = option(100, "optimizer steps of the run", low=0, group="optimisation")
+    batch_size: int = option(32, "prompts per optimizer step", low=1, group="optimisation")
+    grad_accum: int = option(1, "micro-batches per step (must divide --batch-size)", low=1,
+                             group="optimisation", resume="free")
+    rollouts_per_prompt: int = option(1, "sampled completions per prompt", low=1,
+                                      group="optimisation")
+    lr: float = option(5e-6, "AdamW peak learning rate", low=0, group="optimisation",
+                       resume="fixed")
+    weight_decay: float = option(0.0, "AdamW weight decay", low=0, group="optimisation",
+                                 resume="fixed")
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas, as b1,b2", low=0,
+                                             high=1, high_open=True, group="optimisation",
+                                             resume="fixed", metavar="B1,B2")
+    warmup_steps: int = option(0, "linear learning-rate warmup steps", low=0,
+                               group="optimisation")
+    min_lr_ratio: float = option(0.0, "final learning rate of the cosine decay, as a "
+                                 "fraction of --lr", low=0, high=1, group="optimisation")
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm (> 0), or none",
+                                         low=0, low_open=True, group="optimisation")
+    temperature: float = option(1.1, "rollout sampling temperature", low=0, low_open=True,
+                                group="rollouts")
+    top_p: float = option(0.95, "rollout nucleus sampling (1 = off)", low=0, low_open=True,
+                          high=1, group="rollouts")
+    top_k: int = option(20, "rollout top-k sampling (0 = off)", low=0, group="rollouts")
+    max_new_tokens: int = option(1024, "maximum rollout length in tokens", low=1,
+                                 group="rollouts")
+    loss: str = option("full", "full: full-vocabulary divergence; sampled_token: the "
+                       "paper's Eq. 9 estimator", choices=LOSS_TYPES, group="loss and teacher")
+    kind: str = option("forward_kl", "divergence: KL(pT||pS), KL(pS||pT) or JSD(beta)",
+                       choices=KINDS, group="loss and teacher")
+    beta: float = option(0.5, "JSD mixture weight (kind jsd), in (0, 1)",
+                         group="loss and teacher")
+    loss_temperature: float | None = option(None, "temperature of both distributions in "
+                                            "the loss (none = --temperature)", low=0,
+                                            low_open=True, group="loss and teacher")
+    clip: float | None = option(0.05, "per-vocabulary-entry clip tau (> 0), or none",
+                                low=0, low_open=True, group="loss and teacher")
+    impl: str = option("auto", "opsd_kernels implementation", choices=IMPLS,
+                       group="loss and teacher", resume="free")
+    chunk_size: int | None = option(None, "tokens per loss chunk (none = automatic)", low=1,
+                                    group="loss and teacher", resume="free")
+    teacher: str = option("fixed", "teacher weights: fixed (initial policy), current "
+                          "(the student's), ema", choices=TEACHER_MODES,
+                          group="loss and teacher", resume="fixed")
+    ema_decay: float = option(0.999, "EMA decay of the ema teacher", low=0, high=1,
+                              group="loss and teacher", resume="fixed")
+    sft_teacher_fraction: float = option(0.0, "objective sft: share of examples shown "
+                                         "with the teacher prompt", low=0, high=1,
+                                         group="optimisation")
+    eval_every: int = option(0, "evaluate every N steps (0 = only at start and end)", low=0,
+                             group="evaluation and checkpoints", resume="free")
+    eval_at_start: bool = option(True, "evaluate before the first step",
+                                 group="evaluation and checkpoints", resume="free")
+    eval_at_end: bool = option(True, "evaluate after the last step",
+                               group="evaluation and checkpoints", resume="free")
+    eval_k: int = option(0, "avg@k samples per problem (0 = greedy pass@1 only)", low=0,
+                         group="evaluation and checkpoints", resume="free")
+    eval_temperature: float | None = option(None, "avg@k sampling temperature (none = "
+                                            "--temperature)", low=0, low_open=True,
+                                            group="evaluation and checkpoints",
+                                            resume="free")
+    eval_max_new_tokens: int | None = option(None, "evaluation completion length (none = "
+                                             "--max-new-tokens)", low=1,
+                                             group="evaluation and checkpoints",
+                                             resume="free")
+    eval_batch_size: int = option(64, "prompts per evaluation generate call", low=1,
+                                  group="evaluation and checkpoints", resume="free")
+    save_every: int = option(0, "checkpoint every N steps (0 = only at the end of a CLI "
+                             "run)", low=0, group="evaluation and checkpoints", resume="free")
+    keep_last: int | None = option(None, "keep only the newest K complete checkpoints "
+                                   "(none = keep all)", low=1,
+                                   group="evaluation and checkpoints", resume="free")
+    seed: int = option(0, "seed of data order, sampling and every generator", low=0,
+                       group="run")
+    progress: bool = option(True, "progress bar", group="run", resume="free")
+    autocast: str | None = option(None, "set by --precision (bf16-mixed: bf16 autocast "
+                                  "over float32 master weights)", choices=("bf16", "fp16"),
+                                  cli=False)
+    phase: str = option("train", "tag of metrics records", cli=False, resume="free")
+    extra: dict = option(default_factory=dict, doc="free-form notes kept with the config",
+                         cli=False, resume="free")
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.teacher not in TEACHER_MODES:
-            raise ValueError(f"teacher must be one of {TEACHER_MODES}, got {self.teacher!r}")
-        if self.steps < 0 or self.batch_size < 1 or self.rollouts_per_prompt < 1:
-            raise ValueError("steps must be >= 0, batch_size and rollouts_per_prompt >= 1")
-        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            raise ValueError(
+        check_fields(self)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
                 f"batch_size ({self.batch_size}) must be divisible by grad_accum "
-                f"({self.grad_accum})"
-            )
-        if self.autocast not in (None, "bf16", "fp16"):
-            raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
-        if not 0.0 <= self.sft_teacher_fraction <= 1.0:
-            raise ValueError("sft_teacher_fraction must be in [0, 1]")
-        self.adam_betas = tuple(self.adam_betas)
-        self.loss_config()  # validates loss settings
+                f"({self.grad_accum})", "grad_accum")
+        self.loss_config()  # the kernels' own option checks, before anything is loaded
         self.sampling()
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Build from a dict, rejecting unknown keys with a clear message."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training config keys: {unknown}")
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "") -> TrainConfig:
+        """Build from a dict, rejecting unknown keys (with the closest valid key).
+
+        >>> TrainConfig.from_dict({"stpes": 3})
+        Traceback (most recent call last):
+        ...
+        opsd_train.config.ConfigError: unknown training config key 'stpes' (did you mean 'steps'?)
+        """
+        return from_mapping(cls, d, where, "training config key")
+
+    @classmethod
+    def resume_policies(cls) -> dict[str, str]:
+        """``{field: "free" | "override" | "fixed"}`` (see :mod:`opsd_train.config`)."""
+        return {f.name: f.metadata["resume"] for f, _ in option_fields(cls)}
 
     def to_dict(self) -> dict:
         """The config as a JSON-serialisable dict."""
-        return asdict(self)
+        return to_dict(self)
 
     def loss_config(self) -> LossConfig:
         """The :class:`~opsd_train.step.LossConfig` this config implies."""
         t = self.temperature if self.loss_temperature is None else self.loss_temperature
-        return LossConfig(loss=self.loss, kind=self.kind, beta=self.beta, temperature=t,
-                          clip=self.clip, impl=self.impl, chunk_size=self.chunk_size)
+        try:
+            return LossConfig(loss=self.loss, kind=self.kind, beta=self.beta, temperature=t,
+                              clip=self.clip, impl=self.impl, chunk_size=self.chunk_size)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"loss settings: {e}") from e
 
     def sampling(self) -> SamplingParams:
         """Rollout sampling parameters."""
         return SamplingParams(temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, max_new_tokens=self.max_new_tokens)
+
+
+@dataclass
+class Row:
+    """One sequence of a step: the prompt it is trained under and its completion.
+
+    ``teacher_prompt`` is the teacher's context (OPSD only); ``loss_mask`` (SFT only,
+    optional) marks which completion tokens count (``None``: all of them).
+    """
+
+    prompt: list[int]
+    completion: list[int]
+    teacher_prompt: list[int] | None = None
+    loss_mask: list[bool] | None = None
+
+    @property
+    def trained_tokens(self) -> int:
+        """Completion tokens that count in the loss."""
+        return len(self.completion) if self.loss_mask is None else sum(self.loss_mask)
+
+
+def max_positions(model) -> int | None:
+    """The model's maximum sequence length (``config.max_position_embeddings``), if any."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
@@ -160,13 +272,19 @@ class Trainer:
     EOS, every token trained) for one example, or ``None`` to keep it; ``rng`` is a
     ``random.Random`` seeded from ``(seed, step)``. ``output_dir`` receives
     ``metrics.jsonl`` (appended, one JSON object per step or evaluation, tagged with
-    ``phase``) and checkpoints under ``checkpoints/``.
+    ``phase``) and checkpoints under ``checkpoints/``. ``run_options`` are stored with
+    every checkpoint's configuration next to ``config`` (the CLI stores its model, data
+    and LoRA settings there).
+
+    Rollouts draw from torch's global generator: seed it (:func:`seed_everything`) before
+    building the model for a reproducible run; ``config.seed`` fixes the data order.
     """
 
     def __init__(self, model, tokenizer, train_problems: Sequence[Problem], config: TrainConfig,
                  *, eval_problems: Sequence[Problem] | None = None,
                  prompt_builder: PromptBuilder | None = None, engine=None,
-                 output_dir: str | Path | None = None, sft_example_fn=None):
+                 output_dir: str | Path | None = None, sft_example_fn=None,
+                 run_options: dict | None = None):
         if not train_problems:
             raise ValueError("the training set is empty")
         ensure_pad_token(tokenizer)
@@ -175,10 +293,12 @@ class Trainer:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        self.run_options = dict(run_options or {})
         self.train_problems = list(train_problems)
         self.eval_problems = list(eval_problems or [])
         self.prompts = prompt_builder or PromptBuilder(tokenizer)
         self.device = next(model.parameters()).device
+        self.max_positions = max_positions(model)
         self.pad_id = int(tokenizer.pad_token_id)
         self.eos_id = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None
                           else tokenizer.pad_token_id)
@@ -201,10 +321,19 @@ class Trainer:
         self.teacher = (Teacher(model, config.teacher, config.ema_decay)
                         if config.objective == "opsd" else None)
         self.step = 0
+        self.last_saved_step: int | None = None  # step of the newest checkpoint written/read
         self._perm_cache: dict[int, list[int]] = {}
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ data
+    def _check_length(self, ids: list[int], budget: int, what: str) -> None:
+        if self.max_positions is not None and len(ids) + budget > self.max_positions:
+            raise ValueError(
+                f"{what}: {len(ids)} prompt tokens + {budget} new tokens exceed the model's "
+                f"maximum of {self.max_positions} positions (max_position_embeddings); "
+                "shorten the problem, lower --max-new-tokens, or let the CLI drop such "
+                "problems (--long-prompts drop)")
+
     def _ids(self, role: str, i: int, problems=None) -> list[int]:
         problems = self.train_problems if problems is None else problems
         key = (role + ("" if problems is self.train_problems else f"@{id(problems)}"), i)
@@ -217,6 +346,9 @@ class Trainer:
             else:
                 ids = list(self.tokenizer(p.solution, add_special_tokens=False)["input_ids"])
                 ids.append(self.eos_id)
+            if role in ("student", "teacher") and self.config.objective == "opsd":
+                self._check_length(ids, self.config.max_new_tokens,
+                                   f"training problem {i}, {role} prompt")
             self._cache[key] = ids
         return self._cache[key]
 
@@ -247,66 +379,84 @@ class Trainer:
         dtype = torch.bfloat16 if self.config.autocast == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def train_step(self) -> dict:
-        """One optimizer step; returns its metrics (also appended to ``history``)."""
+    def collect_rows(self, idx: Sequence[int]) -> list[Row]:
+        """The step's rows: student rollouts for OPSD (one micro-batch of prompts per
+        ``generate`` call), or reference-solution targets for SFT."""
         cfg = self.config
-        idx = self.batch_indices(self.step)
-        self.model.train()
-        t0 = time.perf_counter()
-        t_roll = 0.0
         if cfg.objective == "opsd":
             s_prompts = [self._ids("student", i) for i in idx]
-            comps = []
-            per_micro = cfg.batch_size // cfg.grad_accum  # generate one micro-batch at a time
+            comps: list[list[int]] = []
+            per_micro = cfg.batch_size // cfg.grad_accum
             with self._autocast():
                 for s in range(0, len(s_prompts), per_micro):
                     comps += self.engine.generate(s_prompts[s : s + per_micro], cfg.sampling(),
                                                   cfg.rollouts_per_prompt)
-            t_roll = time.perf_counter() - t0
             reps = cfg.rollouts_per_prompt
-            rows = [(s_prompts[j // reps], self._ids("teacher", idx[j // reps]), comps[j], None)
+            return [Row(s_prompts[j // reps], comps[j],
+                        teacher_prompt=self._ids("teacher", idx[j // reps]))
                     for j in range(len(comps))]
-        else:
-            g = random.Random(cfg.seed * 7_919 + self.step)
-            rows = []
-            for i in idx:
-                role = "teacher" if g.random() < cfg.sft_teacher_fraction else "student"
-                target, keep = self._ids("solution", i), None
-                if self.sft_example_fn is not None:
-                    custom = self.sft_example_fn(self.train_problems[i], role, g)
-                    if custom is not None:
-                        target, keep = custom
-                rows.append((self._ids(role, i), None, target, keep))
-        total_tokens = sum(len(r[2]) if r[3] is None else sum(r[3]) for r in rows)
-        loss_sum, div_sum, fwd_tokens = 0.0, 0.0, 0
-        if total_tokens > 0:
-            lcfg = cfg.loss_config()
-            ctx = None
-            if self.teacher is not None and self.teacher.mode != "current":
-                ctx = self.teacher.weights
-            for sl in self._micro_slices(len(rows)):
-                part = [r for r in rows[sl] if len(r[2]) > 0]
-                if not part:
-                    continue
-                sb = pack_batch([r[0] for r in part], [r[2] for r in part], self.pad_id)
-                for j, r in enumerate(part):
-                    if r[3] is not None:
-                        sb.mask[j, : len(r[3])] &= torch.as_tensor(r[3], dtype=torch.bool)
-                fwd_tokens += int(sb.attention_mask.sum())
-                with self._autocast():
-                    if cfg.objective == "opsd":
-                        tb = pack_batch([r[1] for r in part], [r[2] for r in part],
-                                        self.pad_id)
-                        fwd_tokens += int(tb.attention_mask.sum())
-                        loss, st = opsd_loss(self.model, sb.to(self.device),
-                                             tb.to(self.device), lcfg, teacher_ctx=ctx,
-                                             normalizer=total_tokens)
-                    else:
-                        loss, st = sft_loss(self.model, sb.to(self.device),
-                                            normalizer=total_tokens)
-                loss.backward()
-                loss_sum += float(loss.detach())
-                div_sum += st["div_sum"]
+        g = random.Random(cfg.seed * 7_919 + self.step)
+        rows = []
+        for i in idx:
+            role = "teacher" if g.random() < cfg.sft_teacher_fraction else "student"
+            target, keep = self._ids("solution", i), None
+            if self.sft_example_fn is not None:
+                custom = self.sft_example_fn(self.train_problems[i], role, g)
+                if custom is not None:
+                    target, keep = custom
+            prompt = self._ids(role, i)
+            self._check_length(prompt, len(target), f"training problem {i}, {role} SFT example")
+            rows.append(Row(prompt, target, loss_mask=keep))
+        return rows
+
+    def pack_rows(self, rows: Sequence[Row]) -> tuple[PackedBatch, PackedBatch | None]:
+        """Right-padded student batch (with each row's loss mask applied) and, for OPSD,
+        the teacher batch over the same completions."""
+        comps = [r.completion for r in rows]
+        student = pack_batch([r.prompt for r in rows], comps, self.pad_id)
+        for j, r in enumerate(rows):
+            if r.loss_mask is not None:
+                student.mask[j, : len(r.loss_mask)] &= torch.as_tensor(r.loss_mask,
+                                                                       dtype=torch.bool)
+        teacher = None
+        if rows[0].teacher_prompt is not None:
+            teacher = pack_batch([r.teacher_prompt for r in rows], comps, self.pad_id)
+        return student, teacher
+
+    def loss_backward(self, rows: Sequence[Row], total_tokens: int) -> dict:
+        """Forward, loss and backward of every micro-batch (gradients accumulate; each
+        micro-batch's loss is divided by the step's ``total_tokens``). Returns the summed
+        ``loss``, ``div_sum`` and ``forward_tokens``."""
+        cfg = self.config
+        out = {"loss": 0.0, "div_sum": 0.0, "forward_tokens": 0}
+        if total_tokens <= 0:
+            return out
+        lcfg = cfg.loss_config()
+        ctx = None
+        if self.teacher is not None and self.teacher.mode != "current":
+            ctx = self.teacher.weights
+        for sl in self._micro_slices(len(rows)):
+            part = [r for r in rows[sl] if len(r.completion) > 0]
+            if not part:
+                continue
+            sb, tb = self.pack_rows(part)
+            out["forward_tokens"] += int(sb.attention_mask.sum())
+            with self._autocast():
+                if tb is not None:
+                    out["forward_tokens"] += int(tb.attention_mask.sum())
+                    loss, st = opsd_loss(self.model, sb.to(self.device), tb.to(self.device),
+                                         lcfg, teacher_ctx=ctx, normalizer=total_tokens)
+                else:
+                    loss, st = sft_loss(self.model, sb.to(self.device), normalizer=total_tokens)
+            loss.backward()
+            out["loss"] += float(loss.detach())
+            out["div_sum"] += st["div_sum"]
+        return out
+
+    def optimizer_step(self) -> tuple[float, float]:
+        """Clip (``max_grad_norm``), step AdamW and the schedule, clear the gradients.
+        Returns ``(gradient norm before clipping, learning rate used)``."""
+        cfg = self.config
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if cfg.max_grad_norm is not None:
             gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -318,20 +468,36 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return gn, lr
+
+    def update_teacher(self) -> None:
+        """After the optimizer step: the EMA teacher follows the student."""
         if self.teacher is not None:
             self.teacher.update(self.model)
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns its metrics (also appended to ``history``)."""
+        idx = self.batch_indices(self.step)
+        self.model.train()
+        t0 = time.perf_counter()
+        rows = self.collect_rows(idx)
+        t_roll = time.perf_counter() - t0 if self.config.objective == "opsd" else 0.0
+        total_tokens = sum(r.trained_tokens for r in rows)
+        res = self.loss_backward(rows, total_tokens)
+        gn, lr = self.optimizer_step()
+        self.update_teacher()
         self.step += 1
         dt = time.perf_counter() - t0
         rec = {
             "event": "step",
-            "phase": cfg.phase,
+            "phase": self.config.phase,
             "step": self.step,
-            "loss": loss_sum,
-            "divergence": div_sum / max(total_tokens, 1),
+            "loss": res["loss"],
+            "divergence": res["div_sum"] / max(total_tokens, 1),
             "completion_tokens": total_tokens,
             "rollout_len": total_tokens / max(len(rows), 1),
-            "forward_tokens": fwd_tokens,
-            "tokens_per_s": fwd_tokens / dt if dt > 0 else None,
+            "forward_tokens": res["forward_tokens"],
+            "tokens_per_s": res["forward_tokens"] / dt if dt > 0 else None,
             "time_s": dt,
             "rollout_time_s": t_roll,
             "lr": lr,
@@ -357,7 +523,10 @@ class Trainer:
         if role not in ("student", "teacher"):
             raise ValueError("role must be 'student' or 'teacher'")
         build = self.prompts.teacher_ids if role == "teacher" else self.prompts.student_ids
+        max_new = cfg.eval_max_new_tokens or cfg.max_new_tokens
         prompts = [build(p) for p in problems]
+        for i, ids in enumerate(prompts):
+            self._check_length(ids, max_new, f"evaluation problem {i}, {role} prompt")
         k = cfg.eval_k if k is None else k
 
         def gen(batch, sampling):
@@ -370,7 +539,7 @@ class Trainer:
                 gen, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
                 prompts, [p.answer for p in problems], k=k,
                 temperature=cfg.eval_temperature or cfg.temperature, top_p=cfg.top_p,
-                top_k=cfg.top_k, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                top_k=cfg.top_k, max_new_tokens=max_new,
                 batch_size=cfg.eval_batch_size)
             if role == "teacher" and self.teacher is not None:
                 with self.teacher.weights(self.model):
@@ -403,7 +572,7 @@ class Trainer:
                     and self.step < cfg.steps:
                 evals.append(self.evaluate())
             if cfg.save_every and self.output_dir is not None and self.step % cfg.save_every == 0:
-                self.save_checkpoint(self.output_dir / "checkpoints" / f"step_{self.step}")
+                self.save_checkpoint(self.checkpoint_dir / f"step_{self.step}")
         if bar is not None:
             bar.close()
         if self.eval_problems and cfg.eval_at_end:
@@ -414,10 +583,26 @@ class Trainer:
     def _log(self, rec: dict) -> None:
         self.history.append(rec)
         if self.output_dir is not None:
-            with (self.output_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            path = self.output_dir / "metrics.jsonl"
+            try:
+                with path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as e:
+                raise ckpt.CheckpointWriteError.wrap(e, f"cannot append to {path}") from e
 
     # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        """``output_dir / "checkpoints"`` (needs an ``output_dir``)."""
+        if self.output_dir is None:
+            raise ValueError("the trainer has no output_dir")
+        return self.output_dir / "checkpoints"
+
+    def effective_config(self) -> dict:
+        """What a checkpoint stores as the run's configuration: ``run_options`` plus every
+        :class:`TrainConfig` field."""
+        return {**self.run_options, **self.config.to_dict()}
+
     def _model_state(self) -> dict:
         if is_peft_model(self.model):
             return {n: p.detach().clone() for n, p in self.model.named_parameters()
@@ -425,37 +610,65 @@ class Trainer:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def save_checkpoint(self, path: str | Path) -> Path:
-        """Save everything needed for an exact resume into directory ``path``."""
+        """Save everything needed for an exact resume into folder ``path``, atomically
+        (:func:`opsd_train.checkpoint.write_checkpoint`). With ``keep_last``, older
+        complete checkpoints beside it are deleted afterwards."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        try:
+            import numpy as np
+
+            rng["numpy"] = np.random.get_state()  # noqa: NPY002
+        except ImportError:  # pragma: no cover
+            pass
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         state = {
-            "format": "opsd_train.checkpoint.v1",
+            "format": "opsd_train.checkpoint.v2",
             "step": self.step,
-            "config": self.config.to_dict(),
+            "peft": is_peft_model(self.model),
             "model": self._model_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
             "rng": rng,
         }
-        torch.save(state, path / "trainer_state.pt")
+        ckpt.write_checkpoint(path, state, self.effective_config(), self.step)
+        self.last_saved_step = self.step
+        if self.config.keep_last:
+            ckpt.prune_checkpoints(path.parent, self.config.keep_last)
         return path
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Restore a :meth:`save_checkpoint` directory (weights or adapter, optimizer,
-        scheduler, teacher, step and RNG states)."""
-        f = Path(path) / "trainer_state.pt"
-        if not f.is_file():
-            raise FileNotFoundError(f"no checkpoint at {f}")
-        state = torch.load(f, map_location="cpu", weights_only=False)
-        if state.get("format") != "opsd_train.checkpoint.v1":
-            raise ValueError(f"{f} is not an opsd_train checkpoint")
+    def load_checkpoint(self, path: str | Path, *, allow_changes: Iterable[str] = ()) -> None:
+        """Restore a :meth:`save_checkpoint` folder (weights or adapter, optimizer,
+        scheduler, teacher, step and RNG states).
+
+        The stored configuration must match this trainer's (:class:`TrainConfig` fields
+        whose resume policy is not ``"free"``); ``allow_changes`` names fields allowed to
+        differ (policy ``"override"`` only), e.g. ``("steps",)`` to extend a run. A torn
+        or corrupted checkpoint raises
+        :class:`~opsd_train.checkpoint.IncompleteCheckpointError` naming the file. Records
+        after the checkpoint's step are dropped from ``metrics.jsonl``, so the continued
+        run logs no duplicates.
+        """
+        path = Path(path)
+        stored = ckpt.read_checkpoint_config(path)
+        ckpt.check_resume_config(stored, self.config.to_dict(), TrainConfig.resume_policies(),
+                                 allow_changes, where=f"checkpoint {path}")
+        state = ckpt.load_checkpoint_state(path)
+        peft = is_peft_model(self.model)
+        if state.get("peft", peft) != peft:
+            kinds = {True: "a LoRA adapter", False: "full-model weights"}
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} holds {kinds[state['peft']]} but this run trains "
+                f"{kinds[peft]}: resume with the same --lora setting")
         with torch.no_grad():
-            if is_peft_model(self.model):
+            if peft:
                 params = dict(self.model.named_parameters())
+                missing = sorted(set(state["model"]) - set(params))
+                if missing:
+                    raise ckpt.CheckpointError(
+                        f"checkpoint {path} has parameters this model lacks: {missing[:5]}")
                 for n, t in state["model"].items():
                     params[n].copy_(t)
             else:
@@ -464,8 +677,19 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.teacher is not None and state["teacher"] is not None:
             self.teacher.load_state_dict(state["teacher"])
-        self.step = int(state["step"])
+        self.step = self.last_saved_step = int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
+        if "numpy" in state["rng"]:
+            import numpy as np
+
+            np.random.set_state(state["rng"]["numpy"])  # noqa: NPY002
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.output_dir is not None:
+            dropped = ckpt.truncate_metrics(self.output_dir / "metrics.jsonl",
+                                            self.config.phase, self.step)
+            if dropped:
+                warnings.warn(f"dropped {dropped} metrics record(s) logged after step "
+                              f"{self.step} from {self.output_dir / 'metrics.jsonl'}",
+                              stacklevel=2)

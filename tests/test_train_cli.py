@@ -66,7 +66,8 @@ def test_cli_real_model_path(tmp_path, tiny_dir):
                "--eval-data", str(tmp_path / "held.jsonl"), "--steps", "3",
                "--batch-size", "4", "--max-new-tokens", "5", "--teacher", "ema",
                "--out", str(tmp_path / "resumed"), "--no-progress",
-               "--resume", str(out / "checkpoints" / "step_1")])
+               "--resume", str(out / "checkpoints" / "step_1"),
+               "--resume-override", "steps"])  # extending a run is an explicit choice
     assert rc == 0
     steps = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl")
              .read_text().splitlines()]

@@ -1,0 +1,491 @@
+# ruff: noqa: F811  (pytest fixtures imported from train_fixtures)
+"""Reliability of the trainer (issue 11): strict configuration checked before anything is
+loaded, crash-safe checkpoints (torn writes, full disk, ``--resume latest``), resume
+configuration checks, reproducible seeded runs, early named errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import problems, tiny, tiny_dir  # noqa: E402,F401
+
+from opsd_train import checkpoint as ckpt  # noqa: E402
+from opsd_train.cli import RunConfig, build_parser, main, parse_options  # noqa: E402
+from opsd_train.config import (  # noqa: E402
+    RESUME_POLICIES,
+    ConfigError,
+    flag_name,
+    option_fields,
+)
+from opsd_train.data import Problem, load_jsonl, save_jsonl, synthetic_split  # noqa: E402
+from opsd_train.trainer import TrainConfig, Trainer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data(tmp_path, n_train=12, n_eval=4):
+    train, held = synthetic_split(n_train, n_eval, seed=1)
+    save_jsonl(train, tmp_path / "train.jsonl")
+    save_jsonl(held, tmp_path / "held.jsonl")
+    return tmp_path / "train.jsonl"
+
+
+def _small_run(model_dir, data, out, *extra):
+    return ["--model", str(model_dir), "--data", str(data), "--eval-fraction", "0",
+            "--steps", "3", "--batch-size", "4", "--max-new-tokens", "5", "--teacher", "ema",
+            "--ema-decay", "0.5", "--lr", "1e-2", "--threads", "1", "--no-progress",
+            "--out", str(out), *extra]
+
+
+# ----------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--max-grad-norm", "-1"], "max_grad_norm"),
+    (["--max-grad-norm", "0"], "max_grad_norm"),
+    (["--min-lr-ratio", "5"], "min_lr_ratio"),
+    (["--warmup-steps", "-5"], "warmup_steps"),
+    (["--save-every", "-1"], "save_every"),
+    (["--eval-fraction", "-0.1"], "eval_fraction"),
+    (["--eval-n", "-3"], "eval_n"),
+    (["--clip", "0"], "clip"),
+    (["--lr", "nan"], "lr"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--kind", "jsd", "--beta", "1"], "beta"),
+    (["--batch-size", "6", "--grad-accum", "4"], "grad_accum"),
+    (["--keep-last", "0"], "keep_last"),
+])
+def test_bad_values_are_rejected_before_anything_is_read(args, key, tmp_path):
+    # the model and data do not exist: the value check must come first
+    with pytest.raises(SystemExit, match=key) as e:
+        main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.jsonl"),
+              *args])
+    assert "opsd-train: error" in str(e.value)
+
+
+def test_none_disables_optional_settings():
+    o = parse_options(["--model", "m", "--max-grad-norm", "none", "--clip", "none"])
+    cfg = TrainConfig(**o.train)
+    assert cfg.max_grad_norm is None and cfg.clip is None
+
+
+@pytest.mark.parametrize("suffix, text, pattern", [
+    (".json", '{"stpes": 3}', r"unknown key 'stpes' \(did you mean 'steps'\?\)"),
+    (".toml", 'lora = "false"', r"lora: expected true or false, got 'false' \(str\)"),
+    (".json", '{"steps": 2.7}', r"steps: expected an integer, got 2.7"),
+    (".json", '{"steps": "2"}', r"steps: expected an integer, got '2'"),
+    (".json", '{"max_grad_norm": -1}', r"max_grad_norm: must be > 0 or none"),
+    (".json", '{"config": "other.json"}', r"unknown key 'config'"),
+    (".json", '{"steps": 3', r"cannot be parsed"),
+])
+def test_config_files_are_read_strictly(tmp_path, suffix, text, pattern):
+    cfg = tmp_path / f"c{suffix}"
+    cfg.write_text(text)
+    with pytest.raises(SystemExit, match=pattern) as e:
+        main(["--config", str(cfg), "--model", str(tmp_path / "none")])
+    assert str(cfg) in str(e.value)  # the message names the file
+
+
+def test_config_file_values_and_precedence(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('steps = 7\nlora = true\nclip = "none"\nbatch_size = 8\n')
+    o = parse_options(["--config", str(cfg), "--model", "m", "--batch-size", "4"])
+    assert o.run.lora is True
+    tc = TrainConfig(**o.train)
+    assert (tc.steps, tc.clip, tc.batch_size) == (7, None, 4)  # the command line wins
+
+
+def test_demo_config_is_checked_before_the_warmup(tmp_path):
+    for table, pattern in [
+        ({"demo": {"opsd": {"stpes": 3}}}, r"demo.opsd: unknown training config key 'stpes' "
+                                           r"\(did you mean 'steps'\?\)"),
+        ({"demo": {"warmup": {"lr": -1}}}, r"demo.warmup: lr: must be >= 0"),
+        ({"demo": {"opsd": {"kind": "jsd", "beta": 0}}}, r"beta must lie strictly"),
+        ({"demo": {"n_trian": 5}}, r"unknown key 'n_trian' \(did you mean 'n_train'\?\)"),
+        ({"demo": {"model": {"hiden_size": 8}}}, r"did you mean 'hidden_size'"),
+        ({"stpes": 3}, r"unknown key 'stpes'"),
+    ]:
+        cfg = tmp_path / "demo.json"
+        cfg.write_text(json.dumps(table))
+        with pytest.raises(SystemExit, match=pattern):
+            main(["--config", str(cfg), "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+    # (run_demo creates the folder first thing: nothing ran)
+
+
+def test_every_config_field_is_a_flag_with_its_doc():
+    """The CLI is generated from the dataclasses: a new field cannot be forgotten."""
+    parser = build_parser()
+    actions = {a.dest: a for a in parser._actions}
+    internal = {"autocast", "phase", "extra"}  # set by code, documented as such
+    for cls in (RunConfig, TrainConfig):
+        for f, _ in option_fields(cls):
+            if not f.metadata["cli"]:
+                assert f.name in internal, f"{f.name}: add it to the CLI or to `internal`"
+                continue
+            a = actions[f.name]
+            assert flag_name(f.name) in a.option_strings
+            assert f.metadata["doc"] and f.metadata["doc"] in (a.help or "")
+            assert f.metadata["resume"] in RESUME_POLICIES
+    names = [f.name for cls in (RunConfig, TrainConfig) for f, _ in option_fields(cls)]
+    assert len(names) == len(set(names)), "a key is defined twice"
+    # defaults round-trip through the parser: `--flag <default>` gives the default back
+    for f, _ in option_fields(TrainConfig):
+        if f.metadata["cli"] and isinstance(f.default, (int, float, str)) and \
+                not isinstance(f.default, bool):
+            o = parse_options(["--model", "m", flag_name(f.name), str(f.default)])
+            assert getattr(TrainConfig(**o.train), f.name) == f.default, f.name
+
+
+# ----------------------------------------------------------------------- early named errors
+
+
+def test_missing_model_folder_fails_at_once_without_the_hub(tmp_path, monkeypatch):
+    data = _data(tmp_path)
+    import huggingface_hub
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub was contacted")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    (tmp_path / "runs").mkdir()
+    for name in (str(tmp_path / "missing"), "./missing-model", f"{tmp_path}/runs/a/b"):
+        t0 = time.perf_counter()
+        with pytest.raises(FileNotFoundError, match="no such folder"):
+            main(["--model", name, "--data", str(data), "--out", str(tmp_path / "o")])
+        assert time.perf_counter() - t0 < 5
+    not_a_model = tmp_path / "empty_dir"
+    not_a_model.mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        main(["--model", str(not_a_model), "--data", str(data)])
+
+
+def test_non_utf8_data_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    good = json.dumps({"question": "q", "solution": "s \\boxed{1}"}).encode()
+    f.write_bytes(good + b"\n" + b'{"question": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        load_jsonl(f)
+
+
+def test_duplicate_questions_never_overlap_the_held_out_set(tmp_path, tiny_dir, capsys):
+    train, _ = synthetic_split(10, 0, seed=2)
+    rows = train + train[:3]  # the first three questions appear twice
+    save_jsonl(rows, tmp_path / "dup.jsonl")
+    from opsd_train.cli import _held_out_split
+
+    o = parse_options(["--model", "m", "--data", str(tmp_path / "dup.jsonl"),
+                       "--eval-fraction", "0.25"])
+    tr, held = _held_out_split(o.run, load_jsonl(tmp_path / "dup.jsonl"))
+    assert len(held) == 3
+    assert not {p.question for p in tr} & {p.question for p in held}
+    assert "removed 3 training problem(s)" in capsys.readouterr().out
+
+
+def test_long_prompts_rejected_or_dropped(tmp_path, tiny_dir, problems):
+    train, _ = synthetic_split(8, 0, seed=4)
+    long_q = Problem("Ann has " + "very " * 400 + "many pens.", "1 + 1 = 2. \\boxed{2}", "2")
+    save_jsonl([long_q] + train, tmp_path / "long.jsonl")
+    args = ["--model", str(tiny_dir), "--data", str(tmp_path / "long.jsonl"),
+            "--eval-fraction", "0", "--steps", "1", "--batch-size", "4",
+            "--max-new-tokens", "4", "--no-progress", "--threads", "1"]
+    with pytest.raises(ValueError, match=r"1 training and 0 held-out problem\(s\) have a "
+                                         r"prompt longer than the model's 256 positions"):
+        main([*args, "--out", str(tmp_path / "a")])
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()  # nothing ran
+    assert main([*args, "--out", str(tmp_path / "b"), "--long-prompts", "drop"]) == 0
+    # the Trainer itself refuses an over-long prompt with a named error (API users)
+    from opsd_train.modeling import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(tiny_dir))
+    t = Trainer(model, tok, [long_q], TrainConfig(steps=1, batch_size=1, max_new_tokens=4,
+                                                  progress=False))
+    with pytest.raises(ValueError, match="training problem 0, student prompt: .* exceed "
+                                         "the model's maximum of 256 positions"):
+        t.train_step()
+
+
+# ----------------------------------------------------------------------- reproducibility
+
+
+def _final_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def _step_losses(out):
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if r["event"] == "step"]
+
+
+def test_seeded_cli_runs_are_bit_identical(tmp_path, tiny_dir):
+    data = _data(tmp_path)
+    runs = []
+    for i, ambient in enumerate((11, 22)):
+        torch.manual_seed(ambient)  # whatever the process did before must not matter
+        random.seed(ambient)
+        out = tmp_path / f"run{i}"
+        assert main(_small_run(tiny_dir, data, out, "--steps", "2", "--seed", "5")) == 0
+        runs.append(out)
+    a, b = (_final_weights(o) for o in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _step_losses(runs[0]) == _step_losses(runs[1])
+    # and the seed matters
+    out = tmp_path / "other"
+    main(_small_run(tiny_dir, data, out, "--steps", "2", "--seed", "6"))
+    assert _step_losses(out) != _step_losses(runs[0])
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def _state():
+    return {"w": torch.arange(5000.0), "step": 1}
+
+
+def test_checkpoint_write_is_atomic_and_verified(tmp_path):
+    root = tmp_path / "checkpoints"
+    p = ckpt.write_checkpoint(root / "step_1", _state(), {"lr": 1.0}, 1)
+    assert sorted(x.name for x in p.iterdir()) == [ckpt.MARKER_FILE, ckpt.CONFIG_FILE,
+                                                   ckpt.STATE_FILE]
+    assert not list(root.glob(".*"))  # no temporary left
+    assert ckpt.read_checkpoint_config(p) == {"lr": 1.0}
+    assert torch.equal(ckpt.load_checkpoint_state(p)["w"], _state()["w"])
+    # overwrite in place (same step): still complete
+    ckpt.write_checkpoint(root / "step_1", {**_state(), "step": 2}, {"lr": 2.0}, 1)
+    assert ckpt.read_checkpoint_config(p) == {"lr": 2.0}
+    # a truncated state file is reported by name as incomplete
+    state = p / ckpt.STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ckpt.IncompleteCheckpointError, match=f"{state}.*incomplete"):
+        ckpt.load_checkpoint_state(p)
+    # same size, different bytes: the hash catches it on load
+    p2 = ckpt.write_checkpoint(root / "step_2", _state(), {}, 2)
+    raw = bytearray((p2 / ckpt.STATE_FILE).read_bytes())
+    raw[-30] ^= 0xFF
+    (p2 / ckpt.STATE_FILE).write_bytes(bytes(raw))
+    with pytest.raises(ckpt.IncompleteCheckpointError, match="SHA-256"):
+        ckpt.load_checkpoint_state(p2)
+    # no marker (killed before it was written, or an old checkpoint)
+    (p2 / ckpt.MARKER_FILE).unlink()
+    with pytest.raises(ckpt.IncompleteCheckpointError, match="no completion marker"):
+        ckpt.verify_checkpoint(p2)
+
+
+def test_latest_skips_torn_checkpoints_with_a_warning(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpt.write_checkpoint(root / "step_1", _state(), {}, 1)
+    ckpt.write_checkpoint(root / "step_2", _state(), {}, 2)
+    (root / "step_2" / ckpt.STATE_FILE).write_bytes(b"")  # torn
+    (root / ".step_3.partial-123").mkdir()  # killed during the write of step 3
+    with pytest.warns(UserWarning, match=r"step_3.partial-123.*step_2"):
+        assert ckpt.find_latest(root) == root / "step_1"
+    assert ckpt.find_latest(tmp_path / "nothing", warn=False) is None
+
+
+class _FullDisk:
+    """A file that accepts ``limit`` bytes, then fails like a full disk."""
+
+    def __init__(self, f, limit):
+        self.f, self.limit, self.n = f, limit, 0
+
+    def write(self, b):
+        self.n += len(b)
+        if self.n > self.limit:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_full_disk_names_the_path_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    ckpt.write_checkpoint(root / "step_1", _state(), {}, 1)
+    monkeypatch.setattr(ckpt, "_opener", lambda path, mode: _FullDisk(open(path, mode), 500))  # noqa: SIM115
+    with pytest.raises(ckpt.CheckpointWriteError,
+                       match=f"cannot write checkpoint {root / 'step_2'}.*No space left"):
+        ckpt.write_checkpoint(root / "step_2", _state(), {}, 2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_1"]  # partial folder removed
+    ckpt.verify_checkpoint(root / "step_1")
+    # the same through the trainer: the error names the checkpoint folder
+    with pytest.raises(OSError, match="step_1"):
+        ckpt.write_checkpoint(root / "step_1", _state(), {}, 1)
+    ckpt.verify_checkpoint(root / "step_1")  # the old one survives a failed overwrite
+
+
+def test_keep_last(tmp_path, tiny, problems):
+    model, tok = tiny
+    train, _ = problems
+    cfg = TrainConfig(steps=4, batch_size=2, max_new_tokens=3, save_every=1, keep_last=2,
+                      progress=False, eval_at_start=False, eval_at_end=False)
+    Trainer(model, tok, train, cfg, output_dir=tmp_path).train()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3",
+                                                                           "step_4"]
+
+
+def test_resume_checks_the_configuration(tmp_path, tiny_dir, problems):
+    from opsd_train.modeling import load_model_and_tokenizer
+
+    train, _ = problems
+    base = dict(steps=2, batch_size=2, max_new_tokens=3, progress=False, teacher="ema",
+                eval_at_start=False, eval_at_end=False)
+
+    def trainer(**kw):
+        model, tok = load_model_and_tokenizer(str(tiny_dir))
+        return Trainer(model, tok, train, TrainConfig(**{**base, **kw}), output_dir=tmp_path)
+
+    t = trainer()
+    t.train_step()
+    t.save_checkpoint(tmp_path / "ck")
+    with pytest.raises(ckpt.CheckpointError, match=r"lr: 5e-06 there, 0.001 now.*"
+                                                   r"lr cannot change"):
+        trainer(lr=1e-3).load_checkpoint(tmp_path / "ck")
+    with pytest.raises(ckpt.CheckpointError, match=r"kind: 'forward_kl' there, 'jsd' now.*"
+                                                   r"steps: 2 there, 5 now.*"
+                                                   r"--resume-override kind,steps"):
+        trainer(kind="jsd", steps=5).load_checkpoint(tmp_path / "ck")
+    with pytest.raises(ckpt.CheckpointError, match="cannot change \\['lr'\\]"):
+        trainer(lr=1e-3).load_checkpoint(tmp_path / "ck", allow_changes=["lr"])
+    t2 = trainer(steps=5, eval_every=3, save_every=2)  # free keys need no override
+    t2.load_checkpoint(tmp_path / "ck", allow_changes=["steps"])
+    assert t2.step == 1
+
+
+def test_full_checkpoint_into_lora_run_is_a_named_error(tmp_path, tiny_dir, problems):
+    pytest.importorskip("peft")
+    from opsd_train.modeling import load_model_and_tokenizer, prepare_model
+
+    train, _ = problems
+    cfg = TrainConfig(steps=1, batch_size=2, max_new_tokens=3, progress=False)
+    model, tok = load_model_and_tokenizer(str(tiny_dir))
+    t = Trainer(model, tok, train, cfg)
+    t.save_checkpoint(tmp_path / "ck")
+    lora = prepare_model(load_model_and_tokenizer(str(tiny_dir))[0], lora=True, lora_r=2,
+                         lora_alpha=4)
+    with pytest.raises(ckpt.CheckpointError, match="full-model weights but this run trains "
+                                                   "a LoRA adapter"):
+        Trainer(lora, tok, train, cfg).load_checkpoint(tmp_path / "ck")
+
+
+def test_cli_resume_mismatch_and_fresh_start_into_a_used_folder(tmp_path, tiny_dir):
+    data = _data(tmp_path)
+    out = tmp_path / "run"
+    assert main(_small_run(tiny_dir, data, out, "--steps", "1")) == 0
+    # the same command again would mix two runs in one folder
+    with pytest.raises(SystemExit, match="already holds a run.*--resume latest"):
+        main(_small_run(tiny_dir, data, out, "--steps", "1"))
+    # a different learning rate on resume: listed, refused before any model load
+    with pytest.raises(SystemExit, match=r"lr: 0.01 there, 0.02 now"):
+        main(_small_run(tiny_dir, data, out, "--steps", "2", "--resume", "latest",
+                        "--lr", "2e-2", "--resume-override", "steps"))
+    # a torn checkpoint by path: named, and said to be incomplete
+    torn = out / "checkpoints" / "step_1" / ckpt.STATE_FILE
+    torn.write_bytes(torn.read_bytes()[:10])
+    with pytest.raises(SystemExit, match=f"{torn}.*incomplete"):
+        main(_small_run(tiny_dir, data, out, "--resume", str(torn.parent)))
+
+
+# ----------------------------------------------------------------------- fault injection
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from opsd_train import checkpoint as ck
+
+    real_open = ck._opener
+
+    class KillMidWrite:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 4096:  # part of the file is on disk: now die
+                self.f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return self.f.write(b)
+        def flush(self):
+            self.f.flush()
+        def fileno(self):
+            return self.f.fileno()
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def opener(path, mode):
+        f = real_open(path, mode)
+        if ".step_2." in str(path.parent) and path.name == "trainer_state.pt":
+            return KillMidWrite(f)
+        return f
+
+    ck._opener = opener
+    from opsd_train.cli import main
+    main(sys.argv[1:])
+""")
+
+
+def test_sigkill_during_checkpoint_write_then_resume_latest(tmp_path, tiny_dir):
+    data = _data(tmp_path)
+    # reference: the same run without interruption
+    ref = tmp_path / "ref"
+    assert main(_small_run(tiny_dir, data, ref, "--save-every", "1")) == 0
+    # killed while writing the step-2 checkpoint
+    out = tmp_path / "killed"
+    script = tmp_path / "kill.py"
+    script.write_text(_KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script),
+                           *_small_run(tiny_dir, data, out, "--save-every", "1")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    ckdir = out / "checkpoints"
+    assert (ckdir / "step_1").is_dir() and not (ckdir / "step_2").exists()
+    partial = list(ckdir.glob(".step_2.partial-*"))
+    assert partial and (partial[0] / "trainer_state.pt").stat().st_size > 0  # really torn
+    # metrics.jsonl already holds the step-2 record written before the kill
+    assert [s for s, *_ in _step_losses(out)] == [1, 2]
+    with pytest.warns(UserWarning, match="skipped torn"):
+        assert main(_small_run(tiny_dir, data, out, "--save-every", "1",
+                               "--resume", "latest")) == 0
+    # no duplicate records, and the continuation is bit-identical to the reference
+    assert _step_losses(out) == _step_losses(ref)
+    a, b = _final_weights(ref), _final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for s in (1, 2, 3):
+        ckpt.verify_checkpoint(ckdir / f"step_{s}", deep=True)
+
+
+def test_resume_latest_without_checkpoint_starts_fresh(tmp_path, tiny_dir, capsys):
+    data = _data(tmp_path)
+    out = tmp_path / "run"
+    assert main(_small_run(tiny_dir, data, out, "--steps", "1", "--resume", "latest")) == 0
+    assert "no complete checkpoint" in capsys.readouterr().out
+    assert [s for s, *_ in _step_losses(out)] == [1]
+
+
+def test_config_error_type():
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(top_k=-1)
+    assert e.value.key == "top_k"
