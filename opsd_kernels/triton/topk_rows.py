@@ -79,7 +79,7 @@ def _topk_rows_kernel(
         ok = lT != float("-inf")  # an outcome (the launcher set -inf elsewhere)
         lS = tl.where(ok, lS, 0.0)
         lT = tl.where(ok, lT, 0.0)
-        phi, g, _h = divergence_terms(lT, lS, tl.exp(lT), tl.exp(lS), beta, log_beta, log_1m_beta, KIND)
+        phi, g, _h_k = divergence_terms(lT, lS, tl.exp(lT), tl.exp(lS), beta, log_beta, log_1m_beta, KIND)
         if HAS_CLIP:
             g = tl.where(phi < clip, g, 0.0)
             phi = tl.minimum(phi, clip)
@@ -89,7 +89,7 @@ def _topk_rows_kernel(
     log_rs = lse_c - lse
     if BUCKET:
         log_rt = tl.load(log_rest_ptr + row)
-        phi_r, g_rest, _h = divergence_terms(log_rt, log_rs, tl.exp(log_rt), tl.exp(log_rs), beta, log_beta, log_1m_beta, KIND)
+        phi_r, g_rest, _h_r = divergence_terms(log_rt, log_rs, tl.exp(log_rt), tl.exp(log_rs), beta, log_beta, log_1m_beta, KIND)
         if HAS_CLIP:
             g_rest = tl.where(phi_r < clip, g_rest, 0.0)
             phi_r = tl.minimum(phi_r, clip)
@@ -109,7 +109,7 @@ def _topk_rows_kernel(
             lS = tl.where(ok, lS, 0.0)
             lT = tl.where(ok, lT, 0.0)
             pS = tl.exp(lS)
-            phi, g, _h = divergence_terms(lT, lS, tl.exp(lT), pS, beta, log_beta, log_1m_beta, KIND)
+            phi, g, _h_g = divergence_terms(lT, lS, tl.exp(lT), pS, beta, log_beta, log_1m_beta, KIND)
             if HAS_CLIP:
                 g = tl.where(phi < clip, g, 0.0)
             entry = tl.where(ok, (g - pS * G) * factor, 0.0)
