@@ -1,0 +1,263 @@
+"""TRL's GKD and GOLD trainers with the fused distillation loss.
+
+``FusedGKDTrainer`` and ``FusedGOLDTrainer`` are subclasses of TRL's
+``trl.experimental.gkd.GKDTrainer`` and ``trl.experimental.gold.GOLDTrainer`` (checked
+with TRL 1.16.0) that compute the same loss as TRL's ``generalized_jsd_loss`` from the
+student's and teacher's final hidden states and lm_heads with
+:func:`opsd_kernels.fused_linear_divergence`: the (tokens x V) logits of neither model
+are formed. Everything else (data collation, on-policy generation with ``lmbda``,
+``seq_kd``, logging, evaluation) is TRL's, unchanged.
+
+Loss semantics kept from TRL (``compute_loss``): causal shift (hidden state i predicts
+token i + 1), positions with label -100 excluded, ``beta`` (0 forward KL, 1 reverse KL,
+otherwise the generalized JSD), divided by ``num_items_in_batch`` when the Trainer passes
+it, else by the number of counted tokens. Temperature: GKD's loss uses 1.0 (TRL 1.16
+passes ``args.temperature`` to sampling only), GOLD's uses ``args.temperature``; both
+are kept. GKD has no SFT term to mix in (``seq_kd`` trains on teacher samples with the
+same loss). GOLD's cross-tokenizer ULD loss (``use_uld_loss`` with a teacher tokenizer)
+needs both models' full probabilities: ``FusedGOLDTrainer`` leaves it to TRL (logits
+formed) and says so with a warning.
+
+TRL's own ``DistillationTrainer`` is not wrapped: it already computes its loss from
+hidden states with a chunked kernel of its own (``trl.kernels.chunked_divergence``).
+
+Not supported: DeepSpeed ZeRO-3 and FSDP (the lm_head weights are read directly;
+refused at construction), ``final_logit_softcapping`` (Gemma-2/3; refused by
+:mod:`opsd_kernels.hf`). A teacher with another hidden size works (its own lm_head).
+
+Extra constructor argument of both trainers: ``fused_loss_kwargs``, a dict passed to
+``fused_linear_divergence`` (``impl``, ``chunk_size``, ``fp32_weight_grad``,
+``skip_threshold``).
+
+``trl`` is imported on first access of a trainer class, so this module imports (and
+:func:`fused_generalized_jsd` works) without it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from ..api import fused_linear_divergence
+from ..hf import causal_lm_hidden_states
+
+# the trainer classes are built on first access (module __getattr__), importing trl then
+__all__ = ["FusedGKDTrainer", "FusedGOLDTrainer", "fused_generalized_jsd"]  # noqa: F822
+
+_LOSS_KWARGS = ("impl", "chunk_size", "fp32_weight_grad", "skip_threshold")
+
+
+def fused_generalized_jsd(
+    student_model,
+    teacher_model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    num_items_in_batch: torch.Tensor | int | float | None = None,
+    ignore_index: int = -100,
+    forward_kwargs: dict[str, Any] | None = None,
+    **loss_kwargs,
+) -> torch.Tensor:
+    """TRL's GKD/GOLD distillation loss from hidden states: no (tokens x V) logits.
+
+    Equals ``generalized_jsd(student(ids).logits[:, :-1], teacher(ids).logits[:, :-1],
+    labels[:, 1:], beta, temperature, num_items_in_batch=num_items_in_batch)``, TRL's
+    ``compute_loss``, with the teacher under ``torch.no_grad``.
+
+    Args:
+        student_model, teacher_model: ``transformers`` causal LMs (or PEFT-wrapped),
+            unwrapped from DDP; the teacher may be the student itself (then one shared
+            lm_head GEMM serves both) or have another hidden size.
+        input_ids, attention_mask: (B, T) the sequences both models score.
+        labels: (B, T) the next-token targets, ``ignore_index`` where not trained.
+        beta: 0 forward KL(p_T || p_S), 1 reverse KL(p_S || p_T), else generalized JSD.
+        temperature: both logits are divided by it.
+        num_items_in_batch: when given the sum is divided by it, else by the number of
+            counted tokens (0 when none).
+        forward_kwargs: extra inputs to both models' bodies (e.g. ``pixel_values``).
+        **loss_kwargs: ``impl``, ``chunk_size``, ``fp32_weight_grad``, ``skip_threshold``
+            of :func:`opsd_kernels.fused_linear_divergence`.
+
+    Returns:
+        float32 scalar (float64 for float64 models).
+
+    >>> import torch
+    >>> from transformers import Qwen3Config, Qwen3ForCausalLM
+    >>> cfg = Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=32,
+    ...                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    >>> _ = torch.manual_seed(0); student, teacher = Qwen3ForCausalLM(cfg), Qwen3ForCausalLM(cfg)
+    >>> ids = torch.randint(0, 50, (2, 6)); labels = ids.clone(); labels[:, :3] = -100
+    >>> loss = fused_generalized_jsd(student, teacher, ids, None, labels, beta=0.0)
+    >>> loss.backward()
+    >>> from opsd_kernels import generalized_jsd
+    >>> ref = generalized_jsd(student(ids).logits[:, :-1], teacher(ids).logits[:, :-1],
+    ...                       labels[:, 1:], beta=0.0)
+    >>> torch.allclose(loss, ref, atol=1e-6)
+    True
+    """
+    unknown = set(loss_kwargs) - set(_LOSS_KWARGS)
+    if unknown:
+        raise TypeError(f"unexpected loss arguments {sorted(unknown)}; allowed: {_LOSS_KWARGS}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    forward_kwargs = forward_kwargs or {}
+    h_s, w_s, b_s = causal_lm_hidden_states(student_model, input_ids, attention_mask,
+                                            **forward_kwargs)
+    with torch.no_grad():
+        h_t, w_t, b_t = causal_lm_hidden_states(teacher_model, input_ids, attention_mask,
+                                                **forward_kwargs)
+    mask = labels[:, 1:].to(h_s.device) != ignore_index
+    teacher = {}
+    if not (w_t is w_s and b_t is b_s):  # another lm_head (or a bias scaled anew): separate
+        teacher = dict(teacher_weight=w_t.detach().to(h_s.device),
+                       teacher_bias=None if b_t is None else b_t.detach().to(h_s.device))
+    kind = "forward_kl" if beta == 0 else "reverse_kl" if beta == 1 else "jsd"
+    total = fused_linear_divergence(
+        h_s[:, :-1], h_t[:, :-1].to(h_s.device), w_s, bias=b_s, kind=kind,
+        beta=beta if kind == "jsd" else 0.5, temperature=temperature, mask=mask,
+        reduction="sum", **teacher, **loss_kwargs,
+    )
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+    return total / mask.sum().clamp_min(1)
+
+
+class _FusedLossMixin:
+    """``compute_loss`` from hidden states, shared by the GKD and GOLD subclasses."""
+
+    _loss_uses_temperature = False
+
+    def _init_fused(self, fused_loss_kwargs):
+        fused_loss_kwargs = dict(fused_loss_kwargs or {})
+        unknown = set(fused_loss_kwargs) - set(_LOSS_KWARGS)
+        if unknown:
+            raise TypeError(f"fused_loss_kwargs: unexpected {sorted(unknown)}; allowed: "
+                            f"{_LOSS_KWARGS}")
+        self.fused_loss_kwargs = fused_loss_kwargs
+        if getattr(self, "is_fsdp_enabled", False):
+            raise ValueError(f"{type(self).__name__} does not support FSDP (it reads the "
+                             "lm_head weights directly); use TRL's trainer")
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if getattr(self, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3:
+            raise ValueError(f"{type(self).__name__} does not support DeepSpeed ZeRO-3 (it "
+                             "reads the lm_head weights directly); use TRL's trainer")
+        try:
+            from trl.models.utils import _ForwardRedirection
+            self._fused_redirect = _ForwardRedirection()
+        except ImportError:  # pragma: no cover - older/newer TRL: single-process only
+            self._fused_redirect = None
+
+    def _fused_loss(self, model, inputs, num_items_in_batch, forward_kwargs=None):
+        student = self.accelerator.unwrap_model(model)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        self.teacher_model.eval()
+        args = (student, teacher, inputs["input_ids"], inputs["attention_mask"],
+                inputs["labels"])
+        kwargs = dict(beta=self.beta,
+                      temperature=self.temperature if self._loss_uses_temperature else 1.0,
+                      num_items_in_batch=num_items_in_batch, forward_kwargs=forward_kwargs,
+                      **self.fused_loss_kwargs)
+        if model is not student and self._fused_redirect is not None:
+            # run through the DDP wrapper's forward so that gradient sync is prepared
+            return self._fused_redirect(model, student, fused_generalized_jsd, *args, **kwargs)
+        return fused_generalized_jsd(*args, **kwargs)
+
+    @staticmethod
+    def _outputs(loss):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast(loss=loss)  # no logits: they are never formed
+
+
+_GKD_DOC = """TRL's ``GKDTrainer`` with the distillation loss computed by
+:func:`fused_generalized_jsd` (hidden states and lm_heads, no (tokens x V) logits).
+
+Same constructor as ``trl.experimental.gkd.GKDTrainer`` plus ``fused_loss_kwargs``
+(dict for ``fused_linear_divergence``: ``impl``, ``chunk_size``, ``fp32_weight_grad``,
+``skip_threshold``). Same loss as TRL: ``beta`` from ``GKDConfig``, temperature 1.0 in the
+loss (``args.temperature`` is the sampling temperature, as in TRL 1.16), labels mask,
+``num_items_in_batch``. ``compute_loss(..., return_outputs=True)`` returns outputs without
+logits.
+"""
+
+_GOLD_DOC = """TRL's ``GOLDTrainer`` with its same-tokenizer distillation loss computed by
+:func:`fused_generalized_jsd` (hidden states and lm_heads, no (tokens x V) logits).
+
+Same constructor as ``trl.experimental.gold.GOLDTrainer`` plus ``fused_loss_kwargs``.
+Same loss as TRL: ``beta`` and ``temperature`` from ``GOLDConfig``, labels mask,
+``num_items_in_batch``; multimodal forward inputs are passed to both bodies. The
+cross-tokenizer ULD loss (``use_uld_loss`` with a teacher tokenizer) stays TRL's (it needs
+both full probability tensors; a warning says so).
+"""
+
+
+def _build(name: str):
+    if name == "FusedGKDTrainer":
+        from trl.experimental.gkd import GKDTrainer
+
+        class FusedGKDTrainer(_FusedLossMixin, GKDTrainer):
+            __doc__ = _GKD_DOC
+
+            def __init__(self, *args, fused_loss_kwargs: dict | None = None, **kwargs):
+                super().__init__(*args, **kwargs)
+                self._init_fused(fused_loss_kwargs)
+
+            def compute_loss(self, model, inputs, return_outputs=False,
+                             num_items_in_batch=None):
+                loss = self._fused_loss(model, inputs, num_items_in_batch)
+                return (loss, self._outputs(loss)) if return_outputs else loss
+
+        return FusedGKDTrainer
+
+    if name == "FusedGOLDTrainer":
+        from trl.experimental.gold import GOLDTrainer
+
+        class FusedGOLDTrainer(_FusedLossMixin, GOLDTrainer):
+            __doc__ = _GOLD_DOC
+            _loss_uses_temperature = True
+
+            def __init__(self, *args, fused_loss_kwargs: dict | None = None, **kwargs):
+                super().__init__(*args, **kwargs)
+                self._init_fused(fused_loss_kwargs)
+                if self._uses_uld():
+                    warnings.warn(
+                        "FusedGOLDTrainer: the cross-tokenizer ULD loss stays TRL's "
+                        "(full logits of both models); only the same-tokenizer JSD is fused",
+                        stacklevel=2)
+
+            def _uses_uld(self):
+                return bool(self.use_uld_loss and self.teacher_tokenizer is not None)
+
+            def compute_loss(self, model, inputs, return_outputs=False,
+                             num_items_in_batch=None):
+                if self._uses_uld():
+                    return super().compute_loss(model, inputs, return_outputs,
+                                                num_items_in_batch)
+                loss = self._fused_loss(model, inputs, num_items_in_batch,
+                                        forward_kwargs=self._get_model_forward_kwargs(inputs))
+                return (loss, self._outputs(loss)) if return_outputs else loss
+
+        return FusedGOLDTrainer
+
+    raise AttributeError(name)
+
+
+def __getattr__(name: str):
+    if name in ("FusedGKDTrainer", "FusedGOLDTrainer"):
+        try:
+            cls = _build(name)
+        except ImportError as e:
+            raise ImportError(f"{name} needs TRL (>= 1.16): pip install trl") from e
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
