@@ -72,10 +72,8 @@ class DivergenceFunction(torch.autograd.Function):
         now_s, now_t = want_s and not defer, want_t and not defer
         grad_s = torch.empty_like(s2, memory_format=torch.contiguous_format) if now_s else None
         grad_t = torch.empty_like(t2, memory_format=torch.contiguous_format) if now_t else None
-        loss_rows = row_fn(
-            s2, t2, spec=opts.spec, beta=opts.beta, temperature=opts.temperature,
-            clip=opts.clip, mask=mask1, scale=scale, grad_student=grad_s, grad_teacher=grad_t,
-        )
+        loss_rows = row_fn(s2, t2, opts, mask=mask1, scale=scale, grad_student=grad_s,
+                           grad_teacher=grad_t)
         ctx.defer = defer
         ctx.wants = (want_s, want_t)
         ctx.shapes = (student.shape, teacher.shape)
@@ -97,8 +95,7 @@ class DivergenceFunction(torch.autograd.Function):
             scale = (fwd_scale * grad_out.reshape(-1).to(fwd_scale.dtype)).contiguous()
             grad_s = torch.empty_like(s2, memory_format=torch.contiguous_format) if want_s else None
             grad_t = torch.empty_like(t2, memory_format=torch.contiguous_format) if want_t else None
-            row_fn(s2, t2, spec=opts.spec, beta=opts.beta, temperature=opts.temperature,
-                   clip=opts.clip, mask=mask1, scale=scale, grad_student=grad_s,
+            row_fn(s2, t2, opts, mask=mask1, scale=scale, grad_student=grad_s,
                    grad_teacher=grad_t)
             outs = [None if g is None else g.view(shape)
                     for g, shape in zip((grad_s, grad_t), ctx.shapes, strict=True)]
@@ -173,11 +170,9 @@ def _chunked_linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mas
         else:
             s_l = gemm.linear_logits(hs_c, weight, bias)
             t_l = gemm.linear_logits(ht_c, t_w, t_b)
-        rows = row_fn(
-            s_l, t_l, spec=opts.spec, beta=opts.beta, temperature=opts.temperature,
-            clip=opts.clip, mask=mask_c, scale=scale if scale.numel() == 1 else scale[lo:hi],
-            grad_student=s_l if any_grad else None, grad_teacher=None,
-        )
+        rows = row_fn(s_l, t_l, opts, mask=mask_c,
+                      scale=scale if scale.numel() == 1 else scale[lo:hi],
+                      grad_student=s_l if any_grad else None, grad_teacher=None)
         loss[lo:hi] = rows
         del t_l
         if not any_grad:

@@ -83,6 +83,11 @@ def jsd_terms(lT, lS, pT, pS, beta: float) -> Terms:
     return g + h, g, h
 
 
+# Kind ids: the ``tl.constexpr`` that selects a kind's Triton twin
+# (opsd_kernels/triton/formulas.py names them FORWARD_KL, REVERSE_KL, JSD).
+FORWARD_KL_ID, REVERSE_KL_ID, JSD_ID = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class KindSpec:
     """One divergence kind.
@@ -101,29 +106,30 @@ class KindSpec:
 
 
 KINDS: dict[str, KindSpec] = {
-    "forward_kl": KindSpec("forward_kl", 0, forward_kl_terms, one_pass=True, needs_beta=False),
-    "reverse_kl": KindSpec("reverse_kl", 1, reverse_kl_terms, one_pass=True, needs_beta=False),
-    "jsd": KindSpec("jsd", 2, jsd_terms, one_pass=False, needs_beta=True),
+    "forward_kl": KindSpec("forward_kl", FORWARD_KL_ID, forward_kl_terms, one_pass=True,
+                           needs_beta=False),
+    "reverse_kl": KindSpec("reverse_kl", REVERSE_KL_ID, reverse_kl_terms, one_pass=True,
+                           needs_beta=False),
+    "jsd": KindSpec("jsd", JSD_ID, jsd_terms, one_pass=False, needs_beta=True),
 }
 
 
 def rows_loss_and_grads(
     student: torch.Tensor,
     teacher: torch.Tensor,
-    spec: KindSpec,
-    beta: float,
-    temperature: float,
-    clip: float | None,
+    opts,
     want_student_grad: bool,
     want_teacher_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Row losses and unit-upstream logit gradients of a block of rows, in float32+.
 
     ``student``/``teacher``: (R, V) logits in float32 or float64 (the caller
-    upcasts). Returns ``(loss (R,), dL/ds (R, V) or None, dL/dt (R, V) or None)``
-    where the gradients are those of each row's own loss (upstream gradient 1).
+    upcasts); ``opts``: :class:`~opsd_kernels._validation.DivergenceOptions`.
+    Returns ``(loss (R,), dL/ds (R, V) or None, dL/dt (R, V) or None)`` where
+    the gradients are those of each row's own loss (upstream gradient 1).
     """
-    inv_t = 1.0 / temperature
+    spec, beta, clip = opts.spec, opts.beta, opts.clip
+    inv_t = 1.0 / opts.temperature
     lS = torch.log_softmax(student * inv_t, dim=-1)
     lT = torch.log_softmax(teacher * inv_t, dim=-1)
     pS = lS.exp()

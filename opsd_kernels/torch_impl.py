@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from . import config
-from .divergences import KindSpec, rows_loss_and_grads
+from ._validation import DivergenceOptions
+from .divergences import rows_loss_and_grads
 
 # float32 temporaries of width V alive at once in rows_loss_and_grads (upper bound)
 TEMPS_PER_ROW = 10
@@ -30,11 +31,8 @@ def rows_per_chunk(V: int, R: int, bytes_per_element: int = 4,
 def divergence_rows_torch(
     student: torch.Tensor,
     teacher: torch.Tensor,
+    opts: DivergenceOptions,
     *,
-    spec: KindSpec,
-    beta: float,
-    temperature: float,
-    clip: float | None,
     mask: torch.Tensor | None,
     scale: torch.Tensor,
     grad_student: torch.Tensor | None,
@@ -62,9 +60,7 @@ def divergence_rows_torch(
             s = torch.where(keep, s, torch.zeros((), dtype=compute, device=s.device))
             t = torch.where(keep, t, torch.zeros((), dtype=compute, device=t.device))
         rows_loss, g_s, g_t = rows_loss_and_grads(
-            s, t, spec, beta, temperature, clip,
-            grad_student is not None, grad_teacher is not None,
-        )
+            s, t, opts, grad_student is not None, grad_teacher is not None)
         del s, t
         row_scale = (scale if scale.numel() == 1 else scale[lo:hi]).to(compute).reshape(-1, 1)
         for out, g in ((grad_student, g_s), (grad_teacher, g_t)):

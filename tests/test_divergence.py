@@ -119,7 +119,7 @@ def test_triton_blocks_do_not_matter():
                 for block in (64, 1024):
                     gs = torch.empty_like(s)
                     loss = divergence_rows_triton(
-                        s, t, spec=opts.spec, beta=0.4, temperature=1.1, clip=clip, mask=None,
+                        s, t, opts, mask=None,
                         scale=torch.ones(1, device=DEVICE), grad_student=gs, grad_teacher=None,
                         block_v=block)
                     outs.append((loss, gs))
@@ -255,10 +255,11 @@ def test_empty_leading_shape():
 
 @pytest.mark.parametrize("beta", [0.0, 0.25, 1.0])
 def test_generalized_jsd_matches_trl_convention(beta):
+    """TRL's generalized_jsd_loss semantics written out (tests/test_trl_compat.py checks
+    against TRL itself when it is installed)."""
     s, t = make_logits((2, 4, 30), seed=12)
     labels = torch.randint(0, 30, (2, 4))
     labels[0, :2] = -100
-    out = generalized_jsd(s, t, labels, beta=beta, temperature=1.1)
     # TRL's formula, written out: F.kl_div(input, target) = KL(target || input)
     ls = torch.log_softmax(s.double() / 1.1, -1)
     lt = torch.log_softmax(t.double() / 1.1, -1)
@@ -272,8 +273,24 @@ def test_generalized_jsd_matches_trl_convention(beta):
         per = (beta * kl(lm, lt, reduction="none", log_target=True)
                + (1 - beta) * kl(lm, ls, reduction="none", log_target=True))
     m = labels != -100
-    expected = per.sum(-1)[m].sum() / m.sum()
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+    def ours(**kw):
+        return generalized_jsd(s, t, beta=beta, temperature=1.1, **kw).double()
+
+    tol = dict(rtol=1e-5, atol=1e-6)
+    # batchmean: per counted token with labels, per sequence (B) without
+    torch.testing.assert_close(ours(labels=labels), per[m].sum() / m.sum(), **tol)
+    torch.testing.assert_close(ours(), per.sum() / 2, **tol)
+    # mean: over tokens AND vocabulary
+    torch.testing.assert_close(ours(labels=labels, reduction="mean"), per[m].mean(), **tol)
+    torch.testing.assert_close(ours(reduction="mean"), per.mean(), **tol)
+    torch.testing.assert_close(ours(labels=labels, reduction="sum"), per[m].sum(), **tol)
+    # none: the per-entry terms of the counted positions
+    torch.testing.assert_close(ours(labels=labels, reduction="none"), per[m], **tol)
+    torch.testing.assert_close(ours(reduction="none"), per, **tol)
+    # num_items_in_batch overrides the reduction
+    torch.testing.assert_close(ours(labels=labels, reduction="mean", num_items_in_batch=7),
+                               per[m].sum() / 7, **tol)
 
 
 def test_module_form():

@@ -23,21 +23,28 @@ a zero gradient, and never lets its contents (NaN padding included) reach an
 output.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ..divergences import KindSpec
+from .._validation import DivergenceOptions
+from .configs import option_args
 from .formulas import (
     divergence_terms,
+    one_pass_finish,
+    one_pass_rescale,
+    one_pass_terms,
     online_logsumexp_update,
     rescale_sum,
-    weighted_log_ratio,
 )
 
 
+@triton.heuristics({
+    "HAS_MASK": lambda a: a["mask_ptr"] is not None,
+    "GRAD_S": lambda a: a["grad_s_ptr"] is not None,
+    "GRAD_T": lambda a: a["grad_t_ptr"] is not None,
+    "ROW_SCALES": lambda a: a["scale_stride"] != 0,
+})
 @triton.jit
 def _divergence_rows_kernel(
     s_ptr, t_ptr, grad_s_ptr, grad_t_ptr, loss_ptr, mask_ptr, scale_ptr,
@@ -45,7 +52,7 @@ def _divergence_rows_kernel(
     V, inv_temp, beta, log_beta, log_1m_beta, clip,
     KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_MASK: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    ROW_SCALES: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
@@ -57,6 +64,8 @@ def _divergence_rows_kernel(
         valid = True
     # masked rows run no statistics pass at all
     v_stat = tl.where(valid, V, 0)
+    # the loss follows from one sweep only for a one-pass kind without clip
+    SWEEP: tl.constexpr = ONE_PASS and not HAS_CLIP
 
     # ---- pass 1: online log-sum-exp of both rows (+ the KL weighted sum) ----
     m_s = float("-inf")
@@ -71,23 +80,14 @@ def _divergence_rows_kernel(
         a = tl.load(t_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
         m_s, z_s, rescale_s, shift_s = online_logsumexp_update(m_s, z_s, b)
         m_t, z_t, rescale_t, shift_t = online_logsumexp_update(m_t, z_t, a)
-        if ONE_PASS:
-            if KIND == 0:
-                w = rescale_sum(w, rescale_t) + tl.sum(weighted_log_ratio(tl.exp(a - shift_t), a, b), axis=0)
-            else:
-                w = rescale_sum(w, rescale_s) + tl.sum(weighted_log_ratio(tl.exp(b - shift_s), b, a), axis=0)
+        if SWEEP:
+            w = rescale_sum(w, one_pass_rescale(rescale_s, rescale_t, KIND)) + tl.sum(
+                one_pass_terms(a, b, shift_s, shift_t, KIND), axis=0)
     lse_s = tl.where(m_s == float("-inf"), 0.0, m_s) + tl.log(z_s)
     lse_t = tl.where(m_t == float("-inf"), 0.0, m_t) + tl.log(z_t)
 
-    if ONE_PASS:
-        if KIND == 0:
-            loss = w / z_t - lse_t + lse_s
-            G = -1.0
-            H = loss + 1.0
-        else:
-            loss = w / z_s - lse_s + lse_t
-            G = loss + 1.0
-            H = -1.0
+    if SWEEP:
+        loss, G, H = one_pass_finish(w, z_s, z_t, lse_s, lse_t, KIND)
     else:
         # ---- pass 2: pointwise terms, clip, and their sums ----
         loss = 0.0
@@ -114,7 +114,10 @@ def _divergence_rows_kernel(
 
     # ---- last pass: gradients (unit upstream times the row's scale) ----
     if GRAD_S or GRAD_T:
-        scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * inv_temp
+        if ROW_SCALES:
+            scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * inv_temp
+        else:
+            scale = tl.load(scale_ptr).to(tl.float32) * inv_temp
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             inside = offs < V
@@ -139,12 +142,6 @@ def _divergence_rows_kernel(
                          grad_t.to(grad_t_ptr.dtype.element_ty), mask=inside)
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def default_block_v(V: int, device: torch.device) -> int:
     """Vocabulary block: big enough to stream, small enough for registers."""
     cap = 4096 if device.type == "cuda" else 1024
@@ -154,11 +151,8 @@ def default_block_v(V: int, device: torch.device) -> int:
 def divergence_rows_triton(
     student: torch.Tensor,
     teacher: torch.Tensor,
+    opts: DivergenceOptions,
     *,
-    spec: KindSpec,
-    beta: float,
-    temperature: float,
-    clip: float | None,
     mask: torch.Tensor | None,
     scale: torch.Tensor,
     grad_student: torch.Tensor | None,
@@ -167,6 +161,7 @@ def divergence_rows_triton(
 ) -> torch.Tensor:
     """Launch the row kernel on (R, V) logits; returns float32 row losses (R,).
 
+    ``opts``: the validated options (:class:`~opsd_kernels._validation.DivergenceOptions`).
     ``scale``: float32 tensor of shape (R,) or (1,) (broadcast): each row's
     gradient is multiplied by it. ``grad_student``/``grad_teacher``: (R, V)
     outputs (may be the inputs themselves, for in-place use) or None.
@@ -181,20 +176,13 @@ def divergence_rows_triton(
         if x is not None and x.stride(-1) != 1:
             raise ValueError(f"{name} rows must be contiguous (stride(-1) == 1)")
     block = block_v or default_block_v(V, student.device)
-    mask_arg = mask.view(torch.uint8) if mask is not None else loss
-    grad_s = grad_student if grad_student is not None else student
-    grad_t = grad_teacher if grad_teacher is not None else teacher
-    # beta is irrelevant for the KL kinds; keep its logs finite there
-    b = beta if spec.needs_beta else 0.5
     _divergence_rows_kernel[(R,)](
-        student, teacher, grad_s, grad_t, loss, mask_arg, scale,
-        student.stride(0), teacher.stride(0), grad_s.stride(0), grad_t.stride(0),
-        scale.stride(0) if scale.numel() > 1 else 0,
-        V, 1.0 / temperature, b, math.log(b), math.log1p(-b),
-        clip if clip is not None else 0.0,
-        KIND=spec.kind_id, ONE_PASS=spec.one_pass and clip is None,
-        HAS_CLIP=clip is not None, HAS_MASK=mask is not None,
-        GRAD_S=grad_student is not None, GRAD_T=grad_teacher is not None,
-        BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+        s_ptr=student, t_ptr=teacher, grad_s_ptr=grad_student, grad_t_ptr=grad_teacher,
+        loss_ptr=loss, mask_ptr=None if mask is None else mask.view(torch.uint8),
+        scale_ptr=scale, s_stride=student.stride(0), t_stride=teacher.stride(0),
+        grad_s_stride=0 if grad_student is None else grad_student.stride(0),
+        grad_t_stride=0 if grad_teacher is None else grad_teacher.stride(0),
+        scale_stride=scale.stride(0) if scale.numel() > 1 else 0, V=V,
+        **option_args(opts), BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
     )
     return loss

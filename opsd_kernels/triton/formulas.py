@@ -8,6 +8,13 @@ derivations live in that module's docstring. ``KIND`` is a ``tl.constexpr``
 import triton
 import triton.language as tl
 
+from ..divergences import FORWARD_KL_ID, JSD_ID, REVERSE_KL_ID
+
+# kind ids as compile-time constants (KindSpec.kind_id selects the twin)
+FORWARD_KL: tl.constexpr = tl.constexpr(FORWARD_KL_ID)
+REVERSE_KL: tl.constexpr = tl.constexpr(REVERSE_KL_ID)
+JSD: tl.constexpr = tl.constexpr(JSD_ID)
+
 
 @triton.jit
 def weighted_log_ratio(p, lp, lq):
@@ -34,15 +41,15 @@ def log_add_exp(x, y):
 @triton.jit
 def divergence_terms(lT, lS, pT, pS, beta, log_beta, log_1m_beta, KIND: tl.constexpr):
     """Pointwise ``(phi, g, h)``: loss term, d phi/d lS, d phi/d lT (see divergences.py)."""
-    if KIND == 0:  # forward_kl: pT (lT - lS)
+    if KIND == FORWARD_KL:  # pT (lT - lS)
         phi = weighted_log_ratio(pT, lT, lS)
         g = -pT
         h = tl.where(pT == 0, 0.0, phi + pT)
-    elif KIND == 1:  # reverse_kl: pS (lS - lT)
+    elif KIND == REVERSE_KL:  # pS (lS - lT)
         phi = weighted_log_ratio(pS, lS, lT)
         g = tl.where(pS == 0, 0.0, phi + pS)
         h = -pS
-    else:  # jsd(beta)
+    else:  # JSD(beta)
         lM = log_add_exp(lT + log_beta, lS + log_1m_beta)
         g = (1.0 - beta) * weighted_log_ratio(pS, lS, lM)
         h = beta * weighted_log_ratio(pT, lT, lM)
@@ -77,3 +84,42 @@ def online_logsumexp_update_rows(m, z, x):
     rescale = tl.exp(m - m_safe)
     z_new = z * rescale + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
     return m_new, z_new, rescale, m_safe
+
+
+# ---- one-pass kinds (KindSpec.one_pass): the loss from one online sweep -------------
+# forward KL: L = sum pT (a - b) = w_T / z_T - LSE_T + LSE_S with w_T = sum e^(a - m_T) (a - b);
+# reverse KL mirrors it with the student's weights. A new one-pass kind adds a branch to
+# each of the three helpers below.
+
+
+@triton.jit
+def one_pass_terms(a, b, shift_s, shift_t, KIND: tl.constexpr):
+    """Elementwise contributions to the running weighted sum (same shape as ``a``).
+
+    ``shift_*`` broadcast against ``a``/``b`` (scalars in the row kernel, ``[:, None]``
+    columns in tiled kernels)."""
+    if KIND == FORWARD_KL:
+        return weighted_log_ratio(tl.exp(a - shift_t), a, b)
+    else:
+        return weighted_log_ratio(tl.exp(b - shift_s), b, a)
+
+
+@triton.jit
+def one_pass_rescale(rescale_s, rescale_t, KIND: tl.constexpr):
+    """The rescale factor of the running weighted sum: that of its weighting side."""
+    if KIND == FORWARD_KL:
+        return rescale_t
+    else:
+        return rescale_s
+
+
+@triton.jit
+def one_pass_finish(w, z_s, z_t, lse_s, lse_t, KIND: tl.constexpr):
+    """``(L, G, H)`` from the sweep: the loss and the sums of g and h in closed form
+    (forward KL: G = -1, H = L + 1; reverse KL: G = L + 1, H = -1)."""
+    if KIND == FORWARD_KL:
+        loss = w / z_t - lse_t + lse_s
+        return loss, -1.0 + 0.0 * loss, loss + 1.0
+    else:
+        loss = w / z_s - lse_s + lse_t
+        return loss, loss + 1.0, -1.0 + 0.0 * loss
