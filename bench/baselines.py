@@ -24,20 +24,35 @@ import math
 import torch
 import torch.nn.functional as F
 
+from opsd_kernels.divergences import KINDS
+
 # --------------------------------------------------------------------------- naive
 
 
+def check_kind(kind: str) -> None:
+    """Raise for a kind the library does not know (the registry is ``divergences.KINDS``)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+
+
 def naive_pointwise(ls: torch.Tensor, lt: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
-    """Elementwise divergence terms from log-probabilities, as the reference code writes it."""
+    """Elementwise divergence terms from log-probabilities, as the reference code writes it.
+
+    Every kind of ``opsd_kernels.divergences.KINDS`` needs a branch here; an
+    unknown kind, or a registered kind without a branch, raises.
+    """
+    check_kind(kind)
     if kind == "forward_kl":  # KL(p_T || p_S): F.kl_div(input=log p_S, target=log p_T)
         return F.kl_div(ls, lt, log_target=True, reduction="none")
     if kind == "reverse_kl":  # KL(p_S || p_T)
         return F.kl_div(lt, ls, log_target=True, reduction="none")
-    # generalized JSD (TRL GKD convention for the mixture)
-    lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), dim=0)
-    return beta * F.kl_div(lm, lt, log_target=True, reduction="none") + (1 - beta) * F.kl_div(
-        lm, ls, log_target=True, reduction="none"
-    )
+    if kind == "jsd":  # generalized JSD (TRL GKD convention for the mixture)
+        lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), dim=0)
+        return beta * F.kl_div(lm, lt, log_target=True, reduction="none") + (1 - beta) * F.kl_div(
+            lm, ls, log_target=True, reduction="none"
+        )
+    raise NotImplementedError(f"the naive baseline has no formula for kind {kind!r}: add one "
+                              "to bench/baselines.py:naive_pointwise")
 
 
 def naive_divergence(s, t, *, kind="forward_kl", beta=0.5, temperature=1.0, clip=None):
@@ -56,6 +71,24 @@ def naive_linear(h_s, h_t, weight, *, kind="forward_kl", beta=0.5, temperature=1
     with torch.no_grad():  # the teacher is a constant (stop-gradient)
         t = h_t @ weight.t()
     return naive_divergence(s, t, kind=kind, beta=beta, temperature=temperature, clip=clip)
+
+
+def naive_linear_16bit(h_s, h_t, weight, *, kind="forward_kl", beta=0.5, temperature=1.0,
+                       clip=None):
+    """As :func:`naive_linear`, but log_softmax and F.kl_div in the input dtype too.
+
+    This is the reference code run on a 16-bit model as written (TRL's
+    ``generalized_jsd_loss`` on bf16 logits): no upcast anywhere.
+    """
+    s = h_s @ weight.t()
+    with torch.no_grad():
+        t = h_t @ weight.t()
+    ls = F.log_softmax(s / temperature, dim=-1)
+    lt = F.log_softmax(t / temperature, dim=-1)
+    per = naive_pointwise(ls, lt, kind, beta)
+    if clip is not None:
+        per = per.clamp(max=clip)
+    return per.sum(-1).mean()
 
 
 # --------------------------------------------------------------- torch.compile, chunked
@@ -166,9 +199,16 @@ def liger_available() -> bool:
     return True
 
 
-def liger_beta(kind: str, beta: float) -> float | None:
-    """Liger's generalized-JSD beta for our kind: 0 forward KL, 1 reverse KL."""
-    return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(kind, beta)
+def liger_beta(kind: str, beta: float) -> float:
+    """Liger's generalized-JSD beta for our kind: 0 forward KL, 1 reverse KL, beta for JSD."""
+    check_kind(kind)
+    if kind == "forward_kl":
+        return 0.0
+    if kind == "reverse_kl":
+        return 1.0
+    if kind == "jsd":
+        return beta
+    raise NotImplementedError(f"Liger has no counterpart of kind {kind!r}")
 
 
 def liger_fused_linear_jsd(kind, beta, temperature):
@@ -179,12 +219,23 @@ def liger_fused_linear_jsd(kind, beta, temperature):
     return lambda h_s, h_t, w: mod(h_s, w, h_t, w, None)
 
 
-def liger_fused_linear_jsd_loss(kind, beta, temperature):
-    """chunked_loss LigerFusedLinearJSDLoss (torch.compile per chunk), soft loss only."""
+def liger_chunked_available() -> bool:
+    """True when liger-kernel imports: its chunked losses are torch-level and run on CPU too."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # noqa: F401
+    except Exception:  # pragma: no cover - not installed or broken
+        return False
+    return True
+
+
+def liger_fused_linear_jsd_loss(kind, beta, temperature, compiled=True):
+    """chunked_loss LigerFusedLinearJSDLoss (torch.compile per chunk unless ``compiled=False``),
+    soft loss only (``weight_hard_loss=0``); call(h_s, h_t, W)."""
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
     mod = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0,
-                                  beta=liger_beta(kind, beta), temperature=temperature)
+                                  beta=liger_beta(kind, beta), temperature=temperature,
+                                  compiled=compiled)
     labels = {}
 
     def call(h_s, h_t, w):

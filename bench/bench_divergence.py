@@ -15,7 +15,7 @@ import torch
 
 import opsd_kernels
 
-IMPLS = ("torch", "triton", "naive", "compiled", "liger-kldiv", "liger-jsd")
+IMPLS = harness.IMPLS["divergence"]
 
 
 def _inputs(shape, dtype, device, mode):

@@ -20,7 +20,7 @@ import torch
 
 import opsd_kernels
 
-IMPLS = ("torch", "triton", "fused", "naive", "compiled", "liger-fljsd", "liger-fljsd-loss")
+IMPLS = harness.IMPLS["fused_linear"]
 MODES = (("fwd", "-"), ("fwdbwd", "frozen"), ("fwdbwd", "trainable"))
 
 

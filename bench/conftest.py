@@ -22,6 +22,7 @@ Options (all optional)::
     --clip C            per-entry clip, or "none"        (default 0.05)
     --beta B            JSD beta                          (default 0.5)
     --impls LIST        only these impls/baselines, e.g. torch,naive
+    --precision-shape N,H,V   shape of bench_precision.py
     --rounds R          timed rounds per case
     --report-dir DIR    where the report goes (default bench/results)
     --no-report         do not write a report
@@ -44,6 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 
+from opsd_kernels.divergences import KINDS  # noqa: E402
+
 HAS_CUDA = torch.cuda.is_available()
 DEFAULT_TOKENS_GPU = (1024, 4096, 8192)
 FULL_TOKENS = (1024, 2048, 4096, 8192, 16384)
@@ -56,12 +59,14 @@ def pytest_addoption(parser):
     g.addoption("--tokens", default=None, help="comma-separated token counts")
     g.addoption("--full", action="store_true", help="all presets, tokens 1k..16k")
     g.addoption("--bench-dtype", default=None, choices=("float32", "bfloat16", "float16"))
-    g.addoption("--kind", default="forward_kl", choices=("forward_kl", "reverse_kl", "jsd"))
+    g.addoption("--kind", default="forward_kl", choices=tuple(KINDS))
     g.addoption("--temperature", type=float, default=1.1)
     g.addoption("--clip", default="0.05", help="per-entry clip tau, or 'none'")
     g.addoption("--beta", type=float, default=0.5)
     g.addoption("--impls", default=None, help="comma-separated impls/baselines to run")
     g.addoption("--rounds", type=int, default=None)
+    g.addoption("--precision-shape", default=None,
+                help="N,H,V of bench_precision.py (default 256,256,8192 CPU; 512,512,32768 CUDA)")
     g.addoption("--report-dir", default=None)
     g.addoption("--no-report", action="store_true")
 
@@ -139,22 +144,44 @@ def device(bench_cfg) -> torch.device:
     return bench_cfg.device
 
 
-def pytest_sessionfinish(session, exitstatus):
-    if not (harness.RESULTS or harness.CHECKS):
-        return
-    cfg = BenchConfig(session.config)
+_META: dict = {}  # measured once per session (it times a GEMM)
+
+
+def _write(config, render_report: bool) -> list[str]:
+    """Write this session's results (JSON; plus markdown and plots when rendering)."""
+    if not (harness.RESULTS or harness.CHECKS or harness.PRECISION):
+        return []
+    cfg = BenchConfig(config)
     if not cfg.write_report:
-        return
+        return []
     import report
 
+    if not _META:
+        _META.update(report.collect_meta(cfg))
+    return report.write_run(harness.RESULTS, harness.CHECKS, cfg, cfg.report_dir,
+                            precision=harness.PRECISION, meta=_META,
+                            render_report=render_report)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    # the JSON after every case: a run cut short (time budget, SIGKILL) keeps what finished
+    _write(item.config, render_report=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
     try:
-        paths = report.write_run(harness.RESULTS, harness.CHECKS, cfg, cfg.report_dir)
+        paths = _write(session.config, render_report=True)
     except Exception as exc:  # noqa: BLE001 - a report failure must be visible, not fatal
         print(f"\nopsd bench: writing the report failed: {exc!r}", file=sys.stderr)
         raise
+    if not paths:
+        return
+    import report
+
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     lines = ["opsd bench report: " + p for p in paths]
-    lines.append(report.short_table(harness.RESULTS, harness.CHECKS))
+    lines.append(report.short_table(harness.RESULTS, harness.CHECKS, harness.PRECISION))
     if tr is not None:
         tr.write_line("")
         for line in lines:

@@ -45,8 +45,26 @@ PRESETS: dict[str, tuple[int, int]] = {
 # results of this session, read by the session-finish hook (conftest.py)
 RESULTS: list[dict] = []
 CHECKS: list[dict] = []
+PRECISION: list[dict] = []  # rows of bench_precision.py
 
+# One list per concern; the bench files, the report and gpu_check.sh read these.
+#: opsd_kernels' own impls (``impl=`` of the API)
 OUR_IMPLS = ("torch", "triton", "fused")
+#: what each operation is compared with (see baselines.py)
+ANCHORS: dict[str, tuple[str, ...]] = {
+    "fused_linear": ("naive", "compiled", "liger-fljsd", "liger-fljsd-loss"),
+    "divergence": ("naive", "compiled", "liger-kldiv", "liger-jsd"),
+}
+#: every case of each benchmark, ours first (``divergence`` has no fused impl)
+IMPLS: dict[str, tuple[str, ...]] = {
+    "fused_linear": OUR_IMPLS + ANCHORS["fused_linear"],
+    "divergence": ("torch", "triton") + ANCHORS["divergence"],
+}
+#: the precision table (bench_precision.py): ours, then the anchors
+IMPLS["precision"] = OUR_IMPLS + ("naive", "naive-16bit", "liger-fljsd-loss", "liger-fljsd")
+#: the order of rows in the report's tables
+IMPL_ORDER: tuple[str, ...] = tuple(dict.fromkeys(
+    IMPLS["fused_linear"] + IMPLS["divergence"] + IMPLS["precision"]))
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,12 @@ import time
 
 import torch
 
-ANCHORS = {
-    "fused_linear": ("naive", "compiled", "liger-fljsd", "liger-fljsd-loss"),
-    "divergence": ("naive", "compiled", "liger-kldiv", "liger-jsd"),
-}
-OURS = ("torch", "triton", "fused")
-IMPL_ORDER = ("torch", "triton", "fused", "naive", "compiled", "liger-fljsd", "liger-fljsd-loss",
-              "liger-kldiv", "liger-jsd")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+ANCHORS = harness.ANCHORS
+OURS = harness.OUR_IMPLS
+IMPL_ORDER = harness.IMPL_ORDER
 MIB = 2**20
 
 
@@ -161,14 +160,24 @@ def collect_meta(cfg) -> dict:
     }
 
 
-def write_run(results: list[dict], checks: list[dict], cfg, out_dir: str) -> list[str]:
-    """Measure the meta data, save the run as JSON, render markdown and plots."""
-    data = {"meta": collect_meta(cfg), "results": results, "checks": checks}
+def write_run(results: list[dict], checks: list[dict], cfg, out_dir: str,
+              precision: list[dict] | None = None, meta: dict | None = None,
+              render_report: bool = True) -> list[str]:
+    """Save the run as JSON (measuring the meta data unless given), render markdown and plots.
+
+    ``render_report=False`` writes the JSON only: the bench saves it after every
+    case, so a run cut short (time budget, kill) still leaves what finished.
+    """
+    data = {"meta": meta or collect_meta(cfg), "results": results, "checks": checks,
+            "precision": precision or []}
     os.makedirs(out_dir, exist_ok=True)
     stem = f"{data['meta']['label']}-{data['meta']['date']}"
     json_path = os.path.join(out_dir, stem + ".json")
-    with open(json_path, "w") as f:
+    with open(json_path + ".tmp", "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(json_path + ".tmp", json_path)
+    if not render_report:
+        return [json_path]
     return [json_path, *render(data, out_dir)]
 
 
@@ -253,6 +262,7 @@ def render(data: dict, out_dir: str) -> list[str]:
         "",
     ]
     lines += _checks_section(checks)
+    lines += precision_section(data.get("precision", []))
     if not cpu:
         lines += _gpu_targets(results, gemm)
     pngs = []
@@ -305,6 +315,44 @@ def _checks_section(checks):
             "One fwd+bwd each: " + ", ".join(f"{k} {v:.1f} s" for k, v in
                                              ch["seconds_once"].items()) + ".",
         ]
+    return out + [""]
+
+
+def _precision_key(r):
+    order = harness.IMPLS["precision"]
+    return (order.index(r["impl"]) if r["impl"] in order else len(order), r["dtype"], -r["eps"])
+
+
+def precision_section(rows: list[dict]) -> list[str]:
+    """The precision table (bench_precision.py): impl x dtype x eps -> errors against float64."""
+    if not rows:
+        return []
+    r0 = rows[0]
+    dev = "GPU" if r0["device"] == "cuda" else "CPU"
+    out = [
+        "## Precision: 16-bit inputs against float64", "",
+        f"`fused_linear_divergence` set-up of issue 10 ({dev}): {r0['kind']}, temperature "
+        f"{r0['temperature']}, no clip, shared trainable lm_head, N={r0['tokens']}, "
+        f"H={r0['hidden']}, V={r0['vocab']}, logits std ≈ 4, teacher hidden = student hidden "
+        "+ eps · noise. Reference: float64 on the same 16-bit values. Errors: loss |L−L64|/|L64|; "
+        "gradients ‖g−g64‖/‖g64‖. Target (the precision tests): loss ≤ 5e-4, gradients ≤ 1%. "
+        "`naive` = logits in the input dtype, float32 log_softmax + F.kl_div, autograd; "
+        "`naive-16bit` = all of it in the input dtype; `liger-fljsd-loss` = Liger's "
+        "`chunked_loss.LigerFusedLinearJSDLoss` (beta 0, eager); `liger-fljsd` = Liger's "
+        "Triton `LigerFusedLinearJSD`.", "",
+        "| impl | dtype | eps (KL/token) | loss rel. error | d(hidden) rel. error | "
+        "d(weight) rel. error | within target |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for r in sorted(rows, key=_precision_key):
+        eps = f"{r['eps']:g} ({r['kl_per_token']:.2g})"
+        if r.get("status") != "ok":
+            out.append(f"| {r['impl']} | {r['dtype']} | {eps} | — | — | — | {r.get('status')} |")
+            continue
+        note = f" ({r['note']})" if r.get("note") else ""
+        out.append(f"| {r['impl']}{note} | {r['dtype']} | {eps} | {r['loss_rel']:.2g} | "
+                   f"{r['dh_rel']:.2g} | {r['dw_rel']:.2g} | "
+                   f"{'yes' if r['meets_target'] else 'NO'} |")
     return out + [""]
 
 
@@ -456,12 +504,12 @@ def _plot(rows, op, preset, out_dir, stem):
     return path
 
 
-def short_table(results: list[dict], checks: list[dict]) -> str:
-    """A compact text table: the fused-linear fwd+bwd cases, then the checks."""
+def short_table(results: list[dict], checks: list[dict], precision: list[dict] = ()) -> str:
+    """A compact text table: the fused-linear fwd+bwd cases, the checks, the precision rows."""
     rows = [r for r in results if r["op"] == "fused_linear" and r["mode"] == "fwdbwd"]
     if not rows:
         rows = [r for r in results if r["mode"] == "fwdbwd"]
-    out = [f"{'op':<13}{'preset':<11}{'lm_head':<10}{'tokens':>7}  {'impl':<17}"
+    out = [] if not rows else [f"{'op':<13}{'preset':<11}{'lm_head':<10}{'tokens':>7}  {'impl':<17}"
            f"{'median ms':>10}{'peak MiB':>11}  status"]
     for r in sorted(rows, key=lambda r: (r["op"], r["preset"], r["weight"], r["tokens"],
                                          _impl_key(r["impl"]))):
@@ -469,8 +517,20 @@ def short_table(results: list[dict], checks: list[dict]) -> str:
                    f"{r['impl']:<17}{_ms(r.get('median_s')):>10}{_mib(r.get('peak_bytes')):>11}"
                    f"  {r.get('status')}")
     for ch in checks:
+        if "markdown" in ch:  # renders itself (tile skipping)
+            out += [ch["name"] + ":", *ch["markdown"]]
+            continue
         out.append(f"{ch['name']}: ratio {ch['ratio']:.3f} (target <= {ch['target']:.3g}) "
                    f"{'met' if ch['passed'] else 'NOT met'}")
+    if precision:
+        out.append(f"{'precision':<13}{'impl':<18}{'dtype':<10}{'eps':>6}{'loss rel':>10}"
+                   f"{'dh rel':>10}{'dw rel':>10}  status")
+        for r in sorted(precision, key=_precision_key):
+            ok = r.get("status") == "ok"
+            out.append(f"{'':<13}{r['impl']:<18}{r['dtype']:<10}{r['eps']:>6g}"
+                       + "".join(f"{_fmt(r.get(k) if ok else None, '.2g'):>10}"
+                                 for k in ("loss_rel", "dh_rel", "dw_rel"))
+                       + f"  {r.get('status')}")
     return "\n".join(out)
 
 
@@ -479,6 +539,8 @@ def main(argv=None) -> int:
     ap.add_argument("run_json", nargs="+", help="one run, or several of one device to merge")
     ap.add_argument("--out", default=None, help="output folder (default: beside the JSON)")
     ap.add_argument("--short", action="store_true", help="print the short table only")
+    ap.add_argument("--with-short", action="store_true",
+                    help="render the report, then print the short table")
     a = ap.parse_args(argv)
     data = None
     for path in a.run_json:
@@ -491,7 +553,8 @@ def main(argv=None) -> int:
             ap.error(f"{path} is from {part['meta']['device']}, not {data['meta']['device']}")
         data["results"] += part["results"]
         data["checks"] += part["checks"]
-    if len(a.run_json) > 1:
+        data["precision"] = data.get("precision", []) + part.get("precision", [])
+    if len(a.run_json) > 1 or (a.out and not a.short):  # the merged run beside its report
         out = a.out or os.path.dirname(os.path.abspath(a.run_json[0]))
         os.makedirs(out, exist_ok=True)
         merged = os.path.join(out, f"{data['meta']['label']}-{data['meta']['date']}.json")
@@ -499,10 +562,12 @@ def main(argv=None) -> int:
             json.dump(data, f, indent=1, sort_keys=True)
         print(merged)
     if a.short:
-        print(short_table(data["results"], data["checks"]))
+        print(short_table(data["results"], data["checks"], data.get("precision", [])))
         return 0
     for p in render(data, a.out or os.path.dirname(os.path.abspath(a.run_json[0]))):
         print(p)
+    if a.with_short:
+        print(short_table(data["results"], data["checks"], data.get("precision", [])))
     return 0
 
 
