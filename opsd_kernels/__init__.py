@@ -1,17 +1,28 @@
 """opsd-kernels: memory-lean divergence losses for on-policy self-distillation."""
 
 from . import config, reference
+from ._version import __version__
 from .api import divergence, fused_linear_divergence
+from .modules import (
+    Divergence,
+    FusedLinearDivergence,
+    FusedLinearTopkDivergence,
+    TopkDivergence,
+)
+from .topk import fused_linear_topk_divergence, topk_divergence
 from .trl_compat import generalized_jsd
-from .modules import Divergence, FusedLinearDivergence
 
 __all__ = [
+    "__version__",
     "Divergence",
     "FusedLinearDivergence",
+    "FusedLinearTopkDivergence",
+    "TopkDivergence",
     "config",
     "divergence",
     "fused_linear_divergence",
+    "fused_linear_topk_divergence",
     "generalized_jsd",
     "reference",
+    "topk_divergence",
 ]
-__version__ = "0.1.0"

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TRITON_RUNS = HAS_CUDA or INTERPRET
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+_needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def triton_param(impl: str):
+    """``impl`` as a pytest parameter that skips where Triton cannot run."""
+    return pytest.param(impl, marks=_needs_triton)
+
+
+# the implementations each API offers, as pytest parameters (one list per concern)
+LOGITS_IMPLS = ["torch", triton_param("triton")]           # divergence()
+CHUNKED_IMPLS = ["torch", triton_param("triton")]          # fused_linear_divergence, chunked
+LINEAR_IMPLS = CHUNKED_IMPLS + [triton_param("fused")]     # every fused_linear_divergence impl
 
 # Tolerances per input dtype, for values compared against the float64 reference
 # computed from the SAME (already rounded) inputs. Gradients are stored in the

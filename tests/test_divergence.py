@@ -10,11 +10,9 @@ import torch
 from opsd_kernels import Divergence, divergence, generalized_jsd
 from opsd_kernels.divergences import KINDS
 from opsd_kernels.reference import divergence_reference
-from tests.helpers import HAS_CUDA, TRITON_RUNS, assert_close, make_logits, make_mask
+from tests.helpers import DEVICE, LOGITS_IMPLS, TRITON_RUNS, assert_close, make_logits, make_mask
 
-IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1"))]
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+IMPLS = LOGITS_IMPLS
 
 
 def run_case(impl, shape, dtype, kind, temperature, clip, masked, reduction,

@@ -8,11 +8,9 @@ import torch
 from opsd_kernels import FusedLinearDivergence, fused_linear_divergence
 from opsd_kernels.divergences import KINDS
 from opsd_kernels.reference import fused_linear_divergence_reference
-from tests.helpers import HAS_CUDA, TRITON_RUNS, assert_close, make_mask
+from tests.helpers import CHUNKED_IMPLS, DEVICE, HAS_CUDA, LINEAR_IMPLS, assert_close, make_mask
 
-IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1"))]
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+IMPLS = CHUNKED_IMPLS
 
 
 def make_inputs(lead, H, V, H_T=None, dtype=torch.float32, seed=0, bias=False, separate=False):
@@ -175,8 +173,7 @@ def test_auto_chunk_size_follows_budget(monkeypatch):
     assert auto_chunk_size(151_936, "torch") == 1
 
 
-@pytest.mark.parametrize("impl", IMPLS + [pytest.param("fused", marks=pytest.mark.skipif(
-    not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1"))])
+@pytest.mark.parametrize("impl", LINEAR_IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
