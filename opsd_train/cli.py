@@ -209,6 +209,8 @@ def parse_options(argv: list[str] | None) -> Options:
         train = {k: v for k, v in opts.items() if k in train_keys}
         if run.model:
             TrainConfig(**train)  # every training value checked now, before any loading
+        check_keys(run.resume_override, [*_fields(RunConfig), *_fields(TrainConfig)],
+                   "resume_override")
     except ConfigError as e:
         src = sources.get(e.key) if e.key else None
         raise ConfigError(f"{src}: {e}" if src else str(e), e.key) from e

@@ -66,6 +66,8 @@ def _small_run(model_dir, data, out, *extra):
     (["--kind", "jsd", "--beta", "1"], "beta"),
     (["--batch-size", "6", "--grad-accum", "4"], "grad_accum"),
     (["--keep-last", "0"], "keep_last"),
+    (["--resume-override", "stesp"], r"resume_override: unknown key 'stesp' \(did you mean "
+                                     r"'steps'\?\)"),
 ])
 def test_bad_values_are_rejected_before_anything_is_read(args, key, tmp_path):
     # the model and data do not exist: the value check must come first

@@ -235,3 +235,36 @@ def test_sft_example_fn_loss_mask(tiny, problems):
     rec = t.train_step()
     assert rec["completion_tokens"] == 4
     assert abs(rec["loss"] - torch.stack(want).mean().item()) < 1e-5
+
+
+def test_train_step_parts(tiny, problems):
+    """The named parts of a step compose to ``train_step``: rows (with the teacher context
+    for OPSD), packed batches over the same completions, a loss, an optimizer step."""
+    from opsd_train.trainer import Row
+
+    model, tok = tiny
+    train, _ = problems
+    t = Trainer(model, tok, train, _cfg(steps=1, batch_size=4, grad_accum=2,
+                                        rollouts_per_prompt=2))
+    rows = t.collect_rows(t.batch_indices(0))
+    assert len(rows) == 8 and all(isinstance(r, Row) for r in rows)
+    pb = PromptBuilder(tok)
+    idx = t.batch_indices(0)
+    assert rows[0].prompt == rows[1].prompt == pb.student_ids(train[idx[0]])
+    assert rows[2].teacher_prompt == pb.teacher_ids(train[idx[1]])
+    assert all(1 <= len(r.completion) <= 6 and r.loss_mask is None for r in rows)
+    sb, tb = t.pack_rows(rows)
+    assert torch.equal(sb.completion, tb.completion) and torch.equal(sb.mask, tb.mask)
+    total = sum(r.trained_tokens for r in rows)
+    assert total == int(sb.mask.sum())
+    res = t.loss_backward(rows, total)
+    assert res["loss"] > 0 and res["forward_tokens"] == int(sb.attention_mask.sum()
+                                                           + tb.attention_mask.sum())
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads
+    gn, lr = t.optimizer_step()
+    assert gn > 0 and lr == 1e-2
+    assert all(p.grad is None for p in model.parameters())
+    # SFT rows carry no teacher prompt; a loss mask counts only its kept tokens
+    r = Row([1, 2], [3, 4, 5], loss_mask=[True, False, True])
+    assert r.trained_tokens == 2 and r.teacher_prompt is None
