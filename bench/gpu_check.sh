@@ -32,11 +32,11 @@ cd "$(dirname "$0")/.."
 # take well under the remaining UNTIMED_RESERVE, so the script ends within 9 minutes.
 WHEELS_CAP=${WHEELS_CAP:-20}
 VERSIONS_CAP=${VERSIONS_CAP:-15}
-TEST_CAP=${TEST_CAP:-100}
+TEST_CAP=${TEST_CAP:-110}
 QWEN_CAP=${QWEN_CAP:-120}
 PRECISION_CAP=${PRECISION_CAP:-55}
 SKIPPING_CAP=${SKIPPING_CAP:-55}
-COMPILED_CAP=${COMPILED_CAP:-40}
+COMPILED_CAP=${COMPILED_CAP:-30}
 REPORT_CAP=${REPORT_CAP:-15}
 KILL_GRACE=5
 MERGES=4  # report merges: one after each of the four bench passes
