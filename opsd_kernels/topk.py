@@ -581,10 +581,11 @@ def auto_topk_chunk(V: int, N: int) -> int:
     return min(c, max(128, -(-N // 8)))
 
 
-def auto_renormalize_chunk(K: int, H: int) -> int:
+def auto_renormalize_chunk(K: int, H: int, N: int) -> int:
     """Tokens per chunk of the renormalize tail: its (c, K, H) float32 gather of weight
-    rows (and one temporary of that size) fit ``config.chunk_memory_budget``."""
-    return max(1, config.chunk_memory_budget // (2 * K * H * 4))
+    rows (and one temporary of that size) fit ``config.chunk_memory_budget``; at most
+    ``max(128, ceil(N / 8))`` tokens, as the bucket tail's chunks."""
+    return max(1, min(config.chunk_memory_budget // (2 * K * H * 4), max(128, -(-N // 8))))
 
 
 def _renormalize_linear_pass(hs, weight, bias, teacher, mask1, opts, chunk, scale,
@@ -852,7 +853,7 @@ def fused_linear_topk_divergence(
     if chunk_size is not None:
         chunk = chunk_size
     elif opts.tail == "renormalize":
-        chunk = auto_renormalize_chunk(teacher_ids.shape[-1], H)
+        chunk = auto_renormalize_chunk(teacher_ids.shape[-1], H, N)
     else:
         chunk = auto_topk_chunk(V, N)
     return FusedLinearTopkFunction.apply(student_hidden, weight, bias, teacher, mask1, opts,
