@@ -36,6 +36,7 @@ def divergence(
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
     impl: str = "auto",
+    process_group=None,
 ) -> torch.Tensor:
     """Per-token divergence between teacher and student next-token distributions.
 
@@ -57,6 +58,12 @@ def divergence(
             shape (...), whose backward accepts any upstream gradient).
         impl: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"``,
             or ``"torch"`` (row-chunked; bounded extra memory).
+        process_group: None, or a ``torch.distributed.ProcessGroup`` across which the
+            vocabulary is split (tensor parallelism): each rank passes its contiguous,
+            possibly uneven, slice of the last dimension of both logits, in rank order.
+            Every rank returns the full loss; each logit gradient is the rank's own
+            slice. Forward: 2 all-reduces of O(N) values (KL kinds without clip) or 3
+            (jsd or clip); backward: none. See :mod:`opsd_kernels.vocab_parallel`.
 
     Returns:
         float32 loss (float64 for float64 inputs on the torch path): a scalar,
@@ -88,6 +95,11 @@ def divergence(
         # a custom Function sees requires_grad even under no_grad: detach so that no
         # gradient is formed (and no (N, V) gradient buffer allocated) for nothing
         student_logits, teacher_logits = student_logits.detach(), teacher_logits.detach()
+    if process_group is not None:
+        from .vocab_parallel import check_process_group, divergence_vocab_parallel
+
+        return divergence_vocab_parallel(student_logits, teacher_logits, mask, opts,
+                                         check_process_group(process_group, impl))
     return DivergenceFunction.apply(student_logits, teacher_logits, mask, opts, _row_function(impl))
 
 
@@ -109,6 +121,7 @@ def fused_linear_divergence(
     chunk_size: int | None = None,
     fp32_weight_grad: bool = True,
     skip_threshold: float = 0.0,
+    process_group=None,
 ) -> torch.Tensor:
     """Divergence computed from hidden states and the lm_head, never the full logits.
 
@@ -166,6 +179,17 @@ def fused_linear_divergence(
             ``sum_i |error in dS_iv|`` (each term ``<= 2 |r_i| threshold / temperature``
             for forward KL). The default stays 0.0 until the accuracy/speed trade-off
             is measured on a GPU.
+        process_group: None, or a ``torch.distributed.ProcessGroup`` across which the
+            vocabulary is split (tensor parallelism): each rank passes its contiguous,
+            possibly uneven, rows of ``weight``, ``bias``, ``teacher_weight`` and
+            ``teacher_bias`` (in rank order), with the hidden states and mask replicated.
+            Every rank returns the full loss; the ``student_hidden`` gradient is the full
+            gradient on every rank (summed over the group inside the backward); the
+            weight and bias gradients are the rank's own rows. ``impl="torch"`` or
+            ``"triton"`` (same code: torch phases between collectives); ``"fused"`` is
+            refused. Forward: 2 (KL kinds without clip) or 3 all-reduces of O(chunk)
+            values per token chunk; backward: one all-reduce of the (N, H) hidden
+            gradient. See :mod:`opsd_kernels.vocab_parallel`.
 
     Gradients flow to ``student_hidden``, ``weight`` and ``bias`` when they require
     grad; a frozen weight (``requires_grad=False``, the LoRA case) skips the weight
@@ -223,6 +247,12 @@ def fused_linear_divergence(
         # see divergence(): no gradient work under no_grad
         student_hidden, weight = student_hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
+    if process_group is not None:
+        from .vocab_parallel import check_process_group, fused_linear_divergence_vocab_parallel
+
+        return fused_linear_divergence_vocab_parallel(
+            student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask,
+            opts, check_process_group(process_group, impl), chunk_size, grad_dtype)
     if impl == "fused":
         from .triton.fused_function import FusedTritonLinearDivergenceFunction
 

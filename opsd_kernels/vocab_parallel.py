@@ -1,0 +1,461 @@
+"""Vocabulary-parallel divergences: the vocabulary is split across a process group.
+
+Used by :func:`opsd_kernels.divergence` and
+:func:`opsd_kernels.fused_linear_divergence` when ``process_group`` is given
+(tensor parallelism of the lm_head: Megatron, NeMo-RL, torchtitan).
+
+Layout. The vocabulary is split across the group's ranks in rank order, in
+contiguous slices that may be uneven (rank 0 holds entries ``[0, V_0)``, rank
+1 ``[V_0, V_0 + V_1)``, ...); every slice must be non-empty. ``divergence``
+takes each rank's slice of the last dimension of both logits;
+``fused_linear_divergence`` takes each rank's rows of ``weight``, ``bias``,
+``teacher_weight`` and ``teacher_bias``. Everything else (hidden states, mask,
+options, the upstream gradient) must be the same on every rank: it is not
+checked, as that would cost a collective.
+
+Results. Every rank returns the full loss. The gradient of each rank's logits,
+weight and bias slice is that slice of the full gradient. The
+``student_hidden`` gradient is the full gradient on every rank: each rank's
+partial ``dS_r @ W_r`` is summed over the group inside the backward.
+
+Phases (per block of token rows; the formulas are those of
+:mod:`opsd_kernels.divergences`, with ``b = s / tau``, ``a = t / tau``):
+
+1. local row maxima of ``b`` and ``a``           -> all-reduce MAX (2 values per row)
+2. local ``sum exp(b - M_S)``, ``sum exp(a - M_T)``; for forward/reverse KL
+   without clip also the weighted sum ``sum e^(a - M_T)(a - b)`` (forward) or
+   ``sum e^(b - M_S)(b - a)`` (reverse)           -> all-reduce SUM (2 or 3 per row)
+   giving ``LSE_S``, ``LSE_T`` and, for those KL kinds, the loss in closed form
+   (forward: ``L = w / z_T - LSE_T + LSE_S``, ``G = -1``, ``H = L + 1``;
+   reverse: ``L = w / z_S - LSE_S + LSE_T``, ``G = L + 1``, ``H = -1``)
+3. jsd or clip only: local sums of the clipped terms ``phi``, ``g`` (and ``h``
+   when the teacher logits need a gradient)      -> all-reduce SUM (2 or 3 per row)
+4. the gradient, local: ``dL/ds_j = (g_j - pS_j G) / tau`` for the rank's
+   entries ``j`` (teacher: ``(h_j - pT_j H) / tau``).
+
+Collectives, with N tokens and H the hidden size:
+
+- ``divergence``: forward 2 all-reduces (KL kinds without clip) or 3 (jsd or
+  clip), each of O(N) values; backward none (each rank's logit gradient is
+  local; the backward recomputes phase 4 from the saved O(N) statistics).
+- ``fused_linear_divergence``: the same 2 or 3 all-reduces per token chunk in
+  the forward (O(chunk) values each, so O(N) in all); backward one all-reduce
+  of the (N, H) float32 student-hidden gradient when it is wanted. That one is
+  O(N x H): it is the gradient itself, which every rank must hold. With
+  ``reduction="none"`` and a trainable weight or bias the backward recomputes
+  the chunk logits from the saved per-token statistics: no further collective.
+
+Nothing of size O(N x V) is communicated and the weight is never gathered.
+The phases run as torch operations for both ``impl="torch"`` and
+``impl="triton"`` (collectives sit between the phases, so the single-kernel
+Triton row function does not apply); ``impl="fused"`` is not supported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import gemm
+from ._validation import DivergenceOptions
+from .divergences import _weighted_log_ratio
+from .reductions import forward_scale, reduce_rows
+from .torch_impl import rows_per_chunk
+
+# columns of the per-row statistics tensor (R, 4)
+LSE_S, LSE_T, G_SUM, H_SUM = range(4)
+
+
+def check_process_group(process_group, impl: str):
+    """The group, validated: a ``torch.distributed.ProcessGroup`` and a supported impl."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError("process_group needs torch.distributed, which this torch lacks")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "process_group must be None or a torch.distributed.ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD or dist.new_group(...)), got "
+            f"{type(process_group).__name__}"
+        )
+    if impl == "fused":
+        raise ValueError(
+            "impl='fused' does not support process_group (vocabulary parallelism); use "
+            "impl='triton' or 'torch', or 'auto'"
+        )
+    return process_group
+
+
+def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def _block(x: torch.Tensor, lo: int, hi: int, keep, compute: torch.dtype, inv_t: float):
+    """Rows lo:hi of ``x`` scaled by 1/tau in ``compute``; masked rows read as 0."""
+    b = x[lo:hi].to(compute) * inv_t
+    if keep is not None:
+        b = torch.where(keep, b, torch.zeros((), dtype=compute, device=b.device))
+    return b
+
+
+def row_statistics(student: torch.Tensor, teacher: torch.Tensor, opts: DivergenceOptions,
+                   mask: torch.Tensor | None, group, want_h: bool):
+    """Phases 1-3 on a rank's (R, V_r) logit slices: full-row statistics on every rank.
+
+    Returns ``(loss (R,), stats (R, 4))`` in the compute dtype, with ``stats``
+    columns ``LSE_S, LSE_T, G_SUM, H_SUM`` (``H_SUM`` only meaningful when
+    ``want_h``). Masked rows get loss 0 (their statistics are those of zero
+    logits). Issues 2 all-reduces (KL kinds without clip) or 3 (otherwise) on
+    ``group``, none when R == 0.
+    """
+    import torch.distributed as dist
+
+    R, V = student.shape
+    compute = gemm.compute_dtype(student.dtype, teacher.dtype)
+    dev = student.device
+    inv_t = 1.0 / opts.temperature
+    spec, clip = opts.spec, opts.clip
+    one_pass = spec.one_pass and clip is None
+    loss = torch.zeros(R, dtype=compute, device=dev)
+    stats = torch.zeros(R, 4, dtype=compute, device=dev)
+    if R == 0:
+        return loss, stats
+    step = rows_per_chunk(V, R)
+    blocks = [(lo, min(R, lo + step)) for lo in range(0, R, step)]
+    keeps = [None if mask is None else mask[lo:hi].unsqueeze(-1) for lo, hi in blocks]
+
+    # phase 1: row maxima of both sides -> all-reduce MAX
+    m = torch.empty(2, R, dtype=compute, device=dev)
+    for (lo, hi), keep in zip(blocks, keeps, strict=True):
+        m[0, lo:hi] = _block(student, lo, hi, keep, compute, inv_t).amax(-1)
+        m[1, lo:hi] = _block(teacher, lo, hi, keep, compute, inv_t).amax(-1)
+    _all_reduce(m, dist.ReduceOp.MAX, group)
+    # a side whose row is all -inf: shift by 0 (its LSE is then -inf, as log 0)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+
+    # phase 2: sums of exponentials (+ the one-pass KL weighted sum) -> all-reduce SUM
+    z = torch.empty(3 if one_pass else 2, R, dtype=compute, device=dev)
+    for (lo, hi), keep in zip(blocks, keeps, strict=True):
+        b = _block(student, lo, hi, keep, compute, inv_t)
+        a = _block(teacher, lo, hi, keep, compute, inv_t)
+        es = torch.exp(b - m[0, lo:hi, None])
+        et = torch.exp(a - m[1, lo:hi, None])
+        z[0, lo:hi] = es.sum(-1)
+        z[1, lo:hi] = et.sum(-1)
+        if one_pass:
+            w = (_weighted_log_ratio(et, a, b) if spec.name == "forward_kl"
+                 else _weighted_log_ratio(es, b, a))
+            z[2, lo:hi] = w.sum(-1)
+        del b, a, es, et
+    _all_reduce(z, dist.ReduceOp.SUM, group)
+    stats[:, LSE_S] = m[0] + torch.log(z[0])
+    stats[:, LSE_T] = m[1] + torch.log(z[1])
+
+    if one_pass:
+        if spec.name == "forward_kl":
+            loss = z[2] / z[1] - stats[:, LSE_T] + stats[:, LSE_S]
+            stats[:, G_SUM] = -1.0
+            stats[:, H_SUM] = loss + 1.0
+        else:
+            loss = z[2] / z[0] - stats[:, LSE_S] + stats[:, LSE_T]
+            stats[:, G_SUM] = loss + 1.0
+            stats[:, H_SUM] = -1.0
+    else:
+        # phase 3: the clipped terms' sums -> all-reduce SUM
+        sums = torch.empty(3 if want_h else 2, R, dtype=compute, device=dev)
+        for (lo, hi), keep in zip(blocks, keeps, strict=True):
+            phi, g, h = _terms(student, teacher, lo, hi, keep, stats, opts, compute)
+            sums[0, lo:hi] = phi.sum(-1)
+            sums[1, lo:hi] = g.sum(-1)
+            if want_h:
+                sums[2, lo:hi] = h.sum(-1)
+            del phi, g, h
+        _all_reduce(sums, dist.ReduceOp.SUM, group)
+        loss = sums[0]
+        stats[:, G_SUM] = sums[1]
+        if want_h:
+            stats[:, H_SUM] = sums[2]
+    if mask is not None:
+        loss = torch.where(mask, loss, torch.zeros_like(loss))
+    return loss.contiguous(), stats
+
+
+def _terms(student, teacher, lo, hi, keep, stats, opts, compute):
+    """Clipped ``phi, g, h`` (and ``pS, pT``) of rows lo:hi of the local slices."""
+    inv_t = 1.0 / opts.temperature
+    lS = _block(student, lo, hi, keep, compute, inv_t) - stats[lo:hi, LSE_S, None]
+    lT = _block(teacher, lo, hi, keep, compute, inv_t) - stats[lo:hi, LSE_T, None]
+    phi, g, h = opts.spec.terms(lT, lS, lT.exp(), lS.exp(), opts.beta)
+    if opts.clip is not None:
+        kept = phi < opts.clip
+        phi = torch.clamp(phi, max=opts.clip)
+        zero = torch.zeros((), dtype=compute, device=phi.device)
+        g = torch.where(kept, g, zero)
+        h = torch.where(kept, h, zero)
+    return phi, g, h
+
+
+def write_gradients(student, teacher, stats, opts: DivergenceOptions, mask, scale,
+                    grad_student, grad_teacher) -> None:
+    """Phase 4, local: each rank's slice of dL/ds (and dL/dt) times the row factors.
+
+    ``scale``: (1,) or (R,) per-row factors. The outputs may alias the inputs
+    (each block is read before it is written).
+    """
+    R, V = student.shape
+    if R == 0:
+        return
+    compute = stats.dtype
+    inv_t = 1.0 / opts.temperature
+    step = rows_per_chunk(V, R)
+    for lo in range(0, R, step):
+        hi = min(R, lo + step)
+        keep = None if mask is None else mask[lo:hi].unsqueeze(-1)
+        lS = _block(student, lo, hi, keep, compute, inv_t) - stats[lo:hi, LSE_S, None]
+        lT = _block(teacher, lo, hi, keep, compute, inv_t) - stats[lo:hi, LSE_T, None]
+        pS, pT = lS.exp(), lT.exp()
+        phi, g, h = opts.spec.terms(lT, lS, pT, pS, opts.beta)
+        if opts.clip is not None:
+            kept = phi < opts.clip
+            zero = torch.zeros((), dtype=compute, device=phi.device)
+            g = torch.where(kept, g, zero)
+            h = torch.where(kept, h, zero)
+        del phi
+        row = (scale if scale.numel() == 1 else scale[lo:hi]).to(compute).reshape(-1, 1)
+        row = row * inv_t
+        for out, terms, p, col in ((grad_student, g, pS, G_SUM), (grad_teacher, h, pT, H_SUM)):
+            if out is None:
+                continue
+            grad = (terms - p * stats[lo:hi, col, None]) * row
+            if keep is not None:
+                grad = torch.where(keep, grad, torch.zeros((), dtype=compute, device=grad.device))
+            out[lo:hi].copy_(grad)
+
+
+class VocabParallelDivergenceFunction(torch.autograd.Function):
+    """Divergence of vocabulary-sharded logits; gradients are each rank's slices.
+
+    The forward keeps only O(N) statistics (besides references to the inputs);
+    the backward forms the logit gradients locally, with the upstream factor
+    applied first (safe for float16 and GradScaler), and communicates nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, mask, opts: DivergenceOptions, group):
+        V = student.shape[-1]
+        lead = student.shape[:-1]
+        s2 = student.reshape(-1, V)
+        t2 = teacher.reshape(-1, V)
+        mask1 = None if mask is None else mask.reshape(-1).contiguous()
+        want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        compute = gemm.compute_dtype(student.dtype, teacher.dtype)
+        scale = forward_scale(opts.reduction, mask1, s2.shape[0], student.device, compute)
+        with torch.autocast(student.device.type, enabled=False):
+            loss, stats = row_statistics(s2, t2, opts, mask1, group, want_h=want_t)
+        ctx.wants = (want_s, want_t)
+        ctx.shapes = (student.shape, teacher.shape)
+        ctx.opts = opts
+        ctx.mask = mask1
+        if want_s or want_t:
+            ctx.save_for_backward(s2, t2, stats, scale)
+        return reduce_rows(loss, opts.reduction, scale, lead)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s2, t2, stats, fwd_scale = ctx.saved_tensors
+        want_s, want_t = ctx.wants
+        scale = (fwd_scale * grad_out.reshape(-1).to(fwd_scale.dtype)).contiguous()
+        grad_s = torch.empty(s2.shape, dtype=s2.dtype, device=s2.device) if want_s else None
+        grad_t = torch.empty(t2.shape, dtype=t2.dtype, device=t2.device) if want_t else None
+        with torch.autocast(s2.device.type, enabled=False):
+            write_gradients(s2, t2, stats, ctx.opts, ctx.mask, scale, grad_s, grad_t)
+        outs = [None if g is None else g.view(shape)
+                for g, shape in zip((grad_s, grad_t), ctx.shapes, strict=True)]
+        return outs[0], outs[1], None, None, None
+
+
+def _linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mask, opts, group, chunk,
+                 scale, want_h, want_w, want_b, weight_grad_dtype, stats=None):
+    """One sweep over token chunks of the local vocabulary slice.
+
+    Without ``stats`` (the forward) each chunk's statistics are all-reduced
+    (2 or 3 collectives per chunk); with ``stats`` (a deferred backward) they
+    are reused and nothing is communicated. Returns ``(loss_rows, stats,
+    grad_hidden_partial, grad_weight, grad_bias)``; the hidden gradient is this
+    rank's partial sum, to be all-reduced by the caller.
+    """
+    N = hs.shape[0]
+    V = weight.shape[0]
+    t_w = weight if teacher_weight is None else teacher_weight
+    t_b = bias if teacher_weight is None else teacher_bias
+    cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype, t_w.dtype)
+    s_op = gemm.operand_dtype(hs.dtype, weight.dtype)
+    forward = stats is None
+    loss = torch.zeros(N, dtype=cdt, device=hs.device)
+    if forward:
+        stats = torch.zeros(N, 4, dtype=cdt, device=hs.device)
+    grad_h = torch.zeros(N, hs.shape[1], dtype=cdt, device=hs.device) if want_h else None
+    grad_w = (torch.zeros(weight.shape, dtype=weight_grad_dtype, device=weight.device)
+              if want_w else None)
+    grad_b = torch.zeros(V, dtype=cdt, device=weight.device) if want_b else None
+    any_grad = want_h or want_w or want_b
+    one_gemm = teacher_weight is None and hs.dtype == ht.dtype
+    for lo in range(0, N, chunk):
+        hi = min(N, lo + chunk)
+        c = hi - lo
+        hs_c, ht_c = hs[lo:hi], ht[lo:hi]
+        mask_c = None if mask is None else mask[lo:hi]
+        if mask_c is not None:
+            # masked rows never reach a GEMM that mixes rows (0 * NaN = NaN in dW)
+            keep = mask_c.unsqueeze(-1)
+            hs_c = torch.where(keep, hs_c, torch.zeros((), dtype=hs_c.dtype, device=hs.device))
+            ht_c = torch.where(keep, ht_c, torch.zeros((), dtype=ht_c.dtype, device=hs.device))
+        if one_gemm:
+            logits = gemm.linear_logits(torch.cat([hs_c, ht_c]), weight, bias)
+            s_l, t_l = logits[:c], logits[c:]
+        else:
+            s_l = gemm.linear_logits(hs_c, weight, bias)
+            t_l = gemm.linear_logits(ht_c, t_w, t_b)
+        if forward:
+            loss[lo:hi], stats[lo:hi] = row_statistics(s_l, t_l, opts, mask_c, group,
+                                                       want_h=False)
+        if not any_grad:
+            continue
+        write_gradients(s_l, t_l, stats[lo:hi], opts, mask_c,
+                        scale if scale.numel() == 1 else scale[lo:hi], s_l, None)
+        del t_l
+        # s_l now holds this rank's slice of dL/d(student logits), row factors applied
+        if want_b:
+            grad_b.add_(s_l.sum(0))
+        op, inv = gemm.gradient_operand(s_l, s_op)
+        del s_l
+        if want_h:
+            grad_h[lo:hi] = gemm.grad_hidden(op, inv, weight, cdt)
+        if want_w:
+            gemm.accumulate_grad_weight(grad_w, op, inv, hs_c, cdt)
+        del op
+    return loss, stats, grad_h, grad_w, grad_b
+
+
+class VocabParallelLinearDivergenceFunction(torch.autograd.Function):
+    """Chunked fused-linear divergence with a vocabulary-sharded lm_head.
+
+    As :class:`opsd_kernels.autograd.FusedLinearDivergenceFunction` (gradients
+    formed in the forward for "mean"/"sum"; recomputed in the backward, from the
+    saved per-token statistics, for "none" with a trainable weight or bias, and
+    for float16 weight-gradient accumulation), plus one all-reduce of the
+    student-hidden gradient in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias,
+                mask, opts: DivergenceOptions, group, chunk: int,
+                weight_grad_dtype: torch.dtype):
+        H = student_hidden.shape[-1]
+        lead = student_hidden.shape[:-1]
+        hs = student_hidden.reshape(-1, H).contiguous()
+        ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous()
+        mask1 = None if mask is None else mask.reshape(-1).contiguous()
+        want_h, want_w, want_b = (ctx.needs_input_grad[0], ctx.needs_input_grad[2],
+                                  ctx.needs_input_grad[4])
+        N = hs.shape[0]
+        cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype)
+        defer = (want_w or want_b) and (
+            opts.reduction == "none" or (want_w and weight_grad_dtype == torch.float16))
+        scale = forward_scale(opts.reduction, mask1, N, hs.device, cdt)
+        with torch.autocast(hs.device.type, enabled=False):
+            loss, stats, grad_h, grad_w, grad_b = _linear_pass(
+                hs, ht, weight, teacher_weight, bias, teacher_bias, mask1, opts, group, chunk,
+                scale, want_h and not defer, want_w and not defer, want_b and not defer,
+                weight_grad_dtype)
+        ctx.defer = defer
+        ctx.group = group
+        ctx.reduction = opts.reduction
+        ctx.wants = (want_h, want_w, want_b)
+        ctx.weight_grad_dtype = weight_grad_dtype
+        ctx.dtypes = (student_hidden.shape, student_hidden.dtype, weight.dtype,
+                      None if bias is None else bias.dtype)
+        if defer:
+            ctx.save_for_backward(hs, ht, weight, teacher_weight, bias, teacher_bias, scale,
+                                  stats)
+            ctx.args = (mask1, opts, chunk)
+        else:
+            ctx.grads = (grad_h, grad_w, grad_b)
+        return reduce_rows(loss, opts.reduction, scale, lead)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        import torch.distributed as dist
+
+        from .autograd import _check_single_backward
+
+        _check_single_backward(ctx)
+        want_h, want_w, want_b = ctx.wants
+        shape, h_dtype, w_dtype, b_dtype = ctx.dtypes
+        if ctx.defer:
+            hs, ht, weight, teacher_weight, bias, teacher_bias, fwd_scale, stats = (
+                ctx.saved_tensors)
+            mask1, opts, chunk = ctx.args
+            scale = (fwd_scale * grad_out.reshape(-1).to(fwd_scale.dtype)).contiguous()
+            with torch.autocast(hs.device.type, enabled=False):
+                _, _, grad_h, grad_w, grad_b = _linear_pass(
+                    hs, ht, weight, teacher_weight, bias, teacher_bias, mask1, opts, ctx.group,
+                    chunk, scale, want_h, want_w, want_b, ctx.weight_grad_dtype, stats=stats)
+        else:
+            grad_h, grad_w, grad_b = ctx.grads
+            ctx.grads = None
+            go_rows = grad_out.reshape(-1, 1) if ctx.reduction == "none" else grad_out
+            if grad_h is not None:
+                grad_h.mul_(go_rows)
+            if grad_w is not None:
+                grad_w.mul_(grad_out)
+            if grad_b is not None:
+                grad_b.mul_(grad_out)
+        if grad_h is not None:
+            # the one O(N x H) collective: each rank holds dS_r @ W_r, the gradient is the sum
+            dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=ctx.group)
+        return (
+            None if grad_h is None else grad_h.to(h_dtype).view(shape),
+            None,
+            None if grad_w is None else grad_w.to(w_dtype),
+            None,
+            None if grad_b is None else grad_b.to(b_dtype),
+            None, None, None, None, None, None,
+        )
+
+
+def divergence_vocab_parallel(student_logits, teacher_logits, mask, opts: DivergenceOptions,
+                              process_group) -> torch.Tensor:
+    """:func:`opsd_kernels.divergence` on vocabulary slices (validated inputs).
+
+    ``student_logits``/``teacher_logits``: (..., V_r), this rank's slice.
+    Returns the full loss on every rank.
+
+    >>> import torch, torch.distributed as dist
+    >>> from opsd_kernels import divergence
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> s, t = torch.randn(3, 10, requires_grad=True), torch.randn(3, 10)
+    >>> loss = divergence(s, t, kind="jsd", process_group=dist.group.WORLD)
+    >>> torch.allclose(loss, divergence(s, t, kind="jsd"))
+    True
+    >>> dist.destroy_process_group()
+    """
+    return VocabParallelDivergenceFunction.apply(student_logits, teacher_logits, mask, opts,
+                                                 process_group)
+
+
+def fused_linear_divergence_vocab_parallel(student_hidden, teacher_hidden, weight,
+                                           teacher_weight, bias, teacher_bias, mask,
+                                           opts: DivergenceOptions, process_group,
+                                           chunk_size: int,
+                                           weight_grad_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`opsd_kernels.fused_linear_divergence` with this rank's (V_r, H) lm_head rows.
+
+    Inputs are validated and detached as the public function does. Returns the
+    full loss on every rank; the student-hidden gradient is the full gradient.
+    """
+    return VocabParallelLinearDivergenceFunction.apply(
+        student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask, opts,
+        process_group, chunk_size, weight_grad_dtype)

@@ -1,0 +1,254 @@
+"""Vocabulary-parallel divergences (``process_group``) on CPU with the gloo backend.
+
+One spawn of 3 processes (spawning is the slow part) runs every case twice:
+on the 3-rank default group and on a 2-rank subgroup made of global ranks 0
+and 2 (so slices follow the *group* rank), both with uneven vocabulary
+slices. Each rank compares its loss and gradient slices with the
+single-process float64 result on the full vocabulary (<= 1e-9).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+
+import opsd_kernels
+from opsd_kernels import divergence, fused_linear_divergence
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():  # pragma: no cover
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+TOL = 1e-9
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bounds(sizes, rank):
+    lo = sum(sizes[:rank])
+    return lo, lo + sizes[rank]
+
+
+def _close(name, got, want, failures, tol=TOL):
+    if got is None or want is None:
+        if (got is None) != (want is None):
+            failures.append(f"{name}: got {got is None and 'None'}, want "
+                            f"{want is None and 'None'}")
+        return
+    got, want = got.detach().to(torch.float64), want.detach().to(torch.float64)
+    if got.shape != want.shape:
+        failures.append(f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+        return
+    finite = torch.isfinite(want)
+    if not torch.equal(finite, torch.isfinite(got)):
+        failures.append(f"{name}: non-finite entries differ")
+        return
+    err = (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0
+    scale = max(1.0, want[finite].abs().max().item() if finite.any() else 1.0)
+    if not err <= tol * scale:
+        failures.append(f"{name}: max abs error {err:.3e} (scale {scale:.3g})")
+
+
+def _logit_cases():
+    for kind in KINDS:
+        for clip in (None, 0.03):
+            for reduction in ("mean", "sum", "none"):
+                for use_mask in (False, True):
+                    yield dict(kind=kind, clip=clip, reduction=reduction, use_mask=use_mask)
+
+
+def _run_logit_case(case, sizes, rank, group, seed, failures, dtype=torch.float64,
+                    impl="torch", tol=TOL):
+    V = sum(sizes)
+    gen = torch.Generator().manual_seed(seed)
+    lead = (3, 5)
+    s = torch.randn(*lead, V, generator=gen, dtype=torch.float64) * 2
+    t = s + 0.5 * torch.randn(*lead, V, generator=gen, dtype=torch.float64)
+    # banned tokens (-inf on both sides), some rows entirely inside one rank's slice
+    s[0, 0, 1] = t[0, 0, 1] = float("-inf")
+    s[0, 1, 4] = t[0, 1, 4] = float("-inf")  # the whole slice of rank 1 of WORLD_SIZES
+    mask = torch.rand(lead, generator=gen) > 0.3 if case["use_mask"] else None
+    if mask is not None:
+        s[~mask] = float("nan")  # padding may hold anything
+    upstream = torch.randn(lead, generator=gen, dtype=torch.float64)
+    opts = dict(kind=case["kind"], beta=0.3, temperature=1.3, clip=case["clip"],
+                reduction=case["reduction"], mask=mask)
+
+    ref_s = s.clone().requires_grad_(True)
+    ref_t = t.clone().requires_grad_(True)
+    ref = divergence(ref_s, ref_t, impl="torch", **opts)
+    (ref * upstream).sum().backward() if case["reduction"] == "none" else ref.backward()
+
+    lo, hi = _bounds(sizes, rank)
+    my_s = s[..., lo:hi].to(dtype).clone().requires_grad_(True)
+    my_t = t[..., lo:hi].to(dtype).clone().requires_grad_(True)
+    out = divergence(my_s, my_t, impl=impl, process_group=group, **opts)
+    go = upstream.to(out.dtype)
+    (out * go).sum().backward() if case["reduction"] == "none" else out.backward()
+    name = f"divergence {case} {dtype} impl={impl} rank {rank}"
+    _close(name + " loss", out, ref, failures, tol)
+    _close(name + " d student", my_s.grad, ref_s.grad[..., lo:hi], failures, tol)
+    _close(name + " d teacher", my_t.grad, ref_t.grad[..., lo:hi], failures, tol)
+
+
+def _linear_cases():
+    for kind in KINDS:
+        for clip in (None, 0.03):
+            for reduction in ("mean", "none"):
+                for variant in ("bias", "separate_teacher", "frozen"):
+                    yield dict(kind=kind, clip=clip, reduction=reduction, variant=variant)
+    yield dict(kind="forward_kl", clip=None, reduction="sum", variant="bias")
+
+
+def _run_linear_case(case, sizes, rank, group, seed, failures, dtype=torch.float64,
+                     impl="torch", tol=TOL, chunk_size=4):
+    V, H, H_T = sum(sizes), 6, 5
+    gen = torch.Generator().manual_seed(seed)
+    lead = (2, 7)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    hs = torch.randn(*lead, H, **f64)
+    separate = case["variant"] == "separate_teacher"
+    ht = torch.randn(*lead, H_T, **f64) if separate else hs + 0.3 * torch.randn(*lead, H, **f64)
+    w = torch.randn(V, H, **f64)
+    b = torch.randn(V, **f64) if case["variant"] != "frozen" else None
+    tw = torch.randn(V, H_T, **f64) if separate else None
+    tb = torch.randn(V, **f64) if separate else None
+    mask = torch.rand(lead, generator=gen) > 0.25
+    hs[~mask] = float("nan")  # masked rows never reach a GEMM
+    upstream = torch.randn(lead, **f64)
+    train_w = case["variant"] != "frozen"
+    opts = dict(kind=case["kind"], beta=0.6, temperature=0.9, clip=case["clip"],
+                reduction=case["reduction"], mask=mask)
+
+    ref_h = hs.clone().requires_grad_(True)
+    ref_w = w.clone().requires_grad_(train_w)
+    ref_b = None if b is None else b.clone().requires_grad_(True)
+    ref = fused_linear_divergence(ref_h, ht, ref_w, bias=ref_b, teacher_weight=tw,
+                                  teacher_bias=tb, impl="torch", **opts)
+    (ref * upstream).sum().backward() if case["reduction"] == "none" else ref.backward()
+
+    lo, hi = _bounds(sizes, rank)
+    my_h = hs.to(dtype).clone().requires_grad_(True)
+    my_w = w[lo:hi].to(dtype).clone().requires_grad_(train_w)
+    my_b = None if b is None else b[lo:hi].to(dtype).clone().requires_grad_(True)
+    out = fused_linear_divergence(
+        my_h, ht.to(dtype), my_w, bias=my_b,
+        teacher_weight=None if tw is None else tw[lo:hi].to(dtype),
+        teacher_bias=None if tb is None else tb[lo:hi].to(dtype),
+        impl=impl, chunk_size=chunk_size, process_group=group, **opts)
+    go = upstream.to(out.dtype)
+    (out * go).sum().backward() if case["reduction"] == "none" else out.backward()
+    name = f"fused_linear {case} {dtype} impl={impl} rank {rank}"
+    _close(name + " loss", out, ref, failures, tol)
+    _close(name + " d hidden", my_h.grad, ref_h.grad, failures, tol)
+    _close(name + " d weight", my_w.grad, None if ref_w.grad is None else ref_w.grad[lo:hi],
+           failures, tol)
+    _close(name + " d bias", None if my_b is None else my_b.grad,
+           None if ref_b is None else ref_b.grad[lo:hi], failures, tol)
+
+
+def _run_module_case(sizes, rank, group, failures):
+    V, H = sum(sizes), 4
+    gen = torch.Generator().manual_seed(7)
+    hs = torch.randn(9, H, generator=gen, dtype=torch.float64)
+    w = torch.randn(V, H, generator=gen, dtype=torch.float64)
+    lo, hi = _bounds(sizes, rank)
+    ref = opsd_kernels.FusedLinearDivergence(kind="jsd", clip=0.02)(hs, hs + 0.1, w)
+    got = opsd_kernels.FusedLinearDivergence(kind="jsd", clip=0.02, process_group=group)(
+        hs, hs + 0.1, w[lo:hi])
+    _close(f"FusedLinearDivergence module rank {rank}", got, ref, failures)
+    s, t = hs @ w.T, (hs + 0.1) @ w.T
+    ref = opsd_kernels.Divergence(kind="reverse_kl")(s, t)
+    got = opsd_kernels.Divergence(kind="reverse_kl", process_group=group)(
+        s[:, lo:hi], t[:, lo:hi])
+    _close(f"Divergence module rank {rank}", got, ref, failures)
+
+
+def _run_error_cases(group, failures):
+    w = torch.randn(5, 4)
+    try:
+        fused_linear_divergence(torch.randn(3, 4), torch.randn(3, 4), w, impl="fused",
+                                process_group=group)
+        failures.append("impl='fused' with process_group did not raise")
+    except ValueError as e:
+        if "process_group" not in str(e):
+            failures.append(f"impl='fused' error does not name process_group: {e}")
+    try:
+        divergence(torch.randn(2, 5), torch.randn(2, 5), process_group="world")
+        failures.append("a str process_group did not raise")
+    except TypeError as e:
+        if "process_group" not in str(e):
+            failures.append(f"bad process_group error does not name it: {e}")
+
+
+def _run_all(sizes, group, failures, every=1):
+    """All cases (every ``every``-th of the option matrices) on ``group``."""
+    rank = dist.get_rank(group)
+    for i, case in enumerate(_logit_cases()):
+        if i % every == 0:
+            _run_logit_case(case, sizes, rank, group, 100 + i, failures)
+    for i, case in enumerate(_linear_cases()):
+        if i % every == 0:
+            _run_linear_case(case, sizes, rank, group, 200 + i, failures)
+    # one chunk for all tokens, and float32 inputs against the float64 result
+    _run_linear_case(dict(kind="jsd", clip=0.03, reduction="none", variant="bias"), sizes,
+                     rank, group, 300, failures, chunk_size=64)
+    _run_logit_case(dict(kind="forward_kl", clip=None, reduction="mean", use_mask=True),
+                    sizes, rank, group, 301, failures, dtype=torch.float32, tol=2e-5)
+    _run_linear_case(dict(kind="jsd", clip=0.03, reduction="mean", variant="bias"), sizes,
+                     rank, group, 302, failures, dtype=torch.float32, impl="triton",
+                     tol=2e-5)
+    _run_module_case(sizes, rank, group, failures)
+    _run_error_cases(group, failures)
+
+
+WORLD_SIZES = [4, 1, 32]  # rank 0's slice holds the banned entry 1, rank 1 has one entry
+SUBGROUP_RANKS, SUBGROUP_SIZES = [0, 2], [26, 11]
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(1)
+    failures: list[str] = []
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        _run_all(WORLD_SIZES, dist.group.WORLD, failures)
+        subgroup = dist.new_group(SUBGROUP_RANKS)  # collective: every rank calls it
+        if rank in SUBGROUP_RANKS:
+            sub_failures: list[str] = []
+            _run_all(SUBGROUP_SIZES, subgroup, sub_failures, every=5)
+            failures += [f"2-rank subgroup: {f}" for f in sub_failures]
+    except Exception:  # noqa: BLE001 - reported to the parent with its traceback
+        failures.append(traceback.format_exc())
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write("\n".join(failures))
+
+
+def test_distributed_vocab_parallel_world_3_and_2_rank_subgroup(tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 3
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    report = []
+    for rank in range(world):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        if text:
+            report.append(f"rank {rank}:\n{text}")
+    assert not report, "\n".join(report)
+
+
+def test_distributed_vocab_parallel_rejects_bad_group_without_init():
+    with pytest.raises(TypeError, match="process_group"):
+        divergence(torch.randn(2, 5), torch.randn(2, 5), process_group=object())
