@@ -35,7 +35,9 @@ Extra constructor argument of both trainers: ``fused_loss_kwargs``, a dict passe
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,6 +63,8 @@ def fused_generalized_jsd(
     num_items_in_batch: torch.Tensor | int | float | None = None,
     ignore_index: int = -100,
     forward_kwargs: dict[str, Any] | None = None,
+    student_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    teacher_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     **loss_kwargs,
 ) -> torch.Tensor:
     """TRL's GKD/GOLD distillation loss from hidden states: no (tokens x V) logits.
@@ -80,11 +84,18 @@ def fused_generalized_jsd(
         num_items_in_batch: when given the sum is divided by it, else by the number of
             counted tokens (0 when none).
         forward_kwargs: extra inputs to both models' bodies (e.g. ``pixel_values``).
+        student_context, teacher_context: factories of the context each body runs in
+            (e.g. an autocast for mixed precision; default none).
         **loss_kwargs: ``impl``, ``chunk_size``, ``fp32_weight_grad``, ``skip_threshold``
             of :func:`opsd_kernels.fused_linear_divergence`.
 
     Returns:
         float32 scalar (float64 for float64 models).
+
+    Mixed precision: each body runs under the caller's autocast and its ``*_context``
+    (the trainers pass accelerate's autocast for a model whose forward accelerate
+    wrapped in one); the loss itself runs outside autocast, on hidden states cast to
+    the lm_head's dtype, with float32 logits.
 
     >>> import torch
     >>> from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -109,9 +120,10 @@ def fused_generalized_jsd(
         raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(labels.shape)}")
     forward_kwargs = forward_kwargs or {}
-    h_s, w_s, b_s = causal_lm_hidden_states(student_model, input_ids, attention_mask,
-                                            **forward_kwargs)
-    with torch.no_grad():
+    with student_context():
+        h_s, w_s, b_s = causal_lm_hidden_states(student_model, input_ids, attention_mask,
+                                                **forward_kwargs)
+    with torch.no_grad(), teacher_context():
         h_t, w_t, b_t = causal_lm_hidden_states(teacher_model, input_ids, attention_mask,
                                                 **forward_kwargs)
     mask = labels[:, 1:].to(h_s.device) != ignore_index
@@ -120,11 +132,15 @@ def fused_generalized_jsd(
         teacher = dict(teacher_weight=w_t.detach().to(h_s.device),
                        teacher_bias=None if b_t is None else b_t.detach().to(h_s.device))
     kind = "forward_kl" if beta == 0 else "reverse_kl" if beta == 1 else "jsd"
-    total = fused_linear_divergence(
-        h_s[:, :-1], h_t[:, :-1].to(h_s.device), w_s, bias=b_s, kind=kind,
-        beta=beta if kind == "jsd" else 0.5, temperature=temperature, mask=mask,
-        reduction="sum", **teacher, **loss_kwargs,
-    )
+    t_dtype = w_t.dtype if teacher else w_s.dtype
+    # the bodies ran under the caller's autocast (mixed precision), if any; the loss reads
+    # hidden states in the lm_head's dtype and computes float32 logits, outside autocast
+    with torch.autocast(h_s.device.type, enabled=False):
+        total = fused_linear_divergence(
+            h_s[:, :-1].to(w_s.dtype), h_t[:, :-1].to(h_s.device, t_dtype), w_s, bias=b_s,
+            kind=kind, beta=beta if kind == "jsd" else 0.5, temperature=temperature,
+            mask=mask, reduction="sum", **teacher, **loss_kwargs,
+        )
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(total.device)
@@ -166,11 +182,21 @@ class _FusedLossMixin:
         kwargs = dict(beta=self.beta,
                       temperature=self.temperature if self._loss_uses_temperature else 1.0,
                       num_items_in_batch=num_items_in_batch, forward_kwargs=forward_kwargs,
-                      **self.fused_loss_kwargs)
+                      student_context=self._autocast_of(student),
+                      teacher_context=self._autocast_of(teacher), **self.fused_loss_kwargs)
         if model is not student and self._fused_redirect is not None:
-            # run through the DDP wrapper's forward so that gradient sync is prepared
+            # through the DDP wrapper's forward, so that gradient sync is prepared
             return self._fused_redirect(model, student, fused_generalized_jsd, *args, **kwargs)
         return fused_generalized_jsd(*args, **kwargs)
+
+    def _autocast_of(self, model):
+        """The bodies are called directly, not through the forward that accelerate wraps in
+        autocast for mixed precision when it prepares a model (TRL's configs default to
+        bf16=True; the teacher is prepared at construction, the student when training
+        starts): run each body under that autocast exactly when its forward has it."""
+        if getattr(model, "_original_forward", None) is not None:
+            return self.accelerator.autocast
+        return contextlib.nullcontext
 
     @staticmethod
     def _outputs(loss):
