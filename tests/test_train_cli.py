@@ -1,19 +1,14 @@
-# ruff: noqa: F811  (pytest fixtures imported from train_fixtures)
 """The ``opsd-train`` CLI end to end at a tiny budget (demo and --model paths)."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import TINY_TEST_MODEL, tiny_dir  # noqa: E402,F401
-
-from opsd_train.cli import main  # noqa: E402
-from opsd_train.data import save_jsonl, synthetic_split  # noqa: E402
+from opsd_train.cli import main
+from opsd_train.data import save_jsonl, synthetic_split
+from tests.train_fixtures import TINY_TEST_MODEL
 
 TINY_DEMO = {
     "demo": {

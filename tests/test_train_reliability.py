@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from train_fixtures)
 """Reliability of the trainer (issue 11): strict configuration checked before anything is
 loaded, crash-safe checkpoints (torn writes, full disk, ``--resume latest``), resume
 configuration checks, reproducible seeded runs, early named errors."""
@@ -18,19 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import problems, tiny, tiny_dir  # noqa: E402,F401
-
-from opsd_train import checkpoint as ckpt  # noqa: E402
-from opsd_train.cli import RunConfig, build_parser, main, parse_options  # noqa: E402
-from opsd_train.config import (  # noqa: E402
+from opsd_train import checkpoint as ckpt
+from opsd_train.cli import RunConfig, build_parser, main, parse_options
+from opsd_train.config import (
     RESUME_POLICIES,
     ConfigError,
     flag_name,
     option_fields,
 )
-from opsd_train.data import Problem, load_jsonl, save_jsonl, synthetic_split  # noqa: E402
-from opsd_train.trainer import TrainConfig, Trainer  # noqa: E402
+from opsd_train.data import Problem, load_jsonl, save_jsonl, synthetic_split
+from opsd_train.trainer import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,28 +1,21 @@
-# ruff: noqa: F811  (pytest fixtures imported from train_fixtures)
 """The OPSD step: position alignment, loss against the full-logit reference, gradients,
 the sampled-token estimator, and teacher modes."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import problems, tiny, tiny_dir  # noqa: E402,F401
-
-from opsd_kernels.reference import divergence_reference  # noqa: E402
-from opsd_train.prompts import PromptBuilder  # noqa: E402
-from opsd_train.step import (  # noqa: E402
+from opsd_kernels.reference import divergence_reference
+from opsd_train.prompts import PromptBuilder
+from opsd_train.step import (
     LossConfig,
     final_hidden_states,
     gather_completion_states,
     opsd_loss,
     pack_batch,
 )
-from opsd_train.teacher import Teacher  # noqa: E402
+from opsd_train.teacher import Teacher
 
 
 def _rows(tok, probs, n=4, seed=0):

@@ -1,23 +1,18 @@
-# ruff: noqa: F811  (pytest fixtures imported from train_fixtures)
 """Training loop: loss goes down, exact resume, bad inputs, LoRA (optional)."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import TINY_TEST_MODEL, problems, tiny, tiny_dir  # noqa: E402,F401
-
-from opsd_train.modeling import ensure_pad_token, load_model_and_tokenizer  # noqa: E402
-from opsd_train.prompts import PromptBuilder  # noqa: E402
-from opsd_train.step import LossConfig, opsd_loss, pack_batch  # noqa: E402
-from opsd_train.teacher import Teacher  # noqa: E402
-from opsd_train.trainer import TrainConfig, Trainer  # noqa: E402
+from opsd_train.modeling import ensure_pad_token, load_model_and_tokenizer
+from opsd_train.prompts import PromptBuilder
+from opsd_train.step import LossConfig, opsd_loss, pack_batch
+from opsd_train.teacher import Teacher
+from opsd_train.trainer import TrainConfig, Trainer
+from tests.train_fixtures import TINY_TEST_MODEL
 
 
 def _cfg(**kw):
