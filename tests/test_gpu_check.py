@@ -128,38 +128,47 @@ def test_larger_budgets_are_refused(tmp_path):
     assert "lower them" in proc.stderr
 
 
-def _check(*args) -> subprocess.CompletedProcess:
+BAD_LINES = ['tests/test_fused.py -k "test_no_such_test_anywhere"',
+             "tests/test_no_such_file.py"]
+
+
+@pytest.fixture(scope="module")
+def subset_check(tmp_path_factory):
+    """One collection (``gpu_tests.py --check``) of the real list plus two bad lines."""
+    with open(os.path.join(BENCH, "gpu_tests.txt")) as f:
+        real = f.read().splitlines()
+    listing = tmp_path_factory.mktemp("gpu") / "list.txt"
+    listing.write_text("\n".join(real + BAD_LINES) + "\n")
     env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, os.path.join(BENCH, "gpu_tests.py"), *args],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-
-
-def test_gpu_subset_selects_existing_tests():
-    """Collects the subset with pytest: a line whose tests were renamed or removed fails here."""
-    proc = _check("--check")
-    assert proc.returncode == 0, ("bench/gpu_tests.txt is out of date:\n"
-                                  + "\n".join(line for line in proc.stdout.splitlines()
-                                              if line.startswith("PROBLEM")
-                                              or re.match(r"\s*\d+\s+\d+:", line))
-                                  + proc.stderr[-2000:])
-    counts = [int(m.group(1)) for m in re.finditer(r"^\s*(\d+)\s+\d+: ", proc.stdout, re.M)]
-    assert counts and all(c > 0 for c in counts)
-    total = int(re.search(r"^\s*(\d+)\s+in all", proc.stdout, re.M).group(1))
-    assert total <= 45
-
-
-def test_gpu_subset_names_missing_tests_clearly(tmp_path):
-    bad = tmp_path / "list.txt"
-    bad.write_text("tests/test_fused.py -k \"cuda\"\n"
-                   "tests/test_fused.py -k \"test_no_such_test_anywhere\"\n"
-                   "tests/test_no_such_file.py\n")
-    proc = _check("--list", str(bad), "--check")
-    assert proc.returncode == 1
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_tests.py"), "--list",
+                           str(listing), "--check"], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    counts = {int(m.group(2)): int(m.group(1))
+              for m in re.finditer(r"^\s*(\d+)\s+(\d+): ", proc.stdout, re.M)}
     problems = [line for line in proc.stdout.splitlines() if line.startswith("PROBLEM")]
-    assert any("line 2 selects no test" in p and "test_no_such_test_anywhere" in p
-               for p in problems), proc.stdout
-    assert any("line 3: no such file tests/test_no_such_file.py" in p for p in problems)
-    assert not any("line 1" in p for p in problems)
+    return proc, len(real), counts, problems
+
+
+def test_gpu_subset_selects_existing_tests(subset_check):
+    """Every line of bench/gpu_tests.txt selects tests pytest collects today (renames fail)."""
+    proc, n_real, counts, problems = subset_check
+    real_problems = [p for p in problems
+                     if not any(f"line {n_real + i + 1}" in p for i in range(len(BAD_LINES)))]
+    assert not real_problems, ("bench/gpu_tests.txt is out of date:\n" + "\n".join(real_problems)
+                               + "\n" + proc.stdout[-3000:] + proc.stderr[-2000:])
+    real_counts = [c for line, c in counts.items() if line <= n_real]
+    assert real_counts and all(c > 0 for c in real_counts), proc.stdout[-3000:]
+    total = int(re.search(r"^\s*(\d+)\s+in all", proc.stdout, re.M).group(1))
+    assert 10 <= total <= 45, total
+
+
+def test_gpu_subset_names_missing_tests_clearly(subset_check):
+    proc, n_real, _, problems = subset_check
+    assert proc.returncode == 1
+    assert any(f"line {n_real + 1} selects no test" in p and "test_no_such_test_anywhere" in p
+               for p in problems), proc.stdout[-3000:]
+    assert any(f"line {n_real + 2}: no such file tests/test_no_such_file.py" in p
+               for p in problems), proc.stdout[-3000:]
 
 
 def test_gpu_subset_skips_the_ahead_of_time_compile_tests(tmp_path):
