@@ -173,6 +173,62 @@ def _run_module_case(sizes, rank, group, failures):
     _close(f"Divergence module rank {rank}", got, ref, failures)
 
 
+def _run_collective_count_cases(sizes, rank, group, failures):
+    """The documented collectives: how many all-reduces, of how many values each."""
+    calls = []
+    real = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    lo, hi = _bounds(sizes, rank)
+    N, H, chunk = 14, 6, 4
+    n_chunks = -(-N // chunk)
+    gen = torch.Generator().manual_seed(11)
+    dist.all_reduce = counting
+    try:
+        for kind, clip, want_t, fwd in (
+            ("forward_kl", None, True, [2 * N, 3 * N]),
+            ("reverse_kl", None, False, [2 * N, 3 * N]),
+            ("jsd", None, False, [2 * N, 2 * N, 2 * N]),
+            ("forward_kl", 0.1, True, [2 * N, 2 * N, 3 * N]),
+        ):
+            s = torch.randn(N, sum(sizes), generator=gen)[:, lo:hi].requires_grad_(True)
+            t = torch.randn(N, sum(sizes), generator=gen)[:, lo:hi].requires_grad_(want_t)
+            calls.clear()
+            loss = divergence(s, t, kind=kind, clip=clip, process_group=group)
+            if calls != fwd:
+                failures.append(f"divergence {kind} clip={clip} forward all-reduces {calls}, "
+                                f"documented {fwd}")
+            calls.clear()
+            loss.backward()
+            if calls:
+                failures.append(f"divergence {kind} backward all-reduces {calls}, documented none")
+        for kind, clip, reduction, per_chunk in (
+            ("forward_kl", None, "mean", [2 * chunk, 3 * chunk]),
+            ("jsd", 0.05, "none", [2 * chunk] * 3),
+        ):
+            h = torch.randn(N, H, generator=gen, requires_grad=True)
+            w = torch.randn(sum(sizes), H, generator=gen)[lo:hi].requires_grad_(True)
+            calls.clear()
+            loss = fused_linear_divergence(h, h.detach() + 0.1, w, kind=kind, clip=clip,
+                                           reduction=reduction, chunk_size=chunk,
+                                           process_group=group)
+            want = [min(n, (N - c * chunk) * n // chunk) for c in range(n_chunks)
+                    for n in per_chunk]
+            if calls != want:
+                failures.append(f"fused_linear {kind} clip={clip} forward all-reduces {calls}, "
+                                f"documented {want}")
+            calls.clear()
+            loss.sum().backward()
+            if calls != [N * H]:
+                failures.append(f"fused_linear {kind} {reduction} backward all-reduces {calls}, "
+                                f"documented [{N * H}] (the hidden gradient)")
+    finally:
+        dist.all_reduce = real
+
+
 def _run_error_cases(group, failures):
     w = torch.randn(5, 4)
     try:
@@ -208,6 +264,7 @@ def _run_all(sizes, group, failures, every=1):
                      rank, group, 302, failures, dtype=torch.float32, impl="triton",
                      tol=2e-5)
     _run_module_case(sizes, rank, group, failures)
+    _run_collective_count_cases(sizes, rank, group, failures)
     _run_error_cases(group, failures)
 
 
