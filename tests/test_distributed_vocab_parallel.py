@@ -156,6 +156,48 @@ def _run_linear_case(case, sizes, rank, group, seed, failures, dtype=torch.float
            None if ref_b is None else ref_b.grad[lo:hi], failures, tol)
 
 
+def _run_sixteen_bit_cases(sizes, rank, group, failures):
+    """bf16 lm_head and hidden states, fp16 logits with a GradScaler-sized upstream factor:
+    the same float32 logits and float32 arithmetic as the single-process path on the same
+    16-bit values (only the order of float32 sums differs)."""
+    lo, hi = _bounds(sizes, rank)
+    V, H, N = sum(sizes), 8, 13
+    gen = torch.Generator().manual_seed(5)
+    hs = torch.randn(N, H, generator=gen).bfloat16()
+    ht = (hs.float() + 0.1 * torch.randn(N, H, generator=gen)).bfloat16()
+    w = torch.randn(V, H, generator=gen).bfloat16()
+    mask = torch.rand(N, generator=gen) > 0.2
+    outs = []
+    for weight, group_ in ((w, None), (w[lo:hi], group)):
+        h = hs.clone().requires_grad_(True)
+        w_ = weight.clone().requires_grad_(True)
+        loss = fused_linear_divergence(h, ht, w_, kind="jsd", clip=0.02, mask=mask,
+                                       chunk_size=5, process_group=group_)
+        loss.backward()
+        outs.append((loss, h.grad, w_.grad))
+    (ref_loss, ref_h, ref_w), (loss, g_h, g_w) = outs
+    # bf16 gradients: one bf16 rounding (2^-8 relative) apart at most
+    for name, got, want, tol in (("loss", loss, ref_loss, 1e-5),
+                                 ("d hidden", g_h, ref_h, 2**-7),
+                                 ("d weight", g_w, ref_w[lo:hi], 2**-7)):
+        err = (got.double() - want.double()).abs().max().item()
+        ref_max = want.double().abs().max().item()
+        if not err <= tol * ref_max:
+            failures.append(f"bf16 fused_linear {name} rank {rank}: error {err:.3e} vs "
+                            f"max {ref_max:.3e}")
+    s = torch.randn(N, V, generator=gen, dtype=torch.float64)
+    t = s + 0.3 * torch.randn(N, V, generator=gen, dtype=torch.float64)
+    ref_s = s.clone().requires_grad_(True)
+    (divergence(ref_s, t, mask=mask, impl="torch") * 65536.0).backward()
+    my_s = s[:, lo:hi].half().requires_grad_(True)
+    (divergence(my_s, t[:, lo:hi].half(), mask=mask, process_group=group) * 65536.0).backward()
+    want = ref_s.grad[:, lo:hi]
+    err = (my_s.grad.double() - want).abs().max().item()
+    # fp16 logits round the inputs (2^-11 relative of |s| <= ~5), the gradient 2^-11 relative
+    if not err <= 1e-2 * want.abs().max().item():
+        failures.append(f"fp16 divergence x 65536 d student rank {rank}: error {err:.3e}")
+
+
 def _run_module_case(sizes, rank, group, failures):
     V, H = sum(sizes), 4
     gen = torch.Generator().manual_seed(7)
@@ -264,6 +306,7 @@ def _run_all(sizes, group, failures, every=1):
                      rank, group, 302, failures, dtype=torch.float32, impl="triton",
                      tol=2e-5)
     _run_module_case(sizes, rank, group, failures)
+    _run_sixteen_bit_cases(sizes, rank, group, failures)
     _run_collective_count_cases(sizes, rank, group, failures)
     _run_error_cases(group, failures)
 
