@@ -24,7 +24,6 @@ import pytest
 import torch
 
 from opsd_kernels import fused_linear_divergence
-from opsd_kernels.divergences import KINDS
 
 HAS_CUDA = torch.cuda.is_available()
 THRESHOLDS = (0.0, 1e-8, 1e-6, 1e-4)
@@ -68,8 +67,10 @@ def lm_like_inputs(N, H, V, layout, dtype, device, temperature, seed=0):
 
 @pytest.mark.parametrize("layout", ["gaussian", "zipf"])
 def test_tile_skipping(bench_cfg, device, layout):
+    from opsd_kernels._validation import check_options
+    from opsd_kernels.triton.configs import resolve_skip_threshold
     from opsd_kernels.triton.fused_backward import skipped_tiles
-    from opsd_kernels.triton.fused_forward import config_for, fused_forward
+    from opsd_kernels.triton.fused_forward import fused_forward
 
     if not HAS_CUDA:
         pytest.skip("CUDA only: the Triton interpreter is far too slow at useful sizes")
@@ -78,11 +79,10 @@ def test_tile_skipping(bench_cfg, device, layout):
     clip = bench_cfg.clip
     h_s, h_t, w, ent_s, ent_t = lm_like_inputs(N, H, V, layout, dtype, device, tau)
     try:
-        stats = fused_forward(h_s, h_t, w, None, None, None, None, spec=KINDS["forward_kl"],
-                              beta=0.5, temperature=tau, clip=clip)
+        opts = check_options("forward_kl", 0.5, tau, clip, "mean")
+        stats = fused_forward(h_s, h_t, w, None, None, None, None, opts)
     except ValueError as exc:  # impl unavailable
         pytest.skip(str(exc))
-    block_n = config_for(device).block_n
 
     def run(threshold):
         hs = h_s.detach().clone().requires_grad_()
@@ -98,17 +98,18 @@ def test_tile_skipping(bench_cfg, device, layout):
     run(0.0)  # warm-up (compilation)
     exact = run(0.0)
     rows = []
-    for thr in THRESHOLDS:
-        loss, gh, gw, secs = run(thr) if thr > 0 else exact
-        frac = float(skipped_tiles(stats, thr, block_n).float().mean()) if thr > 0 else 0.0
+    for thr in THRESHOLDS + ("auto",):
+        value = resolve_skip_threshold(thr, dtype)
+        loss, gh, gw, secs = run(value) if value > 0 else exact
+        frac = float(skipped_tiles(stats, value).float().mean()) if value > 0 else 0.0
         err_h = float((gh - exact[1]).float().norm() / exact[1].float().norm().clamp_min(1e-30))
         err_w = float((gw - exact[2]).float().norm() / exact[2].float().norm().clamp_min(1e-30))
         assert torch.equal(loss, exact[0])  # the loss never depends on skipping
         rows.append((thr, frac, err_h, err_w, secs))
     md = ["| skip_threshold | tiles skipped | rel. error dH | rel. error dW | fwd+bwd s |",
           "|---:|---:|---:|---:|---:|"]
-    md += [f"| {t:g} | {f:.1%} | {eh:.2e} | {ew:.2e} | {s:.3f} |"
-           for t, f, eh, ew, s in rows]
+    md += [f"| {t if isinstance(t, str) else f'{t:g}'} | {f:.1%} | {eh:.2e} | {ew:.2e} "
+           f"| {s:.3f} |" for t, f, eh, ew, s in rows]
     harness.CHECKS.append({
         "name": f"impl='fused' tile skipping, {layout} vocabulary",
         "shape": (f"N={N}, H={H}, V={V}, {str(dtype).split('.')[-1]}, forward KL, "

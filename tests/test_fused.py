@@ -25,14 +25,13 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 
 @pytest.fixture
 def blocks(monkeypatch):
-    """Override the fused kernels' tile sizes / options for the current device."""
-    from opsd_kernels.triton import fused_forward
-
-    key = "cuda" if HAS_CUDA else "cpu"
+    """Override the fused kernels' tile sizes / options (every row of the config table)."""
+    from opsd_kernels.triton import configs
 
     def set_blocks(**kw):
-        monkeypatch.setitem(fused_forward.CONFIGS, key,
-                            dataclasses.replace(fused_forward.CONFIGS[key], **kw))
+        rows = tuple(dataclasses.replace(r, config=dataclasses.replace(r.config, **kw))
+                     for r in configs.TABLE)
+        monkeypatch.setattr(configs, "TABLE", rows)
 
     return set_blocks
 
@@ -191,14 +190,14 @@ def peaked_inputs(N, H, V, seed=0, dtype=torch.float32, opposite=False):
 def _skipped_tiles(x, threshold, temperature):
     """(token blocks, vocab blocks) bool: the tiles the backward skips, from the forward's
     statistics and the documented rule, and the tile sizes."""
-    from opsd_kernels.divergences import KINDS as K
+    from opsd_kernels._validation import check_options
     from opsd_kernels.triton.fused_backward import skipped_tiles
-    from opsd_kernels.triton.fused_forward import config_for, fused_forward
+    from opsd_kernels.triton.fused_forward import fused_forward
 
+    opts = check_options("forward_kl", 0.5, temperature, None, "mean")
     st = fused_forward(x["student_hidden"], x["teacher_hidden"], x["weight"], None, None, None,
-                       None, spec=K["forward_kl"], beta=0.5, temperature=temperature, clip=None)
-    cfg = config_for(x["weight"].device)
-    return skipped_tiles(st, threshold, cfg.block_n), cfg.block_n, cfg.block_v
+                       None, opts)
+    return skipped_tiles(st, threshold), st.cfg.block_n, st.cfg.block_v
 
 
 def _skipped_fraction(x, threshold, temperature):
@@ -309,3 +308,176 @@ def test_infinite_kl_survives_a_later_larger_maximum(blocks, kind):
                                             reduction="none")
     assert torch.isinf(ref).all()
     assert torch.isinf(out).all() and (out > 0).all()
+
+
+# ---------------------------------------------------------------- v2: counted tiles, one pass
+
+
+def _opts(kind="forward_kl", clip=None, temperature=1.1, reduction="none", beta=0.3):
+    from opsd_kernels._validation import check_options
+
+    return check_options(kind, beta, temperature, clip, reduction)
+
+
+def _reference(x, opts, mask=None, trainable=("student_hidden", "weight")):
+    ref_in = {k: v.detach().double().cpu().requires_grad_(k in trainable) for k, v in x.items()}
+    ref = fused_linear_divergence_reference(
+        **ref_in, mask=None if mask is None else mask.cpu(), kind=opts.spec.name, beta=opts.beta,
+        temperature=opts.temperature, clip=opts.clip, reduction=opts.reduction)
+    return ref, ref_in
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+def test_clip_pass_recomputes_only_tiles_that_can_clip(kind):
+    """Forward/reverse KL with a clip: the terms pass recomputes only the tiles the exact
+    bound cannot clear, and the loss and G still match the float64 reference."""
+    from opsd_kernels.triton.fused_forward import fused_forward
+
+    x = peaked_inputs(40, 16, 300, opposite=True)
+    opts = _opts(kind, clip=0.01)
+    counts = {}
+    st = fused_forward(x["student_hidden"], x["teacher_hidden"], x["weight"], None, None, None,
+                       None, opts, tile_counts=counts)
+    assert (counts["stats"] == 1).all()
+    terms = counts["terms"]
+    assert set(terms.unique().tolist()) <= {0, 1}
+    assert 0 < terms.sum() < terms.numel()  # some tiles skipped, some recomputed
+    ref, _ = _reference(x, opts)
+    assert_close(st.loss, ref, torch.float32, "loss")
+    # the map the pass used is the documented test, recomputed here from the statistics
+    tmin = {}
+    fused_forward(x["student_hidden"], x["teacher_hidden"], x["weight"], None, None, None,
+                  None, _opts(kind, clip=None), tile_counts=tmin)
+    assert tmin["terms"].sum() == 0  # no clip: no terms pass at all
+
+
+def test_clip_pass_infinite_kl_row_recomputes_its_block(blocks):
+    """A row with an infinite unclipped KL (the teacher puts mass on a token the student
+    bans) takes its clipped loss from a full recompute of its token block."""
+    blocks(block_v=16, splits=1)
+    x = make_inputs((20,), 8, 64, separate=True, bias=True)
+    x["bias"][3] = -math.inf
+    x["teacher_bias"][3] = 4.0
+    out = fused_linear_divergence(**x, kind="forward_kl", clip=0.05, impl="fused",
+                                  reduction="none")
+    ref = fused_linear_divergence_reference(**{k: v.cpu() for k, v in x.items()},
+                                            kind="forward_kl", clip=0.05, reduction="none")
+    assert torch.isfinite(ref).all()
+    assert_close(out, ref, torch.float32, "loss")
+
+
+@pytest.mark.parametrize("kind, clip", [("forward_kl", None), ("forward_kl", 0.02),
+                                        ("jsd", 0.05), ("reverse_kl", None)])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_tile_counts_match_cost_model(kind, clip, frozen):
+    """Count the tiles every pass computes (debug counters) and check them against
+    bench/cost_model.py's tile model: forward stats once per tile, the terms pass per
+    kind/clip, and the backward once per kept tile per kernel."""
+    from bench.cost_model import tiles_per_pass
+    from opsd_kernels.triton.fused_backward import fused_backward, skipped_tiles
+    from opsd_kernels.triton.fused_forward import fused_forward
+
+    x = peaked_inputs(40, 16, 300, opposite=True)
+    opts = _opts(kind, clip)
+    thr = 1e-3
+    for deterministic in (True, False):
+        counts = {}
+        st = fused_forward(x["student_hidden"], x["teacher_hidden"], x["weight"], None, None,
+                           None, None, opts, tile_counts=counts)
+        fused_backward(x["student_hidden"], x["teacher_hidden"], x["weight"], None, None, None,
+                       None, st, torch.ones(1), opts, skip_threshold=thr, want_h=True,
+                       want_w=not frozen, want_b=False, deterministic=deterministic,
+                       tile_counts=counts)
+        skipped = skipped_tiles(st, thr)
+        assert 0 < skipped.sum() < skipped.numel()
+        n_tiles = skipped.numel()
+        clip_frac = counts["terms"].sum().item() / n_tiles
+        model = tiles_per_pass(kind, clip is not None, not frozen, deterministic,
+                               skipped_fraction=skipped.float().mean().item(),
+                               clip_recompute_fraction=clip_frac)
+        counted = {k: v.sum().item() / n_tiles for k, v in counts.items()}
+        for name, expected in model.items():
+            assert counted.get(name, 0.0) == pytest.approx(expected), (name, counted, model)
+        assert set(counted) <= set(model) | {"terms"}
+        kept = (~skipped).int()
+        for name in ("dh", "dw", "backward"):
+            if name in counts:
+                assert torch.equal(counts[name], kept), name  # each kept tile exactly once
+
+
+@pytest.mark.parametrize("kind, clip", [("forward_kl", 0.05), ("jsd", None)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_pass_backward_matches_reference(kind, clip, masked):
+    """deterministic=False: one recompute per tile feeds dH, dW and db (atomic adds)."""
+    from opsd_kernels.triton.fused_function import FusedTritonLinearDivergenceFunction as F
+
+    x = make_inputs((3, 9), 24, 130, bias=True)
+    mask = make_mask((3, 9), seed=2, device=DEVICE) if masked else None
+    trainable = ("student_hidden", "weight", "bias")
+    for k in trainable:
+        x[k].requires_grad_()
+    opts = _opts(kind, clip)
+    out = F.apply(x["student_hidden"], x["teacher_hidden"], x["weight"], None, x["bias"], None,
+                  mask, opts, 0.0, torch.float32, False)
+    ref, ref_in = _reference(x, opts, mask, trainable)
+    assert_close(out, ref, torch.float32, "loss")
+    up = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (out * up.to(out)).sum().backward()
+    (ref * up).sum().backward()
+    for k in trainable:
+        assert_close(x[k].grad, ref_in[k].grad, torch.float32, f"grad {k}")
+
+
+def test_auto_skip_bound_is_tight():
+    """Inputs where the documented bound is nearly attained: the skipped tiles hold teacher
+    probabilities at 0.9 x threshold and student probabilities near 0, all of one sign in
+    the weight column read, so the dropped gradient is 90% of the stated bound."""
+
+    N, H, V, tau, thr = 16, 16, 256, 1.0, 1e-3
+    head, tail = torch.arange(V) < 128, torch.arange(V) >= 128
+    w = torch.zeros(V, H, dtype=torch.float64)
+    w[0, 0] = 1.0  # token 0: the student's (and most of the teacher's) mass
+    w[tail, 1] = 1.0  # the tail: teacher logit x1, student logit 0
+    w[tail, 2] = 0.5  # the column whose gradient is read; no logit depends on it
+    # teacher: token 0 logit L0, 127 head tokens at 0, 128 tail tokens at L1 with
+    # p_tail = 0.9 thr; Z = e^L0 + 127 + 128 q, q = e^L1 = 0.9 thr Z
+    L0 = math.log(500.0)
+    Z = (500.0 + 127) / (1 - 128 * 0.9 * thr)
+    L1 = math.log(0.9 * thr * Z)
+    hs = torch.zeros(N, H, dtype=torch.float64)
+    hs[:, 0], hs[:, 1] = 60.0, -60.0
+    ht = torch.zeros(N, H, dtype=torch.float64)
+    ht[:, 0], ht[:, 1] = L0, L1
+    x = {k: v.float().to(DEVICE) for k, v in
+         dict(student_hidden=hs, teacher_hidden=ht, weight=w).items()}
+    r = torch.linspace(0.5, 2.0, N, dtype=torch.float64)
+
+    def grad(threshold):
+        h = x["student_hidden"].clone().requires_grad_()
+        out = fused_linear_divergence(h, x["teacher_hidden"], x["weight"], kind="forward_kl",
+                                      temperature=tau, impl="fused", reduction="none",
+                                      skip_threshold=threshold)
+        (out * r.to(out)).sum().backward()
+        return h.grad.double().cpu()
+
+    tiles, BN, BV = _skipped_tiles(x, thr, tau)
+    skipped = tiles.cpu().repeat_interleave(BV, 1)[0, :V]
+    assert torch.equal(skipped, tail)  # exactly the tail is skipped, the head is not
+    err = (grad(thr) - grad(0.0))[:, 2].abs()
+    bound = tail.sum() * thr * r / tau * 0.5  # n_skipped * threshold * |r_i| / tau * max|W_v2|
+    assert (err <= bound * (1 + 1e-4)).all()
+    assert (err >= 0.89 * bound).all()  # tight: 90% of the bound is attained
+    assert head.sum() == 128
+
+
+def test_resolve_skip_threshold():
+    from opsd_kernels.triton.configs import resolve_skip_threshold
+
+    assert resolve_skip_threshold("auto", torch.float32) == 0.0
+    assert resolve_skip_threshold("auto", torch.float16) == 2.0**-11 / 2**20
+    assert resolve_skip_threshold("auto", torch.bfloat16, vocab_size=1000) == 2.0**-8 / 1000
+    assert resolve_skip_threshold(0, torch.bfloat16) == 0.0
+    for bad, exc in [("fast", ValueError), (-1e-9, ValueError), (1.01, ValueError),
+                     (float("nan"), ValueError), (True, TypeError), (None, TypeError)]:
+        with pytest.raises(exc, match="skip_threshold"):
+            resolve_skip_threshold(bad, torch.float32)

@@ -7,136 +7,92 @@ b = s/tau, a = t/tau and s = h_S W^T + bias, t = h_T W_T^T + bias_T:
 
 One program owns a block of BLOCK_N tokens and a contiguous range of vocabulary
 blocks (one "split"; several splits per token block keep the GPU busy when
-N / BLOCK_N is small). Each (BLOCK_N x BLOCK_V) tile of both logits is formed
-by ``tl.dot`` over the hidden size in BLOCK_K steps; with a shared lm_head each
-W tile is loaded once and serves the student and the teacher dot. A tile
-never leaves the chip: it is reduced at once into per-token running statistics.
+N / BLOCK_N is small). Programs are launched in grouped order
+(:func:`~opsd_kernels.triton.tiles.grouped_tile`): ``group`` token blocks walk
+the splits side by side, so the hidden states that running programs re-read
+stay in L2. Each tile of both logits is formed by ``tl.dot`` over H
+(:func:`~opsd_kernels.triton.tiles.logit_tiles`); with a shared lm_head each W
+tile serves the student and the teacher dot. A tile never leaves the chip.
 
 Passes:
-- stats pass (always): per token and split the online max and sum-exp of both
-  logits, and for the one-pass kinds (forward/reverse KL without clip) the
-  weighted sum, e.g. forward KL w = sum_v e^(a - m_T) (a - b), so that
-  L = w / z_T - LSE_T + LSE_S (G = -1 forward, G = L + 1 reverse). It also
-  records each tile's maximum scaled logit of both sides over its counted
-  tokens (the backward's skip bound). The splits' partial statistics are
-  merged on the host side of the launcher, in torch (O(N * splits) values).
-- terms pass (jsd or clip): tiles recomputed; with the LSEs known it forms
-  phi, the clip, and per token the partial sums of c(phi) (the loss) and g (G).
+- stats pass (always, every tile): per token and split the online max and
+  sum-exp of both logits, and for the one-pass kinds (forward/reverse KL) the
+  weighted sum, e.g. forward KL w = sum_v e^(a - m_T) (a - b), so that the
+  unclipped loss is L^u = w / z_T - LSE_T + LSE_S (G^u = -1 forward, L^u + 1
+  reverse). Per tile it records, over the tile's counted tokens, the largest
+  scaled logit of both sides (the backward's skip bound) and, with a clip, the
+  smallest (the clip bound below). Splits are merged in torch (O(N * splits)).
+- terms pass: tiles recomputed; with the LSEs known it forms phi, the clip, and
+  per token the partial sums of c(phi) (the loss) and of the kept g (G).
+  * jsd: every tile (its loss needs the LSEs).
+  * forward/reverse KL with clip: only the tiles where some phi could reach the
+    clip (an exact test, below); the pass then returns the corrections
+    ``sum (c(phi) - phi)`` and ``sum (g kept - g)``, and
+    ``L = L^u + correction``, ``G = G^u + correction``.
+  * forward/reverse KL without clip: no terms pass (4NHV in all).
+
+Exact clip test (forward KL; reverse KL swaps the roles of S and T). For entry
+(i, v) of a tile with largest teacher logit A and smallest student logit B
+over its counted tokens, and the token block's smallest LSE_T and largest LSE_S:
+
+    lT_iv <= uT := min(0, A - min LSE_T),     lS_iv >= wS := B - max LSE_S,
+    phi_iv = e^lT (lT - lS) <= e^lT (lT - wS) <= max(0, e^uT (uT - wS)),
+
+the last step because x -> e^x (x - wS) increases for x > wS - 1 and is negative
+below. If that bound is below the clip (with a 1e-3 relative margin for float32
+rounding), no entry of the tile is clipped, c(phi) = phi there, and the tile's
+share of L^u and G^u is already exact: the tile is not recomputed. A row whose
+L^u is not finite (an infinite KL, NaN input) makes its whole token block
+recomputed and takes its loss and G from the terms pass alone.
 
 Global memory beyond the inputs: O(N * splits) statistics and
-(N / BLOCK_N) x (V / BLOCK_V) tile maxima per side.
+(N / BLOCK_N) x (V / BLOCK_V) tile maxima per side (and minima with a clip).
 
-Masked tokens (HAS_MASK, mask 0) load their hidden state as zeros, so nothing
-they hold (NaN padding included) reaches an output; their loss is 0, they do
-not count in the tile maxima, and the backward gives them a zero gradient.
+Masked tokens (mask 0) load their hidden state as zeros, so nothing they hold
+(NaN padding included) reaches an output; their loss is 0, they do not count in
+the tile extrema, and the backward gives them a zero gradient.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ..divergences import KindSpec
-from .formulas import (
-    divergence_terms,
-    online_logsumexp_update_rows,
-    rescale_sum,
-    weighted_log_ratio,
+from .._validation import DivergenceOptions
+from .configs import FusedConfig, block_args, config_for, option_args
+from .formulas import online_logsumexp_update_rows, rescale_sum, weighted_log_ratio
+from .tiles import (
+    INPUT_FLAGS,
+    clipped_terms,
+    count_tile,
+    grouped_tile,
+    logit_tiles,
+    token_block,
+    vocab_block,
 )
 
+#: relative margin of the exact clip test against float32 rounding of the bound
+CLIP_TEST_MARGIN = 1e-3
 
-@triton.jit
-def token_block(nb, N, mask_ptr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Token block ``nb``: int64 ``rows``, ``in_range`` (rows < N) and ``row_ok``
-    (in range and counted by the mask)."""
-    rows = (nb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # nb * BLOCK_N < N: int32 is safe
-    in_range = rows < N
-    row_ok = in_range
-    if HAS_MASK:
-        row_ok = row_ok & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
-    return rows, in_range, row_ok
-
-
-@triton.jit
-def logit_tiles(
-    hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr,
-    rows, row_ok, cols, col_ok,
-    H, H_T, stride_hs, stride_ht, stride_w, stride_wt, inv_temp,
-    SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Scaled student and teacher logit tiles ``(b, a)``, (BLOCK_N, BLOCK_V) float32.
-
-    ``rows``/``cols`` are int64 token and vocabulary indices; rows with
-    ``row_ok`` False read zero hidden states, columns outside the vocabulary
-    (``col_ok`` False) are -inf. ``UPCAST`` converts operands to float32 before
-    the dot (the interpreter's bf16 dot is wrong).
-    """
-    ks = tl.arange(0, BLOCK_K)
-    acc_s = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    acc_t = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < H
-        # W^T tile (BLOCK_K, BLOCK_V): shared by the student and (if SHARED_W) the teacher
-        w = tl.load(w_ptr + cols[None, :] * stride_w + k[:, None],
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        x = tl.load(hs_ptr + rows[:, None] * stride_hs + k[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            w = w.to(tl.float32)
-            x = x.to(tl.float32)
-        acc_s = tl.dot(x, w, acc_s, input_precision=DOT_PRECISION)
-        if SHARED_W:
-            y = tl.load(ht_ptr + rows[:, None] * stride_ht + k[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                y = y.to(tl.float32)
-            acc_t = tl.dot(y, w, acc_t, input_precision=DOT_PRECISION)
-    if not SHARED_W:
-        for k0 in range(0, H_T, BLOCK_K):
-            k = k0 + ks
-            k_ok = k < H_T
-            wt = tl.load(wt_ptr + cols[None, :] * stride_wt + k[:, None],
-                         mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            y = tl.load(ht_ptr + rows[:, None] * stride_ht + k[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                wt = wt.to(tl.float32)
-                y = y.to(tl.float32)
-            acc_t = tl.dot(y, wt, acc_t, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        acc_s += bias[None, :]
-        if SHARED_W:
-            acc_t += bias[None, :]
-    if HAS_TBIAS:
-        acc_t += tl.load(bt_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    b = tl.where(col_ok[None, :], acc_s * inv_temp, float("-inf"))
-    a = tl.where(col_ok[None, :], acc_t * inv_temp, float("-inf"))
-    return b, a
-
-
+@triton.heuristics({**INPUT_FLAGS, "TILE_MIN": lambda a: a["tmin_s_ptr"] is not None})
 @triton.jit
 def _fused_stats_kernel(
     hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, mask_ptr,
-    m_s_ptr, z_s_ptr, m_t_ptr, z_t_ptr, w_sum_ptr, tmax_s_ptr, tmax_t_ptr,
-    N, V, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, stride_tmax,
-    blocks_per_split, inv_temp,
-    KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_MASK: tl.constexpr,
-    SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
+    m_s_ptr, z_s_ptr, m_t_ptr, z_t_ptr, w_sum_ptr, tmax_s_ptr, tmax_t_ptr, tmin_s_ptr,
+    tmin_t_ptr, count_ptr,
+    N, V, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, n_blocks, n_splits,
+    blocks_per_split, inv_temp, beta, log_beta, log_1m_beta, clip,
+    KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_MASK: tl.constexpr, SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_TBIAS: tl.constexpr, TILE_MIN: tl.constexpr, COUNT: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    rows, _, row_ok = token_block(pid_n, N, mask_ptr, HAS_MASK, BLOCK_N)
+    pid_n, split = grouped_tile(tl.program_id(0), n_blocks, n_splits, GROUP)
+    rows, in_range, row_ok = token_block(pid_n, N, mask_ptr, HAS_MASK, BLOCK_N)
     n_vblocks = tl.cdiv(V, BLOCK_V)
     vb_lo = split * blocks_per_split
     vb_hi = tl.minimum(vb_lo + blocks_per_split, n_vblocks)
@@ -146,9 +102,10 @@ def _fused_stats_kernel(
     z_s = tl.zeros((BLOCK_N,), tl.float32)
     z_t = tl.zeros((BLOCK_N,), tl.float32)
     w = tl.zeros((BLOCK_N,), tl.float32)
+    tile_out = pid_n.to(tl.int64) * n_vblocks
     for vb in range(vb_lo, vb_hi):
-        cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_ok = cols < V
+        count_tile(count_ptr, pid_n, vb, n_vblocks, COUNT)
+        cols, col_ok = vocab_block(vb, V, BLOCK_V)
         b, a = logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, rows, row_ok, cols,
                            col_ok, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, inv_temp,
                            SHARED_W, HAS_BIAS, HAS_TBIAS, UPCAST, DOT_PRECISION,
@@ -162,13 +119,19 @@ def _fused_stats_kernel(
             else:
                 p = tl.exp(b - shift_s[:, None])
                 w = rescale_sum(w, rescale_s) + tl.sum(weighted_log_ratio(p, b, a), axis=1)
-        # the tile's largest scaled logit over its counted tokens: the backward's skip bound
-        tile_s = tl.max(tl.max(tl.where(row_ok[:, None], b, float("-inf")), axis=1), axis=0)
-        tile_t = tl.max(tl.max(tl.where(row_ok[:, None], a, float("-inf")), axis=1), axis=0)
-        tl.store(tmax_s_ptr + pid_n * stride_tmax + vb, tile_s)
-        tl.store(tmax_t_ptr + pid_n * stride_tmax + vb, tile_t)
+        # the tile's extreme scaled logits over its counted tokens: skip and clip bounds
+        counted = row_ok[:, None]
+        tl.store(tmax_s_ptr + tile_out + vb,
+                 tl.max(tl.max(tl.where(counted, b, float("-inf")), axis=1), axis=0))
+        tl.store(tmax_t_ptr + tile_out + vb,
+                 tl.max(tl.max(tl.where(counted, a, float("-inf")), axis=1), axis=0))
+        if TILE_MIN:
+            inside = counted & col_ok[None, :]
+            tl.store(tmin_s_ptr + tile_out + vb,
+                     tl.min(tl.min(tl.where(inside, b, float("inf")), axis=1), axis=0))
+            tl.store(tmin_t_ptr + tile_out + vb,
+                     tl.min(tl.min(tl.where(inside, a, float("inf")), axis=1), axis=0))
     out = split.to(tl.int64) * N + rows
-    in_range = rows < N
     tl.store(m_s_ptr + out, m_s, mask=in_range)
     tl.store(z_s_ptr + out, z_s, mask=in_range)
     tl.store(m_t_ptr + out, m_t, mask=in_range)
@@ -177,19 +140,21 @@ def _fused_stats_kernel(
         tl.store(w_sum_ptr + out, w, mask=in_range)
 
 
+@triton.heuristics({**INPUT_FLAGS, "HAS_TODO": lambda a: a["todo_ptr"] is not None,
+                    "HAS_CORR": lambda a: a["corr_ptr"] is not None})
 @triton.jit
 def _fused_terms_kernel(
     hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, mask_ptr,
-    lse_s_ptr, lse_t_ptr, loss_ptr, g_sum_ptr,
-    N, V, H, H_T, stride_hs, stride_ht, stride_w, stride_wt,
+    lse_s_ptr, lse_t_ptr, loss_ptr, g_sum_ptr, corr_ptr, g_corr_ptr, todo_ptr, count_ptr,
+    N, V, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, n_blocks, n_splits,
     blocks_per_split, inv_temp, beta, log_beta, log_1m_beta, clip,
-    KIND: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_MASK: tl.constexpr,
-    SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_MASK: tl.constexpr, SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_TBIAS: tl.constexpr, HAS_TODO: tl.constexpr, HAS_CORR: tl.constexpr,
+    COUNT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+    pid_n, split = grouped_tile(tl.program_id(0), n_blocks, n_splits, GROUP)
     rows, in_range, row_ok = token_block(pid_n, N, mask_ptr, HAS_MASK, BLOCK_N)
     lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
@@ -198,63 +163,35 @@ def _fused_terms_kernel(
     vb_hi = tl.minimum(vb_lo + blocks_per_split, n_vblocks)
     loss = tl.zeros((BLOCK_N,), tl.float32)
     G = tl.zeros((BLOCK_N,), tl.float32)
+    corr = tl.zeros((BLOCK_N,), tl.float32)
+    g_corr = tl.zeros((BLOCK_N,), tl.float32)
     for vb in range(vb_lo, vb_hi):
-        cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_ok = cols < V
-        b, a = logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, rows, row_ok, cols,
-                           col_ok, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, inv_temp,
-                           SHARED_W, HAS_BIAS, HAS_TBIAS, UPCAST, DOT_PRECISION,
-                           BLOCK_N, BLOCK_V, BLOCK_K)
-        lS = b - lse_s[:, None]
-        lT = a - lse_t[:, None]
-        phi, g, h = divergence_terms(lT, lS, tl.exp(lT), tl.exp(lS), beta, log_beta,
-                                     log_1m_beta, KIND)
-        if HAS_CLIP:
-            kept = phi < clip
-            phi = tl.minimum(phi, clip)
-            g = tl.where(kept, g, 0.0)
-        loss += tl.sum(tl.where(col_ok[None, :], phi, 0.0), axis=1)
-        G += tl.sum(tl.where(col_ok[None, :], g, 0.0), axis=1)
+        compute = True
+        if HAS_TODO:
+            compute = tl.load(todo_ptr + pid_n.to(tl.int64) * n_vblocks + vb) != 0
+        if compute:
+            count_tile(count_ptr, pid_n, vb, n_vblocks, COUNT)
+            cols, col_ok = vocab_block(vb, V, BLOCK_V)
+            b, a = logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, rows, row_ok, cols,
+                               col_ok, H, H_T, stride_hs, stride_ht, stride_w, stride_wt,
+                               inv_temp, SHARED_W, HAS_BIAS, HAS_TBIAS, UPCAST, DOT_PRECISION,
+                               BLOCK_N, BLOCK_V, BLOCK_K)
+            phi, c_phi, g, g_all, pS = clipped_terms(b, a, lse_s, lse_t, beta, log_beta,
+                                                     log_1m_beta, clip, KIND, HAS_CLIP)
+            inside = col_ok[None, :]
+            loss += tl.sum(tl.where(inside, c_phi, 0.0), axis=1)
+            G += tl.sum(tl.where(inside, g, 0.0), axis=1)
+            if HAS_CORR:
+                # only clipped entries (phi >= clip, as in the g kept) differ
+                clipped = inside & ~(phi < clip)
+                corr += tl.sum(tl.where(clipped, c_phi - phi, 0.0), axis=1)
+                g_corr += tl.sum(tl.where(clipped, g - g_all, 0.0), axis=1)
     out = split.to(tl.int64) * N + rows
     tl.store(loss_ptr + out, loss, mask=in_range)
     tl.store(g_sum_ptr + out, G, mask=in_range)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@dataclass
-class FusedConfig:
-    """Tile sizes and launch options of the fused kernels (see the README's tuning notes).
-
-    ``splits``: vocabulary splits of the forward per token block; None picks
-    enough programs to fill the device. ``dot_precision``: ``input_precision``
-    of ``tl.dot`` for float32 operands ("ieee" exact, "tf32" faster on GPU);
-    ignored for 16-bit operands. ``scratch_bytes``: bound on the backward's
-    float32 accumulation buffers for 16-bit gradients (processed in slices).
-    """
-
-    block_n: int = 64
-    block_v: int = 128
-    block_k: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
-    splits: int | None = None
-    dot_precision: str = "ieee"
-    scratch_bytes: int = 32 * 2**20
-
-
-#: defaults per device type; the interpreter uses small tiles (tl.dot needs each dim >= 16)
-CONFIGS: dict[str, FusedConfig] = {
-    "cuda": FusedConfig(),
-    "cpu": FusedConfig(block_n=16, block_v=32, block_k=16, num_warps=4, num_stages=1,
-                       splits=1),
-}
-
-
-def config_for(device: torch.device) -> FusedConfig:
-    return CONFIGS["cuda" if device.type == "cuda" else "cpu"]
+    if HAS_CORR:
+        tl.store(corr_ptr + out, corr, mask=in_range)
+        tl.store(g_corr_ptr + out, g_corr, mask=in_range)
 
 
 @dataclass
@@ -264,14 +201,17 @@ class ForwardStats:
     loss: torch.Tensor  # (N,) float32, 0 on masked tokens
     lse_s: torch.Tensor  # (N,) float32, log-sum-exp of the scaled student logits
     lse_t: torch.Tensor  # (N,) float32
-    g_sum: torch.Tensor  # (N,) float32, G = sum_v g_v
+    g_sum: torch.Tensor  # (N,) float32, G = sum_v g_v (kept entries)
     tmax_s: torch.Tensor  # (N / BLOCK_N, V / BLOCK_V) float32 tile maxima, scaled logits
     tmax_t: torch.Tensor
+    cfg: FusedConfig  # the tile sizes these maps use; the backward uses the same
 
 
-def kernel_flags(dtype: torch.dtype, cfg: FusedConfig) -> dict:
-    upcast = interpreting() and dtype == torch.bfloat16
-    return dict(UPCAST=upcast, DOT_PRECISION=cfg.dot_precision)
+def device_programs(device: torch.device) -> int:
+    """Programs that fill ``device`` twice over (2 per SM on CUDA; 1 elsewhere)."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
 
 
 def _rescale_sum(w: torch.Tensor, log_factor: torch.Tensor) -> torch.Tensor:
@@ -280,67 +220,98 @@ def _rescale_sum(w: torch.Tensor, log_factor: torch.Tensor) -> torch.Tensor:
 
 
 def _merge_lse(m: torch.Tensor, z: torch.Tensor):
-    """Merge per-split (max, sum-exp) rows (S, N) into (lse (N,), shift (N,))."""
+    """Merge per-split (max, sum-exp) rows (S, N) into (lse (N,), shift (N,), sum (N,))."""
     top = m.max(0).values
     shift = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
     z_tot = (z * torch.exp(m - shift)).sum(0)
     return shift + torch.log(z_tot), shift, z_tot
 
 
+def block_extreme(x: torch.Tensor, block_n: int, mask: torch.Tensor | None,
+                  largest: bool) -> torch.Tensor:
+    """Per token block of ``block_n`` rows, the max (``largest``) or min of ``x`` (N,)
+    over the counted rows; -inf / +inf for a block without counted rows. NaN stays NaN."""
+    fill = -torch.inf if largest else torch.inf
+    if mask is not None:
+        x = torch.where(mask, x, torch.full_like(x, fill))
+    x = torch.nn.functional.pad(x, (0, (-x.shape[0]) % block_n), value=fill).view(-1, block_n)
+    return x.amax(1) if largest else x.amin(1)
+
+
+def clip_tiles(kind_id: int, clip: float, lse_s, lse_t, tmax_s, tmax_t, tmin_s, tmin_t,
+               block_n: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """(token blocks, vocab blocks) bool: the tiles where some phi could reach ``clip``
+    (the exact test of the module docstring; forward KL ``kind_id`` 0, reverse KL 1)."""
+    if kind_id == 1:  # reverse KL: phi = pS (lS - lT): the student's bound, teacher's floor
+        lse_s, lse_t, tmax_s, tmax_t, tmin_s, tmin_t = (lse_t, lse_s, tmax_t, tmax_s, tmin_t,
+                                                        tmin_s)
+    u = torch.clamp(tmax_t - block_extreme(lse_t, block_n, mask, False)[:, None], max=0.0)
+    w = tmin_s - block_extreme(lse_s, block_n, mask, True)[:, None]
+    bound = torch.exp(u) * torch.clamp(u - w, min=0.0)
+    return ~(bound * (1.0 + CLIP_TEST_MARGIN) < clip)  # NaN (inf * 0): recompute
+
+
+def _splits(cfg: FusedConfig, device: torch.device, n_blocks: int, n_vblocks: int):
+    splits = cfg.splits if cfg.splits is not None else triton.cdiv(device_programs(device),
+                                                                   max(n_blocks, 1))
+    splits = max(1, min(splits, n_vblocks))
+    per_split = triton.cdiv(n_vblocks, splits)
+    return triton.cdiv(n_vblocks, per_split), per_split  # no empty split
+
+
 def fused_forward(
     hs: torch.Tensor, ht: torch.Tensor, weight: torch.Tensor,
     teacher_weight: torch.Tensor | None, bias: torch.Tensor | None,
-    teacher_bias: torch.Tensor | None, mask: torch.Tensor | None, *,
-    spec: KindSpec, beta: float, temperature: float, clip: float | None,
-    cfg: FusedConfig | None = None,
+    teacher_bias: torch.Tensor | None, mask: torch.Tensor | None, opts: DivergenceOptions,
+    cfg: FusedConfig | None = None, tile_counts: dict | None = None,
 ) -> ForwardStats:
     """Launch the fused forward on (N, H) / (N, H_T) hidden states; see the module docstring.
 
-    Hidden states and weights must be contiguous in their last dimension.
+    Hidden states and weights must be contiguous in their last dimension; ``mask``
+    is None or (N,) bool. ``cfg``: tile sizes (default: :func:`~.configs.config_for`).
+    ``tile_counts``: a dict to receive, per pass (``"stats"``, ``"terms"``), an int32
+    (token blocks, vocab blocks) tensor counting how often each tile was computed
+    (a debug aid for tests; None in normal use).
     """
-    cfg = cfg or config_for(hs.device)
     N, H = hs.shape
     V = weight.shape[0]
-    H_T = ht.shape[1]
     dev = hs.device
+    cfg = cfg or config_for(dev, H, hs.dtype)
     BN, BV = cfg.block_n, cfg.block_v
-    n_blocks = triton.cdiv(N, BN)
-    n_vblocks = triton.cdiv(V, BV)
-    if cfg.splits is not None:
-        splits = cfg.splits
-    elif dev.type == "cuda":
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        splits = triton.cdiv(2 * sms, max(n_blocks, 1))
-    else:
-        splits = 1
-    splits = max(1, min(splits, n_vblocks))
-    per_split = triton.cdiv(n_vblocks, splits)
-    splits = triton.cdiv(n_vblocks, per_split)  # no empty split
-
-    one_pass = spec.one_pass and clip is None
+    n_blocks, n_vblocks = triton.cdiv(N, BN), triton.cdiv(V, BV)
+    splits, per_split = _splits(cfg, dev, n_blocks, n_vblocks)
+    spec, clip = opts.spec, opts.clip
+    one_pass = spec.one_pass
     f32 = dict(dtype=torch.float32, device=dev)
+    tile_map = dict(size=(n_blocks, n_vblocks), **f32)
+
+    def counter(name):
+        if tile_counts is None:
+            return None
+        tile_counts[name] = torch.zeros(n_blocks, n_vblocks, dtype=torch.int32, device=dev)
+        return tile_counts[name]
+
     m_s, z_s, m_t, z_t = (torch.empty(splits, N, **f32) for _ in range(4))
-    w_sum = torch.empty(splits, N, **f32) if one_pass else m_s
-    tmax_s = torch.empty(n_blocks, n_vblocks, **f32)
-    tmax_t = torch.empty(n_blocks, n_vblocks, **f32)
-    shared = teacher_weight is None
-    wt = weight if shared else teacher_weight
-    mask_arg = mask.view(torch.uint8) if mask is not None else m_s
-    b_arg = bias if bias is not None else m_s
-    bt_arg = teacher_bias if teacher_bias is not None else m_s
-    common = dict(
-        SHARED_W=shared, HAS_BIAS=bias is not None,
-        HAS_TBIAS=(not shared) and teacher_bias is not None, HAS_MASK=mask is not None,
-        BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **kernel_flags(hs.dtype, cfg),
+    w_sum = torch.empty(splits, N, **f32) if one_pass else None
+    tmax_s, tmax_t = torch.empty(**tile_map), torch.empty(**tile_map)
+    with_min = one_pass and clip is not None
+    tmin_s = torch.empty(**tile_map) if with_min else None
+    tmin_t = torch.empty(**tile_map) if with_min else None
+    inputs = dict(
+        hs_ptr=hs, ht_ptr=ht, w_ptr=weight, wt_ptr=teacher_weight, b_ptr=bias,
+        bt_ptr=teacher_bias if teacher_weight is not None else None,
+        mask_ptr=None if mask is None else mask.view(torch.uint8),
+        N=N, V=V, H=H, H_T=ht.shape[1], stride_hs=hs.stride(0), stride_ht=ht.stride(0),
+        stride_w=weight.stride(0),
+        stride_wt=0 if teacher_weight is None else teacher_weight.stride(0),
+        n_blocks=n_blocks, n_splits=splits, blocks_per_split=per_split,
+        GROUP=cfg.group, **option_args(opts), **block_args(cfg, hs.dtype),
     )
-    grid = (n_blocks, splits)
+    grid = (n_blocks * splits,)
     _fused_stats_kernel[grid](
-        hs, ht, weight, wt, b_arg, bt_arg, mask_arg,
-        m_s, z_s, m_t, z_t, w_sum, tmax_s, tmax_t,
-        N, V, H, H_T, hs.stride(0), ht.stride(0), weight.stride(0), wt.stride(0),
-        tmax_s.stride(0), per_split, 1.0 / temperature,
-        KIND=spec.kind_id, ONE_PASS=one_pass, **common,
+        m_s_ptr=m_s, z_s_ptr=z_s, m_t_ptr=m_t, z_t_ptr=z_t, w_sum_ptr=w_sum,
+        tmax_s_ptr=tmax_s, tmax_t_ptr=tmax_t, tmin_s_ptr=tmin_s, tmin_t_ptr=tmin_t,
+        count_ptr=counter("stats"), **inputs,
     )
     lse_s, shift_s, zs_tot = _merge_lse(m_s, z_s)
     lse_t, shift_t, zt_tot = _merge_lse(m_t, z_t)
@@ -353,20 +324,28 @@ def fused_forward(
             w_tot = _rescale_sum(w_sum, m_s - shift_s).sum(0)
             loss = w_tot / zs_tot - lse_s + lse_t
             g_sum = loss + 1.0
-    else:
-        b = beta if spec.needs_beta else 0.5  # keep the logs finite for the KL kinds
-        part_loss = torch.empty(splits, N, **f32)
-        part_g = torch.empty(splits, N, **f32)
+    if not one_pass or clip is not None:
+        todo = corr = g_corr = None
+        if one_pass:  # clip: recompute only the tiles that may clip (exact test)
+            todo = clip_tiles(spec.kind_id, clip, lse_s, lse_t, tmax_s, tmax_t, tmin_s, tmin_t,
+                              BN, mask)
+            finite = torch.isfinite(loss)
+            full_block = block_extreme((~finite).to(torch.float32), BN, mask, True) > 0
+            todo = (todo | full_block[:, None]).to(torch.uint8)
+            corr, g_corr = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
+        part_loss, part_g = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
         _fused_terms_kernel[grid](
-            hs, ht, weight, wt, b_arg, bt_arg, mask_arg,
-            lse_s, lse_t, part_loss, part_g,
-            N, V, H, H_T, hs.stride(0), ht.stride(0), weight.stride(0), wt.stride(0),
-            per_split, 1.0 / temperature, b, math.log(b), math.log1p(-b),
-            clip if clip is not None else 0.0,
-            KIND=spec.kind_id, HAS_CLIP=clip is not None, **common,
+            lse_s_ptr=lse_s, lse_t_ptr=lse_t, loss_ptr=part_loss, g_sum_ptr=part_g,
+            corr_ptr=corr, g_corr_ptr=g_corr, todo_ptr=todo, count_ptr=counter("terms"),
+            **inputs,
         )
-        loss = part_loss.sum(0)
-        g_sum = part_g.sum(0)
+        if one_pass:
+            loss = torch.where(finite, loss + corr.sum(0), part_loss.sum(0))
+            g_sum = torch.where(finite, g_sum + g_corr.sum(0), part_g.sum(0))
+        else:
+            loss, g_sum = part_loss.sum(0), part_g.sum(0)
+    elif tile_counts is not None:
+        counter("terms")
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))
-    return ForwardStats(loss, lse_s, lse_t, g_sum, tmax_s, tmax_t)
+    return ForwardStats(loss, lse_s, lse_t, g_sum, tmax_s, tmax_t, cfg)

@@ -15,6 +15,7 @@ import torch
 
 from .._validation import DivergenceOptions
 from ..autograd import _forward_scale, _reduce
+from .configs import resolve_skip_threshold
 from .fused_backward import fused_backward
 from .fused_forward import fused_forward
 
@@ -27,12 +28,30 @@ def _rows(x: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
-    """Fully fused fused-linear divergence: logits exist only as on-chip tiles."""
+    """Fully fused fused-linear divergence: logits exist only as on-chip tiles.
+
+    ``apply(student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias,
+    mask, opts, skip_threshold, weight_grad_dtype, deterministic=True)``: validated
+    inputs (one dtype per side, as ``fused_linear_divergence`` checks; mixed dtypes
+    raise TypeError here), ``opts`` a :class:`~opsd_kernels._validation.DivergenceOptions`,
+    ``skip_threshold`` a float in [0, 1] or ``"auto"``
+    (:func:`~opsd_kernels.triton.configs.resolve_skip_threshold`), ``deterministic``
+    False for the one-pass backward with atomic adds.
+    """
 
     @staticmethod
     def forward(ctx, student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias,
-                mask, opts: DivergenceOptions, skip_threshold: float,
-                weight_grad_dtype: torch.dtype):
+                mask, opts: DivergenceOptions, skip_threshold, weight_grad_dtype: torch.dtype,
+                deterministic: bool = True):
+        if student_hidden.dtype != weight.dtype or (
+                teacher_weight is not None and teacher_hidden.dtype != teacher_weight.dtype) or (
+                teacher_weight is None and teacher_hidden.dtype != weight.dtype):
+            raise TypeError(
+                "impl='fused' needs each hidden state in its weight's dtype, got student_hidden "
+                f"{student_hidden.dtype}, teacher_hidden {teacher_hidden.dtype}, weight "
+                f"{weight.dtype}, teacher_weight "
+                f"{None if teacher_weight is None else teacher_weight.dtype}"
+            )
         lead = student_hidden.shape[:-1]
         hs, ht = _rows(student_hidden), _rows(teacher_hidden)
         w, wt = _rows(weight), _rows(teacher_weight)
@@ -45,14 +64,14 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
             loss = torch.zeros(0, dtype=torch.float32, device=hs.device)
             stats = None
         else:
-            stats = fused_forward(hs, ht, w, wt, b, bt, mask1, spec=opts.spec, beta=opts.beta,
-                                  temperature=opts.temperature, clip=opts.clip)
+            stats = fused_forward(hs, ht, w, wt, b, bt, mask1, opts)
             loss = stats.loss
         ctx.save_for_backward(hs, ht, w, wt, b, bt, mask1, scale)
         ctx.stats = stats
         ctx.opts = opts
-        ctx.skip_threshold = skip_threshold
+        ctx.skip_threshold = resolve_skip_threshold(skip_threshold, hs.dtype)
         ctx.weight_grad_dtype = weight_grad_dtype
+        ctx.deterministic = deterministic
         ctx.meta = (student_hidden.shape, weight.dtype, None if bias is None else bias.dtype)
         return _reduce(loss, opts.reduction, scale, lead)
 
@@ -68,15 +87,16 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
             grad_w = torch.zeros_like(w) if want_w else None
             grad_b = torch.zeros_like(b) if want_b else None
         else:
+            # the upstream factor is applied to dS in float32, before any 16-bit store
             if opts.reduction == "none":
                 row_scale = grad_out.reshape(-1).to(torch.float32).contiguous()
             else:
                 row_scale = (grad_out.to(torch.float32) * scale).reshape(1)
             grad_h, grad_w, grad_b = fused_backward(
-                hs, ht, w, wt, b, bt, mask1, ctx.stats, row_scale, spec=opts.spec,
-                beta=opts.beta, temperature=opts.temperature, clip=opts.clip,
+                hs, ht, w, wt, b, bt, mask1, ctx.stats, row_scale, opts,
                 skip_threshold=ctx.skip_threshold, want_h=want_h, want_w=want_w,
                 want_b=want_b, weight_grad_dtype=ctx.weight_grad_dtype,
+                deterministic=ctx.deterministic,
             )
         return (
             None if grad_h is None else grad_h.view(shape),
@@ -84,5 +104,5 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
             None if grad_w is None else grad_w.to(w_dtype),
             None,
             None if grad_b is None else grad_b.to(b_dtype),
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )

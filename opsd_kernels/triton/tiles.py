@@ -1,0 +1,157 @@
+"""Triton helpers shared by the ``impl="fused"`` kernels: blocks, logit tiles, gradient tiles.
+
+A tile is (BLOCK_N tokens) x (BLOCK_V vocabulary entries) of the scaled student
+and teacher logits ``b = s / tau``, ``a = t / tau``; it is formed by ``tl.dot``
+over the hidden size in BLOCK_K steps and never leaves the chip. The kernels in
+:mod:`~opsd_kernels.triton.fused_forward` and
+:mod:`~opsd_kernels.triton.fused_backward` are built from these helpers, so
+that a change here (a faster dot loop, another operand layout) reaches all of
+them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .formulas import divergence_terms
+
+#: ``triton.heuristics`` of the fused kernels: constexpr flags from optional inputs
+#: passed as None (no dummy pointers)
+INPUT_FLAGS = {
+    "HAS_MASK": lambda a: a["mask_ptr"] is not None,
+    "SHARED_W": lambda a: a["wt_ptr"] is None,
+    "HAS_BIAS": lambda a: a["b_ptr"] is not None,
+    "HAS_TBIAS": lambda a: a["bt_ptr"] is not None,
+    "COUNT": lambda a: a["count_ptr"] is not None,
+}
+
+
+@triton.jit
+def token_block(nb, N, mask_ptr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Token block ``nb``: int64 ``rows``, ``in_range`` (rows < N) and ``row_ok``
+    (in range and counted by the mask)."""
+    rows = (nb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # nb * BLOCK_N < N: int32 is safe
+    in_range = rows < N
+    row_ok = in_range
+    if HAS_MASK:
+        row_ok = row_ok & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
+    return rows, in_range, row_ok
+
+
+@triton.jit
+def vocab_block(vb, V, BLOCK_V: tl.constexpr):
+    """Vocabulary block ``vb``: int64 ``cols`` and ``col_ok`` (cols < V)."""
+    cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    return cols, cols < V
+
+
+@triton.jit
+def grouped_tile(pid, n_rows, n_cols, GROUP: tl.constexpr):
+    """(row, col) of program ``pid`` in grouped order: GROUP consecutive rows walk the
+    columns side by side, so that programs running at the same time share column
+    operands (W tiles) in L2, as in the Triton matmul tutorial's ordering."""
+    per_group = GROUP * n_cols
+    first_row = (pid // per_group) * GROUP
+    rows_here = tl.minimum(n_rows - first_row, GROUP)
+    row = first_row + (pid % per_group) % rows_here
+    col = (pid % per_group) // rows_here
+    return row, col
+
+
+@triton.jit
+def logit_tiles(
+    hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr,
+    rows, row_ok, cols, col_ok,
+    H, H_T, stride_hs, stride_ht, stride_w, stride_wt, inv_temp,
+    SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Scaled student and teacher logit tiles ``(b, a)``, (BLOCK_N, BLOCK_V) float32.
+
+    ``rows``/``cols`` are int64 token and vocabulary indices; rows with
+    ``row_ok`` False read zero hidden states, columns outside the vocabulary
+    (``col_ok`` False) are -inf. With ``SHARED_W`` each W tile is loaded once
+    for both dots. ``UPCAST`` converts operands to float32 before the dot (the
+    interpreter's bf16 dot is wrong).
+    """
+    ks = tl.arange(0, BLOCK_K)
+    acc_s = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < H
+        # W^T tile (BLOCK_K, BLOCK_V): shared by the student and (if SHARED_W) the teacher
+        w = tl.load(w_ptr + cols[None, :] * stride_w + k[:, None],
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        x = tl.load(hs_ptr + rows[:, None] * stride_hs + k[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            w = w.to(tl.float32)
+            x = x.to(tl.float32)
+        acc_s = tl.dot(x, w, acc_s, input_precision=DOT_PRECISION)
+        if SHARED_W:
+            y = tl.load(ht_ptr + rows[:, None] * stride_ht + k[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                y = y.to(tl.float32)
+            acc_t = tl.dot(y, w, acc_t, input_precision=DOT_PRECISION)
+    if not SHARED_W:
+        for k0 in range(0, H_T, BLOCK_K):
+            k = k0 + ks
+            k_ok = k < H_T
+            wt = tl.load(wt_ptr + cols[None, :] * stride_wt + k[:, None],
+                         mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            y = tl.load(ht_ptr + rows[:, None] * stride_ht + k[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                wt = wt.to(tl.float32)
+                y = y.to(tl.float32)
+            acc_t = tl.dot(y, wt, acc_t, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc_s += bias[None, :]
+        if SHARED_W:
+            acc_t += bias[None, :]
+    if HAS_TBIAS:
+        acc_t += tl.load(bt_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    b = tl.where(col_ok[None, :], acc_s * inv_temp, float("-inf"))
+    a = tl.where(col_ok[None, :], acc_t * inv_temp, float("-inf"))
+    return b, a
+
+
+@triton.jit
+def clipped_terms(b, a, lse_s, lse_t, beta, log_beta, log_1m_beta, clip,
+                  KIND: tl.constexpr, HAS_CLIP: tl.constexpr):
+    """On a tile: ``(phi, c(phi), g kept, g, pS)``: the pointwise loss term, its clipped
+    value, its student derivative (0 where clipped, and unclipped) and the student
+    probabilities."""
+    lS = b - lse_s[:, None]
+    lT = a - lse_t[:, None]
+    pS = tl.exp(lS)
+    phi, g, h = divergence_terms(lT, lS, tl.exp(lT), pS, beta, log_beta, log_1m_beta, KIND)
+    c_phi = phi
+    g_kept = g
+    if HAS_CLIP:
+        c_phi = tl.minimum(phi, clip)
+        g_kept = tl.where(phi < clip, g, 0.0)
+    return phi, c_phi, g_kept, g, pS
+
+
+@triton.jit
+def logit_grad_tile(b, a, lse_s, lse_t, G, coef, row_ok, col_ok, beta, log_beta, log_1m_beta,
+                    clip, KIND: tl.constexpr, HAS_CLIP: tl.constexpr):
+    """dS = coef * (g - pS * G) on a tile, zero outside counted rows and the vocabulary."""
+    phi, c_phi, g, g_all, pS = clipped_terms(b, a, lse_s, lse_t, beta, log_beta, log_1m_beta,
+                                             clip, KIND, HAS_CLIP)
+    dS = (g - pS * G[:, None]) * coef[:, None]
+    return tl.where(row_ok[:, None] & col_ok[None, :], dS, 0.0)
+
+
+@triton.jit
+def count_tile(count_ptr, nb, vb, n_vblocks, COUNT: tl.constexpr):
+    """Debug counter: add 1 to tile (nb, vb) of an int32 (token blocks, vocab blocks)
+    buffer (tests count the tiles each pass computes)."""
+    if COUNT:
+        tl.atomic_add(count_ptr + nb * n_vblocks + vb, 1)  # small maps: int32 is safe
