@@ -111,6 +111,19 @@ def test_peaked(impl, tail):
 def test_k1_and_odd_shapes(impl):
     check_logits_case(impl, lead=(5,), V=11, K=1, pad=False)
     check_logits_case(impl, lead=(2, 1, 3), V=3, K=2, kind="jsd", tail="renormalize")
+    # K above the kernel's K block (256): the K loops run twice
+    check_logits_case(impl, lead=(2,), V=270, K=260, clip=0.01)
+
+
+def test_int32_ids_and_teacher_gets_no_gradient():
+    s = make_student((4,), 30).requires_grad_()
+    ids, lp = make_teacher((4,), 30, 5, student=s.detach())
+    lp.requires_grad_()
+    a = topk_divergence(s, ids.int(), lp)
+    b = topk_divergence(s, ids, lp)
+    assert torch.equal(a, b)
+    a.backward()
+    assert lp.grad is None and s.grad is not None
 
 
 @pytest.mark.parametrize("impl", ["torch", TRITON])
