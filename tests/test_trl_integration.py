@@ -227,6 +227,21 @@ def test_mixed_precision_runs_the_bodies_under_the_same_autocast(tokenizer, tmp_
     torch.testing.assert_close(losses["ours"], losses["stock"], rtol=3e-2, atol=0)
 
 
+def test_gold_uld_falls_back_to_trl_with_a_warning(tokenizer, tmp_path):
+    """GOLD's cross-tokenizer ULD loss needs both full probability tensors: TRL computes it."""
+    tokenizer.save_pretrained(tmp_path / "teacher_tok")
+    opts = dict(beta=0.5, use_uld_loss=True,
+                teacher_tokenizer_name_or_path=str(tmp_path / "teacher_tok"))
+    student, teacher = _model(tokenizer, 0), _model(tokenizer, 1)
+    student_copy, teacher_copy = copy.deepcopy(student), copy.deepcopy(teacher)
+    stock = _trainer("gold", tokenizer, student_copy, teacher_copy, tmp_path, fused=False,
+                     **opts)
+    with pytest.warns(UserWarning, match="ULD loss stays TRL's"):
+        ours = _trainer("gold", tokenizer, student, teacher, tmp_path, fused=True, **opts)
+    inputs = _first_batch(ours)
+    torch.testing.assert_close(_step(ours, inputs, None)[0], _step(stock, inputs, None)[0])
+
+
 def test_generalized_jsd_patched_into_stock_trainer(tokenizer, tmp_path):
     """The one-line switch: TRL's trainer with our generalized_jsd as its loss."""
 
