@@ -99,7 +99,7 @@ def divergence(
         from .vocab_parallel import check_process_group, divergence_vocab_parallel
 
         return divergence_vocab_parallel(student_logits, teacher_logits, mask, opts,
-                                         check_process_group(process_group, impl))
+                                         check_process_group(process_group, impl), impl)
     return DivergenceFunction.apply(student_logits, teacher_logits, mask, opts, _row_function(impl))
 
 
@@ -186,10 +186,11 @@ def fused_linear_divergence(
             Every rank returns the full loss; the ``student_hidden`` gradient is the full
             gradient on every rank (summed over the group inside the backward); the
             weight and bias gradients are the rank's own rows. ``impl="torch"`` or
-            ``"triton"`` (same code: torch phases between collectives); ``"fused"`` is
-            refused. Forward: 2 (KL kinds without clip) or 3 all-reduces of O(chunk)
-            values per token chunk; backward: one all-reduce of the (N, H) hidden
-            gradient. See :mod:`opsd_kernels.vocab_parallel`.
+            ``"triton"`` (chunk GEMMs, then the row phases between collectives as torch
+            operations or Triton kernels); ``"fused"`` is refused. Forward: 2 (KL kinds
+            without clip) or 3 all-reduces of O(chunk) values per token chunk; backward:
+            one all-reduce of the (N, H) hidden gradient. See
+            :mod:`opsd_kernels.vocab_parallel`.
 
     Gradients flow to ``student_hidden``, ``weight`` and ``bias`` when they require
     grad; a frozen weight (``requires_grad=False``, the LoRA case) skips the weight
@@ -252,7 +253,7 @@ def fused_linear_divergence(
 
         return fused_linear_divergence_vocab_parallel(
             student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask,
-            opts, check_process_group(process_group, impl), chunk_size, grad_dtype)
+            opts, check_process_group(process_group, impl), chunk_size, grad_dtype, impl)
     if impl == "fused":
         from .triton.fused_function import FusedTritonLinearDivergenceFunction
 

@@ -18,26 +18,28 @@ weight and bias slice is that slice of the full gradient. The
 ``student_hidden`` gradient is the full gradient on every rank: each rank's
 partial ``dS_r @ W_r`` is summed over the group inside the backward.
 
-Phases (per block of token rows; the formulas are those of
-:mod:`opsd_kernels.divergences`, with ``b = s / tau``, ``a = t / tau``):
+Phases (per row; the formulas are those of :mod:`opsd_kernels.divergences`,
+with ``b = s / tau``, ``a = t / tau``):
 
-1. local row maxima of ``b`` and ``a``           -> all-reduce MAX (2 values per row)
-2. local ``sum exp(b - M_S)``, ``sum exp(a - M_T)``; for forward/reverse KL
-   without clip also the weighted sum ``sum e^(a - M_T)(a - b)`` (forward) or
-   ``sum e^(b - M_S)(b - a)`` (reverse)           -> all-reduce SUM (2 or 3 per row)
-   giving ``LSE_S``, ``LSE_T`` and, for those KL kinds, the loss in closed form
+1. one local sweep: the slice's max and sum of exponentials of ``b`` and of
+   ``a``; for forward/reverse KL without clip also the weighted sum
+   ``sum e^(a - m_T)(a - b)`` (forward) or ``sum e^(b - m_S)(b - a)`` (reverse)
+   -> all-reduce MAX of the maxima (2 values per row), re-shift the local sums
+   to the global maxima -> all-reduce SUM (2 or 3 values per row). This gives
+   ``LSE_S``, ``LSE_T`` and, for those KL kinds, the loss in closed form
    (forward: ``L = w / z_T - LSE_T + LSE_S``, ``G = -1``, ``H = L + 1``;
-   reverse: ``L = w / z_S - LSE_S + LSE_T``, ``G = L + 1``, ``H = -1``)
-3. jsd or clip only: local sums of the clipped terms ``phi``, ``g`` (and ``h``
-   when the teacher logits need a gradient)      -> all-reduce SUM (2 or 3 per row)
-4. the gradient, local: ``dL/ds_j = (g_j - pS_j G) / tau`` for the rank's
+   reverse: ``L = w / z_S - LSE_S + LSE_T``, ``G = L + 1``, ``H = -1``).
+2. jsd or clip only: local sums of the clipped terms ``phi`` and ``g`` (and
+   ``h`` when the teacher logits need a gradient) -> all-reduce SUM (2 or 3
+   values per row): ``L``, ``G`` (and ``H``).
+3. the gradient, local: ``dL/ds_j = (g_j - pS_j G) / tau`` for the rank's
    entries ``j`` (teacher: ``(h_j - pT_j H) / tau``).
 
 Collectives, with N tokens and H the hidden size:
 
 - ``divergence``: forward 2 all-reduces (KL kinds without clip) or 3 (jsd or
   clip), each of O(N) values; backward none (each rank's logit gradient is
-  local; the backward recomputes phase 4 from the saved O(N) statistics).
+  local; the backward runs phase 3 from the saved O(N) statistics).
 - ``fused_linear_divergence``: the same 2 or 3 all-reduces per token chunk in
   the forward (O(chunk) values each, so O(N) in all); backward one all-reduce
   of the (N, H) float32 student-hidden gradient when it is wanted. That one is
@@ -46,9 +48,11 @@ Collectives, with N tokens and H the hidden size:
   the chunk logits from the saved per-token statistics: no further collective.
 
 Nothing of size O(N x V) is communicated and the weight is never gathered.
-The phases run as torch operations for both ``impl="torch"`` and
-``impl="triton"`` (collectives sit between the phases, so the single-kernel
-Triton row function does not apply); ``impl="fused"`` is not supported.
+``impl="torch"`` runs the local phases as torch operations on blocks of rows
+(float64-capable); ``impl="triton"`` as the Triton row kernel of
+:mod:`opsd_kernels.triton.vocab_parallel_rows` (one launch per phase, float32
+arithmetic). The chunk GEMMs are those of :mod:`opsd_kernels.gemm` (float32
+logits) for both. ``impl="fused"`` is not supported (a clear error).
 """
 
 from __future__ import annotations
@@ -100,129 +104,81 @@ def _block(x: torch.Tensor, lo: int, hi: int, keep, compute: torch.dtype, inv_t:
     return b
 
 
-def row_statistics(student: torch.Tensor, teacher: torch.Tensor, opts: DivergenceOptions,
-                   mask: torch.Tensor | None, group, want_h: bool):
-    """Phases 1-3 on a rank's (R, V_r) logit slices: full-row statistics on every rank.
+def _row_blocks(R: int, V: int, mask):
+    step = rows_per_chunk(V, R)
+    for lo in range(0, R, step):
+        hi = min(R, lo + step)
+        yield lo, hi, None if mask is None else mask[lo:hi].unsqueeze(-1)
 
-    Returns ``(loss (R,), stats (R, 4))`` in the compute dtype, with ``stats``
-    columns ``LSE_S, LSE_T, G_SUM, H_SUM`` (``H_SUM`` only meaningful when
-    ``want_h``). Masked rows get loss 0 (their statistics are those of zero
-    logits). Issues 2 all-reduces (KL kinds without clip) or 3 (otherwise) on
-    ``group``, none when R == 0.
+
+def _shift(m: torch.Tensor) -> torch.Tensor:
+    """The finite shift of a running max: 0 while the max is -inf."""
+    return torch.where(m == float("-inf"), torch.zeros_like(m), m)
+
+
+def local_stats_torch(student, teacher, opts: DivergenceOptions, mask) -> torch.Tensor:
+    """(R, 5): the slice's ``max_S, sumexp_S, max_T, sumexp_T, w`` per row, one read.
+
+    Sum-exps are relative to their side's max (shift 0 while it is -inf); ``w``
+    (forward/reverse KL without clip only, else 0) is ``sum e^(a - max_T)(a - b)``
+    (forward) or ``sum e^(b - max_S)(b - a)`` (reverse). Masked rows read as zeros.
     """
-    import torch.distributed as dist
-
     R, V = student.shape
     compute = gemm.compute_dtype(student.dtype, teacher.dtype)
-    dev = student.device
     inv_t = 1.0 / opts.temperature
-    spec, clip = opts.spec, opts.clip
-    one_pass = spec.one_pass and clip is None
-    loss = torch.zeros(R, dtype=compute, device=dev)
-    stats = torch.zeros(R, 4, dtype=compute, device=dev)
-    if R == 0:
-        return loss, stats
-    step = rows_per_chunk(V, R)
-    blocks = [(lo, min(R, lo + step)) for lo in range(0, R, step)]
-    keeps = [None if mask is None else mask[lo:hi].unsqueeze(-1) for lo, hi in blocks]
-
-    # phase 1: row maxima of both sides -> all-reduce MAX
-    m = torch.empty(2, R, dtype=compute, device=dev)
-    for (lo, hi), keep in zip(blocks, keeps, strict=True):
-        m[0, lo:hi] = _block(student, lo, hi, keep, compute, inv_t).amax(-1)
-        m[1, lo:hi] = _block(teacher, lo, hi, keep, compute, inv_t).amax(-1)
-    _all_reduce(m, dist.ReduceOp.MAX, group)
-    # a side whose row is all -inf: shift by 0 (its LSE is then -inf, as log 0)
-    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-
-    # phase 2: sums of exponentials (+ the one-pass KL weighted sum) -> all-reduce SUM
-    z = torch.empty(3 if one_pass else 2, R, dtype=compute, device=dev)
-    for (lo, hi), keep in zip(blocks, keeps, strict=True):
+    one_pass = opts.spec.one_pass and opts.clip is None
+    out = torch.zeros(R, 5, dtype=compute, device=student.device)
+    for lo, hi, keep in _row_blocks(R, V, mask):
         b = _block(student, lo, hi, keep, compute, inv_t)
         a = _block(teacher, lo, hi, keep, compute, inv_t)
-        es = torch.exp(b - m[0, lo:hi, None])
-        et = torch.exp(a - m[1, lo:hi, None])
-        z[0, lo:hi] = es.sum(-1)
-        z[1, lo:hi] = et.sum(-1)
+        m_s, m_t = b.amax(-1), a.amax(-1)
+        es = torch.exp(b - _shift(m_s)[:, None])
+        et = torch.exp(a - _shift(m_t)[:, None])
+        out[lo:hi, 0], out[lo:hi, 1] = m_s, es.sum(-1)
+        out[lo:hi, 2], out[lo:hi, 3] = m_t, et.sum(-1)
         if one_pass:
-            w = (_weighted_log_ratio(et, a, b) if spec.name == "forward_kl"
+            w = (_weighted_log_ratio(et, a, b) if opts.spec.name == "forward_kl"
                  else _weighted_log_ratio(es, b, a))
-            z[2, lo:hi] = w.sum(-1)
-        del b, a, es, et
-    _all_reduce(z, dist.ReduceOp.SUM, group)
-    stats[:, LSE_S] = m[0] + torch.log(z[0])
-    stats[:, LSE_T] = m[1] + torch.log(z[1])
-
-    if one_pass:
-        if spec.name == "forward_kl":
-            loss = z[2] / z[1] - stats[:, LSE_T] + stats[:, LSE_S]
-            stats[:, G_SUM] = -1.0
-            stats[:, H_SUM] = loss + 1.0
-        else:
-            loss = z[2] / z[0] - stats[:, LSE_S] + stats[:, LSE_T]
-            stats[:, G_SUM] = loss + 1.0
-            stats[:, H_SUM] = -1.0
-    else:
-        # phase 3: the clipped terms' sums -> all-reduce SUM
-        sums = torch.empty(3 if want_h else 2, R, dtype=compute, device=dev)
-        for (lo, hi), keep in zip(blocks, keeps, strict=True):
-            phi, g, h = _terms(student, teacher, lo, hi, keep, stats, opts, compute)
-            sums[0, lo:hi] = phi.sum(-1)
-            sums[1, lo:hi] = g.sum(-1)
-            if want_h:
-                sums[2, lo:hi] = h.sum(-1)
-            del phi, g, h
-        _all_reduce(sums, dist.ReduceOp.SUM, group)
-        loss = sums[0]
-        stats[:, G_SUM] = sums[1]
-        if want_h:
-            stats[:, H_SUM] = sums[2]
-    if mask is not None:
-        loss = torch.where(mask, loss, torch.zeros_like(loss))
-    return loss.contiguous(), stats
+            out[lo:hi, 4] = w.sum(-1)
+    return out
 
 
-def _terms(student, teacher, lo, hi, keep, stats, opts, compute):
-    """Clipped ``phi, g, h`` (and ``pS, pT``) of rows lo:hi of the local slices."""
+def _clipped_terms(student, teacher, lo, hi, keep, stats, opts, compute):
+    """Clipped ``phi, g, h`` and ``pS, pT`` of rows lo:hi of the local slices."""
     inv_t = 1.0 / opts.temperature
     lS = _block(student, lo, hi, keep, compute, inv_t) - stats[lo:hi, LSE_S, None]
     lT = _block(teacher, lo, hi, keep, compute, inv_t) - stats[lo:hi, LSE_T, None]
-    phi, g, h = opts.spec.terms(lT, lS, lT.exp(), lS.exp(), opts.beta)
+    pS, pT = lS.exp(), lT.exp()
+    phi, g, h = opts.spec.terms(lT, lS, pT, pS, opts.beta)
     if opts.clip is not None:
         kept = phi < opts.clip
         phi = torch.clamp(phi, max=opts.clip)
         zero = torch.zeros((), dtype=compute, device=phi.device)
         g = torch.where(kept, g, zero)
         h = torch.where(kept, h, zero)
-    return phi, g, h
+    return phi, g, h, pS, pT
 
 
-def write_gradients(student, teacher, stats, opts: DivergenceOptions, mask, scale,
-                    grad_student, grad_teacher) -> None:
-    """Phase 4, local: each rank's slice of dL/ds (and dL/dt) times the row factors.
-
-    ``scale``: (1,) or (R,) per-row factors. The outputs may alias the inputs
-    (each block is read before it is written).
-    """
+def local_term_sums_torch(student, teacher, opts: DivergenceOptions, mask, stats):
+    """(R, 3): the slice's sums of the clipped ``phi, g, h`` given the full-row LSEs."""
     R, V = student.shape
-    if R == 0:
-        return
+    out = torch.zeros(R, 3, dtype=stats.dtype, device=student.device)
+    for lo, hi, keep in _row_blocks(R, V, mask):
+        phi, g, h, _, _ = _clipped_terms(student, teacher, lo, hi, keep, stats, opts,
+                                         stats.dtype)
+        out[lo:hi, 0], out[lo:hi, 1], out[lo:hi, 2] = phi.sum(-1), g.sum(-1), h.sum(-1)
+    return out
+
+
+def local_gradients_torch(student, teacher, opts: DivergenceOptions, mask, stats, scale,
+                          grad_student, grad_teacher) -> None:
+    """Phase 4: the slice's dL/ds (and dL/dt) times the row factors ``scale`` ((1,) or
+    (R,)). The outputs may alias the inputs (each block is read before it is written)."""
+    R, V = student.shape
     compute = stats.dtype
     inv_t = 1.0 / opts.temperature
-    step = rows_per_chunk(V, R)
-    for lo in range(0, R, step):
-        hi = min(R, lo + step)
-        keep = None if mask is None else mask[lo:hi].unsqueeze(-1)
-        lS = _block(student, lo, hi, keep, compute, inv_t) - stats[lo:hi, LSE_S, None]
-        lT = _block(teacher, lo, hi, keep, compute, inv_t) - stats[lo:hi, LSE_T, None]
-        pS, pT = lS.exp(), lT.exp()
-        phi, g, h = opts.spec.terms(lT, lS, pT, pS, opts.beta)
-        if opts.clip is not None:
-            kept = phi < opts.clip
-            zero = torch.zeros((), dtype=compute, device=phi.device)
-            g = torch.where(kept, g, zero)
-            h = torch.where(kept, h, zero)
-        del phi
+    for lo, hi, keep in _row_blocks(R, V, mask):
+        _, g, h, pS, pT = _clipped_terms(student, teacher, lo, hi, keep, stats, opts, compute)
         row = (scale if scale.numel() == 1 else scale[lo:hi]).to(compute).reshape(-1, 1)
         row = row * inv_t
         for out, terms, p, col in ((grad_student, g, pS, G_SUM), (grad_teacher, h, pT, H_SUM)):
@@ -234,6 +190,95 @@ def write_gradients(student, teacher, stats, opts: DivergenceOptions, mask, scal
             out[lo:hi].copy_(grad)
 
 
+def _local_functions(impl: str):
+    if impl == "triton":
+        from .triton.vocab_parallel_rows import (
+            local_gradients_triton,
+            local_stats_triton,
+            local_term_sums_triton,
+        )
+
+        return local_stats_triton, local_term_sums_triton, local_gradients_triton
+    return local_stats_torch, local_term_sums_torch, local_gradients_torch
+
+
+def row_statistics(student: torch.Tensor, teacher: torch.Tensor, opts: DivergenceOptions,
+                   mask: torch.Tensor | None, group, want_h: bool, impl: str = "torch"):
+    """The phases up to the loss on a rank's (R, V_r) logit slices, identical on every rank.
+
+    Returns ``(loss (R,), stats (R, 4))`` in the compute dtype, with ``stats``
+    columns ``LSE_S, LSE_T, G_SUM, H_SUM`` (``H_SUM`` only meaningful when
+    ``want_h``). Masked rows get loss 0 and finite statistics. Issues 2
+    all-reduces (KL kinds without clip) or 3 (otherwise) on ``group``, none
+    when R == 0.
+    """
+    import torch.distributed as dist
+
+    R = student.shape[0]
+    compute = gemm.compute_dtype(student.dtype, teacher.dtype)
+    spec = opts.spec
+    one_pass = spec.one_pass and opts.clip is None
+    stats = torch.zeros(R, 4, dtype=compute, device=student.device)
+    if R == 0:
+        return torch.zeros(R, dtype=compute, device=student.device), stats
+    local_stats, local_term_sums, _ = _local_functions(impl)
+
+    # phases 1-2: one local sweep, then all-reduce MAX of the maxima ...
+    loc = local_stats(student, teacher, opts, mask).to(compute)
+    m = _all_reduce(torch.stack([loc[:, 0], loc[:, 2]]), dist.ReduceOp.MAX, group)
+    big = _shift(m)
+    # ... and all-reduce SUM of the sums re-shifted to the global maxima
+    rs = torch.exp(_shift(loc[:, 0]) - big[0])
+    rt = torch.exp(_shift(loc[:, 2]) - big[1])
+    parts = [loc[:, 1] * rs, loc[:, 3] * rt]
+    if one_pass:
+        w = loc[:, 4]
+        r = rt if spec.name == "forward_kl" else rs
+        # an infinite KL stays infinite when its factor underflows (never inf * 0 = NaN)
+        parts.append(torch.where(w == float("inf"), w, w * r))
+    z = _all_reduce(torch.stack(parts), dist.ReduceOp.SUM, group)
+    lse_s, lse_t = big[0] + torch.log(z[0]), big[1] + torch.log(z[1])
+    if mask is not None:
+        # masked rows: finite statistics, so no inf - inf reaches a later phase
+        lse_s = torch.where(mask, lse_s, torch.zeros_like(lse_s))
+        lse_t = torch.where(mask, lse_t, torch.zeros_like(lse_t))
+    stats[:, LSE_S], stats[:, LSE_T] = lse_s, lse_t
+
+    if one_pass:
+        if spec.name == "forward_kl":
+            loss = z[2] / z[1] - lse_t + lse_s
+            stats[:, G_SUM] = -1.0
+            stats[:, H_SUM] = loss + 1.0
+        else:
+            loss = z[2] / z[0] - lse_s + lse_t
+            stats[:, G_SUM] = loss + 1.0
+            stats[:, H_SUM] = -1.0
+    else:
+        # phase 3: the clipped terms' sums -> all-reduce SUM
+        local = local_term_sums(student, teacher, opts, mask,
+                                stats if impl != "triton" else stats.float().contiguous())
+        sums = _all_reduce(local[:, :3 if want_h else 2].t().to(compute).contiguous(),
+                           dist.ReduceOp.SUM, group)
+        loss = sums[0]
+        stats[:, G_SUM] = sums[1]
+        if want_h:
+            stats[:, H_SUM] = sums[2]
+    if mask is not None:
+        loss = torch.where(mask, loss, torch.zeros_like(loss))
+    return loss.contiguous(), stats
+
+
+def write_gradients(student, teacher, stats, opts: DivergenceOptions, mask, scale,
+                    grad_student, grad_teacher, impl: str = "torch") -> None:
+    """The last phase, local: each rank's slice of dL/ds (and dL/dt) times the row
+    factors ``scale`` ((1,) or (R,)). The outputs may alias the inputs."""
+    if student.shape[0] == 0:
+        return
+    _, _, local_gradients = _local_functions(impl)
+    local_gradients(student, teacher, opts, mask, stats, scale.contiguous(), grad_student,
+                    grad_teacher)
+
+
 class VocabParallelDivergenceFunction(torch.autograd.Function):
     """Divergence of vocabulary-sharded logits; gradients are each rank's slices.
 
@@ -243,17 +288,20 @@ class VocabParallelDivergenceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, opts: DivergenceOptions, group):
+    def forward(ctx, student, teacher, mask, opts: DivergenceOptions, group, impl: str):
         V = student.shape[-1]
         lead = student.shape[:-1]
         s2 = student.reshape(-1, V)
         t2 = teacher.reshape(-1, V)
+        s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
+        t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
         mask1 = None if mask is None else mask.reshape(-1).contiguous()
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         compute = gemm.compute_dtype(student.dtype, teacher.dtype)
         scale = forward_scale(opts.reduction, mask1, s2.shape[0], student.device, compute)
         with torch.autocast(student.device.type, enabled=False):
-            loss, stats = row_statistics(s2, t2, opts, mask1, group, want_h=want_t)
+            loss, stats = row_statistics(s2, t2, opts, mask1, group, want_t, impl)
+        ctx.impl = impl
         ctx.wants = (want_s, want_t)
         ctx.shapes = (student.shape, teacher.shape)
         ctx.opts = opts
@@ -270,14 +318,14 @@ class VocabParallelDivergenceFunction(torch.autograd.Function):
         grad_s = torch.empty(s2.shape, dtype=s2.dtype, device=s2.device) if want_s else None
         grad_t = torch.empty(t2.shape, dtype=t2.dtype, device=t2.device) if want_t else None
         with torch.autocast(s2.device.type, enabled=False):
-            write_gradients(s2, t2, stats, ctx.opts, ctx.mask, scale, grad_s, grad_t)
+            write_gradients(s2, t2, stats, ctx.opts, ctx.mask, scale, grad_s, grad_t, ctx.impl)
         outs = [None if g is None else g.view(shape)
                 for g, shape in zip((grad_s, grad_t), ctx.shapes, strict=True)]
-        return outs[0], outs[1], None, None, None
+        return outs[0], outs[1], None, None, None, None
 
 
 def _linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mask, opts, group, chunk,
-                 scale, want_h, want_w, want_b, weight_grad_dtype, stats=None):
+                 scale, want_h, want_w, want_b, weight_grad_dtype, impl, stats=None):
     """One sweep over token chunks of the local vocabulary slice.
 
     Without ``stats`` (the forward) each chunk's statistics are all-reduced
@@ -319,12 +367,12 @@ def _linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mask, opts,
             s_l = gemm.linear_logits(hs_c, weight, bias)
             t_l = gemm.linear_logits(ht_c, t_w, t_b)
         if forward:
-            loss[lo:hi], stats[lo:hi] = row_statistics(s_l, t_l, opts, mask_c, group,
-                                                       want_h=False)
+            loss[lo:hi], stats[lo:hi] = row_statistics(s_l, t_l, opts, mask_c, group, False,
+                                                       impl)
         if not any_grad:
             continue
         write_gradients(s_l, t_l, stats[lo:hi], opts, mask_c,
-                        scale if scale.numel() == 1 else scale[lo:hi], s_l, None)
+                        scale if scale.numel() == 1 else scale[lo:hi], s_l, None, impl)
         del t_l
         # s_l now holds this rank's slice of dL/d(student logits), row factors applied
         if want_b:
@@ -352,7 +400,7 @@ class VocabParallelLinearDivergenceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias,
                 mask, opts: DivergenceOptions, group, chunk: int,
-                weight_grad_dtype: torch.dtype):
+                weight_grad_dtype: torch.dtype, impl: str):
         H = student_hidden.shape[-1]
         lead = student_hidden.shape[:-1]
         hs = student_hidden.reshape(-1, H).contiguous()
@@ -369,7 +417,7 @@ class VocabParallelLinearDivergenceFunction(torch.autograd.Function):
             loss, stats, grad_h, grad_w, grad_b = _linear_pass(
                 hs, ht, weight, teacher_weight, bias, teacher_bias, mask1, opts, group, chunk,
                 scale, want_h and not defer, want_w and not defer, want_b and not defer,
-                weight_grad_dtype)
+                weight_grad_dtype, impl)
         ctx.defer = defer
         ctx.group = group
         ctx.reduction = opts.reduction
@@ -380,7 +428,7 @@ class VocabParallelLinearDivergenceFunction(torch.autograd.Function):
         if defer:
             ctx.save_for_backward(hs, ht, weight, teacher_weight, bias, teacher_bias, scale,
                                   stats)
-            ctx.args = (mask1, opts, chunk)
+            ctx.args = (mask1, opts, chunk, impl)
         else:
             ctx.grads = (grad_h, grad_w, grad_b)
         return reduce_rows(loss, opts.reduction, scale, lead)
@@ -397,12 +445,13 @@ class VocabParallelLinearDivergenceFunction(torch.autograd.Function):
         if ctx.defer:
             hs, ht, weight, teacher_weight, bias, teacher_bias, fwd_scale, stats = (
                 ctx.saved_tensors)
-            mask1, opts, chunk = ctx.args
+            mask1, opts, chunk, impl = ctx.args
             scale = (fwd_scale * grad_out.reshape(-1).to(fwd_scale.dtype)).contiguous()
             with torch.autocast(hs.device.type, enabled=False):
                 _, _, grad_h, grad_w, grad_b = _linear_pass(
                     hs, ht, weight, teacher_weight, bias, teacher_bias, mask1, opts, ctx.group,
-                    chunk, scale, want_h, want_w, want_b, ctx.weight_grad_dtype, stats=stats)
+                    chunk, scale, want_h, want_w, want_b, ctx.weight_grad_dtype, impl,
+                    stats=stats)
         else:
             grad_h, grad_w, grad_b = ctx.grads
             ctx.grads = None
@@ -422,12 +471,12 @@ class VocabParallelLinearDivergenceFunction(torch.autograd.Function):
             None if grad_w is None else grad_w.to(w_dtype),
             None,
             None if grad_b is None else grad_b.to(b_dtype),
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
 
 def divergence_vocab_parallel(student_logits, teacher_logits, mask, opts: DivergenceOptions,
-                              process_group) -> torch.Tensor:
+                              process_group, impl: str = "torch") -> torch.Tensor:
     """:func:`opsd_kernels.divergence` on vocabulary slices (validated inputs).
 
     ``student_logits``/``teacher_logits``: (..., V_r), this rank's slice.
@@ -443,14 +492,15 @@ def divergence_vocab_parallel(student_logits, teacher_logits, mask, opts: Diverg
     >>> dist.destroy_process_group()
     """
     return VocabParallelDivergenceFunction.apply(student_logits, teacher_logits, mask, opts,
-                                                 process_group)
+                                                 process_group, impl)
 
 
 def fused_linear_divergence_vocab_parallel(student_hidden, teacher_hidden, weight,
                                            teacher_weight, bias, teacher_bias, mask,
                                            opts: DivergenceOptions, process_group,
                                            chunk_size: int,
-                                           weight_grad_dtype: torch.dtype) -> torch.Tensor:
+                                           weight_grad_dtype: torch.dtype,
+                                           impl: str = "torch") -> torch.Tensor:
     """:func:`opsd_kernels.fused_linear_divergence` with this rank's (V_r, H) lm_head rows.
 
     Inputs are validated and detached as the public function does. Returns the
@@ -458,4 +508,4 @@ def fused_linear_divergence_vocab_parallel(student_hidden, teacher_hidden, weigh
     """
     return VocabParallelLinearDivergenceFunction.apply(
         student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask, opts,
-        process_group, chunk_size, weight_grad_dtype)
+        process_group, chunk_size, weight_grad_dtype, impl)

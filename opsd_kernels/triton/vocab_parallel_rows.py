@@ -1,0 +1,183 @@
+"""Triton kernel: the local phases of the vocabulary-parallel row divergence.
+
+The row kernel of :mod:`opsd_kernels.triton.divergence_rows` split at the points
+where :mod:`opsd_kernels.vocab_parallel` all-reduces; one program per row, the
+rank's vocabulary slice swept in BLOCK_V blocks. Same formulas
+(:mod:`opsd_kernels.triton.formulas`):
+
+- PHASE 0 (:func:`local_stats_triton`): one online sweep gives the slice's
+  max and sum-exp of both rows, and for forward/reverse KL without clip the
+  weighted sum relative to the weighting side's max;
+- PHASE 1 (:func:`local_term_sums_triton`): given the full-row LSEs, the slice's
+  sums of the clipped ``phi``, ``g`` and ``h``;
+- PHASE 2 (:func:`local_gradients_triton`): given the LSEs, ``G`` and ``H``, the
+  slice's gradients times the row factors (may overwrite the logits in place).
+
+A masked row (mask 0) sweeps nothing in phases 0 and 1 (max -inf, sums 0) and
+gets a zero gradient in phase 2; its contents never reach an output.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .divergence_rows import default_block_v
+from .formulas import (
+    divergence_terms,
+    one_pass_rescale,
+    one_pass_terms,
+    online_logsumexp_update,
+    rescale_sum,
+)
+
+
+@triton.jit
+def _vocab_parallel_rows_kernel(
+    s_ptr, t_ptr, grad_s_ptr, grad_t_ptr, mask_ptr, scale_ptr, stats_ptr, out_ptr,
+    s_stride, t_stride, grad_s_stride, grad_t_stride, scale_stride,
+    V, inv_temp, beta, log_beta, log_1m_beta, clip,
+    PHASE: tl.constexpr, KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_MASK: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + row) != 0
+    else:
+        valid = True
+    v_stat = tl.where(valid, V, 0)
+
+    if PHASE == 0:
+        m_s = float("-inf")
+        z_s = 0.0
+        m_t = float("-inf")
+        z_t = 0.0
+        w = 0.0
+        for start in range(0, v_stat, BLOCK_V):
+            offs = start + cols
+            inside = offs < V
+            b = tl.load(s_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+            a = tl.load(t_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+            m_s, z_s, rescale_s, shift_s = online_logsumexp_update(m_s, z_s, b)
+            m_t, z_t, rescale_t, shift_t = online_logsumexp_update(m_t, z_t, a)
+            if ONE_PASS:
+                w = rescale_sum(w, one_pass_rescale(rescale_s, rescale_t, KIND)) + tl.sum(
+                    one_pass_terms(a, b, shift_s, shift_t, KIND), axis=0)
+        out = out_ptr + row * 5
+        tl.store(out, m_s)
+        tl.store(out + 1, z_s)
+        tl.store(out + 2, m_t)
+        tl.store(out + 3, z_t)
+        tl.store(out + 4, w)
+    else:
+        lse_s = tl.load(stats_ptr + row * 4)
+        lse_t = tl.load(stats_ptr + row * 4 + 1)
+        if PHASE == 1:
+            loss = 0.0
+            G = 0.0
+            H = 0.0
+            for start in range(0, v_stat, BLOCK_V):
+                offs = start + cols
+                inside = offs < V
+                b = tl.load(s_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+                a = tl.load(t_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+                lS = b - lse_s
+                lT = a - lse_t
+                phi, g, h = divergence_terms(lT, lS, tl.exp(lT), tl.exp(lS), beta, log_beta,
+                                             log_1m_beta, KIND)
+                if HAS_CLIP:
+                    kept = phi < clip
+                    phi = tl.minimum(phi, clip)
+                    g = tl.where(kept, g, 0.0)
+                    h = tl.where(kept, h, 0.0)
+                loss += tl.sum(tl.where(inside, phi, 0.0), axis=0)
+                G += tl.sum(tl.where(inside, g, 0.0), axis=0)
+                H += tl.sum(tl.where(inside, h, 0.0), axis=0)
+            out = out_ptr + row * 3
+            tl.store(out, loss)
+            tl.store(out + 1, G)
+            tl.store(out + 2, H)
+        else:
+            G = tl.load(stats_ptr + row * 4 + 2)
+            H = tl.load(stats_ptr + row * 4 + 3)
+            scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * inv_temp
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                inside = offs < V
+                b = tl.load(s_row + offs, mask=inside, other=0.0).to(tl.float32) * inv_temp
+                a = tl.load(t_row + offs, mask=inside, other=0.0).to(tl.float32) * inv_temp
+                lS = b - lse_s
+                lT = a - lse_t
+                pS = tl.exp(lS)
+                pT = tl.exp(lT)
+                phi, g, h = divergence_terms(lT, lS, pT, pS, beta, log_beta, log_1m_beta, KIND)
+                if HAS_CLIP:
+                    kept = phi < clip
+                    g = tl.where(kept, g, 0.0)
+                    h = tl.where(kept, h, 0.0)
+                if GRAD_S:
+                    grad_s = tl.where(valid, (g - pS * G) * scale, 0.0)
+                    tl.store(grad_s_ptr + row * grad_s_stride + offs,
+                             grad_s.to(grad_s_ptr.dtype.element_ty), mask=inside)
+                if GRAD_T:
+                    grad_t = tl.where(valid, (h - pT * H) * scale, 0.0)
+                    tl.store(grad_t_ptr + row * grad_t_stride + offs,
+                             grad_t.to(grad_t_ptr.dtype.element_ty), mask=inside)
+
+
+def _launch(phase, student, teacher, opts, mask, *, stats=None, out=None, scale=None,
+            grad_student=None, grad_teacher=None):
+    R, V = student.shape
+    if R == 0:
+        return
+    for name, x in (("student", student), ("teacher", teacher),
+                    ("grad_student", grad_student), ("grad_teacher", grad_teacher)):
+        if x is not None and x.stride(-1) != 1:
+            raise ValueError(f"{name} rows must be contiguous (stride(-1) == 1)")
+    block = default_block_v(V, student.device)
+    dummy = out if out is not None else stats
+    mask_arg = mask.view(torch.uint8) if mask is not None else dummy
+    grad_s = grad_student if grad_student is not None else student
+    grad_t = grad_teacher if grad_teacher is not None else teacher
+    scale_arg = scale if scale is not None else dummy
+    beta = opts.beta if opts.spec.needs_beta else 0.5  # keep the logs finite for KL kinds
+    _vocab_parallel_rows_kernel[(R,)](
+        student, teacher, grad_s, grad_t, mask_arg, scale_arg,
+        stats if stats is not None else dummy, out if out is not None else dummy,
+        student.stride(0), teacher.stride(0), grad_s.stride(0), grad_t.stride(0),
+        scale.stride(0) if scale is not None and scale.numel() > 1 else 0,
+        V, 1.0 / opts.temperature, beta, math.log(beta), math.log1p(-beta),
+        opts.clip if opts.clip is not None else 0.0,
+        PHASE=phase, KIND=opts.spec.kind_id, ONE_PASS=opts.spec.one_pass and opts.clip is None,
+        HAS_CLIP=opts.clip is not None, HAS_MASK=mask is not None,
+        GRAD_S=grad_student is not None, GRAD_T=grad_teacher is not None,
+        BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+    )
+
+
+def local_stats_triton(student, teacher, opts, mask) -> torch.Tensor:
+    """(R, 5) float32: the slice's ``max_S, sumexp_S, max_T, sumexp_T, w`` per row
+    (sum-exps and ``w`` relative to their side's max, 0 shift while it is -inf)."""
+    out = torch.empty(student.shape[0], 5, dtype=torch.float32, device=student.device)
+    _launch(0, student, teacher, opts, mask, out=out)
+    return out
+
+
+def local_term_sums_triton(student, teacher, opts, mask, stats) -> torch.Tensor:
+    """(R, 3) float32: the slice's sums of clipped ``phi, g, h`` given ``stats`` (R, 4)
+    (columns LSE_S, LSE_T, G, H; float32, contiguous)."""
+    out = torch.empty(student.shape[0], 3, dtype=torch.float32, device=student.device)
+    _launch(1, student, teacher, opts, mask, stats=stats, out=out)
+    return out
+
+
+def local_gradients_triton(student, teacher, opts, mask, stats, scale, grad_student,
+                           grad_teacher) -> None:
+    """Writes the slice's gradients times ``scale`` ((1,) or (R,) float32)."""
+    _launch(2, student, teacher, opts, mask, stats=stats, scale=scale,
+            grad_student=grad_student, grad_teacher=grad_teacher)
