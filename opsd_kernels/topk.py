@@ -52,9 +52,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from . import config
+from . import config, gemm
 from ._validation import check_float_tensor, check_impl, check_mask, check_options
 from .divergences import KindSpec
 
@@ -498,79 +497,21 @@ def topk_divergence(
 # --------------------------------------------------------------------------- fused linear
 
 
-_W_SLICE_BYTES = 64 * 2**20
-
-
-def _weight_slice_rows(weight) -> int:
-    """Vocabulary rows per float32 slice of the weight (<= 64 MiB)."""
-    return max(1, _W_SLICE_BYTES // max(1, weight.shape[1] * 4))
-
-
-def _mm_out_dtype(a, b):
-    """``a @ b`` in float32 from two same-dtype 16-bit CUDA operands, or None."""
-    if a.device.type != "cuda" or a.dtype != b.dtype or a.dtype not in (torch.bfloat16,
-                                                                      torch.float16):
-        return None
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):
-        return None
-
-
-def chunk_logits(h_c, weight, bias, compute):
-    """(c, V) student logits of a token chunk in ``compute`` (float32/64), whatever the
-    operands' dtypes: never rounded to 16 bits, and without a float32 copy of the
-    whole weight (16-bit weights are upcast one <= 64 MiB vocabulary slice at a time)."""
-    b = None if bias is None else bias.to(compute)
-    if h_c.dtype == weight.dtype == compute:
-        return F.linear(h_c, weight, b)
-    out = _mm_out_dtype(h_c, weight.t())
-    if out is not None:
-        return out if b is None else out.add_(b)
-    c, V = h_c.shape[0], weight.shape[0]
-    out = torch.empty(c, V, dtype=compute, device=h_c.device)
-    hf = h_c.to(compute)
-    step = _weight_slice_rows(weight)
-    for v0 in range(0, V, step):
-        v1 = min(V, v0 + step)
-        out[:, v0:v1] = hf @ weight[v0:v1].to(compute).t()
-    return out if b is None else out.add_(b)
-
-
 def _grad_gemms(dS, h_c, weight, gh_c, gw, want_h, want_w):
     """gh_c = dS @ W and gw += dS^T @ h_c, in the compute dtype of ``dS`` (float32/64).
 
-    ``dS`` already carries every factor known so far; 16-bit operands are upcast per
-    vocabulary slice (on CUDA, bf16 uses a float32-output GEMM on a bf16 copy of dS,
-    which keeps bf16's range; fp16 is upcast, never rounded to fp16 here)."""
-    compute = dS.dtype
-    if weight.dtype == compute and h_c.dtype == compute:
-        if want_h:
-            torch.mm(dS, weight, out=gh_c)
-        if want_w:
-            gw.addmm_(dS.t(), h_c)
-        return
-    if weight.dtype == h_c.dtype == torch.bfloat16 and dS.device.type == "cuda":
-        d16 = dS.to(torch.bfloat16)
-        oh = _mm_out_dtype(d16, weight) if want_h else None
-        ow = _mm_out_dtype(d16.t(), h_c) if want_w else None
-        if (oh is not None or not want_h) and (ow is not None or not want_w):
-            if want_h:
-                gh_c.copy_(oh)
-            if want_w:
-                gw.add_(ow)
-            return
-    hf = h_c.to(compute) if want_w else None
+    ``dS`` is the float32 logit gradient, already carrying every factor known so far;
+    it enters the GEMMs as an operand of the operands' dtype through
+    :mod:`opsd_kernels.gemm` (fp16: scaled by a power of two on the device so small
+    entries stay out of the subnormals; 16-bit operands upcast per vocabulary slice
+    on CPU, float32-output GEMMs on CUDA), the same rule as the other chunked paths.
+    """
+    cdt = dS.dtype
+    op, inv = gemm.gradient_operand(dS, gemm.operand_dtype(h_c.dtype, weight.dtype))
     if want_h:
-        gh_c.zero_()
-    step = _weight_slice_rows(weight)
-    for v0 in range(0, weight.shape[0], step):
-        v1 = min(weight.shape[0], v0 + step)
-        d = dS[:, v0:v1]
-        if want_h:
-            gh_c.addmm_(d, weight[v0:v1].to(compute))
-        if want_w:
-            gw[v0:v1].addmm_(d.t(), hf)
+        gh_c.copy_(gemm.grad_hidden(op, inv, weight, cdt))
+    if want_w:
+        gemm.accumulate_grad_weight(gw, op, inv, h_c, cdt)
 
 
 def auto_topk_chunk(V: int, N: int) -> int:
@@ -642,7 +583,8 @@ def _linear_pass(hs, weight, bias, teacher, mask1, opts, row_fn, chunk, scale,
     for lo in range(0, N, chunk):
         hi = min(N, lo + chunk)
         h_c = hs[lo:hi]
-        logits = chunk_logits(h_c, weight, bias, compute)
+        # float32 (float64) logits whatever the operands' dtypes (the precision rule)
+        logits = gemm.linear_logits(h_c, weight, bias)
         rows = row_fn(logits, **teacher.rows(lo, hi), spec=opts.spec, beta=opts.beta,
                       temperature=opts.temperature, clip=opts.clip,
                       scale=scale if scale.numel() == 1 else scale[lo:hi], want_grad=want)
