@@ -148,23 +148,40 @@ def test_k_equals_v_is_the_full_divergence(impl, tail, kind, clip):
     assert_close(g1, g2, dtype, "grad")
 
 
-def test_exact_special_values():
+@pytest.mark.parametrize("impl", ["torch", TRITON])
+def test_exact_special_values(impl):
     V = 6
-    s = torch.randn(3, V, dtype=torch.float64)
-    ids = torch.tensor([[0, 1], [2, 3], [4, 5]])
-    # rows 0: teacher top-2 mass 1 (rT = 0) -> reverse KL bucket is +inf (student has rest
-    # mass); row 1: all padding -> 0; row 2: a banned student token in the ids -> forward +inf
-    lp = torch.tensor([[math.log(0.5), math.log(0.5)], [-INF, -INF], [math.log(0.3), -1.0]],
-                      dtype=torch.float64)
+    dtype = torch.float64 if impl == "torch" else torch.float32
+    s = torch.randn(4, V, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [1, 2]])
+    # row 0: teacher mass exactly 1 on its ids (rT = 0) -> reverse KL bucket is +inf (the
+    # student has rest mass); row 1: all padding -> 0; row 2: a banned student token (-inf
+    # logit) among the ids -> forward KL +inf; row 3: banned tokens in the complement are
+    # exact zeros
+    lp = torch.tensor([[0.0, -INF], [-INF, -INF], [math.log(0.3), -1.0], [-0.5, -2.0]],
+                      dtype=dtype)
     s[2, 4] = -INF
-    rev = topk_divergence(s, ids, lp, kind="reverse_kl", reduction="none")
-    fwd = topk_divergence(s, ids, lp, kind="forward_kl", reduction="none")
-    ref_rev = topk_divergence_reference(s, ids, lp, kind="reverse_kl", reduction="none")
-    ref_fwd = topk_divergence_reference(s, ids, lp, kind="forward_kl", reduction="none")
+    s[3, 3:] = -INF
+    s, ids, lp = s.to(DEVICE), ids.to(DEVICE), lp.to(DEVICE)
+    rev = topk_divergence(s, ids, lp, kind="reverse_kl", reduction="none", impl=impl)
+    fwd = topk_divergence(s, ids, lp, kind="forward_kl", reduction="none", impl=impl)
+    ref_rev = topk_divergence_reference(s.cpu(), ids.cpu(), lp.cpu(), kind="reverse_kl",
+                                        reduction="none")
+    ref_fwd = topk_divergence_reference(s.cpu(), ids.cpu(), lp.cpu(), kind="forward_kl",
+                                        reduction="none")
     assert rev[0] == INF and ref_rev[0] == INF
     assert rev[1] == 0 and fwd[1] == 0
     assert fwd[2] == INF and ref_fwd[2] == INF
-    assert_close(fwd[:2], ref_fwd[:2], torch.float64, "forward")
+    assert_close(fwd[[0, 1, 3]], ref_fwd[[0, 1, 3]], dtype, "forward")
+    assert_close(rev[1:], ref_rev[1:], dtype, "reverse")
+    # gradients of the finite rows are finite and match
+    s.requires_grad_()
+    out = topk_divergence(s, ids, lp, kind="forward_kl", reduction="none", impl=impl)
+    (g,) = torch.autograd.grad(out[3], s)
+    s_ref = s.detach().cpu().double().requires_grad_()
+    ref = topk_divergence_reference(s_ref, ids.cpu(), lp.cpu(), reduction="none")
+    (g_ref,) = torch.autograd.grad(ref[3], s_ref)
+    assert_close(g, g_ref, dtype, "grad")
 
 
 # --------------------------------------------------------------------------- fused linear
