@@ -108,13 +108,13 @@ if [ -z "${OPSD_BENCH_COMMIT:-}" ] && git rev-parse HEAD > /dev/null 2>&1; then
     export OPSD_BENCH_COMMIT="$(git rev-parse HEAD)"
 fi
 step "versions" "$VERSIONS_CAP" "$OUT/versions.txt" $PY -c '
-import importlib, sys
+import importlib.metadata as md, sys
 print("python", sys.version.split()[0])
-for m in ("torch", "triton", "liger_kernel", "matplotlib", "hypothesis", "pytest_benchmark"):
+for m in ("torch", "triton", "liger-kernel", "matplotlib", "hypothesis", "pytest-benchmark"):
     try:
-        print(m, getattr(importlib.import_module(m), "__version__", "?"))
-    except Exception as e:
-        print(m, "missing:", type(e).__name__)
+        print(m, md.version(m))
+    except md.PackageNotFoundError:
+        print(m, "missing")
 import torch
 print("cuda", torch.version.cuda, "available:", torch.cuda.is_available())
 if torch.cuda.is_available():

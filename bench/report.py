@@ -493,7 +493,8 @@ def _plot(rows, op, preset, out_dir, stem):
             ax.set_yscale("log")
             ax.set_xlabel("tokens")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     r0 = rows[0]
     dev = "CPU" if r0.get("device") == "cpu" else "GPU"
     fig.suptitle(f"{op} — {preset} (H={r0['hidden']}, V={r0['vocab']}, {r0['dtype']}) — {dev}")
