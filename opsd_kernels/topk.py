@@ -228,8 +228,9 @@ def _raise_on_bad(bad_range, bad_logprob, bad_mass, dup, mass, ids, lt, V, tail)
 def _tail_outcomes(b, ids, logprobs, valid, log_rest):
     """Student log-probs of the outcomes, from scaled logits ``b`` (modified in place).
 
-    Returns ``(lT, lS, outcome_valid, lse_c, lse)`` where the bucket's outcome is
-    last (lse_c: log-sum-exp over the complement; None for renormalize).
+    Returns ``(lT, lS, outcome_valid, z_c, lse)`` where the bucket's outcome is
+    last; for the bucket ``b`` then holds ``exp(b - m)`` (m: the complement's max, 0 at
+    the ids) and ``z_c`` its row sums; ``z_c`` is None for renormalize.
     """
     zk = b.gather(1, ids)
     zk = torch.where(valid, zk, _NEG_INF)
@@ -241,12 +242,17 @@ def _tail_outcomes(b, ids, logprobs, valid, log_rest):
     # and padding entries' values whatever duplicates the safe index 0 has)
     fill = torch.where(valid, _NEG_INF, math.inf).to(b.dtype)
     b.scatter_reduce_(1, ids, fill, reduce="amin")
-    lse_c = torch.logsumexp(b, 1)
+    # log-sum-exp of the complement, in place: b becomes e = exp(b - m) (<= 1), which the
+    # gradient reuses (exp(b - LSE_C) = e / z_c); no (R, V) temporary
+    m = b.amax(1)
+    m = torch.where(m == _NEG_INF, 0.0, m)
+    z_c = b.sub_(m[:, None]).exp_().sum(1)
+    lse_c = m + z_c.log()
     lse = torch.logaddexp(lse_c, lse_k)
     lS = torch.cat([zk - lse[:, None], (lse_c - lse)[:, None]], 1)
     lT = torch.cat([logprobs, log_rest[:, None]], 1)
     ones = torch.ones_like(valid[:, :1])
-    return lT, lS, torch.cat([valid, ones], 1), lse_c, lse
+    return lT, lS, torch.cat([valid, ones], 1), z_c, lse
 
 
 def outcome_terms(lT, lS, ok, spec: KindSpec, beta: float, clip: float | None):
@@ -272,7 +278,7 @@ def topk_rows_torch(logits, *, ids, logprobs, valid, log_rest, spec, beta, tempe
     """
     inv_t = 1.0 / temperature
     b = logits.mul_(inv_t)
-    lT, lS, ok, lse_c, _ = _tail_outcomes(b, ids, logprobs, valid, log_rest)
+    lT, lS, ok, z_c, _ = _tail_outcomes(b, ids, logprobs, valid, log_rest)
     phi, g = outcome_terms(lT, lS, ok, spec, beta, clip)
     loss = phi.sum(1)
     if not want_grad:
@@ -286,9 +292,9 @@ def topk_rows_torch(logits, *, ids, logprobs, valid, log_rest, spec, beta, tempe
         b.zero_()
     else:
         coef = (g[:, K] - G * lS[:, K].exp()) * row
-        lse_c_safe = torch.where(lse_c == _NEG_INF, 0.0, lse_c)
-        # the ids hold -inf here, so they come out 0 before the scatter below
-        b.sub_(lse_c_safe[:, None]).exp_().mul_(coef[:, None])
+        # b holds exp(b - m): times 1 / z_c it is exp(b - LSE_C); the ids hold 0 here
+        per_row = torch.where(z_c > 0, coef / z_c, 0.0)
+        b.mul_(per_row.reshape(-1, 1))
     b.scatter_add_(1, ids, torch.where(valid, entry, 0.0))
     return loss
 
@@ -337,8 +343,8 @@ def _slice(x, lo, hi):
 
 
 def _rows_per_block(V: int, R: int) -> int:
-    # about 3 float32 rows of width V alive per row (buffer, logsumexp temporaries)
-    budget = max(1, config.chunk_memory_budget // max(1, 3 * V * 4))
+    # about 2 float32 rows of width V alive per row (the buffer, one reduction temporary)
+    budget = max(1, config.chunk_memory_budget // max(1, 2 * V * 4))
     return max(1, min(budget, max(16, -(-R // 8))))
 
 
