@@ -106,6 +106,12 @@ FUSED_SCRIPT = textwrap.dedent("""
         for det in (True, False):
             fb.fused_backward(hs, ht, w, wt, b, bt, mask, st, scale, opts, skip_threshold=1e-6,
                               want_h=True, want_w=True, want_b=want_b, deterministic=det)
+    if torch.float16 in row.dtypes:  # float16 gradients scale dS tiles (SCALE16)
+        h16, w16 = empty(N, H, dt=torch.float16), empty(V, H, dt=torch.float16)
+        for det in (True, False):
+            fb.fused_backward(h16, h16, w16, None, None, None, mask, st, scale, opts,
+                              skip_threshold=0.0, want_h=True, want_w=True, want_b=False,
+                              deterministic=det)
     seen = {}
     for kernel, kw in calls:
         kw = dict(kw)

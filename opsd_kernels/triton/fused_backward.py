@@ -79,6 +79,7 @@ from .fused_forward import ForwardStats, block_extreme
 from .tiles import (
     INPUT_FLAGS,
     count_tile,
+    gradient_operand,
     grouped_tile,
     logit_grad_tile,
     logit_tiles,
@@ -86,7 +87,8 @@ from .tiles import (
     vocab_block,
 )
 
-_BACKWARD_FLAGS = {**INPUT_FLAGS, "SKIP": lambda a: a["skip_ptr"] is not None}
+_BACKWARD_FLAGS = {**INPUT_FLAGS, "SKIP": lambda a: a["skip_ptr"] is not None,
+                   "SCALE16": lambda a: a["hs_ptr"].dtype == torch.float16}
 
 
 @triton.heuristics(_BACKWARD_FLAGS)
@@ -97,7 +99,7 @@ def _fused_dh_kernel(
     N, V, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, stride_map, stride_dh,
     scale_stride, inv_temp, beta, log_beta, log_1m_beta, clip,
     KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_MASK: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr,
+    HAS_MASK: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr, SCALE16: tl.constexpr,
     SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -122,9 +124,7 @@ def _fused_dh_kernel(
                                BLOCK_N, BLOCK_V, BLOCK_K)
             dS = logit_grad_tile(b, a, lse_s, lse_t, G, coef, row_ok, col_ok, beta, log_beta,
                                  log_1m_beta, clip, KIND, HAS_CLIP)
-            dS = dS.to(w_ptr.dtype.element_ty)
-            if UPCAST:
-                dS = dS.to(tl.float32)
+            op, inv = gradient_operand(dS, hs_ptr, SCALE16, UPCAST)
             for k0 in range(0, H, BLOCK_K):
                 k = k0 + ks
                 k_ok = k < H
@@ -135,7 +135,10 @@ def _fused_dh_kernel(
                 ptrs = dh_ptr + rows[:, None] * stride_dh + k[None, :]
                 io = in_range[:, None] & k_ok[None, :]
                 acc = tl.load(ptrs, mask=io, other=0.0)
-                acc = tl.dot(dS, w, acc, input_precision=DOT_PRECISION)
+                if SCALE16:
+                    acc += tl.dot(op, w, input_precision=DOT_PRECISION) * inv
+                else:
+                    acc = tl.dot(op, w, acc, input_precision=DOT_PRECISION)
                 tl.store(ptrs, acc, mask=io)
 
 
@@ -148,7 +151,7 @@ def _fused_dw_kernel(
     N, V, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, stride_map, stride_dw,
     scale_stride, inv_temp, beta, log_beta, log_1m_beta, clip,
     KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_MASK: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr,
+    HAS_MASK: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr, SCALE16: tl.constexpr,
     SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
     WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -178,9 +181,8 @@ def _fused_dw_kernel(
             if WANT_DB:
                 db += tl.sum(dS, axis=0)
             if WANT_DW:
-                dS_t = tl.trans(dS.to(hs_ptr.dtype.element_ty))
-                if UPCAST:
-                    dS_t = dS_t.to(tl.float32)
+                op, inv = gradient_operand(dS, hs_ptr, SCALE16, UPCAST)
+                dS_t = tl.trans(op)
                 for k0 in range(0, H, BLOCK_K):
                     k = k0 + ks
                     k_ok = k < H
@@ -192,7 +194,10 @@ def _fused_dw_kernel(
                     ptrs = dw_ptr + cols[:, None] * stride_dw + k[None, :]
                     io = col_ok[:, None] & k_ok[None, :]
                     acc = tl.load(ptrs, mask=io, other=0.0)
-                    acc = tl.dot(dS_t, x, acc, input_precision=DOT_PRECISION)
+                    if SCALE16:
+                        acc += tl.dot(dS_t, x, input_precision=DOT_PRECISION) * inv
+                    else:
+                        acc = tl.dot(dS_t, x, acc, input_precision=DOT_PRECISION)
                     tl.store(ptrs, acc, mask=io)
     if WANT_DB:
         tl.store(db_ptr + cols, db, mask=col_ok)
@@ -208,7 +213,7 @@ def _fused_backward_kernel(
     N, V, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, stride_map, stride_dh, stride_dw,
     scale_stride, inv_temp, beta, log_beta, log_1m_beta, clip,
     KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_MASK: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr,
+    HAS_MASK: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr, SCALE16: tl.constexpr,
     SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
     WANT_DH: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -235,9 +240,7 @@ def _fused_backward_kernel(
                              log_1m_beta, clip, KIND, HAS_CLIP)
         if WANT_DB:
             tl.atomic_add(db_ptr + cols, tl.sum(dS, axis=0), mask=col_ok)
-        dS16 = dS.to(hs_ptr.dtype.element_ty)
-        if UPCAST:
-            dS16 = dS16.to(tl.float32)
+        dS16, inv = gradient_operand(dS, hs_ptr, SCALE16, UPCAST)
         dS_t = tl.trans(dS16)
         ks = tl.arange(0, BLOCK_K)
         for k0 in range(0, H, BLOCK_K):
@@ -248,7 +251,7 @@ def _fused_backward_kernel(
                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)
                 if UPCAST:
                     w = w.to(tl.float32)
-                part = tl.dot(dS16, w, input_precision=DOT_PRECISION)
+                part = tl.dot(dS16, w, input_precision=DOT_PRECISION) * inv
                 tl.atomic_add(dh_ptr + rows[:, None] * stride_dh + k[None, :], part,
                               mask=in_range[:, None] & k_ok[None, :])
             if WANT_DW:
@@ -256,7 +259,7 @@ def _fused_backward_kernel(
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 if UPCAST:
                     x = x.to(tl.float32)
-                part = tl.dot(dS_t, x, input_precision=DOT_PRECISION)
+                part = tl.dot(dS_t, x, input_precision=DOT_PRECISION) * inv
                 tl.atomic_add(dw_ptr + cols[:, None] * stride_dw + k[None, :], part,
                               mask=col_ok[:, None] & k_ok[None, :])
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import DivergenceOptions
-from ..autograd import _forward_scale, _reduce
+from ..reductions import forward_scale, reduce_rows
 from .configs import resolve_skip_threshold
 from .fused_backward import fused_backward
 from .fused_forward import fused_forward
@@ -59,7 +59,7 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
         bt = None if teacher_bias is None else teacher_bias.contiguous()
         mask1 = None if mask is None else mask.reshape(-1).contiguous()
         N = hs.shape[0]
-        scale = _forward_scale(opts.reduction, mask1, N, hs.device, torch.float32)
+        scale = forward_scale(opts.reduction, mask1, N, hs.device, torch.float32)
         if N == 0:
             loss = torch.zeros(0, dtype=torch.float32, device=hs.device)
             stats = None
@@ -73,7 +73,7 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
         ctx.weight_grad_dtype = weight_grad_dtype
         ctx.deterministic = deterministic
         ctx.meta = (student_hidden.shape, weight.dtype, None if bias is None else bias.dtype)
-        return _reduce(loss, opts.reduction, scale, lead)
+        return reduce_rows(loss, opts.reduction, scale, lead)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -150,6 +150,31 @@ def logit_grad_tile(b, a, lse_s, lse_t, G, coef, row_ok, col_ok, beta, log_beta,
 
 
 @triton.jit
+def gradient_operand(dS, like_ptr, SCALE16: tl.constexpr, UPCAST: tl.constexpr):
+    """``(op, inv)``: the float32 tile ``dS`` as an operand of the gradient dots (the
+    dtype of ``like_ptr``'s elements) and the float32 factor that undoes its scaling
+    (``dot(op, x) * inv``).
+
+    ``SCALE16`` (float16 inputs): ``dS`` is first multiplied by the power of two that
+    puts the tile's largest magnitude in [2^14, 2^15), so small entries keep float16's
+    relative precision instead of going subnormal or to zero (an upstream factor of
+    1/N makes them ~1e-8); scaling and unscaling by powers of two are exact. bfloat16
+    has float32's exponent range and needs no scaling (``inv`` = 1).
+    """
+    inv = 1.0
+    if SCALE16:
+        top = tl.max(tl.max(tl.abs(dS), axis=1), axis=0)
+        biased = (top.to(tl.int32, bitcast=True) >> 23) & 0xFF  # top in [2^(b-127), 2^(b-126))
+        e = tl.minimum(tl.maximum(141 - biased, -100), 100)  # top * 2^e < 2^15
+        dS = dS * ((e + 127) << 23).to(tl.float32, bitcast=True)
+        inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    op = dS.to(like_ptr.dtype.element_ty)
+    if UPCAST:
+        op = op.to(tl.float32)
+    return op, inv
+
+
+@triton.jit
 def count_tile(count_ptr, nb, vb, n_vblocks, COUNT: tl.constexpr):
     """Debug counter: add 1 to tile (nb, vb) of an int32 (token blocks, vocab blocks)
     buffer (tests count the tiles each pass computes)."""
