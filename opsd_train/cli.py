@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +254,19 @@ def _resolve_resume(run: RunConfig, out: Path):
     return path
 
 
+def _check_writable(out: Path) -> None:
+    """Fail now, naming the folder, if the run folder cannot be written."""
+    from .checkpoint import CheckpointWriteError
+
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointWriteError.wrap(e, f"--out {out} is not writable") from e
+
+
 def _held_out_split(run: RunConfig, train):
     from .data import load_jsonl, split_held_out
 
@@ -366,6 +380,7 @@ def _run_real(o: Options) -> dict:
     policies = {**{n: f.metadata["resume"] for n, f in _fields(RunConfig).items()},
                 **TrainConfig.resume_policies()}
     resume_from = _resolve_resume(run, out)
+    _check_writable(out)
     if resume_from is not None:
         stored = ckpt.read_checkpoint_config(resume_from)
         ckpt.check_resume_config(stored, effective, policies, run.resume_override,
@@ -451,10 +466,12 @@ def _run_demo(o: Options) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``opsd-train`` console script; returns the exit code.
 
-    Configuration errors (bad values, unknown keys, a torn or mismatched checkpoint) end
-    the program with ``SystemExit`` and a one-line message, before anything is loaded.
+    Configuration errors (bad values, unknown keys, a torn or mismatched checkpoint, an
+    unwritable run folder) end the program with ``SystemExit`` and a one-line message,
+    before anything is loaded; so do write errors later in the run (disk full), naming
+    the path.
     """
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, CheckpointWriteError
 
     try:
         o = parse_options(argv)
@@ -466,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             _run_real(o)
         else:
             _run_demo(o)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, CheckpointWriteError) as e:
         raise SystemExit(f"opsd-train: error: {e}") from e
     return 0
 

@@ -255,13 +255,16 @@ def _cli_type(tp, name: str):
 
 def _help(f: dataclasses.Field, tp) -> str:
     doc = f.metadata.get("doc", "")
-    if f.default is not dataclasses.MISSING:
-        d = f.default
-        if isinstance(tp, type) and tp is bool:
-            return doc
-        shown = "none" if d is None else ",".join(map(str, d)) if isinstance(d, tuple) else d
-        return f"{doc} (default {shown})" if doc else f"(default {shown})"
-    return doc
+    d = f.default
+    if d is dataclasses.MISSING or d is None or d == ():
+        return doc  # the doc says what absence means
+    if isinstance(d, bool):
+        shown = "on" if d else "off"
+    elif isinstance(d, tuple):
+        shown = ",".join(map(str, d))
+    else:
+        shown = d
+    return f"{doc} (default {shown})"
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, groups: dict | None = None) -> None:

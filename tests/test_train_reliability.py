@@ -170,6 +170,14 @@ def test_missing_model_folder_fails_at_once_without_the_hub(tmp_path, monkeypatc
         main(["--model", str(not_a_model), "--data", str(data)])
 
 
+def test_unwritable_run_folder_fails_before_the_model_loads(tmp_path, tiny_dir):
+    data = _data(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=f"--out {blocker} is not writable"):
+        main(_small_run(tiny_dir, data, blocker))
+
+
 def test_non_utf8_data_names_file_and_line(tmp_path):
     f = tmp_path / "bad.jsonl"
     good = json.dumps({"question": "q", "solution": "s \\boxed{1}"}).encode()
