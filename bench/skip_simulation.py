@@ -100,7 +100,7 @@ def simulate(layout: str, entropy: float, blocks: int, seed: int = 0) -> dict:
     prior = _prior(layout, gen)
     scale = _scale_for_entropy(prior, entropy, seed + 1)
     cfg = FusedConfig(block_n=BN, block_v=BV)
-    thresholds = THRESHOLDS + (resolve_skip_threshold("auto", torch.bfloat16),)
+    thresholds = THRESHOLDS + (resolve_skip_threshold("auto", torch.bfloat16, V),)
     skipped = {thr: 0 for thr in thresholds}
     dropped = {thr: 0.0 for thr in thresholds}  # max over rows of dropped pS + pT mass
     clip_tiles_n, tiles, ent_s, kl = 0, 0, [], []
@@ -130,7 +130,7 @@ def simulate(layout: str, entropy: float, blocks: int, seed: int = 0) -> dict:
 
 
 def report(results: list[dict], blocks: int, secs: float) -> list[str]:
-    auto = resolve_skip_threshold("auto", torch.bfloat16)
+    auto = resolve_skip_threshold("auto", torch.bfloat16, V)
     thr_names = [f"{t:g}" for t in THRESHOLDS] + [f"auto bf16 ({auto:.1e})"]
     md = ["# impl='fused' tile rules on LM-like logits at the Qwen3-4B shape (CPU simulation)",
           "",

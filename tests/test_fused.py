@@ -506,3 +506,36 @@ def test_fp16_tiny_upstream_keeps_gradient_precision(deterministic):
         floor = ((want.half().double() - want).norm() / want.norm()).item()
         rel = ((got - want).norm() / want.norm()).item()
         assert rel <= 1.5 * floor, (k, rel, floor)
+
+
+def test_auto_skip_threshold_through_the_function():
+    """skip_threshold="auto": float32 is exact (bitwise the threshold-0 result); float16
+    skips tiles yet every hidden-gradient entry stays within the documented
+    u |r_i| / tau * max_v |W_vk| of the exact one (plus the float16 rounding of each)."""
+    from opsd_kernels.triton.configs import resolve_skip_threshold
+    from opsd_kernels.triton.fused_function import FusedTritonLinearDivergenceFunction as F
+
+    N, H, V, tau = 24, 16, 300, 1.1
+    r = torch.linspace(-2.0, 1.0, N, dtype=torch.float64)
+    for dtype in (torch.float32, torch.float16):
+        x = peaked_inputs(N, H, V, dtype=dtype)
+        opts = _opts("forward_kl", None, temperature=tau)
+
+        def grad(threshold, x=x, opts=opts):
+            h = x["student_hidden"].detach().clone().requires_grad_()
+            out = F.apply(h, x["teacher_hidden"], x["weight"], None, None, None, None, opts,
+                          threshold, torch.float32)
+            (out * r.to(out)).sum().backward()
+            return h.grad
+
+        exact, auto = grad(0.0), grad("auto")
+        if dtype == torch.float32:
+            assert torch.equal(exact, auto)
+            continue
+        thr = resolve_skip_threshold("auto", dtype, V)
+        assert _skipped_fraction(x, thr, tau) > 0.2  # really skips
+        u = torch.finfo(dtype).eps / 2
+        w_max = x["weight"].double().abs().max(0).values.cpu()
+        bound = u * r.abs()[:, None] / tau * w_max[None, :]
+        rounding = 2 * u * exact.double().abs().cpu()
+        assert ((auto.double() - exact.double()).abs().cpu() <= bound + rounding).all()

@@ -63,9 +63,10 @@ these bounds are tight (the dropped teacher probabilities sit just below the
 threshold, the student's near 0) and checks them.
 
 ``skip_threshold="auto"`` (:func:`~opsd_kernels.triton.configs.resolve_skip_threshold`):
-0 (exact) for float32; for a 16-bit gradient ``u / V_max`` with u the dtype's
-unit roundoff and V_max = 2^20 >= V, so the dropped entries of row i sum to
-less than ``u |r_i| / tau``: half an ulp of the row's gradient scale.
+0 (exact) for float32; for a 16-bit gradient ``u / V`` with u the dtype's unit
+roundoff (2^-8 bfloat16, 2^-11 float16), so the dropped entries of row i sum to
+less than ``V (u / V) |r_i| / tau = u |r_i| / tau``: half an ulp of the row's
+gradient scale (forward KL and JSD).
 """
 
 from __future__ import annotations

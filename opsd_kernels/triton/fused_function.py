@@ -69,7 +69,7 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
         ctx.save_for_backward(hs, ht, w, wt, b, bt, mask1, scale)
         ctx.stats = stats
         ctx.opts = opts
-        ctx.skip_threshold = resolve_skip_threshold(skip_threshold, hs.dtype)
+        ctx.skip_threshold = resolve_skip_threshold(skip_threshold, hs.dtype, w.shape[0])
         ctx.weight_grad_dtype = weight_grad_dtype
         ctx.deterministic = deterministic
         ctx.meta = (student_hidden.shape, weight.dtype, None if bias is None else bias.dtype)
