@@ -657,13 +657,20 @@ class FusedLinearTopkFunction(torch.autograd.Function):
             _, gh, gw, gb = _linear_pass(hs, weight, bias, teacher, mask1, opts, row_fn, chunk,
                                          factor, want_h, want_w, want_b, compute)
         else:
+            if ctx.grads is None:
+                # the stored gradients were scaled in place by the first backward
+                raise RuntimeError(
+                    "fused_linear_topk_divergence supports one backward per forward with "
+                    "reduction 'mean'/'sum' (retain_graph=True then a second backward is not "
+                    "supported); recompute the loss instead")
             gh, gw, gb = ctx.grads
+            ctx.grads = None
             go = grad_out.to(compute)
             go_rows = go.reshape(-1, 1) if ctx.reduction == "none" else go
-            # new tensors (not in place): a retained graph can be backpropagated again
-            gh = None if gh is None else gh * go_rows
-            gw = None if gw is None else gw * go
-            gb = None if gb is None else gb * go
+            # in place: no second (V, H) float32 buffer at the peak
+            gh = None if gh is None else gh.mul_(go_rows)
+            gw = None if gw is None else gw.mul_(go)
+            gb = None if gb is None else gb.mul_(go)
         return (
             None if gh is None or not want_h else gh.to(h_dtype).view(shape),
             None if gw is None or not want_w else gw.to(w_dtype),

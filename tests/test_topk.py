@@ -357,6 +357,15 @@ def test_linear_renormalize_reads_only_k_rows():
     assert_close(ref, expected, torch.float32, "loss")
 
 
+def test_linear_second_backward_is_an_error():
+    x, ids, lp = linear_inputs((4,), 8, 30, 3, torch.float32)
+    x["student_hidden"].requires_grad_()
+    loss = fused_linear_topk_divergence(**x, teacher_ids=ids, teacher_logprobs=lp)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
+
+
 def test_modules():
     from opsd_kernels.modules import FusedLinearTopkDivergence, TopkDivergence
 
