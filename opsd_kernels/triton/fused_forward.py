@@ -55,6 +55,7 @@ the tile extrema, and the backward gives them a zero gradient.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -207,10 +208,16 @@ class ForwardStats:
     cfg: FusedConfig  # the tile sizes these maps use; the backward uses the same
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def device_programs(device: torch.device) -> int:
     """Programs that fill ``device`` twice over (2 per SM on CUDA; 1 elsewhere)."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 2 * _sm_count(device.index if device.index is not None
+                             else torch.cuda.current_device())
     return 1
 
 
