@@ -47,8 +47,8 @@ def test_option_grid(kind, clip, reduction, masked):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_several_token_blocks_and_splits(blocks, kind):
     # 24 tokens = 1.5 token blocks of 16, V = 300 = 9.4 vocabulary blocks of 32 in 3 splits,
-    # H = 40 = 2.5 steps of 16
-    blocks(splits=3)
+    # H = 40 = 2.5 steps of 16; the dH kernel in 3 vocabulary splits (partial sums)
+    blocks(splits=3, dh_splits=3)
     run_case("fused", lead=(3, 8), H=40, V=300, kind=kind, clip=0.05 if kind == "jsd" else None,
              reduction="none", masked=True, bias=True)
 
@@ -131,7 +131,8 @@ def test_low_precision(blocks, dtype, fp32_weight_grad):
              fp32_weight_grad=fp32_weight_grad, masked=True, bias=True, reduction="none")
 
 
-def test_deterministic_and_retain_graph():
+def test_deterministic_and_retain_graph(blocks):
+    blocks(dh_splits=2)  # partial dH sums too are added in a fixed order
     x = make_inputs((20,), 16, 70)
     for k in ("student_hidden", "weight"):
         x[k].requires_grad_()
@@ -369,10 +370,12 @@ def test_clip_pass_infinite_kl_row_recomputes_its_block(blocks):
 @pytest.mark.parametrize("kind, clip", [("forward_kl", None), ("forward_kl", 0.02),
                                         ("jsd", 0.05), ("reverse_kl", None)])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_tile_counts_match_cost_model(kind, clip, frozen):
+def test_tile_counts_match_cost_model(blocks, kind, clip, frozen):
     """Count the tiles every pass computes (debug counters) and check them against
     bench/cost_model.py's tile model: forward stats once per tile, the terms pass per
-    kind/clip, and the backward once per kept tile per kernel."""
+    kind/clip, and the backward once per kept tile per kernel (the dH kernel in 4
+    vocabulary splits: still once)."""
+    blocks(dh_splits=4)
     from bench.cost_model import tiles_per_pass
     from opsd_kernels.triton.fused_backward import fused_backward, skipped_tiles
     from opsd_kernels.triton.fused_forward import fused_forward

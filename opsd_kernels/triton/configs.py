@@ -51,7 +51,9 @@ class FusedConfig:
     forward's grouped launch order: programs running at the same time then touch
     ``group`` token blocks' hidden states (32 x 64 tokens x H=2560 x 2 sides x 2
     bytes = 21 MB, within an H100's 50 MB L2) instead of every token block's, and
-    share each W tile among ``group`` programs.
+    share each W tile among ``group`` programs. ``dh_splits``: vocabulary splits of
+    the deterministic dH kernel (each with a float32 partial dH, summed in a fixed
+    order); None picks enough to fill the device twice over within the dH budget.
     """
 
     block_n: int = 64
@@ -63,6 +65,7 @@ class FusedConfig:
     dot_precision: str = "ieee"
     scratch_bytes: int = 32 * 2**20
     group: int = 32
+    dh_splits: int | None = None
 
 
 @dataclass(frozen=True)

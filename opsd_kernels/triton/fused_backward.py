@@ -15,9 +15,10 @@ Kernels (float32 accumulation throughout):
 
 - deterministic (default; the fp32 summation order is fixed, results are
   bitwise reproducible run to run):
-  * ``_fused_dh_kernel``: one program per token block loops over the vocabulary
-    blocks, recomputes the tile, forms dS and adds dS @ W[v] into its own rows of
-    a float32 dH accumulator (only this program touches those rows).
+  * ``_fused_dh_kernel``: one program per (token block, vocabulary split) loops
+    over the split's vocabulary blocks, recomputes the tile, forms dS and adds
+    dS @ W[v] into its own rows of the split's float32 dH accumulator (only this
+    program touches those rows); the splits' partial sums are added in a fixed order.
   * ``_fused_dw_kernel`` (only when the weight or the bias is trainable; a frozen
     lm_head never launches it): one program per vocabulary block loops over the
     token blocks, recomputes the tile, adds dS^T @ h_S into its rows of a float32
@@ -76,7 +77,7 @@ import triton
 import triton.language as tl
 
 from .configs import block_args, option_args
-from .fused_forward import ForwardStats, block_extreme
+from .fused_forward import ForwardStats, block_extreme, device_programs
 from .tiles import (
     INPUT_FLAGS,
     count_tile,
@@ -98,7 +99,7 @@ def _fused_dh_kernel(
     hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, mask_ptr,
     lse_s_ptr, lse_t_ptr, g_sum_ptr, scale_ptr, skip_ptr, count_ptr, dh_ptr,
     N, V, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, stride_map, stride_dh,
-    scale_stride, inv_temp, beta, log_beta, log_1m_beta, clip,
+    stride_split, blocks_per_split, scale_stride, inv_temp, beta, log_beta, log_1m_beta, clip,
     KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_MASK: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr, SCALE16: tl.constexpr,
     SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
@@ -106,13 +107,17 @@ def _fused_dh_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
+    split = tl.program_id(1)  # vocabulary split: its own float32 partial dH (fixed-order sum)
+    dh_ptr += split.to(tl.int64) * stride_split
+    vb_lo = split * blocks_per_split
+    vb_hi = tl.minimum(vb_lo + blocks_per_split, tl.cdiv(V, BLOCK_V))
     rows, in_range, row_ok = token_block(pid_n, N, mask_ptr, HAS_MASK, BLOCK_N)
     lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
     G = tl.load(g_sum_ptr + rows, mask=in_range, other=0.0)
     coef = tl.load(scale_ptr + rows * scale_stride, mask=in_range, other=0.0) * inv_temp
     ks = tl.arange(0, BLOCK_K)
-    for vb in range(0, tl.cdiv(V, BLOCK_V)):
+    for vb in range(vb_lo, vb_hi):
         compute = True
         if SKIP:
             compute = tl.load(skip_ptr + pid_n.to(tl.int64) * stride_map + vb) == 0
@@ -293,10 +298,14 @@ def fused_backward(
     ``row_scale``: float32, (N,) per-token factors or (1,) for all tokens;
     ``opts``: the :class:`~opsd_kernels._validation.DivergenceOptions` of the forward;
     ``skip_threshold``: a probability threshold (module docstring; 0 is exact).
-    Accumulation is always float32. Deterministic mode: for 16-bit outputs dH is
-    accumulated in a full-size float32 buffer when that is at most a quarter of
-    the weight's bytes, else in token slices of at most ``cfg.scratch_bytes``; dW
-    likewise in vocabulary slices unless ``weight_grad_dtype`` is float32.
+    Accumulation is always float32. Deterministic mode: dH is accumulated in
+    full-size float32 buffers when one is at most max(``cfg.scratch_bytes``, a
+    quarter of the weight's bytes): one per vocabulary split (``cfg.dh_splits``,
+    by default enough programs to fill the device twice, as many as that budget
+    allows), summed in a fixed order; otherwise float32 outputs accumulate in place
+    and 16-bit ones in token slices of at most ``cfg.scratch_bytes``. dW is
+    accumulated in place for a float32 ``weight_grad_dtype``, else in vocabulary
+    slices of at most ``cfg.scratch_bytes``.
     ``deterministic=False``: one kernel, full-size float32 buffers, atomic adds.
     ``tile_counts``: as in :func:`~opsd_kernels.triton.fused_forward.fused_forward`,
     keys ``"dh"``, ``"dw"`` (deterministic) or ``"backward"`` (one pass).
@@ -335,33 +344,45 @@ def fused_backward(
 
     grad_h = grad_w = grad_b = None
     if want_h:
-        grad_h = torch.zeros(N, H, dtype=hs.dtype, device=dev)
-        # float32 accumulation: in place, in one full-size buffer when it is small next
-        # to the weight, else over token slices (a multiple of BLOCK_N) of bounded scratch
-        direct = hs.dtype == torch.float32
+        # float32 accumulation: one full-size buffer when it is small next to the weight
+        # (then S vocabulary splits, each with its own partial buffer summed in a fixed
+        # order, fill the device), else token slices (a multiple of BLOCK_N) of bounded
+        # scratch
+        budget = max(cfg.scratch_bytes, weight.numel() * weight.element_size() // 4)
         dh_bytes = 4 * N * H
-        full = dh_bytes <= weight.numel() * weight.element_size() // 4
-        step = N if direct or full else max(BN, cfg.scratch_bytes // (4 * H) // BN * BN)
-        scratch = None if direct else torch.empty(min(step, N), H, dtype=torch.float32,
-                                                  device=dev)
+        if dh_bytes <= budget:
+            step = N
+            splits = cfg.dh_splits or triton.cdiv(device_programs(dev), n_blocks)
+            splits = max(1, min(splits, n_vblocks, budget // dh_bytes))
+        elif hs.dtype == torch.float32:  # accumulate in the gradient itself
+            step, splits = N, 1
+        else:
+            step, splits = max(BN, cfg.scratch_bytes // (4 * H) // BN * BN), 1
+        per_split = triton.cdiv(n_vblocks, splits)
+        splits = triton.cdiv(n_vblocks, per_split)  # no empty split
+        direct = hs.dtype == torch.float32 and splits == 1
+        grad_h = (torch.zeros if direct else torch.empty)(N, H, dtype=hs.dtype, device=dev)
+        scratch = None if direct else torch.empty(splits, min(step, N), H,
+                                                  dtype=torch.float32, device=dev)
         count = counter("dh")
         for lo in range(0, N, step):
             hi = min(N, lo + step)
-            acc = grad_h if direct else scratch[: hi - lo].zero_()
+            acc = grad_h[None] if direct else scratch[:, : hi - lo].zero_()
             sl = slice(lo, hi)
             blocks = slice(lo // BN, None)
-            _fused_dh_kernel[(triton.cdiv(hi - lo, BN),)](
+            _fused_dh_kernel[(triton.cdiv(hi - lo, BN), splits)](
                 hs_ptr=hs[sl], ht_ptr=ht[sl], w_ptr=weight, b_ptr=bias,
                 mask_ptr=None if mask_u8 is None else mask_u8[sl],
                 lse_s_ptr=stats.lse_s[sl], lse_t_ptr=stats.lse_t[sl],
                 g_sum_ptr=stats.g_sum[sl], scale_ptr=row_scale[sl] if per_row else row_scale,
                 skip_ptr=None if skip is None else skip[blocks],
                 count_ptr=None if count is None else count[blocks], dh_ptr=acc,
-                N=hi - lo, V=V, stride_dh=acc.stride(0),
+                N=hi - lo, V=V, stride_dh=acc.stride(1), stride_split=acc.stride(0),
+                blocks_per_split=per_split,
                 **{k: v for k, v in common.items() if k != "ht_ptr"},
             )
             if not direct:
-                grad_h[sl].copy_(acc)
+                grad_h[sl].copy_(acc[0] if splits == 1 else acc.sum(0))
     if want_w or want_b:
         grad_b = torch.empty(V, dtype=torch.float32, device=dev) if want_b else None
         # float32 weight gradient: accumulate in place; a 16-bit one: in float32 scratch
