@@ -305,7 +305,8 @@ def fused_backward(
     allows), summed in a fixed order; otherwise float32 outputs accumulate in place
     and 16-bit ones in token slices of at most ``cfg.scratch_bytes``. dW is
     accumulated in place for a float32 ``weight_grad_dtype``, else in vocabulary
-    slices of at most ``cfg.scratch_bytes``.
+    slices of ``cfg.scratch_bytes``, or of as many BLOCK_V rows as the device runs
+    programs at a time (2 per SM) if that is more.
     ``deterministic=False``: one kernel, full-size float32 buffers, atomic adds.
     ``tile_counts``: as in :func:`~opsd_kernels.triton.fused_forward.fused_forward`,
     keys ``"dh"``, ``"dw"`` (deterministic) or ``"backward"`` (one pass).
@@ -386,9 +387,11 @@ def fused_backward(
     if want_w or want_b:
         grad_b = torch.empty(V, dtype=torch.float32, device=dev) if want_b else None
         # float32 weight gradient: accumulate in place; a 16-bit one: in float32 scratch
-        # over vocabulary slices (a multiple of BLOCK_V) of bounded size, cast per slice
+        # over vocabulary slices (a multiple of BLOCK_V) of bounded size, cast per slice;
+        # a slice has at least one program per device slot (no launch that idles SMs)
         direct = not want_w or weight_grad_dtype == torch.float32
-        step = V if direct else max(BV, cfg.scratch_bytes // (4 * H) // BV * BV)
+        rows = max(cfg.scratch_bytes // (4 * H), device_programs(dev) * BV)
+        step = V if direct else max(BV, rows // BV * BV)
         if want_w:
             grad_w = torch.zeros(V, H, dtype=weight_grad_dtype, device=dev)
         scratch = None if direct else torch.empty(min(step, V), H, dtype=torch.float32,
