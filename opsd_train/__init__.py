@@ -3,9 +3,11 @@
 
 Modules: ``data`` (problems, loaders, synthetic generator), ``prompts`` (student/teacher
 templates), ``rollout`` (sampling engines), ``step`` (the OPSD loss step with exact
-teacher/student position alignment), ``trainer`` (training loop, checkpoints),
-``evaluate`` (answer checking, pass@1/avg@k), ``tiny`` (the code-built default model and
-tokenizer), ``demo`` (the embedded default run) and ``cli`` (``opsd-train``).
+teacher/student position alignment), ``trainer`` (training loop, ``TrainConfig``),
+``config`` (options as documented dataclass fields: strict checks, CLI flags),
+``checkpoint`` (atomic, verified checkpoints and the resume checks), ``evaluate`` (answer
+checking, pass@1/avg@k), ``tiny`` (the code-built default model and tokenizer), ``demo``
+(the embedded default run) and ``cli`` (``opsd-train``).
 """
 
 from .data import Problem, load_hf_dataset, load_jsonl, synthetic_split

@@ -213,9 +213,18 @@ def parse_options(argv: list[str] | None) -> Options:
         check_keys(run.resume_override, [*_fields(RunConfig), *_fields(TrainConfig)],
                    "resume_override")
     except ConfigError as e:
-        src = sources.get(e.key) if e.key else None
-        raise ConfigError(f"{src}: {e}" if src else str(e), e.key) from e
+        raise ConfigError(_with_source(e, sources.get(e.key) if e.key else None), e.key) from e
     return Options(run, train, demo, opts, sources)
+
+
+def _with_source(e: ConfigError, src: str | None) -> str:
+    """``--max-grad-norm: must be > 0 ...`` or ``config file c.toml: lora: expected ...``."""
+    msg = str(e)
+    if not src:
+        return msg
+    if src.startswith("--"):
+        return f"{src}: {msg.removeprefix(f'{e.key}: ')}"
+    return f"{src}: {msg}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,7 +467,7 @@ def _run_demo(o: Options) -> None:
             src = o.sources["seed"]
         else:
             src = f"config file {o.run.config}" if o.run.config else None
-        raise ConfigError(f"{src}: {e}" if src else str(e), e.key) from e
+        raise ConfigError(_with_source(e, src), e.key) from e
     run_demo(demo, out_dir=o.run.out or "runs/opsd-demo",
              progress=o.given.get("progress", True) is not False)
 

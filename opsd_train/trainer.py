@@ -124,11 +124,13 @@ class TrainConfig:
                        choices=KINDS, group="loss and teacher")
     beta: float = option(0.5, "JSD mixture weight (kind jsd), in (0, 1)",
                          group="loss and teacher")
+    # beta, loss_temperature and clip are range-checked by the kernels' own option checks
+    # (LossConfig -> opsd_kernels._validation.check_options), called from __post_init__
     loss_temperature: float | None = option(None, "temperature of both distributions in "
-                                            "the loss (none = --temperature)", low=0,
-                                            low_open=True, group="loss and teacher")
+                                            "the loss (none = --temperature)",
+                                            group="loss and teacher")
     clip: float | None = option(0.05, "per-vocabulary-entry clip tau (> 0), or none",
-                                low=0, low_open=True, group="loss and teacher")
+                                group="loss and teacher")
     impl: str = option("auto", "opsd_kernels implementation", choices=IMPLS,
                        group="loss and teacher", resume="free")
     chunk_size: int | None = option(None, "tokens per loss chunk (none = automatic)", low=1,
@@ -210,7 +212,13 @@ class TrainConfig:
             return LossConfig(loss=self.loss, kind=self.kind, beta=self.beta, temperature=t,
                               clip=self.clip, impl=self.impl, chunk_size=self.chunk_size)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"loss settings: {e}") from e
+            # the kernels name their argument first; map it back to this config's field
+            word = str(e).split(" ", 1)[0]
+            key = {"temperature": "temperature" if self.loss_temperature is None
+                   else "loss_temperature"}.get(word, word)
+            key = key if key in self.__dataclass_fields__ else None
+            msg = str(e) if key and str(e).startswith(key) else f"{key or 'loss'}: {e}"
+            raise ConfigError(msg, key) from e
 
     def sampling(self) -> SamplingParams:
         """Rollout sampling parameters."""

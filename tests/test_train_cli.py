@@ -10,6 +10,17 @@ from opsd_train.cli import main
 from opsd_train.data import save_jsonl, synthetic_split
 from tests.train_fixtures import TINY_TEST_MODEL
 
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """``--threads`` sets torch's global thread count: give it back after each test."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 TINY_DEMO = {
     "demo": {
         "n_train": 40,
@@ -80,3 +91,24 @@ def test_cli_errors(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="empty"):
         main(["--model", "unused", "--data", str(empty)])
+
+
+def test_cli_demo_is_reproducible(tmp_path):
+    """Two demo runs with the same seed (and thread count) give bit-identical records."""
+    import torch
+
+    small = json.loads(json.dumps(TINY_DEMO))
+    small["demo"].update(n_train=24, n_eval=4, eval_every=0)
+    small["demo"]["warmup"].update(steps=2)
+    small["demo"]["opsd"].update(steps=1)
+    cfg = tmp_path / "demo.json"
+    cfg.write_text(json.dumps(small))
+    runs = []
+    for i, ambient in enumerate((1, 2)):
+        torch.manual_seed(ambient)
+        out = tmp_path / f"run{i}"
+        main(["--config", str(cfg), "--out", str(out), "--no-progress", "--threads", "1"])
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs.append([(r["phase"], r["step"], r.get("loss"), r.get("pass@1")) for r in recs])
+    assert runs[0] == runs[1]
+    assert {p for p, *_ in runs[0]} == {"warmup", "opsd", "control"}

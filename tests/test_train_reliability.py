@@ -31,6 +31,16 @@ from opsd_train.trainer import TrainConfig, Trainer
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """``--threads`` sets torch's global thread count: give it back after each test."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def _data(tmp_path, n_train=12, n_eval=4):
     train, held = synthetic_split(n_train, n_eval, seed=1)
     save_jsonl(train, tmp_path / "train.jsonl")
@@ -48,26 +58,29 @@ def _small_run(model_dir, data, out, *extra):
 # ----------------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize("args, key", [
-    (["--max-grad-norm", "-1"], "max_grad_norm"),
-    (["--max-grad-norm", "0"], "max_grad_norm"),
-    (["--min-lr-ratio", "5"], "min_lr_ratio"),
-    (["--warmup-steps", "-5"], "warmup_steps"),
-    (["--save-every", "-1"], "save_every"),
-    (["--eval-fraction", "-0.1"], "eval_fraction"),
-    (["--eval-n", "-3"], "eval_n"),
-    (["--clip", "0"], "clip"),
-    (["--lr", "nan"], "lr"),
-    (["--top-p", "1.5"], "top_p"),
-    (["--kind", "jsd", "--beta", "1"], "beta"),
-    (["--batch-size", "6", "--grad-accum", "4"], "grad_accum"),
-    (["--keep-last", "0"], "keep_last"),
+@pytest.mark.parametrize("args, pattern", [
+    (["--max-grad-norm", "-1"], "--max-grad-norm: must be > 0 or none, got -1.0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm: must be > 0 or none"),
+    (["--min-lr-ratio", "5"], "--min-lr-ratio: must be <= 1, got 5.0"),
+    (["--warmup-steps", "-5"], "--warmup-steps: must be >= 0, got -5"),
+    (["--save-every", "-1"], "--save-every: must be >= 0"),
+    (["--eval-fraction", "-0.1"], "--eval-fraction: must be >= 0"),
+    (["--eval-n", "-3"], "--eval-n: must be >= 1 or none"),
+    (["--clip", "0"], "--clip: clip must be None or a number > 0"),
+    (["--lr", "nan"], "--lr: must be a finite number"),
+    (["--top-p", "1.5"], "--top-p: must be <= 1"),
+    (["--kind", "jsd", "--beta", "1"], "--beta: beta must lie strictly between 0 and 1"),
+    (["--loss-temperature", "-2"], "--loss-temperature: temperature must be a finite "
+                                   "number > 0"),
+    (["--batch-size", "6", "--grad-accum", "4"], "--grad-accum: batch_size \\(6\\) must be "
+                                                 "divisible by grad_accum \\(4\\)"),
+    (["--keep-last", "0"], "--keep-last: must be >= 1"),
     (["--resume-override", "stesp"], r"resume_override: unknown key 'stesp' \(did you mean "
                                      r"'steps'\?\)"),
 ])
-def test_bad_values_are_rejected_before_anything_is_read(args, key, tmp_path):
+def test_bad_values_are_rejected_before_anything_is_read(args, pattern, tmp_path):
     # the model and data do not exist: the value check must come first
-    with pytest.raises(SystemExit, match=key) as e:
+    with pytest.raises(SystemExit, match=pattern) as e:
         main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.jsonl"),
               *args])
     assert "opsd-train: error" in str(e.value)
@@ -98,9 +111,11 @@ def test_config_files_are_read_strictly(tmp_path, suffix, text, pattern):
 
 def test_config_file_values_and_precedence(tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('steps = 7\nlora = true\nclip = "none"\nbatch_size = 8\n')
+    cfg.write_text('steps = 7\nlora = true\nclip = "none"\nbatch_size = 8\n'
+                   'resume = "latest"\nresume_override = ["steps", "eval_k"]\n')
     o = parse_options(["--config", str(cfg), "--model", "m", "--batch-size", "4"])
-    assert o.run.lora is True
+    assert o.run.lora is True and o.run.resume == "latest"
+    assert o.run.resume_override == ("steps", "eval_k")
     tc = TrainConfig(**o.train)
     assert (tc.steps, tc.clip, tc.batch_size) == (7, None, 4)  # the command line wins
 
