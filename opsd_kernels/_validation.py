@@ -190,9 +190,19 @@ def check_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
-def check_skip_threshold(skip_threshold, impl: str) -> float:
+def check_skip_threshold(skip_threshold, impl: str):
+    """``"auto"`` or a float in [0, 1]; a positive float only with ``impl="fused"``.
+
+    Returned as given (``"auto"`` is resolved by the fused kernels, which know V and
+    the gradient dtype: :func:`opsd_kernels.triton.configs.resolve_skip_threshold`).
+    """
+    if isinstance(skip_threshold, str):
+        if skip_threshold != "auto":
+            raise TypeError(
+                f"skip_threshold must be 'auto' or a float in [0, 1], got {skip_threshold!r}")
+        return skip_threshold
     if isinstance(skip_threshold, bool) or not isinstance(skip_threshold, (int, float)):
-        raise TypeError(f"skip_threshold must be a float, got {skip_threshold!r}")
+        raise TypeError(f"skip_threshold must be 'auto' or a float, got {skip_threshold!r}")
     if not 0.0 <= skip_threshold <= 1.0:
         raise ValueError(f"skip_threshold must lie in [0, 1], got {skip_threshold!r}")
     if skip_threshold > 0 and impl != "fused":

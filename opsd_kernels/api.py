@@ -120,7 +120,8 @@ def fused_linear_divergence(
     impl: str = "auto",
     chunk_size: int | None = None,
     fp32_weight_grad: bool = True,
-    skip_threshold: float = 0.0,
+    skip_threshold: float | str = "auto",
+    deterministic: bool = True,
     process_group=None,
 ) -> torch.Tensor:
     """Divergence computed from hidden states and the lm_head, never the full logits.
@@ -140,45 +141,36 @@ def fused_linear_divergence(
         kind, beta, temperature, clip, mask, reduction: as :func:`divergence`.
         impl: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``,
             ``"fused"``. ``"torch"`` and ``"triton"`` are token-chunked: per chunk one
-            logits GEMM, the row divergence (gradient written over the logits buffer),
-            then the gradient GEMMs; extra memory O(chunk * V). ``"fused"`` (CUDA, or
-            the Triton interpreter) never writes logits to global memory: Triton tiles
-            over (tokens x vocabulary) form both logits with ``tl.dot`` and reduce them
-            at once into per-token statistics; the backward recomputes the tiles.
-            Extra memory O(N) statistics plus O((N / 64) x (V / 128)) tile maxima
-            (and bounded float32 scratch for 16-bit gradients); flops 4NHV (one-pass
-            KL kinds) or 8NHV (jsd / clip) forward, 6NHV backward with a frozen
-            weight, 12NHV with a trainable one. Its backward is deterministic (no
-            atomics): d(student_hidden) by a kernel over token blocks, d(weight) and
-            d(bias) by a kernel over vocabulary blocks.
+            float32 logits GEMM, the row divergence (gradient written over the logits
+            buffer), then the gradient GEMMs; extra memory O(chunk * V); 8NHV flops
+            (6NHV with a frozen weight). ``"fused"`` (CUDA, or the Triton interpreter)
+            never writes logits to global memory: Triton tiles over (tokens x
+            vocabulary) form both logits with ``tl.dot`` and reduce them at once into
+            per-token statistics; the backward recomputes the tiles. Extra memory O(N)
+            statistics plus per-tile maxima and bounded float32 scratch; flops 4NHV
+            forward (plus the tiles an exact bound cannot clear, for clip; every tile
+            again for jsd), backward 6NHV frozen / 12NHV trainable (deterministic) or
+            6 / 8NHV (``deterministic=False``). See :mod:`opsd_kernels.triton.fused_forward`
+            and :mod:`opsd_kernels.triton.fused_backward` for the derivations and bounds.
         chunk_size: tokens per chunk of the chunked impls; None picks it from
             ``opsd_kernels.config.chunk_memory_budget`` (default 512 MiB).
         fp32_weight_grad: accumulate the weight (and bias) gradient over chunks in
             float32 (default; for 16-bit weights this holds a float32 (V, H) buffer, and
             its cast to the weight's dtype at the end); False accumulates in the
-            weight's dtype. (``"fused"``
-            always accumulates in float32; False only avoids a float32 (V, H) buffer:
-            it accumulates in bounded float32 slices cast to the weight's dtype.)
-        skip_threshold: ``impl="fused"`` only, in [0, 1]; 0.0 (default) is exact.
-            The forward records each tile's (64 tokens x 128 entries on CUDA) largest
-            scaled logit (logit / temperature) of both sides; the backward skips,
-            without recomputing it, every tile where ``exp(tile max - smallest LSE of
-            the tile's tokens)`` -- a bound on every probability in the tile -- is
-            below the threshold for the teacher AND the student. The loss is never
-            affected. A skipped entry (i, v) drops
-            ``|dS_iv| <= |r_i| (|g_iv| + pS_iv |G_i|) / temperature`` from the
-            student-logit gradient (``r_i``: token i's upstream factor, e.g.
-            1/count for "mean"; ``G_i = sum_v g_iv``), where with pT, pS < threshold
-            ``|g_iv| <= threshold`` (forward_kl, ``|G_i| <= 1``), ``<= threshold (1 +
-            |lS_iv - lT_iv|)`` (reverse_kl) and ``<= (1 - beta) threshold max(1/e,
-            log(1 / (1 - beta)))`` (jsd); clipped entries pass no gradient anyway. So
-            per token row ``sum_v |error in dS_iv|`` is at most
-            ``|r_i| (1 + |G_i|) min(1, n_skipped * threshold) / temperature`` for
-            forward KL; row i of the hidden-state gradient errs by at most that times
-            ``max |W|``, and row v of the weight gradient by at most ``max |h|`` times
-            ``sum_i |error in dS_iv|`` (each term ``<= 2 |r_i| threshold / temperature``
-            for forward KL). The default stays 0.0 until the accuracy/speed trade-off
-            is measured on a GPU.
+            weight's dtype (a float16 accumulator is then filled in the backward, after
+            the upstream factor, so loss scaling still protects it). ``"fused"`` always
+            accumulates in float32; False only avoids a float32 (V, H) buffer.
+        skip_threshold: ``impl="fused"`` only: ``"auto"`` (default) or a float in
+            [0, 1] (0.0 is exact). The backward skips, without recomputing it, every
+            tile whose teacher and student probabilities are provably all below the
+            threshold; the loss is never affected. ``"auto"`` is exact for float32 and
+            float64, and for 16-bit gradients drops only what provably sums, per token
+            row, to less than half an ulp of the row's gradient scale (forward KL and
+            JSD). The bound and its proof: :mod:`opsd_kernels.triton.fused_backward`.
+        deterministic: ``impl="fused"`` only. True (default): a backward without
+            atomics, bitwise reproducible. False: one backward pass that recomputes each
+            tile once and feeds dH, dW and db through float32 atomic adds (fewer flops;
+            the last bits may vary between runs).
         process_group: None, or a ``torch.distributed.ProcessGroup`` across which the
             vocabulary is split (tensor parallelism): each rank passes its contiguous,
             possibly uneven, rows of ``weight``, ``bias``, ``teacher_weight`` and
@@ -230,6 +222,8 @@ def fused_linear_divergence(
             "'torch', which accept mixed dtypes"
         )
     skip_threshold = check_skip_threshold(skip_threshold, impl)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     V, H = weight.shape
     if chunk_size is None:
         s_op = gemm.operand_dtype(student_hidden.dtype, weight.dtype)
@@ -259,7 +253,7 @@ def fused_linear_divergence(
 
         return FusedTritonLinearDivergenceFunction.apply(
             student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask,
-            opts, skip_threshold, grad_dtype,
+            opts, skip_threshold, grad_dtype, deterministic,
         )
     return FusedLinearDivergenceFunction.apply(
         student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask, opts,

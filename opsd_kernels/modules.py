@@ -49,13 +49,13 @@ class FusedLinearDivergence(torch.nn.Module):
 
     def __init__(self, kind="forward_kl", beta=0.5, temperature=1.0, clip=None,
                  reduction="mean", impl="auto", chunk_size=None, fp32_weight_grad=True,
-                 skip_threshold=0.0, process_group=None):
+                 skip_threshold="auto", deterministic=True, process_group=None):
         super().__init__()
         check_options(kind, beta, temperature, clip, reduction)
         self.kind, self.beta, self.temperature = kind, beta, temperature
         self.clip, self.reduction, self.impl = clip, reduction, impl
         self.chunk_size, self.fp32_weight_grad = chunk_size, fp32_weight_grad
-        self.skip_threshold = skip_threshold
+        self.skip_threshold, self.deterministic = skip_threshold, deterministic
         self.process_group = process_group  # weight rows are this rank's vocabulary slice
 
     def forward(self, student_hidden, teacher_hidden, weight, *, teacher_weight=None,
@@ -65,7 +65,8 @@ class FusedLinearDivergence(torch.nn.Module):
             teacher_bias=teacher_bias, kind=self.kind, beta=self.beta,
             temperature=self.temperature, clip=self.clip, mask=mask, reduction=self.reduction,
             impl=self.impl, chunk_size=self.chunk_size, fp32_weight_grad=self.fp32_weight_grad,
-            skip_threshold=self.skip_threshold, process_group=self.process_group)
+            skip_threshold=self.skip_threshold, deterministic=self.deterministic,
+            process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
