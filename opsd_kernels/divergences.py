@@ -114,6 +114,18 @@ KINDS: dict[str, KindSpec] = {
 }
 
 
+def _shift_to_max(x: torch.Tensor) -> torch.Tensor:
+    """``x - max(x)`` per row (0 shift for a row without a finite maximum).
+
+    log_softmax is shift-invariant, but the scaling by 1/temperature is not safe
+    before it: a float32 logit of 3e38 at temperature 0.5 overflows to inf and the
+    row becomes NaN although its divergence is finite. After the shift every value
+    is <= 0, so the scaling can only underflow (to -inf: a probability of 0).
+    """
+    m = x.amax(dim=-1, keepdim=True)
+    return x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
 def rows_loss_and_grads(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -130,8 +142,8 @@ def rows_loss_and_grads(
     """
     spec, beta, clip = opts.spec, opts.beta, opts.clip
     inv_t = 1.0 / opts.temperature
-    lS = torch.log_softmax(student * inv_t, dim=-1)
-    lT = torch.log_softmax(teacher * inv_t, dim=-1)
+    lS = torch.log_softmax(_shift_to_max(student) * inv_t, dim=-1)
+    lT = torch.log_softmax(_shift_to_max(teacher) * inv_t, dim=-1)
     pS = lS.exp()
     pT = lT.exp()
     phi, g, h = spec.terms(lT, lS, pT, pS, beta)

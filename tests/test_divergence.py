@@ -345,3 +345,19 @@ def test_mixed_float64_is_computed_in_float64():
     ref = divergence_reference(s.float().double(), t, kind="jsd", reduction="none")
     assert out.dtype == torch.float64
     assert_close(out, ref, torch.float64)
+
+
+def test_logits_near_the_float32_limit_stay_finite_torch():
+    """3e38 / 0.5 overflows float32; the divergence itself is finite (the torch path
+    shifts each row by its maximum before scaling by 1/temperature)."""
+    s = torch.tensor([[3.0e38, 2.9e38, -3.0e38, 0.0]], dtype=torch.float32, requires_grad=True)
+    t = torch.tensor([[2.9e38, 3.0e38, 0.0, -1.0e38]], dtype=torch.float32)
+    loss = divergence(s, t, temperature=0.5, impl="torch", kind="jsd")
+    ref_s = s.detach().double().requires_grad_()
+    ref = divergence_reference(ref_s, t.double(), temperature=0.5, kind="jsd")
+    assert torch.isfinite(loss) and torch.isfinite(ref)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    ref.backward()
+    assert torch.isfinite(s.grad).all()
+    torch.testing.assert_close(s.grad.double(), ref_s.grad, rtol=1e-4, atol=1e-6)
