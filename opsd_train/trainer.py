@@ -49,6 +49,7 @@ from .step import (
     sft_loss,
 )
 from .teacher import TEACHER_MODES, Teacher, is_peft_model
+from .topk_teacher import topk_teacher_loss
 
 __all__ = ["TrainConfig", "Trainer", "Row", "cosine_with_warmup", "seed_everything",
            "max_positions"]
@@ -140,6 +141,16 @@ class TrainConfig:
                           group="loss and teacher", resume="fixed")
     ema_decay: float = option(0.999, "EMA decay of the ema teacher", low=0, high=1,
                               group="loss and teacher", resume="fixed")
+    teacher_topk: int | None = option(None, "give the loss the teacher's top-K log-probs "
+                                      "only (from Trainer.topk_engine; default: computed "
+                                      "from the local teacher), or none for the full "
+                                      "distribution", low=1, group="top-k teacher",
+                                      resume="fixed")
+    teacher_topk_tail: str = option("bucket", "top-k teacher: bucket (the rest of the "
+                                    "vocabulary as one outcome) or renormalize (both "
+                                    "distributions over the K ids)",
+                                    choices=("bucket", "renormalize"), group="top-k teacher",
+                                    resume="fixed")
     sft_teacher_fraction: float = option(0.0, "objective sft: share of examples shown "
                                          "with the teacher prompt", low=0, high=1,
                                          group="optimisation")
@@ -182,6 +193,10 @@ class TrainConfig:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be divisible by grad_accum "
                 f"({self.grad_accum})", "grad_accum")
+        if self.teacher_topk is not None:
+            from .topk_teacher import check_topk_config
+
+            check_topk_config(self)
         self.loss_config()  # the kernels' own option checks, before anything is loaded
         self.sampling()
 
@@ -326,6 +341,9 @@ class Trainer:
             lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps,
                                          config.min_lr_ratio),
         )
+        # --teacher-topk: the engine giving the teacher's top-k log-probs (None: the local
+        # teacher, opsd_train.topk_teacher.LocalTopKTeacher)
+        self.topk_engine = None
         self.teacher = (Teacher(model, config.teacher, config.ema_decay)
                         if config.objective == "opsd" else None)
         self.step = 0
@@ -452,8 +470,14 @@ class Trainer:
             with self._autocast():
                 if tb is not None:
                     out["forward_tokens"] += int(tb.attention_mask.sum())
-                    loss, st = opsd_loss(self.model, sb.to(self.device), tb.to(self.device),
-                                         lcfg, teacher_ctx=ctx, normalizer=total_tokens)
+                    if cfg.teacher_topk is not None:  # opsd_train.topk_teacher
+                        loss, st = topk_teacher_loss(self, sb.to(self.device),
+                                                     tb.to(self.device), lcfg, ctx,
+                                                     total_tokens)
+                    else:
+                        loss, st = opsd_loss(self.model, sb.to(self.device),
+                                             tb.to(self.device), lcfg, teacher_ctx=ctx,
+                                             normalizer=total_tokens)
                 else:
                     loss, st = sft_loss(self.model, sb.to(self.device), normalizer=total_tokens)
             loss.backward()
