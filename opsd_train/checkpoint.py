@@ -129,9 +129,14 @@ def _write_file(path: Path, write) -> dict:
     return {"bytes": w.bytes, "sha256": w.sha.hexdigest()}
 
 
-def write_checkpoint(path: str | Path, state: Mapping, config: Mapping, step: int) -> Path:
+def write_checkpoint(path: str | Path, state: Mapping, config: Mapping, step: int, *,
+                     extra: Mapping[str, Path] | None = None) -> Path:
     """Write ``state`` (``torch.save``) and ``config`` (JSON) atomically into folder ``path``.
 
+    ``extra`` maps names to files or folders already written (e.g. the shards of a
+    ``torch.distributed.checkpoint`` save, :mod:`opsd_train.distributed`): each is moved
+    into the checkpoint under its name before the marker, and every file in it is
+    recorded in the marker (size and SHA-256) like the state file.
     An existing checkpoint at ``path`` is replaced only once the new one is complete.
     Raises :class:`CheckpointWriteError` naming the path when a write fails.
     """
@@ -150,6 +155,15 @@ def write_checkpoint(path: str | Path, state: Mapping, config: Mapping, step: in
         current = tmp / CONFIG_FILE
         text = json.dumps({"step": step, "config": dict(config)}, indent=2, default=str)
         files[CONFIG_FILE] = _write_file(current, lambda f: f.write(text.encode()))
+        for name, src in (extra or {}).items():
+            current = tmp / name
+            os.rename(src, current)
+            found = sorted(current.rglob("*")) if current.is_dir() else [current]
+            for f in found:
+                if f.is_file():
+                    files[f.relative_to(tmp).as_posix()] = {
+                        "bytes": f.stat().st_size, "sha256": _file_sha256(f)}
+            _fsync_dir(current if current.is_dir() else tmp)
         marker = {"format": FORMAT, "step": int(step), "files": files}
         current = tmp / MARKER_FILE
         _write_file(current, lambda f: f.write(json.dumps(marker, indent=2).encode()))

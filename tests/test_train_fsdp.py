@@ -1,0 +1,199 @@
+"""FSDP2 data-parallel training under torchrun, on CPU with gloo (2 processes, 127.0.0.1).
+
+Two ranks train the embedded tiny model for a few steps and are compared with one process
+on the same global batch (losses, gradient norms and updated weights within float32
+tolerance); a run resumed from a distributed checkpoint (torch.distributed.checkpoint in
+the atomic checkpoint folder) ends where the uninterrupted one does.
+
+The workers run this file as a module: ``torchrun ... -m tests.test_train_fsdp MODE ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FixedEngine:
+    """Deterministic rollouts (a function of the prompt only), so a sharded run and a
+    single process see the same completions."""
+
+    def generate(self, prompts, params, num_return_sequences=1):
+        out = []
+        for p in prompts:
+            for j in range(num_return_sequences):
+                n = 2 + (sum(p) + j) % 4  # lengths 2..5
+                out.append([(p[-1] * 7 + 3 * i + j) % 200 + 5 for i in range(n)])
+        return out
+
+
+def _config(**kw):
+    from opsd_train.trainer import TrainConfig
+
+    base = dict(steps=3, batch_size=4, grad_accum=2, lr=1e-2, temperature=1.0,
+                top_p=1.0, top_k=0, max_new_tokens=6, clip=0.05, teacher="current",
+                max_grad_norm=0.02, progress=False, eval_at_start=False, eval_at_end=False,
+                seed=1, impl="torch")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _load(tiny_dir):
+    from opsd_train.modeling import load_model_and_tokenizer
+
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer(str(tiny_dir), dtype=torch.float32, device="cpu")
+    torch.manual_seed(7)
+    with torch.no_grad():  # a student that differs from the data's argmax a little
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model, tok
+
+
+def _use_sgd(tr):
+    """SGD with momentum instead of AdamW for the 1-vs-2-process comparison: AdamW's first
+    steps move every weight by about lr * sign(gradient), so gradients at rounding level
+    (different summation orders) would flip whole updates; SGD keeps the float32
+    differences proportional."""
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    tr.optimizer = torch.optim.SGD(params, lr=1.0, momentum=0.9)
+    tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lambda s: 1.0)
+
+
+def _problems():
+    from opsd_train.data import synthetic_split
+
+    return synthetic_split(n_train=16, n_eval=2, seed=3)[0]
+
+
+def _worker(mode: str, tiny_dir: str, out: str) -> None:
+    """One rank. ``first``: train with SGD (written to ``out``), then train a fresh model
+    with AdamW and a checkpoint at step 2 (written to ``out`` with suffix ``.adamw``);
+    ``resume``: resume the AdamW run from that checkpoint. Rank 0 writes each run's
+    history and full weights."""
+    from opsd_train.distributed import DistributedTrainer, init_from_env
+
+    torch.set_num_threads(1)
+    info = init_from_env("cpu")
+    assert info is not None and info.world_size == 2
+    out = Path(out)
+    runs = {"first": [("sgd", out), ("save", out.with_suffix(".adamw"))],
+            "resume": [("resume", out)]}[mode]
+    for kind, dest in runs:
+        model, tok = _load(tiny_dir)
+        run_dir = out.parent / ("sgd-run" if kind == "sgd" else "run")
+        cfg = _config(save_every=2 if kind == "save" else 0)
+        tr = DistributedTrainer(model, tok, _problems(), cfg, info=info,
+                                engine=FixedEngine(), output_dir=run_dir)
+        if kind == "sgd":
+            _use_sgd(tr)
+        if kind == "resume":
+            tr.load_checkpoint(run_dir / "checkpoints" / "step_2")
+        tr.train()
+        sd = tr.full_state_dict()
+        if info.is_main:
+            torch.save({"history": tr.history, "state": sd}, dest)
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(mode: str, tiny_dir, out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "tests.test_train_fsdp", mode, str(tiny_dir), str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return torch.load(out, weights_only=False)
+
+
+def _single_process(tiny_dir):
+    from opsd_train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    model, tok = _load(tiny_dir)
+    tr = Trainer(model, tok, _problems(), _config(), engine=FixedEngine())
+    _use_sgd(tr)
+    tr.train()
+    return tr.history, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_weights(a: dict, b: dict, rtol=1e-4, atol=1e-6):
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:5]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
+def test_fsdp_two_processes_match_one_and_resume(tiny_dir, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        ref_hist, ref_state = _single_process(tiny_dir)
+    finally:
+        torch.set_num_threads(threads)
+    full = _torchrun("first", tiny_dir, tmp_path / "out.pt")
+    steps = [r for r in full["history"] if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for got, ref in zip(steps, ref_hist, strict=True):
+        for key in ("loss", "divergence", "grad_norm"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), (key, got, ref)
+        for key in ("completion_tokens", "rollout_len"):
+            assert got[key] == ref[key], key
+        assert got["world_size"] == 2
+    assert steps[0]["grad_norm"] > _config().max_grad_norm  # the global-norm clip acted
+    # the run moved the weights, and the two ranks' shards reassemble to the 1-process ones
+    init = _load(tiny_dir)[0].state_dict()
+    assert any(not torch.equal(init[k], ref_state[k]) for k in ref_state)
+    _assert_same_weights(full["state"], ref_state)
+    # metrics written once, by rank 0
+    lines = (tmp_path / "sgd-run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+
+    # AdamW run with a checkpoint at step 2 (DCP shards inside the atomic checkpoint
+    # folder), resumed by fresh processes to step 3: the same step 3 and final weights
+    saved = torch.load(tmp_path / "out.adamw", weights_only=False)
+    ck = tmp_path / "run" / "checkpoints" / "step_2"
+    marker = json.loads((ck / "COMPLETE.json").read_text())
+    assert any(name.startswith("dcp/") for name in marker["files"])
+    assert not list(ck.parent.glob(".*"))  # no staging or partial folders left
+    from opsd_train.checkpoint import verify_checkpoint
+
+    verify_checkpoint(ck, deep=True)
+    s_steps = [r for r in saved["history"] if r["event"] == "step"]
+    resumed = _torchrun("resume", tiny_dir, tmp_path / "resumed.pt")
+    r_steps = [r for r in resumed["history"] if r["event"] == "step"]
+    assert [r["step"] for r in r_steps] == [3]
+    for key in ("loss", "grad_norm", "lr", "completion_tokens"):
+        assert r_steps[0][key] == s_steps[2][key], key
+    _assert_same_weights(resumed["state"], saved["state"], rtol=0, atol=0)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]  # no duplicates
+
+
+def test_fsdp_trainer_refuses_unsupported_settings(tiny):
+    from opsd_train.distributed import DistInfo, DistributedTrainer
+
+    model, tok = tiny
+    info = DistInfo(0, 2, 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="divisible by the number of processes"):
+        DistributedTrainer(model, tok, _problems(), _config(batch_size=3, grad_accum=1),
+                           info=info)
+    with pytest.raises(ValueError, match="--lora"):
+        DistributedTrainer(model, tok, _problems(), _config(teacher="fixed"), info=info)
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:4])
