@@ -37,6 +37,7 @@ from .config import (
     option,
     option_fields,
 )
+from .presets import EVAL_PRESET_OPTIONS, apply_presets, preset_names
 
 __all__ = ["main", "build_parser", "load_config_file", "RunConfig", "parse_options"]
 
@@ -60,6 +61,16 @@ class RunConfig:
                                               "steps to extend a run)", group="run",
                                               resume="free", metavar="KEY,...")
     threads: int | None = option(None, "torch CPU threads", low=1, group="run", resume="free")
+    preset: str | None = option(None, "the paper's run in one flag: qwen3-1.7b, qwen3-4b or "
+                                "qwen3-8b (model, LoRA r64/alpha128, 100 steps, thinking "
+                                "flags, clip, grad norm 0.1, LR schedule, --eval-preset "
+                                "paper; see opsd_train.presets); explicit flags override it",
+                                choices=preset_names(), group="run", resume="free")
+    eval_preset: str | None = option(None, "evaluation protocol: paper (T 1.0, top-p 0.95, "
+                                     "no top-k, 38,912 new tokens, avg@12, no greedy); "
+                                     "explicit --eval-* flags override it",
+                                     choices=tuple(EVAL_PRESET_OPTIONS),
+                                     group="evaluation and checkpoints", resume="free")
     model: str | None = option(None, "local folder or hub id of a causal LM (omit for the "
                                "embedded demo)", group="model and data")
     data: str | None = option(None, "training problems, JSONL", group="model and data")
@@ -85,8 +96,19 @@ class RunConfig:
                                "reported)", choices=("error", "drop"), group="model and data")
     student_template: str | None = option(None, "student prompt template, or @file",
                                           group="model and data")
-    teacher_template: str | None = option(None, "teacher prompt template, or @file",
+    teacher_template: str | None = option(None, "teacher prompt template with {problem} "
+                                          "and {solution}, or @file",
                                           group="model and data")
+    eval_template: str | None = option(None, "evaluation prompt template with {problem}, "
+                                       "or @file", group="model and data", resume="free")
+    student_thinking: bool = option(False, "render the student prompt with "
+                                    "enable_thinking (the reference: off)",
+                                    group="model and data")
+    teacher_thinking: bool = option(True, "render the teacher prompt with enable_thinking "
+                                    "(the reference: on)", group="model and data")
+    eval_thinking: bool = option(True, "render the evaluation prompt with enable_thinking "
+                                 "(the reference: on)", group="model and data",
+                                 resume="free")
     chat_template: bool = option(True, "wrap prompts in the tokenizer's chat template",
                                  group="model and data")
     device: str | None = option(None, "torch device (default cuda if available, else cpu)",
@@ -170,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         groups[title] = p.add_argument_group(title)
     add_arguments(p, RunConfig, groups)
     add_arguments(p, TrainConfig, groups)
+    # the former name of --algo (read as --algo by parse_options)
+    groups["optimisation"].add_argument("--objective", dest="objective", help=argparse.SUPPRESS)
     return p
 
 
@@ -188,9 +212,10 @@ class Options:
 def parse_options(argv: list[str] | None) -> Options:
     """Command line + config file -> checked :class:`Options`; raises :class:`ConfigError`
     naming the key and where it came from (nothing is loaded or read besides the file)."""
-    from .trainer import TrainConfig
+    from .trainer import TrainConfig, upgrade_keys
 
     args = vars(build_parser().parse_args(argv))
+    args = upgrade_keys(args, "--objective")
     sources = {k: flag_name(k) for k in args}
     opts: dict = {}
     demo = None
@@ -198,11 +223,22 @@ def parse_options(argv: list[str] | None) -> Options:
         where = f"config file {args['config']}"
         file_opts = load_config_file(args["config"])
         demo = file_opts.pop("demo", None)
+        file_opts = upgrade_keys(file_opts, where)  # the former key objective -> algo
         valid = [n for n in _cli_names(RunConfig) + _cli_names(TrainConfig) if n != "config"]
         check_keys(file_opts, valid + ["demo"], where)
         opts.update(file_opts)
         sources.update({k: where for k in file_opts if k not in args})
     opts.update(args)
+    given = dict(opts)
+    try:
+        opts = apply_presets(opts)
+    except ConfigError as e:
+        raise ConfigError(_with_source(e, sources.get(e.key)), e.key) from e
+    for k in opts:
+        if k not in given:
+            name = opts.get("preset") if k != "eval_preset" and k in _preset_keys(opts) \
+                else opts.get("eval_preset")
+            sources[k] = f"preset {name}"
     run_keys = set(_fields(RunConfig))
     train_keys = set(_cli_names(TrainConfig))
     try:
@@ -214,7 +250,13 @@ def parse_options(argv: list[str] | None) -> Options:
                    "resume_override")
     except ConfigError as e:
         raise ConfigError(_with_source(e, sources.get(e.key) if e.key else None), e.key) from e
-    return Options(run, train, demo, opts, sources)
+    return Options(run, train, demo, given, sources)
+
+
+def _preset_keys(opts: dict) -> set:
+    from .presets import PRESETS
+
+    return set(PRESETS.get(opts.get("preset"), {}))
 
 
 def _with_source(e: ConfigError, src: str | None) -> str:
@@ -277,11 +319,13 @@ def _check_writable(out: Path) -> None:
 
 
 def _held_out_split(run: RunConfig, train):
-    from .data import load_jsonl, split_held_out
+    from .data import split_held_out
+    from .evaluate import load_eval_jsonl
 
     keys = _data_keys(run)
     if run.eval_data:
-        held_out = load_jsonl(run.eval_data, **keys)
+        # answer-only rows are fine: evaluation needs the question and the answer
+        held_out = load_eval_jsonl(run.eval_data, **keys)
         held_q = {p.question for p in held_out}
         kept = [p for p in train if p.question not in held_q]
         removed = len(train) - len(kept)
@@ -313,8 +357,12 @@ def _check_prompt_lengths(run: RunConfig, tc, pb, train, held_out, limit: int | 
     def too_long(p, budget):
         return max(len(pb.student_ids(p)), len(pb.teacher_ids(p))) + budget > limit
 
+    def eval_too_long(p):  # held-out problems may have no solution: no teacher prompt
+        build = pb.eval_ids if tc.eval_prompt == "eval" else pb.student_ids
+        return len(build(p)) + eval_new > limit
+
     bad_train = [i for i, p in enumerate(train) if too_long(p, train_new)]
-    bad_eval = [i for i, p in enumerate(held_out) if too_long(p, eval_new)]
+    bad_eval = [i for i, p in enumerate(held_out) if eval_too_long(p)]
     if not bad_train and not bad_eval:
         return train, held_out
     what = (f"{len(bad_train)} training and {len(bad_eval)} held-out problem(s) have a "
@@ -348,6 +396,7 @@ def _run_real(o: Options) -> dict:
         resolve_model_source,
     )
     from .prompts import (
+        DEFAULT_EVAL_TEMPLATE,
         DEFAULT_STUDENT_TEMPLATE,
         DEFAULT_TEACHER_TEMPLATE,
         PromptBuilder,
@@ -366,7 +415,7 @@ def _run_real(o: Options) -> dict:
         precision, autocast = "fp32", "bf16"
     dtype = resolve_dtype(precision, device)
     tc = TrainConfig(**o.train)
-    tc.phase = tc.objective
+    tc.phase = tc.algo
     tc.autocast = autocast
     # 2. paths, before anything is read
     if not run.data and not run.hf_dataset:
@@ -382,6 +431,7 @@ def _run_real(o: Options) -> dict:
                               "datasets (or convert the data to JSONL for --data)") from e
     student_tpl = load_template(run.student_template) or DEFAULT_STUDENT_TEMPLATE
     teacher_tpl = load_template(run.teacher_template) or DEFAULT_TEACHER_TEMPLATE
+    eval_tpl = load_template(run.eval_template) or DEFAULT_EVAL_TEMPLATE
     resolve_model_source(run.model)
     out = Path(run.out or "runs/opsd")
     # 3. the checkpoint to resume, and its configuration against this one
@@ -403,7 +453,9 @@ def _run_real(o: Options) -> dict:
                                 config_name=run.hf_config, **keys)
     train, held_out = _held_out_split(run, train)
     tok = load_tokenizer(run.model)
-    pb = PromptBuilder(tok, student_tpl, teacher_tpl, use_chat_template=run.chat_template)
+    pb = PromptBuilder(tok, student_tpl, teacher_tpl, use_chat_template=run.chat_template,
+                       eval_template=eval_tpl, student_thinking=run.student_thinking,
+                       teacher_thinking=run.teacher_thinking, eval_thinking=run.eval_thinking)
     limit = getattr(load_model_config(run.model), "max_position_embeddings", None)
     train, held_out = _check_prompt_lengths(run, tc, pb, train, held_out,
                                             limit if isinstance(limit, int) else None)
@@ -432,8 +484,8 @@ def _run_real(o: Options) -> dict:
             e, f"cannot write the final weights to {out / 'final'}") from e
     summary = {"steps": trainer.step, "evals": [e.to_dict() for e in evals]}
     if evals:
-        print(f"[opsd-train] held-out pass@1: start {evals[0].pass1:.3f} -> "
-              f"end {evals[-1].pass1:.3f} (n={evals[-1].n})")
+        print(f"[opsd-train] held-out {evals[-1].score_name}: start {evals[0].score:.3f} -> "
+              f"end {evals[-1].score:.3f} (n={evals[-1].n})")
     try:
         from .demo import plot_run
 

@@ -39,7 +39,8 @@ from .data import Problem, save_jsonl, synthetic_split
 from .tiny import TINY_MODEL_DEFAULTS, build_tiny_model, build_tokenizer
 from .trainer import TrainConfig, Trainer, seed_everything
 
-__all__ = ["DemoConfig", "run_demo", "plot_run", "deviated_solution"]
+__all__ = ["DemoConfig", "run_demo", "plot_run", "deviated_solution", "token_table",
+           "plot_accuracy_vs_tokens"]
 
 _EQ_RE = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -79,16 +80,28 @@ def deviated_solution(problem: Problem, rng: random.Random) -> tuple[str, str, s
 
 
 def _warmup_defaults() -> dict:
-    return dict(objective="sft", steps=400, batch_size=32, lr=3e-3, warmup_steps=20,
+    return dict(algo="sft", steps=400, batch_size=32, lr=3e-3, warmup_steps=20,
                 min_lr_ratio=0.1, weight_decay=0.0, sft_teacher_fraction=0.3,
                 max_grad_norm=1.0)
 
 
 def _opsd_defaults() -> dict:
-    return dict(objective="opsd", steps=50, batch_size=32, lr=2e-4, warmup_steps=0,
+    return dict(algo="opsd", steps=50, batch_size=32, lr=2e-4, warmup_steps=0,
                 min_lr_ratio=0.1, teacher="fixed", kind="forward_kl", clip=None,
                 temperature=0.5, loss_temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=48,
                 max_grad_norm=1.0)
+
+
+def _grpo_defaults() -> dict:
+    # steps, learning rate and schedule, rollout length and seed follow the OPSD phase;
+    # batch_size (prompts) defaults to the OPSD batch size / group_size: the same number
+    # of rollouts per step. Sampling at T 1.0: a group needs diverse answers to learn.
+    return dict(algo="grpo", group_size=4, temperature=1.0, top_p=1.0, top_k=0)
+
+
+# OPSD-phase settings the GRPO control and the SFT control copy (unless set in their table)
+_SHARED_WITH_OPSD = ("steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
+                     "max_grad_norm", "grad_accum", "seed", "lr_schedule", "lr_horizon")
 
 
 @dataclass
@@ -115,6 +128,9 @@ class DemoConfig:
     warmup: dict = option(default_factory=_warmup_defaults, doc="warm-up TrainConfig",
                           cli=False)
     opsd: dict = option(default_factory=_opsd_defaults, doc="OPSD TrainConfig", cli=False)
+    grpo: dict = option(default_factory=_grpo_defaults, doc="GRPO control TrainConfig "
+                        "(unset steps, lr, schedule, rollout length and seed: the OPSD "
+                        "phase's)", cli=False)
     control_sft_teacher_fraction: float | None = option(
         None, "teacher-format share of the control (none = the warm-up's)", low=0, high=1,
         cli=False)
@@ -147,7 +163,7 @@ class DemoConfig:
         kw = {}
         for k, v in d.items():
             default = cls.__dataclass_fields__[k].default_factory
-            if k in ("warmup", "opsd") and isinstance(v, dict):
+            if k in ("warmup", "opsd", "grpo") and isinstance(v, dict):
                 kw[k] = {**default(), **v}
             else:
                 kw[k] = v
@@ -155,18 +171,24 @@ class DemoConfig:
 
     def phase_configs(self) -> dict[str, TrainConfig]:
         """The :class:`~opsd_train.trainer.TrainConfig` of each phase (``warmup``,
-        ``opsd``, ``control``), checked."""
+        ``opsd``, ``control`` (SFT), ``grpo``), checked."""
         frac = self.control_sft_teacher_fraction
         if frac is None:
             frac = self.warmup.get("sft_teacher_fraction", 0.0)
         control_over = {k: v for k, v in self.opsd.items()
-                        if k in ("steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio",
-                                 "weight_decay", "max_grad_norm", "grad_accum", "seed")}
+                        if k in (*_SHARED_WITH_OPSD, "batch_size")}
+        grpo = {k: v for k, v in self.opsd.items()
+                if k in (*_SHARED_WITH_OPSD, "max_new_tokens")}
+        grpo.update(self.grpo)
+        if "batch_size" not in self.grpo:
+            g = self.grpo.get("group_size", 8)
+            grpo["batch_size"] = max(1, self.opsd.get("batch_size", 32) // g)
         return {
             "warmup": _phase_config(self.warmup, self, "warmup"),
             "opsd": _phase_config(self.opsd, self, "opsd"),
-            "control": _phase_config(dict(objective="sft", sft_teacher_fraction=frac,
+            "control": _phase_config(dict(algo="sft", sft_teacher_fraction=frac,
                                           **control_over), self, "control"),
+            "grpo": _phase_config(grpo, self, "grpo"),
         }
 
 
@@ -179,6 +201,8 @@ def _phase_config(d: dict, cfg: DemoConfig, phase: str, **over) -> TrainConfig:
              eval_temperature=cfg.eval_temperature,
              eval_max_new_tokens=cfg.eval_max_new_tokens)
     x.setdefault("max_new_tokens", cfg.eval_max_new_tokens)
+    # the tiny model only ever saw the training prompt (no separate evaluation template)
+    x.setdefault("eval_prompt", "student")
     where = f"demo.{phase}" if phase != "control" else "demo (control phase)"
     try:
         return TrainConfig.from_dict(x, where)
@@ -228,7 +252,7 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
     def trainer(tc: TrainConfig) -> Trainer:
         tc.progress = progress
         return Trainer(model, tok, train, tc, eval_problems=held_out, output_dir=out,
-                       sft_example_fn=sft_example if tc.objective == "sft" else None)
+                       sft_example_fn=sft_example if tc.algo == "sft" else None)
 
     # 1. warm-up (or reuse a saved warm-up)
     t0 = time.perf_counter()
@@ -253,8 +277,8 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
     ot = trainer(phases["opsd"])
     before = ot.evaluate()
     teacher = ot.evaluate(role="teacher")
-    log(f"[opsd-demo] before: student pass@1 {before.pass1:.3f}, "
-        f"teacher (solution in context) pass@1 {teacher.pass1:.3f}")
+    log(f"[opsd-demo] before: student {before.score_name} {before.score:.3f}, "
+        f"teacher (solution in context) {teacher.score:.3f}")
 
     # 3. OPSD
     t0 = time.perf_counter()
@@ -271,6 +295,14 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
     t_ctl = time.perf_counter() - t0
     control = ct.evaluate()
 
+    # 5. GRPO control from the same warmed-up weights (group rollouts, binary reward)
+    model.load_state_dict(warm_state)
+    gt = trainer(phases["grpo"])
+    t0 = time.perf_counter()
+    gt.train()
+    t_grpo = time.perf_counter() - t0
+    grpo = gt.evaluate()
+
     wall = time.perf_counter() - t_start
     opsd_steps = [r for r in ot.history if r["event"] == "step"]
     summary = {
@@ -280,23 +312,37 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
         "teacher_with_solution": teacher.to_dict(),
         "student_after_opsd": after.to_dict(),
         "student_after_control_sft": control.to_dict(),
+        "student_after_grpo": grpo.to_dict(),
         "opsd_steps": ot.step,
         "control_steps": ct.step,
+        "grpo_steps": gt.step,
+        "generated_tokens": {"opsd": ot.generated_tokens_total, "control": 0,
+                             "grpo": gt.generated_tokens_total},
         "warmup_steps": warm_steps,
         "divergence_first": opsd_steps[0]["divergence"] if opsd_steps else None,
         "divergence_last": opsd_steps[-1]["divergence"] if opsd_steps else None,
-        "time_s": {"warmup": t_warm, "opsd": t_opsd, "control": t_ctl, "total": wall},
+        "time_s": {"warmup": t_warm, "opsd": t_opsd, "control": t_ctl, "grpo": t_grpo,
+                   "total": wall},
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
         "config": asdict(cfg),
         "samples_after_opsd": after.samples[:3],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    table = token_table(out / "metrics.jsonl")
+    (out / "accuracy_vs_tokens.md").write_text(table)
     try:
         plot_run(out / "metrics.jsonl", out / "opsd_demo.png", summary)
+        plot_accuracy_vs_tokens(out / "metrics.jsonl", out / "accuracy_vs_tokens.png",
+                                seed=cfg.seed)
     except ImportError:  # pragma: no cover - matplotlib missing
-        log("[opsd-demo] matplotlib not installed: no plot written")
-    log(f"[opsd-demo] held-out pass@1 (n={len(held_out)}): before {before.pass1:.3f} | "
-        f"after OPSD {after.pass1:.3f} | after SFT control {control.pass1:.3f} | "
-        f"teacher w/ solution {teacher.pass1:.3f}")
+        log("[opsd-demo] matplotlib not installed: no plots written (the table "
+            "accuracy_vs_tokens.md is)")
+    log(f"[opsd-demo] held-out {before.score_name} (n={len(held_out)}): before "
+        f"{before.score:.3f} | after OPSD {after.score:.3f} | after SFT control "
+        f"{control.score:.3f} | after GRPO control {grpo.score:.3f} | teacher w/ solution "
+        f"{teacher.score:.3f}")
+    log("[opsd-demo] accuracy against training tokens generated (rollouts):\n" + table)
     log(f"[opsd-demo] divergence {summary['divergence_first']:.4f} -> "
         f"{summary['divergence_last']:.4f}; wall time {wall:.0f}s; results in {out}")
     return summary
@@ -346,6 +392,98 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, summary: dict | Non
                      f"{summary['student_before']['pass@1']:.3f} -> "
                      f"{summary['student_after_opsd']['pass@1']:.3f} (OPSD) vs "
                      f"{summary['student_after_control_sft']['pass@1']:.3f} (SFT control)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:  # pragma: no cover
+        return None
+
+
+_METHODS = (("opsd", "OPSD"), ("control", "SFT"), ("grpo", "GRPO"))
+
+
+def _student_evals(recs: list[dict], phase: str) -> list[dict]:
+    """The student evaluations of ``phase``, starting from the shared warmed-up point."""
+    start = [r for r in recs if r["event"] == "eval" and r["phase"] == "opsd"
+             and r["role"] == "student" and r["step"] == 0][:1]
+    es = [r for r in recs if r["event"] == "eval" and r["phase"] == phase
+          and r["role"] == "student" and not (phase == "opsd" and r["step"] == 0)]
+    return start + es if es or phase == "opsd" else []
+
+
+def token_table(metrics_path: str | Path) -> str:
+    """A Markdown table of held-out accuracy against the training tokens generated so far
+    (rollouts; SFT generates none), per method and evaluation step, from a demo's
+    ``metrics.jsonl``.
+
+    >>> import tempfile, os
+    >>> recs = [dict(event="eval", phase="opsd", role="student", step=0, score=0.5,
+    ...              score_name="pass@1", train_generated_tokens=0),
+    ...         dict(event="eval", phase="opsd", role="student", step=2, score=0.75,
+    ...              score_name="pass@1", train_generated_tokens=96)]
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.jsonl")
+    >>> _ = open(path, "w").write("\\n".join(json.dumps(r) for r in recs))
+    >>> print(token_table(path))
+    | method | step | generated tokens | held-out pass@1 |
+    |---|---:|---:|---:|
+    | OPSD | 0 | 0 | 0.500 |
+    | OPSD | 2 | 96 | 0.750 |
+    """
+    recs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    rows = []
+    name = "accuracy"
+    for phase, label in _METHODS:
+        for r in _student_evals(recs, phase):
+            name = r.get("score_name", name)
+            rows.append(f"| {label} | {r['step']} | {r.get('train_generated_tokens', 0)} | "
+                        f"{r['score']:.3f} |")
+    head = f"| method | step | generated tokens | held-out {name} |\n|---|---:|---:|---:|"
+    return "\n".join([head, *rows])
+
+
+def plot_accuracy_vs_tokens(metrics_path: str | Path, png_path: str | Path,
+                            seed: int | None = None) -> None:
+    """The paper's token-efficiency view of a demo run: held-out accuracy against the
+    training tokens generated (left; SFT generates none, so it is a line at its final
+    accuracy) and against optimizer steps (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
+    name = "accuracy"
+    for phase, label in _METHODS:
+        es = _student_evals(recs, phase)
+        if not es:
+            continue
+        name = es[-1].get("score_name", name)
+        x_tok = [r.get("train_generated_tokens", 0) for r in es]
+        y = [r["score"] for r in es]
+        if phase == "control":
+            ax_t.axhline(y[-1], color="C1", ls="--", label=f"{label} after {es[-1]['step']} "
+                         "steps (0 tokens generated)")
+        else:
+            ax_t.plot(x_tok, y, "o-", label=label)
+        ax_s.plot([r["step"] for r in es], y, "s--" if phase == "control" else "o-",
+                  label=label)
+    ax_t.set(title="held-out accuracy vs training tokens generated",
+             xlabel="rollout tokens generated", ylabel=name)
+    ax_s.set(title="held-out accuracy vs optimizer steps", xlabel="step", ylabel=name)
+    for ax in (ax_t, ax_s):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if seed is not None:
+        fig.suptitle(f"embedded demo (seed {seed}): OPSD vs SFT vs GRPO from the same "
+                     "warmed-up weights")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

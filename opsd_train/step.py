@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
+
+from opsd_kernels.hf import causal_lm_backbone, causal_lm_head, causal_lm_hidden_states
 
 __all__ = [
     "LossConfig",
@@ -30,8 +31,10 @@ __all__ = [
     "final_hidden_states",
     "gather_completion_states",
     "token_logprobs",
+    "head_bias",
     "opsd_loss",
     "sft_loss",
+    "grpo_step_loss",
 ]
 
 LOSS_TYPES = ("full", "sampled_token")
@@ -148,33 +151,35 @@ def pack_batch(
 
 def get_body(model):
     """The transformer body of a causal LM (the module producing final, normed hidden
-    states), unwrapping ``peft`` models. Raises ``ValueError`` if there is none."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    prefix = getattr(base, "base_model_prefix", None)
-    body = getattr(base, prefix, None) if prefix else None
-    if body is None or body is base:
-        raise ValueError(
-            f"{type(base).__name__} has no separate transformer body "
-            f"(attribute {prefix!r}); load the model as a *ForCausalLM"
-        )
-    return body
+    states), unwrapping ``peft`` models: :func:`opsd_kernels.hf.causal_lm_backbone` (the
+    one place that follows ``transformers``' layout). Raises ``ValueError`` if there is
+    none."""
+    return causal_lm_backbone(model)
 
 
 def get_lm_head(model) -> torch.nn.Module:
-    """The model's lm_head (output embeddings); ``ValueError`` if it has none."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or getattr(head, "weight", None) is None:
-        raise ValueError(
-            f"{type(model).__name__} has no lm_head (output embeddings): OPSD needs a causal "
-            "language model; load it with AutoModelForCausalLM"
-        )
-    return head
+    """The model's lm_head module (output embeddings), checked by
+    :func:`opsd_kernels.hf.causal_lm_head`; ``ValueError`` if it has none."""
+    try:
+        causal_lm_head(model)
+    except ValueError as e:
+        raise ValueError(f"{e}; OPSD needs a causal language model") from e
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings()
+
+
+def head_bias(model) -> torch.Tensor | None:
+    """The lm_head bias as the fused losses need it next to :func:`final_hidden_states`
+    (scaled by the model's logit scale, like the hidden states), or ``None``."""
+    _, bias, scale = causal_lm_head(model)
+    return bias if bias is None or scale == 1.0 else bias * scale
 
 
 def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Final (post-norm) hidden states ``(B, T, H)`` from the model body; no logits."""
-    out = get_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    """Final (post-norm) hidden states ``(B, T, H)`` from the model body, no logits:
+    :func:`opsd_kernels.hf.causal_lm_hidden_states` (scalar logit multipliers folded in,
+    so ``hidden @ lm_head.weight.T + head_bias(model)`` are the model's logits)."""
+    return causal_lm_hidden_states(model, input_ids, attention_mask).hidden_states
 
 
 def gather_completion_states(hidden: torch.Tensor, starts: torch.Tensor, width: int):
@@ -192,11 +197,6 @@ def gather_completion_states(hidden: torch.Tensor, starts: torch.Tensor, width: 
     return hidden.gather(1, pos.unsqueeze(-1).expand(b, width, hdim))
 
 
-def _chunk_logprobs(h, w, b, y, temperature):
-    logits = torch.nn.functional.linear(h, w, b).float() / temperature
-    return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -204,31 +204,26 @@ def token_logprobs(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """``log softmax(hidden @ weight.T / temperature)[target]`` for each row, in float32,
-    computed in row chunks (logits of one chunk at a time, recomputed in backward).
+    """``log softmax(hidden @ weight.T / temperature)[target]`` for each row, float32
+    (float64 for float64 inputs) whatever the weight's dtype:
+    :func:`opsd_train.grpo.completion_logprobs` (never the full logits; the logits a loss
+    reads are float32, the project's precision rule).
 
     >>> h, w = torch.randn(5, 4), torch.randn(7, 4)
     >>> y = torch.tensor([0, 1, 2, 3, 4])
     >>> ref = torch.log_softmax(h @ w.T, -1)[torch.arange(5), y]
     >>> torch.allclose(token_logprobs(h, w, y, chunk_size=2), ref, atol=1e-6)
     True
+    >>> token_logprobs(h.bfloat16(), w.bfloat16(), y).dtype
+    torch.float32
     """
-    shape = targets.shape
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = targets.reshape(-1)
-    outs = []
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    for s in range(0, h.shape[0], chunk_size):
-        args = (h[s : s + chunk_size], weight, bias, y[s : s + chunk_size], temperature)
-        if grad:
-            outs.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
-        else:
-            outs.append(_chunk_logprobs(*args))
-    if not outs:
-        return hidden.new_zeros(shape, dtype=torch.float32)
-    return torch.cat(outs).view(shape)
+    from .grpo import completion_logprobs
+
+    return completion_logprobs(hidden, weight, targets, mask=mask, bias=bias,
+                               temperature=temperature, impl="chunked", chunk_size=chunk_size)
 
 
 def _fused_divergence():
@@ -280,7 +275,7 @@ def opsd_loss(
 
     h_s = final_hidden_states(model, student.input_ids, student.attention_mask)
     h_s = gather_completion_states(h_s, student.starts, width)
-    bias = getattr(head, "bias", None)
+    bias = head_bias(model)
     # The loss runs outside autocast, with hidden states in the lm_head's dtype.
     with torch.autocast(h_s.device.type, enabled=False):
         h_s = h_s.to(head.weight.dtype)
@@ -315,11 +310,13 @@ def _opsd_loss_tail(head, h_s, h_t, bias, t_w, t_b, mask, student, config, norm,
         div_sum = total.detach().float()
     else:
         y = student.completion
-        lp_s = token_logprobs(h_s, head.weight, y, bias=bias, temperature=config.temperature)
+        lp_s = token_logprobs(h_s, head.weight, y, bias=bias, temperature=config.temperature,
+                              mask=mask)
         with torch.no_grad():
             w_t = head.weight if t_w is None else t_w
             b_t = bias if t_w is None else t_b
-            lp_t = token_logprobs(h_t, w_t, y, bias=b_t, temperature=config.temperature)
+            lp_t = token_logprobs(h_t, w_t, y, bias=b_t, temperature=config.temperature,
+                                  mask=mask)
         adv = (lp_t - lp_s).detach()
         per_tok = torch.where(mask, -adv * lp_s, torch.zeros_like(lp_s))
         total = per_tok.sum()
@@ -337,8 +334,34 @@ def sft_loss(model, batch: PackedBatch, normalizer: float | None = None):
     h = gather_completion_states(h, batch.starts, width)
     with torch.autocast(h.device.type, enabled=False):
         lp = token_logprobs(h.to(head.weight.dtype), head.weight, batch.completion,
-                            bias=getattr(head, "bias", None))
+                            bias=head_bias(model), mask=batch.mask)
     nll = torch.where(batch.mask, -lp, torch.zeros_like(lp)).sum()
     tokens = int(batch.mask.sum())
     norm = float(normalizer) if normalizer is not None else float(max(tokens, 1))
     return nll / norm, {"div_sum": float(nll.detach()), "tokens": tokens}
+
+
+def grpo_step_loss(model, batch: PackedBatch, advantages: torch.Tensor, *,
+                   temperature: float = 1.0, clip_eps: float = 0.2,
+                   loss_type: str = "grpo", normalizer: float | None = None):
+    """The GRPO loss of one micro-batch of rollouts (:func:`opsd_train.grpo.grpo_loss`,
+    on-policy: ratio 1) from the completion hidden states and the lm_head, never forming
+    full logits; log-probs in float32 at the sampling ``temperature``. ``advantages``:
+    ``(B,)``. ``normalizer``: rollouts (``loss_type="grpo"``) or tokens (``"token"``) of
+    the whole step, so micro-batch losses add up to the step's loss. Returns
+    ``(loss, stats)`` with ``stats["div_sum"]`` the summed ``-log p`` of the completion
+    tokens (for logging) and ``stats["tokens"]``."""
+    from .grpo import grpo_loss
+
+    head = get_lm_head(model)
+    width = batch.completion.shape[1]
+    h = final_hidden_states(model, batch.input_ids, batch.attention_mask)
+    h = gather_completion_states(h, batch.starts, width)
+    # the kernel path (K = 1 top-k kernel) on CUDA; the chunked float32 loop on CPU
+    impl = "auto" if h.device.type == "cuda" else "chunked"
+    with torch.autocast(h.device.type, enabled=False):
+        loss = grpo_loss(h.to(head.weight.dtype), head.weight, batch.completion,
+                         advantages.to(h.device), batch.mask, bias=head_bias(model),
+                         temperature=temperature, clip_eps=clip_eps, loss_type=loss_type,
+                         normalizer=normalizer, impl=impl)
+    return loss, {"div_sum": 0.0, "tokens": int(batch.mask.sum())}

@@ -33,6 +33,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, check_fields, from_mapping, option, option_fields, to_dict
 from .data import Problem
 from .evaluate import EvalResult, evaluate_problems
+from .grpo import binary_rewards, group_advantages
 from .modeling import ensure_pad_token
 from .prompts import PromptBuilder
 from .rollout import HFGenerateEngine, SamplingParams
@@ -44,6 +45,7 @@ from .step import (
     PackedBatch,
     get_body,
     get_lm_head,
+    grpo_step_loss,
     opsd_loss,
     pack_batch,
     sft_loss,
@@ -51,10 +53,14 @@ from .step import (
 from .teacher import TEACHER_MODES, Teacher, is_peft_model
 from .topk_teacher import topk_teacher_loss
 
-__all__ = ["TrainConfig", "Trainer", "Row", "cosine_with_warmup", "seed_everything",
-           "max_positions"]
+__all__ = ["TrainConfig", "Trainer", "Row", "cosine_with_warmup", "lr_multiplier",
+           "seed_everything", "max_positions", "upgrade_keys"]
 
-OBJECTIVES = ("opsd", "sft")
+ALGOS = ("opsd", "sft", "grpo")
+OBJECTIVES = ALGOS  # the former name of the --algo choices
+LR_SCHEDULES = ("constant", "linear", "cosine")
+LOSS_NORMALIZATIONS = ("global", "microbatch")
+EVAL_PROMPTS = ("eval", "student")
 
 
 def seed_everything(seed: int) -> None:
@@ -77,6 +83,25 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def upgrade_keys(d: dict, where: str = "") -> dict:
+    """``d`` with the former key ``objective`` renamed ``algo`` (an error if both are
+    given with different values).
+
+    >>> upgrade_keys({"objective": "sft"})
+    {'algo': 'sft'}
+    """
+    if "objective" not in d:
+        return d
+    d = dict(d)
+    value = d.pop("objective")
+    if "algo" in d and d["algo"] != value:
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}objective (the former name of algo) = {value!r} "
+                          f"contradicts algo = {d['algo']!r}: give algo only", "algo")
+    d.setdefault("algo", value)
+    return d
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run's training (defaults follow the method's v3 setup
@@ -90,9 +115,10 @@ class TrainConfig:
     ``grad_accum`` micro-batches.
     """
 
-    objective: str = option("opsd", "training objective: opsd, or sft (teacher-forced "
-                            "cross-entropy on the reference solutions)", choices=OBJECTIVES,
-                            group="optimisation", resume="fixed")
+    algo: str = option("opsd", "training algorithm: opsd; sft (teacher-forced "
+                       "cross-entropy on the reference solutions); grpo (the GRPO baseline: "
+                       "--group-size rollouts per prompt, binary boxed-answer reward)",
+                       choices=ALGOS, group="optimisation", resume="fixed")
     steps: int = option(100, "optimizer steps of the run", low=0, group="optimisation")
     batch_size: int = option(32, "prompts per optimizer step", low=1, group="optimisation")
     grad_accum: int = option(1, "micro-batches per step (must divide --batch-size)", low=1,
@@ -110,6 +136,17 @@ class TrainConfig:
                                group="optimisation")
     min_lr_ratio: float = option(0.0, "final learning rate of the cosine decay, as a "
                                  "fraction of --lr", low=0, high=1, group="optimisation")
+    lr_schedule: str = option("cosine", "after warmup: constant, linear decay or cosine "
+                              "decay to --min-lr-ratio over --lr-horizon steps",
+                              choices=LR_SCHEDULES, group="optimisation")
+    lr_horizon: int | None = option(None, "steps of the linear/cosine decay (none = "
+                                    "--steps); a long horizon keeps the LR nearly constant "
+                                    "over the run, as the reference's ~28k", low=1,
+                                    group="optimisation")
+    loss_normalization: str = option("global", "global: one token mean over the whole step; "
+                                     "microbatch: the mean over micro-batches of each "
+                                     "micro-batch's token mean (the reference's)",
+                                     choices=LOSS_NORMALIZATIONS, group="optimisation")
     max_grad_norm: float | None = option(1.0, "gradient clipping norm (> 0), or none",
                                          low=0, low_open=True, group="optimisation")
     temperature: float = option(1.1, "rollout sampling temperature", low=0, low_open=True,
@@ -151,9 +188,20 @@ class TrainConfig:
                                     "distributions over the K ids)",
                                     choices=("bucket", "renormalize"), group="top-k teacher",
                                     resume="fixed")
-    sft_teacher_fraction: float = option(0.0, "objective sft: share of examples shown "
+    sft_teacher_fraction: float = option(0.0, "algo sft: share of examples shown "
                                          "with the teacher prompt", low=0, high=1,
                                          group="optimisation")
+    group_size: int = option(8, "algo grpo: rollouts per prompt (the group)", low=2,
+                             group="grpo")
+    grpo_clip_eps: float = option(0.2, "algo grpo: ratio clip epsilon (inactive on-policy: "
+                                  "one update per batch of rollouts)", low=0, high=1,
+                                  high_open=True, group="grpo")
+    grpo_loss_type: str = option("grpo", "algo grpo: grpo (mean over rollouts of each "
+                                 "rollout's token mean) or token (one token mean)",
+                                 choices=("grpo", "token"), group="grpo")
+    grpo_scale_rewards: str = option("group", "algo grpo: advantage scale: group std, batch "
+                                     "std, or none", choices=("group", "batch", "none"),
+                                     group="grpo")
     eval_every: int = option(0, "evaluate every N steps (0 = only at start and end)", low=0,
                              group="evaluation and checkpoints", resume="free")
     eval_at_start: bool = option(True, "evaluate before the first step",
@@ -162,6 +210,16 @@ class TrainConfig:
                                group="evaluation and checkpoints", resume="free")
     eval_k: int = option(0, "avg@k samples per problem (0 = greedy pass@1 only)", low=0,
                          group="evaluation and checkpoints", resume="free")
+    eval_greedy: bool = option(True, "greedy pass@1 in evaluations",
+                               group="evaluation and checkpoints", resume="free")
+    eval_top_p: float = option(1.0, "avg@k nucleus sampling (1 = off)", low=0, low_open=True,
+                               high=1, group="evaluation and checkpoints", resume="free")
+    eval_top_k: int = option(0, "avg@k top-k sampling (0 = off)", low=0,
+                             group="evaluation and checkpoints", resume="free")
+    eval_prompt: str = option("eval", "prompt of student evaluations: eval (the evaluation "
+                              "template, the reference's) or student (the training prompt)",
+                              choices=EVAL_PROMPTS, group="evaluation and checkpoints",
+                              resume="free")
     eval_temperature: float | None = option(None, "avg@k sampling temperature (none = "
                                             "--temperature)", low=0, low_open=True,
                                             group="evaluation and checkpoints",
@@ -193,12 +251,20 @@ class TrainConfig:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be divisible by grad_accum "
                 f"({self.grad_accum})", "grad_accum")
+        if not self.eval_greedy and self.eval_k == 0:
+            raise ConfigError("eval_k: nothing to evaluate with --no-eval-greedy and "
+                              "--eval-k 0 (set --eval-k > 0)", "eval_k")
         if self.teacher_topk is not None:
             from .topk_teacher import check_topk_config
 
             check_topk_config(self)
         self.loss_config()  # the kernels' own option checks, before anything is loaded
         self.sampling()
+
+    @property
+    def objective(self) -> str:
+        """The former name of :attr:`algo` (read-only)."""
+        return self.algo
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "") -> TrainConfig:
@@ -208,7 +274,10 @@ class TrainConfig:
         Traceback (most recent call last):
         ...
         opsd_train.config.ConfigError: unknown training config key 'stpes' (did you mean 'steps'?)
+
+        The former key ``objective`` is read as ``algo``.
         """
+        d = upgrade_keys(d, where)
         return from_mapping(cls, d, where, "training config key")
 
     @classmethod
@@ -246,13 +315,16 @@ class Row:
     """One sequence of a step: the prompt it is trained under and its completion.
 
     ``teacher_prompt`` is the teacher's context (OPSD only); ``loss_mask`` (SFT only,
-    optional) marks which completion tokens count (``None``: all of them).
+    optional) marks which completion tokens count (``None``: all of them); ``advantage``
+    and ``reward`` (GRPO only) are the rollout's group-normalised advantage and reward.
     """
 
     prompt: list[int]
     completion: list[int]
     teacher_prompt: list[int] | None = None
     loss_mask: list[bool] | None = None
+    advantage: float | None = None
+    reward: float | None = None
 
     @property
     def trained_tokens(self) -> int:
@@ -280,6 +352,31 @@ def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float = 0.
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def lr_multiplier(schedule: str, step: int, horizon: int, warmup: int,
+                  min_ratio: float = 0.0) -> float:
+    """LR multiplier of ``schedule`` at ``step``: linear warmup over ``warmup`` steps, then
+    ``constant`` (1), ``linear`` decay or ``cosine`` decay to ``min_ratio`` at step
+    ``horizon`` (held there after it).
+
+    >>> [round(lr_multiplier("linear", s, 10, 0), 2) for s in (0, 5, 10, 12)]
+    [1.0, 0.5, 0.0, 0.0]
+    >>> round(lr_multiplier("linear", 99, 28_000, 0), 4)  # the reference: ~constant
+    0.9965
+    >>> lr_multiplier("constant", 7, 10, 2)
+    1.0
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if schedule == "cosine":
+        return cosine_with_warmup(step, horizon, warmup, min_ratio)
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
+    return min_ratio + (1 - min_ratio) * (1 - progress)
+
+
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -290,7 +387,7 @@ class Trainer:
     """OPSD (or SFT) training of ``model`` on ``train_problems``.
 
     ``engine`` is any :class:`~opsd_train.rollout.RolloutEngine` (default: Hugging Face
-    ``generate``). ``sft_example_fn(problem, role, rng)`` (objective ``sft`` only) may
+    ``generate``). ``sft_example_fn(problem, role, rng)`` (algo ``sft`` only) may
     return ``(completion_ids, loss_mask)`` to replace the default target (the solution plus
     EOS, every token trained) for one example, or ``None`` to keep it; ``rng`` is a
     ``random.Random`` seeded from ``(seed, step)``. ``output_dir`` receives
@@ -338,18 +435,19 @@ class Trainer:
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps,
-                                         config.min_lr_ratio),
+            lambda s: lr_multiplier(config.lr_schedule, s, config.lr_horizon or config.steps,
+                                    config.warmup_steps, config.min_lr_ratio),
         )
         # --teacher-topk: the engine giving the teacher's top-k log-probs (None: the local
         # teacher, opsd_train.topk_teacher.LocalTopKTeacher)
         self.topk_engine = None
         self.teacher = (Teacher(model, config.teacher, config.ema_decay)
-                        if config.objective == "opsd" else None)
+                        if config.algo == "opsd" else None)
         self.step = 0
         self.last_saved_step: int | None = None  # step of the newest checkpoint written/read
         self._perm_cache: dict[int, list[int]] = {}
         self.history: list[dict] = []
+        self.generated_tokens_total = 0  # rollout tokens sampled by training so far
 
     # ------------------------------------------------------------------ data
     def _check_length(self, ids: list[int], budget: int, what: str) -> None:
@@ -372,7 +470,7 @@ class Trainer:
             else:
                 ids = list(self.tokenizer(p.solution, add_special_tokens=False)["input_ids"])
                 ids.append(self.eos_id)
-            if role in ("student", "teacher") and self.config.objective == "opsd":
+            if role in ("student", "teacher") and self.config.algo in ("opsd", "grpo"):
                 self._check_length(ids, self.config.max_new_tokens,
                                    f"training problem {i}, {role} prompt")
             self._cache[key] = ids
@@ -406,21 +504,29 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def collect_rows(self, idx: Sequence[int]) -> list[Row]:
-        """The step's rows: student rollouts for OPSD (one micro-batch of prompts per
-        ``generate`` call), or reference-solution targets for SFT."""
+        """The step's rows: student rollouts for OPSD and GRPO (one micro-batch of prompts
+        per ``generate`` call; GRPO adds binary rewards and group advantages), or
+        reference-solution targets for SFT."""
         cfg = self.config
-        if cfg.objective == "opsd":
+        if cfg.algo in ("opsd", "grpo"):
             s_prompts = [self._ids("student", i) for i in idx]
             comps: list[list[int]] = []
             per_micro = cfg.batch_size // cfg.grad_accum
+            reps = cfg.rollouts_per_prompt if cfg.algo == "opsd" else cfg.group_size
             with self._autocast():
                 for s in range(0, len(s_prompts), per_micro):
                     comps += self.engine.generate(s_prompts[s : s + per_micro], cfg.sampling(),
-                                                  cfg.rollouts_per_prompt)
-            reps = cfg.rollouts_per_prompt
-            return [Row(s_prompts[j // reps], comps[j],
-                        teacher_prompt=self._ids("teacher", idx[j // reps]))
-                    for j in range(len(comps))]
+                                                  reps)
+            if cfg.algo == "opsd":
+                return [Row(s_prompts[j // reps], comps[j],
+                            teacher_prompt=self._ids("teacher", idx[j // reps]))
+                        for j in range(len(comps))]
+            texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in comps]
+            answers = [self.train_problems[idx[j // reps]].answer for j in range(len(comps))]
+            rewards = torch.tensor(binary_rewards(texts, answers), dtype=torch.float32)
+            adv = group_advantages(rewards, reps, scale=cfg.grpo_scale_rewards).tolist()
+            return [Row(s_prompts[j // reps], comps[j], advantage=adv[j],
+                        reward=float(rewards[j])) for j in range(len(comps))]
         g = random.Random(cfg.seed * 7_919 + self.step)
         rows = []
         for i in idx:
@@ -449,10 +555,38 @@ class Trainer:
             teacher = pack_batch([r.teacher_prompt for r in rows], comps, self.pad_id)
         return student, teacher
 
+    def loss_normalizers(self, rows: Sequence[Row], total_tokens: int) -> list[tuple]:
+        """``(slice, normalizer)`` of every micro-batch with at least one trained token:
+        each micro-batch's summed loss is divided by its normalizer, and the divided losses
+        are added (gradient accumulation).
+
+        ``loss_normalization="global"``: the step's ``total_tokens`` for every
+        micro-batch, i.e. one token mean over the whole step. ``"microbatch"``: the
+        micro-batch's own token count times the number of micro-batches, i.e. the mean of
+        the micro-batches' token means (the reference's, with 4 rollouts per GPU
+        micro-batch); the two agree when every micro-batch holds the same number of
+        tokens. GRPO with ``grpo_loss_type="grpo"`` counts rollouts instead of tokens (its
+        loss is a mean over rollouts of per-rollout token means).
+        """
+        cfg = self.config
+        per_rollout = cfg.algo == "grpo" and cfg.grpo_loss_type == "grpo"
+        slices = [sl for sl in self._micro_slices(len(rows))
+                  if any(r.trained_tokens > 0 for r in rows[sl])]
+        out = []
+        for sl in slices:
+            if cfg.loss_normalization == "global":
+                norm = len(rows) if per_rollout else total_tokens
+            else:
+                own = (len(rows[sl]) if per_rollout
+                       else sum(r.trained_tokens for r in rows[sl]))
+                norm = own * len(slices)
+            out.append((sl, float(norm)))
+        return out
+
     def loss_backward(self, rows: Sequence[Row], total_tokens: int) -> dict:
         """Forward, loss and backward of every micro-batch (gradients accumulate; each
-        micro-batch's loss is divided by the step's ``total_tokens``). Returns the summed
-        ``loss``, ``div_sum`` and ``forward_tokens``."""
+        micro-batch's loss is divided by its :meth:`loss_normalizers` value). Returns the
+        summed ``loss``, ``div_sum`` and ``forward_tokens``."""
         cfg = self.config
         out = {"loss": 0.0, "div_sum": 0.0, "forward_tokens": 0}
         if total_tokens <= 0:
@@ -461,10 +595,8 @@ class Trainer:
         ctx = None
         if self.teacher is not None and self.teacher.mode != "current":
             ctx = self.teacher.weights
-        for sl in self._micro_slices(len(rows)):
+        for sl, norm in self.loss_normalizers(rows, total_tokens):
             part = [r for r in rows[sl] if len(r.completion) > 0]
-            if not part:
-                continue
             sb, tb = self.pack_rows(part)
             out["forward_tokens"] += int(sb.attention_mask.sum())
             with self._autocast():
@@ -473,13 +605,19 @@ class Trainer:
                     if cfg.teacher_topk is not None:  # opsd_train.topk_teacher
                         loss, st = topk_teacher_loss(self, sb.to(self.device),
                                                      tb.to(self.device), lcfg, ctx,
-                                                     total_tokens)
+                                                     norm)
                     else:
                         loss, st = opsd_loss(self.model, sb.to(self.device),
                                              tb.to(self.device), lcfg, teacher_ctx=ctx,
-                                             normalizer=total_tokens)
+                                             normalizer=norm)
+                elif cfg.algo == "grpo":
+                    adv = torch.tensor([r.advantage for r in part], dtype=torch.float32)
+                    loss, st = grpo_step_loss(self.model, sb.to(self.device), adv,
+                                              temperature=cfg.temperature,
+                                              clip_eps=cfg.grpo_clip_eps,
+                                              loss_type=cfg.grpo_loss_type, normalizer=norm)
                 else:
-                    loss, st = sft_loss(self.model, sb.to(self.device), normalizer=total_tokens)
+                    loss, st = sft_loss(self.model, sb.to(self.device), normalizer=norm)
             loss.backward()
             out["loss"] += float(loss.detach())
             out["div_sum"] += st["div_sum"]
@@ -513,7 +651,10 @@ class Trainer:
         self.model.train()
         t0 = time.perf_counter()
         rows = self.collect_rows(idx)
-        t_roll = time.perf_counter() - t0 if self.config.objective == "opsd" else 0.0
+        sampled = self.config.algo in ("opsd", "grpo")
+        t_roll = time.perf_counter() - t0 if sampled else 0.0
+        generated = sum(len(r.completion) for r in rows) if sampled else 0
+        self.generated_tokens_total += generated
         total_tokens = sum(r.trained_tokens for r in rows)
         res = self.loss_backward(rows, total_tokens)
         gn, lr = self.optimizer_step()
@@ -528,6 +669,8 @@ class Trainer:
             "divergence": res["div_sum"] / max(total_tokens, 1),
             "completion_tokens": total_tokens,
             "rollout_len": total_tokens / max(len(rows), 1),
+            "generated_tokens": generated,
+            "generated_tokens_total": self.generated_tokens_total,
             "forward_tokens": res["forward_tokens"],
             "tokens_per_s": res["forward_tokens"] / dt if dt > 0 else None,
             "time_s": dt,
@@ -536,14 +679,20 @@ class Trainer:
             "grad_norm": gn,
             "peak_mem_gb": _peak_memory_gb(self.device),
         }
+        if self.config.algo == "grpo":
+            rec["reward_mean"] = sum(r.reward for r in rows) / max(len(rows), 1)
         self._log(rec)
         return rec
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, problems: Sequence[Problem] | None = None, *, role: str = "student",
                  k: int | None = None) -> EvalResult:
-        """Held-out accuracy (greedy pass@1, plus avg@k when ``k`` > 0).
+        """Held-out accuracy: greedy pass@1 (``eval_greedy``) and/or avg@k (``k`` > 0) with
+        the evaluation sampling settings (``eval_temperature``, ``eval_top_p``,
+        ``eval_top_k``, ``eval_max_new_tokens``), never the rollouts'.
 
+        ``role="student"`` uses the evaluation prompt (``eval_prompt="eval"``: the
+        reference's separate template) or the training prompt (``"student"``);
         ``role="teacher"`` scores the teacher prompt (reference solution in context) with the
         teacher's weights. Sampling uses a forked RNG seeded from ``(seed, step)``, so
         evaluation never perturbs the training randomness.
@@ -554,7 +703,11 @@ class Trainer:
             raise ValueError("no evaluation problems")
         if role not in ("student", "teacher"):
             raise ValueError("role must be 'student' or 'teacher'")
-        build = self.prompts.teacher_ids if role == "teacher" else self.prompts.student_ids
+        if role == "teacher":
+            build = self.prompts.teacher_ids
+        else:
+            build = (self.prompts.eval_ids if cfg.eval_prompt == "eval"
+                     else self.prompts.student_ids)
         max_new = cfg.eval_max_new_tokens or cfg.max_new_tokens
         prompts = [build(p) for p in problems]
         for i, ids in enumerate(prompts):
@@ -570,8 +723,8 @@ class Trainer:
             run = lambda: evaluate_problems(
                 gen, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
                 prompts, [p.answer for p in problems], k=k,
-                temperature=cfg.eval_temperature or cfg.temperature, top_p=cfg.top_p,
-                top_k=cfg.top_k, max_new_tokens=max_new,
+                temperature=cfg.eval_temperature or cfg.temperature, top_p=cfg.eval_top_p,
+                top_k=cfg.eval_top_k, max_new_tokens=max_new, greedy=cfg.eval_greedy,
                 batch_size=cfg.eval_batch_size)
             if role == "teacher" and self.teacher is not None:
                 with self.teacher.weights(self.model):
@@ -579,7 +732,8 @@ class Trainer:
             else:
                 res = run()
         rec = {"event": "eval", "phase": cfg.phase, "step": self.step, "role": role,
-               **res.to_dict()}
+               "train_generated_tokens": self.generated_tokens_total, "score": res.score,
+               "score_name": res.score_name, **res.to_dict()}
         self._log(rec)
         return res
 
@@ -664,6 +818,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
             "rng": rng,
+            "counters": {"generated_tokens_total": self.generated_tokens_total},
         }
         ckpt.write_checkpoint(path, state, self.effective_config(), self.step)
         self.last_saved_step = self.step
@@ -710,6 +865,8 @@ class Trainer:
         if self.teacher is not None and state["teacher"] is not None:
             self.teacher.load_state_dict(state["teacher"])
         self.step = self.last_saved_step = int(state["step"])
+        self.generated_tokens_total = int(
+            state.get("counters", {}).get("generated_tokens_total", 0))
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         if "numpy" in state["rng"]:

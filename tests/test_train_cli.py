@@ -40,16 +40,30 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
     assert main(["--config", str(cfg), "--out", str(out), "--no-progress", "--seed", "3"]) == 0
     printed = capsys.readouterr().out
     assert "after OPSD" in printed and "teacher w/ solution" in printed
+    assert "after GRPO control" in printed and "| GRPO |" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seed"] == 3
     for key in ("student_before", "student_after_opsd", "student_after_control_sft",
-                "teacher_with_solution"):
+                "teacher_with_solution", "student_after_grpo"):
         assert 0.0 <= summary[key]["pass@1"] <= 1.0
-    assert summary["opsd_steps"] == summary["control_steps"] == 2
+    assert summary["opsd_steps"] == summary["control_steps"] == summary["grpo_steps"] == 2
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     phases = {r["phase"] for r in recs if r["event"] == "step"}
-    assert phases == {"warmup", "opsd", "control"}
+    assert phases == {"warmup", "opsd", "control", "grpo"}
     assert (out / "opsd_demo.png").stat().st_size > 1000
+    assert (out / "accuracy_vs_tokens.png").stat().st_size > 1000
+    # generated tokens: rollouts of OPSD and GRPO (the same number of rollouts per step:
+    # batch 4 x 1 and batch 1 x group 4), none for SFT; cumulative per phase
+    steps = [r for r in recs if r["event"] == "step"]
+    for phase in ("opsd", "grpo"):
+        rs = [r for r in steps if r["phase"] == phase]
+        assert all(r["generated_tokens"] > 0 for r in rs)
+        assert rs[-1]["generated_tokens_total"] == sum(r["generated_tokens"] for r in rs)
+        assert summary["generated_tokens"][phase] == rs[-1]["generated_tokens_total"]
+    assert all(r["generated_tokens"] == 0 for r in steps if r["phase"] in ("warmup",
+                                                                              "control"))
+    table = (out / "accuracy_vs_tokens.md").read_text()
+    assert table.count("| OPSD |") >= 2 and "| SFT |" in table and "| GRPO |" in table
 
 
 def test_cli_real_model_path(tmp_path, tiny_dir):
@@ -111,4 +125,4 @@ def test_cli_demo_is_reproducible(tmp_path):
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         runs.append([(r["phase"], r["step"], r.get("loss"), r.get("pass@1")) for r in recs])
     assert runs[0] == runs[1]
-    assert {p for p, *_ in runs[0]} == {"warmup", "opsd", "control"}
+    assert {p for p, *_ in runs[0]} == {"warmup", "opsd", "control", "grpo"}

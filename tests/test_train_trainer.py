@@ -16,7 +16,7 @@ from tests.train_fixtures import TINY_TEST_MODEL
 
 
 def _cfg(**kw):
-    base = dict(objective="opsd", steps=4, batch_size=4, lr=1e-2, temperature=1.0, top_p=1.0,
+    base = dict(algo="opsd", steps=4, batch_size=4, lr=1e-2, temperature=1.0, top_p=1.0,
                 top_k=0, max_new_tokens=6, clip=None, progress=False, eval_at_start=False,
                 eval_at_end=False, seed=1)
     base.update(kw)
@@ -126,7 +126,7 @@ def test_trainer_logs_metrics_and_evaluates(tiny, problems, tmp_path):
 def test_sft_objective_lowers_cross_entropy(tiny, problems):
     model, tok = tiny
     train, _ = problems
-    t = Trainer(model, tok, train[:8], _cfg(objective="sft", steps=12, batch_size=8, lr=1e-2,
+    t = Trainer(model, tok, train[:8], _cfg(algo="sft", steps=12, batch_size=8, lr=1e-2,
                                             sft_teacher_fraction=0.5))
     t.train()
     losses = [r["loss"] for r in t.history]
@@ -216,7 +216,7 @@ def test_sft_example_fn_loss_mask(tiny, problems):
         ids = list(tok(problem.solution, add_special_tokens=False)["input_ids"]) + [eos]
         return ids, [False] * (len(ids) - 1) + [True]
 
-    t = Trainer(model, tok, train, _cfg(objective="sft", steps=1, batch_size=4, lr=0.0),
+    t = Trainer(model, tok, train, _cfg(algo="sft", steps=1, batch_size=4, lr=0.0),
                 sft_example_fn=only_eos)
     idx = t.batch_indices(0)
     pb = PromptBuilder(tok)
