@@ -24,17 +24,14 @@ import torch
 
 from . import config, gemm
 from ._validation import DivergenceOptions
+from .chunked import ChunkGradients, chunk_logits
 from .reductions import forward_scale, reduce_rows
 from .torch_impl import TEMPS_PER_ROW
 
 RowFunction = Callable[..., torch.Tensor]
 
-# old private names, kept for modules not yet moved to opsd_kernels.reductions
-_forward_scale = forward_scale
-_reduce = reduce_rows
 
-
-def _check_single_backward(ctx) -> None:
+def check_single_backward(ctx) -> None:
     # the stored gradients are scaled in place: a second backward through the
     # same graph would see them already scaled
     if getattr(ctx, "consumed", False):
@@ -87,7 +84,7 @@ class DivergenceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        _check_single_backward(ctx)
+        check_single_backward(ctx)
         if ctx.defer:
             s2, t2, fwd_scale = ctx.saved_tensors
             mask1, opts, row_fn = ctx.args
@@ -141,54 +138,24 @@ def _chunked_linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mas
     or float64), the weight gradient in ``weight_grad_dtype``.
     """
     N = hs.shape[0]
-    V = weight.shape[0]
-    t_w = weight if teacher_weight is None else teacher_weight
-    t_b = bias if teacher_weight is None else teacher_bias
-    cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype, t_w.dtype)
-    s_op = gemm.operand_dtype(hs.dtype, weight.dtype)
+    cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype,
+                             (weight if teacher_weight is None else teacher_weight).dtype)
     loss = torch.empty(N, dtype=cdt, device=hs.device)
-    grad_h = torch.empty(N, hs.shape[1], dtype=cdt, device=hs.device) if want_h else None
-    grad_w = (torch.zeros(weight.shape, dtype=weight_grad_dtype, device=weight.device)
-              if want_w else None)
-    grad_b = torch.zeros(V, dtype=cdt, device=weight.device) if want_b else None
-    any_grad = want_h or want_w or want_b
-    # one GEMM for both roles when they share the lm_head and a dtype: one read of W
-    one_gemm = teacher_weight is None and hs.dtype == ht.dtype
+    grads = ChunkGradients(hs, weight, cdt, weight_grad_dtype, want_h, want_w, want_b)
     for lo in range(0, N, chunk):
         hi = min(N, lo + chunk)
-        c = hi - lo
-        hs_c, ht_c = hs[lo:hi], ht[lo:hi]
         mask_c = None if mask is None else mask[lo:hi]
-        if mask_c is not None:
-            # masked rows never reach a GEMM that mixes rows (0 * NaN = NaN in dW)
-            keep = mask_c.unsqueeze(-1)
-            hs_c = torch.where(keep, hs_c, torch.zeros((), dtype=hs_c.dtype, device=hs.device))
-            ht_c = torch.where(keep, ht_c, torch.zeros((), dtype=ht_c.dtype, device=hs.device))
-        if one_gemm:
-            logits = gemm.linear_logits(torch.cat([hs_c, ht_c]), weight, bias)
-            s_l, t_l = logits[:c], logits[c:]
-        else:
-            s_l = gemm.linear_logits(hs_c, weight, bias)
-            t_l = gemm.linear_logits(ht_c, t_w, t_b)
-        rows = row_fn(s_l, t_l, opts, mask=mask_c,
-                      scale=scale if scale.numel() == 1 else scale[lo:hi],
-                      grad_student=s_l if any_grad else None, grad_teacher=None)
-        loss[lo:hi] = rows
+        hs_c, s_l, t_l = chunk_logits(hs[lo:hi], ht[lo:hi], weight, teacher_weight, bias,
+                                      teacher_bias, mask_c)
+        loss[lo:hi] = row_fn(s_l, t_l, opts, mask=mask_c,
+                             scale=scale if scale.numel() == 1 else scale[lo:hi],
+                             grad_student=s_l if grads.any else None, grad_teacher=None)
         del t_l
-        if not any_grad:
-            continue
-        # s_l now holds dL/d(student logits) for this chunk, in the compute dtype,
-        # already multiplied by the rows' factors
-        if want_b:
-            grad_b.add_(s_l.sum(0))
-        op, inv = gemm.gradient_operand(s_l, s_op)
+        if grads.any:
+            # s_l now holds dL/d(student logits), with the rows' factors applied
+            grads.add(lo, hi, s_l, hs_c, weight)
         del s_l
-        if want_h:
-            grad_h[lo:hi] = gemm.grad_hidden(op, inv, weight, cdt)
-        if want_w:
-            gemm.accumulate_grad_weight(grad_w, op, inv, hs_c, cdt)
-        del op
-    return loss, grad_h, grad_w, grad_b
+    return (loss, *grads.as_tuple())
 
 
 class FusedLinearDivergenceFunction(torch.autograd.Function):
@@ -242,7 +209,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        _check_single_backward(ctx)
+        check_single_backward(ctx)
         want_h, want_w, want_b = ctx.wants
         shape, h_dtype, w_dtype, b_dtype = ctx.dtypes
         if ctx.defer:

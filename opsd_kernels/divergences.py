@@ -46,7 +46,7 @@ import torch
 Terms = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _weighted_log_ratio(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+def weighted_log_ratio(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """``p * (lp - lq)`` with ``0 * anything = 0`` where ``p == 0`` exactly.
 
     ``p == 0`` is used (not ``p > 0``) so that a NaN probability stays NaN.
@@ -60,14 +60,14 @@ def _weighted_log_ratio(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor) -> 
 
 
 def forward_kl_terms(lT, lS, pT, pS, beta: float) -> Terms:
-    phi = _weighted_log_ratio(pT, lT, lS)
+    phi = weighted_log_ratio(pT, lT, lS)
     g = -pT
     h = torch.where(pT == 0, torch.zeros_like(pT), phi + pT)
     return phi, g, h
 
 
 def reverse_kl_terms(lT, lS, pT, pS, beta: float) -> Terms:
-    phi = _weighted_log_ratio(pS, lS, lT)
+    phi = weighted_log_ratio(pS, lS, lT)
     g = torch.where(pS == 0, torch.zeros_like(pS), phi + pS)
     h = -pS
     return phi, g, h
@@ -76,8 +76,8 @@ def reverse_kl_terms(lT, lS, pT, pS, beta: float) -> Terms:
 def jsd_terms(lT, lS, pT, pS, beta: float) -> Terms:
     # log of the mixture, stable: logaddexp never takes the log of an underflowed sum
     lM = torch.logaddexp(lT + math.log(beta), lS + math.log1p(-beta))
-    teacher_part = _weighted_log_ratio(pT, lT, lM)
-    student_part = _weighted_log_ratio(pS, lS, lM)
+    teacher_part = weighted_log_ratio(pT, lT, lM)
+    student_part = weighted_log_ratio(pS, lS, lM)
     g = (1.0 - beta) * student_part
     h = beta * teacher_part
     return g + h, g, h

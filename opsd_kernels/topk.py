@@ -55,7 +55,9 @@ import torch
 
 from . import config, gemm
 from ._validation import check_float_tensor, check_impl, check_mask, check_options
+from .chunked import ChunkGradients
 from .divergences import KindSpec
+from .reductions import forward_scale, reduce_rows
 
 TAILS = ("bucket", "renormalize")
 _NEG_INF = float("-inf")
@@ -93,10 +95,6 @@ class TeacherRows:
         return dict(ids=self.ids[lo:hi], logprobs=self.logprobs[lo:hi],
                     valid=self.valid[lo:hi],
                     log_rest=None if self.log_rest is None else self.log_rest[lo:hi])
-
-
-def _compute_dtype(*dtypes) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def mass_tolerance(dtype: torch.dtype) -> float:
@@ -310,21 +308,6 @@ def _row_function(impl: str):
     return topk_rows_triton
 
 
-def _forward_scale(reduction, mask1, rows, device, dtype) -> torch.Tensor:
-    if reduction != "mean":
-        return torch.ones(1, dtype=dtype, device=device)
-    if mask1 is None:
-        return torch.full((1,), 1.0 / max(rows, 1), dtype=dtype, device=device)
-    return mask1.sum(dtype=dtype).clamp(min=1.0).reciprocal().reshape(1)
-
-
-def _reduce(loss_rows, reduction, scale, lead):
-    if reduction == "none":
-        return loss_rows.view(lead)
-    total = loss_rows.sum()
-    return total * scale[0] if reduction == "mean" else total
-
-
 def _finish_rows(loss, grad, keep, bad):
     """Masked rows give 0 (loss and gradient); rows that failed a value check give NaN."""
     if keep is not None:
@@ -362,8 +345,8 @@ class TopkDivergenceFunction(torch.autograd.Function):
         lead = student.shape[:-1]
         s2 = student.reshape(-1, V)
         N = s2.shape[0]
-        compute = _compute_dtype(student.dtype)
-        scale = _forward_scale(opts.reduction, mask1, N, student.device, compute)
+        compute = gemm.compute_dtype(student.dtype)
+        scale = forward_scale(opts.reduction, mask1, N, student.device, compute)
         loss = torch.empty(N, dtype=compute, device=student.device)
         for lo in range(0, N, block):
             hi = min(N, lo + block)
@@ -371,7 +354,7 @@ class TopkDivergenceFunction(torch.autograd.Function):
             loss[lo:hi] = rows
         ctx.save_for_backward(student)
         ctx.args = (teacher, mask1, opts, row_fn, block, scale)
-        return _reduce(loss, opts.reduction, scale, lead)
+        return reduce_rows(loss, opts.reduction, scale, lead)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -380,7 +363,7 @@ class TopkDivergenceFunction(torch.autograd.Function):
         V = student.shape[-1]
         s2 = student.reshape(-1, V)
         N = s2.shape[0]
-        compute = _compute_dtype(student.dtype)
+        compute = gemm.compute_dtype(student.dtype)
         if opts.reduction == "none":
             factor = grad_out.reshape(-1).to(compute)
         else:
@@ -489,7 +472,7 @@ def topk_divergence(
     check_mask(mask, student_logits.shape[:-1], device)
     impl = check_impl(impl, ("auto", "torch", "triton"), device, student_logits.dtype)
     V = student_logits.shape[-1]
-    compute = _compute_dtype(student_logits.dtype)
+    compute = gemm.compute_dtype(student_logits.dtype)
     mask1 = None if mask is None else mask.reshape(-1)
     teacher = prepare_teacher(teacher_ids.detach(), teacher_logprobs.detach(), mask1, V,
                               opts.tail, compute, _validate_default(validate, device))
@@ -501,23 +484,6 @@ def topk_divergence(
 
 
 # --------------------------------------------------------------------------- fused linear
-
-
-def _grad_gemms(dS, h_c, weight, gh_c, gw, want_h, want_w):
-    """gh_c = dS @ W and gw += dS^T @ h_c, in the compute dtype of ``dS`` (float32/64).
-
-    ``dS`` is the float32 logit gradient, already carrying every factor known so far;
-    it enters the GEMMs as an operand of the operands' dtype through
-    :mod:`opsd_kernels.gemm` (fp16: scaled by a power of two on the device so small
-    entries stay out of the subnormals; 16-bit operands upcast per vocabulary slice
-    on CPU, float32-output GEMMs on CUDA), the same rule as the other chunked paths.
-    """
-    cdt = dS.dtype
-    op, inv = gemm.gradient_operand(dS, gemm.operand_dtype(h_c.dtype, weight.dtype))
-    if want_h:
-        gh_c.copy_(gemm.grad_hidden(op, inv, weight, cdt))
-    if want_w:
-        gemm.accumulate_grad_weight(gw, op, inv, h_c, cdt)
 
 
 def auto_topk_chunk(V: int, N: int) -> int:
@@ -580,12 +546,9 @@ def _linear_pass(hs, weight, bias, teacher, mask1, opts, row_fn, chunk, scale,
         return _renormalize_linear_pass(hs, weight, bias, teacher, mask1, opts, chunk, scale,
                                         want_h, want_w, want_b, compute)
     N = hs.shape[0]
-    V = weight.shape[0]
     loss = torch.empty(N, dtype=compute, device=hs.device)
-    gh = torch.empty(hs.shape, dtype=compute, device=hs.device) if want_h else None
-    gw = torch.zeros(weight.shape, dtype=compute, device=hs.device) if want_w else None
-    gb = torch.zeros(V, dtype=compute, device=hs.device) if want_b else None
-    want = want_h or want_w or want_b
+    grads = ChunkGradients(hs, weight, compute, compute, want_h, want_w, want_b)
+    want = grads.any
     for lo in range(0, N, chunk):
         hi = min(N, lo + chunk)
         h_c = hs[lo:hi]
@@ -597,12 +560,11 @@ def _linear_pass(hs, weight, bias, teacher, mask1, opts, row_fn, chunk, scale,
         loss[lo:hi] = _finish_rows(rows, logits if want else None, _slice(mask1, lo, hi),
                                    _slice(teacher.bad, lo, hi))
         # logits now holds dL/d(student logits) of the chunk (float32/64)
-        if want_h or want_w:
-            _grad_gemms(logits, h_c, weight, gh[lo:hi] if want_h else None, gw, want_h, want_w)
-        if want_b:
-            gb.add_(logits.sum(0))
+        if want:
+            # through opsd_kernels.gemm: the precision rule of every chunked path
+            grads.add(lo, hi, logits, h_c, weight)
         del logits
-    return loss, gh, gw, gb
+    return (loss, *grads.as_tuple())
 
 
 class FusedLinearTopkFunction(torch.autograd.Function):
@@ -629,9 +591,9 @@ class FusedLinearTopkFunction(torch.autograd.Function):
         hs = hs.contiguous()
         N = hs.shape[0]
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        compute = _compute_dtype(hidden.dtype, weight.dtype)
+        compute = gemm.compute_dtype(hidden.dtype, weight.dtype)
         defer = opts.reduction == "none" and (want_w or want_b)
-        scale = _forward_scale(opts.reduction, mask1, N, hs.device, compute)
+        scale = forward_scale(opts.reduction, mask1, N, hs.device, compute)
         loss, gh, gw, gb = _linear_pass(
             hs, weight, bias, teacher, mask1, opts, row_fn, chunk, scale,
             want_h and not defer, want_w and not defer, want_b and not defer, compute)
@@ -644,7 +606,7 @@ class FusedLinearTopkFunction(torch.autograd.Function):
             ctx.args = (teacher, mask1, opts, row_fn, chunk)
         else:
             ctx.grads = (gh, gw, gb)
-        return _reduce(loss, opts.reduction, scale, lead)
+        return reduce_rows(loss, opts.reduction, scale, lead)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -796,7 +758,7 @@ def fused_linear_topk_divergence(
             "logits GEMM per chunk; use impl='triton' on CUDA or 'torch')"
         )
     dtypes = [student_hidden.dtype, weight.dtype] + ([] if bias is None else [bias.dtype])
-    compute = _compute_dtype(*dtypes)
+    compute = gemm.compute_dtype(*dtypes)
     impl = check_impl(impl, ("auto", "torch", "triton"), device, compute)
     mask1 = None if mask is None else mask.reshape(-1)
     teacher = prepare_teacher(teacher_ids.detach(), teacher_logprobs.detach(), mask1, V,

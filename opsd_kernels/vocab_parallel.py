@@ -61,7 +61,8 @@ import torch
 
 from . import gemm
 from ._validation import DivergenceOptions
-from .divergences import _weighted_log_ratio
+from .chunked import ChunkGradients, chunk_logits
+from .divergences import weighted_log_ratio
 from .reductions import forward_scale, reduce_rows
 from .torch_impl import rows_per_chunk
 
@@ -137,8 +138,8 @@ def local_stats_torch(student, teacher, opts: DivergenceOptions, mask) -> torch.
         out[lo:hi, 0], out[lo:hi, 1] = m_s, es.sum(-1)
         out[lo:hi, 2], out[lo:hi, 3] = m_t, et.sum(-1)
         if one_pass:
-            w = (_weighted_log_ratio(et, a, b) if opts.spec.name == "forward_kl"
-                 else _weighted_log_ratio(es, b, a))
+            w = (weighted_log_ratio(et, a, b) if opts.spec.name == "forward_kl"
+                 else weighted_log_ratio(es, b, a))
             out[lo:hi, 4] = w.sum(-1)
     return out
 
@@ -335,55 +336,31 @@ def _linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mask, opts,
     rank's partial sum, to be all-reduced by the caller.
     """
     N = hs.shape[0]
-    V = weight.shape[0]
-    t_w = weight if teacher_weight is None else teacher_weight
-    t_b = bias if teacher_weight is None else teacher_bias
-    cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype, t_w.dtype)
-    s_op = gemm.operand_dtype(hs.dtype, weight.dtype)
+    cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype,
+                             (weight if teacher_weight is None else teacher_weight).dtype)
     forward = stats is None
     loss = torch.zeros(N, dtype=cdt, device=hs.device)
     if forward:
         stats = torch.zeros(N, 4, dtype=cdt, device=hs.device)
-    grad_h = torch.zeros(N, hs.shape[1], dtype=cdt, device=hs.device) if want_h else None
-    grad_w = (torch.zeros(weight.shape, dtype=weight_grad_dtype, device=weight.device)
-              if want_w else None)
-    grad_b = torch.zeros(V, dtype=cdt, device=weight.device) if want_b else None
-    any_grad = want_h or want_w or want_b
-    one_gemm = teacher_weight is None and hs.dtype == ht.dtype
+    grads = ChunkGradients(hs, weight, cdt, weight_grad_dtype, want_h, want_w, want_b,
+                           zero_hidden=True)
     for lo in range(0, N, chunk):
         hi = min(N, lo + chunk)
-        c = hi - lo
-        hs_c, ht_c = hs[lo:hi], ht[lo:hi]
         mask_c = None if mask is None else mask[lo:hi]
-        if mask_c is not None:
-            # masked rows never reach a GEMM that mixes rows (0 * NaN = NaN in dW)
-            keep = mask_c.unsqueeze(-1)
-            hs_c = torch.where(keep, hs_c, torch.zeros((), dtype=hs_c.dtype, device=hs.device))
-            ht_c = torch.where(keep, ht_c, torch.zeros((), dtype=ht_c.dtype, device=hs.device))
-        if one_gemm:
-            logits = gemm.linear_logits(torch.cat([hs_c, ht_c]), weight, bias)
-            s_l, t_l = logits[:c], logits[c:]
-        else:
-            s_l = gemm.linear_logits(hs_c, weight, bias)
-            t_l = gemm.linear_logits(ht_c, t_w, t_b)
+        hs_c, s_l, t_l = chunk_logits(hs[lo:hi], ht[lo:hi], weight, teacher_weight, bias,
+                                      teacher_bias, mask_c)
         if forward:
             loss[lo:hi], stats[lo:hi] = row_statistics(s_l, t_l, opts, mask_c, group, False,
                                                        impl)
-        if not any_grad:
+        if not grads.any:
             continue
         write_gradients(s_l, t_l, stats[lo:hi], opts, mask_c,
                         scale if scale.numel() == 1 else scale[lo:hi], s_l, None, impl)
         del t_l
         # s_l now holds this rank's slice of dL/d(student logits), row factors applied
-        if want_b:
-            grad_b.add_(s_l.sum(0))
-        op, inv = gemm.gradient_operand(s_l, s_op)
+        grads.add(lo, hi, s_l, hs_c, weight)
         del s_l
-        if want_h:
-            grad_h[lo:hi] = gemm.grad_hidden(op, inv, weight, cdt)
-        if want_w:
-            gemm.accumulate_grad_weight(grad_w, op, inv, hs_c, cdt)
-        del op
+    grad_h, grad_w, grad_b = grads.as_tuple()
     return loss, stats, grad_h, grad_w, grad_b
 
 
@@ -437,9 +414,9 @@ class VocabParallelLinearDivergenceFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         import torch.distributed as dist
 
-        from .autograd import _check_single_backward
+        from .autograd import check_single_backward
 
-        _check_single_backward(ctx)
+        check_single_backward(ctx)
         want_h, want_w, want_b = ctx.wants
         shape, h_dtype, w_dtype, b_dtype = ctx.dtypes
         if ctx.defer:
