@@ -10,6 +10,7 @@ The workers run this file as a module: ``torchrun ... -m tests.test_train_fsdp M
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -69,10 +70,25 @@ def _use_sgd(tr):
     tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lambda s: 1.0)
 
 
-def _problems():
+def _problems(held_out=False):
     from opsd_train.data import synthetic_split
 
-    return synthetic_split(n_train=16, n_eval=2, seed=3)[0]
+    return synthetic_split(n_train=16, n_eval=2, seed=3)[1 if held_out else 0]
+
+
+def _lora_run(model, tok, trainer_cls, **kw):
+    """LoRA with the fixed teacher (adapter disabled), rollouts and an evaluation sampled
+    with ``generate`` from the model (top-k 1: the same completions in both setups)."""
+    from opsd_train.modeling import prepare_model
+
+    torch.manual_seed(5)  # the same adapter init everywhere
+    model = prepare_model(model, lora=True, lora_r=4, lora_alpha=8)
+    cfg = _config(teacher="fixed", top_k=1, steps=2, eval_at_end=True,
+                  eval_max_new_tokens=4)
+    tr = trainer_cls(model, tok, _problems(), cfg, eval_problems=_problems(True), **kw)
+    _use_sgd(tr)
+    evals = tr.train()
+    return tr, evals
 
 
 def _worker(mode: str, tiny_dir: str, out: str) -> None:
@@ -86,10 +102,18 @@ def _worker(mode: str, tiny_dir: str, out: str) -> None:
     info = init_from_env("cpu")
     assert info is not None and info.world_size == 2
     out = Path(out)
-    runs = {"first": [("sgd", out), ("save", out.with_suffix(".adamw"))],
+    runs = {"first": [("sgd", out), ("save", out.with_suffix(".adamw")),
+                      ("lora", out.with_suffix(".lora"))],
             "resume": [("resume", out)]}[mode]
     for kind, dest in runs:
         model, tok = _load(tiny_dir)
+        if kind == "lora":
+            tr, evals = _lora_run(model, tok, DistributedTrainer, info=info)
+            sd = {k: v for k, v in tr.full_state_dict().items() if "lora_" in k}
+            if info.is_main:
+                torch.save({"history": tr.history, "state": sd,
+                            "evals": [e.to_dict() for e in evals]}, dest)
+            continue
         run_dir = out.parent / ("sgd-run" if kind == "sgd" else "run")
         cfg = _config(save_every=2 if kind == "save" else 0)
         tr = DistributedTrainer(model, tok, _problems(), cfg, info=info,
@@ -138,13 +162,27 @@ def _assert_same_weights(a: dict, b: dict, rtol=1e-4, atol=1e-6):
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
 
 
-def test_fsdp_two_processes_match_one_and_resume(tiny_dir, tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_dir, tmp_path_factory):
+    """The first torchrun launch (2 processes: SGD run, AdamW run with a checkpoint,
+    LoRA run), shared by the fsdp tests: ``(folder, results)``."""
+    if importlib.util.find_spec("peft") is None:
+        pytest.skip("peft is not installed")
+    tmp = tmp_path_factory.mktemp("fsdp")
+    return tmp, _torchrun("first", tiny_dir, tmp / "out.pt")
+
+
+def _single(fn):
     threads = torch.get_num_threads()
     try:
-        ref_hist, ref_state = _single_process(tiny_dir)
+        return fn()
     finally:
         torch.set_num_threads(threads)
-    full = _torchrun("first", tiny_dir, tmp_path / "out.pt")
+
+
+def test_fsdp_two_processes_match_one_process(tiny_dir, fsdp_runs):
+    tmp, full = fsdp_runs
+    ref_hist, ref_state = _single(lambda: _single_process(tiny_dir))
     steps = [r for r in full["history"] if r["event"] == "step"]
     assert [r["step"] for r in steps] == [1, 2, 3]
     for got, ref in zip(steps, ref_hist, strict=True):
@@ -159,28 +197,61 @@ def test_fsdp_two_processes_match_one_and_resume(tiny_dir, tmp_path):
     assert any(not torch.equal(init[k], ref_state[k]) for k in ref_state)
     _assert_same_weights(full["state"], ref_state)
     # metrics written once, by rank 0
-    lines = (tmp_path / "sgd-run" / "metrics.jsonl").read_text().splitlines()
+    lines = (tmp / "sgd-run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
 
-    # AdamW run with a checkpoint at step 2 (DCP shards inside the atomic checkpoint
-    # folder), resumed by fresh processes to step 3: the same step 3 and final weights
-    saved = torch.load(tmp_path / "out.adamw", weights_only=False)
-    ck = tmp_path / "run" / "checkpoints" / "step_2"
+
+def test_fsdp_resume_from_a_distributed_checkpoint(tiny_dir, fsdp_runs):
+    """AdamW run with a checkpoint at step 2 (DCP shards inside the atomic checkpoint
+    folder), resumed by fresh processes to step 3: the same step 3 and final weights."""
+    from opsd_train.checkpoint import verify_checkpoint
+
+    tmp, _ = fsdp_runs
+    saved = torch.load(tmp / "out.adamw", weights_only=False)
+    ck = tmp / "run" / "checkpoints" / "step_2"
     marker = json.loads((ck / "COMPLETE.json").read_text())
     assert any(name.startswith("dcp/") for name in marker["files"])
     assert not list(ck.parent.glob(".*"))  # no staging or partial folders left
-    from opsd_train.checkpoint import verify_checkpoint
-
     verify_checkpoint(ck, deep=True)
     s_steps = [r for r in saved["history"] if r["event"] == "step"]
-    resumed = _torchrun("resume", tiny_dir, tmp_path / "resumed.pt")
+    resumed = _torchrun("resume", tiny_dir, tmp / "resumed.pt")
     r_steps = [r for r in resumed["history"] if r["event"] == "step"]
     assert [r["step"] for r in r_steps] == [3]
     for key in ("loss", "grad_norm", "lr", "completion_tokens"):
         assert r_steps[0][key] == s_steps[2][key], key
     _assert_same_weights(resumed["state"], saved["state"], rtol=0, atol=0)
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    lines = (tmp / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]  # no duplicates
+
+
+def test_fsdp_lora_fixed_teacher_with_generate_matches_one_process(tiny_dir, fsdp_runs):
+    """LoRA adapters sharded with their layers, the fixed teacher as the adapter-disabled
+    model, rollouts and evaluation from ``generate`` inside the root unit (ranks generate
+    different lengths without a hang)."""
+    from opsd_train.trainer import Trainer
+
+    tmp, _ = fsdp_runs
+    got = torch.load(tmp / "out.lora", weights_only=False)
+
+    def one():
+        torch.set_num_threads(1)
+        tr, evals = _lora_run(*_load(tiny_dir), Trainer)
+        state = {k: v.detach().clone() for k, v in tr.model.state_dict().items()
+                 if "lora_" in k}
+        return tr.history, state, [e.to_dict() for e in evals]
+
+    ref_hist, ref_state, ref_evals = _single(one)
+    steps = [r for r in got["history"] if r["event"] == "step"]
+    refs = [r for r in ref_hist if r["event"] == "step"]
+    assert len(steps) == len(refs) == 2
+    for a, b in zip(steps, refs, strict=True):
+        assert a["completion_tokens"] == b["completion_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=1e-7)
+    assert steps[0]["loss"] > 0
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in got["state"].items())
+    _assert_same_weights(got["state"], ref_state)
+    assert got["evals"] == ref_evals
 
 
 def test_fsdp_trainer_refuses_unsupported_settings(tiny):
