@@ -254,3 +254,18 @@ def test_token_logprobs_are_float32_on_a_bf16_head():
     ref = torch.log_softmax(h.double() @ w.double().T, -1)[torch.arange(6), y]
     assert lp.dtype == torch.float32
     assert torch.allclose(lp.double(), ref, atol=1e-5)
+
+
+def test_generated_token_total_survives_a_resume(tiny, problems, tmp_path):
+    model, tok = tiny
+    train, _ = problems
+    cfg = _cfg(steps=1, batch_size=2, lr=0.0)
+    t = Trainer(model, tok, train, cfg, engine=FixedEngine([[5, 6, 7]]), output_dir=tmp_path)
+    rec = t.train_step()
+    assert rec["generated_tokens"] == rec["generated_tokens_total"] == 6
+    path = t.save_checkpoint(tmp_path / "checkpoints" / "step_1")
+    t2 = Trainer(model, tok, train, _cfg(steps=2, batch_size=2, lr=0.0),
+                 engine=FixedEngine([[5]]), output_dir=tmp_path)
+    t2.load_checkpoint(path, allow_changes=("steps",))
+    assert t2.generated_tokens_total == 6
+    assert t2.train_step()["generated_tokens_total"] == 8
