@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     groups: dict = {}
     for title in ("run", "model and data", "optimisation", "rollouts", "loss and teacher",
-                  "evaluation and checkpoints", "memory and speed"):
+                  "grpo", "evaluation and checkpoints", "memory and speed"):
         groups[title] = p.add_argument_group(title)
     add_arguments(p, RunConfig, groups)
     add_arguments(p, TrainConfig, groups)
