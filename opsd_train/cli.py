@@ -22,6 +22,7 @@ model's maximum positions (tokenizer and model config only), and only then the w
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -387,6 +388,7 @@ def _run_real(o: Options) -> dict:
 
     from . import checkpoint as ckpt
     from .data import load_hf_dataset, load_jsonl
+    from .distributed import init_for_cli
     from .modeling import (
         load_model_and_tokenizer,
         load_model_config,
@@ -407,6 +409,9 @@ def _run_real(o: Options) -> dict:
     run = o.run
     # 1. settings that depend on the device, then the final TrainConfig
     device = run.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dist_info = init_for_cli(device)  # torchrun: one process per device, FSDP2
+    if dist_info is not None:
+        device = str(dist_info.device)
     precision = run.precision
     if precision == "auto" and torch.device(device).type == "cuda":
         precision = "bf16" if run.lora else "bf16-mixed"
@@ -465,8 +470,13 @@ def _run_real(o: Options) -> dict:
     model = prepare_model(model, lora=run.lora, lora_r=run.lora_r, lora_alpha=run.lora_alpha,
                           gradient_checkpointing=run.gradient_checkpointing, liger=run.liger)
     pb.tokenizer = tok
-    trainer = Trainer(model, tok, train, tc, eval_problems=held_out, prompt_builder=pb,
-                      output_dir=out, run_options=_effective_run_config(run))
+    make_trainer = Trainer
+    if dist_info is not None:
+        from .distributed import DistributedTrainer
+
+        make_trainer = functools.partial(DistributedTrainer, info=dist_info)
+    trainer = make_trainer(model, tok, train, tc, eval_problems=held_out, prompt_builder=pb,
+                           output_dir=out, run_options=_effective_run_config(run))
     if resume_from is not None:
         trainer.load_checkpoint(resume_from, allow_changes=run.resume_override)
         print(f"[opsd-train] resumed from {resume_from} (step {trainer.step})")
@@ -477,7 +487,12 @@ def _run_real(o: Options) -> dict:
     if trainer.last_saved_step != trainer.step:
         trainer.save_checkpoint(out / "checkpoints" / f"step_{trainer.step}")
     try:
-        model.save_pretrained(out / "final")
+        if dist_info is None:
+            model.save_pretrained(out / "final")
+        else:
+            trainer.save_final(out / "final")  # collective; rank 0 writes
+            if not dist_info.is_main:
+                return {"steps": trainer.step}
         tok.save_pretrained(out / "final")
     except OSError as e:
         raise ckpt.CheckpointWriteError.wrap(

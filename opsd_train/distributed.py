@@ -55,8 +55,8 @@ from .step import get_body, opsd_loss, sft_loss
 from .teacher import is_peft_model
 from .trainer import Row, TrainConfig, Trainer
 
-__all__ = ["DistInfo", "init_from_env", "ShardedRoot", "shard_model", "DistributedTrainer",
-           "is_distributed_launch"]
+__all__ = ["DistInfo", "init_from_env", "init_for_cli", "ShardedRoot", "shard_model",
+           "DistributedTrainer", "is_distributed_launch"]
 
 
 @dataclass
@@ -98,6 +98,18 @@ def init_from_env(device: str | None = None) -> DistInfo | None:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def init_for_cli(device: str | None) -> DistInfo | None:
+    """:func:`init_from_env` for ``opsd-train`` under torchrun (``None`` otherwise); the
+    process group is destroyed at exit."""
+    if not is_distributed_launch():
+        return None
+    info = init_from_env(device)
+    import atexit
+
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    return info
 
 
 class ShardedRoot(torch.nn.Module):
@@ -408,6 +420,23 @@ class DistributedTrainer(Trainer):
             ckpt.truncate_metrics(self.output_dir / "metrics.jsonl", self.config.phase,
                                   self.step)
         dist.barrier()
+
+    def save_final(self, path: str | Path) -> None:
+        """Collective: gather the full weights (or adapter) and ``save_pretrained`` them
+        on rank 0 into ``path``; every rank returns once it is written."""
+        sd = self.full_state_dict()
+        error = None
+        if self.info.is_main:
+            try:
+                self.model.save_pretrained(path, state_dict=sd)
+            except OSError as e:
+                error = e
+        flag = [repr(error) if error is not None else None]
+        dist.broadcast_object_list(flag, src=0)
+        if error is not None:
+            raise error
+        if flag[0] is not None:
+            raise ckpt.CheckpointWriteError(f"rank 0 failed to write {path}: {flag[0]}")
 
     def full_state_dict(self) -> dict:
         """Collective: the full (unsharded) model state dict on rank 0 (CPU tensors;

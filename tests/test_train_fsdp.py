@@ -126,7 +126,28 @@ def _worker(mode: str, tiny_dir: str, out: str) -> None:
         sd = tr.full_state_dict()
         if info.is_main:
             torch.save({"history": tr.history, "state": sd}, dest)
+    if mode == "resume":
+        _cli_run(tiny_dir, out.parent / "cli", info)
     torch.distributed.destroy_process_group()
+
+
+def _cli_run(tiny_dir, folder: Path, info) -> None:
+    """``opsd-train`` under torchrun: full fine-tune with the current teacher, a top-k
+    teacher, evaluation at start and end, a final checkpoint and final weights."""
+    from opsd_train.cli import main
+    from opsd_train.data import save_jsonl, synthetic_split
+
+    if info.is_main:
+        folder.mkdir(parents=True)
+        train, held = synthetic_split(8, 2, seed=2)
+        save_jsonl(train, folder / "train.jsonl")
+        save_jsonl(held, folder / "held.jsonl")
+    torch.distributed.barrier()
+    assert main(["--model", str(tiny_dir), "--data", str(folder / "train.jsonl"),
+                 "--eval-data", str(folder / "held.jsonl"), "--steps", "2",
+                 "--batch-size", "4", "--grad-accum", "2", "--max-new-tokens", "4",
+                 "--teacher", "current", "--teacher-topk", "8", "--out",
+                 str(folder / "run"), "--no-progress", "--device", "cpu"]) == 0
 
 
 def _free_port() -> int:
@@ -201,9 +222,10 @@ def test_fsdp_two_processes_match_one_process(tiny_dir, fsdp_runs):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
 
 
-def test_fsdp_resume_from_a_distributed_checkpoint(tiny_dir, fsdp_runs):
+def test_fsdp_resume_from_a_distributed_checkpoint_and_cli(tiny_dir, fsdp_runs):
     """AdamW run with a checkpoint at step 2 (DCP shards inside the atomic checkpoint
-    folder), resumed by fresh processes to step 3: the same step 3 and final weights."""
+    folder), resumed by fresh processes to step 3: the same step 3 and final weights.
+    The same launch then runs the ``opsd-train`` command line."""
     from opsd_train.checkpoint import verify_checkpoint
 
     tmp, _ = fsdp_runs
@@ -222,6 +244,18 @@ def test_fsdp_resume_from_a_distributed_checkpoint(tiny_dir, fsdp_runs):
     _assert_same_weights(resumed["state"], saved["state"], rtol=0, atol=0)
     lines = (tmp / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]  # no duplicates
+
+    # the same launch ran `opsd-train` (the CLI) under torchrun afterwards
+    run = tmp / "cli" / "run"
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["event"] == "step"] == [1, 2]
+    assert [r["step"] for r in recs if r["event"] == "eval"] == [0, 2]
+    assert all(r["world_size"] == 2 for r in recs if r["event"] == "step")
+    verify_checkpoint(run / "checkpoints" / "step_2", deep=True)
+    assert (run / "final" / "config.json").is_file()
+    assert any((run / "final").glob("*.safetensors"))
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+    assert json.loads((run / "config.json").read_text())["teacher_topk"] == 8
 
 
 def test_fsdp_lora_fixed_teacher_with_generate_matches_one_process(tiny_dir, fsdp_runs):
