@@ -372,7 +372,9 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from opsd_kernels.triton.vocab_parallel_rows import _vocab_parallel_rows_kernel as k
+from opsd_kernels.triton.vocab_parallel_rows import _vocab_parallel_rows_kernel
+
+k = _vocab_parallel_rows_kernel.fn  # the JITFunction under the heuristics (flags given below)
 
 done = []
 # (logits dtype, PHASE, KIND, HAS_CLIP, (GRAD_S, GRAD_T)): every phase, kind, clip and

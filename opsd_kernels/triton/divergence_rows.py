@@ -30,12 +30,13 @@ import triton.language as tl
 from .._validation import DivergenceOptions
 from .configs import option_args
 from .formulas import (
-    divergence_terms,
     one_pass_finish,
     one_pass_rescale,
     one_pass_terms,
     online_logsumexp_update,
     rescale_sum,
+    row_term_sums,
+    write_row_gradients,
 )
 
 
@@ -90,25 +91,8 @@ def _divergence_rows_kernel(
         loss, G, H = one_pass_finish(w, z_s, z_t, lse_s, lse_t, KIND)
     else:
         # ---- pass 2: pointwise terms, clip, and their sums ----
-        loss = 0.0
-        G = 0.0
-        H = 0.0
-        for start in range(0, v_stat, BLOCK_V):
-            offs = start + cols
-            inside = offs < V
-            b = tl.load(s_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-            a = tl.load(t_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-            lS = b - lse_s
-            lT = a - lse_t
-            phi, g, h = divergence_terms(lT, lS, tl.exp(lT), tl.exp(lS), beta, log_beta, log_1m_beta, KIND)
-            if HAS_CLIP:
-                kept = phi < clip
-                phi = tl.minimum(phi, clip)
-                g = tl.where(kept, g, 0.0)
-                h = tl.where(kept, h, 0.0)
-            loss += tl.sum(tl.where(inside, phi, 0.0), axis=0)
-            G += tl.sum(tl.where(inside, g, 0.0), axis=0)
-            H += tl.sum(tl.where(inside, h, 0.0), axis=0)
+        loss, G, H = row_term_sums(s_row, t_row, V, v_stat, lse_s, lse_t, inv_temp, beta,
+                                   log_beta, log_1m_beta, clip, KIND, HAS_CLIP, BLOCK_V)
 
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
 
@@ -118,28 +102,10 @@ def _divergence_rows_kernel(
             scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * inv_temp
         else:
             scale = tl.load(scale_ptr).to(tl.float32) * inv_temp
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            inside = offs < V
-            b = tl.load(s_row + offs, mask=inside, other=0.0).to(tl.float32) * inv_temp
-            a = tl.load(t_row + offs, mask=inside, other=0.0).to(tl.float32) * inv_temp
-            lS = b - lse_s
-            lT = a - lse_t
-            pS = tl.exp(lS)
-            pT = tl.exp(lT)
-            phi, g, h = divergence_terms(lT, lS, pT, pS, beta, log_beta, log_1m_beta, KIND)
-            if HAS_CLIP:
-                kept = phi < clip
-                g = tl.where(kept, g, 0.0)
-                h = tl.where(kept, h, 0.0)
-            if GRAD_S:
-                grad_s = tl.where(valid, (g - pS * G) * scale, 0.0)
-                tl.store(grad_s_ptr + row * grad_s_stride + offs,
-                         grad_s.to(grad_s_ptr.dtype.element_ty), mask=inside)
-            if GRAD_T:
-                grad_t = tl.where(valid, (h - pT * H) * scale, 0.0)
-                tl.store(grad_t_ptr + row * grad_t_stride + offs,
-                         grad_t.to(grad_t_ptr.dtype.element_ty), mask=inside)
+        write_row_gradients(s_row, t_row, grad_s_ptr, row * grad_s_stride, grad_t_ptr,
+                            row * grad_t_stride, V, lse_s, lse_t, G, H, scale,
+                            valid, inv_temp, beta, log_beta, log_1m_beta, clip, KIND, HAS_CLIP,
+                            GRAD_S, GRAD_T, BLOCK_V)
 
 
 def default_block_v(V: int, device: torch.device) -> int:

@@ -17,22 +17,28 @@ A masked row (mask 0) sweeps nothing in phases 0 and 1 (max -inf, sums 0) and
 gets a zero gradient in phase 2; its contents never reach an output.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
+from .._validation import DivergenceOptions
+from .configs import option_args
 from .divergence_rows import default_block_v
 from .formulas import (
-    divergence_terms,
     one_pass_rescale,
     one_pass_terms,
     online_logsumexp_update,
     rescale_sum,
+    row_term_sums,
+    write_row_gradients,
 )
 
 
+@triton.heuristics({
+    "HAS_MASK": lambda a: a["mask_ptr"] is not None,
+    "GRAD_S": lambda a: a["grad_s_ptr"] is not None,
+    "GRAD_T": lambda a: a["grad_t_ptr"] is not None,
+})
 @triton.jit
 def _vocab_parallel_rows_kernel(
     s_ptr, t_ptr, grad_s_ptr, grad_t_ptr, mask_ptr, scale_ptr, stats_ptr, out_ptr,
@@ -51,6 +57,8 @@ def _vocab_parallel_rows_kernel(
     else:
         valid = True
     v_stat = tl.where(valid, V, 0)
+    # the one-pass weighted sum only for a one-pass kind without clip
+    SWEEP: tl.constexpr = ONE_PASS and not HAS_CLIP
 
     if PHASE == 0:
         m_s = float("-inf")
@@ -65,7 +73,7 @@ def _vocab_parallel_rows_kernel(
             a = tl.load(t_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
             m_s, z_s, rescale_s, shift_s = online_logsumexp_update(m_s, z_s, b)
             m_t, z_t, rescale_t, shift_t = online_logsumexp_update(m_t, z_t, a)
-            if ONE_PASS:
+            if SWEEP:
                 w = rescale_sum(w, one_pass_rescale(rescale_s, rescale_t, KIND)) + tl.sum(
                     one_pass_terms(a, b, shift_s, shift_t, KIND), axis=0)
         out = out_ptr + row * 5
@@ -78,26 +86,8 @@ def _vocab_parallel_rows_kernel(
         lse_s = tl.load(stats_ptr + row * 4)
         lse_t = tl.load(stats_ptr + row * 4 + 1)
         if PHASE == 1:
-            loss = 0.0
-            G = 0.0
-            H = 0.0
-            for start in range(0, v_stat, BLOCK_V):
-                offs = start + cols
-                inside = offs < V
-                b = tl.load(s_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-                a = tl.load(t_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-                lS = b - lse_s
-                lT = a - lse_t
-                phi, g, h = divergence_terms(lT, lS, tl.exp(lT), tl.exp(lS), beta, log_beta,
-                                             log_1m_beta, KIND)
-                if HAS_CLIP:
-                    kept = phi < clip
-                    phi = tl.minimum(phi, clip)
-                    g = tl.where(kept, g, 0.0)
-                    h = tl.where(kept, h, 0.0)
-                loss += tl.sum(tl.where(inside, phi, 0.0), axis=0)
-                G += tl.sum(tl.where(inside, g, 0.0), axis=0)
-                H += tl.sum(tl.where(inside, h, 0.0), axis=0)
+            loss, G, H = row_term_sums(s_row, t_row, V, v_stat, lse_s, lse_t, inv_temp, beta,
+                                       log_beta, log_1m_beta, clip, KIND, HAS_CLIP, BLOCK_V)
             out = out_ptr + row * 3
             tl.store(out, loss)
             tl.store(out + 1, G)
@@ -106,32 +96,14 @@ def _vocab_parallel_rows_kernel(
             G = tl.load(stats_ptr + row * 4 + 2)
             H = tl.load(stats_ptr + row * 4 + 3)
             scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * inv_temp
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                inside = offs < V
-                b = tl.load(s_row + offs, mask=inside, other=0.0).to(tl.float32) * inv_temp
-                a = tl.load(t_row + offs, mask=inside, other=0.0).to(tl.float32) * inv_temp
-                lS = b - lse_s
-                lT = a - lse_t
-                pS = tl.exp(lS)
-                pT = tl.exp(lT)
-                phi, g, h = divergence_terms(lT, lS, pT, pS, beta, log_beta, log_1m_beta, KIND)
-                if HAS_CLIP:
-                    kept = phi < clip
-                    g = tl.where(kept, g, 0.0)
-                    h = tl.where(kept, h, 0.0)
-                if GRAD_S:
-                    grad_s = tl.where(valid, (g - pS * G) * scale, 0.0)
-                    tl.store(grad_s_ptr + row * grad_s_stride + offs,
-                             grad_s.to(grad_s_ptr.dtype.element_ty), mask=inside)
-                if GRAD_T:
-                    grad_t = tl.where(valid, (h - pT * H) * scale, 0.0)
-                    tl.store(grad_t_ptr + row * grad_t_stride + offs,
-                             grad_t.to(grad_t_ptr.dtype.element_ty), mask=inside)
+            write_row_gradients(s_row, t_row, grad_s_ptr, row * grad_s_stride, grad_t_ptr,
+                                row * grad_t_stride, V, lse_s, lse_t, G, H, scale, valid,
+                                inv_temp, beta, log_beta, log_1m_beta, clip, KIND, HAS_CLIP,
+                                GRAD_S, GRAD_T, BLOCK_V)
 
 
-def _launch(phase, student, teacher, opts, mask, *, stats=None, out=None, scale=None,
-            grad_student=None, grad_teacher=None):
+def _launch(phase, student, teacher, opts: DivergenceOptions, mask, *, stats=None, out=None,
+            scale=None, grad_student=None, grad_teacher=None):
     R, V = student.shape
     if R == 0:
         return
@@ -140,23 +112,16 @@ def _launch(phase, student, teacher, opts, mask, *, stats=None, out=None, scale=
         if x is not None and x.stride(-1) != 1:
             raise ValueError(f"{name} rows must be contiguous (stride(-1) == 1)")
     block = default_block_v(V, student.device)
-    dummy = out if out is not None else stats
-    mask_arg = mask.view(torch.uint8) if mask is not None else dummy
-    grad_s = grad_student if grad_student is not None else student
-    grad_t = grad_teacher if grad_teacher is not None else teacher
-    scale_arg = scale if scale is not None else dummy
-    beta = opts.beta if opts.spec.needs_beta else 0.5  # keep the logs finite for KL kinds
     _vocab_parallel_rows_kernel[(R,)](
-        student, teacher, grad_s, grad_t, mask_arg, scale_arg,
-        stats if stats is not None else dummy, out if out is not None else dummy,
-        student.stride(0), teacher.stride(0), grad_s.stride(0), grad_t.stride(0),
-        scale.stride(0) if scale is not None and scale.numel() > 1 else 0,
-        V, 1.0 / opts.temperature, beta, math.log(beta), math.log1p(-beta),
-        opts.clip if opts.clip is not None else 0.0,
-        PHASE=phase, KIND=opts.spec.kind_id, ONE_PASS=opts.spec.one_pass and opts.clip is None,
-        HAS_CLIP=opts.clip is not None, HAS_MASK=mask is not None,
-        GRAD_S=grad_student is not None, GRAD_T=grad_teacher is not None,
-        BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+        s_ptr=student, t_ptr=teacher, grad_s_ptr=grad_student, grad_t_ptr=grad_teacher,
+        mask_ptr=None if mask is None else mask.view(torch.uint8), scale_ptr=scale,
+        stats_ptr=stats, out_ptr=out, s_stride=student.stride(0),
+        t_stride=teacher.stride(0),
+        grad_s_stride=0 if grad_student is None else grad_student.stride(0),
+        grad_t_stride=0 if grad_teacher is None else grad_teacher.stride(0),
+        scale_stride=scale.stride(0) if scale is not None and scale.numel() > 1 else 0,
+        V=V, PHASE=phase, **option_args(opts), BLOCK_V=block,
+        num_warps=8 if block >= 2048 else 4,
     )
 
 
