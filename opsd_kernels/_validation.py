@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._env import triton_interpreting
 from .divergences import KINDS, KindSpec
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -88,15 +89,12 @@ def check_impl(impl: str, allowed: tuple[str, ...], device: torch.device,
         raise TypeError(
             f"impl={impl!r} computes in float32; float64 inputs need impl='torch' (or 'auto')"
         )
-    if impl in ("triton", "fused") and device.type != "cuda":
-        import os
-
-        if os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError(
-                f"impl={impl!r} needs CUDA tensors (got {device}); on CPU use impl='torch', "
-                "or set TRITON_INTERPRET=1 before importing opsd_kernels to run the Triton "
-                "interpreter (slow, for tests)"
-            )
+    if impl in ("triton", "fused") and device.type != "cuda" and not triton_interpreting():
+        raise ValueError(
+            f"impl={impl!r} needs CUDA tensors (got {device}); on CPU use impl='torch', "
+            "or set TRITON_INTERPRET=1 before importing opsd_kernels to run the Triton "
+            "interpreter (slow, for tests)"
+        )
     return impl
 
 

@@ -16,11 +16,11 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
+from .._env import triton_interpreting
 from .._validation import DivergenceOptions
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
@@ -32,7 +32,7 @@ AUTO_SKIP_MAX_VOCAB = 2**20
 
 def interpreting() -> bool:
     """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``, CPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton_interpreting()
 
 
 @dataclass(frozen=True)
