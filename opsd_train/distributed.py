@@ -238,19 +238,28 @@ class DistributedTrainer(Trainer):
         return self.info.device if self.info.device.type == "cuda" else torch.device("cpu")
 
     def loss_backward(self, rows: Sequence[Row], total_tokens: int) -> dict:
-        """As :meth:`Trainer.loss_backward`, with the global token count as normaliser,
-        every loss inside the root forward, and the results summed over ranks. Every rank
+        """As :meth:`Trainer.loss_backward`, with the normalisers taken over all ranks (the
+        global token count, or with ``loss_normalization="microbatch"`` each micro-batch's
+        tokens times the number of non-empty micro-batches of all ranks), every loss
+        inside the root forward, and the results summed over ranks. Every rank
         runs the same number of micro-batches (rows with empty completions are kept, with
         nothing to count), so the collectives match."""
         cfg = self.config
         total = self._global.get("tokens", total_tokens)
         out = {"loss": 0.0, "div_sum": 0.0, "forward_tokens": 0}
+        slices = self._micro_slices(len(rows))
+        norms = [float(total)] * len(slices)
+        if getattr(cfg, "loss_normalization", "global") == "microbatch":
+            # the mean of every micro-batch's token mean, over all ranks' micro-batches
+            own = [sum(r.trained_tokens for r in rows[sl]) for sl in slices]
+            (n_micro,) = _all_reduce_sum([sum(1 for n in own if n > 0)], self._comm_device)
+            norms = [max(n, 1) * n_micro for n in own]
         if total > 0:
             lcfg = cfg.loss_config()
             ctx = None
             if self.teacher is not None and self.teacher.mode != "current":
                 ctx = self.teacher.weights
-            for sl in self._micro_slices(len(rows)):
+            for sl, norm in zip(slices, norms, strict=True):
                 sb, tb = self.pack_rows(rows[sl])
                 out["forward_tokens"] += int(sb.attention_mask.sum())
                 sb = sb.to(self.device)
@@ -262,12 +271,12 @@ class DistributedTrainer(Trainer):
                             from .topk_teacher import topk_teacher_loss
 
                             loss, st = self.root(topk_teacher_loss, self, sb, tb, lcfg, ctx,
-                                                 total)
+                                                 norm)
                         else:
                             loss, st = self.root(opsd_loss, self.model, sb, tb, lcfg,
-                                                 teacher_ctx=ctx, normalizer=total)
+                                                 teacher_ctx=ctx, normalizer=norm)
                     else:
-                        loss, st = self.root(sft_loss, self.model, sb, normalizer=total)
+                        loss, st = self.root(sft_loss, self.model, sb, normalizer=norm)
                 loss.backward()
                 out["loss"] += float(loss.detach())
                 out["div_sum"] += st["div_sum"]

@@ -76,15 +76,18 @@ def _problems(held_out=False):
     return synthetic_split(n_train=16, n_eval=2, seed=3)[1 if held_out else 0]
 
 
-def _lora_run(model, tok, trainer_cls, **kw):
+def _lora_run(model, tok, trainer_cls, grad_accum, **kw):
     """LoRA with the fixed teacher (adapter disabled), rollouts and an evaluation sampled
-    with ``generate`` from the model (top-k 1: the same completions in both setups)."""
+    with ``generate`` from the model (top-k 1: the same completions in both setups), and
+    the reference's per-micro-batch token means (``grad_accum`` 2 on one process and 1 on
+    each of two give the same micro-batches)."""
     from opsd_train.modeling import prepare_model
 
     torch.manual_seed(5)  # the same adapter init everywhere
     model = prepare_model(model, lora=True, lora_r=4, lora_alpha=8)
     cfg = _config(teacher="fixed", top_k=1, steps=2, eval_at_end=True,
-                  eval_max_new_tokens=4)
+                  eval_max_new_tokens=4, loss_normalization="microbatch",
+                  grad_accum=grad_accum)
     tr = trainer_cls(model, tok, _problems(), cfg, eval_problems=_problems(True), **kw)
     _use_sgd(tr)
     evals = tr.train()
@@ -102,23 +105,26 @@ def _worker(mode: str, tiny_dir: str, out: str) -> None:
     info = init_from_env("cpu")
     assert info is not None and info.world_size == 2
     out = Path(out)
-    runs = {"first": [("sgd", out), ("save", out.with_suffix(".adamw")),
+    runs = {"first": [("sgd", out), ("sgd-mb", out.with_suffix(".mb")),
+                      ("save", out.with_suffix(".adamw")),
                       ("lora", out.with_suffix(".lora"))],
             "resume": [("resume", out)]}[mode]
     for kind, dest in runs:
         model, tok = _load(tiny_dir)
         if kind == "lora":
-            tr, evals = _lora_run(model, tok, DistributedTrainer, info=info)
+            tr, evals = _lora_run(model, tok, DistributedTrainer, 1, info=info)
             sd = {k: v for k, v in tr.full_state_dict().items() if "lora_" in k}
             if info.is_main:
                 torch.save({"history": tr.history, "state": sd,
                             "evals": [e.to_dict() for e in evals]}, dest)
             continue
-        run_dir = out.parent / ("sgd-run" if kind == "sgd" else "run")
+        run_dir = out.parent / {"sgd": "sgd-run", "sgd-mb": "mb-run"}.get(kind, "run")
         cfg = _config(save_every=2 if kind == "save" else 0)
+        if kind == "sgd-mb":  # one micro-batch per rank: the 1-process run's two
+            cfg = _config(loss_normalization="microbatch", grad_accum=1)
         tr = DistributedTrainer(model, tok, _problems(), cfg, info=info,
                                 engine=FixedEngine(), output_dir=run_dir)
-        if kind == "sgd":
+        if kind.startswith("sgd"):
             _use_sgd(tr)
         if kind == "resume":
             tr.load_checkpoint(run_dir / "checkpoints" / "step_2")
@@ -166,12 +172,13 @@ def _torchrun(mode: str, tiny_dir, out: Path) -> dict:
     return torch.load(out, weights_only=False)
 
 
-def _single_process(tiny_dir):
+def _single_process(tiny_dir, normalization="global"):
     from opsd_train.trainer import Trainer
 
     torch.set_num_threads(1)
     model, tok = _load(tiny_dir)
-    tr = Trainer(model, tok, _problems(), _config(), engine=FixedEngine())
+    tr = Trainer(model, tok, _problems(), _config(loss_normalization=normalization),
+                 engine=FixedEngine())
     _use_sgd(tr)
     tr.train()
     return tr.history, {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -201,9 +208,16 @@ def _single(fn):
         torch.set_num_threads(threads)
 
 
-def test_fsdp_two_processes_match_one_process(tiny_dir, fsdp_runs):
-    tmp, full = fsdp_runs
-    ref_hist, ref_state = _single(lambda: _single_process(tiny_dir))
+@pytest.mark.parametrize("normalization", ["global", "microbatch"])
+def test_fsdp_two_processes_match_one_process(tiny_dir, fsdp_runs, normalization):
+    """Global token mean (grad_accum 2 everywhere: other micro-batches, the same mean),
+    and the reference's mean of micro-batch token means (completions of 2 to 5 tokens,
+    so it differs from the global mean; grad_accum 1 on each of two processes makes the
+    1-process run's two micro-batches)."""
+    tmp, first = fsdp_runs
+    full = first if normalization == "global" else torch.load(tmp / "out.mb",
+                                                               weights_only=False)
+    ref_hist, ref_state = _single(lambda: _single_process(tiny_dir, normalization))
     steps = [r for r in full["history"] if r["event"] == "step"]
     assert [r["step"] for r in steps] == [1, 2, 3]
     for got, ref in zip(steps, ref_hist, strict=True):
@@ -218,7 +232,8 @@ def test_fsdp_two_processes_match_one_process(tiny_dir, fsdp_runs):
     assert any(not torch.equal(init[k], ref_state[k]) for k in ref_state)
     _assert_same_weights(full["state"], ref_state)
     # metrics written once, by rank 0
-    lines = (tmp / "sgd-run" / "metrics.jsonl").read_text().splitlines()
+    run = "sgd-run" if normalization == "global" else "mb-run"
+    lines = (tmp / run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
 
 
@@ -269,7 +284,7 @@ def test_fsdp_lora_fixed_teacher_with_generate_matches_one_process(tiny_dir, fsd
 
     def one():
         torch.set_num_threads(1)
-        tr, evals = _lora_run(*_load(tiny_dir), Trainer)
+        tr, evals = _lora_run(*_load(tiny_dir), Trainer, 2)
         state = {k: v.detach().clone() for k, v in tr.model.state_dict().items()
                  if "lora_" in k}
         return tr.history, state, [e.to_dict() for e in evals]
