@@ -139,7 +139,8 @@ def _worker(mode: str, tiny_dir: str, out: str) -> None:
 
 def _cli_run(tiny_dir, folder: Path, info) -> None:
     """``opsd-train`` under torchrun: full fine-tune with the current teacher, a top-k
-    teacher, evaluation at start and end, a final checkpoint and final weights."""
+    teacher, gradient checkpointing, evaluation at start and end, a final checkpoint and
+    final weights."""
     from opsd_train.cli import main
     from opsd_train.data import save_jsonl, synthetic_split
 
@@ -152,7 +153,8 @@ def _cli_run(tiny_dir, folder: Path, info) -> None:
     assert main(["--model", str(tiny_dir), "--data", str(folder / "train.jsonl"),
                  "--eval-data", str(folder / "held.jsonl"), "--steps", "2",
                  "--batch-size", "4", "--grad-accum", "2", "--max-new-tokens", "4",
-                 "--teacher", "current", "--teacher-topk", "8", "--out",
+                 "--teacher", "current", "--teacher-topk", "8", "--gradient-checkpointing",
+                 "--out",
                  str(folder / "run"), "--no-progress", "--device", "cpu"]) == 0
 
 
