@@ -164,13 +164,15 @@ class _RootEngine:
     def generate(self, prompts, params, num_return_sequences: int = 1):
         mods = _fsdp_modules(self.root)
         for m in mods:
-            m.set_reshard_after_forward(False)
+            m.set_reshard_after_forward(False, recurse=False)
         try:
             with torch.no_grad():
                 return self.root(self.engine.generate, prompts, params, num_return_sequences)
         finally:
             for m in mods:
-                m.set_reshard_after_forward(True)
+                # FSDP2's defaults: layers reshard after forward; the root keeps its
+                # parameters (the lm_head) gathered until the backward of its forward
+                m.set_reshard_after_forward(m is not self.root, recurse=False)
                 m.reshard()
 
 
