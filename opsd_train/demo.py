@@ -461,20 +461,21 @@ def plot_accuracy_vs_tokens(metrics_path: str | Path, png_path: str | Path,
     recs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
     name = "accuracy"
-    for phase, label in _METHODS:
+    for i, (phase, label) in enumerate(_METHODS):
         es = _student_evals(recs, phase)
         if not es:
             continue
+        color = f"C{i}"  # one colour per method in both panels
         name = es[-1].get("score_name", name)
         x_tok = [r.get("train_generated_tokens", 0) for r in es]
         y = [r["score"] for r in es]
         if phase == "control":
-            ax_t.axhline(y[-1], color="C1", ls="--", label=f"{label} after {es[-1]['step']} "
-                         "steps (0 tokens generated)")
+            ax_t.axhline(y[-1], color=color, ls="--", label=f"{label} after "
+                         f"{es[-1]['step']} steps (0 tokens generated)")
         else:
-            ax_t.plot(x_tok, y, "o-", label=label)
+            ax_t.plot(x_tok, y, "o-", color=color, label=label)
         ax_s.plot([r["step"] for r in es], y, "s--" if phase == "control" else "o-",
-                  label=label)
+                  color=color, label=label)
     ax_t.set(title="held-out accuracy vs training tokens generated",
              xlabel="rollout tokens generated", ylabel=name)
     ax_s.set(title="held-out accuracy vs optimizer steps", xlabel="step", ylabel=name)
