@@ -219,6 +219,10 @@ class DistributedTrainer(Trainer):
         self._global: dict = {}
         super().__init__(model, tokenizer, train_problems, config,
                          engine=_RootEngine(inner, self.root), **kwargs)
+        # every rank was seeded alike (identical initial weights); from here on each
+        # samples its rollouts from its own stream (saved per rank in checkpoints)
+        if info.rank:
+            torch.manual_seed((torch.initial_seed() + 1_000_003 * info.rank) % 2**63)
 
     # ------------------------------------------------------------------ one step
     def local_indices(self, idx: Sequence[int]) -> list[int]:
