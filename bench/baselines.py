@@ -51,8 +51,10 @@ def naive_pointwise(ls: torch.Tensor, lt: torch.Tensor, kind: str, beta: float) 
         return beta * F.kl_div(lm, lt, log_target=True, reduction="none") + (1 - beta) * F.kl_div(
             lm, ls, log_target=True, reduction="none"
         )
-    raise NotImplementedError(f"the naive baseline has no formula for kind {kind!r}: add one "
-                              "to bench/baselines.py:naive_pointwise")
+    raise NotImplementedError(
+        f"the naive baseline has no formula for kind {kind!r}: add one "
+        "to bench/baselines.py:naive_pointwise"
+    )
 
 
 def naive_divergence(s, t, *, kind="forward_kl", beta=0.5, temperature=1.0, clip=None):
@@ -73,8 +75,9 @@ def naive_linear(h_s, h_t, weight, *, kind="forward_kl", beta=0.5, temperature=1
     return naive_divergence(s, t, kind=kind, beta=beta, temperature=temperature, clip=clip)
 
 
-def naive_linear_16bit(h_s, h_t, weight, *, kind="forward_kl", beta=0.5, temperature=1.0,
-                       clip=None):
+def naive_linear_16bit(
+    h_s, h_t, weight, *, kind="forward_kl", beta=0.5, temperature=1.0, clip=None
+):
     """As :func:`naive_linear`, but log_softmax and F.kl_div in the input dtype too.
 
     This is the reference code run on a 16-bit model as written (TRL's
@@ -138,8 +141,11 @@ class _ChunkedCompiled(torch.autograd.Function):
         if not (need_a or need_w):
             fn = _compiled_fwd_fn(logits)
             for i in range(0, n, chunk):
-                args = (a[i:i + chunk], b[i:i + chunk]) if logits else (
-                    a[i:i + chunk], weight, b[i:i + chunk], weight.detach())
+                args = (
+                    (a[i : i + chunk], b[i : i + chunk])
+                    if logits
+                    else (a[i : i + chunk], weight, b[i : i + chunk], weight.detach())
+                )
                 total += fn(*args, *opts)
             ctx.save_for_backward()
             return total / n
@@ -148,13 +154,16 @@ class _ChunkedCompiled(torch.autograd.Function):
         grad_a = torch.empty_like(a) if need_a else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         for i in range(0, n, chunk):
-            args = (a[i:i + chunk], b[i:i + chunk]) if logits else (
-                a[i:i + chunk], weight, b[i:i + chunk], weight.detach())
+            args = (
+                (a[i : i + chunk], b[i : i + chunk])
+                if logits
+                else (a[i : i + chunk], weight, b[i : i + chunk], weight.detach())
+            )
             grads, value = fn(*args, *opts)
             total += value
             grads = list(grads)
             if need_a:
-                grad_a[i:i + chunk] = grads.pop(0)
+                grad_a[i : i + chunk] = grads.pop(0)
             if need_w:
                 grad_w += grads.pop(0)
         ctx.save_for_backward(grad_a, grad_w)
@@ -171,16 +180,19 @@ class _ChunkedCompiled(torch.autograd.Function):
         return ga, None, gw, None, None, None
 
 
-def compiled_chunked_linear(h_s, h_t, weight, *, kind="forward_kl", beta=0.5, temperature=1.0,
-                            clip=None, chunk=1024):
+def compiled_chunked_linear(
+    h_s, h_t, weight, *, kind="forward_kl", beta=0.5, temperature=1.0, clip=None, chunk=1024
+):
     """torch.compile of a token-chunked fused-linear loss (token mean), grads in the forward."""
-    out = _ChunkedCompiled.apply(h_s, h_t.detach(), weight, (kind, beta, temperature, clip),
-                                 chunk, False)
+    out = _ChunkedCompiled.apply(
+        h_s, h_t.detach(), weight, (kind, beta, temperature, clip), chunk, False
+    )
     return out
 
 
-def compiled_chunked_logits(s, t, *, kind="forward_kl", beta=0.5, temperature=1.0, clip=None,
-                            chunk=1024):
+def compiled_chunked_logits(
+    s, t, *, kind="forward_kl", beta=0.5, temperature=1.0, clip=None, chunk=1024
+):
     """torch.compile of a token-chunked divergence on logits (token mean)."""
     return _ChunkedCompiled.apply(s, t.detach(), s, (kind, beta, temperature, clip), chunk, True)
 
@@ -233,9 +245,13 @@ def liger_fused_linear_jsd_loss(kind, beta, temperature, compiled=True):
     soft loss only (``weight_hard_loss=0``); call(h_s, h_t, W)."""
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-    mod = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0,
-                                  beta=liger_beta(kind, beta), temperature=temperature,
-                                  compiled=compiled)
+    mod = LigerFusedLinearJSDLoss(
+        weight_hard_loss=0.0,
+        weight_soft_loss=1.0,
+        beta=liger_beta(kind, beta),
+        temperature=temperature,
+        compiled=compiled,
+    )
     labels = {}
 
     def call(h_s, h_t, w):
@@ -255,8 +271,9 @@ def liger_kldiv(temperature):
     mod = LigerKLDIVLoss(reduction="batchmean", log_target=True)
 
     def call(s, t):
-        return mod(F.log_softmax(s.float() / temperature, -1),
-                   F.log_softmax(t.float() / temperature, -1))
+        return mod(
+            F.log_softmax(s.float() / temperature, -1), F.log_softmax(t.float() / temperature, -1)
+        )
 
     return call
 
@@ -268,7 +285,8 @@ def liger_jsd(kind, beta, temperature):
     mod = LigerJSD(beta=liger_beta(kind, beta))
 
     def call(s, t):
-        return mod(F.log_softmax(s.float() / temperature, -1),
-                   F.log_softmax(t.float() / temperature, -1))
+        return mod(
+            F.log_softmax(s.float() / temperature, -1), F.log_softmax(t.float() / temperature, -1)
+        )
 
     return call

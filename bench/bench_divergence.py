@@ -81,14 +81,31 @@ def test_divergence(benchmark, bench_cfg, device, shape, impl, mode):
     elt = s.element_size()
     moved = (2 + (mode == "fwdbwd")) * shape.tokens * shape.vocab * elt
     record = {
-        "op": "divergence", "preset": shape.preset, "hidden": shape.hidden,
-        "vocab": shape.vocab, "tokens": shape.tokens, "dtype": str(bench_cfg.dtype)[6:],
-        "mode": mode, "weight": "-", "impl": impl, **bench_cfg.options(),
-        "flops": 0.0, "bytes_moved": moved, "input_bytes": harness.tensor_bytes(s, t),
+        "op": "divergence",
+        "preset": shape.preset,
+        "hidden": shape.hidden,
+        "vocab": shape.vocab,
+        "tokens": shape.tokens,
+        "dtype": str(bench_cfg.dtype)[6:],
+        "mode": mode,
+        "weight": "-",
+        "impl": impl,
+        **bench_cfg.options(),
+        "flops": 0.0,
+        "bytes_moved": moved,
+        "input_bytes": harness.tensor_bytes(s, t),
     }
     if impl.startswith("liger"):
         record["note"] = "no per-entry clip in Liger: unclipped loss" if bench_cfg.clip else ""
     estimate = 8 * 4 * shape.tokens * shape.vocab if impl == "naive" else None
     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-        harness.measure(benchmark, record, fn, setup, device, bench_cfg.rounds, estimate,
-                        warmup=device.type == "cuda" or impl == "compiled")
+        harness.measure(
+            benchmark,
+            record,
+            fn,
+            setup,
+            device,
+            bench_cfg.rounds,
+            estimate,
+            warmup=device.type == "cuda" or impl == "compiled",
+        )

@@ -104,9 +104,16 @@ def test_fused_linear(benchmark, bench_cfg, device, shape, impl, mode, weight):
         w.grad = None
 
     record = {
-        "op": "fused_linear", "preset": shape.preset, "hidden": shape.hidden,
-        "vocab": shape.vocab, "tokens": shape.tokens, "dtype": str(bench_cfg.dtype)[6:],
-        "mode": mode, "weight": weight, "impl": impl, **bench_cfg.options(),
+        "op": "fused_linear",
+        "preset": shape.preset,
+        "hidden": shape.hidden,
+        "vocab": shape.vocab,
+        "tokens": shape.tokens,
+        "dtype": str(bench_cfg.dtype)[6:],
+        "mode": mode,
+        "weight": weight,
+        "impl": impl,
+        **bench_cfg.options(),
         "flops": _flops(shape, mode, weight),
         "input_bytes": harness.tensor_bytes(h_s, h_t, w),
     }
@@ -116,8 +123,16 @@ def test_fused_linear(benchmark, bench_cfg, device, shape, impl, mode, weight):
     if impl == "naive":  # measured on CPU: 7 fp32 N x V tensors at the peak of fwd+bwd
         estimate = 8 * 4 * shape.tokens * shape.vocab
     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-        harness.measure(benchmark, record, fn, setup, device, bench_cfg.rounds, estimate,
-                        warmup=device.type == "cuda" or impl == "compiled")
+        harness.measure(
+            benchmark,
+            record,
+            fn,
+            setup,
+            device,
+            bench_cfg.rounds,
+            estimate,
+            warmup=device.type == "cuda" or impl == "compiled",
+        )
 
 
 def _check_against_naive(loss_fn, h_s, h_t, w, cfg):

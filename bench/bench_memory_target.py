@@ -54,11 +54,16 @@ def test_cpu_memory_target():
     h_s.grad = None
 
     ratio = peaks["torch"] / peaks["naive"]
-    harness.CHECKS.append({
-        "name": "CPU memory target (fused_linear_divergence, impl=torch vs naive)",
-        "shape": f"N={N}, H={H}, V={V}, float32, forward KL, T=1.1, frozen lm_head, fwd+bwd",
-        "peak_bytes": dict(peaks), "seconds_once": dict(times),
-        "ratio": ratio, "target": TARGET, "passed": ratio <= TARGET,
-    })
+    harness.CHECKS.append(
+        {
+            "name": "CPU memory target (fused_linear_divergence, impl=torch vs naive)",
+            "shape": f"N={N}, H={H}, V={V}, float32, forward KL, T=1.1, frozen lm_head, fwd+bwd",
+            "peak_bytes": dict(peaks),
+            "seconds_once": dict(times),
+            "ratio": ratio,
+            "target": TARGET,
+            "passed": ratio <= TARGET,
+        }
+    )
     assert abs(losses["torch"] - losses["naive"]) <= 1e-4 * max(1.0, abs(losses["naive"]))
     assert ratio <= TARGET, f"torch/naive peak memory {ratio:.3f} > {TARGET}"

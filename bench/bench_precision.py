@@ -86,8 +86,9 @@ def _inputs_and_reference(n, h, v, dtype, eps, device_str):
     h_s, h_t, w = precision_inputs(n, h, v, dtype, eps, device)
     hs64 = h_s.double().requires_grad_()
     w64 = w.double().requires_grad_()
-    loss = fused_linear_divergence_reference(hs64, h_t.double(), w64, kind=KIND,
-                                             temperature=TEMPERATURE, dtype=torch.float64)
+    loss = fused_linear_divergence_reference(
+        hs64, h_t.double(), w64, kind=KIND, temperature=TEMPERATURE, dtype=torch.float64
+    )
     loss.backward()
     return (h_s, h_t, w), (loss.detach(), hs64.grad, w64.grad)
 
@@ -96,13 +97,16 @@ def loss_fn(impl: str):
     """``call(h_s, h_t, w) -> scalar token-mean loss`` for a precision case."""
     if impl in harness.OUR_IMPLS:
         return lambda hs, ht, w: opsd_kernels.fused_linear_divergence(
-            hs, ht, w, kind=KIND, temperature=TEMPERATURE, impl=impl)
+            hs, ht, w, kind=KIND, temperature=TEMPERATURE, impl=impl
+        )
     if impl == "naive":
-        return lambda hs, ht, w: baselines.naive_linear(hs, ht, w, kind=KIND,
-                                                        temperature=TEMPERATURE)
+        return lambda hs, ht, w: baselines.naive_linear(
+            hs, ht, w, kind=KIND, temperature=TEMPERATURE
+        )
     if impl == "naive-16bit":
-        return lambda hs, ht, w: baselines.naive_linear_16bit(hs, ht, w, kind=KIND,
-                                                              temperature=TEMPERATURE)
+        return lambda hs, ht, w: baselines.naive_linear_16bit(
+            hs, ht, w, kind=KIND, temperature=TEMPERATURE
+        )
     if impl == "liger-fljsd-loss":
         return baselines.liger_fused_linear_jsd_loss(KIND, 0.5, TEMPERATURE, compiled=False)
     if impl == "liger-fljsd":
@@ -114,8 +118,10 @@ def skip_reason(impl: str, device: torch.device) -> str | None:
     if impl == "liger-fljsd" and not baselines.liger_available():
         return "Liger's Triton kernels need CUDA and the liger-kernel package"
     if impl in CUDA_ONLY and device.type != "cuda":
-        return (f"impl={impl}: CUDA only here (the Triton interpreter needs ~40 s for one "
-                "fused call at N=H=64, V=2048)")
+        return (
+            f"impl={impl}: CUDA only here (the Triton interpreter needs ~40 s for one "
+            "fused call at N=H=64, V=2048)"
+        )
     if impl == "liger-fljsd-loss" and not baselines.liger_chunked_available():
         return "liger-kernel is not installed"
     return None
@@ -126,15 +132,25 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def measure_precision(impl: str, dtype: torch.dtype, eps: float, device: torch.device,
-                      shape: tuple[int, int, int]) -> dict:
+def measure_precision(
+    impl: str, dtype: torch.dtype, eps: float, device: torch.device, shape: tuple[int, int, int]
+) -> dict:
     """One cell of the table: run the case once (fwd+bwd) and compare with float64."""
     n, h, v = shape
     (h_s, h_t, w), (loss64, dh64, dw64) = _inputs_and_reference(n, h, v, dtype, eps, str(device))
-    row = {"impl": impl, "dtype": str(dtype).split(".")[-1], "eps": eps,
-           "kl_per_token": float(loss64), "tokens": n, "hidden": h, "vocab": v,
-           "kind": KIND, "temperature": TEMPERATURE, "device": device.type,
-           "status": "incomplete"}
+    row = {
+        "impl": impl,
+        "dtype": str(dtype).split(".")[-1],
+        "eps": eps,
+        "kl_per_token": float(loss64),
+        "tokens": n,
+        "hidden": h,
+        "vocab": v,
+        "kind": KIND,
+        "temperature": TEMPERATURE,
+        "device": device.type,
+        "status": "incomplete",
+    }
     if impl == "liger-fljsd-loss":
         row["note"] = "eager"
     harness.PRECISION.append(row)
@@ -149,8 +165,11 @@ def measure_precision(impl: str, dtype: torch.dtype, eps: float, device: torch.d
     row["loss_rel"] = abs(float(loss.detach().double()) - float(loss64)) / abs(float(loss64))
     row["dh_rel"] = _rel(hs.grad, dh64)
     row["dw_rel"] = _rel(ww.grad, dw64)
-    row["meets_target"] = bool(row["loss_rel"] <= TARGET_LOSS and row["dh_rel"] <= TARGET_GRAD
-                               and row["dw_rel"] <= TARGET_GRAD)
+    row["meets_target"] = bool(
+        row["loss_rel"] <= TARGET_LOSS
+        and row["dh_rel"] <= TARGET_GRAD
+        and row["dw_rel"] <= TARGET_GRAD
+    )
     row["status"] = "ok"
     return row
 

@@ -89,8 +89,16 @@ def test_tile_skipping(bench_cfg, device, layout):
         ww = w.detach().clone().requires_grad_()
         harness.sync(device)
         t0 = time.perf_counter()
-        loss = fused_linear_divergence(hs, h_t, ww, kind="forward_kl", temperature=tau,
-                                       clip=clip, impl="fused", skip_threshold=threshold)
+        loss = fused_linear_divergence(
+            hs,
+            h_t,
+            ww,
+            kind="forward_kl",
+            temperature=tau,
+            clip=clip,
+            impl="fused",
+            skip_threshold=threshold,
+        )
         loss.backward()
         harness.sync(device)
         return loss.detach(), hs.grad, ww.grad, time.perf_counter() - t0
@@ -106,15 +114,23 @@ def test_tile_skipping(bench_cfg, device, layout):
         err_w = float((gw - exact[2]).float().norm() / exact[2].float().norm().clamp_min(1e-30))
         assert torch.equal(loss, exact[0])  # the loss never depends on skipping
         rows.append((thr, frac, err_h, err_w, secs))
-    md = ["| skip_threshold | tiles skipped | rel. error dH | rel. error dW | fwd+bwd s |",
-          "|---:|---:|---:|---:|---:|"]
-    md += [f"| {t if isinstance(t, str) else f'{t:g}'} | {f:.1%} | {eh:.2e} | {ew:.2e} "
-           f"| {s:.3f} |" for t, f, eh, ew, s in rows]
-    harness.CHECKS.append({
-        "name": f"impl='fused' tile skipping, {layout} vocabulary",
-        "shape": (f"N={N}, H={H}, V={V}, {str(dtype).split('.')[-1]}, forward KL, "
-                  f"T={tau}, clip={clip}, entropy student {ent_s:.2f} / teacher {ent_t:.2f} "
-                  f"nats, trainable lm_head"),
-        "markdown": md,
-    })
+    md = [
+        "| skip_threshold | tiles skipped | rel. error dH | rel. error dW | fwd+bwd s |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    md += [
+        f"| {t if isinstance(t, str) else f'{t:g}'} | {f:.1%} | {eh:.2e} | {ew:.2e} | {s:.3f} |"
+        for t, f, eh, ew, s in rows
+    ]
+    harness.CHECKS.append(
+        {
+            "name": f"impl='fused' tile skipping, {layout} vocabulary",
+            "shape": (
+                f"N={N}, H={H}, V={V}, {str(dtype).split('.')[-1]}, forward KL, "
+                f"T={tau}, clip={clip}, entropy student {ent_s:.2f} / teacher {ent_t:.2f} "
+                f"nats, trainable lm_head"
+            ),
+            "markdown": md,
+        }
+    )
     print("\n" + "\n".join(md))

@@ -66,7 +66,7 @@ def _inputs(shape, dtype, device, mode, weight):
     with torch.no_grad():  # teacher: the student's logits plus noise, its top-K
         lp, ids = [], []
         for i in range(0, n, 1024):
-            t = h_s[i:i + 1024].float() @ w.float().t() + 0.5 * randn(min(1024, n - i), v)
+            t = h_s[i : i + 1024].float() @ w.float().t() + 0.5 * randn(min(1024, n - i), v)
             top = t.log_softmax(-1).topk(K, dim=-1)
             lp.append(top.values)
             ids.append(top.indices)
@@ -79,11 +79,12 @@ def _inputs(shape, dtype, device, mode, weight):
 def _loss_fn(impl, temperature):
     if impl in ("torch", "triton"):
         return lambda h, w, ids, lp: opsd_kernels.fused_linear_topk_divergence(
-            h, w, ids, lp, temperature=temperature, impl=impl, validate=False)
+            h, w, ids, lp, temperature=temperature, impl=impl, validate=False
+        )
     if impl == "torch-renorm":
         return lambda h, w, ids, lp: opsd_kernels.fused_linear_topk_divergence(
-            h, w, ids, lp, temperature=temperature, impl="torch", tail="renormalize",
-            validate=False)
+            h, w, ids, lp, temperature=temperature, impl="torch", tail="renormalize", validate=False
+        )
     tail = "renormalize" if impl == "naive-renorm" else "bucket"
     return lambda h, w, ids, lp: naive_topk(h, w, ids, lp, tail=tail, temperature=temperature)
 
@@ -101,8 +102,9 @@ def test_topk(benchmark, bench_cfg, device, shape, impl, mode, weight):
         n = min(256, shape.tokens)
         with torch.no_grad():
             ours = loss_fn(h_s[:n], w, ids[:n], lp[:n]).float()
-            ref = _loss_fn("naive-renorm" if "renorm" in impl else "naive",
-                           bench_cfg.temperature)(h_s[:n], w, ids[:n], lp[:n])
+            ref = _loss_fn("naive-renorm" if "renorm" in impl else "naive", bench_cfg.temperature)(
+                h_s[:n], w, ids[:n], lp[:n]
+            )
         tol = 1e-4 if bench_cfg.dtype == torch.float32 else 2e-2
         assert torch.allclose(ours, ref, rtol=tol, atol=tol), (float(ours), float(ref))
 
@@ -117,17 +119,33 @@ def test_topk(benchmark, bench_cfg, device, shape, impl, mode, weight):
 
     nhv = float(shape.tokens) * shape.hidden * shape.vocab
     record = {
-        "op": "topk", "preset": shape.preset, "hidden": shape.hidden, "vocab": shape.vocab,
-        "tokens": shape.tokens, "k": K, "dtype": str(bench_cfg.dtype)[6:], "mode": mode,
-        "weight": weight, "impl": impl, "kind": "forward_kl",
+        "op": "topk",
+        "preset": shape.preset,
+        "hidden": shape.hidden,
+        "vocab": shape.vocab,
+        "tokens": shape.tokens,
+        "k": K,
+        "dtype": str(bench_cfg.dtype)[6:],
+        "mode": mode,
+        "weight": weight,
+        "impl": impl,
+        "kind": "forward_kl",
         "temperature": bench_cfg.temperature,
         "flops": nhv * {"fwd": 2, "frozen": 4, "trainable": 6}[weight if mode != "fwd" else mode],
         "input_bytes": harness.tensor_bytes(h_s, w, ids, lp),
     }
     estimate = 6 * 4 * shape.tokens * shape.vocab if impl.startswith("naive") else None
     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-        out = harness.measure(benchmark, record, fn, setup, device, bench_cfg.rounds, estimate,
-                              warmup=device.type == "cuda")
+        out = harness.measure(
+            benchmark,
+            record,
+            fn,
+            setup,
+            device,
+            bench_cfg.rounds,
+            estimate,
+            warmup=device.type == "cuda",
+        )
     # kept out of the main report (see the module docstring)
     if out in harness.RESULTS:
         harness.RESULTS.remove(out)
@@ -141,17 +159,19 @@ def _write_topk_report(bench_cfg):
         return
     os.makedirs(bench_cfg.report_dir, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    path = os.path.join(bench_cfg.report_dir,
-                        f"topk-{dev}-{datetime.date.today().isoformat()}.md")
+    path = os.path.join(bench_cfg.report_dir, f"topk-{dev}-{datetime.date.today().isoformat()}.md")
     with open(path, "w") as f:
         f.write(render(TOPK_RESULTS))
     print(f"\nopsd bench (top-k): {path}")
 
 
 def render(results: list[dict]) -> str:
-    dev = (torch.cuda.get_device_name() if torch.cuda.is_available()
-           else f"CPU ({platform.processor() or platform.machine()}, "
-                f"{torch.get_num_threads()} torch threads)")
+    dev = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads)"
+    )
     lines = [
         "# Top-k teacher: `fused_linear_topk_divergence` vs naive",
         "",
@@ -186,6 +206,7 @@ def render(results: list[dict]) -> str:
             pr = f"{r['peak_bytes'] / max(1, n['peak_bytes']):.3f}"
             tr = f"{r['median_s'] / n['median_s']:.2f}"
         mode = r["mode"] if r["weight"] == "-" else f"{r['mode']} ({r['weight']})"
-        lines.append(f"| {r['preset']} | {r['tokens']} | {mode} | {r['impl']} | {ms} | {mib} "
-                     f"| {pr} | {tr} |")
+        lines.append(
+            f"| {r['preset']} | {r['tokens']} | {mode} | {r['impl']} | {ms} | {mib} | {pr} | {tr} |"
+        )
     return "\n".join(lines) + "\n"

@@ -65,8 +65,11 @@ def pytest_addoption(parser):
     g.addoption("--beta", type=float, default=0.5)
     g.addoption("--impls", default=None, help="comma-separated impls/baselines to run")
     g.addoption("--rounds", type=int, default=None)
-    g.addoption("--precision-shape", default=None,
-                help="N,H,V of bench_precision.py (default 256,256,8192 CPU; 512,512,32768 CUDA)")
+    g.addoption(
+        "--precision-shape",
+        default=None,
+        help="N,H,V of bench_precision.py (default 256,256,8192 CPU; 512,512,32768 CUDA)",
+    )
     g.addoption("--report-dir", default=None)
     g.addoption("--no-report", action="store_true")
 
@@ -99,8 +102,11 @@ class BenchConfig:
             presets = ["qwen3-4b"] if HAS_CUDA else ["cpu-small"]
             tokens = list(DEFAULT_TOKENS_GPU) if HAS_CUDA else [128, 512]
         if opt("--preset"):
-            presets = (list(GPU_PRESETS) if opt("--preset") == "all"
-                       else [p.strip() for p in opt("--preset").split(",") if p.strip()])
+            presets = (
+                list(GPU_PRESETS)
+                if opt("--preset") == "all"
+                else [p.strip() for p in opt("--preset").split(",") if p.strip()]
+            )
         for p in presets:
             if p not in harness.PRESETS:
                 raise pytest.UsageError(f"unknown preset {p!r}; known: {sorted(harness.PRESETS)}")
@@ -121,8 +127,12 @@ class BenchConfig:
         self.compile_chunk = 1024 if HAS_CUDA else 256
 
     def options(self) -> dict:
-        return {"kind": self.kind, "beta": self.beta, "temperature": self.temperature,
-                "clip": self.clip}
+        return {
+            "kind": self.kind,
+            "beta": self.beta,
+            "temperature": self.temperature,
+            "clip": self.clip,
+        }
 
     def wants(self, impl: str) -> bool:
         return self.impls is None or impl in self.impls
@@ -158,9 +168,15 @@ def _write(config, render_report: bool) -> list[str]:
 
     if not _META:
         _META.update(report.collect_meta(cfg))
-    return report.write_run(harness.RESULTS, harness.CHECKS, cfg, cfg.report_dir,
-                            precision=harness.PRECISION, meta=_META,
-                            render_report=render_report)
+    return report.write_run(
+        harness.RESULTS,
+        harness.CHECKS,
+        cfg,
+        cfg.report_dir,
+        precision=harness.PRECISION,
+        meta=_META,
+        render_report=render_report,
+    )
 
 
 @pytest.hookimpl(trylast=True)

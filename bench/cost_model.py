@@ -81,9 +81,14 @@ class Pass:
     atomics: float = 0.0  # float32 atomic adds (one-pass backward)
 
 
-def tiles_per_pass(kind: str, clip: bool, trainable: bool, deterministic: bool = True,
-                   skipped_fraction: float = 0.0,
-                   clip_recompute_fraction: float = 1.0) -> dict[str, float]:
+def tiles_per_pass(
+    kind: str,
+    clip: bool,
+    trainable: bool,
+    deterministic: bool = True,
+    skipped_fraction: float = 0.0,
+    clip_recompute_fraction: float = 1.0,
+) -> dict[str, float]:
     """Fraction of the tiles each fused pass computes, keyed as the kernels' debug
     counters are (``stats``, ``terms``, ``dh``, ``dw``, ``backward``).
 
@@ -106,9 +111,15 @@ def tiles_per_pass(kind: str, clip: bool, trainable: bool, deterministic: bool =
     return out
 
 
-def passes(impl: str, kind: str = "forward_kl", clip: bool = True, trainable: bool = True,
-           shape: Shape = Shape(), skipped_fraction: float = 0.0,
-           clip_recompute_fraction: float = 1.0) -> list[Pass]:
+def passes(
+    impl: str,
+    kind: str = "forward_kl",
+    clip: bool = True,
+    trainable: bool = True,
+    shape: Shape = Shape(),
+    skipped_fraction: float = 0.0,
+    clip_recompute_fraction: float = 1.0,
+) -> list[Pass]:
     """The passes of one forward + backward of ``impl``: ``"chunked"``, ``"fused"``
     (deterministic backward) or ``"fused-onepass"`` (``deterministic=False``).
 
@@ -135,20 +146,27 @@ def passes(impl: str, kind: str = "forward_kl", clip: bool = True, trainable: bo
     n_chunks = math.ceil(s.N / s.chunk)
     n_groups = math.ceil(s.n_blocks / s.group)
     if impl == "chunked":
-        out = [Pass("logits GEMM (both roles)", 4 * nhv, n_chunks * W + 2 * hid + 2 * logits32),
-               Pass("row kernel (loss, G, dS in place)", 0.0, 2 * logits32 + logits32),
-               Pass("dH GEMM", 2 * nhv, logits32 + n_chunks * W + hid)]
+        out = [
+            Pass("logits GEMM (both roles)", 4 * nhv, n_chunks * W + 2 * hid + 2 * logits32),
+            Pass("row kernel (loss, G, dS in place)", 0.0, 2 * logits32 + logits32),
+            Pass("dH GEMM", 2 * nhv, logits32 + n_chunks * W + hid),
+        ]
         if trainable:
-            out.append(Pass("dW GEMM (fp32 accumulate)", 2 * nhv,
-                            logits32 + hid + n_chunks * 2 * 4 * W / s.elem))
+            out.append(
+                Pass(
+                    "dW GEMM (fp32 accumulate)",
+                    2 * nhv,
+                    logits32 + hid + n_chunks * 2 * 4 * W / s.elem,
+                )
+            )
         return out
     if impl not in ("fused", "fused-onepass"):
         raise ValueError(f"impl must be 'chunked', 'fused' or 'fused-onepass', got {impl!r}")
-    tiles = tiles_per_pass(kind, clip, trainable, impl == "fused", skipped_fraction,
-                           clip_recompute_fraction)
+    tiles = tiles_per_pass(
+        kind, clip, trainable, impl == "fused", skipped_fraction, clip_recompute_fraction
+    )
     fwd_bytes = n_groups * W + 2 * hid
-    out = [Pass("fwd stats (LSE, weighted sum, tile extrema)", 4 * nhv, fwd_bytes,
-                tiles["stats"])]
+    out = [Pass("fwd stats (LSE, weighted sum, tile extrema)", 4 * nhv, fwd_bytes, tiles["stats"])]
     if "terms" in tiles:
         f = tiles["terms"]
         out.append(Pass("fwd terms (clip / jsd)", 4 * nhv * f, f * fwd_bytes, f))
@@ -172,8 +190,11 @@ def passes(impl: str, kind: str = "forward_kl", clip: bool = True, trainable: bo
     return out
 
 
-def expected_ms(pass_list: list[Pass], gemm_tflops: float = DEFAULT_GEMM_TFLOPS,
-                hbm_tbps: float = DEFAULT_HBM_TBPS) -> float:
+def expected_ms(
+    pass_list: list[Pass],
+    gemm_tflops: float = DEFAULT_GEMM_TFLOPS,
+    hbm_tbps: float = DEFAULT_HBM_TBPS,
+) -> float:
     """Sum over passes of max(flops / GEMM rate, bytes / HBM bandwidth), in ms.
 
     Atomic throughput is not modelled (it must be measured); the one-pass
@@ -193,24 +214,31 @@ def total_nhv(pass_list: list[Pass], shape: Shape = Shape()) -> float:
     return sum(p.flops for p in pass_list) / shape.nhv
 
 
-def table(shape: Shape = Shape(), skipped: tuple[float, ...] = (0.0, 0.5, 0.9),
-          clip_recompute: float = 0.05, gemm_tflops: float = DEFAULT_GEMM_TFLOPS,
-          hbm_tbps: float = DEFAULT_HBM_TBPS) -> list[str]:
+def table(
+    shape: Shape = Shape(),
+    skipped: tuple[float, ...] = (0.0, 0.5, 0.9),
+    clip_recompute: float = 0.05,
+    gemm_tflops: float = DEFAULT_GEMM_TFLOPS,
+    hbm_tbps: float = DEFAULT_HBM_TBPS,
+) -> list[str]:
     """Markdown rows: every impl x kind x clip x frozen/trainable x skipped fraction."""
-    md = [f"Shape N={shape.N}, H={shape.H}, V={shape.V}, {shape.elem}-byte operands, tiles "
-          f"{shape.block_n}x{shape.block_v}, group {shape.group}, chunk {shape.chunk}; "
-          f"GEMM rate {gemm_tflops:g} TFLOP/s, HBM {hbm_tbps:g} TB/s. Clip tiles recomputed "
-          f"(forward/reverse KL + clip): {clip_recompute:.0%} (the simulation's figure is in "
-          "skip-simulation.md). Times are model outputs, not measurements.",
-          "",
-          "| impl | kind | clip | lm_head | skipped | FLOPs (NHV) | HBM GB | atomics (1e9) "
-          "| expected ms |",
-          "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    md = [
+        f"Shape N={shape.N}, H={shape.H}, V={shape.V}, {shape.elem}-byte operands, tiles "
+        f"{shape.block_n}x{shape.block_v}, group {shape.group}, chunk {shape.chunk}; "
+        f"GEMM rate {gemm_tflops:g} TFLOP/s, HBM {hbm_tbps:g} TB/s. Clip tiles recomputed "
+        f"(forward/reverse KL + clip): {clip_recompute:.0%} (the simulation's figure is in "
+        "skip-simulation.md). Times are model outputs, not measurements.",
+        "",
+        "| impl | kind | clip | lm_head | skipped | FLOPs (NHV) | HBM GB | atomics (1e9) "
+        "| expected ms |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for kind, clip in (("forward_kl", True), ("forward_kl", False), ("jsd", False)):
         for trainable in (True, False):
             head = "trainable" if trainable else "frozen"
-            rows = [("chunked", 0.0)] + [(impl, s) for impl in ("fused", "fused-onepass")
-                                         for s in skipped]
+            rows = [("chunked", 0.0)] + [
+                (impl, s) for impl in ("fused", "fused-onepass") for s in skipped
+            ]
             for impl, s in rows:
                 p = passes(impl, kind, clip, trainable, shape, s, clip_recompute)
                 md.append(
@@ -218,7 +246,8 @@ def table(shape: Shape = Shape(), skipped: tuple[float, ...] = (0.0, 0.5, 0.9),
                     f"{'-' if impl == 'chunked' else f'{s:.0%}'} | {total_nhv(p, shape):.2f} | "
                     f"{sum(x.hbm_bytes for x in p) / 1e9:.1f} | "
                     f"{sum(x.atomics for x in p) / 1e9:.1f} | "
-                    f"{expected_ms(p, gemm_tflops, hbm_tbps):.1f} |")
+                    f"{expected_ms(p, gemm_tflops, hbm_tbps):.1f} |"
+                )
     return md
 
 
@@ -229,12 +258,14 @@ def main(argv=None) -> None:
     ap.add_argument("--V", type=int, default=151_936)
     ap.add_argument("--gemm-tflops", type=float, default=DEFAULT_GEMM_TFLOPS)
     ap.add_argument("--hbm-tbps", type=float, default=DEFAULT_HBM_TBPS)
-    ap.add_argument("--out", type=Path,
-                    default=Path(__file__).resolve().parent / "results" / "cost-model.md")
+    ap.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "cost-model.md"
+    )
     args = ap.parse_args(argv)
     md = ["# Cost model of fused_linear_divergence (bench/cost_model.py)", ""]
-    md += table(Shape(N=args.N, H=args.H, V=args.V), gemm_tflops=args.gemm_tflops,
-                hbm_tbps=args.hbm_tbps)
+    md += table(
+        Shape(N=args.N, H=args.H, V=args.V), gemm_tflops=args.gemm_tflops, hbm_tbps=args.hbm_tbps
+    )
     args.out.write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

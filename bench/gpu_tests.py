@@ -132,8 +132,7 @@ class VariantCounter:
     def pytest_collection_modifyitems(self, session, config, items):
         if self.dry:
             for item in items:
-                item.own_markers = [m for m in item.own_markers
-                                    if m.name not in ("skip", "skipif")]
+                item.own_markers = [m for m in item.own_markers if m.name not in ("skip", "skipif")]
 
     def pytest_configure(self, config):
         from triton.runtime import interpreter
@@ -142,8 +141,10 @@ class VariantCounter:
         counter = self
 
         def run(fn_self, *args, grid, warmup, **kwargs):
-            key = (tuple(_arg_key(a) for a in args),
-                   tuple(sorted((k, _arg_key(v)) for k, v in kwargs.items())))
+            key = (
+                tuple(_arg_key(a) for a in args),
+                tuple(sorted((k, _arg_key(v)) for k, v in kwargs.items())),
+            )
             name = fn_self.fn.__name__
             counter.keys[name].add(key)
             if counter.current:
@@ -180,9 +181,11 @@ class VariantCounter:
             if new:
                 lines.append(f"  {len(new):3d}  {test}")
         if not self.dry:
-            lines.append(f"+ about {ESTIMATED_CUDA_ONLY_VARIANTS} for the CUDA-only tests "
-                         f"(--dry counts them): about {total + ESTIMATED_CUDA_ONLY_VARIANTS} "
-                         "compilations")
+            lines.append(
+                f"+ about {ESTIMATED_CUDA_ONLY_VARIANTS} for the CUDA-only tests "
+                f"(--dry counts them): about {total + ESTIMATED_CUDA_ONLY_VARIANTS} "
+                "compilations"
+            )
         return lines
 
 
@@ -194,7 +197,7 @@ def _arg_key(a):
     if isinstance(a, bool):
         return ("const", a)
     if isinstance(a, int):
-        return ("int", a == 1, a % 16 == 0, -2**31 <= a < 2**31)
+        return ("int", a == 1, a % 16 == 0, -(2**31) <= a < 2**31)
     if isinstance(a, float):
         return ("fp",)
     if isinstance(a, str | type(None)):
@@ -206,10 +209,19 @@ def check(selections: list[Selection], path: str = LIST) -> tuple[int, list[str]
     """Collect the subset; returns (number of tests, problems). Prints a table per line."""
     plugin = SelectPlugin(selections)
     present = [f for f in files(selections) if os.path.exists(os.path.join(ROOT, f))]
-    code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "--rootdir", ROOT,
-                        *present], plugins=[plugin]) if present else 5
-    problems = [f"{os.path.basename(path)} line {s.line_no}: no such file {s.file}"
-                for s in selections if s.file not in present]
+    code = (
+        pytest.main(
+            ["--collect-only", "-q", "-p", "no:cacheprovider", "--rootdir", ROOT, *present],
+            plugins=[plugin],
+        )
+        if present
+        else 5
+    )
+    problems = [
+        f"{os.path.basename(path)} line {s.line_no}: no such file {s.file}"
+        for s in selections
+        if s.file not in present
+    ]
     if code not in (0, 5):
         problems.append(f"collection failed (pytest exit code {code})")
     total = len({n for s in selections for n in s.nodeids})
@@ -217,13 +229,17 @@ def check(selections: list[Selection], path: str = LIST) -> tuple[int, list[str]
     for s in selections:
         print(f"{len(s.nodeids):5d}  {s.line_no}: {s.text}")
         if not s.nodeids:
-            problems.append(f"{os.path.basename(path)} line {s.line_no} selects no test: "
-                            f"{s.text!r} (renamed or removed? see `pytest --collect-only -q "
-                            f"{s.file}`)")
+            problems.append(
+                f"{os.path.basename(path)} line {s.line_no} selects no test: "
+                f"{s.text!r} (renamed or removed? see `pytest --collect-only -q "
+                f"{s.file}`)"
+            )
     print(f"{total:5d}  in all (at most {MAX_TESTS})")
     if total > MAX_TESTS:
-        problems.append(f"the subset has {total} tests, more than {MAX_TESTS}: it would not fit "
-                        "the GPU check's test budget")
+        problems.append(
+            f"the subset has {total} tests, more than {MAX_TESTS}: it would not fit "
+            "the GPU check's test budget"
+        )
     return total, problems
 
 
@@ -252,8 +268,9 @@ def main(argv: list[str]) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before opsd_kernels is imported
         counter = VariantCounter(dry)
         plugins.append(counter)
-    code = pytest.main(["-p", "no:cacheprovider", "--rootdir", ROOT, *files(selections), *argv],
-                       plugins=plugins)
+    code = pytest.main(
+        ["-p", "no:cacheprovider", "--rootdir", ROOT, *files(selections), *argv], plugins=plugins
+    )
     if counter is not None:
         print("\n".join(counter.summary()))
     return int(code)

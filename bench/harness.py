@@ -63,8 +63,9 @@ IMPLS: dict[str, tuple[str, ...]] = {
 #: the precision table (bench_precision.py): ours, then the anchors
 IMPLS["precision"] = OUR_IMPLS + ("naive", "naive-16bit", "liger-fljsd-loss", "liger-fljsd")
 #: the order of rows in the report's tables
-IMPL_ORDER: tuple[str, ...] = tuple(dict.fromkeys(
-    IMPLS["fused_linear"] + IMPLS["divergence"] + IMPLS["precision"]))
+IMPL_ORDER: tuple[str, ...] = tuple(
+    dict.fromkeys(IMPLS["fused_linear"] + IMPLS["divergence"] + IMPLS["precision"])
+)
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,7 @@ def measure(
     RESULTS.append(record)
     if device.type == "cpu" and ram_estimate is not None and ram_estimate > 0.8 * available_ram():
         record["status"] = "OOM"
-        record["note"] = (f"estimated {ram_estimate / 2**30:.1f} GiB exceeds the free RAM; "
-                          "not run")
+        record["note"] = f"estimated {ram_estimate / 2**30:.1f} GiB exceeds the free RAM; not run"
         return record
 
     def call():
@@ -184,8 +184,9 @@ def measure(
             times = _own_timing(call, setup, rounds)
             record.update(_stats(times))
         else:
-            benchmark.extra_info.update({k: v for k, v in record.items()
-                                         if isinstance(v, str | int | float)})
+            benchmark.extra_info.update(
+                {k: v for k, v in record.items() if isinstance(v, str | int | float)}
+            )
             benchmark.pedantic(call, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
             record.update(_stats(list(benchmark.stats.stats.data)))
         record["status"] = "ok"

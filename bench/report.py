@@ -73,8 +73,12 @@ def measure_gemm_rate(device: torch.device) -> dict:
             a @ b
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    return {"flops_per_s": 2.0 * n**3 / t, "shape": f"{n}x{n}x{n}",
-            "dtype": str(dtype)[6:], "seconds": t}
+    return {
+        "flops_per_s": 2.0 * n**3 / t,
+        "shape": f"{n}x{n}x{n}",
+        "dtype": str(dtype)[6:],
+        "seconds": t,
+    }
 
 
 def _version(dist: str) -> str:
@@ -90,10 +94,21 @@ def git_commit() -> str:
         return env
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
         return head + (" (+ uncommitted changes)" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git checkout; set OPSD_BENCH_COMMIT)"
@@ -141,9 +156,11 @@ def collect_meta(cfg) -> dict:
         "label": label,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
         "time_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": (f"{platform.node()}; {platform.platform()}; {os.cpu_count()} CPU cores "
-                    f"({_cpu_name()}); {_ram_gib():.0f} GiB RAM; torch threads "
-                    f"{torch.get_num_threads()}"),
+        "machine": (
+            f"{platform.node()}; {platform.platform()}; {os.cpu_count()} CPU cores "
+            f"({_cpu_name()}); {_ram_gib():.0f} GiB RAM; torch threads "
+            f"{torch.get_num_threads()}"
+        ),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -154,22 +171,36 @@ def collect_meta(cfg) -> dict:
             "pytest-benchmark": _version("pytest-benchmark"),
         },
         "commit": git_commit(),
-        "config": {"dtype": str(cfg.dtype)[6:], "rounds": cfg.rounds, **cfg.options(),
-                   "compile_chunk": cfg.compile_chunk},
+        "config": {
+            "dtype": str(cfg.dtype)[6:],
+            "rounds": cfg.rounds,
+            **cfg.options(),
+            "compile_chunk": cfg.compile_chunk,
+        },
         "gemm": measure_gemm_rate(device),
     }
 
 
-def write_run(results: list[dict], checks: list[dict], cfg, out_dir: str,
-              precision: list[dict] | None = None, meta: dict | None = None,
-              render_report: bool = True) -> list[str]:
+def write_run(
+    results: list[dict],
+    checks: list[dict],
+    cfg,
+    out_dir: str,
+    precision: list[dict] | None = None,
+    meta: dict | None = None,
+    render_report: bool = True,
+) -> list[str]:
     """Save the run as JSON (measuring the meta data unless given), render markdown and plots.
 
     ``render_report=False`` writes the JSON only: the bench saves it after every
     case, so a run cut short (time budget, kill) still leaves what finished.
     """
-    data = {"meta": meta or collect_meta(cfg), "results": results, "checks": checks,
-            "precision": precision or []}
+    data = {
+        "meta": meta or collect_meta(cfg),
+        "results": results,
+        "checks": checks,
+        "precision": precision or [],
+    }
     os.makedirs(out_dir, exist_ok=True)
     stem = f"{data['meta']['label']}-{data['meta']['date']}"
     json_path = os.path.join(out_dir, stem + ".json")
@@ -228,12 +259,15 @@ def render(data: dict, out_dir: str) -> list[str]:
     gemm = meta["gemm"]["flops_per_s"]
     cpu = meta["device_type"] != "cuda"
     lines = []
-    title = ("CPU run — no GPU numbers" if cpu else f"GPU run — {meta['device_name']}")
+    title = "CPU run — no GPU numbers" if cpu else f"GPU run — {meta['device_name']}"
     lines += [f"# opsd-kernels benchmark: {title}", ""]
     if cpu:
-        lines += ["> **CPU numbers.** Measured on a CPU-only machine at small stand-in shapes "
-                  "(plus the CPU memory target at N=4096, H=1024, V=65,536). They say nothing "
-                  "about GPU speed; only the memory ratios carry over in kind.", ""]
+        lines += [
+            "> **CPU numbers.** Measured on a CPU-only machine at small stand-in shapes "
+            "(plus the CPU memory target at N=4096, H=1024, V=65,536). They say nothing "
+            "about GPU speed; only the memory ratios carry over in kind.",
+            "",
+        ]
     c = meta["config"]
     lines += [
         f"- Date: {meta['time_utc']}",
@@ -253,8 +287,11 @@ def render(data: dict, out_dir: str) -> list[str]:
         "spread = interquartile range and min–max. TFLOP/s counts the necessary flops "
         "(4NHV forward, 6NHV fwd+bwd with a frozen lm_head, 8NHV trainable). Peak memory: "
         "bytes allocated beyond the inputs during one call "
-        + ("(exact count of torch allocations, `opsd_kernels.memory.PeakMemory`)."
-           if cpu else "(`torch.cuda.max_memory_allocated` after a reset)."),
+        + (
+            "(exact count of torch allocations, `opsd_kernels.memory.PeakMemory`)."
+            if cpu
+            else "(`torch.cuda.max_memory_allocated` after a reset)."
+        ),
         "Impls: `torch`/`triton`/`fused` are opsd_kernels; `naive` = full logits, "
         "log_softmax, F.kl_div, autograd; `compiled` = torch.compile of a token-chunked loss "
         f"(chunk {c['compile_chunk']}); `liger-*` = Liger-Kernel (no per-entry clip: it "
@@ -270,21 +307,24 @@ def render(data: dict, out_dir: str) -> list[str]:
         op_rows = [r for r in results if r["op"] == op]
         if not op_rows:
             continue
-        lines += [f"## `{'fused_linear_divergence' if op == 'fused_linear' else 'divergence'}`",
-                  ""]
+        lines += [f"## `{'fused_linear_divergence' if op == 'fused_linear' else 'divergence'}`", ""]
         presets = list(dict.fromkeys(r["preset"] for r in op_rows))
         for preset in presets:
             rows_p = [r for r in op_rows if r["preset"] == preset]
             r0 = rows_p[0]
-            shape = (f"H={r0['hidden']}, V={r0['vocab']}" if op == "fused_linear"
-                     else f"V={r0['vocab']}")
+            shape = (
+                f"H={r0['hidden']}, V={r0['vocab']}" if op == "fused_linear" else f"V={r0['vocab']}"
+            )
             lines += [f"### {preset} ({shape}, {r0['dtype']})", ""]
             try:
                 png = _plot(rows_p, op, preset, out_dir, stem)
             except ImportError:  # e.g. the GPU image has no matplotlib
                 png = None
-                lines += ["(No plot: matplotlib is not installed here; rebuild the report with "
-                          f"`python bench/report.py {stem}.json` where it is.)", ""]
+                lines += [
+                    "(No plot: matplotlib is not installed here; rebuild the report with "
+                    f"`python bench/report.py {stem}.json` where it is.)",
+                    "",
+                ]
             if png:
                 pngs.append(png)
                 lines += [f"![{op} {preset}]({os.path.basename(png)})", ""]
@@ -312,8 +352,9 @@ def _checks_section(checks):
             f"- **{ch['name']}** ({ch['shape']}): torch peak {p['torch'] / MIB:.1f} MiB, naive "
             f"peak {p['naive'] / MIB:.1f} MiB, ratio **{ch['ratio']:.3f}** "
             f"(target ≤ {ch['target']:.3g}): **{'met' if ch['passed'] else 'NOT met'}**. "
-            "One fwd+bwd each: " + ", ".join(f"{k} {v:.1f} s" for k, v in
-                                             ch["seconds_once"].items()) + ".",
+            "One fwd+bwd each: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in ch["seconds_once"].items())
+            + ".",
         ]
     return out + [""]
 
@@ -330,7 +371,8 @@ def precision_section(rows: list[dict]) -> list[str]:
     r0 = rows[0]
     dev = "GPU" if r0["device"] == "cuda" else "CPU"
     out = [
-        "## Precision: 16-bit inputs against float64", "",
+        "## Precision: 16-bit inputs against float64",
+        "",
         f"`fused_linear_divergence` set-up of issue 10 ({dev}): {r0['kind']}, temperature "
         f"{r0['temperature']}, no clip, shared trainable lm_head, N={r0['tokens']}, "
         f"H={r0['hidden']}, V={r0['vocab']}, logits std ≈ 4, teacher hidden = student hidden "
@@ -339,7 +381,8 @@ def precision_section(rows: list[dict]) -> list[str]:
         "`naive` = logits in the input dtype, float32 log_softmax + F.kl_div, autograd; "
         "`naive-16bit` = all of it in the input dtype; `liger-fljsd-loss` = Liger's "
         "`chunked_loss.LigerFusedLinearJSDLoss` (beta 0, eager); `liger-fljsd` = Liger's "
-        "Triton `LigerFusedLinearJSD`.", "",
+        "Triton `LigerFusedLinearJSD`.",
+        "",
         "| impl | dtype | eps (KL/token) | loss rel. error | d(hidden) rel. error | "
         "d(weight) rel. error | within target |",
         "|---|---|---|---:|---:|---:|---|",
@@ -350,9 +393,11 @@ def precision_section(rows: list[dict]) -> list[str]:
             out.append(f"| {r['impl']} | {r['dtype']} | {eps} | — | — | — | {r.get('status')} |")
             continue
         note = f" ({r['note']})" if r.get("note") else ""
-        out.append(f"| {r['impl']}{note} | {r['dtype']} | {eps} | {r['loss_rel']:.2g} | "
-                   f"{r['dh_rel']:.2g} | {r['dw_rel']:.2g} | "
-                   f"{'yes' if r['meets_target'] else 'NO'} |")
+        out.append(
+            f"| {r['impl']}{note} | {r['dtype']} | {eps} | {r['loss_rel']:.2g} | "
+            f"{r['dh_rel']:.2g} | {r['dw_rel']:.2g} | "
+            f"{'yes' if r['meets_target'] else 'NO'} |"
+        )
     return out + [""]
 
 
@@ -367,8 +412,13 @@ def _gpu_targets(results, gemm):
     """The fused-linear issue's GPU targets at Qwen3-4B, 8192 tokens, where measured."""
     out = []
     for weight in ("trainable", "frozen"):
-        base = {"op": "fused_linear", "preset": "qwen3-4b", "tokens": 8192, "mode": "fwdbwd",
-                "weight": weight}
+        base = {
+            "op": "fused_linear",
+            "preset": "qwen3-4b",
+            "tokens": 8192,
+            "mode": "fwdbwd",
+            "weight": weight,
+        }
         naive = _find(results, impl="naive", **base)
         liger = _find(results, impl="liger-fljsd", **base)
         for impl in OURS:
@@ -376,20 +426,24 @@ def _gpu_targets(results, gemm):
             if r is None or r.get("status") != "ok":
                 continue
             if not out:
-                out += ["## GPU targets (Qwen3-4B, 8192 tokens, fwd+bwd)", "",
-                        "| lm_head | impl | mem ≤ naive/10 | mem ≤ Liger | time ≤ naive | "
-                        "≥ 1.2x Liger | ≥ 50% GEMM rate |",
-                        "|---|---|---|---|---|---|---|"]
+                out += [
+                    "## GPU targets (Qwen3-4B, 8192 tokens, fwd+bwd)",
+                    "",
+                    "| lm_head | impl | mem ≤ naive/10 | mem ≤ Liger | time ≤ naive | "
+                    "≥ 1.2x Liger | ≥ 50% GEMM rate |",
+                    "|---|---|---|---|---|---|---|",
+                ]
 
             m, t = r["peak_bytes"], r["median_s"]
             cells = [
-                _verdict(naive, lambda o, m=m: _yn(m <= o["peak_bytes"] / 10,
-                                                   m / o["peak_bytes"], "x")),
-                _verdict(liger, lambda o, m=m: _yn(m <= o["peak_bytes"],
-                                                   m / o["peak_bytes"], "x")),
+                _verdict(
+                    naive, lambda o, m=m: _yn(m <= o["peak_bytes"] / 10, m / o["peak_bytes"], "x")
+                ),
+                _verdict(liger, lambda o, m=m: _yn(m <= o["peak_bytes"], m / o["peak_bytes"], "x")),
                 _verdict(naive, lambda o, t=t: _yn(t <= o["median_s"], o["median_s"] / t, "x")),
-                _verdict(liger, lambda o, t=t: _yn(o["median_s"] / t >= 1.2,
-                                                   o["median_s"] / t, "x")),
+                _verdict(
+                    liger, lambda o, t=t: _yn(o["median_s"] / t >= 1.2, o["median_s"] / t, "x")
+                ),
                 _yn(r["flops"] / t >= 0.5 * gemm, 100 * r["flops"] / t / gemm, "%"),
             ]
             out.append(f"| {weight} | {impl} | " + " | ".join(cells) + " |")
@@ -411,9 +465,11 @@ def _yn(ok, value, unit):
 
 def _time_table(rows, gemm, op):
     rate_head = "TFLOP/s | % GEMM" if op == "fused_linear" else "GB/s | % GEMM"
-    out = [f"| tokens | impl | median ms | IQR ms | min–max ms | {rate_head} | peak MiB | "
-           "vs inputs | status |",
-           "|---:|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    out = [
+        f"| tokens | impl | median ms | IQR ms | min–max ms | {rate_head} | peak MiB | "
+        "vs inputs | status |",
+        "|---:|---|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["tokens"], _impl_key(r["impl"]))):
         ok = r.get("status") == "ok"
         if op == "fused_linear":
@@ -422,13 +478,18 @@ def _time_table(rows, gemm, op):
         else:
             bw = r["bytes_moved"] / r["median_s"] / 1e9 if ok and r.get("median_s") else None
             rate = f"{_fmt(bw)} | —"
-        spread = (f"{_ms(r.get('min_s'))}–{_ms(r.get('max_s'))}" if ok else "—")
-        rel = (r["peak_bytes"] / r["input_bytes"] if ok and r.get("peak_bytes") is not None
-               and r.get("input_bytes") else None)
+        spread = f"{_ms(r.get('min_s'))}–{_ms(r.get('max_s'))}" if ok else "—"
+        rel = (
+            r["peak_bytes"] / r["input_bytes"]
+            if ok and r.get("peak_bytes") is not None and r.get("input_bytes")
+            else None
+        )
         status = r.get("status", "?") + (f" ({r['note']})" if r.get("note") else "")
-        out.append(f"| {r['tokens']} | {r['impl']} | {_ms(r.get('median_s'))} | "
-                   f"{_ms(r.get('iqr_s'))} | {spread} | {rate} | {_mib(r.get('peak_bytes'))} | "
-                   f"{_fmt(rel, '.3g')}x | {status} |")
+        out.append(
+            f"| {r['tokens']} | {r['impl']} | {_ms(r.get('median_s'))} | "
+            f"{_ms(r.get('iqr_s'))} | {spread} | {rate} | {_mib(r.get('peak_bytes'))} | "
+            f"{_fmt(rel, '.3g')}x | {status} |"
+        )
     return out + [""]
 
 
@@ -437,10 +498,18 @@ def _ratio_table(rows, op):
     ours = [r for r in rows if r["impl"] in OURS and r.get("status") == "ok"]
     if not anchors or not ours:
         return []
-    head = "| tokens | impl | " + " | ".join(
-        f"speedup vs {a} | mem ratio vs {a}" for a in anchors) + " |"
-    out = ["Speedup = anchor time / impl time (>1: faster); memory ratio = impl peak / anchor "
-           "peak (<1: leaner).", "", head, "|---:|---|" + "---:|---:|" * len(anchors)]
+    head = (
+        "| tokens | impl | "
+        + " | ".join(f"speedup vs {a} | mem ratio vs {a}" for a in anchors)
+        + " |"
+    )
+    out = [
+        "Speedup = anchor time / impl time (>1: faster); memory ratio = impl peak / anchor "
+        "peak (<1: leaner).",
+        "",
+        head,
+        "|---:|---|" + "---:|---:|" * len(anchors),
+    ]
     for r in sorted(ours, key=lambda r: (r["tokens"], _impl_key(r["impl"]))):
         cells = []
         for a in anchors:
@@ -470,20 +539,27 @@ def _plot(rows, op, preset, out_dir, stem):
     for j, (mode, weight) in enumerate(modes):
         sub = [r for r in rows if (r["mode"], r["weight"]) == (mode, weight)]
         for impl in sorted(dict.fromkeys(r["impl"] for r in sub), key=_impl_key):
-            pts = sorted((r["tokens"], r) for r in sub if r["impl"] == impl
-                         and r.get("status") == "ok")
+            pts = sorted(
+                (r["tokens"], r) for r in sub if r["impl"] == impl and r.get("status") == "ok"
+            )
             if not pts:
                 continue
             x = [p[0] for p in pts]
             style = "-" if impl in OURS else "--"
-            axes[0][j].plot(x, [p[1]["median_s"] * 1e3 for p in pts], style, marker="o",
-                            label=impl)
-            axes[1][j].plot(x, [p[1]["peak_bytes"] / MIB for p in pts], style, marker="o",
-                            label=impl)
+            axes[0][j].plot(x, [p[1]["median_s"] * 1e3 for p in pts], style, marker="o", label=impl)
+            axes[1][j].plot(
+                x, [p[1]["peak_bytes"] / MIB for p in pts], style, marker="o", label=impl
+            )
             ooms = [r["tokens"] for r in sub if r["impl"] == impl and r.get("status") == "OOM"]
             for n in ooms:
-                axes[1][j].annotate(f"{impl} OOM", (n, 1), xycoords=("data", "axes fraction"),
-                                    fontsize=7, rotation=90, va="top")
+                axes[1][j].annotate(
+                    f"{impl} OOM",
+                    (n, 1),
+                    xycoords=("data", "axes fraction"),
+                    fontsize=7,
+                    rotation=90,
+                    va="top",
+                )
         axes[0][j].set_title(_mode_name(mode, weight))
         axes[0][j].set_ylabel("time per call (ms, median)")
         axes[1][j].set_ylabel("peak memory beyond inputs (MiB)")
@@ -510,28 +586,45 @@ def short_table(results: list[dict], checks: list[dict], precision: list[dict] =
     rows = [r for r in results if r["op"] == "fused_linear" and r["mode"] == "fwdbwd"]
     if not rows:
         rows = [r for r in results if r["mode"] == "fwdbwd"]
-    out = [] if not rows else [f"{'op':<13}{'preset':<11}{'lm_head':<10}{'tokens':>7}  {'impl':<17}"
-           f"{'median ms':>10}{'peak MiB':>11}  status"]
-    for r in sorted(rows, key=lambda r: (r["op"], r["preset"], r["weight"], r["tokens"],
-                                         _impl_key(r["impl"]))):
-        out.append(f"{r['op']:<13}{r['preset']:<11}{r['weight']:<10}{r['tokens']:>7}  "
-                   f"{r['impl']:<17}{_ms(r.get('median_s')):>10}{_mib(r.get('peak_bytes')):>11}"
-                   f"  {r.get('status')}")
+    out = (
+        []
+        if not rows
+        else [
+            f"{'op':<13}{'preset':<11}{'lm_head':<10}{'tokens':>7}  {'impl':<17}"
+            f"{'median ms':>10}{'peak MiB':>11}  status"
+        ]
+    )
+    for r in sorted(
+        rows, key=lambda r: (r["op"], r["preset"], r["weight"], r["tokens"], _impl_key(r["impl"]))
+    ):
+        out.append(
+            f"{r['op']:<13}{r['preset']:<11}{r['weight']:<10}{r['tokens']:>7}  "
+            f"{r['impl']:<17}{_ms(r.get('median_s')):>10}{_mib(r.get('peak_bytes')):>11}"
+            f"  {r.get('status')}"
+        )
     for ch in checks:
         if "markdown" in ch:  # renders itself (tile skipping)
             out += [ch["name"] + ":", *ch["markdown"]]
             continue
-        out.append(f"{ch['name']}: ratio {ch['ratio']:.3f} (target <= {ch['target']:.3g}) "
-                   f"{'met' if ch['passed'] else 'NOT met'}")
+        out.append(
+            f"{ch['name']}: ratio {ch['ratio']:.3f} (target <= {ch['target']:.3g}) "
+            f"{'met' if ch['passed'] else 'NOT met'}"
+        )
     if precision:
-        out.append(f"{'precision':<13}{'impl':<18}{'dtype':<10}{'eps':>6}{'loss rel':>10}"
-                   f"{'dh rel':>10}{'dw rel':>10}  status")
+        out.append(
+            f"{'precision':<13}{'impl':<18}{'dtype':<10}{'eps':>6}{'loss rel':>10}"
+            f"{'dh rel':>10}{'dw rel':>10}  status"
+        )
         for r in sorted(precision, key=_precision_key):
             ok = r.get("status") == "ok"
-            out.append(f"{'':<13}{r['impl']:<18}{r['dtype']:<10}{r['eps']:>6g}"
-                       + "".join(f"{_fmt(r.get(k) if ok else None, '.2g'):>10}"
-                                 for k in ("loss_rel", "dh_rel", "dw_rel"))
-                       + f"  {r.get('status')}")
+            out.append(
+                f"{'':<13}{r['impl']:<18}{r['dtype']:<10}{r['eps']:>6g}"
+                + "".join(
+                    f"{_fmt(r.get(k) if ok else None, '.2g'):>10}"
+                    for k in ("loss_rel", "dh_rel", "dw_rel")
+                )
+                + f"  {r.get('status')}"
+            )
     return "\n".join(out)
 
 
@@ -540,8 +633,9 @@ def main(argv=None) -> int:
     ap.add_argument("run_json", nargs="+", help="one run, or several of one device to merge")
     ap.add_argument("--out", default=None, help="output folder (default: beside the JSON)")
     ap.add_argument("--short", action="store_true", help="print the short table only")
-    ap.add_argument("--with-short", action="store_true",
-                    help="render the report, then print the short table")
+    ap.add_argument(
+        "--with-short", action="store_true", help="render the report, then print the short table"
+    )
     a = ap.parse_args(argv)
     data = None
     for path in a.run_json:

@@ -47,8 +47,9 @@ def check_options(kind, beta, temperature, clip, reduction) -> DivergenceOptions
             raise ValueError(f"clip must be None or a number > 0, got {clip!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return DivergenceOptions(spec, float(beta), float(temperature),
-                             None if clip is None else float(clip), reduction)
+    return DivergenceOptions(
+        spec, float(beta), float(temperature), None if clip is None else float(clip), reduction
+    )
 
 
 def check_float_tensor(name: str, x) -> None:
@@ -77,8 +78,9 @@ def check_mask(mask, leading_shape: torch.Size, device: torch.device) -> None:
         raise ValueError(f"mask is on {mask.device} but the inputs are on {device}")
 
 
-def check_impl(impl: str, allowed: tuple[str, ...], device: torch.device,
-               dtype: torch.dtype) -> str:
+def check_impl(
+    impl: str, allowed: tuple[str, ...], device: torch.device, dtype: torch.dtype
+) -> str:
     """Resolve ``impl``: "auto" is Triton on CUDA, torch otherwise (and for float64,
     which only the torch path computes exactly)."""
     if impl not in allowed:
@@ -101,8 +103,9 @@ def check_impl(impl: str, allowed: tuple[str, ...], device: torch.device,
 def check_same_device(reference_name: str, reference: torch.Tensor, **others) -> None:
     for name, x in others.items():
         if x is not None and x.device != reference.device:
-            raise ValueError(f"{name} is on {x.device} but {reference_name} is on "
-                             f"{reference.device}")
+            raise ValueError(
+                f"{name} is on {x.device} but {reference_name} is on {reference.device}"
+            )
 
 
 def check_logits_inputs(student_logits, teacher_logits, mask) -> None:
@@ -122,18 +125,25 @@ def check_logits_inputs(student_logits, teacher_logits, mask) -> None:
     check_mask(mask, student_logits.shape[:-1], student_logits.device)
 
 
-def check_linear_inputs(student_hidden, teacher_hidden, weight, teacher_weight, bias,
-                        teacher_bias, mask) -> None:
+def check_linear_inputs(
+    student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask
+) -> None:
     """Checks of :func:`opsd_kernels.fused_linear_divergence`'s tensors.
 
     Dtypes may differ (e.g. bf16 hidden states against a float32 master lm_head);
     :mod:`opsd_kernels.gemm` states how mixed operands are computed.
     """
-    for name, x in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden),
-                    ("weight", weight)):
+    for name, x in (
+        ("student_hidden", student_hidden),
+        ("teacher_hidden", teacher_hidden),
+        ("weight", weight),
+    ):
         check_float_tensor(name, x)
-    for name, x in (("teacher_weight", teacher_weight), ("bias", bias),
-                    ("teacher_bias", teacher_bias)):
+    for name, x in (
+        ("teacher_weight", teacher_weight),
+        ("bias", bias),
+        ("teacher_bias", teacher_bias),
+    ):
         if x is not None:
             check_float_tensor(name, x)
     if student_hidden.dim() == 0 or teacher_hidden.dim() == 0:
@@ -156,9 +166,15 @@ def check_linear_inputs(student_hidden, teacher_hidden, weight, teacher_weight, 
             f"student_hidden has hidden size {student_hidden.shape[-1]} but weight is "
             f"(V={V}, H={H})"
         )
-    check_same_device("student_hidden", student_hidden, teacher_hidden=teacher_hidden,
-                      weight=weight, teacher_weight=teacher_weight, bias=bias,
-                      teacher_bias=teacher_bias)
+    check_same_device(
+        "student_hidden",
+        student_hidden,
+        teacher_hidden=teacher_hidden,
+        weight=weight,
+        teacher_weight=teacher_weight,
+        bias=bias,
+        teacher_bias=teacher_bias,
+    )
     if teacher_weight is None:
         if teacher_bias is not None:
             raise ValueError(
@@ -172,8 +188,7 @@ def check_linear_inputs(student_hidden, teacher_hidden, weight, teacher_weight, 
             )
     elif teacher_weight.dim() != 2 or teacher_weight.shape != (V, H_T):
         raise ValueError(
-            f"teacher_weight must have shape (V={V}, H_T={H_T}), got "
-            f"{tuple(teacher_weight.shape)}"
+            f"teacher_weight must have shape (V={V}, H_T={H_T}), got {tuple(teacher_weight.shape)}"
         )
     for name, b in (("bias", bias), ("teacher_bias", teacher_bias)):
         if b is not None and b.shape != (V,):
@@ -197,7 +212,8 @@ def check_skip_threshold(skip_threshold, impl: str):
     if isinstance(skip_threshold, str):
         if skip_threshold != "auto":
             raise TypeError(
-                f"skip_threshold must be 'auto' or a float in [0, 1], got {skip_threshold!r}")
+                f"skip_threshold must be 'auto' or a float in [0, 1], got {skip_threshold!r}"
+            )
         return skip_threshold
     if isinstance(skip_threshold, bool) or not isinstance(skip_threshold, (int, float)):
         raise TypeError(f"skip_threshold must be 'auto' or a float, got {skip_threshold!r}")

@@ -89,8 +89,12 @@ def divergence(
     """
     opts = check_options(kind, beta, temperature, clip, reduction)
     check_logits_inputs(student_logits, teacher_logits, mask)
-    impl = check_impl(impl, ("auto", "torch", "triton"), student_logits.device,
-                      torch.promote_types(student_logits.dtype, teacher_logits.dtype))
+    impl = check_impl(
+        impl,
+        ("auto", "torch", "triton"),
+        student_logits.device,
+        torch.promote_types(student_logits.dtype, teacher_logits.dtype),
+    )
     if not torch.is_grad_enabled():
         # a custom Function sees requires_grad even under no_grad: detach so that no
         # gradient is formed (and no (N, V) gradient buffer allocated) for nothing
@@ -98,8 +102,14 @@ def divergence(
     if process_group is not None:
         from .vocab_parallel import check_process_group, divergence_vocab_parallel
 
-        return divergence_vocab_parallel(student_logits, teacher_logits, mask, opts,
-                                         check_process_group(process_group, impl), impl)
+        return divergence_vocab_parallel(
+            student_logits,
+            teacher_logits,
+            mask,
+            opts,
+            check_process_group(process_group, impl),
+            impl,
+        )
     return DivergenceFunction.apply(student_logits, teacher_logits, mask, opts, _row_function(impl))
 
 
@@ -206,15 +216,23 @@ def fused_linear_divergence(
     (torch.Size([4, 7, 16]), torch.Size([100, 16]))
     """
     opts = check_options(kind, beta, temperature, clip, reduction)
-    check_linear_inputs(student_hidden, teacher_hidden, weight, teacher_weight, bias,
-                        teacher_bias, mask)
+    check_linear_inputs(
+        student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask
+    )
     check_chunk_size(chunk_size)
-    tensors = [t for t in (student_hidden, teacher_hidden, weight, teacher_weight, bias,
-                           teacher_bias) if t is not None]
+    tensors = [
+        t
+        for t in (student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias)
+        if t is not None
+    ]
     dtypes = {t.dtype for t in tensors}
     cdt = gemm.compute_dtype(*dtypes)
-    impl = check_impl(impl, ("auto", "torch", "triton", "fused"), student_hidden.device,
-                      cdt if len(dtypes) > 1 else weight.dtype)
+    impl = check_impl(
+        impl,
+        ("auto", "torch", "triton", "fused"),
+        student_hidden.device,
+        cdt if len(dtypes) > 1 else weight.dtype,
+    )
     if impl == "fused" and len(dtypes) > 1:
         raise TypeError(
             "impl='fused' needs student_hidden, teacher_hidden, weight and the biases in one "
@@ -228,8 +246,12 @@ def fused_linear_divergence(
     if chunk_size is None:
         s_op = gemm.operand_dtype(student_hidden.dtype, weight.dtype)
         chunk_size = auto_chunk_size(
-            V, impl, student_hidden.numel() // H, logit_bytes=cdt.itemsize,
-            operand_bytes=s_op.itemsize if s_op != cdt else 0)
+            V,
+            impl,
+            student_hidden.numel() // H,
+            logit_bytes=cdt.itemsize,
+            operand_bytes=s_op.itemsize if s_op != cdt else 0,
+        )
     if cdt == torch.float64:
         grad_dtype = torch.float64
     else:
@@ -246,16 +268,45 @@ def fused_linear_divergence(
         from .vocab_parallel import check_process_group, fused_linear_divergence_vocab_parallel
 
         return fused_linear_divergence_vocab_parallel(
-            student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask,
-            opts, check_process_group(process_group, impl), chunk_size, grad_dtype, impl)
+            student_hidden,
+            teacher_hidden,
+            weight,
+            teacher_weight,
+            bias,
+            teacher_bias,
+            mask,
+            opts,
+            check_process_group(process_group, impl),
+            chunk_size,
+            grad_dtype,
+            impl,
+        )
     if impl == "fused":
         from .triton.fused_function import FusedTritonLinearDivergenceFunction
 
         return FusedTritonLinearDivergenceFunction.apply(
-            student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask,
-            opts, skip_threshold, grad_dtype, deterministic,
+            student_hidden,
+            teacher_hidden,
+            weight,
+            teacher_weight,
+            bias,
+            teacher_bias,
+            mask,
+            opts,
+            skip_threshold,
+            grad_dtype,
+            deterministic,
         )
     return FusedLinearDivergenceFunction.apply(
-        student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask, opts,
-        _row_function(impl), chunk_size, grad_dtype,
+        student_hidden,
+        teacher_hidden,
+        weight,
+        teacher_weight,
+        bias,
+        teacher_bias,
+        mask,
+        opts,
+        _row_function(impl),
+        chunk_size,
+        grad_dtype,
     )

@@ -62,15 +62,22 @@ class DivergenceFunction(torch.autograd.Function):
         t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
         mask1 = None if mask is None else mask.reshape(-1).contiguous()
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        scale = forward_scale(opts.reduction, mask1, s2.shape[0], student.device,
-                              gemm.compute_dtype(student.dtype, teacher.dtype))
+        scale = forward_scale(
+            opts.reduction,
+            mask1,
+            s2.shape[0],
+            student.device,
+            gemm.compute_dtype(student.dtype, teacher.dtype),
+        )
         defer = (want_s and student.dtype == torch.float16) or (
-            want_t and teacher.dtype == torch.float16)
+            want_t and teacher.dtype == torch.float16
+        )
         now_s, now_t = want_s and not defer, want_t and not defer
         grad_s = torch.empty_like(s2, memory_format=torch.contiguous_format) if now_s else None
         grad_t = torch.empty_like(t2, memory_format=torch.contiguous_format) if now_t else None
-        loss_rows = row_fn(s2, t2, opts, mask=mask1, scale=scale, grad_student=grad_s,
-                           grad_teacher=grad_t)
+        loss_rows = row_fn(
+            s2, t2, opts, mask=mask1, scale=scale, grad_student=grad_s, grad_teacher=grad_t
+        )
         ctx.defer = defer
         ctx.wants = (want_s, want_t)
         ctx.shapes = (student.shape, teacher.shape)
@@ -92,10 +99,11 @@ class DivergenceFunction(torch.autograd.Function):
             scale = (fwd_scale * grad_out.reshape(-1).to(fwd_scale.dtype)).contiguous()
             grad_s = torch.empty_like(s2, memory_format=torch.contiguous_format) if want_s else None
             grad_t = torch.empty_like(t2, memory_format=torch.contiguous_format) if want_t else None
-            row_fn(s2, t2, opts, mask=mask1, scale=scale, grad_student=grad_s,
-                   grad_teacher=grad_t)
-            outs = [None if g is None else g.view(shape)
-                    for g, shape in zip((grad_s, grad_t), ctx.shapes, strict=True)]
+            row_fn(s2, t2, opts, mask=mask1, scale=scale, grad_student=grad_s, grad_teacher=grad_t)
+            outs = [
+                None if g is None else g.view(shape)
+                for g, shape in zip((grad_s, grad_t), ctx.shapes, strict=True)
+            ]
             return outs[0], outs[1], None, None, None
         go = grad_out.reshape(-1, 1) if ctx.reduction == "none" else grad_out
         outs = []
@@ -105,8 +113,9 @@ class DivergenceFunction(torch.autograd.Function):
         return outs[0], outs[1], None, None, None
 
 
-def auto_chunk_size(V: int, impl: str, N: int | None = None, *, logit_bytes: int = 4,
-                    operand_bytes: int = 0) -> int:
+def auto_chunk_size(
+    V: int, impl: str, N: int | None = None, *, logit_bytes: int = 4, operand_bytes: int = 0
+) -> int:
     """Tokens per chunk so the chunk's working memory fits ``config.chunk_memory_budget``.
 
     Per token the chunked paths hold the student and teacher logit rows in the
@@ -128,8 +137,23 @@ def auto_chunk_size(V: int, impl: str, N: int | None = None, *, logit_bytes: int
     return c
 
 
-def _chunked_linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mask, opts,
-                         row_fn, chunk, scale, want_h, want_w, want_b, weight_grad_dtype):
+def _chunked_linear_pass(
+    hs,
+    ht,
+    weight,
+    teacher_weight,
+    bias,
+    teacher_bias,
+    mask,
+    opts,
+    row_fn,
+    chunk,
+    scale,
+    want_h,
+    want_w,
+    want_b,
+    weight_grad_dtype,
+):
     """One sweep over token chunks: float32 logits, row kernel, gradient GEMMs.
 
     ``scale``: (1,) or (N,) per-row gradient factors in the compute dtype.
@@ -138,18 +162,29 @@ def _chunked_linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mas
     or float64), the weight gradient in ``weight_grad_dtype``.
     """
     N = hs.shape[0]
-    cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype,
-                             (weight if teacher_weight is None else teacher_weight).dtype)
+    cdt = gemm.compute_dtype(
+        hs.dtype,
+        ht.dtype,
+        weight.dtype,
+        (weight if teacher_weight is None else teacher_weight).dtype,
+    )
     loss = torch.empty(N, dtype=cdt, device=hs.device)
     grads = ChunkGradients(hs, weight, cdt, weight_grad_dtype, want_h, want_w, want_b)
     for lo in range(0, N, chunk):
         hi = min(N, lo + chunk)
         mask_c = None if mask is None else mask[lo:hi]
-        hs_c, s_l, t_l = chunk_logits(hs[lo:hi], ht[lo:hi], weight, teacher_weight, bias,
-                                      teacher_bias, mask_c)
-        loss[lo:hi] = row_fn(s_l, t_l, opts, mask=mask_c,
-                             scale=scale if scale.numel() == 1 else scale[lo:hi],
-                             grad_student=s_l if grads.any else None, grad_teacher=None)
+        hs_c, s_l, t_l = chunk_logits(
+            hs[lo:hi], ht[lo:hi], weight, teacher_weight, bias, teacher_bias, mask_c
+        )
+        loss[lo:hi] = row_fn(
+            s_l,
+            t_l,
+            opts,
+            mask=mask_c,
+            scale=scale if scale.numel() == 1 else scale[lo:hi],
+            grad_student=s_l if grads.any else None,
+            grad_teacher=None,
+        )
         del t_l
         if grads.any:
             # s_l now holds dL/d(student logits), with the rows' factors applied
@@ -170,9 +205,20 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias,
-                mask, opts: DivergenceOptions, row_fn: RowFunction, chunk: int,
-                weight_grad_dtype: torch.dtype):
+    def forward(
+        ctx,
+        student_hidden,
+        teacher_hidden,
+        weight,
+        teacher_weight,
+        bias,
+        teacher_bias,
+        mask,
+        opts: DivergenceOptions,
+        row_fn: RowFunction,
+        chunk: int,
+        weight_grad_dtype: torch.dtype,
+    ):
         H = student_hidden.shape[-1]
         lead = student_hidden.shape[:-1]
         hs = student_hidden.reshape(-1, H).contiguous()
@@ -186,20 +232,37 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         # rows mix in dW and db: with "none" the per-row upstream factors are only known
         # in the backward; a float16 accumulator must not hold unscaled values
         defer = (want_w or want_b) and (
-            opts.reduction == "none" or (want_w and weight_grad_dtype == torch.float16))
+            opts.reduction == "none" or (want_w and weight_grad_dtype == torch.float16)
+        )
         scale = forward_scale(opts.reduction, mask1, N, hs.device, cdt)
         with torch.autocast(hs.device.type, enabled=False):
             loss, grad_h, grad_w, grad_b = _chunked_linear_pass(
-                hs, ht, weight, teacher_weight, bias, teacher_bias, mask1, opts, row_fn, chunk,
-                scale, want_h and not defer, want_w and not defer, want_b and not defer,
+                hs,
+                ht,
+                weight,
+                teacher_weight,
+                bias,
+                teacher_bias,
+                mask1,
+                opts,
+                row_fn,
+                chunk,
+                scale,
+                want_h and not defer,
+                want_w and not defer,
+                want_b and not defer,
                 weight_grad_dtype,
             )
         ctx.defer = defer
         ctx.reduction = opts.reduction
         ctx.wants = (want_h, want_w, want_b)
         ctx.weight_grad_dtype = weight_grad_dtype
-        ctx.dtypes = (student_hidden.shape, student_hidden.dtype, weight.dtype,
-                      None if bias is None else bias.dtype)
+        ctx.dtypes = (
+            student_hidden.shape,
+            student_hidden.dtype,
+            weight.dtype,
+            None if bias is None else bias.dtype,
+        )
         if defer:
             ctx.save_for_backward(hs, ht, weight, teacher_weight, bias, teacher_bias, scale)
             ctx.args = (mask1, opts, row_fn, chunk)
@@ -219,8 +282,21 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             scale = (fwd_scale * grad_out.reshape(-1).to(fwd_scale.dtype)).contiguous()
             with torch.autocast(hs.device.type, enabled=False):
                 _, grad_h, grad_w, grad_b = _chunked_linear_pass(
-                    hs, ht, weight, teacher_weight, bias, teacher_bias, mask1, opts, row_fn,
-                    chunk, scale, want_h, want_w, want_b, ctx.weight_grad_dtype,
+                    hs,
+                    ht,
+                    weight,
+                    teacher_weight,
+                    bias,
+                    teacher_bias,
+                    mask1,
+                    opts,
+                    row_fn,
+                    chunk,
+                    scale,
+                    want_h,
+                    want_w,
+                    want_b,
+                    ctx.weight_grad_dtype,
                 )
         else:
             grad_h, grad_w, grad_b = ctx.grads
@@ -238,5 +314,10 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             None if grad_w is None else grad_w.to(w_dtype),
             None,
             None if grad_b is None else grad_b.to(b_dtype),
-            None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )

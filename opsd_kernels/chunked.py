@@ -50,24 +50,37 @@ class ChunkGradients:
     float64); ``weight`` (V, H) in ``weight_grad_dtype``. Each is None when unwanted.
     """
 
-    def __init__(self, hs: torch.Tensor, weight: torch.Tensor, compute: torch.dtype,
-                 weight_grad_dtype: torch.dtype, want_h: bool, want_w: bool, want_b: bool,
-                 zero_hidden: bool = False):
+    def __init__(
+        self,
+        hs: torch.Tensor,
+        weight: torch.Tensor,
+        compute: torch.dtype,
+        weight_grad_dtype: torch.dtype,
+        want_h: bool,
+        want_w: bool,
+        want_b: bool,
+        zero_hidden: bool = False,
+    ):
         new = torch.zeros if zero_hidden else torch.empty
         self.compute = compute
         self.operand = gemm.operand_dtype(hs.dtype, weight.dtype)
         self.hidden = new(hs.shape, dtype=compute, device=hs.device) if want_h else None
-        self.weight = (torch.zeros(weight.shape, dtype=weight_grad_dtype, device=weight.device)
-                       if want_w else None)
-        self.bias = (torch.zeros(weight.shape[0], dtype=compute, device=weight.device)
-                     if want_b else None)
+        self.weight = (
+            torch.zeros(weight.shape, dtype=weight_grad_dtype, device=weight.device)
+            if want_w
+            else None
+        )
+        self.bias = (
+            torch.zeros(weight.shape[0], dtype=compute, device=weight.device) if want_b else None
+        )
 
     @property
     def any(self) -> bool:
         return self.hidden is not None or self.weight is not None or self.bias is not None
 
-    def add(self, lo: int, hi: int, grad_logits: torch.Tensor, hs_c: torch.Tensor,
-            weight: torch.Tensor) -> None:
+    def add(
+        self, lo: int, hi: int, grad_logits: torch.Tensor, hs_c: torch.Tensor, weight: torch.Tensor
+    ) -> None:
         """Chunk [lo, hi): ``grad_logits`` (c, V) float32 dL/d(student logits), every row
         factor applied; ``hs_c`` the chunk's hidden states (masked rows zeroed)."""
         if self.bias is not None:

@@ -106,10 +106,12 @@ class KindSpec:
 
 
 KINDS: dict[str, KindSpec] = {
-    "forward_kl": KindSpec("forward_kl", FORWARD_KL_ID, forward_kl_terms, one_pass=True,
-                           needs_beta=False),
-    "reverse_kl": KindSpec("reverse_kl", REVERSE_KL_ID, reverse_kl_terms, one_pass=True,
-                           needs_beta=False),
+    "forward_kl": KindSpec(
+        "forward_kl", FORWARD_KL_ID, forward_kl_terms, one_pass=True, needs_beta=False
+    ),
+    "reverse_kl": KindSpec(
+        "reverse_kl", REVERSE_KL_ID, reverse_kl_terms, one_pass=True, needs_beta=False
+    ),
     "jsd": KindSpec("jsd", JSD_ID, jsd_terms, one_pass=False, needs_beta=True),
 }
 

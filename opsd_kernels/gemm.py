@@ -70,8 +70,12 @@ def _slice_rows(other_dim: int) -> int:
     return max(1, SLICE_ELEMENTS // max(1, other_dim))
 
 
-def linear_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+def linear_logits(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``x @ weight.T + bias`` as float32 (float64) logits, shape (rows, V).
 
     ``x`` (rows, H) and ``weight`` (V, H) may be 16-bit, float32 or mixed; see the
@@ -91,7 +95,7 @@ def linear_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         xf = x.to(cdt)
         step = _slice_rows(weight.shape[1])
         for v0 in range(0, V, step):
-            torch.mm(xf, weight[v0:v0 + step].to(cdt).t(), out=out[:, v0:v0 + step])
+            torch.mm(xf, weight[v0 : v0 + step].to(cdt).t(), out=out[:, v0 : v0 + step])
     if bias is not None:
         out.add_(bias.to(cdt))
     return out
@@ -124,8 +128,9 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor, cdt: torch.dtype) -> torch.Tensor
     return torch.mm(a.to(cdt), b.to(cdt))
 
 
-def grad_hidden(grad_op: torch.Tensor, inv: torch.Tensor | None, weight: torch.Tensor,
-                cdt: torch.dtype) -> torch.Tensor:
+def grad_hidden(
+    grad_op: torch.Tensor, inv: torch.Tensor | None, weight: torch.Tensor, cdt: torch.dtype
+) -> torch.Tensor:
     """``grad @ weight`` (rows, H) in ``cdt`` from the operand of :func:`gradient_operand`.
 
     The contraction runs over the vocabulary in slices when operands are upcast.
@@ -138,12 +143,17 @@ def grad_hidden(grad_op: torch.Tensor, inv: torch.Tensor | None, weight: torch.T
         step = _slice_rows(max(w.shape[1], grad_op.shape[0]))
         res = torch.zeros(grad_op.shape[0], w.shape[1], dtype=cdt, device=w.device)
         for v0 in range(0, V, step):
-            res.add_(torch.mm(grad_op[:, v0:v0 + step].to(cdt), w[v0:v0 + step].to(cdt)))
+            res.add_(torch.mm(grad_op[:, v0 : v0 + step].to(cdt), w[v0 : v0 + step].to(cdt)))
     return res if inv is None else res.mul_(inv)
 
 
-def accumulate_grad_weight(acc: torch.Tensor, grad_op: torch.Tensor, inv: torch.Tensor | None,
-                           x: torch.Tensor, cdt: torch.dtype) -> None:
+def accumulate_grad_weight(
+    acc: torch.Tensor,
+    grad_op: torch.Tensor,
+    inv: torch.Tensor | None,
+    x: torch.Tensor,
+    cdt: torch.dtype,
+) -> None:
     """``acc += grad.T @ x`` with ``acc`` (V, H) of any float dtype.
 
     The product is formed in ``cdt`` one vocabulary slice at a time (a bounded
@@ -156,7 +166,7 @@ def accumulate_grad_weight(acc: torch.Tensor, grad_op: torch.Tensor, inv: torch.
     V = acc.shape[0]
     step = _slice_rows(max(acc.shape[1], grad_op.shape[0]))
     for v0 in range(0, V, step):
-        part = _mm_fp32(grad_op[:, v0:v0 + step].t(), xo, cdt)
+        part = _mm_fp32(grad_op[:, v0 : v0 + step].t(), xo, cdt)
         if inv is not None:
             part.mul_(inv)
-        acc[v0:v0 + step].add_(part)
+        acc[v0 : v0 + step].add_(part)

@@ -58,11 +58,13 @@ class LMHeadInputs(NamedTuple):
 def _unwrap(model):
     """The ``transformers`` model inside a PEFT wrapper (LoRA layers stay injected)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
-            type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine")):
+        type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine")
+    ):
         raise ValueError(
             f"model is a {type(model).__name__} wrapper: pass the unwrapped model "
             "(e.g. accelerator.unwrap_model(model)) and call it through the wrapper's "
-            "forward so that gradient synchronisation still happens")
+            "forward so that gradient synchronisation still happens"
+        )
     if hasattr(model, "get_base_model") and callable(model.get_base_model):
         model = model.get_base_model()  # peft.PeftModel
     return model
@@ -85,7 +87,8 @@ def _logit_scale(model) -> float:
             "logits as hidden_states @ weight.T + bias and cannot apply it. Either set "
             "model.config.final_logit_softcapping = None (this changes the model's "
             "distribution: train and sample consistently without it) or compute the loss "
-            "from the model's logits (opsd_kernels.divergence / generalized_jsd)")
+            "from the model's logits (opsd_kernels.divergence / generalized_jsd)"
+        )
     scale = 1.0
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
         value = getattr(config, name, None)
@@ -112,11 +115,13 @@ def causal_lm_head(model) -> CausalLMHead:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(
             f"{type(base).__name__} has no linear lm_head (get_output_embeddings() returned "
-            f"{type(head).__name__}): load the model as a causal LM (AutoModelForCausalLM)")
+            f"{type(head).__name__}): load the model as a causal LM (AutoModelForCausalLM)"
+        )
     bias = getattr(head, "bias", None)
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
-        raise ValueError(f"the lm_head bias has shape {tuple(bias.shape)}, expected "
-                         f"({weight.shape[0]},)")
+        raise ValueError(
+            f"the lm_head bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)"
+        )
     return CausalLMHead(weight, bias, _logit_scale(base))
 
 
@@ -130,7 +135,8 @@ def causal_lm_backbone(model) -> torch.nn.Module:
     if not isinstance(body, torch.nn.Module) or body is base:
         raise ValueError(
             f"{type(base).__name__} has no separate body (attribute {prefix!r}): load the "
-            "model as a causal LM (AutoModelForCausalLM), not as its bare body")
+            "model as a causal LM (AutoModelForCausalLM), not as its bare body"
+        )
     return body
 
 
@@ -184,9 +190,13 @@ def causal_lm_hidden_states(
 
 
 @torch.no_grad()
-def check_causal_lm_hidden_states(model, input_ids: torch.Tensor,
-                                  attention_mask: torch.Tensor | None = None,
-                                  rtol: float = 1e-4, atol: float = 1e-4) -> None:
+def check_causal_lm_hidden_states(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+) -> None:
     """Check once, for an architecture not listed in the module docstring, that
     :func:`causal_lm_hidden_states` reproduces ``model(...).logits``. Forms the full
     logits of ``input_ids``: use a short input. Raises ``AssertionError`` on a mismatch.
@@ -198,9 +208,17 @@ def check_causal_lm_hidden_states(model, input_ids: torch.Tensor,
     >>> check_causal_lm_hidden_states(Qwen3ForCausalLM(cfg).eval(), torch.randint(0, 40, (1, 4)))
     """
     hidden, weight, bias = causal_lm_hidden_states(model, input_ids, attention_mask)
-    ours = torch.nn.functional.linear(hidden.float(), weight.float(),
-                                      None if bias is None else bias.float())
+    ours = torch.nn.functional.linear(
+        hidden.float(), weight.float(), None if bias is None else bias.float()
+    )
     theirs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    torch.testing.assert_close(ours, theirs.float(), rtol=rtol, atol=atol,
-                               msg=lambda m: f"{type(_unwrap(model)).__name__}: hidden states "
-                               f"@ lm_head do not reproduce the model's logits: {m}")
+    torch.testing.assert_close(
+        ours,
+        theirs.float(),
+        rtol=rtol,
+        atol=atol,
+        msg=lambda m: (
+            f"{type(_unwrap(model)).__name__}: hidden states "
+            f"@ lm_head do not reproduce the model's logits: {m}"
+        ),
+    )

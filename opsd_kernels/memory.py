@@ -46,8 +46,11 @@ class _StorageTracker(TorchDispatchMode):
             if isinstance(a, torch.Tensor) and a.device.type == "cpu"
         }
         for t in tree_flatten(out)[0]:
-            if (isinstance(t, torch.Tensor) and t.device.type == "cpu"
-                    and t.untyped_storage().data_ptr() not in inputs):
+            if (
+                isinstance(t, torch.Tensor)
+                and t.device.type == "cpu"
+                and t.untyped_storage().data_ptr() not in inputs
+            ):
                 self.owner._track(t)
         return out
 

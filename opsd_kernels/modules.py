@@ -17,8 +17,16 @@ class Divergence(torch.nn.Module):
     torch.Size([])
     """
 
-    def __init__(self, kind="forward_kl", beta=0.5, temperature=1.0, clip=None,
-                 reduction="mean", impl="auto", process_group=None):
+    def __init__(
+        self,
+        kind="forward_kl",
+        beta=0.5,
+        temperature=1.0,
+        clip=None,
+        reduction="mean",
+        impl="auto",
+        process_group=None,
+    ):
         super().__init__()
         check_options(kind, beta, temperature, clip, reduction)  # fail at construction
         self.kind, self.beta, self.temperature = kind, beta, temperature
@@ -26,14 +34,24 @@ class Divergence(torch.nn.Module):
         self.process_group = process_group  # vocabulary-parallel: see opsd_kernels.vocab_parallel
 
     def forward(self, student_logits, teacher_logits, mask=None):
-        return divergence(student_logits, teacher_logits, kind=self.kind, beta=self.beta,
-                          temperature=self.temperature, clip=self.clip, mask=mask,
-                          reduction=self.reduction, impl=self.impl,
-                          process_group=self.process_group)
+        return divergence(
+            student_logits,
+            teacher_logits,
+            kind=self.kind,
+            beta=self.beta,
+            temperature=self.temperature,
+            clip=self.clip,
+            mask=mask,
+            reduction=self.reduction,
+            impl=self.impl,
+            process_group=self.process_group,
+        )
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
-                f"clip={self.clip}, reduction={self.reduction!r}, impl={self.impl!r}")
+        return (
+            f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
+            f"clip={self.clip}, reduction={self.reduction!r}, impl={self.impl!r}"
+        )
 
 
 class FusedLinearDivergence(torch.nn.Module):
@@ -47,9 +65,20 @@ class FusedLinearDivergence(torch.nn.Module):
     torch.Size([])
     """
 
-    def __init__(self, kind="forward_kl", beta=0.5, temperature=1.0, clip=None,
-                 reduction="mean", impl="auto", chunk_size=None, fp32_weight_grad=True,
-                 skip_threshold="auto", deterministic=True, process_group=None):
+    def __init__(
+        self,
+        kind="forward_kl",
+        beta=0.5,
+        temperature=1.0,
+        clip=None,
+        reduction="mean",
+        impl="auto",
+        chunk_size=None,
+        fp32_weight_grad=True,
+        skip_threshold="auto",
+        deterministic=True,
+        process_group=None,
+    ):
         super().__init__()
         check_options(kind, beta, temperature, clip, reduction)
         self.kind, self.beta, self.temperature = kind, beta, temperature
@@ -58,20 +87,44 @@ class FusedLinearDivergence(torch.nn.Module):
         self.skip_threshold, self.deterministic = skip_threshold, deterministic
         self.process_group = process_group  # weight rows are this rank's vocabulary slice
 
-    def forward(self, student_hidden, teacher_hidden, weight, *, teacher_weight=None,
-                bias=None, teacher_bias=None, mask=None):
+    def forward(
+        self,
+        student_hidden,
+        teacher_hidden,
+        weight,
+        *,
+        teacher_weight=None,
+        bias=None,
+        teacher_bias=None,
+        mask=None,
+    ):
         return fused_linear_divergence(
-            student_hidden, teacher_hidden, weight, teacher_weight=teacher_weight, bias=bias,
-            teacher_bias=teacher_bias, kind=self.kind, beta=self.beta,
-            temperature=self.temperature, clip=self.clip, mask=mask, reduction=self.reduction,
-            impl=self.impl, chunk_size=self.chunk_size, fp32_weight_grad=self.fp32_weight_grad,
-            skip_threshold=self.skip_threshold, deterministic=self.deterministic,
-            process_group=self.process_group)
+            student_hidden,
+            teacher_hidden,
+            weight,
+            teacher_weight=teacher_weight,
+            bias=bias,
+            teacher_bias=teacher_bias,
+            kind=self.kind,
+            beta=self.beta,
+            temperature=self.temperature,
+            clip=self.clip,
+            mask=mask,
+            reduction=self.reduction,
+            impl=self.impl,
+            chunk_size=self.chunk_size,
+            fp32_weight_grad=self.fp32_weight_grad,
+            skip_threshold=self.skip_threshold,
+            deterministic=self.deterministic,
+            process_group=self.process_group,
+        )
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
-                f"clip={self.clip}, reduction={self.reduction!r}, impl={self.impl!r}, "
-                f"chunk_size={self.chunk_size}")
+        return (
+            f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
+            f"clip={self.clip}, reduction={self.reduction!r}, impl={self.impl!r}, "
+            f"chunk_size={self.chunk_size}"
+        )
 
 
 class TopkDivergence(torch.nn.Module):
@@ -84,8 +137,17 @@ class TopkDivergence(torch.nn.Module):
     torch.Size([])
     """
 
-    def __init__(self, kind="forward_kl", beta=0.5, tail="bucket", temperature=1.0, clip=None,
-                 reduction="mean", impl="auto", validate=None):
+    def __init__(
+        self,
+        kind="forward_kl",
+        beta=0.5,
+        tail="bucket",
+        temperature=1.0,
+        clip=None,
+        reduction="mean",
+        impl="auto",
+        validate=None,
+    ):
         super().__init__()
         from .topk import _check_topk_options
 
@@ -96,14 +158,26 @@ class TopkDivergence(torch.nn.Module):
     def forward(self, student_logits, teacher_ids, teacher_logprobs, mask=None):
         from .topk import topk_divergence
 
-        return topk_divergence(student_logits, teacher_ids, teacher_logprobs, kind=self.kind,
-                               beta=self.beta, tail=self.tail, temperature=self.temperature,
-                               clip=self.clip, mask=mask, reduction=self.reduction,
-                               impl=self.impl, validate=self.validate)
+        return topk_divergence(
+            student_logits,
+            teacher_ids,
+            teacher_logprobs,
+            kind=self.kind,
+            beta=self.beta,
+            tail=self.tail,
+            temperature=self.temperature,
+            clip=self.clip,
+            mask=mask,
+            reduction=self.reduction,
+            impl=self.impl,
+            validate=self.validate,
+        )
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind!r}, tail={self.tail!r}, temperature={self.temperature}, "
-                f"clip={self.clip}, reduction={self.reduction!r}, impl={self.impl!r}")
+        return (
+            f"kind={self.kind!r}, tail={self.tail!r}, temperature={self.temperature}, "
+            f"clip={self.clip}, reduction={self.reduction!r}, impl={self.impl!r}"
+        )
 
 
 class FusedLinearTopkDivergence(TopkDivergence):
@@ -117,20 +191,43 @@ class FusedLinearTopkDivergence(TopkDivergence):
     torch.Size([])
     """
 
-    def __init__(self, kind="forward_kl", beta=0.5, tail="bucket", temperature=1.0, clip=None,
-                 reduction="mean", impl="auto", chunk_size=None, validate=None):
+    def __init__(
+        self,
+        kind="forward_kl",
+        beta=0.5,
+        tail="bucket",
+        temperature=1.0,
+        clip=None,
+        reduction="mean",
+        impl="auto",
+        chunk_size=None,
+        validate=None,
+    ):
         super().__init__(kind, beta, tail, temperature, clip, reduction, impl, validate)
         self.chunk_size = chunk_size
 
-    def forward(self, student_hidden, weight, teacher_ids, teacher_logprobs, *, bias=None,
-                mask=None):
+    def forward(
+        self, student_hidden, weight, teacher_ids, teacher_logprobs, *, bias=None, mask=None
+    ):
         from .topk import fused_linear_topk_divergence
 
         return fused_linear_topk_divergence(
-            student_hidden, weight, teacher_ids, teacher_logprobs, bias=bias, kind=self.kind,
-            beta=self.beta, tail=self.tail, temperature=self.temperature, clip=self.clip,
-            mask=mask, reduction=self.reduction, impl=self.impl, chunk_size=self.chunk_size,
-            validate=self.validate)
+            student_hidden,
+            weight,
+            teacher_ids,
+            teacher_logprobs,
+            bias=bias,
+            kind=self.kind,
+            beta=self.beta,
+            tail=self.tail,
+            temperature=self.temperature,
+            clip=self.clip,
+            mask=mask,
+            reduction=self.reduction,
+            impl=self.impl,
+            chunk_size=self.chunk_size,
+            validate=self.validate,
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", chunk_size={self.chunk_size}"

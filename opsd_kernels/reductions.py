@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def forward_scale(reduction: str, mask: torch.Tensor | None, rows: int, device,
-                  dtype: torch.dtype) -> torch.Tensor:
+def forward_scale(
+    reduction: str, mask: torch.Tensor | None, rows: int, device, dtype: torch.dtype
+) -> torch.Tensor:
     """(1,) per-row gradient factor known in the forward: 1/count for "mean", else 1."""
     if reduction != "mean":
         return torch.ones(1, dtype=dtype, device=device)

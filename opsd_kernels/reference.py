@@ -197,10 +197,12 @@ def topk_divergence_reference(
         pS = torch.where(valid, lS.exp(), zero)
         one = torch.ones((), dtype=dtype)
         # padding: a placeholder 1 inside the log, so the unused branch has a finite gradient
-        lT = torch.where(valid, (torch.where(valid, pT, one) / pT.sum(-1, keepdim=True)).log(),
-                         zero)
-        lS = torch.where(valid, (torch.where(valid, pS, one) / pS.sum(-1, keepdim=True)).log(),
-                         zero)
+        lT = torch.where(
+            valid, (torch.where(valid, pT, one) / pT.sum(-1, keepdim=True)).log(), zero
+        )
+        lS = torch.where(
+            valid, (torch.where(valid, pS, one) / pS.sum(-1, keepdim=True)).log(), zero
+        )
     else:
         raise ValueError(f"tail must be 'bucket' or 'renormalize', got {tail!r}")
     # padding outcomes: finite placeholders (so autograd sees no NaN), then dropped
@@ -244,7 +246,9 @@ def fused_linear_topk_divergence_reference(
     h = student_hidden.to(dtype)
     if mask is not None:
         h = torch.where(mask.unsqueeze(-1), h, torch.zeros_like(h))
-    logits = torch.nn.functional.linear(h, weight.to(dtype),
-                                        None if bias is None else bias.to(dtype))
-    return topk_divergence_reference(logits, teacher_ids, teacher_logprobs, mask=mask,
-                                     dtype=dtype, **options)
+    logits = torch.nn.functional.linear(
+        h, weight.to(dtype), None if bias is None else bias.to(dtype)
+    )
+    return topk_divergence_reference(
+        logits, teacher_ids, teacher_logprobs, mask=mask, dtype=dtype, **options
+    )

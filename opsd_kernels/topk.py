@@ -92,9 +92,12 @@ class TeacherRows:
     bad: torch.Tensor | None
 
     def rows(self, lo: int, hi: int) -> dict:
-        return dict(ids=self.ids[lo:hi], logprobs=self.logprobs[lo:hi],
-                    valid=self.valid[lo:hi],
-                    log_rest=None if self.log_rest is None else self.log_rest[lo:hi])
+        return dict(
+            ids=self.ids[lo:hi],
+            logprobs=self.logprobs[lo:hi],
+            valid=self.valid[lo:hi],
+            log_rest=None if self.log_rest is None else self.log_rest[lo:hi],
+        )
 
 
 def mass_tolerance(dtype: torch.dtype) -> float:
@@ -141,8 +144,9 @@ def _check_teacher(teacher_ids, teacher_logprobs, lead_shape, device) -> int:
     return K
 
 
-def prepare_teacher(teacher_ids, teacher_logprobs, mask, V: int, tail: str,
-                    compute: torch.dtype, validate: bool) -> TeacherRows:
+def prepare_teacher(
+    teacher_ids, teacher_logprobs, mask, V: int, tail: str, compute: torch.dtype, validate: bool
+) -> TeacherRows:
     """Flatten the teacher to (N, K), check its values, form the K (+1) teacher outcomes.
 
     No host sync unless ``validate`` (then one, plus more on the error path).
@@ -266,8 +270,9 @@ def outcome_terms(lT, lS, ok, spec: KindSpec, beta: float, clip: float | None):
     return torch.where(ok, phi, zero), torch.where(ok, g, zero)
 
 
-def topk_rows_torch(logits, *, ids, logprobs, valid, log_rest, spec, beta, temperature, clip,
-                    scale, want_grad):
+def topk_rows_torch(
+    logits, *, ids, logprobs, valid, log_rest, spec, beta, temperature, clip, scale, want_grad
+):
     """Row losses (R,) of a block of student logits against the prepared teacher.
 
     ``logits``: (R, V) float32/float64 buffer that this function owns: it is
@@ -383,9 +388,16 @@ def _run_block(s2, lo, hi, teacher, mask1, opts, row_fn, compute, scale, want_gr
     keep = _slice(mask1, lo, hi)
     if keep is not None:
         buf.masked_fill_(~keep[:, None], 0.0)  # padding rows may hold anything (NaN)
-    loss = row_fn(buf, **teacher.rows(lo, hi), spec=opts.spec, beta=opts.beta,
-                  temperature=opts.temperature, clip=opts.clip, scale=scale,
-                  want_grad=want_grad)
+    loss = row_fn(
+        buf,
+        **teacher.rows(lo, hi),
+        spec=opts.spec,
+        beta=opts.beta,
+        temperature=opts.temperature,
+        clip=opts.clip,
+        scale=scale,
+        want_grad=want_grad,
+    )
     loss = _finish_rows(loss, buf if want_grad else None, keep, _slice(teacher.bad, lo, hi))
     return buf if want_grad else loss
 
@@ -474,13 +486,21 @@ def topk_divergence(
     V = student_logits.shape[-1]
     compute = gemm.compute_dtype(student_logits.dtype)
     mask1 = None if mask is None else mask.reshape(-1)
-    teacher = prepare_teacher(teacher_ids.detach(), teacher_logprobs.detach(), mask1, V,
-                              opts.tail, compute, _validate_default(validate, device))
+    teacher = prepare_teacher(
+        teacher_ids.detach(),
+        teacher_logprobs.detach(),
+        mask1,
+        V,
+        opts.tail,
+        compute,
+        _validate_default(validate, device),
+    )
     if not torch.is_grad_enabled():
         student_logits = student_logits.detach()
     N = student_logits.numel() // V
-    return TopkDivergenceFunction.apply(student_logits, teacher, mask1, opts,
-                                        _row_function(impl), _rows_per_block(V, N))
+    return TopkDivergenceFunction.apply(
+        student_logits, teacher, mask1, opts, _row_function(impl), _rows_per_block(V, N)
+    )
 
 
 # --------------------------------------------------------------------------- fused linear
@@ -501,8 +521,9 @@ def auto_renormalize_chunk(K: int, H: int, N: int) -> int:
     return max(1, min(config.chunk_memory_budget // (2 * K * H * 4), max(128, -(-N // 8))))
 
 
-def _renormalize_linear_pass(hs, weight, bias, teacher, mask1, opts, chunk, scale,
-                             want_h, want_w, want_b, compute):
+def _renormalize_linear_pass(
+    hs, weight, bias, teacher, mask1, opts, chunk, scale, want_h, want_w, want_b, compute
+):
     """The renormalize tail needs only the K logits per token: ``h . W[I_k] (+ b[I_k])``
     from gathered weight rows, O(N K H) flops instead of O(N V H); the gradient goes
     back to those rows only (``index_add_``)."""
@@ -524,12 +545,20 @@ def _renormalize_linear_pass(hs, weight, bias, teacher, mask1, opts, chunk, scal
             z = z + bias.to(compute)[ids]
         # the K logits are the whole "row": the entries are 0..K-1 of z
         local = torch.arange(K, device=hs.device).expand(hi - lo, K)
-        out = topk_rows_torch(z, ids=local, **rows, spec=opts.spec, beta=opts.beta,
-                              temperature=opts.temperature, clip=opts.clip,
-                              scale=scale if scale.numel() == 1 else scale[lo:hi],
-                              want_grad=want)
-        loss[lo:hi] = _finish_rows(out, z if want else None, _slice(mask1, lo, hi),
-                                   _slice(teacher.bad, lo, hi))
+        out = topk_rows_torch(
+            z,
+            ids=local,
+            **rows,
+            spec=opts.spec,
+            beta=opts.beta,
+            temperature=opts.temperature,
+            clip=opts.clip,
+            scale=scale if scale.numel() == 1 else scale[lo:hi],
+            want_grad=want,
+        )
+        loss[lo:hi] = _finish_rows(
+            out, z if want else None, _slice(mask1, lo, hi), _slice(teacher.bad, lo, hi)
+        )
         # z now holds dL/d(the K logits); padding entries hold 0
         if want_h:
             gh[lo:hi] = torch.bmm(z[:, None, :], w_k)[:, 0, :]
@@ -540,11 +569,13 @@ def _renormalize_linear_pass(hs, weight, bias, teacher, mask1, opts, chunk, scal
     return loss, gh, gw, gb
 
 
-def _linear_pass(hs, weight, bias, teacher, mask1, opts, row_fn, chunk, scale,
-                 want_h, want_w, want_b, compute):
+def _linear_pass(
+    hs, weight, bias, teacher, mask1, opts, row_fn, chunk, scale, want_h, want_w, want_b, compute
+):
     if opts.tail == "renormalize":
-        return _renormalize_linear_pass(hs, weight, bias, teacher, mask1, opts, chunk, scale,
-                                        want_h, want_w, want_b, compute)
+        return _renormalize_linear_pass(
+            hs, weight, bias, teacher, mask1, opts, chunk, scale, want_h, want_w, want_b, compute
+        )
     N = hs.shape[0]
     loss = torch.empty(N, dtype=compute, device=hs.device)
     grads = ChunkGradients(hs, weight, compute, compute, want_h, want_w, want_b)
@@ -554,11 +585,19 @@ def _linear_pass(hs, weight, bias, teacher, mask1, opts, row_fn, chunk, scale,
         h_c = hs[lo:hi]
         # float32 (float64) logits whatever the operands' dtypes (the precision rule)
         logits = gemm.linear_logits(h_c, weight, bias)
-        rows = row_fn(logits, **teacher.rows(lo, hi), spec=opts.spec, beta=opts.beta,
-                      temperature=opts.temperature, clip=opts.clip,
-                      scale=scale if scale.numel() == 1 else scale[lo:hi], want_grad=want)
-        loss[lo:hi] = _finish_rows(rows, logits if want else None, _slice(mask1, lo, hi),
-                                   _slice(teacher.bad, lo, hi))
+        rows = row_fn(
+            logits,
+            **teacher.rows(lo, hi),
+            spec=opts.spec,
+            beta=opts.beta,
+            temperature=opts.temperature,
+            clip=opts.clip,
+            scale=scale if scale.numel() == 1 else scale[lo:hi],
+            want_grad=want,
+        )
+        loss[lo:hi] = _finish_rows(
+            rows, logits if want else None, _slice(mask1, lo, hi), _slice(teacher.bad, lo, hi)
+        )
         # logits now holds dL/d(student logits) of the chunk (float32/64)
         if want:
             # through opsd_kernels.gemm: the precision rule of every chunked path
@@ -579,15 +618,15 @@ class FusedLinearTopkFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher: TeacherRows, mask1, opts: TopkOptions,
-                row_fn, chunk):
+    def forward(
+        ctx, hidden, weight, bias, teacher: TeacherRows, mask1, opts: TopkOptions, row_fn, chunk
+    ):
         H = hidden.shape[-1]
         lead = hidden.shape[:-1]
         hs = hidden.reshape(-1, H)
         if mask1 is not None:
             # masked rows are zeroed before any GEMM that mixes rows (0 * NaN = NaN)
-            hs = torch.where(mask1[:, None], hs, torch.zeros((), dtype=hs.dtype,
-                                                             device=hs.device))
+            hs = torch.where(mask1[:, None], hs, torch.zeros((), dtype=hs.dtype, device=hs.device))
         hs = hs.contiguous()
         N = hs.shape[0]
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
@@ -595,12 +634,29 @@ class FusedLinearTopkFunction(torch.autograd.Function):
         defer = opts.reduction == "none" and (want_w or want_b)
         scale = forward_scale(opts.reduction, mask1, N, hs.device, compute)
         loss, gh, gw, gb = _linear_pass(
-            hs, weight, bias, teacher, mask1, opts, row_fn, chunk, scale,
-            want_h and not defer, want_w and not defer, want_b and not defer, compute)
+            hs,
+            weight,
+            bias,
+            teacher,
+            mask1,
+            opts,
+            row_fn,
+            chunk,
+            scale,
+            want_h and not defer,
+            want_w and not defer,
+            want_b and not defer,
+            compute,
+        )
         ctx.defer = defer
         ctx.reduction = opts.reduction
-        ctx.meta = (hidden.shape, hidden.dtype, weight.dtype,
-                    None if bias is None else bias.dtype, compute)
+        ctx.meta = (
+            hidden.shape,
+            hidden.dtype,
+            weight.dtype,
+            None if bias is None else bias.dtype,
+            compute,
+        )
         if defer:
             ctx.save_for_backward(hs, weight, bias)
             ctx.args = (teacher, mask1, opts, row_fn, chunk)
@@ -616,15 +672,29 @@ class FusedLinearTopkFunction(torch.autograd.Function):
             hs, weight, bias = ctx.saved_tensors
             teacher, mask1, opts, row_fn, chunk = ctx.args
             factor = grad_out.reshape(-1).to(compute)
-            _, gh, gw, gb = _linear_pass(hs, weight, bias, teacher, mask1, opts, row_fn, chunk,
-                                         factor, want_h, want_w, want_b, compute)
+            _, gh, gw, gb = _linear_pass(
+                hs,
+                weight,
+                bias,
+                teacher,
+                mask1,
+                opts,
+                row_fn,
+                chunk,
+                factor,
+                want_h,
+                want_w,
+                want_b,
+                compute,
+            )
         else:
             if ctx.grads is None:
                 # the stored gradients were scaled in place by the first backward
                 raise RuntimeError(
                     "fused_linear_topk_divergence supports one backward per forward with "
                     "reduction 'mean'/'sum' (retain_graph=True then a second backward is not "
-                    "supported); recompute the loss instead")
+                    "supported); recompute the loss instead"
+                )
             gh, gw, gb = ctx.grads
             ctx.grads = None
             go = grad_out.to(compute)
@@ -637,7 +707,11 @@ class FusedLinearTopkFunction(torch.autograd.Function):
             None if gh is None or not want_h else gh.to(h_dtype).view(shape),
             None if gw is None or not want_w else gw.to(w_dtype),
             None if gb is None or not want_b else gb.to(b_dtype),
-            None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -761,8 +835,15 @@ def fused_linear_topk_divergence(
     compute = gemm.compute_dtype(*dtypes)
     impl = check_impl(impl, ("auto", "torch", "triton"), device, compute)
     mask1 = None if mask is None else mask.reshape(-1)
-    teacher = prepare_teacher(teacher_ids.detach(), teacher_logprobs.detach(), mask1, V,
-                              opts.tail, compute, _validate_default(validate, device))
+    teacher = prepare_teacher(
+        teacher_ids.detach(),
+        teacher_logprobs.detach(),
+        mask1,
+        V,
+        opts.tail,
+        compute,
+        _validate_default(validate, device),
+    )
     if not torch.is_grad_enabled():
         student_hidden, weight = student_hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
@@ -773,5 +854,6 @@ def fused_linear_topk_divergence(
         chunk = auto_renormalize_chunk(teacher_ids.shape[-1], H, N)
     else:
         chunk = auto_topk_chunk(V, N)
-    return FusedLinearTopkFunction.apply(student_hidden, weight, bias, teacher, mask1, opts,
-                                         _row_function(impl), chunk)
+    return FusedLinearTopkFunction.apply(
+        student_hidden, weight, bias, teacher, mask1, opts, _row_function(impl), chunk
+    )

@@ -19,8 +19,7 @@ from .divergences import rows_loss_and_grads
 TEMPS_PER_ROW = 10
 
 
-def rows_per_chunk(V: int, R: int, bytes_per_element: int = 4,
-                   temps: int = TEMPS_PER_ROW) -> int:
+def rows_per_chunk(V: int, R: int, bytes_per_element: int = 4, temps: int = TEMPS_PER_ROW) -> int:
     """Rows per block: the float32 temporaries fit ``config.chunk_memory_budget``, and
     at most ``max(16, ceil(R / 8))`` rows so that small inputs also work in pieces
     (their temporaries then stay near the size of one input)."""
@@ -60,7 +59,8 @@ def divergence_rows_torch(
             s = torch.where(keep, s, torch.zeros((), dtype=compute, device=s.device))
             t = torch.where(keep, t, torch.zeros((), dtype=compute, device=t.device))
         rows_loss, g_s, g_t = rows_loss_and_grads(
-            s, t, opts, grad_student is not None, grad_teacher is not None)
+            s, t, opts, grad_student is not None, grad_teacher is not None
+        )
         del s, t
         row_scale = (scale if scale.numel() == 1 else scale[lo:hi]).to(compute).reshape(-1, 1)
         for out, g in ((grad_student, g_s), (grad_teacher, g_t)):

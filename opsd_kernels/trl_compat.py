@@ -42,8 +42,7 @@ def _per_entry_terms(student, teacher, beta, temperature, logits_are_probs):
     ``logits_are_probs``: the inputs are probabilities; TRL takes ``log(clamp(p, 1e-8))``
     as log-probabilities without renormalising and without the temperature.
     """
-    dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype),
-                                torch.float32)
+    dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
     student, teacher = student.to(dtype), teacher.to(dtype)
     if logits_are_probs:
         lS = student.clamp_min(_PROB_FLOOR).log()
@@ -122,14 +121,21 @@ def generalized_jsd(
         raise TypeError(f"logits_are_probs must be a bool, got {logits_are_probs!r}")
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
-            raise TypeError(f"{name} must be a floating-point tensor of shape (..., V), got "
-                            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x}")
+            raise TypeError(
+                f"{name} must be a floating-point tensor of shape (..., V), got "
+                f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x}"
+            )
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student_logits and teacher_logits must have the same shape, got "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
-    if not logits_are_probs and (isinstance(temperature, bool) or not isinstance(
-            temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0):
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if not logits_are_probs and (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     mask = None
     if labels is not None:
@@ -137,18 +143,22 @@ def generalized_jsd(
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(
                 f"labels must be a tensor of shape {tuple(student_logits.shape[:-1])} "
-                f"(the logits without the vocabulary dimension), got {got}")
+                f"(the logits without the vocabulary dimension), got {got}"
+            )
         mask = labels.to(student_logits.device) != ignore_index
     if num_items_in_batch is not None and (
-            isinstance(num_items_in_batch, bool)
-            or not isinstance(num_items_in_batch, (int, float, torch.Tensor))):
+        isinstance(num_items_in_batch, bool)
+        or not isinstance(num_items_in_batch, (int, float, torch.Tensor))
+    ):
         raise TypeError(
-            f"num_items_in_batch must be None, a number or a tensor, got {num_items_in_batch!r}")
+            f"num_items_in_batch must be None, a number or a tensor, got {num_items_in_batch!r}"
+        )
     vocab = student_logits.shape[-1]
 
     if logits_are_probs or (reduction == "none" and num_items_in_batch is None):
-        terms = _per_entry_terms(student_logits, teacher_logits, beta, temperature,
-                                 logits_are_probs)
+        terms = _per_entry_terms(
+            student_logits, teacher_logits, beta, temperature, logits_are_probs
+        )
         if mask is not None:
             terms = terms[mask]
         total = terms.sum()
@@ -157,8 +167,14 @@ def generalized_jsd(
     else:
         kind = _kind(beta)
         total = divergence(
-            student_logits, teacher_logits, kind=kind, beta=beta if kind == "jsd" else 0.5,
-            temperature=temperature, mask=mask, reduction="sum", impl=impl,
+            student_logits,
+            teacher_logits,
+            kind=kind,
+            beta=beta if kind == "jsd" else 0.5,
+            temperature=temperature,
+            mask=mask,
+            reduction="sum",
+            impl=impl,
         )
 
     if num_items_in_batch is not None:

@@ -138,8 +138,11 @@ def local_stats_torch(student, teacher, opts: DivergenceOptions, mask) -> torch.
         out[lo:hi, 0], out[lo:hi, 1] = m_s, es.sum(-1)
         out[lo:hi, 2], out[lo:hi, 3] = m_t, et.sum(-1)
         if one_pass:
-            w = (weighted_log_ratio(et, a, b) if opts.spec.name == "forward_kl"
-                 else weighted_log_ratio(es, b, a))
+            w = (
+                weighted_log_ratio(et, a, b)
+                if opts.spec.name == "forward_kl"
+                else weighted_log_ratio(es, b, a)
+            )
             out[lo:hi, 4] = w.sum(-1)
     return out
 
@@ -165,14 +168,14 @@ def local_term_sums_torch(student, teacher, opts: DivergenceOptions, mask, stats
     R, V = student.shape
     out = torch.zeros(R, 3, dtype=stats.dtype, device=student.device)
     for lo, hi, keep in _row_blocks(R, V, mask):
-        phi, g, h, _, _ = _clipped_terms(student, teacher, lo, hi, keep, stats, opts,
-                                         stats.dtype)
+        phi, g, h, _, _ = _clipped_terms(student, teacher, lo, hi, keep, stats, opts, stats.dtype)
         out[lo:hi, 0], out[lo:hi, 1], out[lo:hi, 2] = phi.sum(-1), g.sum(-1), h.sum(-1)
     return out
 
 
-def local_gradients_torch(student, teacher, opts: DivergenceOptions, mask, stats, scale,
-                          grad_student, grad_teacher) -> None:
+def local_gradients_torch(
+    student, teacher, opts: DivergenceOptions, mask, stats, scale, grad_student, grad_teacher
+) -> None:
     """Phase 4: the slice's dL/ds (and dL/dt) times the row factors ``scale`` ((1,) or
     (R,)). The outputs may alias the inputs (each block is read before it is written)."""
     R, V = student.shape
@@ -203,8 +206,15 @@ def _local_functions(impl: str):
     return local_stats_torch, local_term_sums_torch, local_gradients_torch
 
 
-def row_statistics(student: torch.Tensor, teacher: torch.Tensor, opts: DivergenceOptions,
-                   mask: torch.Tensor | None, group, want_h: bool, impl: str = "torch"):
+def row_statistics(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    opts: DivergenceOptions,
+    mask: torch.Tensor | None,
+    group,
+    want_h: bool,
+    impl: str = "torch",
+):
     """The phases up to the loss on a rank's (R, V_r) logit slices, identical on every rank.
 
     Returns ``(loss (R,), stats (R, 4))`` in the compute dtype, with ``stats``
@@ -256,10 +266,12 @@ def row_statistics(student: torch.Tensor, teacher: torch.Tensor, opts: Divergenc
             stats[:, H_SUM] = -1.0
     else:
         # phase 3: the clipped terms' sums -> all-reduce SUM
-        local = local_term_sums(student, teacher, opts, mask,
-                                stats if impl != "triton" else stats.float().contiguous())
-        sums = _all_reduce(local[:, :3 if want_h else 2].t().to(compute).contiguous(),
-                           dist.ReduceOp.SUM, group)
+        local = local_term_sums(
+            student, teacher, opts, mask, stats if impl != "triton" else stats.float().contiguous()
+        )
+        sums = _all_reduce(
+            local[:, : 3 if want_h else 2].t().to(compute).contiguous(), dist.ReduceOp.SUM, group
+        )
         loss = sums[0]
         stats[:, G_SUM] = sums[1]
         if want_h:
@@ -269,15 +281,25 @@ def row_statistics(student: torch.Tensor, teacher: torch.Tensor, opts: Divergenc
     return loss.contiguous(), stats
 
 
-def write_gradients(student, teacher, stats, opts: DivergenceOptions, mask, scale,
-                    grad_student, grad_teacher, impl: str = "torch") -> None:
+def write_gradients(
+    student,
+    teacher,
+    stats,
+    opts: DivergenceOptions,
+    mask,
+    scale,
+    grad_student,
+    grad_teacher,
+    impl: str = "torch",
+) -> None:
     """The last phase, local: each rank's slice of dL/ds (and dL/dt) times the row
     factors ``scale`` ((1,) or (R,)). The outputs may alias the inputs."""
     if student.shape[0] == 0:
         return
     _, _, local_gradients = _local_functions(impl)
-    local_gradients(student, teacher, opts, mask, stats, scale.contiguous(), grad_student,
-                    grad_teacher)
+    local_gradients(
+        student, teacher, opts, mask, stats, scale.contiguous(), grad_student, grad_teacher
+    )
 
 
 class VocabParallelDivergenceFunction(torch.autograd.Function):
@@ -320,13 +342,32 @@ class VocabParallelDivergenceFunction(torch.autograd.Function):
         grad_t = torch.empty(t2.shape, dtype=t2.dtype, device=t2.device) if want_t else None
         with torch.autocast(s2.device.type, enabled=False):
             write_gradients(s2, t2, stats, ctx.opts, ctx.mask, scale, grad_s, grad_t, ctx.impl)
-        outs = [None if g is None else g.view(shape)
-                for g, shape in zip((grad_s, grad_t), ctx.shapes, strict=True)]
+        outs = [
+            None if g is None else g.view(shape)
+            for g, shape in zip((grad_s, grad_t), ctx.shapes, strict=True)
+        ]
         return outs[0], outs[1], None, None, None, None
 
 
-def _linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mask, opts, group, chunk,
-                 scale, want_h, want_w, want_b, weight_grad_dtype, impl, stats=None):
+def _linear_pass(
+    hs,
+    ht,
+    weight,
+    teacher_weight,
+    bias,
+    teacher_bias,
+    mask,
+    opts,
+    group,
+    chunk,
+    scale,
+    want_h,
+    want_w,
+    want_b,
+    weight_grad_dtype,
+    impl,
+    stats=None,
+):
     """One sweep over token chunks of the local vocabulary slice.
 
     Without ``stats`` (the forward) each chunk's statistics are all-reduced
@@ -336,26 +377,40 @@ def _linear_pass(hs, ht, weight, teacher_weight, bias, teacher_bias, mask, opts,
     rank's partial sum, to be all-reduced by the caller.
     """
     N = hs.shape[0]
-    cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype,
-                             (weight if teacher_weight is None else teacher_weight).dtype)
+    cdt = gemm.compute_dtype(
+        hs.dtype,
+        ht.dtype,
+        weight.dtype,
+        (weight if teacher_weight is None else teacher_weight).dtype,
+    )
     forward = stats is None
     loss = torch.zeros(N, dtype=cdt, device=hs.device)
     if forward:
         stats = torch.zeros(N, 4, dtype=cdt, device=hs.device)
-    grads = ChunkGradients(hs, weight, cdt, weight_grad_dtype, want_h, want_w, want_b,
-                           zero_hidden=True)
+    grads = ChunkGradients(
+        hs, weight, cdt, weight_grad_dtype, want_h, want_w, want_b, zero_hidden=True
+    )
     for lo in range(0, N, chunk):
         hi = min(N, lo + chunk)
         mask_c = None if mask is None else mask[lo:hi]
-        hs_c, s_l, t_l = chunk_logits(hs[lo:hi], ht[lo:hi], weight, teacher_weight, bias,
-                                      teacher_bias, mask_c)
+        hs_c, s_l, t_l = chunk_logits(
+            hs[lo:hi], ht[lo:hi], weight, teacher_weight, bias, teacher_bias, mask_c
+        )
         if forward:
-            loss[lo:hi], stats[lo:hi] = row_statistics(s_l, t_l, opts, mask_c, group, False,
-                                                       impl)
+            loss[lo:hi], stats[lo:hi] = row_statistics(s_l, t_l, opts, mask_c, group, False, impl)
         if not grads.any:
             continue
-        write_gradients(s_l, t_l, stats[lo:hi], opts, mask_c,
-                        scale if scale.numel() == 1 else scale[lo:hi], s_l, None, impl)
+        write_gradients(
+            s_l,
+            t_l,
+            stats[lo:hi],
+            opts,
+            mask_c,
+            scale if scale.numel() == 1 else scale[lo:hi],
+            s_l,
+            None,
+            impl,
+        )
         del t_l
         # s_l now holds this rank's slice of dL/d(student logits), row factors applied
         grads.add(lo, hi, s_l, hs_c, weight)
@@ -375,36 +430,69 @@ class VocabParallelLinearDivergenceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias,
-                mask, opts: DivergenceOptions, group, chunk: int,
-                weight_grad_dtype: torch.dtype, impl: str):
+    def forward(
+        ctx,
+        student_hidden,
+        teacher_hidden,
+        weight,
+        teacher_weight,
+        bias,
+        teacher_bias,
+        mask,
+        opts: DivergenceOptions,
+        group,
+        chunk: int,
+        weight_grad_dtype: torch.dtype,
+        impl: str,
+    ):
         H = student_hidden.shape[-1]
         lead = student_hidden.shape[:-1]
         hs = student_hidden.reshape(-1, H).contiguous()
         ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous()
         mask1 = None if mask is None else mask.reshape(-1).contiguous()
-        want_h, want_w, want_b = (ctx.needs_input_grad[0], ctx.needs_input_grad[2],
-                                  ctx.needs_input_grad[4])
+        want_h, want_w, want_b = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[2],
+            ctx.needs_input_grad[4],
+        )
         N = hs.shape[0]
         cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype)
         defer = (want_w or want_b) and (
-            opts.reduction == "none" or (want_w and weight_grad_dtype == torch.float16))
+            opts.reduction == "none" or (want_w and weight_grad_dtype == torch.float16)
+        )
         scale = forward_scale(opts.reduction, mask1, N, hs.device, cdt)
         with torch.autocast(hs.device.type, enabled=False):
             loss, stats, grad_h, grad_w, grad_b = _linear_pass(
-                hs, ht, weight, teacher_weight, bias, teacher_bias, mask1, opts, group, chunk,
-                scale, want_h and not defer, want_w and not defer, want_b and not defer,
-                weight_grad_dtype, impl)
+                hs,
+                ht,
+                weight,
+                teacher_weight,
+                bias,
+                teacher_bias,
+                mask1,
+                opts,
+                group,
+                chunk,
+                scale,
+                want_h and not defer,
+                want_w and not defer,
+                want_b and not defer,
+                weight_grad_dtype,
+                impl,
+            )
         ctx.defer = defer
         ctx.group = group
         ctx.reduction = opts.reduction
         ctx.wants = (want_h, want_w, want_b)
         ctx.weight_grad_dtype = weight_grad_dtype
-        ctx.dtypes = (student_hidden.shape, student_hidden.dtype, weight.dtype,
-                      None if bias is None else bias.dtype)
+        ctx.dtypes = (
+            student_hidden.shape,
+            student_hidden.dtype,
+            weight.dtype,
+            None if bias is None else bias.dtype,
+        )
         if defer:
-            ctx.save_for_backward(hs, ht, weight, teacher_weight, bias, teacher_bias, scale,
-                                  stats)
+            ctx.save_for_backward(hs, ht, weight, teacher_weight, bias, teacher_bias, scale, stats)
             ctx.args = (mask1, opts, chunk, impl)
         else:
             ctx.grads = (grad_h, grad_w, grad_b)
@@ -420,15 +508,29 @@ class VocabParallelLinearDivergenceFunction(torch.autograd.Function):
         want_h, want_w, want_b = ctx.wants
         shape, h_dtype, w_dtype, b_dtype = ctx.dtypes
         if ctx.defer:
-            hs, ht, weight, teacher_weight, bias, teacher_bias, fwd_scale, stats = (
-                ctx.saved_tensors)
+            hs, ht, weight, teacher_weight, bias, teacher_bias, fwd_scale, stats = ctx.saved_tensors
             mask1, opts, chunk, impl = ctx.args
             scale = (fwd_scale * grad_out.reshape(-1).to(fwd_scale.dtype)).contiguous()
             with torch.autocast(hs.device.type, enabled=False):
                 _, _, grad_h, grad_w, grad_b = _linear_pass(
-                    hs, ht, weight, teacher_weight, bias, teacher_bias, mask1, opts, ctx.group,
-                    chunk, scale, want_h, want_w, want_b, ctx.weight_grad_dtype, impl,
-                    stats=stats)
+                    hs,
+                    ht,
+                    weight,
+                    teacher_weight,
+                    bias,
+                    teacher_bias,
+                    mask1,
+                    opts,
+                    ctx.group,
+                    chunk,
+                    scale,
+                    want_h,
+                    want_w,
+                    want_b,
+                    ctx.weight_grad_dtype,
+                    impl,
+                    stats=stats,
+                )
         else:
             grad_h, grad_w, grad_b = ctx.grads
             ctx.grads = None
@@ -448,12 +550,24 @@ class VocabParallelLinearDivergenceFunction(torch.autograd.Function):
             None if grad_w is None else grad_w.to(w_dtype),
             None,
             None if grad_b is None else grad_b.to(b_dtype),
-            None, None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
-def divergence_vocab_parallel(student_logits, teacher_logits, mask, opts: DivergenceOptions,
-                              process_group, impl: str = "torch") -> torch.Tensor:
+def divergence_vocab_parallel(
+    student_logits,
+    teacher_logits,
+    mask,
+    opts: DivergenceOptions,
+    process_group,
+    impl: str = "torch",
+) -> torch.Tensor:
     """:func:`opsd_kernels.divergence` on vocabulary slices (validated inputs).
 
     ``student_logits``/``teacher_logits``: (..., V_r), this rank's slice.
@@ -476,21 +590,41 @@ def divergence_vocab_parallel(student_logits, teacher_logits, mask, opts: Diverg
     >>> if made_here:
     ...     dist.destroy_process_group()
     """
-    return VocabParallelDivergenceFunction.apply(student_logits, teacher_logits, mask, opts,
-                                                 process_group, impl)
+    return VocabParallelDivergenceFunction.apply(
+        student_logits, teacher_logits, mask, opts, process_group, impl
+    )
 
 
-def fused_linear_divergence_vocab_parallel(student_hidden, teacher_hidden, weight,
-                                           teacher_weight, bias, teacher_bias, mask,
-                                           opts: DivergenceOptions, process_group,
-                                           chunk_size: int,
-                                           weight_grad_dtype: torch.dtype,
-                                           impl: str = "torch") -> torch.Tensor:
+def fused_linear_divergence_vocab_parallel(
+    student_hidden,
+    teacher_hidden,
+    weight,
+    teacher_weight,
+    bias,
+    teacher_bias,
+    mask,
+    opts: DivergenceOptions,
+    process_group,
+    chunk_size: int,
+    weight_grad_dtype: torch.dtype,
+    impl: str = "torch",
+) -> torch.Tensor:
     """:func:`opsd_kernels.fused_linear_divergence` with this rank's (V_r, H) lm_head rows.
 
     Inputs are validated and detached as the public function does. Returns the
     full loss on every rank; the student-hidden gradient is the full gradient.
     """
     return VocabParallelLinearDivergenceFunction.apply(
-        student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask, opts,
-        process_group, chunk_size, weight_grad_dtype, impl)
+        student_hidden,
+        teacher_hidden,
+        weight,
+        teacher_weight,
+        bias,
+        teacher_bias,
+        mask,
+        opts,
+        process_group,
+        chunk_size,
+        weight_grad_dtype,
+        impl,
+    )

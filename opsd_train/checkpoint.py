@@ -129,8 +129,14 @@ def _write_file(path: Path, write) -> dict:
     return {"bytes": w.bytes, "sha256": w.sha.hexdigest()}
 
 
-def write_checkpoint(path: str | Path, state: Mapping, config: Mapping, step: int, *,
-                     extra: Mapping[str, Path] | None = None) -> Path:
+def write_checkpoint(
+    path: str | Path,
+    state: Mapping,
+    config: Mapping,
+    step: int,
+    *,
+    extra: Mapping[str, Path] | None = None,
+) -> Path:
     """Write ``state`` (``torch.save``) and ``config`` (JSON) atomically into folder ``path``.
 
     ``extra`` maps names to files or folders already written (e.g. the shards of a
@@ -162,7 +168,9 @@ def write_checkpoint(path: str | Path, state: Mapping, config: Mapping, step: in
             for f in found:
                 if f.is_file():
                     files[f.relative_to(tmp).as_posix()] = {
-                        "bytes": f.stat().st_size, "sha256": _file_sha256(f)}
+                        "bytes": f.stat().st_size,
+                        "sha256": _file_sha256(f),
+                    }
             _fsync_dir(current if current.is_dir() else tmp)
         marker = {"format": FORMAT, "step": int(step), "files": files}
         current = tmp / MARKER_FILE
@@ -185,7 +193,8 @@ def write_checkpoint(path: str | Path, state: Mapping, config: Mapping, step: in
         err = CheckpointWriteError(
             f"cannot write checkpoint {path} (failed at {current}): {reason}"
             " - is the disk full or the folder not writable? The previous checkpoints "
-            "are untouched.")
+            "are untouched."
+        )
         err.errno = getattr(e, "errno", None)
         raise err from e
     return path
@@ -198,13 +207,15 @@ def _read_marker(path: Path) -> dict:
             raise IncompleteCheckpointError(
                 f"checkpoint {path} has no completion marker {MARKER_FILE}: it is "
                 "incomplete (killed while being written) or was written by an older "
-                "opsd_train without one")
+                "opsd_train without one"
+            )
         raise CheckpointError(f"no checkpoint at {path} (no {STATE_FILE})")
     try:
         data = json.loads(marker.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise IncompleteCheckpointError(f"{marker} is unreadable: the checkpoint is "
-                                        f"incomplete or corrupted ({e})") from e
+        raise IncompleteCheckpointError(
+            f"{marker} is unreadable: the checkpoint is incomplete or corrupted ({e})"
+        ) from e
     if data.get("format") != FORMAT:
         raise CheckpointError(f"{marker}: unknown checkpoint format {data.get('format')!r}")
     return data
@@ -234,10 +245,12 @@ def verify_checkpoint(path: str | Path, *, deep: bool = False) -> dict:
         if size != info["bytes"]:
             raise IncompleteCheckpointError(
                 f"{f} has {size} bytes, {info['bytes']} were written: the checkpoint is "
-                "incomplete (truncated)")
+                "incomplete (truncated)"
+            )
         if deep and _file_sha256(f) != info["sha256"]:
-            raise IncompleteCheckpointError(f"{f} does not match its recorded SHA-256: the "
-                                            "checkpoint is corrupted")
+            raise IncompleteCheckpointError(
+                f"{f} does not match its recorded SHA-256: the checkpoint is corrupted"
+            )
     return marker
 
 
@@ -288,8 +301,7 @@ def find_latest(root: str | Path, warn: bool = True) -> Path | None:
         found = p
         break
     if warn and torn:
-        warnings.warn("skipped torn/incomplete checkpoint(s): " + "; ".join(torn),
-                      stacklevel=2)
+        warnings.warn("skipped torn/incomplete checkpoint(s): " + "; ".join(torn), stacklevel=2)
     return found
 
 
@@ -320,8 +332,9 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def config_differences(stored: Mapping, current: Mapping, policies: Mapping[str, str]
-                       ) -> list[tuple[str, object, object]]:
+def config_differences(
+    stored: Mapping, current: Mapping, policies: Mapping[str, str]
+) -> list[tuple[str, object, object]]:
     """``(key, stored, current)`` for each key whose value differs and whose policy is not
     ``"free"`` (keys missing on one side are compared only when both have them)."""
     out = []
@@ -333,8 +346,13 @@ def config_differences(stored: Mapping, current: Mapping, policies: Mapping[str,
     return out
 
 
-def check_resume_config(stored: Mapping, current: Mapping, policies: Mapping[str, str],
-                        allow: Iterable[str] = (), where: str = "the checkpoint") -> None:
+def check_resume_config(
+    stored: Mapping,
+    current: Mapping,
+    policies: Mapping[str, str],
+    allow: Iterable[str] = (),
+    where: str = "the checkpoint",
+) -> None:
     """Raise :class:`CheckpointError` listing every key that differs from ``stored``,
     unless it is named in ``allow`` and its policy is ``"override"``."""
     allow = set(allow)
@@ -342,15 +360,18 @@ def check_resume_config(stored: Mapping, current: Mapping, policies: Mapping[str
     if bad_allow:
         raise CheckpointError(
             f"--resume-override cannot change {bad_allow}: these settings cannot take effect "
-            "after a resume (optimizer state, adapter shape or teacher state hold them)")
+            "after a resume (optimizer state, adapter shape or teacher state hold them)"
+        )
     diffs = [d for d in config_differences(stored, current, policies) if d[0] not in allow]
     if diffs:
         lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diffs)
         overridable = [k for k, _, _ in diffs if policies.get(k, "override") == "override"]
         hint = ""
         if overridable:
-            hint = (f". To change {', '.join(overridable)} on purpose, pass "
-                    f"--resume-override {','.join(overridable)}")
+            hint = (
+                f". To change {', '.join(overridable)} on purpose, pass "
+                f"--resume-override {','.join(overridable)}"
+            )
         fixed = [k for k, _, _ in diffs if policies.get(k) == "fixed"]
         if fixed:
             hint += f". {', '.join(fixed)} cannot change in a resumed run"

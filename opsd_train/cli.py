@@ -50,82 +50,155 @@ class RunConfig:
     """The run's model, data and folder (every field is one ``opsd-train`` flag; the
     training settings are :class:`~opsd_train.trainer.TrainConfig`'s)."""
 
-    config: str | None = option(None, "JSON/TOML/YAML file of options (keys: the flag "
-                                "names with underscores)", group="run", resume="free")
-    out: str | None = option(None, "run folder (default runs/opsd-demo for the demo, "
-                             "runs/opsd otherwise)", group="run", resume="free")
-    resume: str | None = option(None, "checkpoint folder to resume from, or 'latest': the "
-                                "newest complete checkpoint in --out (a fresh start if "
-                                "there is none)", group="run", resume="free")
-    resume_override: tuple[str, ...] = option((), "config keys allowed to differ from the "
-                                              "resumed checkpoint's, comma-separated (e.g. "
-                                              "steps to extend a run)", group="run",
-                                              resume="free", metavar="KEY,...")
+    config: str | None = option(
+        None,
+        "JSON/TOML/YAML file of options (keys: the flag names with underscores)",
+        group="run",
+        resume="free",
+    )
+    out: str | None = option(
+        None,
+        "run folder (default runs/opsd-demo for the demo, runs/opsd otherwise)",
+        group="run",
+        resume="free",
+    )
+    resume: str | None = option(
+        None,
+        "checkpoint folder to resume from, or 'latest': the "
+        "newest complete checkpoint in --out (a fresh start if "
+        "there is none)",
+        group="run",
+        resume="free",
+    )
+    resume_override: tuple[str, ...] = option(
+        (),
+        "config keys allowed to differ from the "
+        "resumed checkpoint's, comma-separated (e.g. "
+        "steps to extend a run)",
+        group="run",
+        resume="free",
+        metavar="KEY,...",
+    )
     threads: int | None = option(None, "torch CPU threads", low=1, group="run", resume="free")
-    preset: str | None = option(None, "the paper's run in one flag: qwen3-1.7b, qwen3-4b or "
-                                "qwen3-8b (model, LoRA r64/alpha128, 100 steps, thinking "
-                                "flags, clip, grad norm 0.1, LR schedule, --eval-preset "
-                                "paper; see opsd_train.presets); explicit flags override it",
-                                choices=preset_names(), group="run", resume="free")
-    eval_preset: str | None = option(None, "evaluation protocol: paper (T 1.0, top-p 0.95, "
-                                     "no top-k, 38,912 new tokens, avg@12, no greedy); "
-                                     "explicit --eval-* flags override it",
-                                     choices=tuple(EVAL_PRESET_OPTIONS),
-                                     group="evaluation and checkpoints", resume="free")
-    model: str | None = option(None, "local folder or hub id of a causal LM (omit for the "
-                               "embedded demo)", group="model and data")
+    preset: str | None = option(
+        None,
+        "the paper's run in one flag: qwen3-1.7b, qwen3-4b or "
+        "qwen3-8b (model, LoRA r64/alpha128, 100 steps, thinking "
+        "flags, clip, grad norm 0.1, LR schedule, --eval-preset "
+        "paper; see opsd_train.presets); explicit flags override it",
+        choices=preset_names(),
+        group="run",
+        resume="free",
+    )
+    eval_preset: str | None = option(
+        None,
+        "evaluation protocol: paper (T 1.0, top-p 0.95, "
+        "no top-k, 38,912 new tokens, avg@12, no greedy); "
+        "explicit --eval-* flags override it",
+        choices=tuple(EVAL_PRESET_OPTIONS),
+        group="evaluation and checkpoints",
+        resume="free",
+    )
+    model: str | None = option(
+        None,
+        "local folder or hub id of a causal LM (omit for the embedded demo)",
+        group="model and data",
+    )
     data: str | None = option(None, "training problems, JSONL", group="model and data")
     eval_data: str | None = option(None, "held-out problems, JSONL", group="model and data")
-    hf_dataset: str | None = option(None, "Hugging Face dataset name (needs `datasets`)",
-                                    group="model and data")
+    hf_dataset: str | None = option(
+        None, "Hugging Face dataset name (needs `datasets`)", group="model and data"
+    )
     hf_split: str = option("train", "split of --hf-dataset", group="model and data")
-    hf_config: str | None = option(None, "config name of --hf-dataset",
-                                   group="model and data")
-    question_key: str | None = option(None, "question column (default question; problem "
-                                      "for --hf-dataset)", group="model and data")
-    solution_key: str | None = option(None, "solution column (default solution)",
-                                      group="model and data")
-    answer_key: str | None = option(None, "answer column (default answer; a missing answer "
-                                    "is taken from the solution's last \\boxed{})",
-                                    group="model and data")
-    eval_n: int | None = option(None, "use at most N held-out problems", low=1,
-                                group="model and data", resume="free")
-    eval_fraction: float = option(0.05, "without --eval-data, hold out this share of --data",
-                                  low=0, high=1, high_open=True, group="model and data")
-    long_prompts: str = option("error", "problems whose prompt + --max-new-tokens exceed the "
-                               "model's maximum positions: error, or drop them (count "
-                               "reported)", choices=("error", "drop"), group="model and data")
-    student_template: str | None = option(None, "student prompt template, or @file",
-                                          group="model and data")
-    teacher_template: str | None = option(None, "teacher prompt template with {problem} "
-                                          "and {solution}, or @file",
-                                          group="model and data")
-    eval_template: str | None = option(None, "evaluation prompt template with {problem}, "
-                                       "or @file", group="model and data", resume="free")
-    student_thinking: bool = option(False, "render the student prompt with "
-                                    "enable_thinking (the reference: off)",
-                                    group="model and data")
-    teacher_thinking: bool = option(True, "render the teacher prompt with enable_thinking "
-                                    "(the reference: on)", group="model and data")
-    eval_thinking: bool = option(True, "render the evaluation prompt with enable_thinking "
-                                 "(the reference: on)", group="model and data",
-                                 resume="free")
-    chat_template: bool = option(True, "wrap prompts in the tokenizer's chat template",
-                                 group="model and data")
-    device: str | None = option(None, "torch device (default cuda if available, else cpu)",
-                                group="memory and speed", resume="free")
-    precision: str = option("auto", "auto: CUDA -> bf16 weights with --lora, else "
-                            "bf16-mixed (fp32 weights, bf16 autocast); CPU -> fp32",
-                            choices=PRECISIONS, group="memory and speed")
-    lora: bool = option(False, "train a LoRA adapter (needs peft)", group="memory and speed",
-                        resume="fixed")
+    hf_config: str | None = option(None, "config name of --hf-dataset", group="model and data")
+    question_key: str | None = option(
+        None, "question column (default question; problem for --hf-dataset)", group="model and data"
+    )
+    solution_key: str | None = option(
+        None, "solution column (default solution)", group="model and data"
+    )
+    answer_key: str | None = option(
+        None,
+        "answer column (default answer; a missing answer "
+        "is taken from the solution's last \\boxed{})",
+        group="model and data",
+    )
+    eval_n: int | None = option(
+        None, "use at most N held-out problems", low=1, group="model and data", resume="free"
+    )
+    eval_fraction: float = option(
+        0.05,
+        "without --eval-data, hold out this share of --data",
+        low=0,
+        high=1,
+        high_open=True,
+        group="model and data",
+    )
+    long_prompts: str = option(
+        "error",
+        "problems whose prompt + --max-new-tokens exceed the "
+        "model's maximum positions: error, or drop them (count "
+        "reported)",
+        choices=("error", "drop"),
+        group="model and data",
+    )
+    student_template: str | None = option(
+        None, "student prompt template, or @file", group="model and data"
+    )
+    teacher_template: str | None = option(
+        None,
+        "teacher prompt template with {problem} and {solution}, or @file",
+        group="model and data",
+    )
+    eval_template: str | None = option(
+        None,
+        "evaluation prompt template with {problem}, or @file",
+        group="model and data",
+        resume="free",
+    )
+    student_thinking: bool = option(
+        False,
+        "render the student prompt with enable_thinking (the reference: off)",
+        group="model and data",
+    )
+    teacher_thinking: bool = option(
+        True,
+        "render the teacher prompt with enable_thinking (the reference: on)",
+        group="model and data",
+    )
+    eval_thinking: bool = option(
+        True,
+        "render the evaluation prompt with enable_thinking (the reference: on)",
+        group="model and data",
+        resume="free",
+    )
+    chat_template: bool = option(
+        True, "wrap prompts in the tokenizer's chat template", group="model and data"
+    )
+    device: str | None = option(
+        None,
+        "torch device (default cuda if available, else cpu)",
+        group="memory and speed",
+        resume="free",
+    )
+    precision: str = option(
+        "auto",
+        "auto: CUDA -> bf16 weights with --lora, else "
+        "bf16-mixed (fp32 weights, bf16 autocast); CPU -> fp32",
+        choices=PRECISIONS,
+        group="memory and speed",
+    )
+    lora: bool = option(
+        False, "train a LoRA adapter (needs peft)", group="memory and speed", resume="fixed"
+    )
     lora_r: int = option(64, "LoRA rank", low=1, group="memory and speed", resume="fixed")
-    lora_alpha: int = option(128, "LoRA alpha", low=1, group="memory and speed",
-                             resume="fixed")
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward",
-                                          group="memory and speed", resume="free")
-    liger: bool = option(False, "Liger kernels for norm/RoPE/MLP (CUDA)",
-                         group="memory and speed", resume="free")
+    lora_alpha: int = option(128, "LoRA alpha", low=1, group="memory and speed", resume="fixed")
+    gradient_checkpointing: bool = option(
+        False, "recompute activations in the backward", group="memory and speed", resume="free"
+    )
+    liger: bool = option(
+        False, "Liger kernels for norm/RoPE/MLP (CUDA)", group="memory and speed", resume="free"
+    )
 
     def __post_init__(self):
         check_fields(self)
@@ -188,8 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     groups: dict = {}
-    for title in ("run", "model and data", "optimisation", "rollouts", "loss and teacher",
-                  "grpo", "evaluation and checkpoints", "memory and speed"):
+    for title in (
+        "run",
+        "model and data",
+        "optimisation",
+        "rollouts",
+        "loss and teacher",
+        "grpo",
+        "evaluation and checkpoints",
+        "memory and speed",
+    ):
         groups[title] = p.add_argument_group(title)
     add_arguments(p, RunConfig, groups)
     add_arguments(p, TrainConfig, groups)
@@ -237,8 +318,11 @@ def parse_options(argv: list[str] | None) -> Options:
         raise ConfigError(_with_source(e, sources.get(e.key)), e.key) from e
     for k in opts:
         if k not in given:
-            name = opts.get("preset") if k != "eval_preset" and k in _preset_keys(opts) \
+            name = (
+                opts.get("preset")
+                if k != "eval_preset" and k in _preset_keys(opts)
                 else opts.get("eval_preset")
+            )
             sources[k] = f"preset {name}"
     run_keys = set(_fields(RunConfig))
     train_keys = set(_cli_names(TrainConfig))
@@ -247,8 +331,9 @@ def parse_options(argv: list[str] | None) -> Options:
         train = {k: v for k, v in opts.items() if k in train_keys}
         if run.model:
             TrainConfig(**train)  # every training value checked now, before any loading
-        check_keys(run.resume_override, [*_fields(RunConfig), *_fields(TrainConfig)],
-                   "resume_override")
+        check_keys(
+            run.resume_override, [*_fields(RunConfig), *_fields(TrainConfig)], "resume_override"
+        )
     except ConfigError as e:
         raise ConfigError(_with_source(e, sources.get(e.key) if e.key else None), e.key) from e
     return Options(run, train, demo, given, sources)
@@ -287,19 +372,23 @@ def _resolve_resume(run: RunConfig, out: Path):
 
     if not run.resume:
         ckdir = out / "checkpoints"
-        earlier = ([p.name for p in ckdir.iterdir()] if ckdir.is_dir() else [])
+        earlier = [p.name for p in ckdir.iterdir()] if ckdir.is_dir() else []
         metrics = out / "metrics.jsonl"
         if earlier or (metrics.is_file() and metrics.stat().st_size > 0):
             raise ConfigError(
                 f"--out {out} already holds a run ({', '.join(sorted(earlier)[:3]) or ''}"
                 f"{' and ' if earlier else ''}metrics.jsonl): pass --resume latest to "
-                "continue it, or choose another --out", "out")
+                "continue it, or choose another --out",
+                "out",
+            )
         return None
     if run.resume == "latest":
         found = ckpt.find_latest(out / "checkpoints")
         if found is None:
-            print(f"[opsd-train] --resume latest: no complete checkpoint in "
-                  f"{out / 'checkpoints'}; starting from step 0")
+            print(
+                f"[opsd-train] --resume latest: no complete checkpoint in "
+                f"{out / 'checkpoints'}; starting from step 0"
+            )
         return found
     path = Path(run.resume)
     ckpt.verify_checkpoint(path)
@@ -334,8 +423,10 @@ def _held_out_split(run: RunConfig, train):
     else:
         train, held_out, removed = split_held_out(train, run.eval_fraction)
     if removed:
-        print(f"[opsd-train] removed {removed} training problem(s) whose question is also "
-              "in the held-out set")
+        print(
+            f"[opsd-train] removed {removed} training problem(s) whose question is also "
+            "in the held-out set"
+        )
     if not train:
         raise ValueError("no training problems left after holding out the eval share")
     if run.eval_n:
@@ -344,8 +435,11 @@ def _held_out_split(run: RunConfig, train):
 
 
 def _data_keys(run: RunConfig) -> dict:
-    return {k: getattr(run, k) for k in ("question_key", "solution_key", "answer_key")
-            if getattr(run, k) is not None}
+    return {
+        k: getattr(run, k)
+        for k in ("question_key", "solution_key", "answer_key")
+        if getattr(run, k) is not None
+    }
 
 
 def _check_prompt_lengths(run: RunConfig, tc, pb, train, held_out, limit: int | None):
@@ -366,14 +460,18 @@ def _check_prompt_lengths(run: RunConfig, tc, pb, train, held_out, limit: int | 
     bad_eval = [i for i, p in enumerate(held_out) if eval_too_long(p)]
     if not bad_train and not bad_eval:
         return train, held_out
-    what = (f"{len(bad_train)} training and {len(bad_eval)} held-out problem(s) have a "
-            f"prompt longer than the model's {limit} positions minus the new tokens "
-            f"({train_new} training, {eval_new} evaluation)")
+    what = (
+        f"{len(bad_train)} training and {len(bad_eval)} held-out problem(s) have a "
+        f"prompt longer than the model's {limit} positions minus the new tokens "
+        f"({train_new} training, {eval_new} evaluation)"
+    )
     if run.long_prompts == "error":
         first = bad_train[:5] if bad_train else bad_eval[:5]
-        raise ValueError(f"{what}; first {'training' if bad_train else 'held-out'} indices "
-                         f"{first}. Pass --long-prompts drop to skip them, or lower "
-                         "--max-new-tokens")
+        raise ValueError(
+            f"{what}; first {'training' if bad_train else 'held-out'} indices "
+            f"{first}. Pass --long-prompts drop to skip them, or lower "
+            "--max-new-tokens"
+        )
     print(f"[opsd-train] dropped {what}")
     bt, be = set(bad_train), set(bad_eval)
     train = [p for i, p in enumerate(train) if i not in bt]
@@ -432,8 +530,10 @@ def _run_real(o: Options) -> dict:
         try:
             import datasets  # noqa: F401
         except ImportError as e:
-            raise ImportError("--hf-dataset needs the 'datasets' package: pip install "
-                              "datasets (or convert the data to JSONL for --data)") from e
+            raise ImportError(
+                "--hf-dataset needs the 'datasets' package: pip install "
+                "datasets (or convert the data to JSONL for --data)"
+            ) from e
     student_tpl = load_template(run.student_template) or DEFAULT_STUDENT_TEMPLATE
     teacher_tpl = load_template(run.teacher_template) or DEFAULT_TEACHER_TEMPLATE
     eval_tpl = load_template(run.eval_template) or DEFAULT_EVAL_TEMPLATE
@@ -441,42 +541,68 @@ def _run_real(o: Options) -> dict:
     out = Path(run.out or "runs/opsd")
     # 3. the checkpoint to resume, and its configuration against this one
     effective = {**_effective_run_config(run), **tc.to_dict()}
-    policies = {**{n: f.metadata["resume"] for n, f in _fields(RunConfig).items()},
-                **TrainConfig.resume_policies()}
+    policies = {
+        **{n: f.metadata["resume"] for n, f in _fields(RunConfig).items()},
+        **TrainConfig.resume_policies(),
+    }
     resume_from = _resolve_resume(run, out)
     _check_writable(out)
     if resume_from is not None:
         stored = ckpt.read_checkpoint_config(resume_from)
-        ckpt.check_resume_config(stored, effective, policies, run.resume_override,
-                                 where=f"checkpoint {resume_from}")
+        ckpt.check_resume_config(
+            stored, effective, policies, run.resume_override, where=f"checkpoint {resume_from}"
+        )
     # 4. data, tokenizer and model config (no weights yet): prompt lengths
     keys = _data_keys(run)
     if run.data:
         train = load_jsonl(run.data, **keys)
     else:
-        train = load_hf_dataset(run.hf_dataset, split=run.hf_split,
-                                config_name=run.hf_config, **keys)
+        train = load_hf_dataset(
+            run.hf_dataset, split=run.hf_split, config_name=run.hf_config, **keys
+        )
     train, held_out = _held_out_split(run, train)
     tok = load_tokenizer(run.model)
-    pb = PromptBuilder(tok, student_tpl, teacher_tpl, use_chat_template=run.chat_template,
-                       eval_template=eval_tpl, student_thinking=run.student_thinking,
-                       teacher_thinking=run.teacher_thinking, eval_thinking=run.eval_thinking)
+    pb = PromptBuilder(
+        tok,
+        student_tpl,
+        teacher_tpl,
+        use_chat_template=run.chat_template,
+        eval_template=eval_tpl,
+        student_thinking=run.student_thinking,
+        teacher_thinking=run.teacher_thinking,
+        eval_thinking=run.eval_thinking,
+    )
     limit = getattr(load_model_config(run.model), "max_position_embeddings", None)
-    train, held_out = _check_prompt_lengths(run, tc, pb, train, held_out,
-                                            limit if isinstance(limit, int) else None)
+    train, held_out = _check_prompt_lengths(
+        run, tc, pb, train, held_out, limit if isinstance(limit, int) else None
+    )
     # 5. the weights, after seeding every generator (LoRA init and rollouts draw from them)
     seed_everything(tc.seed)
     model, tok = load_model_and_tokenizer(run.model, dtype=dtype, device=device)
-    model = prepare_model(model, lora=run.lora, lora_r=run.lora_r, lora_alpha=run.lora_alpha,
-                          gradient_checkpointing=run.gradient_checkpointing, liger=run.liger)
+    model = prepare_model(
+        model,
+        lora=run.lora,
+        lora_r=run.lora_r,
+        lora_alpha=run.lora_alpha,
+        gradient_checkpointing=run.gradient_checkpointing,
+        liger=run.liger,
+    )
     pb.tokenizer = tok
     make_trainer = Trainer
     if dist_info is not None:
         from .distributed import DistributedTrainer
 
         make_trainer = functools.partial(DistributedTrainer, info=dist_info)
-    trainer = make_trainer(model, tok, train, tc, eval_problems=held_out, prompt_builder=pb,
-                           output_dir=out, run_options=_effective_run_config(run))
+    trainer = make_trainer(
+        model,
+        tok,
+        train,
+        tc,
+        eval_problems=held_out,
+        prompt_builder=pb,
+        output_dir=out,
+        run_options=_effective_run_config(run),
+    )
     if resume_from is not None:
         trainer.load_checkpoint(resume_from, allow_changes=run.resume_override)
         print(f"[opsd-train] resumed from {resume_from} (step {trainer.step})")
@@ -496,11 +622,14 @@ def _run_real(o: Options) -> dict:
         tok.save_pretrained(out / "final")
     except OSError as e:
         raise ckpt.CheckpointWriteError.wrap(
-            e, f"cannot write the final weights to {out / 'final'}") from e
+            e, f"cannot write the final weights to {out / 'final'}"
+        ) from e
     summary = {"steps": trainer.step, "evals": [e.to_dict() for e in evals]}
     if evals:
-        print(f"[opsd-train] held-out {evals[-1].score_name}: start {evals[0].score:.3f} -> "
-              f"end {evals[-1].score:.3f} (n={evals[-1].n})")
+        print(
+            f"[opsd-train] held-out {evals[-1].score_name}: start {evals[0].score:.3f} -> "
+            f"end {evals[-1].score:.3f} (n={evals[-1].n})"
+        )
     try:
         from .demo import plot_run
 
@@ -516,14 +645,17 @@ def _run_demo(o: Options) -> None:
     from .demo import DemoConfig, run_demo
 
     if o.run.data or o.run.hf_dataset:
-        raise SystemExit("opsd-train: --data/--hf-dataset need --model (the demo uses "
-                         "its own synthetic problems)")
+        raise SystemExit(
+            "opsd-train: --data/--hf-dataset need --model (the demo uses "
+            "its own synthetic problems)"
+        )
     stray = sorted(k for k in o.given if k not in DEMO_KEYS)
     if stray:
         raise SystemExit(
             f"opsd-train: {', '.join(flag_name(k) for k in stray)} apply to "
             "--model runs; the embedded demo takes its settings from a config file's "
-            "'demo' table (see opsd_train.demo.DemoConfig)")
+            "'demo' table (see opsd_train.demo.DemoConfig)"
+        )
     table = dict(o.demo or {})
     if "seed" in o.given:
         table["seed"] = o.given["seed"]
@@ -535,8 +667,11 @@ def _run_demo(o: Options) -> None:
         else:
             src = f"config file {o.run.config}" if o.run.config else None
         raise ConfigError(_with_source(e, src), e.key) from e
-    run_demo(demo, out_dir=o.run.out or "runs/opsd-demo",
-             progress=o.given.get("progress", True) is not False)
+    run_demo(
+        demo,
+        out_dir=o.run.out or "runs/opsd-demo",
+        progress=o.given.get("progress", True) is not False,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,10 +74,21 @@ class ConfigError(ValueError):
         self.key = key
 
 
-def option(default=dataclasses.MISSING, doc: str = "", *, default_factory=dataclasses.MISSING,
-           choices: Iterable | None = None, low=None, high=None, low_open: bool = False,
-           high_open: bool = False, cli: bool = True, group: str = "other",
-           resume: str = "override", metavar: str | None = None):
+def option(
+    default=dataclasses.MISSING,
+    doc: str = "",
+    *,
+    default_factory=dataclasses.MISSING,
+    choices: Iterable | None = None,
+    low=None,
+    high=None,
+    low_open: bool = False,
+    high_open: bool = False,
+    cli: bool = True,
+    group: str = "other",
+    resume: str = "override",
+    metavar: str | None = None,
+):
     """A dataclass field with the metadata :func:`check_fields` and :func:`add_arguments`
     read. ``low``/``high`` bound numbers (inclusive unless ``low_open``/``high_open``);
     ``choices`` lists the allowed values; ``cli=False`` keeps the field off the command
@@ -87,9 +98,18 @@ def option(default=dataclasses.MISSING, doc: str = "", *, default_factory=datacl
         raise ValueError(f"resume must be one of {RESUME_POLICIES}, got {resume!r}")
     if cli and not doc:
         raise ValueError("an option on the command line needs a doc")
-    meta = dict(doc=doc, choices=tuple(choices) if choices is not None else None, low=low,
-                high=high, low_open=low_open, high_open=high_open, cli=cli, group=group,
-                resume=resume, metavar=metavar)
+    meta = dict(
+        doc=doc,
+        choices=tuple(choices) if choices is not None else None,
+        low=low,
+        high=high,
+        low_open=low_open,
+        high_open=high_open,
+        cli=cli,
+        group=group,
+        resume=resume,
+        metavar=metavar,
+    )
     kw = {"metadata": meta}
     if default_factory is not dataclasses.MISSING:
         kw["default_factory"] = default_factory
@@ -136,8 +156,9 @@ def check_value(name: str, value, tp, meta: dict | None = None):
     to float for float fields, lists to tuples, ``"none"`` to ``None``)."""
     meta = meta or {}
     inner, optional = _split_optional(tp)
-    if value is None or (optional and isinstance(value, str)
-                         and value.strip().lower() in _NONE_WORDS):
+    if value is None or (
+        optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS
+    ):
         if optional:
             return None
         raise ConfigError(f"{name}: a value is required (got None)", name)
@@ -164,18 +185,17 @@ def check_value(name: str, value, tp, meta: dict | None = None):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {_describe(value)}", name)
         if len(args) == 2 and args[1] is Ellipsis:
-            value = tuple(check_value(f"{name}[{i}]", v, args[0], {})
-                          for i, v in enumerate(value))
+            value = tuple(check_value(f"{name}[{i}]", v, args[0], {}) for i, v in enumerate(value))
         else:
             if len(value) != len(args):
-                raise ConfigError(f"{name}: expected {len(args)} values, got {len(value)}",
-                                  name)
-            value = tuple(check_value(f"{name}[{i}]", v, a, meta)
-                          for i, (v, a) in enumerate(zip(value, args, strict=True)))
+                raise ConfigError(f"{name}: expected {len(args)} values, got {len(value)}", name)
+            value = tuple(
+                check_value(f"{name}[{i}]", v, a, meta)
+                for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
     elif inner is dict or origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{name}: expected a table/mapping, got {_describe(value)}",
-                              name)
+            raise ConfigError(f"{name}: expected a table/mapping, got {_describe(value)}", name)
         value = dict(value)
     choices = meta.get("choices")
     if choices is not None and value not in choices:
@@ -195,8 +215,9 @@ def _suggest(key: str, valid: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def check_keys(keys: Iterable[str], valid: Iterable[str], where: str = "",
-               noun: str = "key") -> None:
+def check_keys(
+    keys: Iterable[str], valid: Iterable[str], where: str = "", noun: str = "key"
+) -> None:
     """Raise :class:`ConfigError` for the first key not in ``valid``, suggesting the closest
     valid key (``difflib``)."""
     valid = list(valid)
@@ -209,8 +230,7 @@ def check_keys(keys: Iterable[str], valid: Iterable[str], where: str = "",
 def from_mapping(cls, data: Mapping, where: str = "", noun: str = "key"):
     """``cls(**data)`` after rejecting unknown keys (with a suggestion)."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got "
-                          f"{type(data).__name__}")
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     check_keys(data, [f.name for f in dataclasses.fields(cls)], where, noun)
     return cls(**data)
 

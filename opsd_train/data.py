@@ -132,7 +132,8 @@ def load_jsonl(
             except UnicodeDecodeError as e:
                 raise ValueError(
                     f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
-                    f"{e.start + 1}); re-encode the file as UTF-8") from e
+                    f"{e.start + 1}); re-encode the file as UTF-8"
+                ) from e
             if not line.strip():
                 continue
             try:
@@ -148,8 +149,9 @@ def load_jsonl(
     )
 
 
-def split_held_out(problems: Sequence[Problem], fraction: float
-                   ) -> tuple[list[Problem], list[Problem], int]:
+def split_held_out(
+    problems: Sequence[Problem], fraction: float
+) -> tuple[list[Problem], list[Problem], int]:
     """Hold out the first ``int(len(problems) * fraction)`` problems for evaluation.
 
     Returns ``(train, held_out, removed)``: training problems whose question also occurs in
@@ -304,4 +306,3 @@ def synthetic_split(
             raise ValueError(f"cannot draw {n_train + n_eval} distinct synthetic problems")
     items = list(seen.values())
     return items[n_eval:], items[:n_eval]
-

@@ -39,8 +39,14 @@ from .data import Problem, save_jsonl, synthetic_split
 from .tiny import TINY_MODEL_DEFAULTS, build_tiny_model, build_tokenizer
 from .trainer import TrainConfig, Trainer, seed_everything
 
-__all__ = ["DemoConfig", "run_demo", "plot_run", "deviated_solution", "token_table",
-           "plot_accuracy_vs_tokens"]
+__all__ = [
+    "DemoConfig",
+    "run_demo",
+    "plot_run",
+    "deviated_solution",
+    "token_table",
+    "plot_accuracy_vs_tokens",
+]
 
 _EQ_RE = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -80,16 +86,37 @@ def deviated_solution(problem: Problem, rng: random.Random) -> tuple[str, str, s
 
 
 def _warmup_defaults() -> dict:
-    return dict(algo="sft", steps=400, batch_size=32, lr=3e-3, warmup_steps=20,
-                min_lr_ratio=0.1, weight_decay=0.0, sft_teacher_fraction=0.3,
-                max_grad_norm=1.0)
+    return dict(
+        algo="sft",
+        steps=400,
+        batch_size=32,
+        lr=3e-3,
+        warmup_steps=20,
+        min_lr_ratio=0.1,
+        weight_decay=0.0,
+        sft_teacher_fraction=0.3,
+        max_grad_norm=1.0,
+    )
 
 
 def _opsd_defaults() -> dict:
-    return dict(algo="opsd", steps=50, batch_size=32, lr=2e-4, warmup_steps=0,
-                min_lr_ratio=0.1, teacher="fixed", kind="forward_kl", clip=None,
-                temperature=0.5, loss_temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=48,
-                max_grad_norm=1.0)
+    return dict(
+        algo="opsd",
+        steps=50,
+        batch_size=32,
+        lr=2e-4,
+        warmup_steps=0,
+        min_lr_ratio=0.1,
+        teacher="fixed",
+        kind="forward_kl",
+        clip=None,
+        temperature=0.5,
+        loss_temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=48,
+        max_grad_norm=1.0,
+    )
 
 
 def _grpo_defaults() -> dict:
@@ -100,8 +127,18 @@ def _grpo_defaults() -> dict:
 
 
 # OPSD-phase settings the GRPO control and the SFT control copy (unless set in their table)
-_SHARED_WITH_OPSD = ("steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
-                     "max_grad_norm", "grad_accum", "seed", "lr_schedule", "lr_horizon")
+_SHARED_WITH_OPSD = (
+    "steps",
+    "lr",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "grad_accum",
+    "seed",
+    "lr_schedule",
+    "lr_horizon",
+)
 
 
 @dataclass
@@ -123,25 +160,26 @@ class DemoConfig:
     n_train: int = option(5000, "synthetic training problems", low=1, cli=False)
     n_eval: int = option(400, "held-out problems", low=1, cli=False)
     threads: int | None = option(None, "torch CPU threads", low=1, cli=False)
-    model: dict = option(default_factory=dict, doc="overrides of TINY_MODEL_DEFAULTS",
-                         cli=False)
-    warmup: dict = option(default_factory=_warmup_defaults, doc="warm-up TrainConfig",
-                          cli=False)
+    model: dict = option(default_factory=dict, doc="overrides of TINY_MODEL_DEFAULTS", cli=False)
+    warmup: dict = option(default_factory=_warmup_defaults, doc="warm-up TrainConfig", cli=False)
     opsd: dict = option(default_factory=_opsd_defaults, doc="OPSD TrainConfig", cli=False)
-    grpo: dict = option(default_factory=_grpo_defaults, doc="GRPO control TrainConfig "
-                        "(unset steps, lr, schedule, rollout length and seed: the OPSD "
-                        "phase's)", cli=False)
+    grpo: dict = option(
+        default_factory=_grpo_defaults,
+        doc="GRPO control TrainConfig "
+        "(unset steps, lr, schedule, rollout length and seed: the OPSD "
+        "phase's)",
+        cli=False,
+    )
     control_sft_teacher_fraction: float | None = option(
-        None, "teacher-format share of the control (none = the warm-up's)", low=0, high=1,
-        cli=False)
-    warmup_from: str | None = option(None, "load this warm-up instead of training one",
-                                     cli=False)
-    teacher_deviation_fraction: float = option(0.2, "share of departing teacher examples",
-                                               low=0, high=1, cli=False)
+        None, "teacher-format share of the control (none = the warm-up's)", low=0, high=1, cli=False
+    )
+    warmup_from: str | None = option(None, "load this warm-up instead of training one", cli=False)
+    teacher_deviation_fraction: float = option(
+        0.2, "share of departing teacher examples", low=0, high=1, cli=False
+    )
     eval_every: int = option(25, "held-out evaluation every N steps", low=0, cli=False)
     eval_k: int = option(0, "avg@k samples", low=0, cli=False)
-    eval_temperature: float = option(1.0, "avg@k temperature", low=0, low_open=True,
-                                     cli=False)
+    eval_temperature: float = option(1.0, "avg@k temperature", low=0, low_open=True, cli=False)
     eval_max_new_tokens: int = option(48, "evaluation completion length", low=1, cli=False)
 
     def __post_init__(self):
@@ -175,10 +213,10 @@ class DemoConfig:
         frac = self.control_sft_teacher_fraction
         if frac is None:
             frac = self.warmup.get("sft_teacher_fraction", 0.0)
-        control_over = {k: v for k, v in self.opsd.items()
-                        if k in (*_SHARED_WITH_OPSD, "batch_size")}
-        grpo = {k: v for k, v in self.opsd.items()
-                if k in (*_SHARED_WITH_OPSD, "max_new_tokens")}
+        control_over = {
+            k: v for k, v in self.opsd.items() if k in (*_SHARED_WITH_OPSD, "batch_size")
+        }
+        grpo = {k: v for k, v in self.opsd.items() if k in (*_SHARED_WITH_OPSD, "max_new_tokens")}
         grpo.update(self.grpo)
         if "batch_size" not in self.grpo:
             g = self.grpo.get("group_size", 8)
@@ -186,8 +224,9 @@ class DemoConfig:
         return {
             "warmup": _phase_config(self.warmup, self, "warmup"),
             "opsd": _phase_config(self.opsd, self, "opsd"),
-            "control": _phase_config(dict(algo="sft", sft_teacher_fraction=frac,
-                                          **control_over), self, "control"),
+            "control": _phase_config(
+                dict(algo="sft", sft_teacher_fraction=frac, **control_over), self, "control"
+            ),
             "grpo": _phase_config(grpo, self, "grpo"),
         }
 
@@ -196,10 +235,15 @@ def _phase_config(d: dict, cfg: DemoConfig, phase: str, **over) -> TrainConfig:
     x = dict(d)
     x.update(over)
     x.setdefault("seed", cfg.seed)
-    x.update(phase=phase, eval_at_start=False, eval_at_end=False, eval_k=cfg.eval_k,
-             eval_every=0 if phase == "warmup" else cfg.eval_every,
-             eval_temperature=cfg.eval_temperature,
-             eval_max_new_tokens=cfg.eval_max_new_tokens)
+    x.update(
+        phase=phase,
+        eval_at_start=False,
+        eval_at_end=False,
+        eval_k=cfg.eval_k,
+        eval_every=0 if phase == "warmup" else cfg.eval_every,
+        eval_temperature=cfg.eval_temperature,
+        eval_max_new_tokens=cfg.eval_max_new_tokens,
+    )
     x.setdefault("max_new_tokens", cfg.eval_max_new_tokens)
     # the tiny model only ever saw the training prompt (no separate evaluation template)
     x.setdefault("eval_prompt", "student")
@@ -211,8 +255,12 @@ def _phase_config(d: dict, cfg: DemoConfig, phase: str, **over) -> TrainConfig:
         raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}", e.key) from e
 
 
-def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-demo",
-             progress: bool = True, log=print) -> dict:
+def run_demo(
+    cfg: DemoConfig | None = None,
+    out_dir: str | Path = "runs/opsd-demo",
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Run the embedded default end to end; returns (and writes) the summary dict."""
     cfg = cfg or DemoConfig()
     phases = cfg.phase_configs()
@@ -229,8 +277,10 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
     save_jsonl(train, out / "train.jsonl")
     save_jsonl(held_out, out / "held_out.jsonl")
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"[opsd-demo] tiny Qwen3 ({n_params / 1e6:.2f}M params, vocab {len(tok)}), "
-        f"{len(train)} train / {len(held_out)} held-out problems, seed {cfg.seed}")
+    log(
+        f"[opsd-demo] tiny Qwen3 ({n_params / 1e6:.2f}M params, vocab {len(tok)}), "
+        f"{len(train)} train / {len(held_out)} held-out problems, seed {cfg.seed}"
+    )
 
     def sft_example(problem: Problem, role: str, rng: random.Random):
         # Teacher-format warm-up examples: with probability teacher_deviation_fraction the
@@ -251,8 +301,15 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
 
     def trainer(tc: TrainConfig) -> Trainer:
         tc.progress = progress
-        return Trainer(model, tok, train, tc, eval_problems=held_out, output_dir=out,
-                       sft_example_fn=sft_example if tc.algo == "sft" else None)
+        return Trainer(
+            model,
+            tok,
+            train,
+            tc,
+            eval_problems=held_out,
+            output_dir=out,
+            sft_example_fn=sft_example if tc.algo == "sft" else None,
+        )
 
     # 1. warm-up (or reuse a saved warm-up)
     t0 = time.perf_counter()
@@ -266,8 +323,10 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
         wt = trainer(phases["warmup"])
         wt.train()
         warm_steps = wt.step
-        log(f"[opsd-demo] warm-up: {wt.step} SFT steps in {time.perf_counter() - t0:.0f}s, "
-            f"final loss {wt.history[-1]['loss']:.3f}")
+        log(
+            f"[opsd-demo] warm-up: {wt.step} SFT steps in {time.perf_counter() - t0:.0f}s, "
+            f"final loss {wt.history[-1]['loss']:.3f}"
+        )
         model.save_pretrained(out / "warmup_model")
         tok.save_pretrained(out / "warmup_model")
     t_warm = time.perf_counter() - t0
@@ -277,8 +336,10 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
     ot = trainer(phases["opsd"])
     before = ot.evaluate()
     teacher = ot.evaluate(role="teacher")
-    log(f"[opsd-demo] before: student {before.score_name} {before.score:.3f}, "
-        f"teacher (solution in context) {teacher.score:.3f}")
+    log(
+        f"[opsd-demo] before: student {before.score_name} {before.score:.3f}, "
+        f"teacher (solution in context) {teacher.score:.3f}"
+    )
 
     # 3. OPSD
     t0 = time.perf_counter()
@@ -316,13 +377,21 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
         "opsd_steps": ot.step,
         "control_steps": ct.step,
         "grpo_steps": gt.step,
-        "generated_tokens": {"opsd": ot.generated_tokens_total, "control": 0,
-                             "grpo": gt.generated_tokens_total},
+        "generated_tokens": {
+            "opsd": ot.generated_tokens_total,
+            "control": 0,
+            "grpo": gt.generated_tokens_total,
+        },
         "warmup_steps": warm_steps,
         "divergence_first": opsd_steps[0]["divergence"] if opsd_steps else None,
         "divergence_last": opsd_steps[-1]["divergence"] if opsd_steps else None,
-        "time_s": {"warmup": t_warm, "opsd": t_opsd, "control": t_ctl, "grpo": t_grpo,
-                   "total": wall},
+        "time_s": {
+            "warmup": t_warm,
+            "opsd": t_opsd,
+            "control": t_ctl,
+            "grpo": t_grpo,
+            "total": wall,
+        },
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
         "config": asdict(cfg),
@@ -333,18 +402,25 @@ def run_demo(cfg: DemoConfig | None = None, out_dir: str | Path = "runs/opsd-dem
     (out / "accuracy_vs_tokens.md").write_text(table)
     try:
         plot_run(out / "metrics.jsonl", out / "opsd_demo.png", summary)
-        plot_accuracy_vs_tokens(out / "metrics.jsonl", out / "accuracy_vs_tokens.png",
-                                seed=cfg.seed)
+        plot_accuracy_vs_tokens(
+            out / "metrics.jsonl", out / "accuracy_vs_tokens.png", seed=cfg.seed
+        )
     except ImportError:  # pragma: no cover - matplotlib missing
-        log("[opsd-demo] matplotlib not installed: no plots written (the table "
-            "accuracy_vs_tokens.md is)")
-    log(f"[opsd-demo] held-out {before.score_name} (n={len(held_out)}): before "
+        log(
+            "[opsd-demo] matplotlib not installed: no plots written (the table "
+            "accuracy_vs_tokens.md is)"
+        )
+    log(
+        f"[opsd-demo] held-out {before.score_name} (n={len(held_out)}): before "
         f"{before.score:.3f} | after OPSD {after.score:.3f} | after SFT control "
         f"{control.score:.3f} | after GRPO control {grpo.score:.3f} | teacher w/ solution "
-        f"{teacher.score:.3f}")
+        f"{teacher.score:.3f}"
+    )
     log("[opsd-demo] accuracy against training tokens generated (rollouts):\n" + table)
-    log(f"[opsd-demo] divergence {summary['divergence_first']:.4f} -> "
-        f"{summary['divergence_last']:.4f}; wall time {wall:.0f}s; results in {out}")
+    log(
+        f"[opsd-demo] divergence {summary['divergence_first']:.4f} -> "
+        f"{summary['divergence_last']:.4f}; wall time {wall:.0f}s; results in {out}"
+    )
     return summary
 
 
@@ -365,21 +441,37 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, summary: dict | Non
     step_phases = sorted({r["phase"] for r in recs if r["event"] == "step"} - {"warmup"})
     for phase in step_phases:
         rs = [r for r in recs if r["event"] == "step" and r["phase"] == phase]
-        axes[1].plot([r["step"] for r in rs], [r["loss"] for r in rs],
-                     label=labels.get(phase, f"{phase} loss"))
+        axes[1].plot(
+            [r["step"] for r in rs],
+            [r["loss"] for r in rs],
+            label=labels.get(phase, f"{phase} loss"),
+        )
     axes[1].set(title="training loss after warm-up", xlabel="step")
     eval_phases = sorted({r["phase"] for r in recs if r["event"] == "eval"})
     for phase in eval_phases:
         style = "s--" if phase == "control" else "o-"
-        es = [r for r in recs if r["event"] == "eval" and r["phase"] == phase
-              and r["role"] == "student"]
-        start = [r for r in recs if r["event"] == "eval" and r["phase"] == "opsd"
-                 and r["role"] == "student" and r["step"] == 0]
+        es = [
+            r
+            for r in recs
+            if r["event"] == "eval" and r["phase"] == phase and r["role"] == "student"
+        ]
+        start = [
+            r
+            for r in recs
+            if r["event"] == "eval"
+            and r["phase"] == "opsd"
+            and r["role"] == "student"
+            and r["step"] == 0
+        ]
         if phase == "control" and start:  # the control starts from the same weights
             es = start[:1] + es
         if es:
-            axes[2].plot([r["step"] for r in es], [r["pass@1"] for r in es], style,
-                         label=f"student ({phase})")
+            axes[2].plot(
+                [r["step"] for r in es],
+                [r["pass@1"] for r in es],
+                style,
+                label=f"student ({phase})",
+            )
     te = [r for r in recs if r["event"] == "eval" and r["role"] == "teacher"]
     if te:
         axes[2].axhline(te[0]["pass@1"], color="gray", ls=":", label="teacher w/ solution")
@@ -388,10 +480,12 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, summary: dict | Non
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     if summary:
-        fig.suptitle(f"OPSD demo (seed {summary['seed']}): pass@1 "
-                     f"{summary['student_before']['pass@1']:.3f} -> "
-                     f"{summary['student_after_opsd']['pass@1']:.3f} (OPSD) vs "
-                     f"{summary['student_after_control_sft']['pass@1']:.3f} (SFT control)")
+        fig.suptitle(
+            f"OPSD demo (seed {summary['seed']}): pass@1 "
+            f"{summary['student_before']['pass@1']:.3f} -> "
+            f"{summary['student_after_opsd']['pass@1']:.3f} (OPSD) vs "
+            f"{summary['student_after_control_sft']['pass@1']:.3f} (SFT control)"
+        )
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
@@ -411,10 +505,22 @@ _METHODS = (("opsd", "OPSD"), ("control", "SFT"), ("grpo", "GRPO"))
 
 def _student_evals(recs: list[dict], phase: str) -> list[dict]:
     """The student evaluations of ``phase``, starting from the shared warmed-up point."""
-    start = [r for r in recs if r["event"] == "eval" and r["phase"] == "opsd"
-             and r["role"] == "student" and r["step"] == 0][:1]
-    es = [r for r in recs if r["event"] == "eval" and r["phase"] == phase
-          and r["role"] == "student" and not (phase == "opsd" and r["step"] == 0)]
+    start = [
+        r
+        for r in recs
+        if r["event"] == "eval"
+        and r["phase"] == "opsd"
+        and r["role"] == "student"
+        and r["step"] == 0
+    ][:1]
+    es = [
+        r
+        for r in recs
+        if r["event"] == "eval"
+        and r["phase"] == phase
+        and r["role"] == "student"
+        and not (phase == "opsd" and r["step"] == 0)
+    ]
     return start + es if es or phase == "opsd" else []
 
 
@@ -442,14 +548,17 @@ def token_table(metrics_path: str | Path) -> str:
     for phase, label in _METHODS:
         for r in _student_evals(recs, phase):
             name = r.get("score_name", name)
-            rows.append(f"| {label} | {r['step']} | {r.get('train_generated_tokens', 0)} | "
-                        f"{r['score']:.3f} |")
+            rows.append(
+                f"| {label} | {r['step']} | {r.get('train_generated_tokens', 0)} | "
+                f"{r['score']:.3f} |"
+            )
     head = f"| method | step | generated tokens | held-out {name} |\n|---|---:|---:|---:|"
     return "\n".join([head, *rows])
 
 
-def plot_accuracy_vs_tokens(metrics_path: str | Path, png_path: str | Path,
-                            seed: int | None = None) -> None:
+def plot_accuracy_vs_tokens(
+    metrics_path: str | Path, png_path: str | Path, seed: int | None = None
+) -> None:
     """The paper's token-efficiency view of a demo run: held-out accuracy against the
     training tokens generated (left; SFT generates none, so it is a line at its final
     accuracy) and against optimizer steps (right)."""
@@ -470,21 +579,34 @@ def plot_accuracy_vs_tokens(metrics_path: str | Path, png_path: str | Path,
         x_tok = [r.get("train_generated_tokens", 0) for r in es]
         y = [r["score"] for r in es]
         if phase == "control":
-            ax_t.axhline(y[-1], color=color, ls="--", label=f"{label} after "
-                         f"{es[-1]['step']} steps (0 tokens generated)")
+            ax_t.axhline(
+                y[-1],
+                color=color,
+                ls="--",
+                label=f"{label} after {es[-1]['step']} steps (0 tokens generated)",
+            )
         else:
             ax_t.plot(x_tok, y, "o-", color=color, label=label)
-        ax_s.plot([r["step"] for r in es], y, "s--" if phase == "control" else "o-",
-                  color=color, label=label)
-    ax_t.set(title="held-out accuracy vs training tokens generated",
-             xlabel="rollout tokens generated", ylabel=name)
+        ax_s.plot(
+            [r["step"] for r in es],
+            y,
+            "s--" if phase == "control" else "o-",
+            color=color,
+            label=label,
+        )
+    ax_t.set(
+        title="held-out accuracy vs training tokens generated",
+        xlabel="rollout tokens generated",
+        ylabel=name,
+    )
     ax_s.set(title="held-out accuracy vs optimizer steps", xlabel="step", ylabel=name)
     for ax in (ax_t, ax_s):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     if seed is not None:
-        fig.suptitle(f"embedded demo (seed {seed}): OPSD vs SFT vs GRPO from the same "
-                     "warmed-up weights")
+        fig.suptitle(
+            f"embedded demo (seed {seed}): OPSD vs SFT vs GRPO from the same warmed-up weights"
+        )
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

@@ -55,8 +55,15 @@ from .step import get_body, opsd_loss, sft_loss
 from .teacher import is_peft_model
 from .trainer import Row, TrainConfig, Trainer
 
-__all__ = ["DistInfo", "init_from_env", "init_for_cli", "ShardedRoot", "shard_model",
-           "DistributedTrainer", "is_distributed_launch"]
+__all__ = [
+    "DistInfo",
+    "init_from_env",
+    "init_for_cli",
+    "ShardedRoot",
+    "shard_model",
+    "DistributedTrainer",
+    "is_distributed_launch",
+]
 
 
 @dataclass
@@ -189,36 +196,54 @@ class DistributedTrainer(Trainer):
     Other arguments as :class:`~opsd_train.trainer.Trainer`; ``output_dir`` must be the
     same (shared) folder on every rank."""
 
-    def __init__(self, model, tokenizer, train_problems, config: TrainConfig, *,
-                 info: DistInfo, engine=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        train_problems,
+        config: TrainConfig,
+        *,
+        info: DistInfo,
+        engine=None,
+        **kwargs,
+    ):
         from .modeling import ensure_pad_token
         from .rollout import HFGenerateEngine
 
         if config.objective not in ("opsd", "sft"):
-            raise ValueError(f"algo {config.objective!r} is not supported under FSDP "
-                             "(opsd and sft are)")
+            raise ValueError(
+                f"algo {config.objective!r} is not supported under FSDP (opsd and sft are)"
+            )
         if config.batch_size % info.world_size:
-            raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the "
-                             f"number of processes ({info.world_size})")
+            raise ValueError(
+                f"batch_size ({config.batch_size}) must be divisible by the "
+                f"number of processes ({info.world_size})"
+            )
         if (config.batch_size // info.world_size) % config.grad_accum:
-            raise ValueError(f"batch_size per process ({config.batch_size // info.world_size})"
-                             f" must be divisible by grad_accum ({config.grad_accum})")
+            raise ValueError(
+                f"batch_size per process ({config.batch_size // info.world_size})"
+                f" must be divisible by grad_accum ({config.grad_accum})"
+            )
         lora = is_peft_model(model)
-        if config.objective == "opsd" and not (config.teacher == "current" or
-                                               (config.teacher == "fixed" and lora)):
+        if config.objective == "opsd" and not (
+            config.teacher == "current" or (config.teacher == "fixed" and lora)
+        ):
             raise ValueError(
                 f"teacher {config.teacher!r} without LoRA keeps a full copy of the weights "
                 "outside FSDP: under torchrun use --lora (the fixed teacher is the base "
-                "model with the adapter disabled) or --teacher current")
+                "model with the adapter disabled) or --teacher current"
+            )
         self.info = info
         self.root = shard_model(model)
         ensure_pad_token(tokenizer)
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None \
-            else tokenizer.pad_token_id
+        eos = (
+            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+        )
         inner = engine or HFGenerateEngine(model, tokenizer.pad_token_id, eos)
         self._global: dict = {}
-        super().__init__(model, tokenizer, train_problems, config,
-                         engine=_RootEngine(inner, self.root), **kwargs)
+        super().__init__(
+            model, tokenizer, train_problems, config, engine=_RootEngine(inner, self.root), **kwargs
+        )
         # every rank was seeded alike (identical initial weights); from here on each
         # samples its rollouts from its own stream (saved per rank in checkpoints)
         if info.rank:
@@ -233,10 +258,15 @@ class DistributedTrainer(Trainer):
     def collect_rows(self, idx: Sequence[int]) -> list[Row]:
         rows = super().collect_rows(self.local_indices(idx))
         n_rows, tokens, gen = _all_reduce_sum(
-            [len(rows), sum(r.trained_tokens for r in rows),
-             sum(len(r.completion) for r in rows)], self._comm_device)
-        self._global = {"rows": n_rows, "tokens": int(tokens), "generated": int(gen),
-                        "local_generated": sum(len(r.completion) for r in rows)}
+            [len(rows), sum(r.trained_tokens for r in rows), sum(len(r.completion) for r in rows)],
+            self._comm_device,
+        )
+        self._global = {
+            "rows": n_rows,
+            "tokens": int(tokens),
+            "generated": int(gen),
+            "local_generated": sum(len(r.completion) for r in rows),
+        }
         return rows
 
     @property
@@ -276,18 +306,25 @@ class DistributedTrainer(Trainer):
                         if cfg.teacher_topk is not None:
                             from .topk_teacher import topk_teacher_loss
 
-                            loss, st = self.root(topk_teacher_loss, self, sb, tb, lcfg, ctx,
-                                                 norm)
+                            loss, st = self.root(topk_teacher_loss, self, sb, tb, lcfg, ctx, norm)
                         else:
-                            loss, st = self.root(opsd_loss, self.model, sb, tb, lcfg,
-                                                 teacher_ctx=ctx, normalizer=norm)
+                            loss, st = self.root(
+                                opsd_loss,
+                                self.model,
+                                sb,
+                                tb,
+                                lcfg,
+                                teacher_ctx=ctx,
+                                normalizer=norm,
+                            )
                     else:
                         loss, st = self.root(sft_loss, self.model, sb, normalizer=norm)
                 loss.backward()
                 out["loss"] += float(loss.detach())
                 out["div_sum"] += st["div_sum"]
-        loss, div, fwd = _all_reduce_sum([out["loss"], out["div_sum"], out["forward_tokens"]],
-                                         self._comm_device)
+        loss, div, fwd = _all_reduce_sum(
+            [out["loss"], out["div_sum"], out["forward_tokens"]], self._comm_device
+        )
         self._global["div_sum"] = div
         return {"loss": loss, "div_sum": div, "forward_tokens": int(fwd)}
 
@@ -376,8 +413,9 @@ class DistributedTrainer(Trainer):
                 "rng_per_rank": rngs,
             }
             try:
-                ckpt.write_checkpoint(path, state, self.effective_config(), self.step,
-                                      extra={"dcp": staging})
+                ckpt.write_checkpoint(
+                    path, state, self.effective_config(), self.step, extra={"dcp": staging}
+                )
                 if self.config.keep_last:
                     ckpt.prune_checkpoints(path.parent, self.config.keep_last)
             except Exception as e:  # noqa: BLE001 - re-raised on every rank below
@@ -387,8 +425,7 @@ class DistributedTrainer(Trainer):
         if error is not None:
             raise error
         if flag[0] is not None:
-            raise ckpt.CheckpointWriteError(f"rank 0 failed to write checkpoint {path}: "
-                                            f"{flag[0]}")
+            raise ckpt.CheckpointWriteError(f"rank 0 failed to write checkpoint {path}: {flag[0]}")
         self.last_saved_step = self.step
         return path
 
@@ -399,22 +436,31 @@ class DistributedTrainer(Trainer):
 
         path = Path(path)
         stored = ckpt.read_checkpoint_config(path)
-        ckpt.check_resume_config(stored, self.config.to_dict(), TrainConfig.resume_policies(),
-                                 allow_changes, where=f"checkpoint {path}")
+        ckpt.check_resume_config(
+            stored,
+            self.config.to_dict(),
+            TrainConfig.resume_policies(),
+            allow_changes,
+            where=f"checkpoint {path}",
+        )
         state = ckpt.load_checkpoint_state(path)
         meta = state.get("distributed")
         if meta is None:
-            raise ckpt.CheckpointError(f"checkpoint {path} was written by a single process; "
-                                       "resume it without torchrun")
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was written by a single process; resume it without torchrun"
+            )
         if state.get("peft") != is_peft_model(self.model):
-            raise ckpt.CheckpointError(f"checkpoint {path}: resume with the same --lora "
-                                       "setting")
+            raise ckpt.CheckpointError(f"checkpoint {path}: resume with the same --lora setting")
         msd, osd = self._state_dicts()
         sd = {"model": msd, "optim": osd}
         dcp.load(sd, checkpoint_id=str(path / "dcp"))
-        set_state_dict(self.root, self.optimizer, model_state_dict=sd["model"],
-                       optim_state_dict=sd["optim"],
-                       options=StateDictOptions(ignore_frozen_params=is_peft_model(self.model)))
+        set_state_dict(
+            self.root,
+            self.optimizer,
+            model_state_dict=sd["model"],
+            optim_state_dict=sd["optim"],
+            options=StateDictOptions(ignore_frozen_params=is_peft_model(self.model)),
+        )
         self.scheduler.load_state_dict(state["scheduler"])
         if self.teacher is not None and state["teacher"] is not None:
             self.teacher.load_state_dict(state["teacher"])
@@ -423,17 +469,19 @@ class DistributedTrainer(Trainer):
         if len(rngs) == self.info.world_size:
             rng = rngs[self.info.rank]
         else:
-            warnings.warn(f"checkpoint {path} was written by {len(rngs)} processes, this run "
-                          f"has {self.info.world_size}: the rollouts' random streams differ "
-                          "from an uninterrupted run", stacklevel=2)
+            warnings.warn(
+                f"checkpoint {path} was written by {len(rngs)} processes, this run "
+                f"has {self.info.world_size}: the rollouts' random streams differ "
+                "from an uninterrupted run",
+                stacklevel=2,
+            )
             rng = rngs[0]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         if self.info.is_main and self.output_dir is not None:
-            ckpt.truncate_metrics(self.output_dir / "metrics.jsonl", self.config.phase,
-                                  self.step)
+            ckpt.truncate_metrics(self.output_dir / "metrics.jsonl", self.config.phase, self.step)
         dist.barrier()
 
     def save_final(self, path: str | Path) -> None:

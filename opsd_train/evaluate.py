@@ -174,7 +174,9 @@ def _math_verify():
                 "math-verify is not installed: answers are compared as normalised strings and "
                 "plain numbers only, so equal expressions written differently (2\\sqrt{3} vs "
                 "\\sqrt{12}) count as wrong. Install it: pip install math-verify",
-                RuntimeWarning, stacklevel=3)
+                RuntimeWarning,
+                stacklevel=3,
+            )
         _MATH_VERIFY = math_verify
     return _MATH_VERIFY
 
@@ -222,8 +224,9 @@ def _math_verify_match(mv, pred: str, ref: str, timeout_seconds: int | None) -> 
     return bool(mv.verify(gold, target, timeout_seconds=timeout))
 
 
-def answers_match(pred: str | None, ref: str | None, rel_tol: float = 1e-6, *,
-                  timeout_seconds: int = 5) -> bool:
+def answers_match(
+    pred: str | None, ref: str | None, rel_tol: float = 1e-6, *, timeout_seconds: int = 5
+) -> bool:
     """Whether a predicted answer equals the reference answer (both without ``\\boxed``).
 
     In order: equal after :func:`normalize_answer` (a cheap exact test); both plain numbers
@@ -310,10 +313,15 @@ def eval_problems_from_records(
         keys = (question_key,) if question_key is not None else _QUESTION_KEYS
         qkey = next((k for k in keys if not _blank(row.get(k))), None)
         if qkey is None:
-            want = repr(question_key) if question_key is not None else \
-                "one of " + ", ".join(repr(k) for k in _QUESTION_KEYS)
-            raise ValueError(f"{source} row {i}: missing or empty question field {want} "
-                             f"(columns present: {sorted(row)})")
+            want = (
+                repr(question_key)
+                if question_key is not None
+                else "one of " + ", ".join(repr(k) for k in _QUESTION_KEYS)
+            )
+            raise ValueError(
+                f"{source} row {i}: missing or empty question field {want} "
+                f"(columns present: {sorted(row)})"
+            )
         solution = row.get(solution_key)
         solution = "" if _blank(solution) else str(solution)
         answer = row.get(answer_key)
@@ -322,7 +330,8 @@ def eval_problems_from_records(
             if _blank(answer):
                 raise ValueError(
                     f"{source} row {i}: no {answer_key!r} field and no {solution_key!r} with "
-                    f"a \\boxed{{}} answer (columns present: {sorted(row)})")
+                    f"a \\boxed{{}} answer (columns present: {sorted(row)})"
+                )
         out.append(Problem(str(row[qkey]), solution, str(answer).strip()))
     if not out:
         raise ValueError(f"{source} is empty: nothing to evaluate")
@@ -387,8 +396,9 @@ class EvalSampling:
     greedy: bool = True
 
     def __post_init__(self):
-        _check_sampling(self.temperature, self.top_p, self.top_k, self.max_new_tokens,
-                        self.k, self.greedy)
+        _check_sampling(
+            self.temperature, self.top_p, self.top_k, self.max_new_tokens, self.k, self.greedy
+        )
 
     def as_kwargs(self) -> dict:
         """The settings as keyword arguments of :func:`evaluate_problems`."""
@@ -397,8 +407,9 @@ class EvalSampling:
 
 EVAL_PRESETS: dict[str, EvalSampling] = {
     # the OPSD reference evaluation: T 1.0, top-p 0.95, top-k off, 38,912 new tokens, avg@12
-    "paper": EvalSampling(temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=38_912, k=12,
-                          greedy=False),
+    "paper": EvalSampling(
+        temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=38_912, k=12, greedy=False
+    ),
 }
 
 
@@ -453,8 +464,12 @@ class EvalResult:
         if self.k > 0:
             out[f"avg@{self.k}"] = self.avg_k
             out[f"pass@{self.k}"] = self.pass_k
-        out.update(n=self.n, mean_len=self.mean_len, boxed_rate=self.boxed_rate,
-                   generated_tokens=self.generated_tokens)
+        out.update(
+            n=self.n,
+            mean_len=self.mean_len,
+            boxed_rate=self.boxed_rate,
+            generated_tokens=self.generated_tokens,
+        )
         if self.checker:
             out["checker"] = self.checker
         return out
@@ -492,8 +507,7 @@ def evaluate_problems(
     (0.5, 0.5, 0.5, 8)
     """
     if len(prompts) != len(answers):
-        raise ValueError(f"prompts and answers differ in length ({len(prompts)} vs "
-                         f"{len(answers)})")
+        raise ValueError(f"prompts and answers differ in length ({len(prompts)} vs {len(answers)})")
     if not prompts:
         raise ValueError("nothing to evaluate: the evaluation set is empty")
     _check_sampling(temperature, top_p, top_k, max_new_tokens, k, greedy)
@@ -506,8 +520,9 @@ def evaluate_problems(
         for i in range(0, len(expanded), batch_size):
             outs.extend(generate(expanded[i : i + batch_size], sampling))
         if len(outs) != len(expanded):
-            raise ValueError(f"generate returned {len(outs)} completions for "
-                             f"{len(expanded)} prompts")
+            raise ValueError(
+                f"generate returned {len(outs)} completions for {len(expanded)} prompts"
+            )
         return outs
 
     def score(comps: list[list[int]], reps: int) -> tuple[list[str], list[bool]]:
@@ -527,8 +542,13 @@ def evaluate_problems(
         generated += sum(len(c) for c in comps)
         shown = (comps, texts, correct, 1)
     if k > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p,
-                    "top_k": top_k, "max_new_tokens": max_new_tokens}
+        sampling = {
+            "do_sample": True,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "max_new_tokens": max_new_tokens,
+        }
         comps = run(sampling, k)
         texts, hits = score(comps, k)
         by_problem = [hits[i * k : (i + 1) * k] for i in range(n)]
@@ -539,8 +559,10 @@ def evaluate_problems(
             per_problem = [sum(h) / k for h in by_problem]
             shown = (comps, texts, hits, k)
     comps, texts, correct, reps = shown
-    samples = [{"completion": t, "answer": answers[i // reps], "correct": c}
-               for i, (t, c) in enumerate(zip(texts, correct, strict=True))][:n_samples_kept]
+    samples = [
+        {"completion": t, "answer": answers[i // reps], "correct": c}
+        for i, (t, c) in enumerate(zip(texts, correct, strict=True))
+    ][:n_samples_kept]
     return EvalResult(
         pass1=pass1,
         avg_k=avg_k,

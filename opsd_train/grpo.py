@@ -66,13 +66,15 @@ def binary_rewards(completions: Sequence[str], answers: Sequence[str]) -> list[f
     [1.0, 0.0, 1.0]
     """
     if len(completions) != len(answers):
-        raise ValueError(f"completions and answers differ in length ({len(completions)} vs "
-                         f"{len(answers)})")
+        raise ValueError(
+            f"completions and answers differ in length ({len(completions)} vs {len(answers)})"
+        )
     return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answers, strict=True)]
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group",
-                     eps: float = STD_EPS) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = STD_EPS
+) -> torch.Tensor:
     """Advantages ``(r - group mean) / (std + eps)`` of ``(N,)`` rewards laid out as
     ``N / group_size`` consecutive groups (the rollouts of one prompt are adjacent).
 
@@ -86,8 +88,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
     if rewards.numel() == 0 or rewards.numel() % group_size:
-        raise ValueError(f"the number of rewards ({rewards.numel()}) must be a positive "
-                         f"multiple of group_size ({group_size})")
+        raise ValueError(
+            f"the number of rewards ({rewards.numel()}) must be a positive "
+            f"multiple of group_size ({group_size})"
+        )
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
     r = rewards if rewards.is_floating_point() else rewards.float()
@@ -158,14 +162,19 @@ def completion_logprobs(
     if impl not in LOGPROB_IMPLS:
         raise ValueError(f"impl must be one of {LOGPROB_IMPLS}, got {impl!r}")
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden (..., H) and weight (V, H) do not fit: {tuple(hidden.shape)} "
-                         f"vs {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden (..., H) and weight (V, H) do not fit: {tuple(hidden.shape)} "
+            f"vs {tuple(weight.shape)}"
+        )
     if tokens.shape != hidden.shape[:-1]:
-        raise ValueError(f"tokens must have shape {tuple(hidden.shape[:-1])} (hidden without "
-                         f"its last dimension), got {tuple(tokens.shape)}")
+        raise ValueError(
+            f"tokens must have shape {tuple(hidden.shape[:-1])} (hidden without "
+            f"its last dimension), got {tuple(tokens.shape)}"
+        )
     if mask is not None and mask.shape != tokens.shape:
-        raise ValueError(f"mask must have the shape of tokens {tuple(tokens.shape)}, got "
-                         f"{tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must have the shape of tokens {tuple(tokens.shape)}, got {tuple(mask.shape)}"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     kernel = _topk_kernel() if impl in ("auto", "kernel") else None
@@ -173,10 +182,18 @@ def completion_logprobs(
         raise ImportError("impl='kernel' needs opsd_kernels.topk.fused_linear_topk_divergence")
     out_dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
     if kernel is not None:
-        nll = kernel(hidden, weight, tokens.unsqueeze(-1),
-                     torch.zeros(*tokens.shape, 1, dtype=out_dtype, device=hidden.device),
-                     bias=bias, kind="forward_kl", tail="bucket", temperature=temperature,
-                     mask=mask, reduction="none")
+        nll = kernel(
+            hidden,
+            weight,
+            tokens.unsqueeze(-1),
+            torch.zeros(*tokens.shape, 1, dtype=out_dtype, device=hidden.device),
+            bias=bias,
+            kind="forward_kl",
+            tail="bucket",
+            temperature=temperature,
+            mask=mask,
+            reduction="none",
+        )
         lp = -nll.to(out_dtype)
         return lp if mask is None else torch.where(mask, lp, torch.zeros_like(lp))
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -187,12 +204,16 @@ def completion_logprobs(
         # masked rows never enter a GEMM with real values (0 * NaN = NaN)
         h = torch.where(keep.unsqueeze(-1), h, torch.zeros((), dtype=h.dtype, device=h.device))
     grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
     outs = []
     for s in range(0, h.shape[0], chunk_size):
         args = (h[s : s + chunk_size], weight, bias, y[s : s + chunk_size], temperature)
-        outs.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad
-                    else _chunk_logprobs(*args))
+        outs.append(
+            checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+            if grad
+            else _chunk_logprobs(*args)
+        )
     lp = torch.cat(outs) if outs else h.new_zeros(0, dtype=out_dtype)
     if keep is not None:
         lp = torch.where(keep, lp, torch.zeros_like(lp))
@@ -235,20 +256,26 @@ def policy_gradient_loss(
             [ 0.5000,  0.0000]])
     """
     if logprobs.dim() != 2 or mask.shape != logprobs.shape:
-        raise ValueError(f"logprobs and mask must both be (B, T), got {tuple(logprobs.shape)} "
-                         f"and {tuple(mask.shape)}")
+        raise ValueError(
+            f"logprobs and mask must both be (B, T), got {tuple(logprobs.shape)} "
+            f"and {tuple(mask.shape)}"
+        )
     if advantages.shape != logprobs.shape[:1]:
-        raise ValueError(f"advantages must be (B,) = ({logprobs.shape[0]},), got "
-                         f"{tuple(advantages.shape)}")
+        raise ValueError(
+            f"advantages must be (B,) = ({logprobs.shape[0]},), got {tuple(advantages.shape)}"
+        )
     if old_logprobs is not None and old_logprobs.shape != logprobs.shape:
-        raise ValueError(f"old_logprobs must have the shape of logprobs "
-                         f"{tuple(logprobs.shape)}, got {tuple(old_logprobs.shape)}")
+        raise ValueError(
+            f"old_logprobs must have the shape of logprobs "
+            f"{tuple(logprobs.shape)}, got {tuple(old_logprobs.shape)}"
+        )
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     if not (0 <= clip_eps < 1 and eps_high >= 0):
-        raise ValueError(f"clip_eps must be in [0, 1) and clip_eps_high >= 0, got "
-                         f"{clip_eps}, {eps_high}")
+        raise ValueError(
+            f"clip_eps must be in [0, 1) and clip_eps_high >= 0, got {clip_eps}, {eps_high}"
+        )
     mask = mask.bool()
     old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
     # masked entries may hold anything (padding): keep them out of exp()
@@ -298,8 +325,16 @@ def grpo_loss(
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, T, H), got {tuple(hidden.shape)}")
-    lp = completion_logprobs(hidden, weight, tokens, mask=mask.bool(), bias=bias,
-                             temperature=temperature, impl=impl)
-    return policy_gradient_loss(lp, advantages, mask, old_logprobs=old_logprobs,
-                                clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-                                loss_type=loss_type, normalizer=normalizer)
+    lp = completion_logprobs(
+        hidden, weight, tokens, mask=mask.bool(), bias=bias, temperature=temperature, impl=impl
+    )
+    return policy_gradient_loss(
+        lp,
+        advantages,
+        mask,
+        old_logprobs=old_logprobs,
+        clip_eps=clip_eps,
+        clip_eps_high=clip_eps_high,
+        loss_type=loss_type,
+        normalizer=normalizer,
+    )

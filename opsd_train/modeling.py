@@ -44,8 +44,7 @@ def ensure_pad_token(tokenizer) -> None:
             "(tokenizer.pad_token = ...) before training"
         )
     warnings.warn(
-        "tokenizer has no pad token; using its EOS token "
-        f"{tokenizer.eos_token!r} for padding",
+        f"tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r} for padding",
         stacklevel=2,
     )
     tokenizer.pad_token = tokenizer.eos_token
@@ -60,8 +59,13 @@ def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     device = torch.device(device)
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-             "float32": torch.float32, "fp16": torch.float16}
+    table = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+    }
     if precision not in table:
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     return table[precision]
@@ -89,16 +93,19 @@ def resolve_model_source(name_or_path: str) -> tuple[str, bool]:
     p = Path(name_or_path).expanduser()
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
-            raise FileNotFoundError(f"--model {name_or_path}: {p} is not a model folder "
-                                    "(no config.json in it)")
+            raise FileNotFoundError(
+                f"--model {name_or_path}: {p} is not a model folder (no config.json in it)"
+            )
         return str(p), True
     head = name_or_path.split("/")[0]
     if not _HUB_ID.match(name_or_path) or ("/" in name_or_path and Path(head).is_dir()):
-        raise FileNotFoundError(f"--model {name_or_path}: no such folder (and not a hub id "
-                                "of the form org/name)")
+        raise FileNotFoundError(
+            f"--model {name_or_path}: no such folder (and not a hub id of the form org/name)"
+        )
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
-        raise FileNotFoundError(f"--model {name_or_path}: no such local folder, and "
-                                "HF_HUB_OFFLINE is set")
+        raise FileNotFoundError(
+            f"--model {name_or_path}: no such local folder, and HF_HUB_OFFLINE is set"
+        )
     return name_or_path, False
 
 
@@ -133,8 +140,9 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype=torch.float32, device="
     return model.to(device), tokenizer
 
 
-def apply_lora(model, r: int = 64, alpha: int = 128, dropout: float = 0.0,
-               target_modules=LORA_TARGET_MODULES):
+def apply_lora(
+    model, r: int = 64, alpha: int = 128, dropout: float = 0.0, target_modules=LORA_TARGET_MODULES
+):
     """Wrap ``model`` with a LoRA adapter (``peft``; install the ``[lora]`` extra).
 
     Defaults follow the method: r=64, alpha=128 on q,k,v,o,gate,up,down projections.
@@ -145,8 +153,13 @@ def apply_lora(model, r: int = 64, alpha: int = 128, dropout: float = 0.0,
         raise ImportError(
             "LoRA needs the 'peft' package: pip install 'opsd-kernels[lora]' (or pip install peft)"
         ) from e
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                     target_modules=list(target_modules), task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, cfg)
 
 
@@ -165,9 +178,17 @@ def apply_liger(model) -> None:
     )
 
 
-def prepare_model(model, *, lora: bool = False, lora_r: int = 64, lora_alpha: int = 128,
-                  lora_dropout: float = 0.0, lora_targets=LORA_TARGET_MODULES,
-                  gradient_checkpointing: bool = False, liger: bool = False):
+def prepare_model(
+    model,
+    *,
+    lora: bool = False,
+    lora_r: int = 64,
+    lora_alpha: int = 128,
+    lora_dropout: float = 0.0,
+    lora_targets=LORA_TARGET_MODULES,
+    gradient_checkpointing: bool = False,
+    liger: bool = False,
+):
     """Apply the optional pieces in a safe order and return the (possibly wrapped) model."""
     get_lm_head(model)
     get_body(model)
@@ -177,6 +198,7 @@ def prepare_model(model, *, lora: bool = False, lora_r: int = 64, lora_alpha: in
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora:
-        model = apply_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
-                           target_modules=lora_targets)
+        model = apply_lora(
+            model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_targets
+        )
     return model

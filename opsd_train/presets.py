@@ -75,8 +75,14 @@ def _eval_options(name: str) -> dict:
     from .evaluate import eval_preset
 
     s = eval_preset(name)
-    return dict(eval_temperature=s.temperature, eval_top_p=s.top_p, eval_top_k=s.top_k,
-                eval_max_new_tokens=s.max_new_tokens, eval_k=s.k, eval_greedy=s.greedy)
+    return dict(
+        eval_temperature=s.temperature,
+        eval_top_p=s.top_p,
+        eval_top_k=s.top_k,
+        eval_max_new_tokens=s.max_new_tokens,
+        eval_k=s.k,
+        eval_greedy=s.greedy,
+    )
 
 
 def _eval_names() -> list[str]:
@@ -101,13 +107,14 @@ def apply_presets(options: dict) -> dict:
     name = options.get("preset")
     if name is not None:
         if name not in PRESETS:
-            raise ConfigError(f"preset: must be one of {list(PRESETS)}, got {name!r}",
-                              "preset")
+            raise ConfigError(f"preset: must be one of {list(PRESETS)}, got {name!r}", "preset")
         out = {**PRESETS[name], **out}
     ev = out.get("eval_preset")
     if ev is not None:
         if ev not in EVAL_PRESET_OPTIONS:
-            raise ConfigError(f"eval_preset: must be one of {list(EVAL_PRESET_OPTIONS)}, "
-                              f"got {ev!r}", "eval_preset")
+            raise ConfigError(
+                f"eval_preset: must be one of {list(EVAL_PRESET_OPTIONS)}, got {ev!r}",
+                "eval_preset",
+            )
         out = {**EVAL_PRESET_OPTIONS[ev], **out}
     return out

@@ -146,25 +146,33 @@ class PromptBuilder:
         teacher_thinking: bool | None = True,
         eval_thinking: bool | None = True,
     ):
-        templates = {"student": student_template, "teacher": teacher_template,
-                     "eval": eval_template}
+        templates = {
+            "student": student_template,
+            "teacher": teacher_template,
+            "eval": eval_template,
+        }
         for role, tpl in templates.items():
             if not isinstance(tpl, str):
                 raise TypeError(f"{role}_template must be a str, got {type(tpl).__name__}")
             for key in _FIELDS[role]:
                 if "{" + key + "}" not in tpl:
                     raise ValueError(f"{role}_template must contain the placeholder {{{key}}}")
-        for name, flag in (("student_thinking", student_thinking),
-                           ("teacher_thinking", teacher_thinking),
-                           ("eval_thinking", eval_thinking)):
+        for name, flag in (
+            ("student_thinking", student_thinking),
+            ("teacher_thinking", teacher_thinking),
+            ("eval_thinking", eval_thinking),
+        ):
             if flag is not None and not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True, False or None, got {flag!r}")
         self.tokenizer = tokenizer
         self.student_template = student_template
         self.teacher_template = teacher_template
         self.eval_template = eval_template
-        self.thinking = {"student": student_thinking, "teacher": teacher_thinking,
-                         "eval": eval_thinking}
+        self.thinking = {
+            "student": student_thinking,
+            "teacher": teacher_thinking,
+            "eval": eval_thinking,
+        }
         has_template = tokenizer is not None and getattr(tokenizer, "chat_template", None)
         self.use_chat_template = bool(use_chat_template and has_template)
 
@@ -175,8 +183,9 @@ class PromptBuilder:
 
     def teacher_text(self, problem: Problem) -> str:
         """The teacher's user message: problem plus reference solution."""
-        return fill_template(self.teacher_template, problem=problem.question,
-                             solution=problem.solution)
+        return fill_template(
+            self.teacher_template, problem=problem.question, solution=problem.solution
+        )
 
     def eval_text(self, problem: Problem) -> str:
         """The evaluation user message (needs only ``problem.question``)."""
@@ -194,7 +203,9 @@ class PromptBuilder:
         if self.thinking[role] is not None:
             kwargs["enable_thinking"] = self.thinking[role]
         return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
+            [{"role": "user", "content": text}],
+            tokenize=False,
+            add_generation_prompt=True,
             **kwargs,
         )
 

@@ -85,11 +85,12 @@ class LossConfig:
         check_options(self.kind, self.beta, self.temperature, self.clip, "sum")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
-        if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or not
-                                            isinstance(self.chunk_size, int)
-                                            or self.chunk_size < 1):
-            raise ValueError(f"chunk_size must be None or an integer >= 1, "
-                             f"got {self.chunk_size!r}")
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool)
+            or not isinstance(self.chunk_size, int)
+            or self.chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be None or an integer >= 1, got {self.chunk_size!r}")
 
 
 @dataclass
@@ -109,8 +110,18 @@ class PackedBatch:
 
     def to(self, device) -> PackedBatch:
         """Move all tensors to ``device``."""
-        return PackedBatch(*(t.to(device) for t in (
-            self.input_ids, self.attention_mask, self.starts, self.completion, self.mask)))
+        return PackedBatch(
+            *(
+                t.to(device)
+                for t in (
+                    self.input_ids,
+                    self.attention_mask,
+                    self.starts,
+                    self.completion,
+                    self.mask,
+                )
+            )
+        )
 
 
 def pack_batch(
@@ -128,8 +139,10 @@ def pack_batch(
         raise ValueError("empty batch")
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"row {i}: empty prompt (the first completion token needs a "
-                             "preceding position to be predicted from)")
+            raise ValueError(
+                f"row {i}: empty prompt (the first completion token needs a "
+                "preceding position to be predicted from)"
+            )
     width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
     cmax = max(1, max(len(c) for c in completions))
     b = len(prompts)
@@ -222,8 +235,16 @@ def token_logprobs(
     """
     from .grpo import completion_logprobs
 
-    return completion_logprobs(hidden, weight, targets, mask=mask, bias=bias,
-                               temperature=temperature, impl="chunked", chunk_size=chunk_size)
+    return completion_logprobs(
+        hidden,
+        weight,
+        targets,
+        mask=mask,
+        bias=bias,
+        temperature=temperature,
+        impl="chunked",
+        chunk_size=chunk_size,
+    )
 
 
 def _fused_divergence():
@@ -280,8 +301,7 @@ def opsd_loss(
     with torch.autocast(h_s.device.type, enabled=False):
         h_s = h_s.to(head.weight.dtype)
         h_t = h_t.to(head.weight.dtype if t_w is None else t_w.dtype)
-        return _opsd_loss_tail(head, h_s, h_t, bias, t_w, t_b, mask, student, config, norm,
-                               tokens)
+        return _opsd_loss_tail(head, h_s, h_t, bias, t_w, t_b, mask, student, config, norm, tokens)
 
 
 def _opsd_loss_tail(head, h_s, h_t, bias, t_w, t_b, mask, student, config, norm, tokens):
@@ -310,13 +330,13 @@ def _opsd_loss_tail(head, h_s, h_t, bias, t_w, t_b, mask, student, config, norm,
         div_sum = total.detach().float()
     else:
         y = student.completion
-        lp_s = token_logprobs(h_s, head.weight, y, bias=bias, temperature=config.temperature,
-                              mask=mask)
+        lp_s = token_logprobs(
+            h_s, head.weight, y, bias=bias, temperature=config.temperature, mask=mask
+        )
         with torch.no_grad():
             w_t = head.weight if t_w is None else t_w
             b_t = bias if t_w is None else t_b
-            lp_t = token_logprobs(h_t, w_t, y, bias=b_t, temperature=config.temperature,
-                                  mask=mask)
+            lp_t = token_logprobs(h_t, w_t, y, bias=b_t, temperature=config.temperature, mask=mask)
         adv = (lp_t - lp_s).detach()
         per_tok = torch.where(mask, -adv * lp_s, torch.zeros_like(lp_s))
         total = per_tok.sum()
@@ -333,17 +353,29 @@ def sft_loss(model, batch: PackedBatch, normalizer: float | None = None):
     h = final_hidden_states(model, batch.input_ids, batch.attention_mask)
     h = gather_completion_states(h, batch.starts, width)
     with torch.autocast(h.device.type, enabled=False):
-        lp = token_logprobs(h.to(head.weight.dtype), head.weight, batch.completion,
-                            bias=head_bias(model), mask=batch.mask)
+        lp = token_logprobs(
+            h.to(head.weight.dtype),
+            head.weight,
+            batch.completion,
+            bias=head_bias(model),
+            mask=batch.mask,
+        )
     nll = torch.where(batch.mask, -lp, torch.zeros_like(lp)).sum()
     tokens = int(batch.mask.sum())
     norm = float(normalizer) if normalizer is not None else float(max(tokens, 1))
     return nll / norm, {"div_sum": float(nll.detach()), "tokens": tokens}
 
 
-def grpo_step_loss(model, batch: PackedBatch, advantages: torch.Tensor, *,
-                   temperature: float = 1.0, clip_eps: float = 0.2,
-                   loss_type: str = "grpo", normalizer: float | None = None):
+def grpo_step_loss(
+    model,
+    batch: PackedBatch,
+    advantages: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    clip_eps: float = 0.2,
+    loss_type: str = "grpo",
+    normalizer: float | None = None,
+):
     """The GRPO loss of one micro-batch of rollouts (:func:`opsd_train.grpo.grpo_loss`,
     on-policy: ratio 1) from the completion hidden states and the lm_head, never forming
     full logits; log-probs in float32 at the sampling ``temperature``. ``advantages``:
@@ -360,8 +392,17 @@ def grpo_step_loss(model, batch: PackedBatch, advantages: torch.Tensor, *,
     # the kernel path (K = 1 top-k kernel) on CUDA; the chunked float32 loop on CPU
     impl = "auto" if h.device.type == "cuda" else "chunked"
     with torch.autocast(h.device.type, enabled=False):
-        loss = grpo_loss(h.to(head.weight.dtype), head.weight, batch.completion,
-                         advantages.to(h.device), batch.mask, bias=head_bias(model),
-                         temperature=temperature, clip_eps=clip_eps, loss_type=loss_type,
-                         normalizer=normalizer, impl=impl)
+        loss = grpo_loss(
+            h.to(head.weight.dtype),
+            head.weight,
+            batch.completion,
+            advantages.to(h.device),
+            batch.mask,
+            bias=head_bias(model),
+            temperature=temperature,
+            clip_eps=clip_eps,
+            loss_type=loss_type,
+            normalizer=normalizer,
+            impl=impl,
+        )
     return loss, {"div_sum": 0.0, "tokens": int(batch.mask.sum())}

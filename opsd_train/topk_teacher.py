@@ -27,8 +27,15 @@ from .step import (
     get_lm_head,
 )
 
-__all__ = ["TopKTeacherEngine", "LocalTopKTeacher", "topk_opsd_loss", "TOPK_TAILS",
-           "local_topk", "check_topk_config", "topk_teacher_loss"]
+__all__ = [
+    "TopKTeacherEngine",
+    "LocalTopKTeacher",
+    "topk_opsd_loss",
+    "TOPK_TAILS",
+    "local_topk",
+    "check_topk_config",
+    "topk_teacher_loss",
+]
 
 TOPK_TAILS = ("bucket", "renormalize")
 
@@ -46,14 +53,20 @@ class TopKTeacherEngine(Protocol):
     are ignored (masked).
     """
 
-    def topk(self, teacher: PackedBatch, k: int, temperature: float
-             ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def topk(
+        self, teacher: PackedBatch, k: int, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @torch.no_grad()
-def local_topk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int,
-               temperature: float = 1.0, chunk_size: int = 256
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def local_topk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` of ``log_softmax(hidden @ weight.T + bias) / temperature)`` per row,
     ``chunk_size`` rows at a time (float32 logits of one chunk only).
 
@@ -82,8 +95,10 @@ def local_topk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         lp_out.append(top.values)
     if not ids_out:
         dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        return (torch.empty(*lead, k, dtype=torch.long, device=hidden.device),
-                torch.empty(*lead, k, dtype=dt, device=hidden.device))
+        return (
+            torch.empty(*lead, k, dtype=torch.long, device=hidden.device),
+            torch.empty(*lead, k, dtype=dt, device=hidden.device),
+        )
     return torch.cat(ids_out).view(*lead, k), torch.cat(lp_out).view(*lead, k)
 
 
@@ -112,13 +127,26 @@ class LocalTopKTeacher:
         w = head.weight if t_w is None else t_w
         b = getattr(head, "bias", None) if t_w is None else t_b
         with torch.autocast(h.device.type, enabled=False):
-            return local_topk(h.to(w.dtype), w.detach(), None if b is None else b.detach(),
-                              k, temperature, self.chunk_size)
+            return local_topk(
+                h.to(w.dtype),
+                w.detach(),
+                None if b is None else b.detach(),
+                k,
+                temperature,
+                self.chunk_size,
+            )
 
 
-def topk_opsd_loss(model, student: PackedBatch, teacher_ids: torch.Tensor,
-                   teacher_logprobs: torch.Tensor, config: LossConfig, *, tail: str = "bucket",
-                   normalizer: float | None = None) -> tuple[torch.Tensor, dict]:
+def topk_opsd_loss(
+    model,
+    student: PackedBatch,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    config: LossConfig,
+    *,
+    tail: str = "bucket",
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict]:
     """The OPSD loss of one micro-batch against a top-k teacher: the sum over completion
     tokens of :func:`opsd_kernels.fused_linear_topk_divergence` (student hidden states and
     lm_head; ``teacher_ids``/``teacher_logprobs`` ``(B, C, K)``), divided by
@@ -128,26 +156,40 @@ def topk_opsd_loss(model, student: PackedBatch, teacher_ids: torch.Tensor,
     from opsd_kernels import fused_linear_topk_divergence
 
     if config.loss != "full":
-        raise ValueError("a top-k teacher needs loss='full' (the sampled-token estimator "
-                         "uses the teacher's log-prob of the sampled token itself)")
+        raise ValueError(
+            "a top-k teacher needs loss='full' (the sampled-token estimator "
+            "uses the teacher's log-prob of the sampled token itself)"
+        )
     head = get_lm_head(model)
     width = student.completion.shape[1]
     mask = student.mask
     if teacher_ids.shape[:2] != mask.shape or teacher_logprobs.shape != teacher_ids.shape:
-        raise ValueError(f"teacher_ids/teacher_logprobs must be (B, C, K) with (B, C) = "
-                         f"{tuple(mask.shape)}, got {tuple(teacher_ids.shape)} and "
-                         f"{tuple(teacher_logprobs.shape)}")
+        raise ValueError(
+            f"teacher_ids/teacher_logprobs must be (B, C, K) with (B, C) = "
+            f"{tuple(mask.shape)}, got {tuple(teacher_ids.shape)} and "
+            f"{tuple(teacher_logprobs.shape)}"
+        )
     tokens = int(mask.sum())
     norm = float(normalizer) if normalizer is not None else float(max(tokens, 1))
     h_s = final_hidden_states(model, student.input_ids, student.attention_mask)
     h_s = gather_completion_states(h_s, student.starts, width)
     with torch.autocast(h_s.device.type, enabled=False):
         total = fused_linear_topk_divergence(
-            h_s.to(head.weight.dtype), head.weight, teacher_ids.to(h_s.device),
-            teacher_logprobs.to(h_s.device), bias=getattr(head, "bias", None),
-            kind=config.kind, beta=config.beta, tail=tail, temperature=config.temperature,
-            clip=config.clip, mask=mask, reduction="sum", impl=config.impl,
-            chunk_size=config.chunk_size)
+            h_s.to(head.weight.dtype),
+            head.weight,
+            teacher_ids.to(h_s.device),
+            teacher_logprobs.to(h_s.device),
+            bias=getattr(head, "bias", None),
+            kind=config.kind,
+            beta=config.beta,
+            tail=tail,
+            temperature=config.temperature,
+            clip=config.clip,
+            mask=mask,
+            reduction="sum",
+            impl=config.impl,
+            chunk_size=config.chunk_size,
+        )
     return total / norm, {"div_sum": float(total.detach()), "tokens": tokens}
 
 
@@ -157,16 +199,26 @@ def check_topk_config(config) -> None:
     from .config import ConfigError
 
     if config.loss != "full":
-        raise ConfigError("teacher_topk: a top-k teacher needs --loss full (the sampled-token "
-                          f"estimator reads the teacher's full distribution), got "
-                          f"{config.loss!r}", "teacher_topk")
+        raise ConfigError(
+            "teacher_topk: a top-k teacher needs --loss full (the sampled-token "
+            f"estimator reads the teacher's full distribution), got "
+            f"{config.loss!r}",
+            "teacher_topk",
+        )
     if config.impl == "fused":
-        raise ConfigError("teacher_topk: --impl fused has no top-k form; use auto, torch "
-                          "or triton", "impl")
+        raise ConfigError(
+            "teacher_topk: --impl fused has no top-k form; use auto, torch or triton", "impl"
+        )
 
 
-def topk_teacher_loss(trainer, student: PackedBatch, teacher: PackedBatch, config: LossConfig,
-                      teacher_ctx, normalizer: float) -> tuple[torch.Tensor, dict]:
+def topk_teacher_loss(
+    trainer,
+    student: PackedBatch,
+    teacher: PackedBatch,
+    config: LossConfig,
+    teacher_ctx,
+    normalizer: float,
+) -> tuple[torch.Tensor, dict]:
     """The trainer's OPSD micro-batch loss with ``--teacher-topk``: top-k log-probs from
     ``trainer.topk_engine`` (default :class:`LocalTopKTeacher` over the trainer's model
     and teacher), then :func:`topk_opsd_loss`."""
@@ -175,5 +227,6 @@ def topk_teacher_loss(trainer, student: PackedBatch, teacher: PackedBatch, confi
     if engine is None:
         engine = LocalTopKTeacher(trainer.model, teacher_ctx)
     ids, lps = engine.topk(teacher, cfg.teacher_topk, config.temperature)
-    return topk_opsd_loss(trainer.model, student, ids, lps, config,
-                          tail=cfg.teacher_topk_tail, normalizer=normalizer)
+    return topk_opsd_loss(
+        trainer.model, student, ids, lps, config, tail=cfg.teacher_topk_tail, normalizer=normalizer
+    )

@@ -53,8 +53,16 @@ from .step import (
 from .teacher import TEACHER_MODES, Teacher, is_peft_model
 from .topk_teacher import topk_teacher_loss
 
-__all__ = ["TrainConfig", "Trainer", "Row", "cosine_with_warmup", "lr_multiplier",
-           "seed_everything", "max_positions", "upgrade_keys"]
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "Row",
+    "cosine_with_warmup",
+    "lr_multiplier",
+    "seed_everything",
+    "max_positions",
+    "upgrade_keys",
+]
 
 ALGOS = ("opsd", "sft", "grpo")
 OBJECTIVES = ALGOS  # the former name of the --algo choices
@@ -96,8 +104,11 @@ def upgrade_keys(d: dict, where: str = "") -> dict:
     value = d.pop("objective")
     if "algo" in d and d["algo"] != value:
         prefix = f"{where}: " if where else ""
-        raise ConfigError(f"{prefix}objective (the former name of algo) = {value!r} "
-                          f"contradicts algo = {d['algo']!r}: give algo only", "algo")
+        raise ConfigError(
+            f"{prefix}objective (the former name of algo) = {value!r} "
+            f"contradicts algo = {d['algo']!r}: give algo only",
+            "algo",
+        )
     d.setdefault("algo", value)
     return d
 
@@ -115,145 +126,295 @@ class TrainConfig:
     ``grad_accum`` micro-batches.
     """
 
-    algo: str = option("opsd", "training algorithm: opsd; sft (teacher-forced "
-                       "cross-entropy on the reference solutions); grpo (the GRPO baseline: "
-                       "--group-size rollouts per prompt, binary boxed-answer reward)",
-                       choices=ALGOS, group="optimisation", resume="fixed")
+    algo: str = option(
+        "opsd",
+        "training algorithm: opsd; sft (teacher-forced "
+        "cross-entropy on the reference solutions); grpo (the GRPO baseline: "
+        "--group-size rollouts per prompt, binary boxed-answer reward)",
+        choices=ALGOS,
+        group="optimisation",
+        resume="fixed",
+    )
     steps: int = option(100, "optimizer steps of the run", low=0, group="optimisation")
     batch_size: int = option(32, "prompts per optimizer step", low=1, group="optimisation")
-    grad_accum: int = option(1, "micro-batches per step (must divide --batch-size)", low=1,
-                             group="optimisation", resume="free")
-    rollouts_per_prompt: int = option(1, "sampled completions per prompt", low=1,
-                                      group="optimisation")
-    lr: float = option(5e-6, "AdamW peak learning rate", low=0, group="optimisation",
-                       resume="fixed")
-    weight_decay: float = option(0.0, "AdamW weight decay", low=0, group="optimisation",
-                                 resume="fixed")
-    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas, as b1,b2", low=0,
-                                             high=1, high_open=True, group="optimisation",
-                                             resume="fixed", metavar="B1,B2")
-    warmup_steps: int = option(0, "linear learning-rate warmup steps", low=0,
-                               group="optimisation")
-    min_lr_ratio: float = option(0.0, "final learning rate of the cosine decay, as a "
-                                 "fraction of --lr", low=0, high=1, group="optimisation")
-    lr_schedule: str = option("cosine", "after warmup: constant, linear decay or cosine "
-                              "decay to --min-lr-ratio over --lr-horizon steps",
-                              choices=LR_SCHEDULES, group="optimisation")
-    lr_horizon: int | None = option(None, "steps of the linear/cosine decay (none = "
-                                    "--steps); a long horizon keeps the LR nearly constant "
-                                    "over the run, as the reference's ~28k", low=1,
-                                    group="optimisation")
-    loss_normalization: str = option("global", "global: one token mean over the whole step; "
-                                     "microbatch: the mean over micro-batches of each "
-                                     "micro-batch's token mean (the reference's)",
-                                     choices=LOSS_NORMALIZATIONS, group="optimisation")
-    max_grad_norm: float | None = option(1.0, "gradient clipping norm (> 0), or none",
-                                         low=0, low_open=True, group="optimisation")
-    temperature: float = option(1.1, "rollout sampling temperature", low=0, low_open=True,
-                                group="rollouts")
-    top_p: float = option(0.95, "rollout nucleus sampling (1 = off)", low=0, low_open=True,
-                          high=1, group="rollouts")
+    grad_accum: int = option(
+        1,
+        "micro-batches per step (must divide --batch-size)",
+        low=1,
+        group="optimisation",
+        resume="free",
+    )
+    rollouts_per_prompt: int = option(
+        1, "sampled completions per prompt", low=1, group="optimisation"
+    )
+    lr: float = option(
+        5e-6, "AdamW peak learning rate", low=0, group="optimisation", resume="fixed"
+    )
+    weight_decay: float = option(
+        0.0, "AdamW weight decay", low=0, group="optimisation", resume="fixed"
+    )
+    adam_betas: tuple[float, float] = option(
+        (0.9, 0.999),
+        "AdamW betas, as b1,b2",
+        low=0,
+        high=1,
+        high_open=True,
+        group="optimisation",
+        resume="fixed",
+        metavar="B1,B2",
+    )
+    warmup_steps: int = option(0, "linear learning-rate warmup steps", low=0, group="optimisation")
+    min_lr_ratio: float = option(
+        0.0,
+        "final learning rate of the cosine decay, as a fraction of --lr",
+        low=0,
+        high=1,
+        group="optimisation",
+    )
+    lr_schedule: str = option(
+        "cosine",
+        "after warmup: constant, linear decay or cosine "
+        "decay to --min-lr-ratio over --lr-horizon steps",
+        choices=LR_SCHEDULES,
+        group="optimisation",
+    )
+    lr_horizon: int | None = option(
+        None,
+        "steps of the linear/cosine decay (none = "
+        "--steps); a long horizon keeps the LR nearly constant "
+        "over the run, as the reference's ~28k",
+        low=1,
+        group="optimisation",
+    )
+    loss_normalization: str = option(
+        "global",
+        "global: one token mean over the whole step; "
+        "microbatch: the mean over micro-batches of each "
+        "micro-batch's token mean (the reference's)",
+        choices=LOSS_NORMALIZATIONS,
+        group="optimisation",
+    )
+    max_grad_norm: float | None = option(
+        1.0, "gradient clipping norm (> 0), or none", low=0, low_open=True, group="optimisation"
+    )
+    temperature: float = option(
+        1.1, "rollout sampling temperature", low=0, low_open=True, group="rollouts"
+    )
+    top_p: float = option(
+        0.95, "rollout nucleus sampling (1 = off)", low=0, low_open=True, high=1, group="rollouts"
+    )
     top_k: int = option(20, "rollout top-k sampling (0 = off)", low=0, group="rollouts")
-    max_new_tokens: int = option(1024, "maximum rollout length in tokens", low=1,
-                                 group="rollouts")
-    loss: str = option("full", "full: full-vocabulary divergence; sampled_token: the "
-                       "paper's Eq. 9 estimator", choices=LOSS_TYPES, group="loss and teacher")
-    kind: str = option("forward_kl", "divergence: KL(pT||pS), KL(pS||pT) or JSD(beta)",
-                       choices=KINDS, group="loss and teacher")
-    beta: float = option(0.5, "JSD mixture weight (kind jsd), in (0, 1)",
-                         group="loss and teacher")
+    max_new_tokens: int = option(1024, "maximum rollout length in tokens", low=1, group="rollouts")
+    loss: str = option(
+        "full",
+        "full: full-vocabulary divergence; sampled_token: the paper's Eq. 9 estimator",
+        choices=LOSS_TYPES,
+        group="loss and teacher",
+    )
+    kind: str = option(
+        "forward_kl",
+        "divergence: KL(pT||pS), KL(pS||pT) or JSD(beta)",
+        choices=KINDS,
+        group="loss and teacher",
+    )
+    beta: float = option(0.5, "JSD mixture weight (kind jsd), in (0, 1)", group="loss and teacher")
     # beta, loss_temperature and clip are range-checked by the kernels' own option checks
     # (LossConfig -> opsd_kernels._validation.check_options), called from __post_init__
-    loss_temperature: float | None = option(None, "temperature of both distributions in "
-                                            "the loss (none = --temperature)",
-                                            group="loss and teacher")
-    clip: float | None = option(0.05, "per-vocabulary-entry clip tau (> 0), or none",
-                                group="loss and teacher")
-    impl: str = option("auto", "opsd_kernels implementation", choices=IMPLS,
-                       group="loss and teacher", resume="free")
-    chunk_size: int | None = option(None, "tokens per loss chunk (none = automatic)", low=1,
-                                    group="loss and teacher", resume="free")
-    teacher: str = option("fixed", "teacher weights: fixed (initial policy), current "
-                          "(the student's), ema", choices=TEACHER_MODES,
-                          group="loss and teacher", resume="fixed")
-    ema_decay: float = option(0.999, "EMA decay of the ema teacher", low=0, high=1,
-                              group="loss and teacher", resume="fixed")
-    teacher_topk: int | None = option(None, "give the loss the teacher's top-K log-probs "
-                                      "only (from Trainer.topk_engine; default: computed "
-                                      "from the local teacher), or none for the full "
-                                      "distribution", low=1, group="top-k teacher",
-                                      resume="fixed")
-    teacher_topk_tail: str = option("bucket", "top-k teacher: bucket (the rest of the "
-                                    "vocabulary as one outcome) or renormalize (both "
-                                    "distributions over the K ids)",
-                                    choices=("bucket", "renormalize"), group="top-k teacher",
-                                    resume="fixed")
-    sft_teacher_fraction: float = option(0.0, "algo sft: share of examples shown "
-                                         "with the teacher prompt", low=0, high=1,
-                                         group="optimisation")
-    group_size: int = option(8, "algo grpo: rollouts per prompt (the group)", low=2,
-                             group="grpo")
-    grpo_clip_eps: float = option(0.2, "algo grpo: ratio clip epsilon (inactive on-policy: "
-                                  "one update per batch of rollouts)", low=0, high=1,
-                                  high_open=True, group="grpo")
-    grpo_loss_type: str = option("grpo", "algo grpo: grpo (mean over rollouts of each "
-                                 "rollout's token mean) or token (one token mean)",
-                                 choices=("grpo", "token"), group="grpo")
-    grpo_scale_rewards: str = option("group", "algo grpo: advantage scale: group std, batch "
-                                     "std, or none", choices=("group", "batch", "none"),
-                                     group="grpo")
-    eval_every: int = option(0, "evaluate every N steps (0 = only at start and end)", low=0,
-                             group="evaluation and checkpoints", resume="free")
-    eval_at_start: bool = option(True, "evaluate before the first step",
-                                 group="evaluation and checkpoints", resume="free")
-    eval_at_end: bool = option(True, "evaluate after the last step",
-                               group="evaluation and checkpoints", resume="free")
-    eval_k: int = option(0, "avg@k samples per problem (0 = greedy pass@1 only)", low=0,
-                         group="evaluation and checkpoints", resume="free")
-    eval_greedy: bool = option(True, "greedy pass@1 in evaluations",
-                               group="evaluation and checkpoints", resume="free")
-    eval_top_p: float = option(1.0, "avg@k nucleus sampling (1 = off)", low=0, low_open=True,
-                               high=1, group="evaluation and checkpoints", resume="free")
-    eval_top_k: int = option(0, "avg@k top-k sampling (0 = off)", low=0,
-                             group="evaluation and checkpoints", resume="free")
-    eval_prompt: str = option("eval", "prompt of student evaluations: eval (the evaluation "
-                              "template, the reference's) or student (the training prompt)",
-                              choices=EVAL_PROMPTS, group="evaluation and checkpoints",
-                              resume="free")
-    eval_temperature: float | None = option(None, "avg@k sampling temperature (none = "
-                                            "--temperature)", low=0, low_open=True,
-                                            group="evaluation and checkpoints",
-                                            resume="free")
-    eval_max_new_tokens: int | None = option(None, "evaluation completion length (none = "
-                                             "--max-new-tokens)", low=1,
-                                             group="evaluation and checkpoints",
-                                             resume="free")
-    eval_batch_size: int = option(64, "prompts per evaluation generate call", low=1,
-                                  group="evaluation and checkpoints", resume="free")
-    save_every: int = option(0, "checkpoint every N steps (0 = only at the end of a CLI "
-                             "run)", low=0, group="evaluation and checkpoints", resume="free")
-    keep_last: int | None = option(None, "keep only the newest K complete checkpoints "
-                                   "(none = keep all)", low=1,
-                                   group="evaluation and checkpoints", resume="free")
-    seed: int = option(0, "seed of data order, sampling and every generator", low=0,
-                       group="run")
+    loss_temperature: float | None = option(
+        None,
+        "temperature of both distributions in the loss (none = --temperature)",
+        group="loss and teacher",
+    )
+    clip: float | None = option(
+        0.05, "per-vocabulary-entry clip tau (> 0), or none", group="loss and teacher"
+    )
+    impl: str = option(
+        "auto",
+        "opsd_kernels implementation",
+        choices=IMPLS,
+        group="loss and teacher",
+        resume="free",
+    )
+    chunk_size: int | None = option(
+        None,
+        "tokens per loss chunk (none = automatic)",
+        low=1,
+        group="loss and teacher",
+        resume="free",
+    )
+    teacher: str = option(
+        "fixed",
+        "teacher weights: fixed (initial policy), current (the student's), ema",
+        choices=TEACHER_MODES,
+        group="loss and teacher",
+        resume="fixed",
+    )
+    ema_decay: float = option(
+        0.999,
+        "EMA decay of the ema teacher",
+        low=0,
+        high=1,
+        group="loss and teacher",
+        resume="fixed",
+    )
+    teacher_topk: int | None = option(
+        None,
+        "give the loss the teacher's top-K log-probs "
+        "only (from Trainer.topk_engine; default: computed "
+        "from the local teacher), or none for the full "
+        "distribution",
+        low=1,
+        group="top-k teacher",
+        resume="fixed",
+    )
+    teacher_topk_tail: str = option(
+        "bucket",
+        "top-k teacher: bucket (the rest of the "
+        "vocabulary as one outcome) or renormalize (both "
+        "distributions over the K ids)",
+        choices=("bucket", "renormalize"),
+        group="top-k teacher",
+        resume="fixed",
+    )
+    sft_teacher_fraction: float = option(
+        0.0,
+        "algo sft: share of examples shown with the teacher prompt",
+        low=0,
+        high=1,
+        group="optimisation",
+    )
+    group_size: int = option(8, "algo grpo: rollouts per prompt (the group)", low=2, group="grpo")
+    grpo_clip_eps: float = option(
+        0.2,
+        "algo grpo: ratio clip epsilon (inactive on-policy: one update per batch of rollouts)",
+        low=0,
+        high=1,
+        high_open=True,
+        group="grpo",
+    )
+    grpo_loss_type: str = option(
+        "grpo",
+        "algo grpo: grpo (mean over rollouts of each "
+        "rollout's token mean) or token (one token mean)",
+        choices=("grpo", "token"),
+        group="grpo",
+    )
+    grpo_scale_rewards: str = option(
+        "group",
+        "algo grpo: advantage scale: group std, batch std, or none",
+        choices=("group", "batch", "none"),
+        group="grpo",
+    )
+    eval_every: int = option(
+        0,
+        "evaluate every N steps (0 = only at start and end)",
+        low=0,
+        group="evaluation and checkpoints",
+        resume="free",
+    )
+    eval_at_start: bool = option(
+        True, "evaluate before the first step", group="evaluation and checkpoints", resume="free"
+    )
+    eval_at_end: bool = option(
+        True, "evaluate after the last step", group="evaluation and checkpoints", resume="free"
+    )
+    eval_k: int = option(
+        0,
+        "avg@k samples per problem (0 = greedy pass@1 only)",
+        low=0,
+        group="evaluation and checkpoints",
+        resume="free",
+    )
+    eval_greedy: bool = option(
+        True, "greedy pass@1 in evaluations", group="evaluation and checkpoints", resume="free"
+    )
+    eval_top_p: float = option(
+        1.0,
+        "avg@k nucleus sampling (1 = off)",
+        low=0,
+        low_open=True,
+        high=1,
+        group="evaluation and checkpoints",
+        resume="free",
+    )
+    eval_top_k: int = option(
+        0,
+        "avg@k top-k sampling (0 = off)",
+        low=0,
+        group="evaluation and checkpoints",
+        resume="free",
+    )
+    eval_prompt: str = option(
+        "eval",
+        "prompt of student evaluations: eval (the evaluation "
+        "template, the reference's) or student (the training prompt)",
+        choices=EVAL_PROMPTS,
+        group="evaluation and checkpoints",
+        resume="free",
+    )
+    eval_temperature: float | None = option(
+        None,
+        "avg@k sampling temperature (none = --temperature)",
+        low=0,
+        low_open=True,
+        group="evaluation and checkpoints",
+        resume="free",
+    )
+    eval_max_new_tokens: int | None = option(
+        None,
+        "evaluation completion length (none = --max-new-tokens)",
+        low=1,
+        group="evaluation and checkpoints",
+        resume="free",
+    )
+    eval_batch_size: int = option(
+        64,
+        "prompts per evaluation generate call",
+        low=1,
+        group="evaluation and checkpoints",
+        resume="free",
+    )
+    save_every: int = option(
+        0,
+        "checkpoint every N steps (0 = only at the end of a CLI run)",
+        low=0,
+        group="evaluation and checkpoints",
+        resume="free",
+    )
+    keep_last: int | None = option(
+        None,
+        "keep only the newest K complete checkpoints (none = keep all)",
+        low=1,
+        group="evaluation and checkpoints",
+        resume="free",
+    )
+    seed: int = option(0, "seed of data order, sampling and every generator", low=0, group="run")
     progress: bool = option(True, "progress bar", group="run", resume="free")
-    autocast: str | None = option(None, "set by --precision (bf16-mixed: bf16 autocast "
-                                  "over float32 master weights)", choices=("bf16", "fp16"),
-                                  cli=False)
+    autocast: str | None = option(
+        None,
+        "set by --precision (bf16-mixed: bf16 autocast over float32 master weights)",
+        choices=("bf16", "fp16"),
+        cli=False,
+    )
     phase: str = option("train", "tag of metrics records", cli=False, resume="free")
-    extra: dict = option(default_factory=dict, doc="free-form notes kept with the config",
-                         cli=False, resume="free")
+    extra: dict = option(
+        default_factory=dict, doc="free-form notes kept with the config", cli=False, resume="free"
+    )
 
     def __post_init__(self):
         check_fields(self)
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be divisible by grad_accum "
-                f"({self.grad_accum})", "grad_accum")
+                f"({self.grad_accum})",
+                "grad_accum",
+            )
         if not self.eval_greedy and self.eval_k == 0:
-            raise ConfigError("eval_k: nothing to evaluate with --no-eval-greedy and "
-                              "--eval-k 0 (set --eval-k > 0)", "eval_k")
+            raise ConfigError(
+                "eval_k: nothing to evaluate with --no-eval-greedy and "
+                "--eval-k 0 (set --eval-k > 0)",
+                "eval_k",
+            )
         if self.teacher_topk is not None:
             from .topk_teacher import check_topk_config
 
@@ -293,21 +454,35 @@ class TrainConfig:
         """The :class:`~opsd_train.step.LossConfig` this config implies."""
         t = self.temperature if self.loss_temperature is None else self.loss_temperature
         try:
-            return LossConfig(loss=self.loss, kind=self.kind, beta=self.beta, temperature=t,
-                              clip=self.clip, impl=self.impl, chunk_size=self.chunk_size)
+            return LossConfig(
+                loss=self.loss,
+                kind=self.kind,
+                beta=self.beta,
+                temperature=t,
+                clip=self.clip,
+                impl=self.impl,
+                chunk_size=self.chunk_size,
+            )
         except (TypeError, ValueError) as e:
             # the kernels name their argument first; map it back to this config's field
             word = str(e).split(" ", 1)[0]
-            key = {"temperature": "temperature" if self.loss_temperature is None
-                   else "loss_temperature"}.get(word, word)
+            key = {
+                "temperature": "temperature"
+                if self.loss_temperature is None
+                else "loss_temperature"
+            }.get(word, word)
             key = key if key in self.__dataclass_fields__ else None
             msg = str(e) if key and str(e).startswith(key) else f"{key or 'loss'}: {e}"
             raise ConfigError(msg, key) from e
 
     def sampling(self) -> SamplingParams:
         """Rollout sampling parameters."""
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, max_new_tokens=self.max_new_tokens)
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+        )
 
 
 @dataclass
@@ -352,8 +527,9 @@ def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float = 0.
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def lr_multiplier(schedule: str, step: int, horizon: int, warmup: int,
-                  min_ratio: float = 0.0) -> float:
+def lr_multiplier(
+    schedule: str, step: int, horizon: int, warmup: int, min_ratio: float = 0.0
+) -> float:
     """LR multiplier of ``schedule`` at ``step``: linear warmup over ``warmup`` steps, then
     ``constant`` (1), ``linear`` decay or ``cosine`` decay to ``min_ratio`` at step
     ``horizon`` (held there after it).
@@ -400,11 +576,20 @@ class Trainer:
     building the model for a reproducible run; ``config.seed`` fixes the data order.
     """
 
-    def __init__(self, model, tokenizer, train_problems: Sequence[Problem], config: TrainConfig,
-                 *, eval_problems: Sequence[Problem] | None = None,
-                 prompt_builder: PromptBuilder | None = None, engine=None,
-                 output_dir: str | Path | None = None, sft_example_fn=None,
-                 run_options: dict | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        train_problems: Sequence[Problem],
+        config: TrainConfig,
+        *,
+        eval_problems: Sequence[Problem] | None = None,
+        prompt_builder: PromptBuilder | None = None,
+        engine=None,
+        output_dir: str | Path | None = None,
+        sft_example_fn=None,
+        run_options: dict | None = None,
+    ):
         if not train_problems:
             raise ValueError("the training set is empty")
         ensure_pad_token(tokenizer)
@@ -420,8 +605,9 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.max_positions = max_positions(model)
         self.pad_id = int(tokenizer.pad_token_id)
-        self.eos_id = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None
-                          else tokenizer.pad_token_id)
+        self.eos_id = int(
+            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+        )
         self.engine = engine or HFGenerateEngine(model, self.pad_id, self.eos_id)
         self.sft_example_fn = sft_example_fn
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -431,18 +617,25 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda s: lr_multiplier(config.lr_schedule, s, config.lr_horizon or config.steps,
-                                    config.warmup_steps, config.min_lr_ratio),
+            lambda s: lr_multiplier(
+                config.lr_schedule,
+                s,
+                config.lr_horizon or config.steps,
+                config.warmup_steps,
+                config.min_lr_ratio,
+            ),
         )
         # --teacher-topk: the engine giving the teacher's top-k log-probs (None: the local
         # teacher, opsd_train.topk_teacher.LocalTopKTeacher)
         self.topk_engine = None
-        self.teacher = (Teacher(model, config.teacher, config.ema_decay)
-                        if config.algo == "opsd" else None)
+        self.teacher = (
+            Teacher(model, config.teacher, config.ema_decay) if config.algo == "opsd" else None
+        )
         self.step = 0
         self.last_saved_step: int | None = None  # step of the newest checkpoint written/read
         self._perm_cache: dict[int, list[int]] = {}
@@ -456,7 +649,8 @@ class Trainer:
                 f"{what}: {len(ids)} prompt tokens + {budget} new tokens exceed the model's "
                 f"maximum of {self.max_positions} positions (max_position_embeddings); "
                 "shorten the problem, lower --max-new-tokens, or let the CLI drop such "
-                "problems (--long-prompts drop)")
+                "problems (--long-prompts drop)"
+            )
 
     def _ids(self, role: str, i: int, problems=None) -> list[int]:
         problems = self.train_problems if problems is None else problems
@@ -471,16 +665,18 @@ class Trainer:
                 ids = list(self.tokenizer(p.solution, add_special_tokens=False)["input_ids"])
                 ids.append(self.eos_id)
             if role in ("student", "teacher") and self.config.algo in ("opsd", "grpo"):
-                self._check_length(ids, self.config.max_new_tokens,
-                                   f"training problem {i}, {role} prompt")
+                self._check_length(
+                    ids, self.config.max_new_tokens, f"training problem {i}, {role} prompt"
+                )
             self._cache[key] = ids
         return self._cache[key]
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perm_cache:
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-            self._perm_cache = {epoch: torch.randperm(len(self.train_problems), generator=g)
-                                .tolist()}
+            self._perm_cache = {
+                epoch: torch.randperm(len(self.train_problems), generator=g).tolist()
+            }
         return self._perm_cache[epoch]
 
     def batch_indices(self, step: int) -> list[int]:
@@ -515,18 +711,26 @@ class Trainer:
             reps = cfg.rollouts_per_prompt if cfg.algo == "opsd" else cfg.group_size
             with self._autocast():
                 for s in range(0, len(s_prompts), per_micro):
-                    comps += self.engine.generate(s_prompts[s : s + per_micro], cfg.sampling(),
-                                                  reps)
+                    comps += self.engine.generate(
+                        s_prompts[s : s + per_micro], cfg.sampling(), reps
+                    )
             if cfg.algo == "opsd":
-                return [Row(s_prompts[j // reps], comps[j],
-                            teacher_prompt=self._ids("teacher", idx[j // reps]))
-                        for j in range(len(comps))]
+                return [
+                    Row(
+                        s_prompts[j // reps],
+                        comps[j],
+                        teacher_prompt=self._ids("teacher", idx[j // reps]),
+                    )
+                    for j in range(len(comps))
+                ]
             texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in comps]
             answers = [self.train_problems[idx[j // reps]].answer for j in range(len(comps))]
             rewards = torch.tensor(binary_rewards(texts, answers), dtype=torch.float32)
             adv = group_advantages(rewards, reps, scale=cfg.grpo_scale_rewards).tolist()
-            return [Row(s_prompts[j // reps], comps[j], advantage=adv[j],
-                        reward=float(rewards[j])) for j in range(len(comps))]
+            return [
+                Row(s_prompts[j // reps], comps[j], advantage=adv[j], reward=float(rewards[j]))
+                for j in range(len(comps))
+            ]
         g = random.Random(cfg.seed * 7_919 + self.step)
         rows = []
         for i in idx:
@@ -548,8 +752,9 @@ class Trainer:
         student = pack_batch([r.prompt for r in rows], comps, self.pad_id)
         for j, r in enumerate(rows):
             if r.loss_mask is not None:
-                student.mask[j, : len(r.loss_mask)] &= torch.as_tensor(r.loss_mask,
-                                                                       dtype=torch.bool)
+                student.mask[j, : len(r.loss_mask)] &= torch.as_tensor(
+                    r.loss_mask, dtype=torch.bool
+                )
         teacher = None
         if rows[0].teacher_prompt is not None:
             teacher = pack_batch([r.teacher_prompt for r in rows], comps, self.pad_id)
@@ -570,15 +775,17 @@ class Trainer:
         """
         cfg = self.config
         per_rollout = cfg.algo == "grpo" and cfg.grpo_loss_type == "grpo"
-        slices = [sl for sl in self._micro_slices(len(rows))
-                  if any(r.trained_tokens > 0 for r in rows[sl])]
+        slices = [
+            sl
+            for sl in self._micro_slices(len(rows))
+            if any(r.trained_tokens > 0 for r in rows[sl])
+        ]
         out = []
         for sl in slices:
             if cfg.loss_normalization == "global":
                 norm = len(rows) if per_rollout else total_tokens
             else:
-                own = (len(rows[sl]) if per_rollout
-                       else sum(r.trained_tokens for r in rows[sl]))
+                own = len(rows[sl]) if per_rollout else sum(r.trained_tokens for r in rows[sl])
                 norm = own * len(slices)
             out.append((sl, float(norm)))
         return out
@@ -603,19 +810,29 @@ class Trainer:
                 if tb is not None:
                     out["forward_tokens"] += int(tb.attention_mask.sum())
                     if cfg.teacher_topk is not None:  # opsd_train.topk_teacher
-                        loss, st = topk_teacher_loss(self, sb.to(self.device),
-                                                     tb.to(self.device), lcfg, ctx,
-                                                     norm)
+                        loss, st = topk_teacher_loss(
+                            self, sb.to(self.device), tb.to(self.device), lcfg, ctx, norm
+                        )
                     else:
-                        loss, st = opsd_loss(self.model, sb.to(self.device),
-                                             tb.to(self.device), lcfg, teacher_ctx=ctx,
-                                             normalizer=norm)
+                        loss, st = opsd_loss(
+                            self.model,
+                            sb.to(self.device),
+                            tb.to(self.device),
+                            lcfg,
+                            teacher_ctx=ctx,
+                            normalizer=norm,
+                        )
                 elif cfg.algo == "grpo":
                     adv = torch.tensor([r.advantage for r in part], dtype=torch.float32)
-                    loss, st = grpo_step_loss(self.model, sb.to(self.device), adv,
-                                              temperature=cfg.temperature,
-                                              clip_eps=cfg.grpo_clip_eps,
-                                              loss_type=cfg.grpo_loss_type, normalizer=norm)
+                    loss, st = grpo_step_loss(
+                        self.model,
+                        sb.to(self.device),
+                        adv,
+                        temperature=cfg.temperature,
+                        clip_eps=cfg.grpo_clip_eps,
+                        loss_type=cfg.grpo_loss_type,
+                        normalizer=norm,
+                    )
                 else:
                     loss, st = sft_loss(self.model, sb.to(self.device), normalizer=norm)
             loss.backward()
@@ -685,8 +902,13 @@ class Trainer:
         return rec
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, problems: Sequence[Problem] | None = None, *, role: str = "student",
-                 k: int | None = None) -> EvalResult:
+    def evaluate(
+        self,
+        problems: Sequence[Problem] | None = None,
+        *,
+        role: str = "student",
+        k: int | None = None,
+    ) -> EvalResult:
         """Held-out accuracy: greedy pass@1 (``eval_greedy``) and/or avg@k (``k`` > 0) with
         the evaluation sampling settings (``eval_temperature``, ``eval_top_p``,
         ``eval_top_k``, ``eval_max_new_tokens``), never the rollouts'.
@@ -706,8 +928,7 @@ class Trainer:
         if role == "teacher":
             build = self.prompts.teacher_ids
         else:
-            build = (self.prompts.eval_ids if cfg.eval_prompt == "eval"
-                     else self.prompts.student_ids)
+            build = self.prompts.eval_ids if cfg.eval_prompt == "eval" else self.prompts.student_ids
         max_new = cfg.eval_max_new_tokens or cfg.max_new_tokens
         prompts = [build(p) for p in problems]
         for i, ids in enumerate(prompts):
@@ -721,19 +942,33 @@ class Trainer:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed * 104_729 + self.step)
             run = lambda: evaluate_problems(
-                gen, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
-                prompts, [p.answer for p in problems], k=k,
-                temperature=cfg.eval_temperature or cfg.temperature, top_p=cfg.eval_top_p,
-                top_k=cfg.eval_top_k, max_new_tokens=max_new, greedy=cfg.eval_greedy,
-                batch_size=cfg.eval_batch_size)
+                gen,
+                lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+                prompts,
+                [p.answer for p in problems],
+                k=k,
+                temperature=cfg.eval_temperature or cfg.temperature,
+                top_p=cfg.eval_top_p,
+                top_k=cfg.eval_top_k,
+                max_new_tokens=max_new,
+                greedy=cfg.eval_greedy,
+                batch_size=cfg.eval_batch_size,
+            )
             if role == "teacher" and self.teacher is not None:
                 with self.teacher.weights(self.model):
                     res = run()
             else:
                 res = run()
-        rec = {"event": "eval", "phase": cfg.phase, "step": self.step, "role": role,
-               "train_generated_tokens": self.generated_tokens_total, "score": res.score,
-               "score_name": res.score_name, **res.to_dict()}
+        rec = {
+            "event": "eval",
+            "phase": cfg.phase,
+            "step": self.step,
+            "role": role,
+            "train_generated_tokens": self.generated_tokens_total,
+            "score": res.score,
+            "score_name": res.score_name,
+            **res.to_dict(),
+        }
         self._log(rec)
         return res
 
@@ -754,8 +989,12 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", len=f"{rec['rollout_len']:.0f}")
-            if self.eval_problems and cfg.eval_every and self.step % cfg.eval_every == 0 \
-                    and self.step < cfg.steps:
+            if (
+                self.eval_problems
+                and cfg.eval_every
+                and self.step % cfg.eval_every == 0
+                and self.step < cfg.steps
+            ):
                 evals.append(self.evaluate())
             if cfg.save_every and self.output_dir is not None and self.step % cfg.save_every == 0:
                 self.save_checkpoint(self.checkpoint_dir / f"step_{self.step}")
@@ -791,8 +1030,9 @@ class Trainer:
 
     def _model_state(self) -> dict:
         if is_peft_model(self.model):
-            return {n: p.detach().clone() for n, p in self.model.named_parameters()
-                    if p.requires_grad}
+            return {
+                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+            }
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def save_checkpoint(self, path: str | Path) -> Path:
@@ -840,22 +1080,29 @@ class Trainer:
         """
         path = Path(path)
         stored = ckpt.read_checkpoint_config(path)
-        ckpt.check_resume_config(stored, self.config.to_dict(), TrainConfig.resume_policies(),
-                                 allow_changes, where=f"checkpoint {path}")
+        ckpt.check_resume_config(
+            stored,
+            self.config.to_dict(),
+            TrainConfig.resume_policies(),
+            allow_changes,
+            where=f"checkpoint {path}",
+        )
         state = ckpt.load_checkpoint_state(path)
         peft = is_peft_model(self.model)
         if state.get("peft", peft) != peft:
             kinds = {True: "a LoRA adapter", False: "full-model weights"}
             raise ckpt.CheckpointError(
                 f"checkpoint {path} holds {kinds[state['peft']]} but this run trains "
-                f"{kinds[peft]}: resume with the same --lora setting")
+                f"{kinds[peft]}: resume with the same --lora setting"
+            )
         with torch.no_grad():
             if peft:
                 params = dict(self.model.named_parameters())
                 missing = sorted(set(state["model"]) - set(params))
                 if missing:
                     raise ckpt.CheckpointError(
-                        f"checkpoint {path} has parameters this model lacks: {missing[:5]}")
+                        f"checkpoint {path} has parameters this model lacks: {missing[:5]}"
+                    )
                 for n, t in state["model"].items():
                     params[n].copy_(t)
             else:
@@ -866,7 +1113,8 @@ class Trainer:
             self.teacher.load_state_dict(state["teacher"])
         self.step = self.last_saved_step = int(state["step"])
         self.generated_tokens_total = int(
-            state.get("counters", {}).get("generated_tokens_total", 0))
+            state.get("counters", {}).get("generated_tokens_total", 0)
+        )
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         if "numpy" in state["rng"]:
@@ -876,9 +1124,12 @@ class Trainer:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if self.output_dir is not None:
-            dropped = ckpt.truncate_metrics(self.output_dir / "metrics.jsonl",
-                                            self.config.phase, self.step)
+            dropped = ckpt.truncate_metrics(
+                self.output_dir / "metrics.jsonl", self.config.phase, self.step
+            )
             if dropped:
-                warnings.warn(f"dropped {dropped} metrics record(s) logged after step "
-                              f"{self.step} from {self.output_dir / 'metrics.jsonl'}",
-                              stacklevel=2)
+                warnings.warn(
+                    f"dropped {dropped} metrics record(s) logged after step "
+                    f"{self.step} from {self.output_dir / 'metrics.jsonl'}",
+                    stacklevel=2,
+                )

@@ -21,9 +21,9 @@ def triton_param(impl: str):
 
 
 # the implementations each API offers, as pytest parameters (one list per concern)
-LOGITS_IMPLS = ["torch", triton_param("triton")]           # divergence()
-CHUNKED_IMPLS = ["torch", triton_param("triton")]          # fused_linear_divergence, chunked
-LINEAR_IMPLS = CHUNKED_IMPLS + [triton_param("fused")]     # every fused_linear_divergence impl
+LOGITS_IMPLS = ["torch", triton_param("triton")]  # divergence()
+CHUNKED_IMPLS = ["torch", triton_param("triton")]  # fused_linear_divergence, chunked
+LINEAR_IMPLS = CHUNKED_IMPLS + [triton_param("fused")]  # every fused_linear_divergence impl
 
 # Tolerances per input dtype, for values compared against the float64 reference
 # computed from the SAME (already rounded) inputs. Gradients are stored in the
@@ -49,8 +49,13 @@ def assert_close(actual, expected, dtype, what=""):
     assert torch.equal(actual[~finite].nan_to_num(), expected[~finite].nan_to_num()), what
     if finite.any():
         scale = max(1.0, expected[finite].abs().max().item())
-        torch.testing.assert_close(actual[finite], expected[finite], rtol=tol["rtol"],
-                                   atol=tol["atol"] * scale, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(
+            actual[finite],
+            expected[finite],
+            rtol=tol["rtol"],
+            atol=tol["atol"] * scale,
+            msg=lambda m: f"{what}: {m}",
+        )
 
 
 def make_logits(shape, dtype=torch.float32, scale=3.0, seed=0, device="cpu", correlated=True):

@@ -18,22 +18,24 @@ def test_chunked_is_8_or_6_nhv(trainable, nhv):
     assert total_nhv(passes("chunked", trainable=trainable)) == pytest.approx(nhv)
 
 
-@pytest.mark.parametrize("kind, clip, trainable, deterministic, s, c, nhv", [
-    # one-pass backward, forward KL + clip, no skipping: 4 + 4c + 8
-    ("forward_kl", True, True, False, 0.0, 0.0, 12.0),
-    ("forward_kl", True, True, False, 0.5, 0.1, 4 + 0.4 + 4),
-    ("forward_kl", False, False, False, 0.9, 1.0, 4 + 0.6),
-    # deterministic: dH and dW kernels each recompute: 4 + 6(1-s) + 6(1-s)
-    ("forward_kl", False, True, True, 0.0, 1.0, 16.0),
-    ("forward_kl", False, False, True, 0.0, 1.0, 10.0),
-    # jsd: the terms pass always runs over every tile
-    ("jsd", False, True, False, 0.0, 0.0, 16.0),
-    ("jsd", True, False, True, 0.25, 0.0, 8 + 6 * 0.75),
-])
+@pytest.mark.parametrize(
+    "kind, clip, trainable, deterministic, s, c, nhv",
+    [
+        # one-pass backward, forward KL + clip, no skipping: 4 + 4c + 8
+        ("forward_kl", True, True, False, 0.0, 0.0, 12.0),
+        ("forward_kl", True, True, False, 0.5, 0.1, 4 + 0.4 + 4),
+        ("forward_kl", False, False, False, 0.9, 1.0, 4 + 0.6),
+        # deterministic: dH and dW kernels each recompute: 4 + 6(1-s) + 6(1-s)
+        ("forward_kl", False, True, True, 0.0, 1.0, 16.0),
+        ("forward_kl", False, False, True, 0.0, 1.0, 10.0),
+        # jsd: the terms pass always runs over every tile
+        ("jsd", False, True, False, 0.0, 0.0, 16.0),
+        ("jsd", True, False, True, 0.25, 0.0, 8 + 6 * 0.75),
+    ],
+)
 def test_fused_counts(kind, clip, trainable, deterministic, s, c, nhv):
     impl = "fused" if deterministic else "fused-onepass"
-    p = passes(impl, kind, clip, trainable, Shape(), skipped_fraction=s,
-               clip_recompute_fraction=c)
+    p = passes(impl, kind, clip, trainable, Shape(), skipped_fraction=s, clip_recompute_fraction=c)
     assert total_nhv(p) == pytest.approx(nhv)
     assert all(x.hbm_bytes >= 0 for x in p) and sum(x.hbm_bytes for x in p) > 0
 
@@ -43,15 +45,18 @@ def test_skipping_breaks_even_with_chunked_above_half():
     chunked path's 8NHV only once more than half of the backward tiles are skipped."""
     chunked = total_nhv(passes("chunked"))
     for s, below in ((0.4, False), (0.5, False), (0.6, True)):
-        fused = total_nhv(passes("fused-onepass", "forward_kl", False, True,
-                                 skipped_fraction=s))
+        fused = total_nhv(passes("fused-onepass", "forward_kl", False, True, skipped_fraction=s))
         assert (fused < chunked) == below, (s, fused)
 
 
 def test_tiles_per_pass_keys():
     assert tiles_per_pass("reverse_kl", False, False) == {"stats": 1.0, "dh": 1.0}
     assert tiles_per_pass("jsd", True, True, skipped_fraction=0.5) == {
-        "stats": 1.0, "terms": 1.0, "dh": 0.5, "dw": 0.5}
+        "stats": 1.0,
+        "terms": 1.0,
+        "dh": 0.5,
+        "dw": 0.5,
+    }
 
 
 def test_expected_time_is_roofline_sum():
@@ -78,8 +83,15 @@ def test_simulation_rules_match_library():
     lse_s, lse_t = torch.logsumexp(s, -1), torch.logsumexp(t, -1)
     tmax_s = s.view(8, 4, 16).amax((0, 2))[None]
     tmax_t = t.view(8, 4, 16).amax((0, 2))[None]
-    st = ForwardStats(torch.zeros(8), lse_s, lse_t, torch.zeros(8), tmax_s, tmax_t,
-                      FusedConfig(block_n=8, block_v=16))
+    st = ForwardStats(
+        torch.zeros(8),
+        lse_s,
+        lse_t,
+        torch.zeros(8),
+        tmax_s,
+        tmax_t,
+        FusedConfig(block_n=8, block_v=16),
+    )
     thr = 0.05
     ps, pt = torch.softmax(s, -1).view(8, 4, 16), torch.softmax(t, -1).view(8, 4, 16)
     skip = skipped_tiles(st, thr)[0]
@@ -87,5 +99,7 @@ def test_simulation_rules_match_library():
     for vb in range(4):
         if skip[vb]:
             assert ps[:, vb].max() < thr and pt[:, vb].max() < thr
-    assert math.isclose(float(torch.exp(tmax_s[0, 0] - lse_s.min())),
-                        float(torch.exp(s.view(8, 4, 16)[:, 0].max() - lse_s.min())))
+    assert math.isclose(
+        float(torch.exp(tmax_s[0, 0] - lse_s.min())),
+        float(torch.exp(s.view(8, 4, 16)[:, 0].max() - lse_s.min())),
+    )

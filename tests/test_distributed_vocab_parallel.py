@@ -41,8 +41,7 @@ def _bounds(sizes, rank):
 def _close(name, got, want, failures, tol=TOL):
     if got is None or want is None:
         if (got is None) != (want is None):
-            failures.append(f"{name}: got {got is None and 'None'}, want "
-                            f"{want is None and 'None'}")
+            failures.append(f"{name}: got {got is None and 'None'}, want {want is None and 'None'}")
         return
     got, want = got.detach().to(torch.float64), want.detach().to(torch.float64)
     if got.shape != want.shape:
@@ -66,8 +65,9 @@ def _logit_cases():
                     yield dict(kind=kind, clip=clip, reduction=reduction, use_mask=use_mask)
 
 
-def _run_logit_case(case, sizes, rank, group, seed, failures, dtype=torch.float64,
-                    impl="torch", tol=TOL):
+def _run_logit_case(
+    case, sizes, rank, group, seed, failures, dtype=torch.float64, impl="torch", tol=TOL
+):
     V = sum(sizes)
     gen = torch.Generator().manual_seed(seed)
     lead = (3, 5)
@@ -80,8 +80,14 @@ def _run_logit_case(case, sizes, rank, group, seed, failures, dtype=torch.float6
     if mask is not None:
         s[~mask] = float("nan")  # padding may hold anything
     upstream = torch.randn(lead, generator=gen, dtype=torch.float64)
-    opts = dict(kind=case["kind"], beta=0.3, temperature=1.3, clip=case["clip"],
-                reduction=case["reduction"], mask=mask)
+    opts = dict(
+        kind=case["kind"],
+        beta=0.3,
+        temperature=1.3,
+        clip=case["clip"],
+        reduction=case["reduction"],
+        mask=mask,
+    )
 
     ref_s = s.clone().requires_grad_(True)
     ref_t = t.clone().requires_grad_(True)
@@ -113,8 +119,18 @@ def _linear_cases():
     yield dict(kind="forward_kl", clip=None, reduction="sum", variant="bias")
 
 
-def _run_linear_case(case, sizes, rank, group, seed, failures, dtype=torch.float64,
-                     impl="torch", tol=TOL, chunk_size=8):
+def _run_linear_case(
+    case,
+    sizes,
+    rank,
+    group,
+    seed,
+    failures,
+    dtype=torch.float64,
+    impl="torch",
+    tol=TOL,
+    chunk_size=8,
+):
     V, H, H_T = sum(sizes), 6, 5
     gen = torch.Generator().manual_seed(seed)
     lead = (2, 7)
@@ -130,14 +146,21 @@ def _run_linear_case(case, sizes, rank, group, seed, failures, dtype=torch.float
     hs[~mask] = float("nan")  # masked rows never reach a GEMM
     upstream = torch.randn(lead, **f64)
     train_w = case["variant"] != "frozen"
-    opts = dict(kind=case["kind"], beta=0.6, temperature=0.9, clip=case["clip"],
-                reduction=case["reduction"], mask=mask)
+    opts = dict(
+        kind=case["kind"],
+        beta=0.6,
+        temperature=0.9,
+        clip=case["clip"],
+        reduction=case["reduction"],
+        mask=mask,
+    )
 
     ref_h = hs.clone().requires_grad_(True)
     ref_w = w.clone().requires_grad_(train_w)
     ref_b = None if b is None else b.clone().requires_grad_(True)
-    ref = fused_linear_divergence(ref_h, ht, ref_w, bias=ref_b, teacher_weight=tw,
-                                  teacher_bias=tb, impl="torch", **opts)
+    ref = fused_linear_divergence(
+        ref_h, ht, ref_w, bias=ref_b, teacher_weight=tw, teacher_bias=tb, impl="torch", **opts
+    )
     (ref * upstream).sum().backward() if case["reduction"] == "none" else ref.backward()
 
     lo, hi = _bounds(sizes, rank)
@@ -145,19 +168,36 @@ def _run_linear_case(case, sizes, rank, group, seed, failures, dtype=torch.float
     my_w = w[lo:hi].to(dtype).clone().requires_grad_(train_w)
     my_b = None if b is None else b[lo:hi].to(dtype).clone().requires_grad_(True)
     out = fused_linear_divergence(
-        my_h, ht.to(dtype), my_w, bias=my_b,
+        my_h,
+        ht.to(dtype),
+        my_w,
+        bias=my_b,
         teacher_weight=None if tw is None else tw[lo:hi].to(dtype),
         teacher_bias=None if tb is None else tb[lo:hi].to(dtype),
-        impl=impl, chunk_size=chunk_size, process_group=group, **opts)
+        impl=impl,
+        chunk_size=chunk_size,
+        process_group=group,
+        **opts,
+    )
     go = upstream.to(out.dtype)
     (out * go).sum().backward() if case["reduction"] == "none" else out.backward()
     name = f"fused_linear {case} {dtype} impl={impl} rank {rank}"
     _close(name + " loss", out, ref, failures, tol)
     _close(name + " d hidden", my_h.grad, ref_h.grad, failures, tol)
-    _close(name + " d weight", my_w.grad, None if ref_w.grad is None else ref_w.grad[lo:hi],
-           failures, tol)
-    _close(name + " d bias", None if my_b is None else my_b.grad,
-           None if ref_b is None else ref_b.grad[lo:hi], failures, tol)
+    _close(
+        name + " d weight",
+        my_w.grad,
+        None if ref_w.grad is None else ref_w.grad[lo:hi],
+        failures,
+        tol,
+    )
+    _close(
+        name + " d bias",
+        None if my_b is None else my_b.grad,
+        None if ref_b is None else ref_b.grad[lo:hi],
+        failures,
+        tol,
+    )
 
 
 def _run_sixteen_bit_cases(sizes, rank, group, failures):
@@ -175,20 +215,24 @@ def _run_sixteen_bit_cases(sizes, rank, group, failures):
     for weight, group_ in ((w, None), (w[lo:hi], group)):
         h = hs.clone().requires_grad_(True)
         w_ = weight.clone().requires_grad_(True)
-        loss = fused_linear_divergence(h, ht, w_, kind="jsd", clip=0.02, mask=mask,
-                                       chunk_size=5, process_group=group_)
+        loss = fused_linear_divergence(
+            h, ht, w_, kind="jsd", clip=0.02, mask=mask, chunk_size=5, process_group=group_
+        )
         loss.backward()
         outs.append((loss, h.grad, w_.grad))
     (ref_loss, ref_h, ref_w), (loss, g_h, g_w) = outs
     # bf16 gradients: one bf16 rounding (2^-8 relative) apart at most
-    for name, got, want, tol in (("loss", loss, ref_loss, 1e-5),
-                                 ("d hidden", g_h, ref_h, 2**-7),
-                                 ("d weight", g_w, ref_w[lo:hi], 2**-7)):
+    for name, got, want, tol in (
+        ("loss", loss, ref_loss, 1e-5),
+        ("d hidden", g_h, ref_h, 2**-7),
+        ("d weight", g_w, ref_w[lo:hi], 2**-7),
+    ):
         err = (got.double() - want.double()).abs().max().item()
         ref_max = want.double().abs().max().item()
         if not err <= tol * ref_max:
-            failures.append(f"bf16 fused_linear {name} rank {rank}: error {err:.3e} vs "
-                            f"max {ref_max:.3e}")
+            failures.append(
+                f"bf16 fused_linear {name} rank {rank}: error {err:.3e} vs max {ref_max:.3e}"
+            )
     s = torch.randn(N, V, generator=gen, dtype=torch.float64)
     t = s + 0.3 * torch.randn(N, V, generator=gen, dtype=torch.float64)
     ref_s = s.clone().requires_grad_(True)
@@ -210,12 +254,12 @@ def _run_module_case(sizes, rank, group, failures):
     lo, hi = _bounds(sizes, rank)
     ref = opsd_kernels.FusedLinearDivergence(kind="jsd", clip=0.02)(hs, hs + 0.1, w)
     got = opsd_kernels.FusedLinearDivergence(kind="jsd", clip=0.02, process_group=group)(
-        hs, hs + 0.1, w[lo:hi])
+        hs, hs + 0.1, w[lo:hi]
+    )
     _close(f"FusedLinearDivergence module rank {rank}", got, ref, failures)
     s, t = hs @ w.T, (hs + 0.1) @ w.T
     ref = opsd_kernels.Divergence(kind="reverse_kl")(s, t)
-    got = opsd_kernels.Divergence(kind="reverse_kl", process_group=group)(
-        s[:, lo:hi], t[:, lo:hi])
+    got = opsd_kernels.Divergence(kind="reverse_kl", process_group=group)(s[:, lo:hi], t[:, lo:hi])
     _close(f"Divergence module rank {rank}", got, ref, failures)
 
 
@@ -245,8 +289,9 @@ def _run_collective_count_cases(sizes, rank, group, failures):
             calls.clear()
             loss = divergence(s, t, kind=kind, clip=clip, process_group=group)
             if calls != fwd:
-                failures.append(f"divergence {kind} clip={clip} forward all-reduces {calls}, "
-                                f"documented {fwd}")
+                failures.append(
+                    f"divergence {kind} clip={clip} forward all-reduces {calls}, documented {fwd}"
+                )
             calls.clear()
             loss.backward()
             if calls:
@@ -258,19 +303,31 @@ def _run_collective_count_cases(sizes, rank, group, failures):
             h = torch.randn(N, H, generator=gen, requires_grad=True)
             w = torch.randn(sum(sizes), H, generator=gen)[lo:hi].requires_grad_(True)
             calls.clear()
-            loss = fused_linear_divergence(h, h.detach() + 0.1, w, kind=kind, clip=clip,
-                                           reduction=reduction, chunk_size=chunk,
-                                           process_group=group)
-            want = [min(n, (N - c * chunk) * n // chunk) for c in range(n_chunks)
-                    for n in per_chunk]
+            loss = fused_linear_divergence(
+                h,
+                h.detach() + 0.1,
+                w,
+                kind=kind,
+                clip=clip,
+                reduction=reduction,
+                chunk_size=chunk,
+                process_group=group,
+            )
+            want = [
+                min(n, (N - c * chunk) * n // chunk) for c in range(n_chunks) for n in per_chunk
+            ]
             if calls != want:
-                failures.append(f"fused_linear {kind} clip={clip} forward all-reduces {calls}, "
-                                f"documented {want}")
+                failures.append(
+                    f"fused_linear {kind} clip={clip} forward all-reduces {calls}, "
+                    f"documented {want}"
+                )
             calls.clear()
             loss.sum().backward()
             if calls != [N * H]:
-                failures.append(f"fused_linear {kind} {reduction} backward all-reduces {calls}, "
-                                f"documented [{N * H}] (the hidden gradient)")
+                failures.append(
+                    f"fused_linear {kind} {reduction} backward all-reduces {calls}, "
+                    f"documented [{N * H}] (the hidden gradient)"
+                )
     finally:
         dist.all_reduce = real
 
@@ -278,8 +335,9 @@ def _run_collective_count_cases(sizes, rank, group, failures):
 def _run_error_cases(group, failures):
     w = torch.randn(5, 4)
     try:
-        fused_linear_divergence(torch.randn(3, 4), torch.randn(3, 4), w, impl="fused",
-                                process_group=group)
+        fused_linear_divergence(
+            torch.randn(3, 4), torch.randn(3, 4), w, impl="fused", process_group=group
+        )
         failures.append("impl='fused' with process_group did not raise")
     except ValueError as e:
         if "process_group" not in str(e):
@@ -302,22 +360,61 @@ def _run_all(sizes, group, failures, every=1, triton=True):
         if i % every == 0:
             _run_linear_case(case, sizes, rank, group, 200 + i, failures)
     # one chunk for all tokens, and float32 inputs against the float64 result
-    _run_linear_case(dict(kind="jsd", clip=0.03, reduction="none", variant="bias"), sizes,
-                     rank, group, 300, failures, chunk_size=64)
-    _run_logit_case(dict(kind="forward_kl", clip=None, reduction="mean", use_mask=True),
-                    sizes, rank, group, 301, failures, dtype=torch.float32, tol=2e-5)
+    _run_linear_case(
+        dict(kind="jsd", clip=0.03, reduction="none", variant="bias"),
+        sizes,
+        rank,
+        group,
+        300,
+        failures,
+        chunk_size=64,
+    )
+    _run_logit_case(
+        dict(kind="forward_kl", clip=None, reduction="mean", use_mask=True),
+        sizes,
+        rank,
+        group,
+        301,
+        failures,
+        dtype=torch.float32,
+        tol=2e-5,
+    )
     # impl="triton": the phase kernels (Triton interpreter on CPU: slow), float32
-    for i, case in enumerate(() if not triton else (
-        dict(kind="forward_kl", clip=None, reduction="none", use_mask=True),
-        dict(kind="jsd", clip=0.03, reduction="sum", use_mask=True),
-    )):
-        _run_logit_case(case, sizes, rank, group, 310 + i, failures, dtype=torch.float32,
-                        impl="triton", tol=2e-5)
-    for i, case in enumerate(() if not triton else (
-        dict(kind="reverse_kl", clip=0.03, reduction="none", variant="bias"),
-    )):
-        _run_linear_case(case, sizes, rank, group, 320 + i, failures, dtype=torch.float32,
-                         impl="triton", tol=2e-5)
+    for i, case in enumerate(
+        ()
+        if not triton
+        else (
+            dict(kind="forward_kl", clip=None, reduction="none", use_mask=True),
+            dict(kind="jsd", clip=0.03, reduction="sum", use_mask=True),
+        )
+    ):
+        _run_logit_case(
+            case,
+            sizes,
+            rank,
+            group,
+            310 + i,
+            failures,
+            dtype=torch.float32,
+            impl="triton",
+            tol=2e-5,
+        )
+    for i, case in enumerate(
+        ()
+        if not triton
+        else (dict(kind="reverse_kl", clip=0.03, reduction="none", variant="bias"),)
+    ):
+        _run_linear_case(
+            case,
+            sizes,
+            rank,
+            group,
+            320 + i,
+            failures,
+            dtype=torch.float32,
+            impl="triton",
+            tol=2e-5,
+        )
     _run_module_case(sizes, rank, group, failures)
     _run_sixteen_bit_cases(sizes, rank, group, failures)
     _run_collective_count_cases(sizes, rank, group, failures)
@@ -332,8 +429,9 @@ def _worker(rank, world, port, out_dir):
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)
     failures: list[str] = []
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         _run_all(WORLD_SIZES, dist.group.WORLD, failures)
         subgroup = dist.new_group(SUBGROUP_RANKS)  # collective: every rank calls it
@@ -406,8 +504,9 @@ def test_distributed_vocab_parallel_row_kernel_compiles_for_sm90():
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
     if proc.returncode != 0 and "GPUTarget" in proc.stderr and "ImportError" in proc.stderr:
         pytest.skip("this Triton build cannot compile ahead of time")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -15,14 +15,27 @@ from tests.helpers import DEVICE, LOGITS_IMPLS, TRITON_RUNS, assert_close, make_
 IMPLS = LOGITS_IMPLS
 
 
-def run_case(impl, shape, dtype, kind, temperature, clip, masked, reduction,
-             beta=0.3, seed=0, device=DEVICE, scale=3.0):
+def run_case(
+    impl,
+    shape,
+    dtype,
+    kind,
+    temperature,
+    clip,
+    masked,
+    reduction,
+    beta=0.3,
+    seed=0,
+    device=DEVICE,
+    scale=3.0,
+):
     s, t = make_logits(shape, dtype, seed=seed, device=device, scale=scale)
     mask = make_mask(shape[:-1], seed, device) if masked else None
     s.requires_grad_()
     t.requires_grad_()
-    opts = dict(kind=kind, beta=beta, temperature=temperature, clip=clip, mask=mask,
-                reduction=reduction)
+    opts = dict(
+        kind=kind, beta=beta, temperature=temperature, clip=clip, mask=mask, reduction=reduction
+    )
     out = divergence(s, t, impl=impl, **opts)
     s_ref = s.detach().double().cpu().requires_grad_()
     t_ref = t.detach().double().cpu().requires_grad_()
@@ -40,6 +53,7 @@ def run_case(impl, shape, dtype, kind, temperature, clip, masked, reduction,
 
 
 # --- the option grid, float32 ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -117,18 +131,32 @@ def test_triton_blocks_do_not_matter():
                 for block in (64, 1024):
                     gs = torch.empty_like(s)
                     loss = divergence_rows_triton(
-                        s, t, opts, mask=None,
-                        scale=torch.ones(1, device=DEVICE), grad_student=gs, grad_teacher=None,
-                        block_v=block)
+                        s,
+                        t,
+                        opts,
+                        mask=None,
+                        scale=torch.ones(1, device=DEVICE),
+                        grad_student=gs,
+                        grad_teacher=None,
+                        block_v=block,
+                    )
                     outs.append((loss, gs))
-                ref = divergence_reference(s.double().cpu(), t.double().cpu(), kind=kind,
-                                           beta=0.4, temperature=1.1, clip=clip, reduction="none")
+                ref = divergence_reference(
+                    s.double().cpu(),
+                    t.double().cpu(),
+                    kind=kind,
+                    beta=0.4,
+                    temperature=1.1,
+                    clip=clip,
+                    reduction="none",
+                )
                 for loss, _ in outs:
                     assert_close(loss, ref, torch.float32, f"{kind} {clip} V={V}")
                 torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-6)
 
 
 # --- hard but valid input ----------------------------------------------------------------
+
 
 def _both(impl, s, t, **kw):
     out = divergence(s.to(DEVICE), t.to(DEVICE), impl=impl, **kw).cpu()
@@ -141,15 +169,17 @@ def _both(impl, s, t, **kw):
 def test_banned_tokens(impl, kind):
     """-inf logits: exact handling of 0 log 0 and of infinite KL."""
     s, t = make_logits((4, 50), seed=3)
-    t[0, :10] = -math.inf              # teacher bans tokens the student allows
-    s[1, 5:9] = -math.inf              # student bans tokens the teacher allows
-    s[2, :3] = -math.inf               # both ban the same tokens
+    t[0, :10] = -math.inf  # teacher bans tokens the student allows
+    s[1, 5:9] = -math.inf  # student bans tokens the teacher allows
+    s[2, :3] = -math.inf  # both ban the same tokens
     t[2, :3] = -math.inf
     out, ref = _both(impl, s, t, kind=kind, reduction="none")
     assert_close(out, ref, torch.float32, kind)
-    expected_inf = {"forward_kl": [False, True, False, False],
-                    "reverse_kl": [True, False, False, False],
-                    "jsd": [False, False, False, False]}[kind]
+    expected_inf = {
+        "forward_kl": [False, True, False, False],
+        "reverse_kl": [True, False, False, False],
+        "jsd": [False, False, False, False],
+    }[kind]
     assert torch.isinf(out).tolist() == expected_inf
     assert not torch.isnan(out).any()
 
@@ -161,7 +191,7 @@ def test_banned_tokens_gradients(impl, kind):
     s, t = make_logits((3, 40), seed=4)
     s[:, :5] = -math.inf
     t[:, :5] = -math.inf
-    t[1, 20:25] = -math.inf            # finite for forward KL and JSD
+    t[1, 20:25] = -math.inf  # finite for forward KL and JSD
     if kind == "reverse_kl":
         s[1, 20:25] = -math.inf
     s_d = s.to(DEVICE, copy=True).requires_grad_()
@@ -189,7 +219,7 @@ def test_clipped_infinite_entries_are_finite(impl, kind):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_masked_rows(impl, reduction):
     s, t = make_logits((3, 20), seed=6)
-    s[1] = math.nan                     # padding garbage in a masked row is never read
+    s[1] = math.nan  # padding garbage in a masked row is never read
     s_d = s.to(DEVICE, copy=True).requires_grad_()
     mask = torch.tensor([False, False, False], device=DEVICE)
     out = divergence(s_d, t.to(DEVICE), mask=mask, reduction=reduction, impl=impl)
@@ -251,6 +281,7 @@ def test_empty_leading_shape():
 
 # --- convenience forms ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("beta", [0.0, 0.25, 1.0])
 def test_generalized_jsd_matches_trl_convention(beta):
     """TRL's generalized_jsd_loss semantics written out (tests/test_trl_compat.py checks
@@ -268,8 +299,9 @@ def test_generalized_jsd_matches_trl_convention(beta):
         per = kl(lt, ls, reduction="none", log_target=True)
     else:
         lm = torch.logsumexp(torch.stack([ls + math.log(1 - beta), lt + math.log(beta)]), 0)
-        per = (beta * kl(lm, lt, reduction="none", log_target=True)
-               + (1 - beta) * kl(lm, ls, reduction="none", log_target=True))
+        per = beta * kl(lm, lt, reduction="none", log_target=True) + (1 - beta) * kl(
+            lm, ls, reduction="none", log_target=True
+        )
     m = labels != -100
 
     def ours(**kw):
@@ -287,8 +319,9 @@ def test_generalized_jsd_matches_trl_convention(beta):
     torch.testing.assert_close(ours(labels=labels, reduction="none"), per[m], **tol)
     torch.testing.assert_close(ours(reduction="none"), per, **tol)
     # num_items_in_batch overrides the reduction
-    torch.testing.assert_close(ours(labels=labels, reduction="mean", num_items_in_batch=7),
-                               per[m].sum() / 7, **tol)
+    torch.testing.assert_close(
+        ours(labels=labels, reduction="mean", num_items_in_batch=7), per[m].sum() / 7, **tol
+    )
 
 
 def test_module_form():
@@ -298,8 +331,10 @@ def test_module_form():
     assert "jsd" in repr(mod)
     torch.testing.assert_close(
         mod(s, t, mask),
-        divergence(s, t, kind="jsd", beta=0.2, temperature=1.3, clip=0.1, reduction="sum",
-                   mask=mask))
+        divergence(
+            s, t, kind="jsd", beta=0.2, temperature=1.3, clip=0.1, reduction="sum", mask=mask
+        ),
+    )
 
 
 def test_second_backward_is_refused():
@@ -315,8 +350,9 @@ def test_auto_picks_torch_on_cpu(monkeypatch):
     import opsd_kernels.api as api
 
     seen = []
-    monkeypatch.setattr(api, "_row_function", lambda impl: seen.append(impl) or
-                        api.divergence_rows_torch)
+    monkeypatch.setattr(
+        api, "_row_function", lambda impl: seen.append(impl) or api.divergence_rows_torch
+    )
     s, t = make_logits((2, 8))
     divergence(s, t)
     assert seen == ["torch"]
@@ -331,8 +367,8 @@ def test_infinite_kl_survives_a_later_larger_maximum(impl, kind):
     s, t = make_logits((2, V), seed=13)
     heavy, banned = (t, s) if kind == "forward_kl" else (s, t)
     heavy[:, 0] = 0.0
-    banned[:, 0] = -math.inf      # the other side bans what this side allows
-    heavy[:, 1500] = 200.0        # a much larger maximum later in the row
+    banned[:, 0] = -math.inf  # the other side bans what this side allows
+    heavy[:, 1500] = 200.0  # a much larger maximum later in the row
     out = divergence(s.to(DEVICE), t.to(DEVICE), kind=kind, impl=impl, reduction="none").cpu()
     ref = divergence_reference(s, t, kind=kind, reduction="none")
     assert torch.isinf(ref).all()

@@ -9,24 +9,27 @@ S = torch.randn(3, 10)
 T = torch.randn(3, 10)
 
 
-@pytest.mark.parametrize("kwargs, exc, words", [
-    (dict(kind="kl"), ValueError, "kind"),
-    (dict(reduction="avg"), ValueError, "reduction"),
-    (dict(kind="jsd", beta=0.0), ValueError, "beta"),
-    (dict(kind="jsd", beta=1.0), ValueError, "beta"),
-    (dict(kind="jsd", beta=1.5), ValueError, "beta"),
-    (dict(beta="x"), TypeError, "beta"),
-    (dict(temperature=0.0), ValueError, "temperature"),
-    (dict(temperature=-1.0), ValueError, "temperature"),
-    (dict(temperature=float("inf")), ValueError, "temperature"),
-    (dict(clip=0.0), ValueError, "clip"),
-    (dict(clip=-0.1), ValueError, "clip"),
-    (dict(clip="0.1"), TypeError, "clip"),
-    (dict(mask=torch.ones(3)), TypeError, "mask"),
-    (dict(mask=torch.ones(4, dtype=torch.bool)), ValueError, "mask"),
-    (dict(mask=[True] * 3), TypeError, "mask"),
-    (dict(impl="cuda"), ValueError, "impl"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(kind="kl"), ValueError, "kind"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(kind="jsd", beta=0.0), ValueError, "beta"),
+        (dict(kind="jsd", beta=1.0), ValueError, "beta"),
+        (dict(kind="jsd", beta=1.5), ValueError, "beta"),
+        (dict(beta="x"), TypeError, "beta"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(temperature=float("inf")), ValueError, "temperature"),
+        (dict(clip=0.0), ValueError, "clip"),
+        (dict(clip=-0.1), ValueError, "clip"),
+        (dict(clip="0.1"), TypeError, "clip"),
+        (dict(mask=torch.ones(3)), TypeError, "mask"),
+        (dict(mask=torch.ones(4, dtype=torch.bool)), ValueError, "mask"),
+        (dict(mask=[True] * 3), TypeError, "mask"),
+        (dict(impl="cuda"), ValueError, "impl"),
+    ],
+)
 def test_bad_options(kwargs, exc, words):
     with pytest.raises(exc, match=words):
         divergence(S, T, **kwargs)
@@ -78,25 +81,32 @@ H = torch.randn(3, 8)
 W = torch.randn(10, 8)
 
 
-@pytest.mark.parametrize("args, kwargs, exc, words", [
-    ((H, torch.randn(4, 8), W), {}, ValueError, "leading shape"),
-    ((H, H, torch.randn(10, 9)), {}, ValueError, "hidden size"),
-    ((H, H, torch.randn(10)), {}, ValueError, "weight must have shape"),
-    ((H, H, torch.randn(0, 8)), {}, ValueError, "empty vocabulary"),
-    ((H, torch.randn(3, 5), W), {}, ValueError, "teacher_weight for a teacher"),
-    ((H, torch.randn(3, 5), W), dict(teacher_weight=torch.randn(10, 6)), ValueError,
-     "teacher_weight must have shape"),
-    ((H, H, W), dict(teacher_bias=torch.randn(10)), ValueError, "teacher_bias"),
-    ((H, H, W), dict(bias=torch.randn(11)), ValueError, "bias must have shape"),
-    ((H, H, W.half()), dict(impl="fused"), TypeError, "one dtype"),
-    ((H, H, W.double()), dict(impl="triton"), TypeError, "float64"),
-    ((H, H, W), dict(chunk_size=0), ValueError, "chunk_size"),
-    ((H, H, W), dict(chunk_size=2.5), ValueError, "chunk_size"),
-    ((H, H, W), dict(mask=torch.ones(3)), TypeError, "mask"),
-    ((H, H, W), dict(kind="jsd", beta=2.0), ValueError, "beta"),
-    ((H.long(), H, W), {}, TypeError, "student_hidden"),
-    ((H, H, W), dict(impl="fast"), ValueError, "impl"),
-])
+@pytest.mark.parametrize(
+    "args, kwargs, exc, words",
+    [
+        ((H, torch.randn(4, 8), W), {}, ValueError, "leading shape"),
+        ((H, H, torch.randn(10, 9)), {}, ValueError, "hidden size"),
+        ((H, H, torch.randn(10)), {}, ValueError, "weight must have shape"),
+        ((H, H, torch.randn(0, 8)), {}, ValueError, "empty vocabulary"),
+        ((H, torch.randn(3, 5), W), {}, ValueError, "teacher_weight for a teacher"),
+        (
+            (H, torch.randn(3, 5), W),
+            dict(teacher_weight=torch.randn(10, 6)),
+            ValueError,
+            "teacher_weight must have shape",
+        ),
+        ((H, H, W), dict(teacher_bias=torch.randn(10)), ValueError, "teacher_bias"),
+        ((H, H, W), dict(bias=torch.randn(11)), ValueError, "bias must have shape"),
+        ((H, H, W.half()), dict(impl="fused"), TypeError, "one dtype"),
+        ((H, H, W.double()), dict(impl="triton"), TypeError, "float64"),
+        ((H, H, W), dict(chunk_size=0), ValueError, "chunk_size"),
+        ((H, H, W), dict(chunk_size=2.5), ValueError, "chunk_size"),
+        ((H, H, W), dict(mask=torch.ones(3)), TypeError, "mask"),
+        ((H, H, W), dict(kind="jsd", beta=2.0), ValueError, "beta"),
+        ((H.long(), H, W), {}, TypeError, "student_hidden"),
+        ((H, H, W), dict(impl="fast"), ValueError, "impl"),
+    ],
+)
 def test_fused_linear_bad_input(args, kwargs, exc, words):
     with pytest.raises(exc, match=words):
         fused_linear_divergence(*args, **kwargs)

@@ -29,8 +29,10 @@ def blocks(monkeypatch):
     from opsd_kernels.triton import configs
 
     def set_blocks(**kw):
-        rows = tuple(dataclasses.replace(r, config=dataclasses.replace(r.config, **kw))
-                     for r in configs.TABLE)
+        rows = tuple(
+            dataclasses.replace(r, config=dataclasses.replace(r.config, **kw))
+            for r in configs.TABLE
+        )
         monkeypatch.setattr(configs, "TABLE", rows)
 
     return set_blocks
@@ -49,23 +51,49 @@ def test_several_token_blocks_and_splits(blocks, kind):
     # 24 tokens = 1.5 token blocks of 16, V = 300 = 9.4 vocabulary blocks of 32 in 3 splits,
     # H = 40 = 2.5 steps of 16; the dH kernel in 3 vocabulary splits (partial sums)
     blocks(splits=3, dh_splits=3)
-    run_case("fused", lead=(3, 8), H=40, V=300, kind=kind, clip=0.05 if kind == "jsd" else None,
-             reduction="none", masked=True, bias=True)
+    run_case(
+        "fused",
+        lead=(3, 8),
+        H=40,
+        V=300,
+        kind=kind,
+        clip=0.05 if kind == "jsd" else None,
+        reduction="none",
+        masked=True,
+        bias=True,
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_separate_teacher_weight_other_hidden_size(reduction, frozen, bias):
-    run_case("fused", H=16, H_T=40, separate=True, bias=bias, frozen=frozen,
-             reduction=reduction, kind="jsd", clip=0.05, masked=True)
+    run_case(
+        "fused",
+        H=16,
+        H_T=40,
+        separate=True,
+        bias=bias,
+        frozen=frozen,
+        reduction=reduction,
+        kind="jsd",
+        clip=0.05,
+        masked=True,
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("frozen", [False, True])
 def test_shared_weight_bias_and_frozen(reduction, frozen):
-    run_case("fused", bias=True, frozen=frozen, reduction=reduction, clip=0.05, masked=True,
-             kind="reverse_kl")
+    run_case(
+        "fused",
+        bias=True,
+        frozen=frozen,
+        reduction=reduction,
+        clip=0.05,
+        masked=True,
+        kind="reverse_kl",
+    )
 
 
 def test_bias_trainable_weight_frozen():
@@ -82,8 +110,9 @@ def test_bias_trainable_weight_frozen():
     assert_close(x["bias"].grad, ref_in["bias"].grad, torch.float32, "grad bias")
 
 
-@pytest.mark.parametrize("lead, H, V", [((1,), 16, 1), ((1,), 20, 33), ((17,), 16, 16),
-                                        ((2, 3, 2), 24, 65)])
+@pytest.mark.parametrize(
+    "lead, H, V", [((1,), 16, 1), ((1,), 20, 33), ((17,), 16, 16), ((2, 3, 2), 24, 65)]
+)
 def test_odd_shapes(lead, H, V):
     # one token, V = 1, a vocabulary one past a block, H not a multiple of the K step
     run_case("fused", lead=lead, H=H, V=V, reduction="none", kind="reverse_kl", clip=0.05)
@@ -115,10 +144,13 @@ def test_all_masked_and_nan_padding():
     assert torch.isfinite(out)
     assert torch.count_nonzero(x["student_hidden"].grad[~mask]) == 0
     assert torch.isfinite(x["weight"].grad).all()
-    clean = {k: torch.where(mask[:, None], v.detach(), 0.0) if "hidden" in k else v.detach()
-             for k, v in x.items()}
-    ref = fused_linear_divergence_reference(**{k: v.double().cpu() for k, v in clean.items()},
-                                            mask=mask.cpu(), kind="jsd", clip=0.05)
+    clean = {
+        k: torch.where(mask[:, None], v.detach(), 0.0) if "hidden" in k else v.detach()
+        for k, v in x.items()
+    }
+    ref = fused_linear_divergence_reference(
+        **{k: v.double().cpu() for k, v in clean.items()}, mask=mask.cpu(), kind="jsd", clip=0.05
+    )
     assert_close(out, ref, torch.float32, "loss")
 
 
@@ -127,8 +159,18 @@ def test_all_masked_and_nan_padding():
 def test_low_precision(blocks, dtype, fp32_weight_grad):
     # a tiny scratch budget forces the float32 accumulation into several token/vocab slices
     blocks(scratch_bytes=16 * 4 * 16)
-    run_case("fused", lead=(40,), H=16, V=70, dtype=dtype, clip=0.05,
-             fp32_weight_grad=fp32_weight_grad, masked=True, bias=True, reduction="none")
+    run_case(
+        "fused",
+        lead=(40,),
+        H=16,
+        V=70,
+        dtype=dtype,
+        clip=0.05,
+        fp32_weight_grad=fp32_weight_grad,
+        masked=True,
+        bias=True,
+        reduction="none",
+    )
 
 
 def test_deterministic_and_retain_graph(blocks):
@@ -140,8 +182,7 @@ def test_deterministic_and_retain_graph(blocks):
     up = torch.linspace(-1, 2, 20, device=DEVICE)
     grads = []
     for _ in range(2):  # nothing is modified in place: the graph can be walked twice
-        gh, gw = torch.autograd.grad(out, (x["student_hidden"], x["weight"]), up,
-                                     retain_graph=True)
+        gh, gw = torch.autograd.grad(out, (x["student_hidden"], x["weight"]), up, retain_graph=True)
         grads.append((gh, gw))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
@@ -154,9 +195,16 @@ def test_matches_chunked_triton():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("bad, exc", [(-0.1, ValueError), (1.5, ValueError),
-                                      (float("nan"), ValueError), ("0.1", TypeError),
-                                      (True, TypeError)])
+@pytest.mark.parametrize(
+    "bad, exc",
+    [
+        (-0.1, ValueError),
+        (1.5, ValueError),
+        (float("nan"), ValueError),
+        ("0.1", TypeError),
+        (True, TypeError),
+    ],
+)
 def test_skip_threshold_validation(bad, exc):
     x = make_inputs((3,), 8, 20)
     with pytest.raises(exc, match="skip_threshold"):
@@ -196,8 +244,9 @@ def _skipped_tiles(x, threshold, temperature):
     from opsd_kernels.triton.fused_forward import fused_forward
 
     opts = check_options("forward_kl", 0.5, temperature, None, "mean")
-    st = fused_forward(x["student_hidden"], x["teacher_hidden"], x["weight"], None, None, None,
-                       None, opts)
+    st = fused_forward(
+        x["student_hidden"], x["teacher_hidden"], x["weight"], None, None, None, None, opts
+    )
     return skipped_tiles(st, threshold), st.cfg.block_n, st.cfg.block_v
 
 
@@ -215,9 +264,15 @@ def test_skipping_within_stated_bound(clip, opposite):
         xs = {k: v.detach().clone() for k, v in x.items()}
         xs["student_hidden"].requires_grad_()
         xs["weight"].requires_grad_()
-        out = fused_linear_divergence(**xs, impl="fused", kind="forward_kl", clip=clip,
-                                      temperature=tau, reduction="none",
-                                      skip_threshold=threshold)
+        out = fused_linear_divergence(
+            **xs,
+            impl="fused",
+            kind="forward_kl",
+            clip=clip,
+            temperature=tau,
+            reduction="none",
+            skip_threshold=threshold,
+        )
         (out * up.to(out)).sum().backward()
         return out.detach(), xs["student_hidden"].grad, xs["weight"].grad
 
@@ -263,17 +318,39 @@ def test_skipping_negligible_threshold_is_exact():
 
 
 @cuda_only
-@pytest.mark.parametrize("kind, clip", [("forward_kl", 0.05), ("forward_kl", None),
-                                        ("reverse_kl", None), ("jsd", 0.05)])
+@pytest.mark.parametrize(
+    "kind, clip", [("forward_kl", 0.05), ("forward_kl", None), ("reverse_kl", None), ("jsd", 0.05)]
+)
 def test_cuda_bf16_realistic_vocab(kind, clip):
-    run_case("fused", lead=(256,), H=256, V=32000, dtype=torch.bfloat16, kind=kind, clip=clip,
-             temperature=1.1, masked=True, reduction="mean")
+    run_case(
+        "fused",
+        lead=(256,),
+        H=256,
+        V=32000,
+        dtype=torch.bfloat16,
+        kind=kind,
+        clip=clip,
+        temperature=1.1,
+        masked=True,
+        reduction="mean",
+    )
 
 
 @cuda_only
 def test_cuda_bf16_separate_teacher_none_reduction():
-    run_case("fused", lead=(2, 128), H=256, H_T=384, V=32000, dtype=torch.bfloat16,
-             separate=True, bias=True, kind="jsd", clip=0.05, reduction="none")
+    run_case(
+        "fused",
+        lead=(2, 128),
+        H=256,
+        H_T=384,
+        V=32000,
+        dtype=torch.bfloat16,
+        separate=True,
+        bias=True,
+        kind="jsd",
+        clip=0.05,
+        reduction="none",
+    )
 
 
 @cuda_only
@@ -285,8 +362,9 @@ def test_cuda_bf16_skipping_close_to_exact():
         xs = {k: v.detach().clone() for k, v in x.items()}
         xs["student_hidden"].requires_grad_()
         xs["weight"].requires_grad_()
-        fused_linear_divergence(**xs, impl="fused", kind="forward_kl", clip=0.05,
-                                temperature=1.1, skip_threshold=thr).backward()
+        fused_linear_divergence(
+            **xs, impl="fused", kind="forward_kl", clip=0.05, temperature=1.1, skip_threshold=thr
+        ).backward()
         res.append((xs["student_hidden"].grad.float(), xs["weight"].grad.float()))
     assert _skipped_fraction(x, 1e-6, 1.1) > 0.3
     for a, b in zip(res[0], res[1], strict=True):
@@ -305,8 +383,9 @@ def test_infinite_kl_survives_a_later_larger_maximum(blocks, kind):
     x[heavy][0] = 0.0
     x[heavy][50] = 300.0
     out = fused_linear_divergence(**x, kind=kind, impl="fused", reduction="none")
-    ref = fused_linear_divergence_reference(**{k: v.cpu() for k, v in x.items()}, kind=kind,
-                                            reduction="none")
+    ref = fused_linear_divergence_reference(
+        **{k: v.cpu() for k, v in x.items()}, kind=kind, reduction="none"
+    )
     assert torch.isinf(ref).all()
     assert torch.isinf(out).all() and (out > 0).all()
 
@@ -323,8 +402,14 @@ def _opts(kind="forward_kl", clip=None, temperature=1.1, reduction="none", beta=
 def _reference(x, opts, mask=None, trainable=("student_hidden", "weight")):
     ref_in = {k: v.detach().double().cpu().requires_grad_(k in trainable) for k, v in x.items()}
     ref = fused_linear_divergence_reference(
-        **ref_in, mask=None if mask is None else mask.cpu(), kind=opts.spec.name, beta=opts.beta,
-        temperature=opts.temperature, clip=opts.clip, reduction=opts.reduction)
+        **ref_in,
+        mask=None if mask is None else mask.cpu(),
+        kind=opts.spec.name,
+        beta=opts.beta,
+        temperature=opts.temperature,
+        clip=opts.clip,
+        reduction=opts.reduction,
+    )
     return ref, ref_in
 
 
@@ -337,8 +422,17 @@ def test_clip_pass_recomputes_only_tiles_that_can_clip(kind):
     x = peaked_inputs(40, 16, 300, opposite=True)
     opts = _opts(kind, clip=0.01)
     counts = {}
-    st = fused_forward(x["student_hidden"], x["teacher_hidden"], x["weight"], None, None, None,
-                       None, opts, tile_counts=counts)
+    st = fused_forward(
+        x["student_hidden"],
+        x["teacher_hidden"],
+        x["weight"],
+        None,
+        None,
+        None,
+        None,
+        opts,
+        tile_counts=counts,
+    )
     assert (counts["stats"] == 1).all()
     terms = counts["terms"]
     assert set(terms.unique().tolist()) <= {0, 1}
@@ -347,8 +441,17 @@ def test_clip_pass_recomputes_only_tiles_that_can_clip(kind):
     assert_close(st.loss, ref, torch.float32, "loss")
     # the map the pass used is the documented test, recomputed here from the statistics
     tmin = {}
-    fused_forward(x["student_hidden"], x["teacher_hidden"], x["weight"], None, None, None,
-                  None, _opts(kind, clip=None), tile_counts=tmin)
+    fused_forward(
+        x["student_hidden"],
+        x["teacher_hidden"],
+        x["weight"],
+        None,
+        None,
+        None,
+        None,
+        _opts(kind, clip=None),
+        tile_counts=tmin,
+    )
     assert tmin["terms"].sum() == 0  # no clip: no terms pass at all
 
 
@@ -359,16 +462,17 @@ def test_clip_pass_infinite_kl_row_recomputes_its_block(blocks):
     x = make_inputs((20,), 8, 64, separate=True, bias=True)
     x["bias"][3] = -math.inf
     x["teacher_bias"][3] = 4.0
-    out = fused_linear_divergence(**x, kind="forward_kl", clip=0.05, impl="fused",
-                                  reduction="none")
-    ref = fused_linear_divergence_reference(**{k: v.cpu() for k, v in x.items()},
-                                            kind="forward_kl", clip=0.05, reduction="none")
+    out = fused_linear_divergence(**x, kind="forward_kl", clip=0.05, impl="fused", reduction="none")
+    ref = fused_linear_divergence_reference(
+        **{k: v.cpu() for k, v in x.items()}, kind="forward_kl", clip=0.05, reduction="none"
+    )
     assert torch.isfinite(ref).all()
     assert_close(out, ref, torch.float32, "loss")
 
 
-@pytest.mark.parametrize("kind, clip", [("forward_kl", None), ("forward_kl", 0.02),
-                                        ("jsd", 0.05), ("reverse_kl", None)])
+@pytest.mark.parametrize(
+    "kind, clip", [("forward_kl", None), ("forward_kl", 0.02), ("jsd", 0.05), ("reverse_kl", None)]
+)
 @pytest.mark.parametrize("frozen", [False, True])
 def test_tile_counts_match_cost_model(blocks, kind, clip, frozen):
     """Count the tiles every pass computes (debug counters) and check them against
@@ -385,19 +489,47 @@ def test_tile_counts_match_cost_model(blocks, kind, clip, frozen):
     thr = 1e-3
     for deterministic in (True, False):
         counts = {}
-        st = fused_forward(x["student_hidden"], x["teacher_hidden"], x["weight"], None, None,
-                           None, None, opts, tile_counts=counts)
-        fused_backward(x["student_hidden"], x["teacher_hidden"], x["weight"], None, None, None,
-                       None, st, torch.ones(1), opts, skip_threshold=thr, want_h=True,
-                       want_w=not frozen, want_b=False, deterministic=deterministic,
-                       tile_counts=counts)
+        st = fused_forward(
+            x["student_hidden"],
+            x["teacher_hidden"],
+            x["weight"],
+            None,
+            None,
+            None,
+            None,
+            opts,
+            tile_counts=counts,
+        )
+        fused_backward(
+            x["student_hidden"],
+            x["teacher_hidden"],
+            x["weight"],
+            None,
+            None,
+            None,
+            None,
+            st,
+            torch.ones(1),
+            opts,
+            skip_threshold=thr,
+            want_h=True,
+            want_w=not frozen,
+            want_b=False,
+            deterministic=deterministic,
+            tile_counts=counts,
+        )
         skipped = skipped_tiles(st, thr)
         assert 0 < skipped.sum() < skipped.numel()
         n_tiles = skipped.numel()
         clip_frac = counts["terms"].sum().item() / n_tiles
-        model = tiles_per_pass(kind, clip is not None, not frozen, deterministic,
-                               skipped_fraction=skipped.float().mean().item(),
-                               clip_recompute_fraction=clip_frac)
+        model = tiles_per_pass(
+            kind,
+            clip is not None,
+            not frozen,
+            deterministic,
+            skipped_fraction=skipped.float().mean().item(),
+            clip_recompute_fraction=clip_frac,
+        )
         counted = {k: v.sum().item() / n_tiles for k, v in counts.items()}
         for name, expected in model.items():
             assert counted.get(name, 0.0) == pytest.approx(expected), (name, counted, model)
@@ -420,8 +552,19 @@ def test_one_pass_backward_matches_reference(kind, clip, masked):
     for k in trainable:
         x[k].requires_grad_()
     opts = _opts(kind, clip)
-    out = F.apply(x["student_hidden"], x["teacher_hidden"], x["weight"], None, x["bias"], None,
-                  mask, opts, 0.0, torch.float32, False)
+    out = F.apply(
+        x["student_hidden"],
+        x["teacher_hidden"],
+        x["weight"],
+        None,
+        x["bias"],
+        None,
+        mask,
+        opts,
+        0.0,
+        torch.float32,
+        False,
+    )
     ref, ref_in = _reference(x, opts, mask, trainable)
     assert_close(out, ref, torch.float32, "loss")
     up = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -451,15 +594,24 @@ def test_auto_skip_bound_is_tight():
     hs[:, 0], hs[:, 1] = 60.0, -60.0
     ht = torch.zeros(N, H, dtype=torch.float64)
     ht[:, 0], ht[:, 1] = L0, L1
-    x = {k: v.float().to(DEVICE) for k, v in
-         dict(student_hidden=hs, teacher_hidden=ht, weight=w).items()}
+    x = {
+        k: v.float().to(DEVICE)
+        for k, v in dict(student_hidden=hs, teacher_hidden=ht, weight=w).items()
+    }
     r = torch.linspace(0.5, 2.0, N, dtype=torch.float64)
 
     def grad(threshold):
         h = x["student_hidden"].clone().requires_grad_()
-        out = fused_linear_divergence(h, x["teacher_hidden"], x["weight"], kind="forward_kl",
-                                      temperature=tau, impl="fused", reduction="none",
-                                      skip_threshold=threshold)
+        out = fused_linear_divergence(
+            h,
+            x["teacher_hidden"],
+            x["weight"],
+            kind="forward_kl",
+            temperature=tau,
+            impl="fused",
+            reduction="none",
+            skip_threshold=threshold,
+        )
         (out * r.to(out)).sum().backward()
         return h.grad.double().cpu()
 
@@ -480,8 +632,14 @@ def test_resolve_skip_threshold():
     assert resolve_skip_threshold("auto", torch.float16) == 2.0**-11 / 2**20
     assert resolve_skip_threshold("auto", torch.bfloat16, vocab_size=1000) == 2.0**-8 / 1000
     assert resolve_skip_threshold(0, torch.bfloat16) == 0.0
-    for bad, exc in [("fast", ValueError), (-1e-9, ValueError), (1.01, ValueError),
-                     (float("nan"), ValueError), (True, TypeError), (None, TypeError)]:
+    for bad, exc in [
+        ("fast", ValueError),
+        (-1e-9, ValueError),
+        (1.01, ValueError),
+        (float("nan"), ValueError),
+        (True, TypeError),
+        (None, TypeError),
+    ]:
         with pytest.raises(exc, match="skip_threshold"):
             resolve_skip_threshold(bad, torch.float32)
 
@@ -499,8 +657,19 @@ def test_fp16_tiny_upstream_keeps_gradient_precision(deterministic):
     for k in ("student_hidden", "weight"):
         x[k].requires_grad_()
     opts = _opts("forward_kl", 0.05)
-    out = F.apply(x["student_hidden"], x["teacher_hidden"], x["weight"], None, None, None, None,
-                  opts, 0.0, torch.float32, deterministic)
+    out = F.apply(
+        x["student_hidden"],
+        x["teacher_hidden"],
+        x["weight"],
+        None,
+        None,
+        None,
+        None,
+        opts,
+        0.0,
+        torch.float32,
+        deterministic,
+    )
     ref, ref_in = _reference(x, opts)
     (out * 1e-4).sum().backward()
     (ref * 1e-4).sum().backward()
@@ -526,8 +695,18 @@ def test_auto_skip_threshold_through_the_function():
 
         def grad(threshold, x=x, opts=opts):
             h = x["student_hidden"].detach().clone().requires_grad_()
-            out = F.apply(h, x["teacher_hidden"], x["weight"], None, None, None, None, opts,
-                          threshold, torch.float32)
+            out = F.apply(
+                h,
+                x["teacher_hidden"],
+                x["weight"],
+                None,
+                None,
+                None,
+                None,
+                opts,
+                threshold,
+                torch.float32,
+            )
             (out * r.to(out)).sum().backward()
             return h.grad
 

@@ -17,25 +17,43 @@ def make_inputs(lead, H, V, H_T=None, dtype=torch.float32, seed=0, bias=False, s
     g = torch.Generator().manual_seed(seed)
     H_T = H_T or H
     hs = torch.randn(*lead, H, generator=g, dtype=torch.float64)
-    ht = 0.6 * torch.cat([hs, torch.zeros(*lead, max(0, H_T - H), dtype=torch.float64)],
-                         -1)[..., :H_T] + 0.8 * torch.randn(*lead, H_T, generator=g,
-                                                            dtype=torch.float64)
+    ht = 0.6 * torch.cat([hs, torch.zeros(*lead, max(0, H_T - H), dtype=torch.float64)], -1)[
+        ..., :H_T
+    ] + 0.8 * torch.randn(*lead, H_T, generator=g, dtype=torch.float64)
     w = torch.randn(V, H, generator=g, dtype=torch.float64) * (2.0 / H**0.5)
     out = dict(student_hidden=hs, teacher_hidden=ht, weight=w)
     if bias:
         out["bias"] = torch.randn(V, generator=g, dtype=torch.float64)
     if separate:
         out["teacher_weight"] = torch.randn(V, H_T, generator=g, dtype=torch.float64) * (
-            2.0 / H_T**0.5)
+            2.0 / H_T**0.5
+        )
         if bias:
             out["teacher_bias"] = torch.randn(V, generator=g, dtype=torch.float64)
     return {k: v.to(dtype).to(DEVICE) for k, v in out.items()}
 
 
-def run_case(impl, lead=(2, 5), H=16, V=97, H_T=None, dtype=torch.float32, kind="forward_kl",
-             temperature=1.1, clip=None, masked=False, reduction="mean", bias=False,
-             separate=False, frozen=False, chunk_size=3, seed=0, noncontig=False,
-             fp32_weight_grad=True, beta=0.3):
+def run_case(
+    impl,
+    lead=(2, 5),
+    H=16,
+    V=97,
+    H_T=None,
+    dtype=torch.float32,
+    kind="forward_kl",
+    temperature=1.1,
+    clip=None,
+    masked=False,
+    reduction="mean",
+    bias=False,
+    separate=False,
+    frozen=False,
+    chunk_size=3,
+    seed=0,
+    noncontig=False,
+    fp32_weight_grad=True,
+    beta=0.3,
+):
     x = make_inputs(lead, H, V, H_T, dtype, seed, bias, separate)
     if noncontig:  # transposed leading dims: not contiguous
         x["student_hidden"] = x["student_hidden"].transpose(0, 1).contiguous().transpose(0, 1)
@@ -49,11 +67,13 @@ def run_case(impl, lead=(2, 5), H=16, V=97, H_T=None, dtype=torch.float32, kind=
         if k in x:
             x[k].requires_grad_()  # must receive no gradient: the teacher is a constant
     opts = dict(kind=kind, beta=beta, temperature=temperature, clip=clip, reduction=reduction)
-    out = fused_linear_divergence(**x, mask=mask, impl=impl, chunk_size=chunk_size,
-                                  fp32_weight_grad=fp32_weight_grad, **opts)
+    out = fused_linear_divergence(
+        **x, mask=mask, impl=impl, chunk_size=chunk_size, fp32_weight_grad=fp32_weight_grad, **opts
+    )
     ref_in = {k: v.detach().double().cpu().requires_grad_(k in trainable) for k, v in x.items()}
     ref = fused_linear_divergence_reference(
-        **ref_in, mask=None if mask is None else mask.cpu(), **opts)
+        **ref_in, mask=None if mask is None else mask.cpu(), **opts
+    )
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(out, ref, dtype, "loss")
     g = torch.Generator().manual_seed(seed + 3)
@@ -85,8 +105,18 @@ def test_option_grid(impl, kind, clip, reduction, masked):
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_separate_teacher_weight_other_hidden_size(impl, reduction, frozen, bias):
-    run_case(impl, H=16, H_T=24, separate=True, bias=bias, frozen=frozen, reduction=reduction,
-             kind="jsd", clip=0.05, masked=True)
+    run_case(
+        impl,
+        H=16,
+        H_T=24,
+        separate=True,
+        bias=bias,
+        frozen=frozen,
+        reduction=reduction,
+        kind="jsd",
+        clip=0.05,
+        masked=True,
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -120,8 +150,14 @@ def test_noncontiguous_hidden(impl):
 def test_low_precision(impl, dtype, fp32_weight_grad):
     if impl == "torch" and dtype == torch.float16 and not HAS_CUDA:
         pass  # CPU half matmul is supported by torch 2.x
-    run_case(impl, dtype=dtype, kind="forward_kl", clip=0.05, fp32_weight_grad=fp32_weight_grad,
-             masked=True)
+    run_case(
+        impl,
+        dtype=dtype,
+        kind="forward_kl",
+        clip=0.05,
+        fp32_weight_grad=fp32_weight_grad,
+        masked=True,
+    )
 
 
 def test_float64_torch():
@@ -150,13 +186,16 @@ def test_teacher_never_gets_a_graph():
 
 def test_module_form():
     x = make_inputs((3,), 8, 20, bias=True)
-    mod = FusedLinearDivergence(kind="reverse_kl", temperature=1.1, clip=0.05, reduction="sum",
-                                chunk_size=2)
+    mod = FusedLinearDivergence(
+        kind="reverse_kl", temperature=1.1, clip=0.05, reduction="sum", chunk_size=2
+    )
     assert "reverse_kl" in repr(mod)
     torch.testing.assert_close(
         mod(x["student_hidden"], x["teacher_hidden"], x["weight"], bias=x["bias"]),
-        fused_linear_divergence(**x, kind="reverse_kl", temperature=1.1, clip=0.05,
-                                reduction="sum", chunk_size=2))
+        fused_linear_divergence(
+            **x, kind="reverse_kl", temperature=1.1, clip=0.05, reduction="sum", chunk_size=2
+        ),
+    )
 
 
 def test_auto_chunk_size_follows_budget(monkeypatch):
@@ -190,10 +229,19 @@ def test_masked_rows_never_reach_any_gradient(impl, reduction, bias, poison):
         clean[k][~mask] = 0.0
     outs = []
     for inputs in (x, clean):
-        trainable = {k: inputs[k].clone().requires_grad_()
-                     for k in ("student_hidden", "weight", "bias") if k in inputs}
-        loss = fused_linear_divergence(**{**inputs, **trainable}, mask=mask, impl=impl,
-                                       chunk_size=5, reduction=reduction, clip=0.05)
+        trainable = {
+            k: inputs[k].clone().requires_grad_()
+            for k in ("student_hidden", "weight", "bias")
+            if k in inputs
+        }
+        loss = fused_linear_divergence(
+            **{**inputs, **trainable},
+            mask=mask,
+            impl=impl,
+            chunk_size=5,
+            reduction=reduction,
+            clip=0.05,
+        )
         (loss.sum() if reduction == "none" else loss).backward()
         outs.append((loss.detach(), {k: v.grad for k, v in trainable.items()}))
     (loss_p, grads_p), (loss_c, grads_c) = outs

@@ -89,18 +89,31 @@ def _fake_path(tmp_path) -> str:
 
 
 def _run_script(tmp_path, **env):
-    full = {**os.environ, "PATH": _fake_path(tmp_path), "OUT": str(tmp_path / "out"),
-            "RESULTS_DIR": str(tmp_path / "results"), "GPU_CHECK_DRY_RUN": "1", **env}
-    return subprocess.run(["bash", SCRIPT], env=full, capture_output=True, text=True,
-                          timeout=60, cwd=str(tmp_path))
+    full = {
+        **os.environ,
+        "PATH": _fake_path(tmp_path),
+        "OUT": str(tmp_path / "out"),
+        "RESULTS_DIR": str(tmp_path / "results"),
+        "GPU_CHECK_DRY_RUN": "1",
+        **env,
+    }
+    return subprocess.run(
+        ["bash", SCRIPT], env=full, capture_output=True, text=True, timeout=60, cwd=str(tmp_path)
+    )
 
 
 def test_dry_run_order_and_commands(tmp_path):
     proc = _run_script(tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    order = ["FAKE H200", "== tests", "== bench qwen3-4b", "== bench precision",
-             "== bench skipping", "== bench compiled"]
+    order = [
+        "FAKE H200",
+        "== tests",
+        "== bench qwen3-4b",
+        "== bench precision",
+        "== bench skipping",
+        "== bench compiled",
+    ]
     pos = [out.find(x) for x in order]
     assert all(p >= 0 for p in pos), [x for x, p in zip(order, pos, strict=True) if p < 0]
     assert pos == sorted(pos), "steps out of order: device, tests, qwen3-4b, precision, ..."
@@ -108,13 +121,13 @@ def test_dry_run_order_and_commands(tmp_path):
     assert all(re.match(r"DRY-RUN: timeout -s INT -k \d+ \d+ ", line) for line in dry), dry
     tests = [line for line in dry if "gpu_tests.py" in line]
     assert len(tests) == 1 and "test_triton_compile" not in out
-    assert not any("pytest tests" in line or " tests/" in line for line in dry), \
+    assert not any("pytest tests" in line or " tests/" in line for line in dry), (
         "the full test suite must not run on the GPU: only bench/gpu_tests.txt"
+    )
     benches = [line for line in dry if "-m pytest bench/" in line]
     assert any("bench_precision.py" in line for line in benches)
     assert any("bench_skipping.py" in line for line in benches)
-    assert any("--preset qwen3-4b" in line and "bench_fused_linear.py" in line
-               for line in benches)
+    assert any("--preset qwen3-4b" in line and "bench_fused_linear.py" in line for line in benches)
     # after every bench pass, the report is merged (what finished is kept)
     steps = [line for line in out.splitlines() if line.startswith("== ")]
     for i, s in enumerate(steps):
@@ -128,8 +141,7 @@ def test_larger_budgets_are_refused(tmp_path):
     assert "lower them" in proc.stderr
 
 
-BAD_LINES = ['tests/test_fused.py -k "test_no_such_test_anywhere"',
-             "tests/test_no_such_file.py"]
+BAD_LINES = ['tests/test_fused.py -k "test_no_such_test_anywhere"', "tests/test_no_such_file.py"]
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +152,18 @@ def subset_check(tmp_path_factory):
     listing = tmp_path_factory.mktemp("gpu") / "list.txt"
     listing.write_text("\n".join(real + BAD_LINES) + "\n")
     env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_tests.py"), "--list",
-                           str(listing), "--check"], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
-    counts = {int(m.group(2)): int(m.group(1))
-              for m in re.finditer(r"^\s*(\d+)\s+(\d+): ", proc.stdout, re.M)}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "gpu_tests.py"), "--list", str(listing), "--check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    counts = {
+        int(m.group(2)): int(m.group(1))
+        for m in re.finditer(r"^\s*(\d+)\s+(\d+): ", proc.stdout, re.M)
+    }
     problems = [line for line in proc.stdout.splitlines() if line.startswith("PROBLEM")]
     return proc, len(real), counts, problems
 
@@ -152,10 +171,16 @@ def subset_check(tmp_path_factory):
 def test_gpu_subset_selects_existing_tests(subset_check):
     """Every line of bench/gpu_tests.txt selects tests pytest collects today (renames fail)."""
     proc, n_real, counts, problems = subset_check
-    real_problems = [p for p in problems
-                     if not any(f"line {n_real + i + 1}" in p for i in range(len(BAD_LINES)))]
-    assert not real_problems, ("bench/gpu_tests.txt is out of date:\n" + "\n".join(real_problems)
-                               + "\n" + proc.stdout[-3000:] + proc.stderr[-2000:])
+    real_problems = [
+        p for p in problems if not any(f"line {n_real + i + 1}" in p for i in range(len(BAD_LINES)))
+    ]
+    assert not real_problems, (
+        "bench/gpu_tests.txt is out of date:\n"
+        + "\n".join(real_problems)
+        + "\n"
+        + proc.stdout[-3000:]
+        + proc.stderr[-2000:]
+    )
     real_counts = [c for line, c in counts.items() if line <= n_real]
     assert real_counts and all(c > 0 for c in real_counts), proc.stdout[-3000:]
     total = int(re.search(r"^\s*(\d+)\s+in all", proc.stdout, re.M).group(1))
@@ -165,10 +190,13 @@ def test_gpu_subset_selects_existing_tests(subset_check):
 def test_gpu_subset_names_missing_tests_clearly(subset_check):
     proc, n_real, _, problems = subset_check
     assert proc.returncode == 1
-    assert any(f"line {n_real + 1} selects no test" in p and "test_no_such_test_anywhere" in p
-               for p in problems), proc.stdout[-3000:]
-    assert any(f"line {n_real + 2}: no such file tests/test_no_such_file.py" in p
-               for p in problems), proc.stdout[-3000:]
+    assert any(
+        f"line {n_real + 1} selects no test" in p and "test_no_such_test_anywhere" in p
+        for p in problems
+    ), proc.stdout[-3000:]
+    assert any(
+        f"line {n_real + 2}: no such file tests/test_no_such_file.py" in p for p in problems
+    ), proc.stdout[-3000:]
 
 
 def test_gpu_subset_skips_the_ahead_of_time_compile_tests(tmp_path):
@@ -224,8 +252,10 @@ def test_one_impl_list_per_concern(bench_modules):
 def test_precision_table_measured_and_rendered(bench_modules):
     _, harness, bench_precision, report = bench_modules
     shape = (32, 32, 512)
-    rows = [bench_precision.measure_precision(impl, torch.bfloat16, 0.01, torch.device("cpu"),
-                                              shape) for impl in ("torch", "naive-16bit")]
+    rows = [
+        bench_precision.measure_precision(impl, torch.bfloat16, 0.01, torch.device("cpu"), shape)
+        for impl in ("torch", "naive-16bit")
+    ]
     harness.PRECISION.clear()
     ours, naive16 = rows
     assert ours["status"] == "ok" and naive16["status"] == "ok"

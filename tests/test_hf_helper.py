@@ -18,8 +18,14 @@ from opsd_kernels.hf import (
 transformers = pytest.importorskip("transformers")
 
 V, HID = 64, 16
-SMALL = dict(vocab_size=V, hidden_size=HID, intermediate_size=32, num_hidden_layers=1,
-             num_attention_heads=2, num_key_value_heads=1)
+SMALL = dict(
+    vocab_size=V,
+    hidden_size=HID,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
 
 
 def _build(arch, **overrides):
@@ -30,8 +36,9 @@ def _build(arch, **overrides):
     elif arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
     elif arch == "llama_tied":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=True,
-                                                                       **kw))
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(tie_word_embeddings=True, **kw)
+        )
     elif arch == "gemma":  # tied embeddings, embedding scaled by sqrt(H) inside the body
         model = transformers.GemmaForCausalLM(transformers.GemmaConfig(head_dim=8, **kw))
     elif arch == "gemma2_no_softcap":
@@ -40,8 +47,9 @@ def _build(arch, **overrides):
     elif arch == "cohere":  # logit_scale multiplies the logits
         model = transformers.CohereForCausalLM(transformers.CohereConfig(logit_scale=0.37, **kw))
     elif arch == "granite":  # logits divided by logits_scaling
-        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(logits_scaling=3.0,
-                                                                           **kw))
+        model = transformers.GraniteForCausalLM(
+            transformers.GraniteConfig(logits_scaling=3.0, **kw)
+        )
     elif arch == "phi":  # lm_head with a bias
         kw.pop("num_key_value_heads")
         model = transformers.PhiForCausalLM(transformers.PhiConfig(**kw))
@@ -66,8 +74,7 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-ARCHS = ["qwen3", "llama", "llama_tied", "gemma", "gemma2_no_softcap", "cohere", "granite",
-         "phi"]
+ARCHS = ["qwen3", "llama", "llama_tied", "gemma", "gemma2_no_softcap", "cohere", "granite", "phi"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -86,8 +93,13 @@ def test_hidden_states_reproduce_logits_and_gradients(arch):
     got = _grads(model)
     assert got.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, name=name: f"{arch} {name}: {m}")
+        torch.testing.assert_close(
+            got[name],
+            expected[name],
+            rtol=1e-4,
+            atol=1e-6,
+            msg=lambda m, name=name: f"{arch} {name}: {m}",
+        )
 
 
 def test_scale_and_bias_are_folded():
@@ -125,8 +137,9 @@ def test_gemma2_softcapping_is_refused():
 def test_peft_lora_model(tied):
     peft = pytest.importorskip("peft")
     model = _build("llama_tied" if tied else "llama")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                          init_lora_weights=False)  # non-zero B: the adapter changes the output
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )  # non-zero B: the adapter changes the output
     wrapped = peft.get_peft_model(model, cfg)
     ids, mask = _batch()
     check_causal_lm_hidden_states(wrapped, ids, mask, rtol=1e-5, atol=1e-5)
@@ -145,16 +158,27 @@ def test_peft_lora_model(tied):
     s_logits = wrapped(input_ids=ids, attention_mask=mask).logits
     with torch.no_grad():
         t_logits = wrapped(input_ids=teacher_ids, attention_mask=mask).logits
-    ref = divergence(s_logits, t_logits, kind="jsd", beta=0.3, temperature=1.2,
-                     mask=mask.bool(), impl="torch")
+    ref = divergence(
+        s_logits, t_logits, kind="jsd", beta=0.3, temperature=1.2, mask=mask.bool(), impl="torch"
+    )
     ref.backward()
     expected = [p.grad.clone() for p in upstream_params]
     wrapped.zero_grad()
     h_s, w, b = causal_lm_hidden_states(wrapped, ids, mask)
     with torch.no_grad():
         h_t = causal_lm_hidden_states(wrapped, teacher_ids, mask).hidden_states
-    loss = fused_linear_divergence(h_s, h_t, w, bias=b, kind="jsd", beta=0.3, temperature=1.2,
-                                   mask=mask.bool(), impl="torch", chunk_size=3)
+    loss = fused_linear_divergence(
+        h_s,
+        h_t,
+        w,
+        bias=b,
+        kind="jsd",
+        beta=0.3,
+        temperature=1.2,
+        mask=mask.bool(),
+        impl="torch",
+        chunk_size=3,
+    )
     loss.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
     for p, e in zip(upstream_params, expected, strict=True):

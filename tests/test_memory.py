@@ -23,8 +23,16 @@ def _peak_fused_linear(N, H, V, chunk_size, frozen=False, reduction="mean"):
     ht = torch.randn(N, H, generator=g)
     w = torch.randn(V, H, generator=g).requires_grad_(not frozen)
     with PeakMemory() as pm:
-        loss = fused_linear_divergence(hs, ht, w, impl="torch", chunk_size=chunk_size,
-                                       clip=0.05, temperature=1.1, reduction=reduction)
+        loss = fused_linear_divergence(
+            hs,
+            ht,
+            w,
+            impl="torch",
+            chunk_size=chunk_size,
+            clip=0.05,
+            temperature=1.1,
+            reduction=reduction,
+        )
         loss.sum().backward() if reduction == "none" else loss.backward()
         del loss
     return pm.peak_bytes

@@ -33,28 +33,36 @@ def close_pair(N, H, V, eps, dtype, seed=0, logit_std=4.0):
     return hs.to(dtype), ht.to(dtype), w.to(dtype)
 
 
-def check_fused_linear(impl, dtype, eps, N, H, V, loss_scale=1.0, chunk_size=None,
-                       weight_dtype=None, **kw):
+def check_fused_linear(
+    impl, dtype, eps, N, H, V, loss_scale=1.0, chunk_size=None, weight_dtype=None, **kw
+):
     hs, ht, w = close_pair(N, H, V, eps, dtype)
     if weight_dtype is not None:
         w = w.to(weight_dtype)
     hs_d = hs.to(DEVICE, copy=True).requires_grad_()
     w_d = w.to(DEVICE, copy=True).requires_grad_()
-    loss = fused_linear_divergence(hs_d, ht.to(DEVICE), w_d, temperature=1.1, impl=impl,
-                                   chunk_size=chunk_size, **kw)
+    loss = fused_linear_divergence(
+        hs_d, ht.to(DEVICE), w_d, temperature=1.1, impl=impl, chunk_size=chunk_size, **kw
+    )
     (loss * loss_scale).backward()
     ref_h, ref_w = hs.double().requires_grad_(), w.double().requires_grad_()
     ref = fused_linear_divergence_reference(ref_h, ht.double(), ref_w, temperature=1.1, **kw)
     (ref * loss_scale).backward()
     assert hs_d.grad.dtype == hs.dtype and w_d.grad.dtype == w.dtype
-    return (rel_err(loss, ref), rel_err(hs_d.grad, ref_h.grad), rel_err(w_d.grad, ref_w.grad),
-            ref.item())
+    return (
+        rel_err(loss, ref),
+        rel_err(hs_d.grad, ref_h.grad),
+        rel_err(w_d.grad, ref_w.grad),
+        ref.item(),
+    )
 
 
 # the interpreter runs one Triton program at a time: smaller shapes there
-SHAPES = {"torch": dict(N=96, H=64, V=4099), "triton": dict(N=24, H=32, V=1000),
-          "fused": dict(N=24, H=32, V=1000)}
-
+SHAPES = {
+    "torch": dict(N=96, H=64, V=4099),
+    "triton": dict(N=24, H=32, V=1000),
+    "fused": dict(N=24, H=32, V=1000),
+}
 
 
 @pytest.mark.parametrize("eps", [0.1, 0.01])
@@ -64,8 +72,9 @@ def test_fused_linear_close_teacher_is_exact(impl, dtype, eps):
     shape = SHAPES[impl]
     if impl == "fused" and dtype == torch.bfloat16 and not HAS_CUDA:
         pytest.skip("bf16 tl.dot is wrong in the Triton interpreter; bf16 fused runs on CUDA")
-    loss_e, h_e, w_e, kl = check_fused_linear(impl, dtype, eps, **shape,
-                                              chunk_size=16 if impl != "fused" else None)
+    loss_e, h_e, w_e, kl = check_fused_linear(
+        impl, dtype, eps, **shape, chunk_size=16 if impl != "fused" else None
+    )
     assert 1e-5 < kl < 0.5  # really the close-teacher regime
     assert loss_e <= 5e-4, (loss_e, kl)
     assert h_e <= 1e-2, h_e
@@ -75,8 +84,15 @@ def test_fused_linear_close_teacher_is_exact(impl, dtype, eps):
 # one Triton program per row: 4096 rows take minutes in the interpreter, so the Triton
 # cases of the two N = 4096 tests run on CUDA only (the autograd logic under test is
 # the same code for impl="torch")
-LARGE_N_IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not HAS_CUDA, reason="4096 Triton programs are too slow in the interpreter"))]
+LARGE_N_IMPLS = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            not HAS_CUDA, reason="4096 Triton programs are too slow in the interpreter"
+        ),
+    ),
+]
 
 
 @pytest.mark.parametrize("impl", LARGE_N_IMPLS)
@@ -84,8 +100,9 @@ def test_fp16_gradients_survive_loss_scaling(impl):
     """fp16, N = 4096, (loss * 65536).backward(): the per-entry gradients at scale
     1/N are ~1e-8..1e-6, subnormal or zero in float16 unless the upstream factor is
     applied before any float16 buffer holds them."""
-    loss_e, h_e, w_e, _ = check_fused_linear(impl, torch.float16, 0.01, N=4096, H=32, V=96,
-                                             loss_scale=65536.0, chunk_size=1024)
+    loss_e, h_e, w_e, _ = check_fused_linear(
+        impl, torch.float16, 0.01, N=4096, H=32, V=96, loss_scale=65536.0, chunk_size=1024
+    )
     assert loss_e <= 5e-4
     assert h_e <= 1e-2, h_e
     assert w_e <= 1e-2, w_e
@@ -96,7 +113,7 @@ def test_fp16_logits_gradient_survives_loss_scaling(impl):
     """The logits-level loss: a float16 gradient buffer is written only after the
     upstream factor is known (the backward), so a GradScaler's factor protects it."""
     g = torch.Generator().manual_seed(0)
-    s = (torch.randn(4096, 64, generator=g, dtype=torch.float64) * 4)
+    s = torch.randn(4096, 64, generator=g, dtype=torch.float64) * 4
     t = s + 0.01 * torch.randn(4096, 64, generator=g, dtype=torch.float64)
     s16, t16 = s.half(), t.half()
     x = s16.to(DEVICE, copy=True).requires_grad_()
@@ -112,8 +129,9 @@ def test_fp16_logits_gradient_survives_loss_scaling(impl):
 def test_mixed_dtypes_16bit_hidden_fp32_weight(impl, hidden_dtype):
     """16-bit hidden states with a float32 master lm_head (autocast training): computed
     in float32, each gradient returned in its input's dtype."""
-    loss_e, h_e, w_e, _ = check_fused_linear(impl, hidden_dtype, 0.01, N=40, H=32, V=300,
-                                             weight_dtype=torch.float32, chunk_size=16)
+    loss_e, h_e, w_e, _ = check_fused_linear(
+        impl, hidden_dtype, 0.01, N=40, H=32, V=300, weight_dtype=torch.float32, chunk_size=16
+    )
     assert loss_e <= 5e-4 and h_e <= 1e-2 and w_e <= 1e-2, (loss_e, h_e, w_e)
 
 
@@ -125,17 +143,28 @@ def test_mixed_dtypes_teacher_and_bias():
     x = hs.clone().requires_grad_()
     wd = w.clone().requires_grad_()
     bd = b.clone().requires_grad_()
-    loss = fused_linear_divergence(x, ht.float(), wd, bias=bd, teacher_weight=tw,
-                                   teacher_bias=b.half(), impl="torch", chunk_size=8)
+    loss = fused_linear_divergence(
+        x,
+        ht.float(),
+        wd,
+        bias=bd,
+        teacher_weight=tw,
+        teacher_bias=b.half(),
+        impl="torch",
+        chunk_size=8,
+    )
     loss.backward()
     rh, rw, rb = (t.double().requires_grad_() for t in (hs, w, b))
-    ref = fused_linear_divergence_reference(rh, ht.double(), rw, bias=rb,
-                                            teacher_weight=tw.double(),
-                                            teacher_bias=b.half().double())
+    ref = fused_linear_divergence_reference(
+        rh, ht.double(), rw, bias=rb, teacher_weight=tw.double(), teacher_bias=b.half().double()
+    )
     ref.backward()
     assert rel_err(loss, ref) <= 1e-5
     assert (x.grad.dtype, wd.grad.dtype, bd.grad.dtype) == (
-        torch.bfloat16, torch.bfloat16, torch.float32)
+        torch.bfloat16,
+        torch.bfloat16,
+        torch.float32,
+    )
     for got, want in ((x.grad, rh.grad), (wd.grad, rw.grad), (bd.grad, rb.grad)):
         assert rel_err(got, want) <= 1e-2
 

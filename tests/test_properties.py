@@ -21,8 +21,10 @@ temps = st.floats(0.5, 2.0)
 
 def _logits(n, v, scale, seed):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, v, generator=g, dtype=torch.float64) * scale,
-            torch.randn(n, v, generator=g, dtype=torch.float64) * scale)
+    return (
+        torch.randn(n, v, generator=g, dtype=torch.float64) * scale,
+        torch.randn(n, v, generator=g, dtype=torch.float64) * scale,
+    )
 
 
 @settings(max_examples=60, deadline=None)
@@ -49,8 +51,14 @@ def test_jsd_bounded_by_log2(n, v, scale, seed, temp):
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows, vocab, scales, seeds, st.floats(1e-4, 1.0),
-       st.sampled_from(["forward_kl", "reverse_kl", "jsd"]))
+@given(
+    rows,
+    vocab,
+    scales,
+    seeds,
+    st.floats(1e-4, 1.0),
+    st.sampled_from(["forward_kl", "reverse_kl", "jsd"]),
+)
 def test_clip_never_raises_the_loss(n, v, scale, seed, clip, kind):
     s, t = _logits(n, v, scale, seed)
     plain = divergence(s, t, kind=kind, reduction="none")

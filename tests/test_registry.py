@@ -12,7 +12,10 @@ def test_kind_ids_are_unique_and_named():
     ids = [spec.kind_id for spec in KINDS.values()]
     assert len(set(ids)) == len(ids)
     assert (KINDS["forward_kl"].kind_id, KINDS["reverse_kl"].kind_id, KINDS["jsd"].kind_id) == (
-        FORWARD_KL_ID, REVERSE_KL_ID, JSD_ID)
+        FORWARD_KL_ID,
+        REVERSE_KL_ID,
+        JSD_ID,
+    )
     for name, spec in KINDS.items():
         assert spec.name == name
 
@@ -21,7 +24,10 @@ def test_triton_constants_follow_the_registry():
     from opsd_kernels.triton import formulas
 
     assert (formulas.FORWARD_KL.value, formulas.REVERSE_KL.value, formulas.JSD.value) == (
-        FORWARD_KL_ID, REVERSE_KL_ID, JSD_ID)
+        FORWARD_KL_ID,
+        REVERSE_KL_ID,
+        JSD_ID,
+    )
 
 
 def test_reference_covers_exactly_the_registered_kinds():

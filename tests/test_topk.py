@@ -18,8 +18,9 @@ from opsd_kernels.topk import fused_linear_topk_divergence, topk_divergence
 from tests.helpers import HAS_CUDA, TRITON_RUNS, assert_close, make_mask
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(
-    not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1"))
+TRITON = pytest.param(
+    "triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
+)
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 TAILS = ("bucket", "renormalize")
 INF = math.inf
@@ -49,9 +50,24 @@ def make_student(lead, V, seed=0, scale=3.0, dtype=torch.float32):
     return (torch.randn(*lead, V, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
 
 
-def check_logits_case(impl, *, lead=(3, 4), V=37, K=5, dtype=torch.float32, kind="forward_kl",
-                      tail="bucket", temperature=1.3, clip=None, masked=False,
-                      reduction="mean", scale=3.0, seed=0, pad=True, beta=0.3):
+def check_logits_case(
+    impl,
+    *,
+    lead=(3, 4),
+    V=37,
+    K=5,
+    dtype=torch.float32,
+    kind="forward_kl",
+    tail="bucket",
+    temperature=1.3,
+    clip=None,
+    masked=False,
+    reduction="mean",
+    scale=3.0,
+    seed=0,
+    pad=True,
+    beta=0.3,
+):
     s = make_student(lead, V, seed, scale, dtype)
     ids, lp = make_teacher(lead, V, K, seed, scale, pad, student=s)
     mask = make_mask(lead, seed, DEVICE) if masked else None
@@ -60,12 +76,20 @@ def check_logits_case(impl, *, lead=(3, 4), V=37, K=5, dtype=torch.float32, kind
         ids[~mask] = 10**6
         lp[~mask] = math.nan
     s.requires_grad_()
-    opts = dict(kind=kind, tail=tail, temperature=temperature, clip=clip, mask=mask,
-                reduction=reduction, beta=beta)
+    opts = dict(
+        kind=kind,
+        tail=tail,
+        temperature=temperature,
+        clip=clip,
+        mask=mask,
+        reduction=reduction,
+        beta=beta,
+    )
     out = topk_divergence(s, ids, lp, impl=impl, **opts)
     s_ref = s.detach().double().cpu().requires_grad_()
-    ref = topk_divergence_reference(s_ref, ids.cpu(), lp.cpu(),
-                                    **{**opts, "mask": None if mask is None else mask.cpu()})
+    ref = topk_divergence_reference(
+        s_ref, ids.cpu(), lp.cpu(), **{**opts, "mask": None if mask is None else mask.cpu()}
+    )
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(out, ref, dtype, "loss")
     up = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -83,8 +107,15 @@ def check_logits_case(impl, *, lead=(3, 4), V=37, K=5, dtype=torch.float32, kind
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("tail", TAILS)
 def test_logits_float64_grid(tail, kind, clip, reduction):
-    check_logits_case("torch", dtype=torch.float64, kind=kind, tail=tail, clip=clip,
-                      reduction=reduction, masked=reduction != "sum")
+    check_logits_case(
+        "torch",
+        dtype=torch.float64,
+        kind=kind,
+        tail=tail,
+        clip=clip,
+        reduction=reduction,
+        masked=reduction != "sum",
+    )
 
 
 @pytest.mark.parametrize("impl", ["torch", TRITON])
@@ -92,8 +123,9 @@ def test_logits_float64_grid(tail, kind, clip, reduction):
 @pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
 def test_logits_dtypes(impl, dtype, tail, kind):
-    check_logits_case(impl, dtype=dtype, tail=tail, kind=kind, masked=True, clip=0.05,
-                      reduction="none")
+    check_logits_case(
+        impl, dtype=dtype, tail=tail, kind=kind, masked=True, clip=0.05, reduction="none"
+    )
 
 
 @pytest.mark.parametrize("impl", ["torch", TRITON])
@@ -139,8 +171,9 @@ def test_k_equals_v_is_the_full_divergence(impl, tail, kind, clip):
     s.requires_grad_()
     tau = 1.2
     lp, ids = torch.log_softmax(t.double() / tau, -1).to(dtype).topk(V, dim=-1)
-    out = topk_divergence(s, ids, lp, kind=kind, tail=tail, clip=clip, temperature=tau,
-                          impl=impl, beta=0.4)
+    out = topk_divergence(
+        s, ids, lp, kind=kind, tail=tail, clip=clip, temperature=tau, impl=impl, beta=0.4
+    )
     full = divergence(s, t, kind=kind, clip=clip, temperature=tau, impl="torch", beta=0.4)
     assert_close(out, full, dtype, "loss")
     (g1,) = torch.autograd.grad(out, s)
@@ -158,17 +191,18 @@ def test_exact_special_values(impl):
     # student has rest mass); row 1: all padding -> 0; row 2: a banned student token (-inf
     # logit) among the ids -> forward KL +inf; row 3: banned tokens in the complement are
     # exact zeros
-    lp = torch.tensor([[0.0, -INF], [-INF, -INF], [math.log(0.3), -1.0], [-0.5, -2.0]],
-                      dtype=dtype)
+    lp = torch.tensor([[0.0, -INF], [-INF, -INF], [math.log(0.3), -1.0], [-0.5, -2.0]], dtype=dtype)
     s[2, 4] = -INF
     s[3, 3:] = -INF
     s, ids, lp = s.to(DEVICE), ids.to(DEVICE), lp.to(DEVICE)
     rev = topk_divergence(s, ids, lp, kind="reverse_kl", reduction="none", impl=impl)
     fwd = topk_divergence(s, ids, lp, kind="forward_kl", reduction="none", impl=impl)
-    ref_rev = topk_divergence_reference(s.cpu(), ids.cpu(), lp.cpu(), kind="reverse_kl",
-                                        reduction="none")
-    ref_fwd = topk_divergence_reference(s.cpu(), ids.cpu(), lp.cpu(), kind="forward_kl",
-                                        reduction="none")
+    ref_rev = topk_divergence_reference(
+        s.cpu(), ids.cpu(), lp.cpu(), kind="reverse_kl", reduction="none"
+    )
+    ref_fwd = topk_divergence_reference(
+        s.cpu(), ids.cpu(), lp.cpu(), kind="forward_kl", reduction="none"
+    )
     assert rev[0] == INF and ref_rev[0] == INF
     assert rev[1] == 0 and fwd[1] == 0
     assert fwd[2] == INF and ref_fwd[2] == INF
@@ -197,10 +231,26 @@ def linear_inputs(lead, H, V, K, dtype, seed=0, bias=False, peaked=False):
     return {k: v.to(dtype).to(DEVICE) for k, v in x.items()}, ids, lp
 
 
-def check_linear_case(impl, *, lead=(2, 5), H=16, V=41, K=4, dtype=torch.float32,
-                      kind="forward_kl", tail="bucket", temperature=1.1, clip=None,
-                      masked=False, reduction="mean", bias=False, frozen=False, chunk_size=3,
-                      seed=0, peaked=False):
+def check_linear_case(
+    impl,
+    *,
+    lead=(2, 5),
+    H=16,
+    V=41,
+    K=4,
+    dtype=torch.float32,
+    kind="forward_kl",
+    tail="bucket",
+    temperature=1.1,
+    clip=None,
+    masked=False,
+    reduction="mean",
+    bias=False,
+    frozen=False,
+    chunk_size=3,
+    seed=0,
+    peaked=False,
+):
     x, ids, lp = linear_inputs(lead, H, V, K, dtype, seed, bias, peaked)
     mask = make_mask(lead, seed, DEVICE) if masked else None
     if masked:
@@ -210,12 +260,23 @@ def check_linear_case(impl, *, lead=(2, 5), H=16, V=41, K=4, dtype=torch.float32
     for k in trainable:
         x[k].requires_grad_()
     opts = dict(kind=kind, tail=tail, temperature=temperature, clip=clip, reduction=reduction)
-    out = fused_linear_topk_divergence(**x, teacher_ids=ids, teacher_logprobs=lp, mask=mask,
-                                       impl=impl, chunk_size=chunk_size, **opts)
+    out = fused_linear_topk_divergence(
+        **x,
+        teacher_ids=ids,
+        teacher_logprobs=lp,
+        mask=mask,
+        impl=impl,
+        chunk_size=chunk_size,
+        **opts,
+    )
     ref_in = {k: v.detach().double().cpu().requires_grad_(k in trainable) for k, v in x.items()}
     ref = fused_linear_topk_divergence_reference(
-        **ref_in, teacher_ids=ids.cpu(), teacher_logprobs=lp.cpu(),
-        mask=None if mask is None else mask.cpu(), **opts)
+        **ref_in,
+        teacher_ids=ids.cpu(),
+        teacher_logprobs=lp.cpu(),
+        mask=None if mask is None else mask.cpu(),
+        **opts,
+    )
     assert_close(out, ref, dtype, "loss")
     up = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     (out * up.to(out)).sum().backward()
@@ -231,25 +292,40 @@ def check_linear_case(impl, *, lead=(2, 5), H=16, V=41, K=4, dtype=torch.float32
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("tail", TAILS)
 def test_linear_float64_grid(tail, kind, reduction):
-    check_linear_case("torch", dtype=torch.float64, kind=kind, tail=tail, reduction=reduction,
-                      masked=True, bias=True, clip=0.03 if kind == "forward_kl" else None)
+    check_linear_case(
+        "torch",
+        dtype=torch.float64,
+        kind=kind,
+        tail=tail,
+        reduction=reduction,
+        masked=True,
+        bias=True,
+        clip=0.03 if kind == "forward_kl" else None,
+    )
 
 
 @pytest.mark.parametrize("impl", ["torch", TRITON])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tail", TAILS)
 def test_linear_dtypes(impl, dtype, tail):
-    check_linear_case(impl, dtype=dtype, tail=tail, masked=True, reduction="none",
-                      clip=0.05)
+    check_linear_case(impl, dtype=dtype, tail=tail, masked=True, reduction="none", clip=0.05)
 
 
 @pytest.mark.parametrize("impl", ["torch", TRITON])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_linear_frozen_bias_peaked(impl, reduction):
-    check_linear_case(impl, reduction=reduction, frozen=True, bias=True, kind="reverse_kl",
-                      peaked=True, chunk_size=4)
-    check_linear_case(impl, reduction=reduction, bias=True, tail="renormalize", peaked=True,
-                      chunk_size=None)
+    check_linear_case(
+        impl,
+        reduction=reduction,
+        frozen=True,
+        bias=True,
+        kind="reverse_kl",
+        peaked=True,
+        chunk_size=4,
+    )
+    check_linear_case(
+        impl, reduction=reduction, bias=True, tail="renormalize", peaked=True, chunk_size=None
+    )
 
 
 @pytest.mark.parametrize("impl", ["torch", TRITON])
@@ -266,8 +342,15 @@ def test_linear_k1_is_the_token_nll(impl, dtype):
     mask = make_mask(lead, 2, DEVICE)
     for v in x.values():
         v.requires_grad_()
-    nll = fused_linear_topk_divergence(**x, teacher_ids=tokens, teacher_logprobs=torch.zeros(
-        *lead, 1, device=DEVICE), mask=mask, reduction="none", impl=impl, chunk_size=5)
+    nll = fused_linear_topk_divergence(
+        **x,
+        teacher_ids=tokens,
+        teacher_logprobs=torch.zeros(*lead, 1, device=DEVICE),
+        mask=mask,
+        reduction="none",
+        impl=impl,
+        chunk_size=5,
+    )
     ref_in = {k: v.detach().double().cpu().requires_grad_() for k, v in x.items()}
     logits = ref_in["student_hidden"] @ ref_in["weight"].T + ref_in["bias"]
     ref = -torch.log_softmax(logits, -1).gather(-1, tokens.cpu())[..., 0]
@@ -287,12 +370,12 @@ def test_linear_fp16_loss_scaling():
     x, ids, lp = linear_inputs((N,), H, V, 4, torch.float16, seed=3)
     for v in x.values():
         v.requires_grad_()
-    loss = fused_linear_topk_divergence(**x, teacher_ids=ids, teacher_logprobs=lp,
-                                        chunk_size=1024)
+    loss = fused_linear_topk_divergence(**x, teacher_ids=ids, teacher_logprobs=lp, chunk_size=1024)
     (loss * 65536).backward()
     ref_in = {k: v.detach().double().cpu().requires_grad_() for k, v in x.items()}
-    ref = fused_linear_topk_divergence_reference(**ref_in, teacher_ids=ids.cpu(),
-                                                 teacher_logprobs=lp.cpu())
+    ref = fused_linear_topk_divergence_reference(
+        **ref_in, teacher_ids=ids.cpu(), teacher_logprobs=lp.cpu()
+    )
     (ref * 65536).backward()
     for k in x:
         g, r = x[k].grad.double().cpu(), ref_in[k].grad
@@ -300,10 +383,16 @@ def test_linear_fp16_loss_scaling():
         assert (g != 0).float().mean() > 0.99, f"{k}: gradient entries flushed to zero"
 
 
-@pytest.mark.parametrize("dtype, eps, tail", [
-    (torch.bfloat16, 0.1, "bucket"), (torch.bfloat16, 0.01, "bucket"),
-    (torch.float16, 0.01, "bucket"), (torch.bfloat16, 0.01, "renormalize"),
-    (torch.float16, 0.1, "renormalize")])
+@pytest.mark.parametrize(
+    "dtype, eps, tail",
+    [
+        (torch.bfloat16, 0.1, "bucket"),
+        (torch.bfloat16, 0.01, "bucket"),
+        (torch.float16, 0.01, "bucket"),
+        (torch.bfloat16, 0.01, "renormalize"),
+        (torch.float16, 0.1, "renormalize"),
+    ],
+)
 def test_linear_precision_near_agreement(dtype, eps, tail):
     """The OPSD regime (the precision issue): teacher = student hidden + eps noise, logits
     of std ~4, 16-bit operands. Against float64 on the same 16-bit values: loss rel <=
@@ -316,8 +405,9 @@ def test_linear_precision_near_agreement(dtype, eps, tail):
     lp, ids = torch.log_softmax(h_t @ w.double().T / 1.1, -1).topk(K, -1)
     lp = lp.float()
     a, b = h.clone().to(DEVICE).requires_grad_(), w.clone().to(DEVICE).requires_grad_()
-    out = fused_linear_topk_divergence(a, b, ids.to(DEVICE), lp.to(DEVICE), temperature=1.1,
-                                       tail=tail)
+    out = fused_linear_topk_divergence(
+        a, b, ids.to(DEVICE), lp.to(DEVICE), temperature=1.1, tail=tail
+    )
     out.backward()
     ra, rb = h.double().requires_grad_(), w.double().requires_grad_()
     ref = fused_linear_topk_divergence_reference(ra, rb, ids, lp, temperature=1.1, tail=tail)
@@ -332,8 +422,9 @@ def test_linear_never_forms_full_logits():
     x, ids, lp = linear_inputs((N,), H, V, K, torch.float32, seed=1)
     x["student_hidden"].requires_grad_()
     with PeakMemory() as pm:
-        loss = fused_linear_topk_divergence(**x, teacher_ids=ids, teacher_logprobs=lp,
-                                            chunk_size=64)
+        loss = fused_linear_topk_divergence(
+            **x, teacher_ids=ids, teacher_logprobs=lp, chunk_size=64
+        )
         loss.backward()
     full = N * V * 4
     # one chunk of logits plus its temporaries, O(N*K) teacher rows, the (N, H) gradient
@@ -345,15 +436,18 @@ def test_linear_renormalize_reads_only_k_rows():
     x, ids, lp = linear_inputs((N,), H, V, K, torch.float32, seed=2)
     x["student_hidden"].requires_grad_()
     with PeakMemory() as pm:
-        loss = fused_linear_topk_divergence(**x, teacher_ids=ids, teacher_logprobs=lp,
-                                            tail="renormalize", chunk_size=64)
+        loss = fused_linear_topk_divergence(
+            **x, teacher_ids=ids, teacher_logprobs=lp, tail="renormalize", chunk_size=64
+        )
         loss.backward()
     assert pm.peak_bytes < N * V * 4 / 50, pm.peak_bytes  # no (chunk x V) buffer at all
-    ref = fused_linear_topk_divergence(**x, teacher_ids=ids, teacher_logprobs=lp,
-                                       tail="renormalize", chunk_size=64, impl="torch")
+    ref = fused_linear_topk_divergence(
+        **x, teacher_ids=ids, teacher_logprobs=lp, tail="renormalize", chunk_size=64, impl="torch"
+    )
     ref_in = {k: v.detach().double() for k, v in x.items()}
-    expected = fused_linear_topk_divergence_reference(**ref_in, teacher_ids=ids,
-                                                      teacher_logprobs=lp, tail="renormalize")
+    expected = fused_linear_topk_divergence_reference(
+        **ref_in, teacher_ids=ids, teacher_logprobs=lp, tail="renormalize"
+    )
     assert_close(ref, expected, torch.float32, "loss")
 
 
@@ -372,13 +466,16 @@ def test_modules():
     s = make_student((4,), 20)
     ids, lp = make_teacher((4,), 20, 3, student=s)
     m = TopkDivergence(kind="reverse_kl", tail="renormalize", clip=0.1)
-    assert torch.equal(m(s, ids, lp), topk_divergence(s, ids, lp, kind="reverse_kl",
-                                                      tail="renormalize", clip=0.1))
+    assert torch.equal(
+        m(s, ids, lp), topk_divergence(s, ids, lp, kind="reverse_kl", tail="renormalize", clip=0.1)
+    )
     head = torch.nn.Linear(8, 20, bias=False)
     h = torch.randn(4, 8)
     f = FusedLinearTopkDivergence(temperature=1.1)
-    assert torch.equal(f(h, head.weight, ids, lp),
-                       fused_linear_topk_divergence(h, head.weight, ids, lp, temperature=1.1))
+    assert torch.equal(
+        f(h, head.weight, ids, lp),
+        fused_linear_topk_divergence(h, head.weight, ids, lp, temperature=1.1),
+    )
     assert "tail='bucket'" in repr(f)
     with pytest.raises(ValueError, match="tail"):
         TopkDivergence(tail="rest")
@@ -391,20 +488,31 @@ IDS = torch.tensor([[1, 2, 3], [4, 5, 6]])
 LP = torch.log(torch.tensor([[0.5, 0.2, 0.1], [0.3, 0.3, 0.3]]))
 
 
-@pytest.mark.parametrize("ids, lp, exc, words", [
-    (IDS.float(), LP, TypeError, "teacher_ids.*int64"),
-    (IDS, LP.long(), TypeError, "teacher_logprobs.*floating"),
-    (IDS[:, :2], LP, ValueError, "same shape"),
-    (IDS[:1], LP[:1], ValueError, r"teacher_ids must have shape \(\*\(2,\), K\)"),
-    (IDS[:, :0], LP[:, :0], ValueError, "K = 0"),
-    (torch.tensor([[1, 2, 10], [4, 5, 6]]), LP, ValueError, r"\[0, V=10\).*row 0.*entry 2"),
-    (torch.tensor([[1, 2, 3], [-1, 5, 6]]), LP, ValueError, r"\[0, V=10\).*row 1"),
-    (IDS, LP.clone().index_put_((torch.tensor(1), torch.tensor(0)), torch.tensor(0.1)),
-     ValueError, "<= 0.*row 1"),
-    (IDS, torch.log(torch.tensor([[0.5, 0.4, 0.2], [0.3, 0.3, 0.3]])), ValueError,
-     "sum.*at most 1.*row 0"),
-    (torch.tensor([[1, 2, 3], [4, 6, 4]]), LP, ValueError, "distinct.*row 1"),
-])
+@pytest.mark.parametrize(
+    "ids, lp, exc, words",
+    [
+        (IDS.float(), LP, TypeError, "teacher_ids.*int64"),
+        (IDS, LP.long(), TypeError, "teacher_logprobs.*floating"),
+        (IDS[:, :2], LP, ValueError, "same shape"),
+        (IDS[:1], LP[:1], ValueError, r"teacher_ids must have shape \(\*\(2,\), K\)"),
+        (IDS[:, :0], LP[:, :0], ValueError, "K = 0"),
+        (torch.tensor([[1, 2, 10], [4, 5, 6]]), LP, ValueError, r"\[0, V=10\).*row 0.*entry 2"),
+        (torch.tensor([[1, 2, 3], [-1, 5, 6]]), LP, ValueError, r"\[0, V=10\).*row 1"),
+        (
+            IDS,
+            LP.clone().index_put_((torch.tensor(1), torch.tensor(0)), torch.tensor(0.1)),
+            ValueError,
+            "<= 0.*row 1",
+        ),
+        (
+            IDS,
+            torch.log(torch.tensor([[0.5, 0.4, 0.2], [0.3, 0.3, 0.3]])),
+            ValueError,
+            "sum.*at most 1.*row 0",
+        ),
+        (torch.tensor([[1, 2, 3], [4, 6, 4]]), LP, ValueError, "distinct.*row 1"),
+    ],
+)
 def test_bad_teacher(ids, lp, exc, words):
     with pytest.raises(exc, match=words):
         topk_divergence(S, ids, lp)
@@ -417,8 +525,13 @@ def test_padding_is_exempt_and_masked_rows_unchecked():
     lp = torch.tensor([[-1.0, -2.0, -INF], [-1.0, -2.0, -INF]])  # junk ids in padding
     assert torch.isfinite(topk_divergence(S, ids, lp))
     bad = torch.tensor([[1, 1, 99], [4, 5, 6]])  # row 0 invalid but masked
-    out = topk_divergence(S, bad, torch.tensor([[0.5, 1.0, 0.0], [-1.0, -2.0, -3.0]]),
-                          mask=torch.tensor([False, True]), reduction="none")
+    out = topk_divergence(
+        S,
+        bad,
+        torch.tensor([[0.5, 1.0, 0.0], [-1.0, -2.0, -3.0]]),
+        mask=torch.tensor([False, True]),
+        reduction="none",
+    )
     assert out[0] == 0 and torch.isfinite(out[1])
 
 
@@ -434,15 +547,18 @@ def test_unvalidated_bad_rows_are_nan():
     assert torch.isnan(loss)
 
 
-@pytest.mark.parametrize("kwargs, exc, words", [
-    (dict(tail="rest"), ValueError, "tail"),
-    (dict(kind="kl"), ValueError, "kind"),
-    (dict(clip=0.0), ValueError, "clip"),
-    (dict(reduction="avg"), ValueError, "reduction"),
-    (dict(mask=torch.ones(3, dtype=torch.bool)), ValueError, "mask"),
-    (dict(validate=1), TypeError, "validate"),
-    (dict(impl="fused"), ValueError, "impl"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(tail="rest"), ValueError, "tail"),
+        (dict(kind="kl"), ValueError, "kind"),
+        (dict(clip=0.0), ValueError, "clip"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(mask=torch.ones(3, dtype=torch.bool)), ValueError, "mask"),
+        (dict(validate=1), TypeError, "validate"),
+        (dict(impl="fused"), ValueError, "impl"),
+    ],
+)
 def test_bad_options(kwargs, exc, words):
     with pytest.raises(exc, match=words):
         topk_divergence(S, IDS, LP, **kwargs)
@@ -452,14 +568,13 @@ def test_bad_linear_shapes():
     with pytest.raises(ValueError, match="hidden size"):
         fused_linear_topk_divergence(torch.randn(2, 5), torch.randn(10, 4), IDS, LP)
     with pytest.raises(ValueError, match="bias"):
-        fused_linear_topk_divergence(torch.randn(2, 4), torch.randn(10, 4), IDS, LP,
-                                     bias=torch.randn(9))
+        fused_linear_topk_divergence(
+            torch.randn(2, 4), torch.randn(10, 4), IDS, LP, bias=torch.randn(9)
+        )
     with pytest.raises(ValueError, match="fused"):
-        fused_linear_topk_divergence(torch.randn(2, 4), torch.randn(10, 4), IDS, LP,
-                                     impl="fused")
+        fused_linear_topk_divergence(torch.randn(2, 4), torch.randn(10, 4), IDS, LP, impl="fused")
     with pytest.raises(ValueError, match="chunk_size"):
-        fused_linear_topk_divergence(torch.randn(2, 4), torch.randn(10, 4), IDS, LP,
-                                     chunk_size=0)
+        fused_linear_topk_divergence(torch.randn(2, 4), torch.randn(10, 4), IDS, LP, chunk_size=0)
 
 
 COMPILE_SCRIPT = """
@@ -494,8 +609,9 @@ def test_row_kernel_compiles_for_sm90():
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
     if proc.returncode != 0 and "GPUTarget" in proc.stderr and "ImportError" in proc.stderr:
         pytest.skip("this Triton build cannot compile ahead of time")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -43,8 +43,13 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
     assert "after GRPO control" in printed and "| GRPO |" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seed"] == 3
-    for key in ("student_before", "student_after_opsd", "student_after_control_sft",
-                "teacher_with_solution", "student_after_grpo"):
+    for key in (
+        "student_before",
+        "student_after_opsd",
+        "student_after_control_sft",
+        "teacher_with_solution",
+        "student_after_grpo",
+    ):
         assert 0.0 <= summary[key]["pass@1"] <= 1.0
     assert summary["opsd_steps"] == summary["control_steps"] == summary["grpo_steps"] == 2
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -60,8 +65,7 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
         assert all(r["generated_tokens"] > 0 for r in rs)
         assert rs[-1]["generated_tokens_total"] == sum(r["generated_tokens"] for r in rs)
         assert summary["generated_tokens"][phase] == rs[-1]["generated_tokens_total"]
-    assert all(r["generated_tokens"] == 0 for r in steps if r["phase"] in ("warmup",
-                                                                              "control"))
+    assert all(r["generated_tokens"] == 0 for r in steps if r["phase"] in ("warmup", "control"))
     table = (out / "accuracy_vs_tokens.md").read_text()
     assert table.count("| OPSD |") >= 2 and "| SFT |" in table and "| GRPO |" in table
 
@@ -71,26 +75,68 @@ def test_cli_real_model_path(tmp_path, tiny_dir):
     save_jsonl(train, tmp_path / "train.jsonl")
     save_jsonl(held, tmp_path / "held.jsonl")
     out = tmp_path / "real"
-    rc = main(["--model", str(tiny_dir), "--data", str(tmp_path / "train.jsonl"),
-               "--eval-data", str(tmp_path / "held.jsonl"), "--steps", "2",
-               "--batch-size", "4", "--grad-accum", "2", "--max-new-tokens", "5",
-               "--teacher", "ema", "--clip", "0.05", "--out", str(out), "--no-progress",
-               "--save-every", "1"])
+    rc = main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(tmp_path / "train.jsonl"),
+            "--eval-data",
+            str(tmp_path / "held.jsonl"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "2",
+            "--max-new-tokens",
+            "5",
+            "--teacher",
+            "ema",
+            "--clip",
+            "0.05",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--save-every",
+            "1",
+        ]
+    )
     assert rc == 0
     assert (out / "checkpoints" / "step_1" / "trainer_state.pt").is_file()
     assert (out / "final" / "config.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and len(summary["evals"]) == 2
     # resume from step 1 to a longer budget
-    rc = main(["--model", str(tiny_dir), "--data", str(tmp_path / "train.jsonl"),
-               "--eval-data", str(tmp_path / "held.jsonl"), "--steps", "3",
-               "--batch-size", "4", "--max-new-tokens", "5", "--teacher", "ema",
-               "--out", str(tmp_path / "resumed"), "--no-progress",
-               "--resume", str(out / "checkpoints" / "step_1"),
-               "--resume-override", "steps"])  # extending a run is an explicit choice
+    rc = main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(tmp_path / "train.jsonl"),
+            "--eval-data",
+            str(tmp_path / "held.jsonl"),
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            "5",
+            "--teacher",
+            "ema",
+            "--out",
+            str(tmp_path / "resumed"),
+            "--no-progress",
+            "--resume",
+            str(out / "checkpoints" / "step_1"),
+            "--resume-override",
+            "steps",
+        ]
+    )  # extending a run is an explicit choice
     assert rc == 0
-    steps = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl")
-             .read_text().splitlines()]
+    steps = [
+        json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in steps if r["event"] == "step"] == [2, 3]
 
 

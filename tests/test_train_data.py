@@ -56,8 +56,7 @@ def test_jsonl_roundtrip_and_custom_columns(tmp_path):
     assert load_jsonl(tmp_path / "p.jsonl") == probs
     rows = [{"q": "2+2?", "sol": "2 + 2 = 4. \\boxed{4}", "ans": 4}]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    got = load_jsonl(tmp_path / "c.jsonl", question_key="q", solution_key="sol",
-                     answer_key="ans")
+    got = load_jsonl(tmp_path / "c.jsonl", question_key="q", solution_key="sol", answer_key="ans")
     assert got == [Problem("2+2?", "2 + 2 = 4. \\boxed{4}", "4")]
 
 

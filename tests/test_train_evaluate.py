@@ -189,14 +189,21 @@ def test_math_verify_in_threads_and_pathological_input():
 
 
 def test_eval_records_need_no_solution(tmp_path):
-    rows = [{"problem": "2+2?", "answer": 4}, {"question": "3+3?", "answer": " 6 "},
-            {"prompt": "1/2?", "solution": r"it is \boxed{\frac12}"}]
+    rows = [
+        {"problem": "2+2?", "answer": 4},
+        {"question": "3+3?", "answer": " 6 "},
+        {"prompt": "1/2?", "solution": r"it is \boxed{\frac12}"},
+    ]
     probs = eval_problems_from_records(rows)
     assert [p.question for p in probs] == ["2+2?", "3+3?", "1/2?"]
     assert [p.answer for p in probs] == ["4", "6", r"\frac12"]
     assert probs[0].solution == "" and probs[2].solution.startswith("it is")
-    assert eval_problems_from_records([{"Q": "a", "A": "1"}], question_key="Q",
-                                      answer_key="A")[0].answer == "1"
+    assert (
+        eval_problems_from_records([{"Q": "a", "A": "1"}], question_key="Q", answer_key="A")[
+            0
+        ].answer
+        == "1"
+    )
     with pytest.raises(ValueError, match=r"row 1: missing or empty question.*'question'"):
         eval_problems_from_records([{"problem": "a", "answer": 1}, {"answer": 2}])
     with pytest.raises(ValueError, match="row 0: no 'answer'"):
@@ -236,16 +243,24 @@ def _recording_gen(answer_for):
 def test_paper_preset_reaches_the_generator():
     preset = eval_preset("paper")
     assert preset == EVAL_PRESETS["paper"]
-    assert (preset.temperature, preset.top_p, preset.top_k, preset.max_new_tokens, preset.k,
-            preset.greedy) == (1.0, 0.95, 0, 38_912, 12, False)
+    assert (
+        preset.temperature,
+        preset.top_p,
+        preset.top_k,
+        preset.max_new_tokens,
+        preset.k,
+        preset.greedy,
+    ) == (1.0, 0.95, 0, 38_912, 12, False)
     gen, calls = _recording_gen(lambda p, s: [p[0], 5])
     decode = lambda ids: rf"\boxed{{{ids[0]}}}"
-    res = evaluate_problems(gen, decode, [[1], [2], [3]], ["1", "2", "9"], batch_size=8,
-                            **preset.as_kwargs())
+    res = evaluate_problems(
+        gen, decode, [[1], [2], [3]], ["1", "2", "9"], batch_size=8, **preset.as_kwargs()
+    )
     # no greedy pass: every call samples with exactly the preset's settings
     assert calls and all(c["do_sample"] for c in calls)
-    assert {(c["temperature"], c["top_p"], c["top_k"], c["max_new_tokens"]) for c in calls} \
-        == {(1.0, 0.95, 0, 38_912)}
+    assert {(c["temperature"], c["top_p"], c["top_k"], c["max_new_tokens"]) for c in calls} == {
+        (1.0, 0.95, 0, 38_912)
+    }
     assert sum(c["n"] for c in calls) == 3 * 12
     assert res.pass1 is None and res.k == 12
     assert res.avg_k == pytest.approx(2 / 3) and res.pass_k == pytest.approx(2 / 3)
@@ -269,8 +284,18 @@ def test_greedy_and_sampling_together():
 
     gen, calls = _recording_gen(answer_for)
     decode = lambda ids: r"\boxed{5}" if ids == [1] else "no box"
-    res = evaluate_problems(gen, decode, [[1], [2]], ["5", "5"], k=4, temperature=0.7,
-                            top_p=0.9, top_k=20, max_new_tokens=33, batch_size=3)
+    res = evaluate_problems(
+        gen,
+        decode,
+        [[1], [2]],
+        ["5", "5"],
+        k=4,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=20,
+        max_new_tokens=33,
+        batch_size=3,
+    )
     assert calls[0] == {"do_sample": False, "max_new_tokens": 33, "n": 2}
     assert all(c["temperature"] == 0.7 and c["top_k"] == 20 for c in calls[1:])
     assert res.pass1 == 0.5 and res.avg_k == 0.5 and res.pass_k == 1.0
@@ -278,8 +303,7 @@ def test_greedy_and_sampling_together():
     assert res.boxed_rate == 0.5 and res.per_problem == [1.0, 0.0]
     assert res.generated_tokens == 2 + 4 + 4 * 2  # greedy 1+1, samples 4x1 + 4x2
     # a custom checker replaces the boxed-answer check
-    res2 = evaluate_problems(gen, decode, [[1], [2]], ["5", "5"],
-                             check=lambda text, ans: True)
+    res2 = evaluate_problems(gen, decode, [[1], [2]], ["5", "5"], check=lambda text, ans: True)
     assert res2.pass1 == 1.0 and res2.checker == "custom"
 
 

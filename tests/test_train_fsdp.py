@@ -40,10 +40,24 @@ class FixedEngine:
 def _config(**kw):
     from opsd_train.trainer import TrainConfig
 
-    base = dict(steps=3, batch_size=4, grad_accum=2, lr=1e-2, temperature=1.0,
-                top_p=1.0, top_k=0, max_new_tokens=6, clip=0.05, teacher="current",
-                max_grad_norm=0.02, progress=False, eval_at_start=False, eval_at_end=False,
-                seed=1, impl="torch")
+    base = dict(
+        steps=3,
+        batch_size=4,
+        grad_accum=2,
+        lr=1e-2,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=6,
+        clip=0.05,
+        teacher="current",
+        max_grad_norm=0.02,
+        progress=False,
+        eval_at_start=False,
+        eval_at_end=False,
+        seed=1,
+        impl="torch",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -85,9 +99,15 @@ def _lora_run(model, tok, trainer_cls, grad_accum, **kw):
 
     torch.manual_seed(5)  # the same adapter init everywhere
     model = prepare_model(model, lora=True, lora_r=4, lora_alpha=8)
-    cfg = _config(teacher="fixed", top_k=1, steps=2, eval_at_end=True,
-                  eval_max_new_tokens=4, loss_normalization="microbatch",
-                  grad_accum=grad_accum)
+    cfg = _config(
+        teacher="fixed",
+        top_k=1,
+        steps=2,
+        eval_at_end=True,
+        eval_max_new_tokens=4,
+        loss_normalization="microbatch",
+        grad_accum=grad_accum,
+    )
     tr = trainer_cls(model, tok, _problems(), cfg, eval_problems=_problems(True), **kw)
     _use_sgd(tr)
     evals = tr.train()
@@ -105,25 +125,33 @@ def _worker(mode: str, tiny_dir: str, out: str) -> None:
     info = init_from_env("cpu")
     assert info is not None and info.world_size == 2
     out = Path(out)
-    runs = {"first": [("sgd", out), ("sgd-mb", out.with_suffix(".mb")),
-                      ("save", out.with_suffix(".adamw")),
-                      ("lora", out.with_suffix(".lora"))],
-            "resume": [("resume", out)]}[mode]
+    runs = {
+        "first": [
+            ("sgd", out),
+            ("sgd-mb", out.with_suffix(".mb")),
+            ("save", out.with_suffix(".adamw")),
+            ("lora", out.with_suffix(".lora")),
+        ],
+        "resume": [("resume", out)],
+    }[mode]
     for kind, dest in runs:
         model, tok = _load(tiny_dir)
         if kind == "lora":
             tr, evals = _lora_run(model, tok, DistributedTrainer, 1, info=info)
             sd = {k: v for k, v in tr.full_state_dict().items() if "lora_" in k}
             if info.is_main:
-                torch.save({"history": tr.history, "state": sd,
-                            "evals": [e.to_dict() for e in evals]}, dest)
+                torch.save(
+                    {"history": tr.history, "state": sd, "evals": [e.to_dict() for e in evals]},
+                    dest,
+                )
             continue
         run_dir = out.parent / {"sgd": "sgd-run", "sgd-mb": "mb-run"}.get(kind, "run")
         cfg = _config(save_every=2 if kind == "save" else 0)
         if kind == "sgd-mb":  # one micro-batch per rank: the 1-process run's two
             cfg = _config(loss_normalization="microbatch", grad_accum=1)
-        tr = DistributedTrainer(model, tok, _problems(), cfg, info=info,
-                                engine=FixedEngine(), output_dir=run_dir)
+        tr = DistributedTrainer(
+            model, tok, _problems(), cfg, info=info, engine=FixedEngine(), output_dir=run_dir
+        )
         if kind.startswith("sgd"):
             _use_sgd(tr)
         if kind == "resume":
@@ -150,12 +178,37 @@ def _cli_run(tiny_dir, folder: Path, info) -> None:
         save_jsonl(train, folder / "train.jsonl")
         save_jsonl(held, folder / "held.jsonl")
     torch.distributed.barrier()
-    assert main(["--model", str(tiny_dir), "--data", str(folder / "train.jsonl"),
-                 "--eval-data", str(folder / "held.jsonl"), "--steps", "2",
-                 "--batch-size", "4", "--grad-accum", "2", "--max-new-tokens", "4",
-                 "--teacher", "current", "--teacher-topk", "8", "--gradient-checkpointing",
-                 "--out",
-                 str(folder / "run"), "--no-progress", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(folder / "train.jsonl"),
+                "--eval-data",
+                str(folder / "held.jsonl"),
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--grad-accum",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--teacher",
+                "current",
+                "--teacher-topk",
+                "8",
+                "--gradient-checkpointing",
+                "--out",
+                str(folder / "run"),
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
 
 
 def _free_port() -> int:
@@ -166,9 +219,24 @@ def _free_port() -> int:
 
 def _torchrun(mode: str, tiny_dir, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "tests.test_train_fsdp", mode, str(tiny_dir), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "tests.test_train_fsdp",
+        mode,
+        str(tiny_dir),
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return torch.load(out, weights_only=False)
@@ -179,8 +247,9 @@ def _single_process(tiny_dir, normalization="global"):
 
     torch.set_num_threads(1)
     model, tok = _load(tiny_dir)
-    tr = Trainer(model, tok, _problems(), _config(loss_normalization=normalization),
-                 engine=FixedEngine())
+    tr = Trainer(
+        model, tok, _problems(), _config(loss_normalization=normalization), engine=FixedEngine()
+    )
     _use_sgd(tr)
     tr.train()
     return tr.history, {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -217,8 +286,7 @@ def test_fsdp_two_processes_match_one_process(tiny_dir, fsdp_runs, normalization
     so it differs from the global mean; grad_accum 1 on each of two processes makes the
     1-process run's two micro-batches)."""
     tmp, first = fsdp_runs
-    full = first if normalization == "global" else torch.load(tmp / "out.mb",
-                                                               weights_only=False)
+    full = first if normalization == "global" else torch.load(tmp / "out.mb", weights_only=False)
     ref_hist, ref_state = _single(lambda: _single_process(tiny_dir, normalization))
     steps = [r for r in full["history"] if r["event"] == "step"]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -287,8 +355,7 @@ def test_fsdp_lora_fixed_teacher_with_generate_matches_one_process(tiny_dir, fsd
     def one():
         torch.set_num_threads(1)
         tr, evals = _lora_run(*_load(tiny_dir), Trainer, 2)
-        state = {k: v.detach().clone() for k, v in tr.model.state_dict().items()
-                 if "lora_" in k}
+        state = {k: v.detach().clone() for k, v in tr.model.state_dict().items() if "lora_" in k}
         return tr.history, state, [e.to_dict() for e in evals]
 
     ref_hist, ref_state, ref_evals = _single(one)
@@ -311,8 +378,7 @@ def test_fsdp_trainer_refuses_unsupported_settings(tiny):
     model, tok = tiny
     info = DistInfo(0, 2, 0, torch.device("cpu"))
     with pytest.raises(ValueError, match="divisible by the number of processes"):
-        DistributedTrainer(model, tok, _problems(), _config(batch_size=3, grad_accum=1),
-                           info=info)
+        DistributedTrainer(model, tok, _problems(), _config(batch_size=3, grad_accum=1), info=info)
     with pytest.raises(ValueError, match="--lora"):
         DistributedTrainer(model, tok, _problems(), _config(teacher="fixed"), info=info)
 

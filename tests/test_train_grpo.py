@@ -17,8 +17,12 @@ from opsd_train.grpo import (
 )
 
 HAS_KERNEL = grpo._topk_kernel() is not None
-IMPLS = ["chunked", pytest.param("kernel", marks=pytest.mark.skipif(
-    not HAS_KERNEL, reason="opsd_kernels.topk not available"))]
+IMPLS = [
+    "chunked",
+    pytest.param(
+        "kernel", marks=pytest.mark.skipif(not HAS_KERNEL, reason="opsd_kernels.topk not available")
+    ),
+]
 
 
 # ---------------------------------------------------------------------------------------
@@ -55,8 +59,7 @@ def test_group_advantages_match_float64_and_trl(g):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert torch.all(got[:g] == 0)
     # each group is centred; groups with mixed rewards have unit sample std before the eps
-    assert torch.allclose(got.view(-1, g).sum(1), torch.zeros(6, dtype=torch.float64),
-                          atol=1e-12)
+    assert torch.allclose(got.view(-1, g).sum(1), torch.zeros(6, dtype=torch.float64), atol=1e-12)
     # TRL's own computation (GRPOTrainer, scale_rewards="group"), where it installs
     trl_utils = pytest.importorskip("trl.trainer.utils")
     mean = torch.nanmean(r.view(-1, g), dim=1).repeat_interleave(g)
@@ -188,11 +191,31 @@ def test_grpo_loss_against_float64(impl, loss_type, off_policy):
         # the clip must be active on both sides for this case to test it
         assert (ratio < 1 - eps_lo).any() and (ratio > 1 + eps_hi).any()
         old = torch.where(mask, old, torch.full_like(old, float("nan")))  # padding: anything
-    got = grpo_loss(h, w, y, adv, mask, bias=b, temperature=temperature, old_logprobs=old,
-                    clip_eps=eps_lo, clip_eps_high=eps_hi, loss_type=loss_type, impl=impl)
+    got = grpo_loss(
+        h,
+        w,
+        y,
+        adv,
+        mask,
+        bias=b,
+        temperature=temperature,
+        old_logprobs=old,
+        clip_eps=eps_lo,
+        clip_eps_high=eps_hi,
+        loss_type=loss_type,
+        impl=impl,
+    )
     old_ref = None if old is None else torch.nan_to_num(old)
-    want = _naive_loss(_naive_logprobs(h, w, b, y, temperature), adv, mask, old_ref, eps_lo,
-                       eps_hi, loss_type, None)
+    want = _naive_loss(
+        _naive_logprobs(h, w, b, y, temperature),
+        adv,
+        mask,
+        old_ref,
+        eps_lo,
+        eps_hi,
+        loss_type,
+        None,
+    )
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     g_got = torch.autograd.grad(got, (h, w))
     g_want = torch.autograd.grad(want, (h, w))
@@ -224,9 +247,11 @@ def test_normalizer_makes_micro_batches_add_up():
     for loss_type, norm in (("grpo", h.shape[0]), ("token", mask.sum())):
         whole = policy_gradient_loss(lp, adv, mask, old_logprobs=old, loss_type=loss_type)
         parts = sum(
-            policy_gradient_loss(lp[s], adv[s], mask[s], old_logprobs=old[s],
-                                 loss_type=loss_type, normalizer=norm)
-            for s in (slice(0, 2), slice(2, 5)))
+            policy_gradient_loss(
+                lp[s], adv[s], mask[s], old_logprobs=old[s], loss_type=loss_type, normalizer=norm
+            )
+            for s in (slice(0, 2), slice(2, 5))
+        )
         torch.testing.assert_close(parts, whole)
 
 

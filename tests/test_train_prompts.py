@@ -36,8 +36,9 @@ QWEN3_LIKE_TEMPLATE = (
 OPEN_TURN = "<|im_start|>assistant\n"
 EMPTY_THINK = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
-PROBLEM = Problem("Ann has 3 pens and gets 4 more. How many pens?",
-                  "3 + 4 = 7. The answer is \\boxed{7}.", "7")
+PROBLEM = Problem(
+    "Ann has 3 pens and gets 4 more. How many pens?", "3 + 4 = 7. The answer is \\boxed{7}.", "7"
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,9 @@ def test_thinking_flags_reach_a_template_that_honours_them(qwen_tok):
     assert e.endswith(OPEN_TURN) and "<think>" not in e
     assert t == f"<|im_start|>user\n{pb.teacher_text(PROBLEM)}<|im_end|>\n{OPEN_TURN}"
     # the flags are per role and overridable; None leaves the template's default (on)
-    flipped = PromptBuilder(qwen_tok, student_thinking=True, teacher_thinking=False,
-                            eval_thinking=False)
+    flipped = PromptBuilder(
+        qwen_tok, student_thinking=True, teacher_thinking=False, eval_thinking=False
+    )
     assert flipped.student_prompt(PROBLEM).endswith(OPEN_TURN)
     assert flipped.teacher_prompt(PROBLEM).endswith(EMPTY_THINK)
     assert flipped.eval_prompt(PROBLEM).endswith(EMPTY_THINK)
@@ -79,8 +81,9 @@ def test_token_ids_follow_the_rendered_prompts(qwen_tok):
     assert qwen_tok.decode(s_ids) == pb.student_prompt(PROBLEM)
     assert qwen_tok.unk_token_id not in s_ids
     # the teacher scores the student's completion appended right after its assistant header
-    completion = qwen_tok(" 3 + 4 = 7. The answer is \\boxed{7}.",
-                          add_special_tokens=False)["input_ids"] + [qwen_tok.eos_token_id]
+    completion = qwen_tok(" 3 + 4 = 7. The answer is \\boxed{7}.", add_special_tokens=False)[
+        "input_ids"
+    ] + [qwen_tok.eos_token_id]
     t_ids = pb.teacher_ids(PROBLEM)
     seq = qwen_tok.decode(t_ids + completion)
     assert seq == pb.teacher_prompt(PROBLEM) + qwen_tok.decode(completion)
@@ -91,13 +94,16 @@ def test_template_that_ignores_the_flag(tiny_tok):
     # the embedded tokenizer's template never reads enable_thinking: same text either way
     pb = PromptBuilder(tiny_tok)
     plain = tiny_tok.apply_chat_template(
-        [{"role": "user", "content": pb.student_text(PROBLEM)}], tokenize=False,
-        add_generation_prompt=True)
+        [{"role": "user", "content": pb.student_text(PROBLEM)}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert pb.student_prompt(PROBLEM) == plain
     assert pb.student_prompt(PROBLEM).endswith(OPEN_TURN)
     assert pb.teacher_prompt(PROBLEM).endswith(OPEN_TURN)
-    assert PromptBuilder(tiny_tok, student_thinking=True).student_ids(PROBLEM) == \
-        pb.student_ids(PROBLEM)
+    assert PromptBuilder(tiny_tok, student_thinking=True).student_ids(PROBLEM) == pb.student_ids(
+        PROBLEM
+    )
     # without a chat template the raw text is the prompt and the flags do nothing
     raw = PromptBuilder(tiny_tok, use_chat_template=False)
     assert raw.student_prompt(PROBLEM) == raw.student_text(PROBLEM)
@@ -111,10 +117,16 @@ def test_teacher_prompt_structure():
     i_begin, i_end = text.index(SOLUTION_BEGIN), text.index(SOLUTION_END)
     assert i_problem < i_begin < i_end
     # the solution, verbatim and alone, between the markers
-    assert text[i_begin + len(SOLUTION_BEGIN): i_end].strip("\n") == PROBLEM.solution
+    assert text[i_begin + len(SOLUTION_BEGIN) : i_end].strip("\n") == PROBLEM.solution
     after = text[i_end:]
-    for phrase in ("understand", "Do not copy", "in other words", "independently",
-                   "step by step", "same final answer"):
+    for phrase in (
+        "understand",
+        "Do not copy",
+        "in other words",
+        "independently",
+        "step by step",
+        "same final answer",
+    ):
         assert phrase in after, phrase
     assert after.endswith(BOXED_INSTRUCTION) and "\\boxed{}" in after
     # the student and eval prompts never see the solution; eval has no "Problem:" prefix

@@ -18,9 +18,21 @@ from opsd_train.trainer import Row, TrainConfig, Trainer, lr_multiplier
 
 
 def _cfg(**kw):
-    base = dict(algo="opsd", steps=2, batch_size=4, lr=1e-2, temperature=1.0, top_p=1.0,
-                top_k=0, max_new_tokens=6, clip=None, progress=False, eval_at_start=False,
-                eval_at_end=False, seed=1)
+    base = dict(
+        algo="opsd",
+        steps=2,
+        batch_size=4,
+        lr=1e-2,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=6,
+        clip=None,
+        progress=False,
+        eval_at_start=False,
+        eval_at_end=False,
+        seed=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -45,29 +57,62 @@ class FixedEngine:
 
 def test_help_shows_algo_preset_and_eval_flags():
     text = build_parser().format_help()
-    for flag in ("--algo", "--preset", "--eval-preset", "--eval-temperature", "--eval-top-p",
-                 "--eval-top-k", "--eval-max-new-tokens", "--eval-k", "--eval-greedy",
-                 "--no-eval-greedy", "--group-size", "--loss-normalization", "--lr-schedule",
-                 "--lr-horizon", "--teacher-template", "--eval-template",
-                 "--student-thinking", "--teacher-thinking", "--eval-thinking"):
+    for flag in (
+        "--algo",
+        "--preset",
+        "--eval-preset",
+        "--eval-temperature",
+        "--eval-top-p",
+        "--eval-top-k",
+        "--eval-max-new-tokens",
+        "--eval-k",
+        "--eval-greedy",
+        "--no-eval-greedy",
+        "--group-size",
+        "--loss-normalization",
+        "--lr-schedule",
+        "--lr-horizon",
+        "--teacher-template",
+        "--eval-template",
+        "--student-thinking",
+        "--teacher-thinking",
+        "--eval-thinking",
+    ):
         assert flag in text, flag
     assert "{opsd,sft,grpo}" in text
 
 
 def test_preset_values_and_explicit_flags_win():
-    o = parse_options(["--preset", "qwen3-8b", "--data", "x.jsonl", "--clip", "0.1",
-                       "--eval-k", "4"])
+    o = parse_options(
+        ["--preset", "qwen3-8b", "--data", "x.jsonl", "--clip", "0.1", "--eval-k", "4"]
+    )
     t = TrainConfig(**o.train)
-    assert o.run.model == "Qwen/Qwen3-8B" and o.run.lora and (o.run.lora_r, o.run.lora_alpha) \
-        == (64, 128)
-    assert (o.run.student_thinking, o.run.teacher_thinking, o.run.eval_thinking) == \
-        (False, True, True)
+    assert (
+        o.run.model == "Qwen/Qwen3-8B"
+        and o.run.lora
+        and (o.run.lora_r, o.run.lora_alpha) == (64, 128)
+    )
+    assert (o.run.student_thinking, o.run.teacher_thinking, o.run.eval_thinking) == (
+        False,
+        True,
+        True,
+    )
     assert t.clip == 0.1 and t.eval_k == 4  # explicit
-    assert (t.max_grad_norm, t.steps, t.kind, t.temperature, t.lr_schedule) == \
-        (0.1, 100, "forward_kl", 1.1, "linear")
+    assert (t.max_grad_norm, t.steps, t.kind, t.temperature, t.lr_schedule) == (
+        0.1,
+        100,
+        "forward_kl",
+        1.1,
+        "linear",
+    )
     # the paper's evaluation: T 1.0, top-p 0.95, no top-k, 38,912 tokens, no greedy pass
-    assert (t.eval_temperature, t.eval_top_p, t.eval_top_k, t.eval_max_new_tokens,
-            t.eval_greedy) == (1.0, 0.95, 0, 38_912, False)
+    assert (
+        t.eval_temperature,
+        t.eval_top_p,
+        t.eval_top_k,
+        t.eval_max_new_tokens,
+        t.eval_greedy,
+    ) == (1.0, 0.95, 0, 38_912, False)
     assert o.sources["max_grad_norm"] == "preset qwen3-8b"
     assert TrainConfig(**parse_options(["--preset", "qwen3-4b"]).train).clip == 0.05
     assert TrainConfig(**parse_options(["--preset", "qwen3-1.7b"]).train).clip == 0.05
@@ -103,17 +148,27 @@ def test_nothing_to_evaluate_is_a_config_error():
 
 def test_lr_schedules():
     assert [lr_multiplier("constant", s, 10, 0) for s in (0, 9, 50)] == [1.0, 1.0, 1.0]
-    assert [lr_multiplier("linear", s, 10, 2, 0.5) for s in (0, 1, 2, 6, 10, 20)] == \
-        [0.5, 1.0, 1.0, 0.75, 0.5, 0.5]
+    assert [lr_multiplier("linear", s, 10, 2, 0.5) for s in (0, 1, 2, 6, 10, 20)] == [
+        0.5,
+        1.0,
+        1.0,
+        0.75,
+        0.5,
+        0.5,
+    ]
     assert lr_multiplier("cosine", 6, 10, 2) == pytest.approx(0.5)
 
 
 def test_trainer_uses_lr_schedule_and_horizon(tiny, problems):
     model, tok = tiny
     train, _ = problems
-    t = Trainer(model, tok, train, _cfg(algo="sft", lr=1e-3, lr_schedule="linear",
-                                        lr_horizon=10, steps=2),
-                engine=FixedEngine([[5]]))
+    t = Trainer(
+        model,
+        tok,
+        train,
+        _cfg(algo="sft", lr=1e-3, lr_schedule="linear", lr_horizon=10, steps=2),
+        engine=FixedEngine([[5]]),
+    )
     lrs = [t.train_step()["lr"] for _ in range(2)]
     assert lrs == pytest.approx([1e-3, 0.9e-3])
 
@@ -146,10 +201,10 @@ def test_loss_normalization_equals_hand_computed_values(tiny, problems):
     micro_ref = (mb1 + mb2) / 2
     assert abs(global_ref - micro_ref) > 1e-3  # the two differ here
     for norm, ref in (("global", global_ref), ("microbatch", micro_ref)):
-        t = Trainer(model, tok, train, _cfg(algo="sft", grad_accum=2,
-                                            loss_normalization=norm))
-        assert [n for _, n in t.loss_normalizers(rows, tokens)] == \
-            ([10.0, 10.0] if norm == "global" else [6.0, 14.0])
+        t = Trainer(model, tok, train, _cfg(algo="sft", grad_accum=2, loss_normalization=norm))
+        assert [n for _, n in t.loss_normalizers(rows, tokens)] == (
+            [10.0, 10.0] if norm == "global" else [6.0, 14.0]
+        )
         out = t.loss_backward(rows, tokens)
         model.zero_grad(set_to_none=True)
         assert out["loss"] == pytest.approx(ref, rel=1e-5)
@@ -167,8 +222,15 @@ def test_grpo_step_matches_a_naive_float64_policy_gradient(tiny):
     wrong = tok(r"so \boxed{3}", add_special_tokens=False)["input_ids"]
     engine = FixedEngine([right, wrong, wrong])  # the same 3 completions for each prompt
     T = 0.7
-    cfg = _cfg(algo="grpo", batch_size=2, group_size=3, temperature=T, grad_accum=2,
-               loss_normalization="microbatch", lr=0.0)
+    cfg = _cfg(
+        algo="grpo",
+        batch_size=2,
+        group_size=3,
+        temperature=T,
+        grad_accum=2,
+        loss_normalization="microbatch",
+        lr=0.0,
+    )
     t = Trainer(model, tok, probs, cfg, engine=engine)
     idx = [0, 1]
     rows = t.collect_rows(idx)
@@ -177,8 +239,9 @@ def test_grpo_step_matches_a_naive_float64_policy_gradient(tiny):
     rewards = torch.tensor([r.reward for r in rows], dtype=torch.float64)
     g = rewards.view(2, 3)
     adv_ref = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).view(-1)
-    assert torch.allclose(torch.tensor([r.advantage for r in rows], dtype=torch.float64),
-                          adv_ref, atol=1e-6)
+    assert torch.allclose(
+        torch.tensor([r.advantage for r in rows], dtype=torch.float64), adv_ref, atol=1e-6
+    )
     # naive float64 loss on the lm_head weight
     head = model.get_output_embeddings().weight
     model.zero_grad(set_to_none=True)
@@ -198,10 +261,12 @@ def test_grpo_step_matches_a_naive_float64_policy_gradient(tiny):
     model.zero_grad(set_to_none=True)
     assert ref.abs().max() > 0
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6)
-    rec = Trainer(model, tok, probs, cfg, engine=FixedEngine([right, wrong, wrong])) \
-        .train_step()
-    assert rec["generated_tokens"] == rec["generated_tokens_total"] == \
-        sum(len(r.completion) for r in rows)
+    rec = Trainer(model, tok, probs, cfg, engine=FixedEngine([right, wrong, wrong])).train_step()
+    assert (
+        rec["generated_tokens"]
+        == rec["generated_tokens_total"]
+        == sum(len(r.completion) for r in rows)
+    )
     assert 0 <= rec["reward_mean"] <= 1
 
 
@@ -213,15 +278,27 @@ def test_evaluate_uses_eval_prompt_and_eval_sampling(tiny, problems):
     train, held = problems
     engine = FixedEngine([[5, 6]])
     pb = PromptBuilder(tok)
-    cfg = _cfg(eval_k=2, eval_greedy=False, eval_temperature=0.8, eval_top_p=0.9,
-               eval_top_k=7, eval_max_new_tokens=5, top_p=0.5, top_k=3)
-    t = Trainer(model, tok, train, cfg, eval_problems=held[:2], engine=engine,
-                prompt_builder=pb)
+    cfg = _cfg(
+        eval_k=2,
+        eval_greedy=False,
+        eval_temperature=0.8,
+        eval_top_p=0.9,
+        eval_top_k=7,
+        eval_max_new_tokens=5,
+        top_p=0.5,
+        top_k=3,
+    )
+    t = Trainer(model, tok, train, cfg, eval_problems=held[:2], engine=engine, prompt_builder=pb)
     res = t.evaluate()
     assert res.pass1 is None and res.score_name == "avg@2"
     prompts, sampling, _ = engine.calls[-1]
-    assert sampling == {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 7,
-                        "max_new_tokens": 5}
+    assert sampling == {
+        "do_sample": True,
+        "temperature": 0.8,
+        "top_p": 0.9,
+        "top_k": 7,
+        "max_new_tokens": 5,
+    }
     assert prompts[0] == pb.eval_ids(held[0]) != pb.student_ids(held[0])
     t.config.eval_prompt = "student"
     t.evaluate()
@@ -264,8 +341,14 @@ def test_generated_token_total_survives_a_resume(tiny, problems, tmp_path):
     rec = t.train_step()
     assert rec["generated_tokens"] == rec["generated_tokens_total"] == 6
     path = t.save_checkpoint(tmp_path / "checkpoints" / "step_1")
-    t2 = Trainer(model, tok, train, _cfg(steps=2, batch_size=2, lr=0.0),
-                 engine=FixedEngine([[5]]), output_dir=tmp_path)
+    t2 = Trainer(
+        model,
+        tok,
+        train,
+        _cfg(steps=2, batch_size=2, lr=0.0),
+        engine=FixedEngine([[5]]),
+        output_dir=tmp_path,
+    )
     t2.load_checkpoint(path, allow_changes=("steps",))
     assert t2.generated_tokens_total == 6
     assert t2.train_step()["generated_tokens_total"] == 8

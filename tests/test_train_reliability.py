@@ -49,40 +49,71 @@ def _data(tmp_path, n_train=12, n_eval=4):
 
 
 def _small_run(model_dir, data, out, *extra):
-    return ["--model", str(model_dir), "--data", str(data), "--eval-fraction", "0",
-            "--steps", "3", "--batch-size", "4", "--max-new-tokens", "5", "--teacher", "ema",
-            "--ema-decay", "0.5", "--lr", "1e-2", "--threads", "1", "--no-progress",
-            "--out", str(out), *extra]
+    return [
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--eval-fraction",
+        "0",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "5",
+        "--teacher",
+        "ema",
+        "--ema-decay",
+        "0.5",
+        "--lr",
+        "1e-2",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 # ----------------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize("args, pattern", [
-    (["--max-grad-norm", "-1"], "--max-grad-norm: must be > 0 or none, got -1.0"),
-    (["--max-grad-norm", "0"], "--max-grad-norm: must be > 0 or none"),
-    (["--min-lr-ratio", "5"], "--min-lr-ratio: must be <= 1, got 5.0"),
-    (["--warmup-steps", "-5"], "--warmup-steps: must be >= 0, got -5"),
-    (["--save-every", "-1"], "--save-every: must be >= 0"),
-    (["--eval-fraction", "-0.1"], "--eval-fraction: must be >= 0"),
-    (["--eval-n", "-3"], "--eval-n: must be >= 1 or none"),
-    (["--clip", "0"], "--clip: clip must be None or a number > 0"),
-    (["--lr", "nan"], "--lr: must be a finite number"),
-    (["--top-p", "1.5"], "--top-p: must be <= 1"),
-    (["--kind", "jsd", "--beta", "1"], "--beta: beta must lie strictly between 0 and 1"),
-    (["--loss-temperature", "-2"], "--loss-temperature: temperature must be a finite "
-                                   "number > 0"),
-    (["--batch-size", "6", "--grad-accum", "4"], "--grad-accum: batch_size \\(6\\) must be "
-                                                 "divisible by grad_accum \\(4\\)"),
-    (["--keep-last", "0"], "--keep-last: must be >= 1"),
-    (["--resume-override", "stesp"], r"resume_override: unknown key 'stesp' \(did you mean "
-                                     r"'steps'\?\)"),
-])
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--max-grad-norm", "-1"], "--max-grad-norm: must be > 0 or none, got -1.0"),
+        (["--max-grad-norm", "0"], "--max-grad-norm: must be > 0 or none"),
+        (["--min-lr-ratio", "5"], "--min-lr-ratio: must be <= 1, got 5.0"),
+        (["--warmup-steps", "-5"], "--warmup-steps: must be >= 0, got -5"),
+        (["--save-every", "-1"], "--save-every: must be >= 0"),
+        (["--eval-fraction", "-0.1"], "--eval-fraction: must be >= 0"),
+        (["--eval-n", "-3"], "--eval-n: must be >= 1 or none"),
+        (["--clip", "0"], "--clip: clip must be None or a number > 0"),
+        (["--lr", "nan"], "--lr: must be a finite number"),
+        (["--top-p", "1.5"], "--top-p: must be <= 1"),
+        (["--kind", "jsd", "--beta", "1"], "--beta: beta must lie strictly between 0 and 1"),
+        (
+            ["--loss-temperature", "-2"],
+            "--loss-temperature: temperature must be a finite number > 0",
+        ),
+        (
+            ["--batch-size", "6", "--grad-accum", "4"],
+            "--grad-accum: batch_size \\(6\\) must be divisible by grad_accum \\(4\\)",
+        ),
+        (["--keep-last", "0"], "--keep-last: must be >= 1"),
+        (
+            ["--resume-override", "stesp"],
+            r"resume_override: unknown key 'stesp' \(did you mean "
+            r"'steps'\?\)",
+        ),
+    ],
+)
 def test_bad_values_are_rejected_before_anything_is_read(args, pattern, tmp_path):
     # the model and data do not exist: the value check must come first
     with pytest.raises(SystemExit, match=pattern) as e:
-        main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.jsonl"),
-              *args])
+        main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.jsonl"), *args])
     assert "opsd-train: error" in str(e.value)
 
 
@@ -92,15 +123,18 @@ def test_none_disables_optional_settings():
     assert cfg.max_grad_norm is None and cfg.clip is None
 
 
-@pytest.mark.parametrize("suffix, text, pattern", [
-    (".json", '{"stpes": 3}', r"unknown key 'stpes' \(did you mean 'steps'\?\)"),
-    (".toml", 'lora = "false"', r"lora: expected true or false, got 'false' \(str\)"),
-    (".json", '{"steps": 2.7}', r"steps: expected an integer, got 2.7"),
-    (".json", '{"steps": "2"}', r"steps: expected an integer, got '2'"),
-    (".json", '{"max_grad_norm": -1}', r"max_grad_norm: must be > 0 or none"),
-    (".json", '{"config": "other.json"}', r"unknown key 'config'"),
-    (".json", '{"steps": 3', r"cannot be parsed"),
-])
+@pytest.mark.parametrize(
+    "suffix, text, pattern",
+    [
+        (".json", '{"stpes": 3}', r"unknown key 'stpes' \(did you mean 'steps'\?\)"),
+        (".toml", 'lora = "false"', r"lora: expected true or false, got 'false' \(str\)"),
+        (".json", '{"steps": 2.7}', r"steps: expected an integer, got 2.7"),
+        (".json", '{"steps": "2"}', r"steps: expected an integer, got '2'"),
+        (".json", '{"max_grad_norm": -1}', r"max_grad_norm: must be > 0 or none"),
+        (".json", '{"config": "other.json"}', r"unknown key 'config'"),
+        (".json", '{"steps": 3', r"cannot be parsed"),
+    ],
+)
 def test_config_files_are_read_strictly(tmp_path, suffix, text, pattern):
     cfg = tmp_path / f"c{suffix}"
     cfg.write_text(text)
@@ -111,8 +145,10 @@ def test_config_files_are_read_strictly(tmp_path, suffix, text, pattern):
 
 def test_config_file_values_and_precedence(tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('steps = 7\nlora = true\nclip = "none"\nbatch_size = 8\n'
-                   'resume = "latest"\nresume_override = ["steps", "eval_k"]\n')
+    cfg.write_text(
+        'steps = 7\nlora = true\nclip = "none"\nbatch_size = 8\n'
+        'resume = "latest"\nresume_override = ["steps", "eval_k"]\n'
+    )
     o = parse_options(["--config", str(cfg), "--model", "m", "--batch-size", "4"])
     assert o.run.lora is True and o.run.resume == "latest"
     assert o.run.resume_override == ("steps", "eval_k")
@@ -122,8 +158,11 @@ def test_config_file_values_and_precedence(tmp_path):
 
 def test_demo_config_is_checked_before_the_warmup(tmp_path):
     for table, pattern in [
-        ({"demo": {"opsd": {"stpes": 3}}}, r"demo.opsd: unknown training config key 'stpes' "
-                                           r"\(did you mean 'steps'\?\)"),
+        (
+            {"demo": {"opsd": {"stpes": 3}}},
+            r"demo.opsd: unknown training config key 'stpes' "
+            r"\(did you mean 'steps'\?\)",
+        ),
         ({"demo": {"warmup": {"lr": -1}}}, r"demo.warmup: lr: must be >= 0"),
         ({"demo": {"opsd": {"kind": "jsd", "beta": 0}}}, r"beta must lie strictly"),
         ({"demo": {"n_trian": 5}}, r"unknown key 'n_trian' \(did you mean 'n_train'\?\)"),
@@ -156,8 +195,11 @@ def test_every_config_field_is_a_flag_with_its_doc():
     assert len(names) == len(set(names)), "a key is defined twice"
     # defaults round-trip through the parser: `--flag <default>` gives the default back
     for f, _ in option_fields(TrainConfig):
-        if f.metadata["cli"] and isinstance(f.default, (int, float, str)) and \
-                not isinstance(f.default, bool):
+        if (
+            f.metadata["cli"]
+            and isinstance(f.default, (int, float, str))
+            and not isinstance(f.default, bool)
+        ):
             o = parse_options(["--model", "m", flag_name(f.name), str(f.default)])
             assert getattr(TrainConfig(**o.train), f.name) == f.default, f.name
 
@@ -207,8 +249,9 @@ def test_duplicate_questions_never_overlap_the_held_out_set(tmp_path, tiny_dir, 
     save_jsonl(rows, tmp_path / "dup.jsonl")
     from opsd_train.cli import _held_out_split
 
-    o = parse_options(["--model", "m", "--data", str(tmp_path / "dup.jsonl"),
-                       "--eval-fraction", "0.25"])
+    o = parse_options(
+        ["--model", "m", "--data", str(tmp_path / "dup.jsonl"), "--eval-fraction", "0.25"]
+    )
     tr, held = _held_out_split(o.run, load_jsonl(tmp_path / "dup.jsonl"))
     assert len(held) == 3
     assert not {p.question for p in tr} & {p.question for p in held}
@@ -219,11 +262,28 @@ def test_long_prompts_rejected_or_dropped(tmp_path, tiny_dir, problems):
     train, _ = synthetic_split(8, 0, seed=4)
     long_q = Problem("Ann has " + "very " * 400 + "many pens.", "1 + 1 = 2. \\boxed{2}", "2")
     save_jsonl([long_q] + train, tmp_path / "long.jsonl")
-    args = ["--model", str(tiny_dir), "--data", str(tmp_path / "long.jsonl"),
-            "--eval-fraction", "0", "--steps", "1", "--batch-size", "4",
-            "--max-new-tokens", "4", "--no-progress", "--threads", "1"]
-    with pytest.raises(ValueError, match=r"1 training and 0 held-out problem\(s\) have a "
-                                         r"prompt longer than the model's 256 positions"):
+    args = [
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(tmp_path / "long.jsonl"),
+        "--eval-fraction",
+        "0",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"1 training and 0 held-out problem\(s\) have a "
+        r"prompt longer than the model's 256 positions",
+    ):
         main([*args, "--out", str(tmp_path / "a")])
     assert not (tmp_path / "a" / "metrics.jsonl").exists()  # nothing ran
     assert main([*args, "--out", str(tmp_path / "b"), "--long-prompts", "drop"]) == 0
@@ -231,10 +291,13 @@ def test_long_prompts_rejected_or_dropped(tmp_path, tiny_dir, problems):
     from opsd_train.modeling import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(tiny_dir))
-    t = Trainer(model, tok, [long_q], TrainConfig(steps=1, batch_size=1, max_new_tokens=4,
-                                                  progress=False))
-    with pytest.raises(ValueError, match="training problem 0, student prompt: .* exceed "
-                                         "the model's maximum of 256 positions"):
+    t = Trainer(
+        model, tok, [long_q], TrainConfig(steps=1, batch_size=1, max_new_tokens=4, progress=False)
+    )
+    with pytest.raises(
+        ValueError,
+        match="training problem 0, student prompt: .* exceed the model's maximum of 256 positions",
+    ):
         t.train_step()
 
 
@@ -280,8 +343,11 @@ def _state():
 def test_checkpoint_write_is_atomic_and_verified(tmp_path):
     root = tmp_path / "checkpoints"
     p = ckpt.write_checkpoint(root / "step_1", _state(), {"lr": 1.0}, 1)
-    assert sorted(x.name for x in p.iterdir()) == [ckpt.MARKER_FILE, ckpt.CONFIG_FILE,
-                                                   ckpt.STATE_FILE]
+    assert sorted(x.name for x in p.iterdir()) == [
+        ckpt.MARKER_FILE,
+        ckpt.CONFIG_FILE,
+        ckpt.STATE_FILE,
+    ]
     assert not list(root.glob(".*"))  # no temporary left
     assert ckpt.read_checkpoint_config(p) == {"lr": 1.0}
     assert torch.equal(ckpt.load_checkpoint_state(p)["w"], _state()["w"])
@@ -346,8 +412,9 @@ def test_full_disk_names_the_path_and_keeps_earlier_checkpoints(tmp_path, monkey
     root = tmp_path / "checkpoints"
     ckpt.write_checkpoint(root / "step_1", _state(), {}, 1)
     monkeypatch.setattr(ckpt, "_opener", lambda path, mode: _FullDisk(open(path, mode), 500))  # noqa: SIM115
-    with pytest.raises(ckpt.CheckpointWriteError,
-                       match=f"cannot write checkpoint {root / 'step_2'}.*No space left"):
+    with pytest.raises(
+        ckpt.CheckpointWriteError, match=f"cannot write checkpoint {root / 'step_2'}.*No space left"
+    ):
         ckpt.write_checkpoint(root / "step_2", _state(), {}, 2)
     assert sorted(p.name for p in root.iterdir()) == ["step_1"]  # partial folder removed
     ckpt.verify_checkpoint(root / "step_1")
@@ -360,19 +427,33 @@ def test_full_disk_names_the_path_and_keeps_earlier_checkpoints(tmp_path, monkey
 def test_keep_last(tmp_path, tiny, problems):
     model, tok = tiny
     train, _ = problems
-    cfg = TrainConfig(steps=4, batch_size=2, max_new_tokens=3, save_every=1, keep_last=2,
-                      progress=False, eval_at_start=False, eval_at_end=False)
+    cfg = TrainConfig(
+        steps=4,
+        batch_size=2,
+        max_new_tokens=3,
+        save_every=1,
+        keep_last=2,
+        progress=False,
+        eval_at_start=False,
+        eval_at_end=False,
+    )
     Trainer(model, tok, train, cfg, output_dir=tmp_path).train()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3",
-                                                                           "step_4"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3", "step_4"]
 
 
 def test_resume_checks_the_configuration(tmp_path, tiny_dir, problems):
     from opsd_train.modeling import load_model_and_tokenizer
 
     train, _ = problems
-    base = dict(steps=2, batch_size=2, max_new_tokens=3, progress=False, teacher="ema",
-                eval_at_start=False, eval_at_end=False)
+    base = dict(
+        steps=2,
+        batch_size=2,
+        max_new_tokens=3,
+        progress=False,
+        teacher="ema",
+        eval_at_start=False,
+        eval_at_end=False,
+    )
 
     def trainer(**kw):
         model, tok = load_model_and_tokenizer(str(tiny_dir))
@@ -381,12 +462,18 @@ def test_resume_checks_the_configuration(tmp_path, tiny_dir, problems):
     t = trainer()
     t.train_step()
     t.save_checkpoint(tmp_path / "ck")
-    with pytest.raises(ckpt.CheckpointError, match=r"lr: 5e-06 there, 0.001 now.*"
-                                                   r"lr cannot change"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"lr: 5e-06 there, 0.001 now.*"
+        r"lr cannot change",
+    ):
         trainer(lr=1e-3).load_checkpoint(tmp_path / "ck")
-    with pytest.raises(ckpt.CheckpointError, match=r"kind: 'forward_kl' there, 'jsd' now.*"
-                                                   r"steps: 2 there, 5 now.*"
-                                                   r"--resume-override kind,steps"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"kind: 'forward_kl' there, 'jsd' now.*"
+        r"steps: 2 there, 5 now.*"
+        r"--resume-override kind,steps",
+    ):
         trainer(kind="jsd", steps=5).load_checkpoint(tmp_path / "ck")
     with pytest.raises(ckpt.CheckpointError, match="cannot change \\['lr'\\]"):
         trainer(lr=1e-3).load_checkpoint(tmp_path / "ck", allow_changes=["lr"])
@@ -404,10 +491,12 @@ def test_full_checkpoint_into_lora_run_is_a_named_error(tmp_path, tiny_dir, prob
     model, tok = load_model_and_tokenizer(str(tiny_dir))
     t = Trainer(model, tok, train, cfg)
     t.save_checkpoint(tmp_path / "ck")
-    lora = prepare_model(load_model_and_tokenizer(str(tiny_dir))[0], lora=True, lora_r=2,
-                         lora_alpha=4)
-    with pytest.raises(ckpt.CheckpointError, match="full-model weights but this run trains "
-                                                   "a LoRA adapter"):
+    lora = prepare_model(
+        load_model_and_tokenizer(str(tiny_dir))[0], lora=True, lora_r=2, lora_alpha=4
+    )
+    with pytest.raises(
+        ckpt.CheckpointError, match="full-model weights but this run trains a LoRA adapter"
+    ):
         Trainer(lora, tok, train, cfg).load_checkpoint(tmp_path / "ck")
 
 
@@ -420,8 +509,21 @@ def test_cli_resume_mismatch_and_fresh_start_into_a_used_folder(tmp_path, tiny_d
         main(_small_run(tiny_dir, data, out, "--steps", "1"))
     # a different learning rate on resume: listed, refused before any model load
     with pytest.raises(SystemExit, match=r"lr: 0.01 there, 0.02 now"):
-        main(_small_run(tiny_dir, data, out, "--steps", "2", "--resume", "latest",
-                        "--lr", "2e-2", "--resume-override", "steps"))
+        main(
+            _small_run(
+                tiny_dir,
+                data,
+                out,
+                "--steps",
+                "2",
+                "--resume",
+                "latest",
+                "--lr",
+                "2e-2",
+                "--resume-override",
+                "steps",
+            )
+        )
     # a torn checkpoint by path: named, and said to be incomplete
     torn = out / "checkpoints" / "step_1" / ckpt.STATE_FILE
     torn.write_bytes(torn.read_bytes()[:10])
@@ -477,9 +579,13 @@ def test_sigkill_during_checkpoint_write_then_resume_latest(tmp_path, tiny_dir):
     script = tmp_path / "kill.py"
     script.write_text(_KILL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(script),
-                           *_small_run(tiny_dir, data, out, "--save-every", "1")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), *_small_run(tiny_dir, data, out, "--save-every", "1")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     ckdir = out / "checkpoints"
     assert (ckdir / "step_1").is_dir() and not (ckdir / "step_2").exists()
@@ -488,8 +594,7 @@ def test_sigkill_during_checkpoint_write_then_resume_latest(tmp_path, tiny_dir):
     # metrics.jsonl already holds the step-2 record written before the kill
     assert [s for s, *_ in _step_losses(out)] == [1, 2]
     with pytest.warns(UserWarning, match="skipped torn"):
-        assert main(_small_run(tiny_dir, data, out, "--save-every", "1",
-                               "--resume", "latest")) == 0
+        assert main(_small_run(tiny_dir, data, out, "--save-every", "1", "--resume", "latest")) == 0
     # no duplicate records, and the continuation is bit-identical to the reference
     assert _step_losses(out) == _step_losses(ref)
     a, b = _final_weights(ref), _final_weights(out)

@@ -51,8 +51,10 @@ def test_gathered_hidden_states_match_direct_computation(tiny, problems):
         b = pack_batch(prompts, comps, tok.pad_token_id)
         with torch.no_grad():
             h = gather_completion_states(
-                final_hidden_states(model, b.input_ids, b.attention_mask), b.starts,
-                b.completion.shape[1])
+                final_hidden_states(model, b.input_ids, b.attention_mask),
+                b.starts,
+                b.completion.shape[1],
+            )
             for i, (p, c) in enumerate(zip(prompts, comps, strict=True)):
                 ids = torch.tensor([p + c])
                 direct = model.model(input_ids=ids).last_hidden_state[0]
@@ -60,8 +62,8 @@ def test_gathered_hidden_states_match_direct_computation(tiny, problems):
                 torch.testing.assert_close(h[i, : len(c)], want, atol=2e-5, rtol=1e-4)
                 # applying the lm_head to the gathered states gives the model's own logits
                 torch.testing.assert_close(
-                    model.lm_head(h[i, : len(c)]), _direct_logits(model, p, c),
-                    atol=2e-5, rtol=1e-4)
+                    model.lm_head(h[i, : len(c)]), _direct_logits(model, p, c), atol=2e-5, rtol=1e-4
+                )
         assert b.mask.sum().item() == sum(len(c) for c in comps)
 
 
@@ -98,8 +100,15 @@ def test_loss_and_grad_equal_full_logit_reference(tiny, problems, cfg):
             t_rows.append(_direct_logits(model, t, c))
     s_log = torch.cat(s_rows)
     t_log = torch.cat(t_rows)
-    ref = divergence_reference(s_log, t_log, kind=cfg.kind, beta=cfg.beta,
-                               temperature=cfg.temperature, clip=cfg.clip, reduction="mean")
+    ref = divergence_reference(
+        s_log,
+        t_log,
+        kind=cfg.kind,
+        beta=cfg.beta,
+        temperature=cfg.temperature,
+        clip=cfg.clip,
+        reduction="mean",
+    )
     ref.backward()
     assert stats["tokens"] == s_log.shape[0]
     assert abs(ref.item()) > 1e-4
@@ -117,8 +126,13 @@ def test_sampled_token_loss_matches_eq9(tiny, problems):
             p.add_(0.02 * torch.randn_like(p))
     sp, tp, comps = _rows(tok, train, n=3)
     cfg = LossConfig(loss="sampled_token", temperature=1.3)
-    loss, _ = opsd_loss(model, pack_batch(sp, comps, tok.pad_token_id),
-                        pack_batch(tp, comps, tok.pad_token_id), cfg, teacher_ctx=fixed.weights)
+    loss, _ = opsd_loss(
+        model,
+        pack_batch(sp, comps, tok.pad_token_id),
+        pack_batch(tp, comps, tok.pad_token_id),
+        cfg,
+        teacher_ctx=fixed.weights,
+    )
     terms = []
     for s, t, c in zip(sp, tp, comps, strict=True):
         y = torch.tensor(c)
@@ -184,8 +198,9 @@ def test_ema_teacher_update_math(tiny):
     with teacher.weights(model):
         for n, p in model.named_parameters():
             assert torch.equal(p, teacher_val := p.detach()) and teacher_val is not None
-            torch.testing.assert_close(p.detach(), e0[n] * decay**2
-                                       + (1 - decay) * decay * p1[n] + (1 - decay) * p2[n])
+            torch.testing.assert_close(
+                p.detach(), e0[n] * decay**2 + (1 - decay) * decay * p1[n] + (1 - decay) * p2[n]
+            )
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), p2[n])
 
@@ -205,5 +220,9 @@ def test_completions_must_match(tiny, problems):
     sp, tp, comps = _rows(tok, train, n=2)
     other = [c[:-1] + [5] for c in comps]
     with pytest.raises(ValueError, match="same completions"):
-        opsd_loss(model, pack_batch(sp, comps, tok.pad_token_id),
-                  pack_batch(tp, other, tok.pad_token_id), LossConfig())
+        opsd_loss(
+            model,
+            pack_batch(sp, comps, tok.pad_token_id),
+            pack_batch(tp, other, tok.pad_token_id),
+            LossConfig(),
+        )

@@ -77,9 +77,14 @@ def test_topk_teacher_with_k_equal_v_is_the_full_opsd_loss(tiny, problems, tail)
     torch.testing.assert_close(topk, full, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("tail,kind,clip", [("bucket", "forward_kl", None),
-                                            ("bucket", "forward_kl", 0.02),
-                                            ("renormalize", "reverse_kl", None)])
+@pytest.mark.parametrize(
+    "tail,kind,clip",
+    [
+        ("bucket", "forward_kl", None),
+        ("bucket", "forward_kl", 0.02),
+        ("renormalize", "reverse_kl", None),
+    ],
+)
 def test_topk_teacher_small_k_matches_naive_float64(tiny, problems, tail, kind, clip):
     model, tok = tiny
     sb, tb = _batches(model, tok, problems[0])
@@ -92,8 +97,10 @@ def test_topk_teacher_small_k_matches_naive_float64(tiny, problems, tail, kind, 
     # the engine's top-k is the teacher's own log-softmax top-k (teacher weights swapped in)
     with torch.no_grad(), teacher.weights(model):
         h_t = gather_completion_states(
-            final_hidden_states(model, tb.input_ids, tb.attention_mask), tb.starts,
-            tb.completion.shape[1])
+            final_hidden_states(model, tb.input_ids, tb.attention_mask),
+            tb.starts,
+            tb.completion.shape[1],
+        )
         ref = torch.log_softmax(h_t.double() @ head.weight.double().T / temp, -1).topk(k)
     torch.testing.assert_close(lps.double(), ref.values, rtol=0, atol=1e-5)
     assert torch.equal(ids, ref.indices)
@@ -104,10 +111,11 @@ def test_topk_teacher_small_k_matches_naive_float64(tiny, problems, tail, kind, 
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     h_s = gather_completion_states(
-        final_hidden_states(model, sb.input_ids, sb.attention_mask), sb.starts,
-        sb.completion.shape[1])
-    naive = _naive_topk_loss(h_s, head.weight, ids, lps, sb.mask, tail, temp, clip,
-                             kind) / 7.0
+        final_hidden_states(model, sb.input_ids, sb.attention_mask),
+        sb.starts,
+        sb.completion.shape[1],
+    )
+    naive = _naive_topk_loss(h_s, head.weight, ids, lps, sb.mask, tail, temp, clip, kind) / 7.0
     naive.backward()
     torch.testing.assert_close(loss.double(), naive, rtol=2e-4, atol=1e-7)  # float32 vs float64
     assert loss.item() > 1e-4
@@ -121,10 +129,24 @@ def test_topk_teacher_small_k_matches_naive_float64(tiny, problems, tail, kind, 
 def test_trainer_steps_with_topk_teacher_and_custom_engine(tiny, problems):
     model, tok = tiny
     train, _ = problems
-    cfg = TrainConfig(steps=2, batch_size=4, grad_accum=2, lr=1e-2, temperature=1.0,
-                      top_p=1.0, top_k=0, max_new_tokens=5, clip=0.05, progress=False,
-                      eval_at_start=False, eval_at_end=False, teacher="ema", ema_decay=0.5,
-                      teacher_topk=3, teacher_topk_tail="renormalize")
+    cfg = TrainConfig(
+        steps=2,
+        batch_size=4,
+        grad_accum=2,
+        lr=1e-2,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=5,
+        clip=0.05,
+        progress=False,
+        eval_at_start=False,
+        eval_at_end=False,
+        teacher="ema",
+        ema_decay=0.5,
+        teacher_topk=3,
+        teacher_topk_tail="renormalize",
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     tr = Trainer(model, tok, train, cfg)
 
@@ -161,11 +183,31 @@ def test_cli_teacher_topk_end_to_end(tmp_path, tiny_dir):
     save_jsonl(train, tmp_path / "train.jsonl")
     save_jsonl(held, tmp_path / "held.jsonl")
     out = tmp_path / "run"
-    rc = main(["--model", str(tiny_dir), "--data", str(tmp_path / "train.jsonl"),
-               "--eval-data", str(tmp_path / "held.jsonl"), "--steps", "2",
-               "--batch-size", "2", "--max-new-tokens", "4", "--teacher-topk", "8",
-               "--teacher-topk-tail", "bucket", "--no-eval-at-start", "--no-eval-at-end",
-               "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(tmp_path / "train.jsonl"),
+            "--eval-data",
+            str(tmp_path / "held.jsonl"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--teacher-topk",
+            "8",
+            "--teacher-topk-tail",
+            "bucket",
+            "--no-eval-at-start",
+            "--no-eval-at-end",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if r["event"] == "step"]
@@ -174,5 +216,15 @@ def test_cli_teacher_topk_end_to_end(tmp_path, tiny_dir):
     stored = json.loads((out / "config.json").read_text())
     assert stored["teacher_topk"] == 8 and stored["teacher_topk_tail"] == "bucket"
     with pytest.raises(SystemExit, match="--teacher-topk"):
-        main(["--model", str(tiny_dir), "--data", str(tmp_path / "train.jsonl"),
-              "--teacher-topk", "-1", "--out", str(tmp_path / "bad")])
+        main(
+            [
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(tmp_path / "train.jsonl"),
+                "--teacher-topk",
+                "-1",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )

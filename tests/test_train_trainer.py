@@ -16,9 +16,21 @@ from tests.train_fixtures import TINY_TEST_MODEL
 
 
 def _cfg(**kw):
-    base = dict(algo="opsd", steps=4, batch_size=4, lr=1e-2, temperature=1.0, top_p=1.0,
-                top_k=0, max_new_tokens=6, clip=None, progress=False, eval_at_start=False,
-                eval_at_end=False, seed=1)
+    base = dict(
+        algo="opsd",
+        steps=4,
+        batch_size=4,
+        lr=1e-2,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=6,
+        clip=None,
+        progress=False,
+        eval_at_start=False,
+        eval_at_end=False,
+        seed=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -52,8 +64,7 @@ def test_checkpoint_resume_is_bit_identical(tiny_dir, problems, tmp_path, mode):
     lora = mode.startswith("lora")
     if lora:
         pytest.importorskip("peft")
-    cfg = dict(teacher=mode.removeprefix("lora-"), ema_decay=0.5, grad_accum=2,
-               warmup_steps=1)
+    cfg = dict(teacher=mode.removeprefix("lora-"), ema_decay=0.5, grad_accum=2, warmup_steps=1)
 
     def fresh():
         from opsd_train.modeling import prepare_model
@@ -94,23 +105,43 @@ def test_checkpoint_resume_is_bit_identical(tiny_dir, problems, tmp_path, mode):
         assert torch.equal(ta.teacher.shadow[n], tc.teacher.shadow[n]), n
     # the run actually trained (weights moved away from the saved initial model)
     m0, _ = fresh()
-    assert not all(torch.equal(a, b) for a, b in zip(m0.parameters(), m_a.parameters(),
-                                                     strict=True))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(m0.parameters(), m_a.parameters(), strict=True)
+    )
 
 
 def test_trainer_logs_metrics_and_evaluates(tiny, problems, tmp_path):
     model, tok = tiny
     train, held = problems
-    t = Trainer(model, tok, train, _cfg(steps=2, eval_every=1, eval_at_start=True,
-                                        eval_at_end=True, eval_max_new_tokens=4, eval_k=2),
-                eval_problems=held, output_dir=tmp_path)
+    t = Trainer(
+        model,
+        tok,
+        train,
+        _cfg(
+            steps=2,
+            eval_every=1,
+            eval_at_start=True,
+            eval_at_end=True,
+            eval_max_new_tokens=4,
+            eval_k=2,
+        ),
+        eval_problems=held,
+        output_dir=tmp_path,
+    )
     evals = t.train()
     assert len(evals) == 3  # start, step 1, end
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r["event"] == "step"]
     assert [r["step"] for r in steps] == [1, 2]
-    for key in ("loss", "completion_tokens", "rollout_len", "tokens_per_s", "peak_mem_gb",
-                "lr", "grad_norm"):
+    for key in (
+        "loss",
+        "completion_tokens",
+        "rollout_len",
+        "tokens_per_s",
+        "peak_mem_gb",
+        "lr",
+        "grad_norm",
+    ):
         assert all(r[key] is not None for r in steps), key
     assert all(1 <= r["rollout_len"] <= 6 for r in steps)
     ev = [r for r in recs if r["event"] == "eval"]
@@ -126,8 +157,12 @@ def test_trainer_logs_metrics_and_evaluates(tiny, problems, tmp_path):
 def test_sft_objective_lowers_cross_entropy(tiny, problems):
     model, tok = tiny
     train, _ = problems
-    t = Trainer(model, tok, train[:8], _cfg(algo="sft", steps=12, batch_size=8, lr=1e-2,
-                                            sft_teacher_fraction=0.5))
+    t = Trainer(
+        model,
+        tok,
+        train[:8],
+        _cfg(algo="sft", steps=12, batch_size=8, lr=1e-2, sft_teacher_fraction=0.5),
+    )
     t.train()
     losses = [r["loss"] for r in t.history]
     assert losses[-1] < 0.7 * losses[0]
@@ -216,8 +251,9 @@ def test_sft_example_fn_loss_mask(tiny, problems):
         ids = list(tok(problem.solution, add_special_tokens=False)["input_ids"]) + [eos]
         return ids, [False] * (len(ids) - 1) + [True]
 
-    t = Trainer(model, tok, train, _cfg(algo="sft", steps=1, batch_size=4, lr=0.0),
-                sft_example_fn=only_eos)
+    t = Trainer(
+        model, tok, train, _cfg(algo="sft", steps=1, batch_size=4, lr=0.0), sft_example_fn=only_eos
+    )
     idx = t.batch_indices(0)
     pb = PromptBuilder(tok)
     want = []
@@ -239,8 +275,7 @@ def test_train_step_parts(tiny, problems):
 
     model, tok = tiny
     train, _ = problems
-    t = Trainer(model, tok, train, _cfg(steps=1, batch_size=4, grad_accum=2,
-                                        rollouts_per_prompt=2))
+    t = Trainer(model, tok, train, _cfg(steps=1, batch_size=4, grad_accum=2, rollouts_per_prompt=2))
     rows = t.collect_rows(t.batch_indices(0))
     assert len(rows) == 8 and all(isinstance(r, Row) for r in rows)
     pb = PromptBuilder(tok)
@@ -253,8 +288,9 @@ def test_train_step_parts(tiny, problems):
     total = sum(r.trained_tokens for r in rows)
     assert total == int(sb.mask.sum())
     res = t.loss_backward(rows, total)
-    assert res["loss"] > 0 and res["forward_tokens"] == int(sb.attention_mask.sum()
-                                                           + tb.attention_mask.sum())
+    assert res["loss"] > 0 and res["forward_tokens"] == int(
+        sb.attention_mask.sum() + tb.attention_mask.sum()
+    )
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads
     gn, lr = t.optimizer_step()

@@ -136,15 +136,22 @@ FUSED_SCRIPT = PRELUDE + textwrap.dedent("""
 """)
 
 
-FUSED_KERNELS = {"_fused_stats_kernel", "_fused_terms_kernel", "_fused_dh_kernel",
-                 "_fused_dw_kernel", "_fused_backward_kernel"}
+FUSED_KERNELS = {
+    "_fused_stats_kernel",
+    "_fused_terms_kernel",
+    "_fused_dh_kernel",
+    "_fused_dw_kernel",
+    "_fused_backward_kernel",
+}
 
 
 def _cuda_rows():
     from opsd_kernels.triton.configs import TABLE
 
-    return [f"{i}-H{r.h_min}-{r.h_max}-{str(r.dtypes[0]).split('.')[-1]}"
-            for i, r in enumerate(r for r in TABLE if r.device == "cuda")]
+    return [
+        f"{i}-H{r.h_min}-{r.h_max}-{str(r.dtypes[0]).split('.')[-1]}"
+        for i, r in enumerate(r for r in TABLE if r.device == "cuda")
+    ]
 
 
 @pytest.mark.parametrize("row", _cuda_rows())
@@ -154,12 +161,14 @@ def test_fused_kernels_compile_for_sm90_as_launched(row):
 
 
 def _compile(script: str, *args: str) -> list[dict]:
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1",
-               TRITON_DUMP_PTXAS_LOG="1")
+    env = dict(
+        os.environ, TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=900
+    )
     if proc.returncode != 0 and "GPUTarget" in proc.stderr and "ImportError" in proc.stderr:
         pytest.skip("this Triton build cannot compile ahead of time")
     if proc.returncode != 0 and "create_function_from_signature" in proc.stderr:

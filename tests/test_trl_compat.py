@@ -30,7 +30,7 @@ def _inputs(shape, seed=0, dtype=torch.float64, probs=False):
         s, t = s.softmax(-1), t.softmax(-1)
         s[..., 0] = 0.0  # below GOLD's 1e-8 floor
     labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
-    labels.view(-1)[:: 3] = -100
+    labels.view(-1)[::3] = -100
     return s.to(dtype), t.to(dtype), labels
 
 
@@ -51,11 +51,19 @@ def _compare(s, t, tol=F64, trl=TRL_GKD, **kw):
     ref, gs_ref, gt_ref = _run(trl, s, t, **kw)
     upstream = None
     if ref.dim() > 0:
-        upstream = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1),
-                               dtype=ref.dtype)
+        upstream = torch.randn(
+            ref.shape, generator=torch.Generator().manual_seed(1), dtype=ref.dtype
+        )
         ref, gs_ref, gt_ref = _run(trl, s, t, upstream=upstream, **kw)
-    out, gs, gt = _run(generalized_jsd, s, t, upstream=None if upstream is None
-                       else upstream.to(torch.promote_types(s.dtype, torch.float32)), **kw)
+    out, gs, gt = _run(
+        generalized_jsd,
+        s,
+        t,
+        upstream=None
+        if upstream is None
+        else upstream.to(torch.promote_types(s.dtype, torch.float32)),
+        **kw,
+    )
     assert out.shape == ref.shape
     torch.testing.assert_close(out.double(), ref.double(), **tol)
     torch.testing.assert_close(gs.double(), gs_ref.double(), **tol)
@@ -83,8 +91,14 @@ def test_signature_matches_trl():
 @pytest.mark.parametrize("temperature", [1.0, 1.7])
 def test_matches_trl_gkd(reduction, with_labels, shape, beta, temperature):
     s, t, labels = _inputs(shape, seed=len(shape) + int(10 * beta) + len(reduction))
-    _compare(s, t, labels=labels if with_labels else None, beta=beta,
-             temperature=temperature, reduction=reduction)
+    _compare(
+        s,
+        t,
+        labels=labels if with_labels else None,
+        beta=beta,
+        temperature=temperature,
+        reduction=reduction,
+    )
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
@@ -94,8 +108,15 @@ def test_num_items_in_batch_overrides_reduction(reduction, num_items, beta):
     s, t, labels = _inputs((2, 4, 9), seed=3)
     if num_items == "tensor":
         num_items = torch.tensor(17)
-    _compare(s, t, labels=labels, beta=beta, reduction=reduction, temperature=1.3,
-             num_items_in_batch=num_items)
+    _compare(
+        s,
+        t,
+        labels=labels,
+        beta=beta,
+        reduction=reduction,
+        temperature=1.3,
+        num_items_in_batch=num_items,
+    )
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
@@ -103,10 +124,26 @@ def test_num_items_in_batch_overrides_reduction(reduction, num_items, beta):
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_logits_are_probs_matches_trl_gold(reduction, with_labels, beta):
     s, t, labels = _inputs((3, 4, 10), seed=5, probs=True)
-    _compare(s, t, trl=TRL_GOLD, labels=labels if with_labels else None, beta=beta,
-             temperature=2.0, reduction=reduction, logits_are_probs=True)
-    _compare(s, t, trl=TRL_GOLD, labels=labels, beta=beta, reduction=reduction,
-             logits_are_probs=True, num_items_in_batch=6)
+    _compare(
+        s,
+        t,
+        trl=TRL_GOLD,
+        labels=labels if with_labels else None,
+        beta=beta,
+        temperature=2.0,
+        reduction=reduction,
+        logits_are_probs=True,
+    )
+    _compare(
+        s,
+        t,
+        trl=TRL_GOLD,
+        labels=labels,
+        beta=beta,
+        reduction=reduction,
+        logits_are_probs=True,
+        num_items_in_batch=6,
+    )
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
@@ -119,8 +156,15 @@ def test_gold_logits_path(beta):
 def test_float32_inputs(reduction):
     """float32 logits: ours computes in float32, TRL in float32; both near float64."""
     s, t, labels = _inputs((3, 8, 40), seed=11, dtype=torch.float32)
-    _compare(s, t, tol=dict(rtol=2e-4, atol=2e-6), labels=labels, beta=0.4,
-             temperature=1.1, reduction=reduction)
+    _compare(
+        s,
+        t,
+        tol=dict(rtol=2e-4, atol=2e-6),
+        labels=labels,
+        beta=0.4,
+        temperature=1.1,
+        reduction=reduction,
+    )
     out = generalized_jsd(s, t, labels, beta=0.4)
     assert out.dtype == torch.float32
 
@@ -134,11 +178,13 @@ def test_reductions_are_the_documented_ones():
     total = per_entry.sum()
     torch.testing.assert_close(generalized_jsd(s, t, reduction="sum", beta=0.0), total)
     torch.testing.assert_close(generalized_jsd(s, t, reduction="batchmean", beta=0.0), total / 2)
-    torch.testing.assert_close(generalized_jsd(s, t, reduction="mean", beta=0.0),
-                               total / (2 * 5 * 11))
+    torch.testing.assert_close(
+        generalized_jsd(s, t, reduction="mean", beta=0.0), total / (2 * 5 * 11)
+    )
     m = labels != -100
-    torch.testing.assert_close(generalized_jsd(s, t, labels, beta=0.0),
-                               per_entry[m].sum() / m.sum())
+    torch.testing.assert_close(
+        generalized_jsd(s, t, labels, beta=0.0), per_entry[m].sum() / m.sum()
+    )
     assert generalized_jsd(s, t, labels, reduction="none").shape == (int(m.sum()), 11)
 
 
@@ -166,6 +212,7 @@ def test_banned_tokens_are_finite_where_trl_gives_nan():
         theirs = TRL_GKD(s, t, beta=beta, reduction="none")
         assert torch.isfinite(ours).all() and (ours[:, 3] == 0).all()
         assert theirs[:, 3].isnan().all()
-        torch.testing.assert_close(ours[:, [0, 1, 2, 4, 5, 6, 7, 8]],
-                                   theirs[:, [0, 1, 2, 4, 5, 6, 7, 8]], **F64)
+        torch.testing.assert_close(
+            ours[:, [0, 1, 2, 4, 5, 6, 7, 8]], theirs[:, [0, 1, 2, 4, 5, 6, 7, 8]], **F64
+        )
         assert torch.isfinite(generalized_jsd(s, t, beta=beta))

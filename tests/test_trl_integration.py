@@ -40,9 +40,13 @@ CHAT_TEMPLATE = (
 
 
 def _messages(n=8):
-    return [[{"role": "user", "content": f"What is {i} plus {i + 3}?"},
-             {"role": "assistant", "content": f"{i} plus {i + 3} is {2 * i + 3}."}]
-            for i in range(n)]
+    return [
+        [
+            {"role": "user", "content": f"What is {i} plus {i + 3}?"},
+            {"role": "assistant", "content": f"{i} plus {i + 3} is {2 * i + 3}."},
+        ]
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +58,20 @@ def tokenizer():
     tk.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     texts = [m["content"] for conv in _messages(40) for m in conv] + ["user assistant"]
-    tk.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"])
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -67,10 +79,17 @@ def tokenizer():
 def _model(tok, seed, hidden=16, vocab=None, tied=False, layers=1):
     torch.manual_seed(seed)
     cfg = transformers.Qwen3Config(
-        vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=32,
-        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-        tie_word_embeddings=tied, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id)
+        vocab_size=vocab or len(tok),
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        tie_word_embeddings=tied,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     model = transformers.Qwen3ForCausalLM(cfg)
     with torch.no_grad():  # sharper distributions than the default init: a real loss
         model.get_output_embeddings().weight.mul_(40.0)
@@ -78,10 +97,19 @@ def _model(tok, seed, hidden=16, vocab=None, tied=False, layers=1):
 
 
 def _args(cls, tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, lmbda=0.0,
-                report_to="none", use_cpu=True, logging_steps=1, save_strategy="no",
-                max_length=64, seed=0, disable_dropout=True,
-                bf16=False)  # TRL's configs default to bf16 autocast; float32 unless asked
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        lmbda=0.0,
+        report_to="none",
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        max_length=64,
+        seed=0,
+        disable_dropout=True,
+        bf16=False,
+    )  # TRL's configs default to bf16 autocast; float32 unless asked
     base.update(kw)
     return cls(**base)
 
@@ -95,16 +123,21 @@ def _trainer(kind, tok, student, teacher, tmp_path, fused, fused_loss_kwargs=Non
         cls = FusedGOLDTrainer if fused else gold.GOLDTrainer
         args = _args(gold.GOLDConfig, tmp_path, max_completion_length=4, **kw)
     extra = dict(fused_loss_kwargs=fused_loss_kwargs) if fused else {}
-    return cls(model=student, teacher_model=teacher, args=args, train_dataset=ds,
-               processing_class=tok, **extra)
+    return cls(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        **extra,
+    )
 
 
 def _step(trainer, inputs, num_items_in_batch):
     trainer.current_gradient_accumulation_steps = 1  # set by the train loop otherwise
     trainer.model.zero_grad()
     loss = trainer.training_step(trainer.model, dict(inputs), num_items_in_batch)
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()
-             if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
 
 
@@ -127,20 +160,26 @@ TEACHERS = {
 
 def _max_rel_err(loss, grads, loss_ref, grads_ref):
     errs = [abs(loss.double() - loss_ref.double()) / loss_ref.abs().double()]
-    errs += [(grads[n].double() - g.double()).abs().max() / g.abs().max().double()
-             for n, g in grads_ref.items()]
+    errs += [
+        (grads[n].double() - g.double()).abs().max() / g.abs().max().double()
+        for n, g in grads_ref.items()
+    ]
     return max(errs).item()
 
 
-@pytest.mark.parametrize("kind, beta, temperature, teacher, num_items", [
-    ("gkd", 0.5, 0.9, "separate", None),
-    ("gkd", 0.0, 1.0, "wider", 13),
-    ("gkd", 1.0, 1.0, "shared_head", "tensor"),
-    ("gold", 0.3, 1.4, "separate", None),  # GOLD applies the temperature in its loss
-    ("gold", 1.0, 0.8, "wider", "tensor"),
-])
-def test_one_step_matches_stock_trainer(tokenizer, tmp_path, kind, beta, temperature, teacher,
-                                        num_items):
+@pytest.mark.parametrize(
+    "kind, beta, temperature, teacher, num_items",
+    [
+        ("gkd", 0.5, 0.9, "separate", None),
+        ("gkd", 0.0, 1.0, "wider", 13),
+        ("gkd", 1.0, 1.0, "shared_head", "tensor"),
+        ("gold", 0.3, 1.4, "separate", None),  # GOLD applies the temperature in its loss
+        ("gold", 1.0, 0.8, "wider", "tensor"),
+    ],
+)
+def test_one_step_matches_stock_trainer(
+    tokenizer, tmp_path, kind, beta, temperature, teacher, num_items
+):
     """One training_step (forward, backward, TRL's scaling) of our trainer in float32 against
     TRL's stock trainer in float64 on the same batch and weights (float32 tolerance); TRL's
     stock trainer in float32 is as close (both measured at ~1e-6 relative)."""
@@ -155,10 +194,20 @@ def test_one_step_matches_stock_trainer(tokenizer, tmp_path, kind, beta, tempera
         if teacher == "shared_head":
             t.lm_head = s.lm_head
         copies[dtype] = (s, t)
-    runs = {dtype: _trainer(kind, tokenizer, s, t, tmp_path, fused=False, **opts)
-            for dtype, (s, t) in copies.items()}
-    ours = _trainer(kind, tokenizer, student, teacher_model, tmp_path, fused=True,
-                    fused_loss_kwargs=dict(impl="torch", chunk_size=5), **opts)
+    runs = {
+        dtype: _trainer(kind, tokenizer, s, t, tmp_path, fused=False, **opts)
+        for dtype, (s, t) in copies.items()
+    }
+    ours = _trainer(
+        kind,
+        tokenizer,
+        student,
+        teacher_model,
+        tmp_path,
+        fused=True,
+        fused_loss_kwargs=dict(impl="torch", chunk_size=5),
+        **opts,
+    )
     inputs = _first_batch(ours)
     assert (inputs["labels"] == -100).any() and (inputs["labels"] != -100).any()
     n = torch.tensor(21) if num_items == "tensor" else num_items
@@ -170,9 +219,13 @@ def test_one_step_matches_stock_trainer(tokenizer, tmp_path, kind, beta, tempera
     torch.testing.assert_close(loss.double(), loss64, **F32)
     assert grads.keys() == grads64.keys() and "lm_head.weight" in grads
     for name, g in grads64.items():
-        torch.testing.assert_close(grads[name].double(), g, rtol=F32["rtol"],
-                                   atol=F32["atol"] * g.abs().max(),
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads[name].double(),
+            g,
+            rtol=F32["rtol"],
+            atol=F32["atol"] * g.abs().max(),
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
     # largest error relative to each tensor's largest value, ours and the stock float32 one
     assert _max_rel_err(loss32, grads32, loss64, grads64) < 1e-4
     assert _max_rel_err(loss, grads, loss64, grads64) < 1e-4
@@ -181,8 +234,9 @@ def test_one_step_matches_stock_trainer(tokenizer, tmp_path, kind, beta, tempera
 def test_one_step_matches_with_lora_student(tokenizer, tmp_path):
     """A PEFT LoRA student (frozen lm_head): gradients reach the adapters only."""
     peft = pytest.importorskip("peft")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                          init_lora_weights=False)  # non-zero adapters
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )  # non-zero adapters
     student = peft.get_peft_model(_model(tokenizer, 0), cfg)
     teacher = _model(tokenizer, 1)
     student64, teacher64 = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
@@ -194,8 +248,9 @@ def test_one_step_matches_with_lora_student(tokenizer, tmp_path):
     torch.testing.assert_close(loss.double(), loss_ref, **F32)
     assert grads.keys() == grads_ref.keys() and all("lora" in n for n in grads)
     for name, g in grads_ref.items():
-        torch.testing.assert_close(grads[name].double(), g, rtol=F32["rtol"],
-                                   atol=F32["atol"] * g.abs().max())
+        torch.testing.assert_close(
+            grads[name].double(), g, rtol=F32["rtol"], atol=F32["atol"] * g.abs().max()
+        )
 
 
 def _record_dtypes(model, seen):
@@ -210,15 +265,16 @@ def test_mixed_precision_runs_the_bodies_under_the_same_autocast(tokenizer, tmp_
     layers compute in the same dtypes as TRL's, and the losses agree to bf16 accuracy."""
     student, teacher = _model(tokenizer, 0), _model(tokenizer, 1)
     student_copy, teacher_copy = copy.deepcopy(student), copy.deepcopy(teacher)
-    stock = _trainer("gkd", tokenizer, student_copy, teacher_copy, tmp_path, fused=False,
-                     bf16=True)
+    stock = _trainer("gkd", tokenizer, student_copy, teacher_copy, tmp_path, fused=False, bf16=True)
     ours = _trainer("gkd", tokenizer, student, teacher, tmp_path, fused=True, bf16=True)
     inputs = _first_batch(ours)
     seen, losses = {}, {}
     for name, trainer in (("stock", stock), ("ours", ours)):
         seen[name] = []
-        handles = [_record_dtypes(trainer.model, seen[name]),
-                   _record_dtypes(trainer.teacher_model, seen[name])]
+        handles = [
+            _record_dtypes(trainer.model, seen[name]),
+            _record_dtypes(trainer.teacher_model, seen[name]),
+        ]
         losses[name] = _step(trainer, inputs, None)[0]
         for h in handles:
             h.remove()
@@ -230,12 +286,12 @@ def test_mixed_precision_runs_the_bodies_under_the_same_autocast(tokenizer, tmp_
 def test_gold_uld_falls_back_to_trl_with_a_warning(tokenizer, tmp_path):
     """GOLD's cross-tokenizer ULD loss needs both full probability tensors: TRL computes it."""
     tokenizer.save_pretrained(tmp_path / "teacher_tok")
-    opts = dict(beta=0.5, use_uld_loss=True,
-                teacher_tokenizer_name_or_path=str(tmp_path / "teacher_tok"))
+    opts = dict(
+        beta=0.5, use_uld_loss=True, teacher_tokenizer_name_or_path=str(tmp_path / "teacher_tok")
+    )
     student, teacher = _model(tokenizer, 0), _model(tokenizer, 1)
     student_copy, teacher_copy = copy.deepcopy(student), copy.deepcopy(teacher)
-    stock = _trainer("gold", tokenizer, student_copy, teacher_copy, tmp_path, fused=False,
-                     **opts)
+    stock = _trainer("gold", tokenizer, student_copy, teacher_copy, tmp_path, fused=False, **opts)
     with pytest.warns(UserWarning, match="ULD loss stays TRL's"):
         ours = _trainer("gold", tokenizer, student, teacher, tmp_path, fused=True, **opts)
     inputs = _first_batch(ours)
@@ -251,8 +307,13 @@ def test_generalized_jsd_patched_into_stock_trainer(tokenizer, tmp_path):
     student, teacher = _model(tokenizer, 0), _model(tokenizer, 1)
     student_copy = copy.deepcopy(student)
     stock = _trainer("gkd", tokenizer, student_copy, teacher, tmp_path, fused=False)
-    patched = Patched(model=student, teacher_model=teacher, args=stock.args,
-                      train_dataset=stock.train_dataset, processing_class=tokenizer)
+    patched = Patched(
+        model=student,
+        teacher_model=teacher,
+        args=stock.args,
+        train_dataset=stock.train_dataset,
+        processing_class=tokenizer,
+    )
     inputs = _first_batch(stock)
     torch.testing.assert_close(_step(patched, inputs, 9)[0], _step(stock, inputs, 9)[0], **F32)
 
@@ -281,12 +342,19 @@ def test_step_peak_memory_does_not_grow_with_vocab_times_tokens(tokenizer, tmp_p
     growth = {}
     for fused in (False, True):
         student, teacher = _model(tokenizer, 0, vocab=vocab), _model(tokenizer, 1, vocab=vocab)
-        trainer = _trainer("gkd", tokenizer, student, teacher, tmp_path, fused=fused,
-                           **(dict(fused_loss_kwargs=dict(impl="torch", chunk_size=16))
-                              if fused else {}))
+        trainer = _trainer(
+            "gkd",
+            tokenizer,
+            student,
+            teacher,
+            tmp_path,
+            fused=fused,
+            **(dict(fused_loss_kwargs=dict(impl="torch", chunk_size=16)) if fused else {}),
+        )
         _step(trainer, _batch(short, vocab), None)  # warm-up: lazily created state
-        growth[fused] = (_peak_step(trainer, _batch(long, vocab))
-                         - _peak_step(trainer, _batch(short, vocab)))
+        growth[fused] = _peak_step(trainer, _batch(long, vocab)) - _peak_step(
+            trainer, _batch(short, vocab)
+        )
     assert growth[False] > 3 * growth_per_tensor, growth
     assert growth[True] < 0.1 * growth_per_tensor, growth
 
@@ -297,8 +365,19 @@ def test_short_training_run(tokenizer, tmp_path, kind):
     precision, and an evaluation."""
     student, teacher = _model(tokenizer, 0), _model(tokenizer, 1)
     before = copy.deepcopy(student.state_dict())
-    trainer = _trainer(kind, tokenizer, student, teacher, tmp_path, fused=True, lmbda=0.5,
-                       max_steps=3, learning_rate=1e-2, beta=0.5, bf16=True)
+    trainer = _trainer(
+        kind,
+        tokenizer,
+        student,
+        teacher,
+        tmp_path,
+        fused=True,
+        lmbda=0.5,
+        max_steps=3,
+        learning_rate=1e-2,
+        beta=0.5,
+        bf16=True,
+    )
     seen = []
     handle = _record_dtypes(student, seen)
     result = trainer.train()
@@ -322,5 +401,12 @@ def test_fused_generalized_jsd_errors(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="beta"):
         fused_generalized_jsd(student, teacher, ids, None, ids, beta=1.5)
     with pytest.raises(TypeError, match="fused_loss_kwargs"):
-        _trainer("gkd", tokenizer, student, teacher, tmp_path, fused=True,
-                 fused_loss_kwargs=dict(kind="jsd"))
+        _trainer(
+            "gkd",
+            tokenizer,
+            student,
+            teacher,
+            tmp_path,
+            fused=True,
+            fused_loss_kwargs=dict(kind="jsd"),
+        )

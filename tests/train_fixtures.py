@@ -6,9 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-TINY_TEST_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                       max_position_embeddings=256)
+TINY_TEST_MODEL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=256,
+)
 
 
 @pytest.fixture(scope="session")

@@ -117,29 +117,43 @@ def fused_generalized_jsd(
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
     if labels.shape != input_ids.shape:
-        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                         f"got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(labels.shape)}"
+        )
     forward_kwargs = forward_kwargs or {}
     with student_context():
-        h_s, w_s, b_s = causal_lm_hidden_states(student_model, input_ids, attention_mask,
-                                                **forward_kwargs)
+        h_s, w_s, b_s = causal_lm_hidden_states(
+            student_model, input_ids, attention_mask, **forward_kwargs
+        )
     with torch.no_grad(), teacher_context():
-        h_t, w_t, b_t = causal_lm_hidden_states(teacher_model, input_ids, attention_mask,
-                                                **forward_kwargs)
+        h_t, w_t, b_t = causal_lm_hidden_states(
+            teacher_model, input_ids, attention_mask, **forward_kwargs
+        )
     mask = labels[:, 1:].to(h_s.device) != ignore_index
     teacher = {}
     if not (w_t is w_s and b_t is b_s):  # another lm_head (or a bias scaled anew): separate
-        teacher = dict(teacher_weight=w_t.detach().to(h_s.device),
-                       teacher_bias=None if b_t is None else b_t.detach().to(h_s.device))
+        teacher = dict(
+            teacher_weight=w_t.detach().to(h_s.device),
+            teacher_bias=None if b_t is None else b_t.detach().to(h_s.device),
+        )
     kind = "forward_kl" if beta == 0 else "reverse_kl" if beta == 1 else "jsd"
     t_dtype = w_t.dtype if teacher else w_s.dtype
     # the bodies ran under the caller's autocast (mixed precision), if any; the loss reads
     # hidden states in the lm_head's dtype and computes float32 logits, outside autocast
     with torch.autocast(h_s.device.type, enabled=False):
         total = fused_linear_divergence(
-            h_s[:, :-1].to(w_s.dtype), h_t[:, :-1].to(h_s.device, t_dtype), w_s, bias=b_s,
-            kind=kind, beta=beta if kind == "jsd" else 0.5, temperature=temperature,
-            mask=mask, reduction="sum", **teacher, **loss_kwargs,
+            h_s[:, :-1].to(w_s.dtype),
+            h_t[:, :-1].to(h_s.device, t_dtype),
+            w_s,
+            bias=b_s,
+            kind=kind,
+            beta=beta if kind == "jsd" else 0.5,
+            temperature=temperature,
+            mask=mask,
+            reduction="sum",
+            **teacher,
+            **loss_kwargs,
         )
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
@@ -157,18 +171,24 @@ class _FusedLossMixin:
         fused_loss_kwargs = dict(fused_loss_kwargs or {})
         unknown = set(fused_loss_kwargs) - set(_LOSS_KWARGS)
         if unknown:
-            raise TypeError(f"fused_loss_kwargs: unexpected {sorted(unknown)}; allowed: "
-                            f"{_LOSS_KWARGS}")
+            raise TypeError(
+                f"fused_loss_kwargs: unexpected {sorted(unknown)}; allowed: {_LOSS_KWARGS}"
+            )
         self.fused_loss_kwargs = fused_loss_kwargs
         if getattr(self, "is_fsdp_enabled", False):
-            raise ValueError(f"{type(self).__name__} does not support FSDP (it reads the "
-                             "lm_head weights directly); use TRL's trainer")
+            raise ValueError(
+                f"{type(self).__name__} does not support FSDP (it reads the "
+                "lm_head weights directly); use TRL's trainer"
+            )
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if getattr(self, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3:
-            raise ValueError(f"{type(self).__name__} does not support DeepSpeed ZeRO-3 (it "
-                             "reads the lm_head weights directly); use TRL's trainer")
+            raise ValueError(
+                f"{type(self).__name__} does not support DeepSpeed ZeRO-3 (it "
+                "reads the lm_head weights directly); use TRL's trainer"
+            )
         try:
             from trl.models.utils import _ForwardRedirection
+
             self._fused_redirect = _ForwardRedirection()
         except ImportError:  # pragma: no cover - older/newer TRL: single-process only
             self._fused_redirect = None
@@ -177,13 +197,16 @@ class _FusedLossMixin:
         student = self.accelerator.unwrap_model(model)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         self.teacher_model.eval()
-        args = (student, teacher, inputs["input_ids"], inputs["attention_mask"],
-                inputs["labels"])
-        kwargs = dict(beta=self.beta,
-                      temperature=self.temperature if self._loss_uses_temperature else 1.0,
-                      num_items_in_batch=num_items_in_batch, forward_kwargs=forward_kwargs,
-                      student_context=self._autocast_of(student),
-                      teacher_context=self._autocast_of(teacher), **self.fused_loss_kwargs)
+        args = (student, teacher, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        kwargs = dict(
+            beta=self.beta,
+            temperature=self.temperature if self._loss_uses_temperature else 1.0,
+            num_items_in_batch=num_items_in_batch,
+            forward_kwargs=forward_kwargs,
+            student_context=self._autocast_of(student),
+            teacher_context=self._autocast_of(teacher),
+            **self.fused_loss_kwargs,
+        )
         if model is not student and self._fused_redirect is not None:
             # through the DDP wrapper's forward, so that gradient sync is prepared
             return self._fused_redirect(model, student, fused_generalized_jsd, *args, **kwargs)
@@ -238,8 +261,7 @@ def _build(name: str):
                 super().__init__(*args, **kwargs)
                 self._init_fused(fused_loss_kwargs)
 
-            def compute_loss(self, model, inputs, return_outputs=False,
-                             num_items_in_batch=None):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
                 loss = self._fused_loss(model, inputs, num_items_in_batch)
                 return (loss, self._outputs(loss)) if return_outputs else loss
 
@@ -259,18 +281,21 @@ def _build(name: str):
                     warnings.warn(
                         "FusedGOLDTrainer: the cross-tokenizer ULD loss stays TRL's "
                         "(full logits of both models); only the same-tokenizer JSD is fused",
-                        stacklevel=2)
+                        stacklevel=2,
+                    )
 
             def _uses_uld(self):
                 return bool(self.use_uld_loss and self.teacher_tokenizer is not None)
 
-            def compute_loss(self, model, inputs, return_outputs=False,
-                             num_items_in_batch=None):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
                 if self._uses_uld():
-                    return super().compute_loss(model, inputs, return_outputs,
-                                                num_items_in_batch)
-                loss = self._fused_loss(model, inputs, num_items_in_batch,
-                                        forward_kwargs=self._get_model_forward_kwargs(inputs))
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                loss = self._fused_loss(
+                    model,
+                    inputs,
+                    num_items_in_batch,
+                    forward_kwargs=self._get_model_forward_kwargs(inputs),
+                )
                 return (loss, self._outputs(loss)) if return_outputs else loss
 
         return FusedGOLDTrainer

@@ -81,10 +81,13 @@ class ConfigRow:
 
 
 _CUDA_16 = FusedConfig()
-_CUDA_16_WIDE = FusedConfig(block_k=32, group=16)  # large H: a shorter K step keeps the stages small
+_CUDA_16_WIDE = FusedConfig(
+    block_k=32, group=16
+)  # large H: a shorter K step keeps the stages small
 _CUDA_32 = FusedConfig(block_v=64, block_k=32, num_stages=2)  # float32: no spills at 128
-_CPU = FusedConfig(block_n=16, block_v=32, block_k=16, num_warps=4, num_stages=1, splits=1,
-                   group=2)  # interpreter: tl.dot needs every dimension >= 16
+_CPU = FusedConfig(
+    block_n=16, block_v=32, block_k=16, num_warps=4, num_stages=1, splits=1, group=2
+)  # interpreter: tl.dot needs every dimension >= 16
 
 #: the block-size table; first matching row wins
 TABLE: tuple[ConfigRow, ...] = (
@@ -124,9 +127,14 @@ def option_args(opts: DivergenceOptions) -> dict:
     """
     beta = opts.beta if opts.spec.needs_beta else 0.5
     return dict(
-        KIND=opts.spec.kind_id, HAS_CLIP=opts.clip is not None, ONE_PASS=opts.spec.one_pass,
-        inv_temp=1.0 / opts.temperature, beta=beta, log_beta=math.log(beta),
-        log_1m_beta=math.log1p(-beta), clip=0.0 if opts.clip is None else opts.clip,
+        KIND=opts.spec.kind_id,
+        HAS_CLIP=opts.clip is not None,
+        ONE_PASS=opts.spec.one_pass,
+        inv_temp=1.0 / opts.temperature,
+        beta=beta,
+        log_beta=math.log(beta),
+        log_1m_beta=math.log1p(-beta),
+        clip=0.0 if opts.clip is None else opts.clip,
     )
 
 
@@ -137,9 +145,13 @@ def block_args(cfg: FusedConfig, dtype: torch.dtype) -> dict:
     whose bf16 dot is wrong).
     """
     return dict(
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-        UPCAST=interpreting() and dtype == torch.bfloat16, DOT_PRECISION=cfg.dot_precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_N=cfg.block_n,
+        BLOCK_V=cfg.block_v,
+        BLOCK_K=cfg.block_k,
+        UPCAST=interpreting() and dtype == torch.bfloat16,
+        DOT_PRECISION=cfg.dot_precision,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 
@@ -148,8 +160,9 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
-def resolve_skip_threshold(value, dtype: torch.dtype,
-                           vocab_size: int = AUTO_SKIP_MAX_VOCAB) -> float:
+def resolve_skip_threshold(
+    value, dtype: torch.dtype, vocab_size: int = AUTO_SKIP_MAX_VOCAB
+) -> float:
     """The tile-skipping probability threshold for ``skip_threshold=value``.
 
     Args:

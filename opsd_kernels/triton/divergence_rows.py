@@ -40,20 +40,42 @@ from .formulas import (
 )
 
 
-@triton.heuristics({
-    "HAS_MASK": lambda a: a["mask_ptr"] is not None,
-    "GRAD_S": lambda a: a["grad_s_ptr"] is not None,
-    "GRAD_T": lambda a: a["grad_t_ptr"] is not None,
-    "ROW_SCALES": lambda a: a["scale_stride"] != 0,
-})
+@triton.heuristics(
+    {
+        "HAS_MASK": lambda a: a["mask_ptr"] is not None,
+        "GRAD_S": lambda a: a["grad_s_ptr"] is not None,
+        "GRAD_T": lambda a: a["grad_t_ptr"] is not None,
+        "ROW_SCALES": lambda a: a["scale_stride"] != 0,
+    }
+)
 @triton.jit
 def _divergence_rows_kernel(
-    s_ptr, t_ptr, grad_s_ptr, grad_t_ptr, loss_ptr, mask_ptr, scale_ptr,
-    s_stride, t_stride, grad_s_stride, grad_t_stride, scale_stride,
-    V, inv_temp, beta, log_beta, log_1m_beta, clip,
-    KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_MASK: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
-    ROW_SCALES: tl.constexpr, BLOCK_V: tl.constexpr,
+    s_ptr,
+    t_ptr,
+    grad_s_ptr,
+    grad_t_ptr,
+    loss_ptr,
+    mask_ptr,
+    scale_ptr,
+    s_stride,
+    t_stride,
+    grad_s_stride,
+    grad_t_stride,
+    scale_stride,
+    V,
+    inv_temp,
+    beta,
+    log_beta,
+    log_1m_beta,
+    clip,
+    KIND: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    GRAD_S: tl.constexpr,
+    GRAD_T: tl.constexpr,
+    ROW_SCALES: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
@@ -83,7 +105,8 @@ def _divergence_rows_kernel(
         m_t, z_t, rescale_t, shift_t = online_logsumexp_update(m_t, z_t, a)
         if SWEEP:
             w = rescale_sum(w, one_pass_rescale(rescale_s, rescale_t, KIND)) + tl.sum(
-                one_pass_terms(a, b, shift_s, shift_t, KIND), axis=0)
+                one_pass_terms(a, b, shift_s, shift_t, KIND), axis=0
+            )
     lse_s = tl.where(m_s == float("-inf"), 0.0, m_s) + tl.log(z_s)
     lse_t = tl.where(m_t == float("-inf"), 0.0, m_t) + tl.log(z_t)
 
@@ -91,8 +114,22 @@ def _divergence_rows_kernel(
         loss, G, H = one_pass_finish(w, z_s, z_t, lse_s, lse_t, KIND)
     else:
         # ---- pass 2: pointwise terms, clip, and their sums ----
-        loss, G, H = row_term_sums(s_row, t_row, V, v_stat, lse_s, lse_t, inv_temp, beta,
-                                   log_beta, log_1m_beta, clip, KIND, HAS_CLIP, BLOCK_V)
+        loss, G, H = row_term_sums(
+            s_row,
+            t_row,
+            V,
+            v_stat,
+            lse_s,
+            lse_t,
+            inv_temp,
+            beta,
+            log_beta,
+            log_1m_beta,
+            clip,
+            KIND,
+            HAS_CLIP,
+            BLOCK_V,
+        )
 
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
 
@@ -102,10 +139,31 @@ def _divergence_rows_kernel(
             scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * inv_temp
         else:
             scale = tl.load(scale_ptr).to(tl.float32) * inv_temp
-        write_row_gradients(s_row, t_row, grad_s_ptr, row * grad_s_stride, grad_t_ptr,
-                            row * grad_t_stride, V, lse_s, lse_t, G, H, scale,
-                            valid, inv_temp, beta, log_beta, log_1m_beta, clip, KIND, HAS_CLIP,
-                            GRAD_S, GRAD_T, BLOCK_V)
+        write_row_gradients(
+            s_row,
+            t_row,
+            grad_s_ptr,
+            row * grad_s_stride,
+            grad_t_ptr,
+            row * grad_t_stride,
+            V,
+            lse_s,
+            lse_t,
+            G,
+            H,
+            scale,
+            valid,
+            inv_temp,
+            beta,
+            log_beta,
+            log_1m_beta,
+            clip,
+            KIND,
+            HAS_CLIP,
+            GRAD_S,
+            GRAD_T,
+            BLOCK_V,
+        )
 
 
 def default_block_v(V: int, device: torch.device) -> int:
@@ -137,18 +195,31 @@ def divergence_rows_triton(
     loss = torch.empty(R, dtype=torch.float32, device=student.device)
     if R == 0:
         return loss
-    for name, x in (("student", student), ("teacher", teacher),
-                    ("grad_student", grad_student), ("grad_teacher", grad_teacher)):
+    for name, x in (
+        ("student", student),
+        ("teacher", teacher),
+        ("grad_student", grad_student),
+        ("grad_teacher", grad_teacher),
+    ):
         if x is not None and x.stride(-1) != 1:
             raise ValueError(f"{name} rows must be contiguous (stride(-1) == 1)")
     block = block_v or default_block_v(V, student.device)
     _divergence_rows_kernel[(R,)](
-        s_ptr=student, t_ptr=teacher, grad_s_ptr=grad_student, grad_t_ptr=grad_teacher,
-        loss_ptr=loss, mask_ptr=None if mask is None else mask.view(torch.uint8),
-        scale_ptr=scale, s_stride=student.stride(0), t_stride=teacher.stride(0),
+        s_ptr=student,
+        t_ptr=teacher,
+        grad_s_ptr=grad_student,
+        grad_t_ptr=grad_teacher,
+        loss_ptr=loss,
+        mask_ptr=None if mask is None else mask.view(torch.uint8),
+        scale_ptr=scale,
+        s_stride=student.stride(0),
+        t_stride=teacher.stride(0),
         grad_s_stride=0 if grad_student is None else grad_student.stride(0),
         grad_t_stride=0 if grad_teacher is None else grad_teacher.stride(0),
-        scale_stride=scale.stride(0) if scale.numel() > 1 else 0, V=V,
-        **option_args(opts), BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+        scale_stride=scale.stride(0) if scale.numel() > 1 else 0,
+        V=V,
+        **option_args(opts),
+        BLOCK_V=block,
+        num_warps=8 if block >= 2048 else 4,
     )
     return loss

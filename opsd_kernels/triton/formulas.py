@@ -129,9 +129,22 @@ def one_pass_finish(w, z_s, z_t, lse_s, lse_t, KIND: tl.constexpr):
 
 
 @triton.jit
-def row_term_sums(s_row, t_row, V, v_stat, lse_s, lse_t, inv_temp, beta, log_beta,
-                  log_1m_beta, clip, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
-                  BLOCK_V: tl.constexpr):
+def row_term_sums(
+    s_row,
+    t_row,
+    V,
+    v_stat,
+    lse_s,
+    lse_t,
+    inv_temp,
+    beta,
+    log_beta,
+    log_1m_beta,
+    clip,
+    KIND: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """One sweep over a row's first ``v_stat`` entries (V, or 0 for a masked row):
     ``(L, G, H)``, the sums of the clipped terms phi and of g and h (0 where clipped)."""
     cols = tl.arange(0, BLOCK_V)
@@ -145,8 +158,9 @@ def row_term_sums(s_row, t_row, V, v_stat, lse_s, lse_t, inv_temp, beta, log_bet
         a = tl.load(t_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
         lS = b - lse_s
         lT = a - lse_t
-        phi, g, h = divergence_terms(lT, lS, tl.exp(lT), tl.exp(lS), beta, log_beta,
-                                     log_1m_beta, KIND)
+        phi, g, h = divergence_terms(
+            lT, lS, tl.exp(lT), tl.exp(lS), beta, log_beta, log_1m_beta, KIND
+        )
         if HAS_CLIP:
             kept = phi < clip
             phi = tl.minimum(phi, clip)
@@ -159,11 +173,31 @@ def row_term_sums(s_row, t_row, V, v_stat, lse_s, lse_t, inv_temp, beta, log_bet
 
 
 @triton.jit
-def write_row_gradients(s_row, t_row, grad_s_ptr, grad_s_off, grad_t_ptr, grad_t_off, V, lse_s,
-                        lse_t, G, H, scale,
-                        valid, inv_temp, beta, log_beta, log_1m_beta, clip,
-                        KIND: tl.constexpr, HAS_CLIP: tl.constexpr, GRAD_S: tl.constexpr,
-                        GRAD_T: tl.constexpr, BLOCK_V: tl.constexpr):
+def write_row_gradients(
+    s_row,
+    t_row,
+    grad_s_ptr,
+    grad_s_off,
+    grad_t_ptr,
+    grad_t_off,
+    V,
+    lse_s,
+    lse_t,
+    G,
+    H,
+    scale,
+    valid,
+    inv_temp,
+    beta,
+    log_beta,
+    log_1m_beta,
+    clip,
+    KIND: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    GRAD_S: tl.constexpr,
+    GRAD_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """The last sweep: ``dL/ds = (g - pS G) scale`` and ``dL/dt = (h - pT H) scale``
     (``scale`` already holds 1/temperature and the row's upstream factor), 0 for a
     masked row. Each entry is read before it is written, by the same program, so the
@@ -186,9 +220,11 @@ def write_row_gradients(s_row, t_row, grad_s_ptr, grad_s_off, grad_t_ptr, grad_t
             h = tl.where(kept, h, 0.0)
         if GRAD_S:
             grad_s = tl.where(valid, (g - pS * G) * scale, 0.0)
-            tl.store(grad_s_ptr + grad_s_off + offs, grad_s.to(grad_s_ptr.dtype.element_ty),
-                     mask=inside)
+            tl.store(
+                grad_s_ptr + grad_s_off + offs, grad_s.to(grad_s_ptr.dtype.element_ty), mask=inside
+            )
         if GRAD_T:
             grad_t = tl.where(valid, (h - pT * H) * scale, 0.0)
-            tl.store(grad_t_ptr + grad_t_off + offs, grad_t.to(grad_t_ptr.dtype.element_ty),
-                     mask=inside)
+            tl.store(
+                grad_t_ptr + grad_t_off + offs, grad_t.to(grad_t_ptr.dtype.element_ty), mask=inside
+            )

@@ -89,22 +89,63 @@ from .tiles import (
     vocab_block,
 )
 
-_BACKWARD_FLAGS = {**INPUT_FLAGS, "SKIP": lambda a: a["skip_ptr"] is not None,
-                   "SCALE16": lambda a: a["hs_ptr"].dtype == torch.float16}
+_BACKWARD_FLAGS = {
+    **INPUT_FLAGS,
+    "SKIP": lambda a: a["skip_ptr"] is not None,
+    "SCALE16": lambda a: a["hs_ptr"].dtype == torch.float16,
+}
 
 
 @triton.heuristics(_BACKWARD_FLAGS)
 @triton.jit
 def _fused_dh_kernel(
-    hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, mask_ptr,
-    lse_s_ptr, lse_t_ptr, g_sum_ptr, scale_ptr, skip_ptr, count_ptr, dh_ptr,
-    N, V, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, stride_map, stride_dh,
-    stride_split, blocks_per_split, scale_stride, inv_temp, beta, log_beta, log_1m_beta, clip,
-    KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_MASK: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr, SCALE16: tl.constexpr,
-    SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    hs_ptr,
+    ht_ptr,
+    w_ptr,
+    wt_ptr,
+    b_ptr,
+    bt_ptr,
+    mask_ptr,
+    lse_s_ptr,
+    lse_t_ptr,
+    g_sum_ptr,
+    scale_ptr,
+    skip_ptr,
+    count_ptr,
+    dh_ptr,
+    N,
+    V,
+    H,
+    H_T,
+    stride_hs,
+    stride_ht,
+    stride_w,
+    stride_wt,
+    stride_map,
+    stride_dh,
+    stride_split,
+    blocks_per_split,
+    scale_stride,
+    inv_temp,
+    beta,
+    log_beta,
+    log_1m_beta,
+    clip,
+    KIND: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    SKIP: tl.constexpr,
+    COUNT: tl.constexpr,
+    SCALE16: tl.constexpr,
+    SHARED_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_TBIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)  # vocabulary split: its own float32 partial dH (fixed-order sum)
@@ -124,18 +165,58 @@ def _fused_dh_kernel(
         if compute:
             count_tile(count_ptr, pid_n, vb, stride_map, COUNT)
             cols, col_ok = vocab_block(vb, V, BLOCK_V)
-            b, a = logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, rows, row_ok, cols,
-                               col_ok, H, H_T, stride_hs, stride_ht, stride_w, stride_wt,
-                               inv_temp, SHARED_W, HAS_BIAS, HAS_TBIAS, UPCAST, DOT_PRECISION,
-                               BLOCK_N, BLOCK_V, BLOCK_K)
-            dS = logit_grad_tile(b, a, lse_s, lse_t, G, coef, row_ok, col_ok, beta, log_beta,
-                                 log_1m_beta, clip, KIND, HAS_CLIP)
+            b, a = logit_tiles(
+                hs_ptr,
+                ht_ptr,
+                w_ptr,
+                wt_ptr,
+                b_ptr,
+                bt_ptr,
+                rows,
+                row_ok,
+                cols,
+                col_ok,
+                H,
+                H_T,
+                stride_hs,
+                stride_ht,
+                stride_w,
+                stride_wt,
+                inv_temp,
+                SHARED_W,
+                HAS_BIAS,
+                HAS_TBIAS,
+                UPCAST,
+                DOT_PRECISION,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_K,
+            )
+            dS = logit_grad_tile(
+                b,
+                a,
+                lse_s,
+                lse_t,
+                G,
+                coef,
+                row_ok,
+                col_ok,
+                beta,
+                log_beta,
+                log_1m_beta,
+                clip,
+                KIND,
+                HAS_CLIP,
+            )
             op, inv = gradient_operand(dS, hs_ptr, SCALE16, UPCAST)
             for k0 in range(0, H, BLOCK_K):
                 k = k0 + ks
                 k_ok = k < H
-                w = tl.load(w_ptr + cols[:, None] * stride_w + k[None, :],
-                            mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(
+                    w_ptr + cols[:, None] * stride_w + k[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
                 if UPCAST:
                     w = w.to(tl.float32)
                 ptrs = dh_ptr + rows[:, None] * stride_dh + k[None, :]
@@ -148,20 +229,63 @@ def _fused_dh_kernel(
                 tl.store(ptrs, acc, mask=io)
 
 
-@triton.heuristics({**_BACKWARD_FLAGS, "WANT_DW": lambda a: a["dw_ptr"] is not None,
-                    "WANT_DB": lambda a: a["db_ptr"] is not None})
+@triton.heuristics(
+    {
+        **_BACKWARD_FLAGS,
+        "WANT_DW": lambda a: a["dw_ptr"] is not None,
+        "WANT_DB": lambda a: a["db_ptr"] is not None,
+    }
+)
 @triton.jit
 def _fused_dw_kernel(
-    hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, mask_ptr,
-    lse_s_ptr, lse_t_ptr, g_sum_ptr, scale_ptr, skip_ptr, count_ptr, dw_ptr, db_ptr,
-    N, V, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, stride_map, stride_dw,
-    scale_stride, inv_temp, beta, log_beta, log_1m_beta, clip,
-    KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_MASK: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr, SCALE16: tl.constexpr,
-    SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
-    WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    hs_ptr,
+    ht_ptr,
+    w_ptr,
+    wt_ptr,
+    b_ptr,
+    bt_ptr,
+    mask_ptr,
+    lse_s_ptr,
+    lse_t_ptr,
+    g_sum_ptr,
+    scale_ptr,
+    skip_ptr,
+    count_ptr,
+    dw_ptr,
+    db_ptr,
+    N,
+    V,
+    H,
+    H_T,
+    stride_hs,
+    stride_ht,
+    stride_w,
+    stride_wt,
+    stride_map,
+    stride_dw,
+    scale_stride,
+    inv_temp,
+    beta,
+    log_beta,
+    log_1m_beta,
+    clip,
+    KIND: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    SKIP: tl.constexpr,
+    COUNT: tl.constexpr,
+    SCALE16: tl.constexpr,
+    SHARED_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_TBIAS: tl.constexpr,
+    WANT_DW: tl.constexpr,
+    WANT_DB: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     vb = tl.program_id(0)
     cols, col_ok = vocab_block(vb, V, BLOCK_V)
@@ -178,12 +302,49 @@ def _fused_dw_kernel(
             lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
             G = tl.load(g_sum_ptr + rows, mask=in_range, other=0.0)
             coef = tl.load(scale_ptr + rows * scale_stride, mask=in_range, other=0.0) * inv_temp
-            b, a = logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, rows, row_ok, cols,
-                               col_ok, H, H_T, stride_hs, stride_ht, stride_w, stride_wt,
-                               inv_temp, SHARED_W, HAS_BIAS, HAS_TBIAS, UPCAST, DOT_PRECISION,
-                               BLOCK_N, BLOCK_V, BLOCK_K)
-            dS = logit_grad_tile(b, a, lse_s, lse_t, G, coef, row_ok, col_ok, beta, log_beta,
-                                 log_1m_beta, clip, KIND, HAS_CLIP)
+            b, a = logit_tiles(
+                hs_ptr,
+                ht_ptr,
+                w_ptr,
+                wt_ptr,
+                b_ptr,
+                bt_ptr,
+                rows,
+                row_ok,
+                cols,
+                col_ok,
+                H,
+                H_T,
+                stride_hs,
+                stride_ht,
+                stride_w,
+                stride_wt,
+                inv_temp,
+                SHARED_W,
+                HAS_BIAS,
+                HAS_TBIAS,
+                UPCAST,
+                DOT_PRECISION,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_K,
+            )
+            dS = logit_grad_tile(
+                b,
+                a,
+                lse_s,
+                lse_t,
+                G,
+                coef,
+                row_ok,
+                col_ok,
+                beta,
+                log_beta,
+                log_1m_beta,
+                clip,
+                KIND,
+                HAS_CLIP,
+            )
             if WANT_DB:
                 db += tl.sum(dS, axis=0)
             if WANT_DW:
@@ -193,8 +354,11 @@ def _fused_dw_kernel(
                     k = k0 + ks
                     k_ok = k < H
                     # masked tokens read zeros: their padding never reaches dW
-                    x = tl.load(hs_ptr + rows[:, None] * stride_hs + k[None, :],
-                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    x = tl.load(
+                        hs_ptr + rows[:, None] * stride_hs + k[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0,
+                    )
                     if UPCAST:
                         x = x.to(tl.float32)
                     ptrs = dw_ptr + cols[:, None] * stride_dw + k[None, :]
@@ -209,21 +373,68 @@ def _fused_dw_kernel(
         tl.store(db_ptr + cols, db, mask=col_ok)
 
 
-@triton.heuristics({**_BACKWARD_FLAGS, "WANT_DH": lambda a: a["dh_ptr"] is not None,
-                    "WANT_DW": lambda a: a["dw_ptr"] is not None,
-                    "WANT_DB": lambda a: a["db_ptr"] is not None})
+@triton.heuristics(
+    {
+        **_BACKWARD_FLAGS,
+        "WANT_DH": lambda a: a["dh_ptr"] is not None,
+        "WANT_DW": lambda a: a["dw_ptr"] is not None,
+        "WANT_DB": lambda a: a["db_ptr"] is not None,
+    }
+)
 @triton.jit
 def _fused_backward_kernel(
-    hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, mask_ptr,
-    lse_s_ptr, lse_t_ptr, g_sum_ptr, scale_ptr, skip_ptr, count_ptr, dh_ptr, dw_ptr, db_ptr,
-    N, V, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, stride_map, stride_dh, stride_dw,
-    scale_stride, inv_temp, beta, log_beta, log_1m_beta, clip,
-    KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_MASK: tl.constexpr, SKIP: tl.constexpr, COUNT: tl.constexpr, SCALE16: tl.constexpr,
-    SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
-    WANT_DH: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    hs_ptr,
+    ht_ptr,
+    w_ptr,
+    wt_ptr,
+    b_ptr,
+    bt_ptr,
+    mask_ptr,
+    lse_s_ptr,
+    lse_t_ptr,
+    g_sum_ptr,
+    scale_ptr,
+    skip_ptr,
+    count_ptr,
+    dh_ptr,
+    dw_ptr,
+    db_ptr,
+    N,
+    V,
+    H,
+    H_T,
+    stride_hs,
+    stride_ht,
+    stride_w,
+    stride_wt,
+    stride_map,
+    stride_dh,
+    stride_dw,
+    scale_stride,
+    inv_temp,
+    beta,
+    log_beta,
+    log_1m_beta,
+    clip,
+    KIND: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    SKIP: tl.constexpr,
+    COUNT: tl.constexpr,
+    SCALE16: tl.constexpr,
+    SHARED_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_TBIAS: tl.constexpr,
+    WANT_DH: tl.constexpr,
+    WANT_DW: tl.constexpr,
+    WANT_DB: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     n_blocks = tl.cdiv(N, BLOCK_N)
     nb, vb = grouped_tile(tl.program_id(0), n_blocks, tl.cdiv(V, BLOCK_V), GROUP)
@@ -238,12 +449,49 @@ def _fused_backward_kernel(
         lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
         G = tl.load(g_sum_ptr + rows, mask=in_range, other=0.0)
         coef = tl.load(scale_ptr + rows * scale_stride, mask=in_range, other=0.0) * inv_temp
-        b, a = logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, rows, row_ok, cols,
-                           col_ok, H, H_T, stride_hs, stride_ht, stride_w, stride_wt,
-                           inv_temp, SHARED_W, HAS_BIAS, HAS_TBIAS, UPCAST, DOT_PRECISION,
-                           BLOCK_N, BLOCK_V, BLOCK_K)
-        dS = logit_grad_tile(b, a, lse_s, lse_t, G, coef, row_ok, col_ok, beta, log_beta,
-                             log_1m_beta, clip, KIND, HAS_CLIP)
+        b, a = logit_tiles(
+            hs_ptr,
+            ht_ptr,
+            w_ptr,
+            wt_ptr,
+            b_ptr,
+            bt_ptr,
+            rows,
+            row_ok,
+            cols,
+            col_ok,
+            H,
+            H_T,
+            stride_hs,
+            stride_ht,
+            stride_w,
+            stride_wt,
+            inv_temp,
+            SHARED_W,
+            HAS_BIAS,
+            HAS_TBIAS,
+            UPCAST,
+            DOT_PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
+        )
+        dS = logit_grad_tile(
+            b,
+            a,
+            lse_s,
+            lse_t,
+            G,
+            coef,
+            row_ok,
+            col_ok,
+            beta,
+            log_beta,
+            log_1m_beta,
+            clip,
+            KIND,
+            HAS_CLIP,
+        )
         if WANT_DB:
             tl.atomic_add(db_ptr + cols, tl.sum(dS, axis=0), mask=col_ok)
         dS16, inv = gradient_operand(dS, hs_ptr, SCALE16, UPCAST)
@@ -253,25 +501,38 @@ def _fused_backward_kernel(
             k = k0 + ks
             k_ok = k < H
             if WANT_DH:
-                w = tl.load(w_ptr + cols[:, None] * stride_w + k[None, :],
-                            mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(
+                    w_ptr + cols[:, None] * stride_w + k[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
                 if UPCAST:
                     w = w.to(tl.float32)
                 part = tl.dot(dS16, w, input_precision=DOT_PRECISION) * inv
-                tl.atomic_add(dh_ptr + rows[:, None] * stride_dh + k[None, :], part,
-                              mask=in_range[:, None] & k_ok[None, :])
+                tl.atomic_add(
+                    dh_ptr + rows[:, None] * stride_dh + k[None, :],
+                    part,
+                    mask=in_range[:, None] & k_ok[None, :],
+                )
             if WANT_DW:
-                x = tl.load(hs_ptr + rows[:, None] * stride_hs + k[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                x = tl.load(
+                    hs_ptr + rows[:, None] * stride_hs + k[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
                 if UPCAST:
                     x = x.to(tl.float32)
                 part = tl.dot(dS_t, x, input_precision=DOT_PRECISION) * inv
-                tl.atomic_add(dw_ptr + cols[:, None] * stride_dw + k[None, :], part,
-                              mask=col_ok[:, None] & k_ok[None, :])
+                tl.atomic_add(
+                    dw_ptr + cols[:, None] * stride_dw + k[None, :],
+                    part,
+                    mask=col_ok[:, None] & k_ok[None, :],
+                )
 
 
-def skipped_tiles(stats: ForwardStats, threshold: float,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
+def skipped_tiles(
+    stats: ForwardStats, threshold: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """(token blocks, vocabulary blocks) bool: the tiles the backward skips at ``threshold``.
 
     ``exp(tile max - min over the block's counted tokens of LSE) < threshold`` for
@@ -285,11 +546,23 @@ def skipped_tiles(stats: ForwardStats, threshold: float,
 
 
 def fused_backward(
-    hs: torch.Tensor, ht: torch.Tensor, weight: torch.Tensor,
-    teacher_weight: torch.Tensor | None, bias: torch.Tensor | None,
-    teacher_bias: torch.Tensor | None, mask: torch.Tensor | None, stats: ForwardStats,
-    row_scale: torch.Tensor, opts, *, skip_threshold: float, want_h: bool, want_w: bool,
-    want_b: bool, weight_grad_dtype: torch.dtype = torch.float32, deterministic: bool = True,
+    hs: torch.Tensor,
+    ht: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    stats: ForwardStats,
+    row_scale: torch.Tensor,
+    opts,
+    *,
+    skip_threshold: float,
+    want_h: bool,
+    want_w: bool,
+    want_b: bool,
+    weight_grad_dtype: torch.dtype = torch.float32,
+    deterministic: bool = True,
     tile_counts: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(d student_hidden (N, H) in its dtype, d weight (V, H) in
@@ -329,19 +602,38 @@ def fused_backward(
         return tile_counts[name]
 
     common = dict(
-        ht_ptr=ht, wt_ptr=teacher_weight,
+        ht_ptr=ht,
+        wt_ptr=teacher_weight,
         bt_ptr=teacher_bias if teacher_weight is not None else None,
-        H=H, H_T=ht.shape[1], stride_hs=hs.stride(0), stride_ht=ht.stride(0),
+        H=H,
+        H_T=ht.shape[1],
+        stride_hs=hs.stride(0),
+        stride_ht=ht.stride(0),
         stride_w=weight.stride(0),
         stride_wt=0 if teacher_weight is None else teacher_weight.stride(0),
-        stride_map=n_vblocks, scale_stride=1 if per_row else 0,
-        **option_args(opts), **block_args(cfg, hs.dtype),
+        stride_map=n_vblocks,
+        scale_stride=1 if per_row else 0,
+        **option_args(opts),
+        **block_args(cfg, hs.dtype),
     )
     mask_u8 = None if mask is None else mask.view(torch.uint8)
     if not deterministic:
-        return _one_pass_backward(hs, weight, bias, mask_u8, stats, row_scale, skip, common, cfg,
-                                  want_h, want_w, want_b, weight_grad_dtype,
-                                  counter("backward"))
+        return _one_pass_backward(
+            hs,
+            weight,
+            bias,
+            mask_u8,
+            stats,
+            row_scale,
+            skip,
+            common,
+            cfg,
+            want_h,
+            want_w,
+            want_b,
+            weight_grad_dtype,
+            counter("backward"),
+        )
 
     grad_h = grad_w = grad_b = None
     if want_h:
@@ -363,8 +655,11 @@ def fused_backward(
         splits = triton.cdiv(n_vblocks, per_split)  # no empty split
         direct = hs.dtype == torch.float32 and splits == 1
         grad_h = (torch.zeros if direct else torch.empty)(N, H, dtype=hs.dtype, device=dev)
-        scratch = None if direct else torch.empty(splits, min(step, N), H,
-                                                  dtype=torch.float32, device=dev)
+        scratch = (
+            None
+            if direct
+            else torch.empty(splits, min(step, N), H, dtype=torch.float32, device=dev)
+        )
         count = counter("dh")
         for lo in range(0, N, step):
             hi = min(N, lo + step)
@@ -372,13 +667,22 @@ def fused_backward(
             sl = slice(lo, hi)
             blocks = slice(lo // BN, None)
             _fused_dh_kernel[(triton.cdiv(hi - lo, BN), splits)](
-                hs_ptr=hs[sl], ht_ptr=ht[sl], w_ptr=weight, b_ptr=bias,
+                hs_ptr=hs[sl],
+                ht_ptr=ht[sl],
+                w_ptr=weight,
+                b_ptr=bias,
                 mask_ptr=None if mask_u8 is None else mask_u8[sl],
-                lse_s_ptr=stats.lse_s[sl], lse_t_ptr=stats.lse_t[sl],
-                g_sum_ptr=stats.g_sum[sl], scale_ptr=row_scale[sl] if per_row else row_scale,
+                lse_s_ptr=stats.lse_s[sl],
+                lse_t_ptr=stats.lse_t[sl],
+                g_sum_ptr=stats.g_sum[sl],
+                scale_ptr=row_scale[sl] if per_row else row_scale,
                 skip_ptr=None if skip is None else skip[blocks],
-                count_ptr=None if count is None else count[blocks], dh_ptr=acc,
-                N=hi - lo, V=V, stride_dh=acc.stride(1), stride_split=acc.stride(0),
+                count_ptr=None if count is None else count[blocks],
+                dh_ptr=acc,
+                N=hi - lo,
+                V=V,
+                stride_dh=acc.stride(1),
+                stride_split=acc.stride(0),
                 blocks_per_split=per_split,
                 **{k: v for k, v in common.items() if k != "ht_ptr"},
             )
@@ -394,8 +698,7 @@ def fused_backward(
         step = V if direct else max(BV, rows // BV * BV)
         if want_w:
             grad_w = torch.zeros(V, H, dtype=weight_grad_dtype, device=dev)
-        scratch = None if direct else torch.empty(min(step, V), H, dtype=torch.float32,
-                                                  device=dev)
+        scratch = None if direct else torch.empty(min(step, V), H, dtype=torch.float32, device=dev)
         count = counter("dw")
         for lo in range(0, V, step):
             hi = min(V, lo + step)
@@ -403,23 +706,48 @@ def fused_backward(
             blocks = (slice(None), slice(lo // BV, None))
             acc = None if not want_w else grad_w[vs] if direct else scratch[: hi - lo].zero_()
             _fused_dw_kernel[(triton.cdiv(hi - lo, BV),)](
-                hs_ptr=hs, w_ptr=weight[vs], b_ptr=None if bias is None else bias[vs],
-                mask_ptr=mask_u8, lse_s_ptr=stats.lse_s, lse_t_ptr=stats.lse_t,
-                g_sum_ptr=stats.g_sum, scale_ptr=row_scale,
+                hs_ptr=hs,
+                w_ptr=weight[vs],
+                b_ptr=None if bias is None else bias[vs],
+                mask_ptr=mask_u8,
+                lse_s_ptr=stats.lse_s,
+                lse_t_ptr=stats.lse_t,
+                g_sum_ptr=stats.g_sum,
+                scale_ptr=row_scale,
                 skip_ptr=None if skip is None else skip[blocks],
                 count_ptr=None if count is None else count[blocks],
-                dw_ptr=acc, db_ptr=grad_b[vs] if want_b else None,
-                N=N, V=hi - lo, stride_dw=H,
-                **{**common, "wt_ptr": None if teacher_weight is None else teacher_weight[vs],
-                   "bt_ptr": None if common["bt_ptr"] is None else teacher_bias[vs]},
+                dw_ptr=acc,
+                db_ptr=grad_b[vs] if want_b else None,
+                N=N,
+                V=hi - lo,
+                stride_dw=H,
+                **{
+                    **common,
+                    "wt_ptr": None if teacher_weight is None else teacher_weight[vs],
+                    "bt_ptr": None if common["bt_ptr"] is None else teacher_bias[vs],
+                },
             )
             if want_w and not direct:
                 grad_w[vs].copy_(acc)
     return grad_h, grad_w, grad_b
 
 
-def _one_pass_backward(hs, weight, bias, mask_u8, stats, row_scale, skip, common, cfg, want_h,
-                       want_w, want_b, weight_grad_dtype, count):
+def _one_pass_backward(
+    hs,
+    weight,
+    bias,
+    mask_u8,
+    stats,
+    row_scale,
+    skip,
+    common,
+    cfg,
+    want_h,
+    want_w,
+    want_b,
+    weight_grad_dtype,
+    count,
+):
     """``deterministic=False``: one tile recompute feeds dH, dW and db (atomic adds)."""
     N, H = hs.shape
     V = weight.shape[0]
@@ -429,10 +757,28 @@ def _one_pass_backward(hs, weight, bias, mask_u8, stats, row_scale, skip, common
     db = torch.zeros(V, **f32) if want_b else None
     n_tiles = triton.cdiv(N, cfg.block_n) * triton.cdiv(V, cfg.block_v)
     _fused_backward_kernel[(n_tiles,)](
-        hs_ptr=hs, w_ptr=weight, b_ptr=bias, mask_ptr=mask_u8, lse_s_ptr=stats.lse_s,
-        lse_t_ptr=stats.lse_t, g_sum_ptr=stats.g_sum, scale_ptr=row_scale, skip_ptr=skip,
-        count_ptr=count, dh_ptr=dh, dw_ptr=dw, db_ptr=db, N=N, V=V, stride_dh=H, stride_dw=H,
-        GROUP=cfg.group, **common,
+        hs_ptr=hs,
+        w_ptr=weight,
+        b_ptr=bias,
+        mask_ptr=mask_u8,
+        lse_s_ptr=stats.lse_s,
+        lse_t_ptr=stats.lse_t,
+        g_sum_ptr=stats.g_sum,
+        scale_ptr=row_scale,
+        skip_ptr=skip,
+        count_ptr=count,
+        dh_ptr=dh,
+        dw_ptr=dw,
+        db_ptr=db,
+        N=N,
+        V=V,
+        stride_dh=H,
+        stride_dw=H,
+        GROUP=cfg.group,
+        **common,
     )
-    return (None if dh is None else dh.to(hs.dtype),
-            None if dw is None else dw.to(weight_grad_dtype), db)
+    return (
+        None if dh is None else dh.to(hs.dtype),
+        None if dw is None else dw.to(weight_grad_dtype),
+        db,
+    )

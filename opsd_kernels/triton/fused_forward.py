@@ -78,19 +78,58 @@ from .tiles import (
 #: relative margin of the exact clip test against float32 rounding of the bound
 CLIP_TEST_MARGIN = 1e-3
 
+
 @triton.heuristics({**INPUT_FLAGS, "TILE_MIN": lambda a: a["tmin_s_ptr"] is not None})
 @triton.jit
 def _fused_stats_kernel(
-    hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, mask_ptr,
-    m_s_ptr, z_s_ptr, m_t_ptr, z_t_ptr, w_sum_ptr, tmax_s_ptr, tmax_t_ptr, tmin_s_ptr,
-    tmin_t_ptr, count_ptr,
-    N, V, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, n_blocks, n_splits,
-    blocks_per_split, inv_temp, beta, log_beta, log_1m_beta, clip,
-    KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_MASK: tl.constexpr, SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_TBIAS: tl.constexpr, TILE_MIN: tl.constexpr, COUNT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    hs_ptr,
+    ht_ptr,
+    w_ptr,
+    wt_ptr,
+    b_ptr,
+    bt_ptr,
+    mask_ptr,
+    m_s_ptr,
+    z_s_ptr,
+    m_t_ptr,
+    z_t_ptr,
+    w_sum_ptr,
+    tmax_s_ptr,
+    tmax_t_ptr,
+    tmin_s_ptr,
+    tmin_t_ptr,
+    count_ptr,
+    N,
+    V,
+    H,
+    H_T,
+    stride_hs,
+    stride_ht,
+    stride_w,
+    stride_wt,
+    n_blocks,
+    n_splits,
+    blocks_per_split,
+    inv_temp,
+    beta,
+    log_beta,
+    log_1m_beta,
+    clip,
+    KIND: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    SHARED_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_TBIAS: tl.constexpr,
+    TILE_MIN: tl.constexpr,
+    COUNT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     pid_n, split = grouped_tile(tl.program_id(0), n_blocks, n_splits, GROUP)
     rows, in_range, row_ok = token_block(pid_n, N, mask_ptr, HAS_MASK, BLOCK_N)
@@ -107,10 +146,33 @@ def _fused_stats_kernel(
     for vb in range(vb_lo, vb_hi):
         count_tile(count_ptr, pid_n, vb, n_vblocks, COUNT)
         cols, col_ok = vocab_block(vb, V, BLOCK_V)
-        b, a = logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, rows, row_ok, cols,
-                           col_ok, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, inv_temp,
-                           SHARED_W, HAS_BIAS, HAS_TBIAS, UPCAST, DOT_PRECISION,
-                           BLOCK_N, BLOCK_V, BLOCK_K)
+        b, a = logit_tiles(
+            hs_ptr,
+            ht_ptr,
+            w_ptr,
+            wt_ptr,
+            b_ptr,
+            bt_ptr,
+            rows,
+            row_ok,
+            cols,
+            col_ok,
+            H,
+            H_T,
+            stride_hs,
+            stride_ht,
+            stride_w,
+            stride_wt,
+            inv_temp,
+            SHARED_W,
+            HAS_BIAS,
+            HAS_TBIAS,
+            UPCAST,
+            DOT_PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
+        )
         m_s, z_s, rescale_s, shift_s = online_logsumexp_update_rows(m_s, z_s, b)
         m_t, z_t, rescale_t, shift_t = online_logsumexp_update_rows(m_t, z_t, a)
         if ONE_PASS:
@@ -122,16 +184,24 @@ def _fused_stats_kernel(
                 w = rescale_sum(w, rescale_s) + tl.sum(weighted_log_ratio(p, b, a), axis=1)
         # the tile's extreme scaled logits over its counted tokens: skip and clip bounds
         counted = row_ok[:, None]
-        tl.store(tmax_s_ptr + tile_out + vb,
-                 tl.max(tl.max(tl.where(counted, b, float("-inf")), axis=1), axis=0))
-        tl.store(tmax_t_ptr + tile_out + vb,
-                 tl.max(tl.max(tl.where(counted, a, float("-inf")), axis=1), axis=0))
+        tl.store(
+            tmax_s_ptr + tile_out + vb,
+            tl.max(tl.max(tl.where(counted, b, float("-inf")), axis=1), axis=0),
+        )
+        tl.store(
+            tmax_t_ptr + tile_out + vb,
+            tl.max(tl.max(tl.where(counted, a, float("-inf")), axis=1), axis=0),
+        )
         if TILE_MIN:
             inside = counted & col_ok[None, :]
-            tl.store(tmin_s_ptr + tile_out + vb,
-                     tl.min(tl.min(tl.where(inside, b, float("inf")), axis=1), axis=0))
-            tl.store(tmin_t_ptr + tile_out + vb,
-                     tl.min(tl.min(tl.where(inside, a, float("inf")), axis=1), axis=0))
+            tl.store(
+                tmin_s_ptr + tile_out + vb,
+                tl.min(tl.min(tl.where(inside, b, float("inf")), axis=1), axis=0),
+            )
+            tl.store(
+                tmin_t_ptr + tile_out + vb,
+                tl.min(tl.min(tl.where(inside, a, float("inf")), axis=1), axis=0),
+            )
     out = split.to(tl.int64) * N + rows
     tl.store(m_s_ptr + out, m_s, mask=in_range)
     tl.store(z_s_ptr + out, z_s, mask=in_range)
@@ -141,19 +211,62 @@ def _fused_stats_kernel(
         tl.store(w_sum_ptr + out, w, mask=in_range)
 
 
-@triton.heuristics({**INPUT_FLAGS, "HAS_TODO": lambda a: a["todo_ptr"] is not None,
-                    "HAS_CORR": lambda a: a["corr_ptr"] is not None})
+@triton.heuristics(
+    {
+        **INPUT_FLAGS,
+        "HAS_TODO": lambda a: a["todo_ptr"] is not None,
+        "HAS_CORR": lambda a: a["corr_ptr"] is not None,
+    }
+)
 @triton.jit
 def _fused_terms_kernel(
-    hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, mask_ptr,
-    lse_s_ptr, lse_t_ptr, loss_ptr, g_sum_ptr, corr_ptr, g_corr_ptr, todo_ptr, count_ptr,
-    N, V, H, H_T, stride_hs, stride_ht, stride_w, stride_wt, n_blocks, n_splits,
-    blocks_per_split, inv_temp, beta, log_beta, log_1m_beta, clip,
-    KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_MASK: tl.constexpr, SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_TBIAS: tl.constexpr, HAS_TODO: tl.constexpr, HAS_CORR: tl.constexpr,
-    COUNT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    hs_ptr,
+    ht_ptr,
+    w_ptr,
+    wt_ptr,
+    b_ptr,
+    bt_ptr,
+    mask_ptr,
+    lse_s_ptr,
+    lse_t_ptr,
+    loss_ptr,
+    g_sum_ptr,
+    corr_ptr,
+    g_corr_ptr,
+    todo_ptr,
+    count_ptr,
+    N,
+    V,
+    H,
+    H_T,
+    stride_hs,
+    stride_ht,
+    stride_w,
+    stride_wt,
+    n_blocks,
+    n_splits,
+    blocks_per_split,
+    inv_temp,
+    beta,
+    log_beta,
+    log_1m_beta,
+    clip,
+    KIND: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    SHARED_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_TBIAS: tl.constexpr,
+    HAS_TODO: tl.constexpr,
+    HAS_CORR: tl.constexpr,
+    COUNT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     pid_n, split = grouped_tile(tl.program_id(0), n_blocks, n_splits, GROUP)
     rows, in_range, row_ok = token_block(pid_n, N, mask_ptr, HAS_MASK, BLOCK_N)
@@ -173,12 +286,36 @@ def _fused_terms_kernel(
         if compute:
             count_tile(count_ptr, pid_n, vb, n_vblocks, COUNT)
             cols, col_ok = vocab_block(vb, V, BLOCK_V)
-            b, a = logit_tiles(hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, rows, row_ok, cols,
-                               col_ok, H, H_T, stride_hs, stride_ht, stride_w, stride_wt,
-                               inv_temp, SHARED_W, HAS_BIAS, HAS_TBIAS, UPCAST, DOT_PRECISION,
-                               BLOCK_N, BLOCK_V, BLOCK_K)
-            phi, c_phi, g, g_all, pS = clipped_terms(b, a, lse_s, lse_t, beta, log_beta,
-                                                     log_1m_beta, clip, KIND, HAS_CLIP)
+            b, a = logit_tiles(
+                hs_ptr,
+                ht_ptr,
+                w_ptr,
+                wt_ptr,
+                b_ptr,
+                bt_ptr,
+                rows,
+                row_ok,
+                cols,
+                col_ok,
+                H,
+                H_T,
+                stride_hs,
+                stride_ht,
+                stride_w,
+                stride_wt,
+                inv_temp,
+                SHARED_W,
+                HAS_BIAS,
+                HAS_TBIAS,
+                UPCAST,
+                DOT_PRECISION,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_K,
+            )
+            phi, c_phi, g, g_all, pS = clipped_terms(
+                b, a, lse_s, lse_t, beta, log_beta, log_1m_beta, clip, KIND, HAS_CLIP
+            )
             inside = col_ok[None, :]
             loss += tl.sum(tl.where(inside, c_phi, 0.0), axis=1)
             G += tl.sum(tl.where(inside, g, 0.0), axis=1)
@@ -216,8 +353,9 @@ def _sm_count(index: int) -> int:
 def device_programs(device: torch.device) -> int:
     """Programs that fill ``device`` twice over (2 per SM on CUDA; 1 elsewhere)."""
     if device.type == "cuda":
-        return 2 * _sm_count(device.index if device.index is not None
-                             else torch.cuda.current_device())
+        return 2 * _sm_count(
+            device.index if device.index is not None else torch.cuda.current_device()
+        )
     return 1
 
 
@@ -234,8 +372,9 @@ def _merge_lse(m: torch.Tensor, z: torch.Tensor):
     return shift + torch.log(z_tot), shift, z_tot
 
 
-def block_extreme(x: torch.Tensor, block_n: int, mask: torch.Tensor | None,
-                  largest: bool) -> torch.Tensor:
+def block_extreme(
+    x: torch.Tensor, block_n: int, mask: torch.Tensor | None, largest: bool
+) -> torch.Tensor:
     """Per token block of ``block_n`` rows, the max (``largest``) or min of ``x`` (N,)
     over the counted rows; -inf / +inf for a block without counted rows. NaN stays NaN."""
     fill = -torch.inf if largest else torch.inf
@@ -245,13 +384,29 @@ def block_extreme(x: torch.Tensor, block_n: int, mask: torch.Tensor | None,
     return x.amax(1) if largest else x.amin(1)
 
 
-def clip_tiles(kind_id: int, clip: float, lse_s, lse_t, tmax_s, tmax_t, tmin_s, tmin_t,
-               block_n: int, mask: torch.Tensor | None) -> torch.Tensor:
+def clip_tiles(
+    kind_id: int,
+    clip: float,
+    lse_s,
+    lse_t,
+    tmax_s,
+    tmax_t,
+    tmin_s,
+    tmin_t,
+    block_n: int,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
     """(token blocks, vocab blocks) bool: the tiles where some phi could reach ``clip``
     (the exact test of the module docstring; forward KL ``kind_id`` 0, reverse KL 1)."""
     if kind_id == 1:  # reverse KL: phi = pS (lS - lT): the student's bound, teacher's floor
-        lse_s, lse_t, tmax_s, tmax_t, tmin_s, tmin_t = (lse_t, lse_s, tmax_t, tmax_s, tmin_t,
-                                                        tmin_s)
+        lse_s, lse_t, tmax_s, tmax_t, tmin_s, tmin_t = (
+            lse_t,
+            lse_s,
+            tmax_t,
+            tmax_s,
+            tmin_t,
+            tmin_s,
+        )
     u = torch.clamp(tmax_t - block_extreme(lse_t, block_n, mask, False)[:, None], max=0.0)
     w = tmin_s - block_extreme(lse_s, block_n, mask, True)[:, None]
     bound = torch.exp(u) * torch.clamp(u - w, min=0.0)
@@ -259,18 +414,27 @@ def clip_tiles(kind_id: int, clip: float, lse_s, lse_t, tmax_s, tmax_t, tmin_s, 
 
 
 def _splits(cfg: FusedConfig, device: torch.device, n_blocks: int, n_vblocks: int):
-    splits = cfg.splits if cfg.splits is not None else triton.cdiv(device_programs(device),
-                                                                   max(n_blocks, 1))
+    splits = (
+        cfg.splits
+        if cfg.splits is not None
+        else triton.cdiv(device_programs(device), max(n_blocks, 1))
+    )
     splits = max(1, min(splits, n_vblocks))
     per_split = triton.cdiv(n_vblocks, splits)
     return triton.cdiv(n_vblocks, per_split), per_split  # no empty split
 
 
 def fused_forward(
-    hs: torch.Tensor, ht: torch.Tensor, weight: torch.Tensor,
-    teacher_weight: torch.Tensor | None, bias: torch.Tensor | None,
-    teacher_bias: torch.Tensor | None, mask: torch.Tensor | None, opts: DivergenceOptions,
-    cfg: FusedConfig | None = None, tile_counts: dict | None = None,
+    hs: torch.Tensor,
+    ht: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    opts: DivergenceOptions,
+    cfg: FusedConfig | None = None,
+    tile_counts: dict | None = None,
 ) -> ForwardStats:
     """Launch the fused forward on (N, H) / (N, H_T) hidden states; see the module docstring.
 
@@ -305,20 +469,41 @@ def fused_forward(
     tmin_s = torch.empty(**tile_map) if with_min else None
     tmin_t = torch.empty(**tile_map) if with_min else None
     inputs = dict(
-        hs_ptr=hs, ht_ptr=ht, w_ptr=weight, wt_ptr=teacher_weight, b_ptr=bias,
+        hs_ptr=hs,
+        ht_ptr=ht,
+        w_ptr=weight,
+        wt_ptr=teacher_weight,
+        b_ptr=bias,
         bt_ptr=teacher_bias if teacher_weight is not None else None,
         mask_ptr=None if mask is None else mask.view(torch.uint8),
-        N=N, V=V, H=H, H_T=ht.shape[1], stride_hs=hs.stride(0), stride_ht=ht.stride(0),
+        N=N,
+        V=V,
+        H=H,
+        H_T=ht.shape[1],
+        stride_hs=hs.stride(0),
+        stride_ht=ht.stride(0),
         stride_w=weight.stride(0),
         stride_wt=0 if teacher_weight is None else teacher_weight.stride(0),
-        n_blocks=n_blocks, n_splits=splits, blocks_per_split=per_split,
-        GROUP=cfg.group, **option_args(opts), **block_args(cfg, hs.dtype),
+        n_blocks=n_blocks,
+        n_splits=splits,
+        blocks_per_split=per_split,
+        GROUP=cfg.group,
+        **option_args(opts),
+        **block_args(cfg, hs.dtype),
     )
     grid = (n_blocks * splits,)
     _fused_stats_kernel[grid](
-        m_s_ptr=m_s, z_s_ptr=z_s, m_t_ptr=m_t, z_t_ptr=z_t, w_sum_ptr=w_sum,
-        tmax_s_ptr=tmax_s, tmax_t_ptr=tmax_t, tmin_s_ptr=tmin_s, tmin_t_ptr=tmin_t,
-        count_ptr=counter("stats"), **inputs,
+        m_s_ptr=m_s,
+        z_s_ptr=z_s,
+        m_t_ptr=m_t,
+        z_t_ptr=z_t,
+        w_sum_ptr=w_sum,
+        tmax_s_ptr=tmax_s,
+        tmax_t_ptr=tmax_t,
+        tmin_s_ptr=tmin_s,
+        tmin_t_ptr=tmin_t,
+        count_ptr=counter("stats"),
+        **inputs,
     )
     lse_s, shift_s, zs_tot = _merge_lse(m_s, z_s)
     lse_t, shift_t, zt_tot = _merge_lse(m_t, z_t)
@@ -334,16 +519,23 @@ def fused_forward(
     if not one_pass or clip is not None:
         todo = corr = g_corr = None
         if one_pass:  # clip: recompute only the tiles that may clip (exact test)
-            todo = clip_tiles(spec.kind_id, clip, lse_s, lse_t, tmax_s, tmax_t, tmin_s, tmin_t,
-                              BN, mask)
+            todo = clip_tiles(
+                spec.kind_id, clip, lse_s, lse_t, tmax_s, tmax_t, tmin_s, tmin_t, BN, mask
+            )
             finite = torch.isfinite(loss)
             full_block = block_extreme((~finite).to(torch.float32), BN, mask, True) > 0
             todo = (todo | full_block[:, None]).to(torch.uint8)
             corr, g_corr = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
         part_loss, part_g = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
         _fused_terms_kernel[grid](
-            lse_s_ptr=lse_s, lse_t_ptr=lse_t, loss_ptr=part_loss, g_sum_ptr=part_g,
-            corr_ptr=corr, g_corr_ptr=g_corr, todo_ptr=todo, count_ptr=counter("terms"),
+            lse_s_ptr=lse_s,
+            lse_t_ptr=lse_t,
+            loss_ptr=part_loss,
+            g_sum_ptr=part_g,
+            corr_ptr=corr,
+            g_corr_ptr=g_corr,
+            todo_ptr=todo,
+            count_ptr=counter("terms"),
             **inputs,
         )
         if one_pass:

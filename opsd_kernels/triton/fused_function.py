@@ -40,12 +40,25 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias,
-                mask, opts: DivergenceOptions, skip_threshold, weight_grad_dtype: torch.dtype,
-                deterministic: bool = True):
-        if student_hidden.dtype != weight.dtype or (
-                teacher_weight is not None and teacher_hidden.dtype != teacher_weight.dtype) or (
-                teacher_weight is None and teacher_hidden.dtype != weight.dtype):
+    def forward(
+        ctx,
+        student_hidden,
+        teacher_hidden,
+        weight,
+        teacher_weight,
+        bias,
+        teacher_bias,
+        mask,
+        opts: DivergenceOptions,
+        skip_threshold,
+        weight_grad_dtype: torch.dtype,
+        deterministic: bool = True,
+    ):
+        if (
+            student_hidden.dtype != weight.dtype
+            or (teacher_weight is not None and teacher_hidden.dtype != teacher_weight.dtype)
+            or (teacher_weight is None and teacher_hidden.dtype != weight.dtype)
+        ):
             raise TypeError(
                 "impl='fused' needs each hidden state in its weight's dtype, got student_hidden "
                 f"{student_hidden.dtype}, teacher_hidden {teacher_hidden.dtype}, weight "
@@ -79,8 +92,11 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         hs, ht, w, wt, b, bt, mask1, scale = ctx.saved_tensors
         shape, w_dtype, b_dtype = ctx.meta
-        want_h, want_w, want_b = (ctx.needs_input_grad[0], ctx.needs_input_grad[2],
-                                  ctx.needs_input_grad[4])
+        want_h, want_w, want_b = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[2],
+            ctx.needs_input_grad[4],
+        )
         opts = ctx.opts
         if ctx.stats is None:  # no tokens
             grad_h = torch.zeros_like(hs) if want_h else None
@@ -93,9 +109,21 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
             else:
                 row_scale = (grad_out.to(torch.float32) * scale).reshape(1)
             grad_h, grad_w, grad_b = fused_backward(
-                hs, ht, w, wt, b, bt, mask1, ctx.stats, row_scale, opts,
-                skip_threshold=ctx.skip_threshold, want_h=want_h, want_w=want_w,
-                want_b=want_b, weight_grad_dtype=ctx.weight_grad_dtype,
+                hs,
+                ht,
+                w,
+                wt,
+                b,
+                bt,
+                mask1,
+                ctx.stats,
+                row_scale,
+                opts,
+                skip_threshold=ctx.skip_threshold,
+                want_h=want_h,
+                want_w=want_w,
+                want_b=want_b,
+                weight_grad_dtype=ctx.weight_grad_dtype,
                 deterministic=ctx.deterministic,
             )
         return (
@@ -104,5 +132,10 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
             None if grad_w is None else grad_w.to(w_dtype),
             None,
             None if grad_b is None else grad_b.to(b_dtype),
-            None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )

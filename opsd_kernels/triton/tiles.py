@@ -61,12 +61,31 @@ def grouped_tile(pid, n_rows, n_cols, GROUP: tl.constexpr):
 
 @triton.jit
 def logit_tiles(
-    hs_ptr, ht_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr,
-    rows, row_ok, cols, col_ok,
-    H, H_T, stride_hs, stride_ht, stride_w, stride_wt, inv_temp,
-    SHARED_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    hs_ptr,
+    ht_ptr,
+    w_ptr,
+    wt_ptr,
+    b_ptr,
+    bt_ptr,
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    H,
+    H_T,
+    stride_hs,
+    stride_ht,
+    stride_w,
+    stride_wt,
+    inv_temp,
+    SHARED_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_TBIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Scaled student and teacher logit tiles ``(b, a)``, (BLOCK_N, BLOCK_V) float32.
 
@@ -83,17 +102,26 @@ def logit_tiles(
         k = k0 + ks
         k_ok = k < H
         # W^T tile (BLOCK_K, BLOCK_V): shared by the student and (if SHARED_W) the teacher
-        w = tl.load(w_ptr + cols[None, :] * stride_w + k[:, None],
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        x = tl.load(hs_ptr + rows[:, None] * stride_hs + k[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + cols[None, :] * stride_w + k[:, None],
+            mask=col_ok[None, :] & k_ok[:, None],
+            other=0.0,
+        )
+        x = tl.load(
+            hs_ptr + rows[:, None] * stride_hs + k[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
         if UPCAST:
             w = w.to(tl.float32)
             x = x.to(tl.float32)
         acc_s = tl.dot(x, w, acc_s, input_precision=DOT_PRECISION)
         if SHARED_W:
-            y = tl.load(ht_ptr + rows[:, None] * stride_ht + k[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            y = tl.load(
+                ht_ptr + rows[:, None] * stride_ht + k[None, :],
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 y = y.to(tl.float32)
             acc_t = tl.dot(y, w, acc_t, input_precision=DOT_PRECISION)
@@ -101,10 +129,16 @@ def logit_tiles(
         for k0 in range(0, H_T, BLOCK_K):
             k = k0 + ks
             k_ok = k < H_T
-            wt = tl.load(wt_ptr + cols[None, :] * stride_wt + k[:, None],
-                         mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            y = tl.load(ht_ptr + rows[:, None] * stride_ht + k[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(
+                wt_ptr + cols[None, :] * stride_wt + k[:, None],
+                mask=col_ok[None, :] & k_ok[:, None],
+                other=0.0,
+            )
+            y = tl.load(
+                ht_ptr + rows[:, None] * stride_ht + k[None, :],
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 wt = wt.to(tl.float32)
                 y = y.to(tl.float32)
@@ -122,8 +156,18 @@ def logit_tiles(
 
 
 @triton.jit
-def clipped_terms(b, a, lse_s, lse_t, beta, log_beta, log_1m_beta, clip,
-                  KIND: tl.constexpr, HAS_CLIP: tl.constexpr):
+def clipped_terms(
+    b,
+    a,
+    lse_s,
+    lse_t,
+    beta,
+    log_beta,
+    log_1m_beta,
+    clip,
+    KIND: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+):
     """On a tile: ``(phi, c(phi), g kept, g, pS)``: the pointwise loss term, its clipped
     value, its student derivative (0 where clipped, and unclipped) and the student
     probabilities."""
@@ -140,11 +184,26 @@ def clipped_terms(b, a, lse_s, lse_t, beta, log_beta, log_1m_beta, clip,
 
 
 @triton.jit
-def logit_grad_tile(b, a, lse_s, lse_t, G, coef, row_ok, col_ok, beta, log_beta, log_1m_beta,
-                    clip, KIND: tl.constexpr, HAS_CLIP: tl.constexpr):
+def logit_grad_tile(
+    b,
+    a,
+    lse_s,
+    lse_t,
+    G,
+    coef,
+    row_ok,
+    col_ok,
+    beta,
+    log_beta,
+    log_1m_beta,
+    clip,
+    KIND: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+):
     """dS = coef * (g - pS * G) on a tile, zero outside counted rows and the vocabulary."""
-    phi, c_phi, g, g_all, pS = clipped_terms(b, a, lse_s, lse_t, beta, log_beta, log_1m_beta,
-                                             clip, KIND, HAS_CLIP)
+    phi, c_phi, g, g_all, pS = clipped_terms(
+        b, a, lse_s, lse_t, beta, log_beta, log_1m_beta, clip, KIND, HAS_CLIP
+    )
     dS = (g - pS * G[:, None]) * coef[:, None]
     return tl.where(row_ok[:, None] & col_ok[None, :], dS, 0.0)
 

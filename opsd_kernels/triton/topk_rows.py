@@ -33,11 +33,29 @@ from .formulas import divergence_terms, log_add_exp, online_logsumexp_update
 
 @triton.jit
 def _topk_rows_kernel(
-    x_ptr, zk_ptr, lt_ptr, log_rest_ptr, loss_ptr, entry_ptr, scale_ptr,
-    x_stride, k_stride, scale_stride,
-    V, K, inv_temp, beta, log_beta, log_1m_beta, clip,
-    KIND: tl.constexpr, BUCKET: tl.constexpr, HAS_CLIP: tl.constexpr, GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    zk_ptr,
+    lt_ptr,
+    log_rest_ptr,
+    loss_ptr,
+    entry_ptr,
+    scale_ptr,
+    x_stride,
+    k_stride,
+    scale_stride,
+    V,
+    K,
+    inv_temp,
+    beta,
+    log_beta,
+    log_1m_beta,
+    clip,
+    KIND: tl.constexpr,
+    BUCKET: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
@@ -79,7 +97,9 @@ def _topk_rows_kernel(
         ok = lT != float("-inf")  # an outcome (the launcher set -inf elsewhere)
         lS = tl.where(ok, lS, 0.0)
         lT = tl.where(ok, lT, 0.0)
-        phi, g, _h_k = divergence_terms(lT, lS, tl.exp(lT), tl.exp(lS), beta, log_beta, log_1m_beta, KIND)
+        phi, g, _h_k = divergence_terms(
+            lT, lS, tl.exp(lT), tl.exp(lS), beta, log_beta, log_1m_beta, KIND
+        )
         if HAS_CLIP:
             g = tl.where(phi < clip, g, 0.0)
             phi = tl.minimum(phi, clip)
@@ -89,7 +109,9 @@ def _topk_rows_kernel(
     log_rs = lse_c - lse
     if BUCKET:
         log_rt = tl.load(log_rest_ptr + row)
-        phi_r, g_rest, _h_r = divergence_terms(log_rt, log_rs, tl.exp(log_rt), tl.exp(log_rs), beta, log_beta, log_1m_beta, KIND)
+        phi_r, g_rest, _h_r = divergence_terms(
+            log_rt, log_rs, tl.exp(log_rt), tl.exp(log_rs), beta, log_beta, log_1m_beta, KIND
+        )
         if HAS_CLIP:
             g_rest = tl.where(phi_r < clip, g_rest, 0.0)
             phi_r = tl.minimum(phi_r, clip)
@@ -109,7 +131,9 @@ def _topk_rows_kernel(
             lS = tl.where(ok, lS, 0.0)
             lT = tl.where(ok, lT, 0.0)
             pS = tl.exp(lS)
-            phi, g, _h_g = divergence_terms(lT, lS, tl.exp(lT), pS, beta, log_beta, log_1m_beta, KIND)
+            phi, g, _h_g = divergence_terms(
+                lT, lS, tl.exp(lT), pS, beta, log_beta, log_1m_beta, KIND
+            )
             if HAS_CLIP:
                 g = tl.where(phi < clip, g, 0.0)
             entry = tl.where(ok, (g - pS * G) * factor, 0.0)
@@ -120,7 +144,10 @@ def _topk_rows_kernel(
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
                 inside = offs < V
-                b = tl.load(x_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+                b = (
+                    tl.load(x_row + offs, mask=inside, other=float("-inf")).to(tl.float32)
+                    * inv_temp
+                )
                 tl.store(x_row + offs, tl.exp(b - shift) * coef, mask=inside)
         else:
             for start in range(0, V, BLOCK_V):
@@ -128,8 +155,9 @@ def _topk_rows_kernel(
                 tl.store(x_row + offs, tl.zeros([BLOCK_V], dtype=tl.float32), mask=offs < V)
 
 
-def topk_rows_triton(logits, *, ids, logprobs, valid, log_rest, spec, beta, temperature, clip,
-                     scale, want_grad):
+def topk_rows_triton(
+    logits, *, ids, logprobs, valid, log_rest, spec, beta, temperature, clip, scale, want_grad
+):
     """Launcher with the signature of :func:`opsd_kernels.topk.topk_rows_torch`.
 
     ``logits``: (R, V) float32, rows contiguous; overwritten (the gradient times the
@@ -159,12 +187,30 @@ def topk_rows_triton(logits, *, ids, logprobs, valid, log_rest, spec, beta, temp
     block_k = max(16, min(256, triton.next_power_of_2(K)))
     block_v = default_block_v(V, logits.device)
     _topk_rows_kernel[(R,)](
-        logits, zk, lt, log_rest if bucket else loss, loss, entry, scale,
-        logits.stride(0), K, scale.stride(0) if scale.numel() > 1 else 0,
-        V, K, 1.0 / temperature, b, math.log(b), math.log1p(-b),
+        logits,
+        zk,
+        lt,
+        log_rest if bucket else loss,
+        loss,
+        entry,
+        scale,
+        logits.stride(0),
+        K,
+        scale.stride(0) if scale.numel() > 1 else 0,
+        V,
+        K,
+        1.0 / temperature,
+        b,
+        math.log(b),
+        math.log1p(-b),
         clip if clip is not None else 0.0,
-        KIND=spec.kind_id, BUCKET=bucket, HAS_CLIP=clip is not None, GRAD=want_grad,
-        BLOCK_V=block_v, BLOCK_K=block_k, num_warps=8 if block_v >= 2048 else 4,
+        KIND=spec.kind_id,
+        BUCKET=bucket,
+        HAS_CLIP=clip is not None,
+        GRAD=want_grad,
+        BLOCK_V=block_v,
+        BLOCK_K=block_k,
+        num_warps=8 if block_v >= 2048 else 4,
     )
     if want_grad:
         logits.scatter_add_(1, ids, entry)

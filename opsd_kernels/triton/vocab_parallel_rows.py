@@ -34,18 +34,41 @@ from .formulas import (
 )
 
 
-@triton.heuristics({
-    "HAS_MASK": lambda a: a["mask_ptr"] is not None,
-    "GRAD_S": lambda a: a["grad_s_ptr"] is not None,
-    "GRAD_T": lambda a: a["grad_t_ptr"] is not None,
-})
+@triton.heuristics(
+    {
+        "HAS_MASK": lambda a: a["mask_ptr"] is not None,
+        "GRAD_S": lambda a: a["grad_s_ptr"] is not None,
+        "GRAD_T": lambda a: a["grad_t_ptr"] is not None,
+    }
+)
 @triton.jit
 def _vocab_parallel_rows_kernel(
-    s_ptr, t_ptr, grad_s_ptr, grad_t_ptr, mask_ptr, scale_ptr, stats_ptr, out_ptr,
-    s_stride, t_stride, grad_s_stride, grad_t_stride, scale_stride,
-    V, inv_temp, beta, log_beta, log_1m_beta, clip,
-    PHASE: tl.constexpr, KIND: tl.constexpr, ONE_PASS: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_MASK: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    s_ptr,
+    t_ptr,
+    grad_s_ptr,
+    grad_t_ptr,
+    mask_ptr,
+    scale_ptr,
+    stats_ptr,
+    out_ptr,
+    s_stride,
+    t_stride,
+    grad_s_stride,
+    grad_t_stride,
+    scale_stride,
+    V,
+    inv_temp,
+    beta,
+    log_beta,
+    log_1m_beta,
+    clip,
+    PHASE: tl.constexpr,
+    KIND: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    GRAD_S: tl.constexpr,
+    GRAD_T: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -75,7 +98,8 @@ def _vocab_parallel_rows_kernel(
             m_t, z_t, rescale_t, shift_t = online_logsumexp_update(m_t, z_t, a)
             if SWEEP:
                 w = rescale_sum(w, one_pass_rescale(rescale_s, rescale_t, KIND)) + tl.sum(
-                    one_pass_terms(a, b, shift_s, shift_t, KIND), axis=0)
+                    one_pass_terms(a, b, shift_s, shift_t, KIND), axis=0
+                )
         out = out_ptr + row * 5
         tl.store(out, m_s)
         tl.store(out + 1, z_s)
@@ -86,8 +110,22 @@ def _vocab_parallel_rows_kernel(
         lse_s = tl.load(stats_ptr + row * 4)
         lse_t = tl.load(stats_ptr + row * 4 + 1)
         if PHASE == 1:
-            loss, G, H = row_term_sums(s_row, t_row, V, v_stat, lse_s, lse_t, inv_temp, beta,
-                                       log_beta, log_1m_beta, clip, KIND, HAS_CLIP, BLOCK_V)
+            loss, G, H = row_term_sums(
+                s_row,
+                t_row,
+                V,
+                v_stat,
+                lse_s,
+                lse_t,
+                inv_temp,
+                beta,
+                log_beta,
+                log_1m_beta,
+                clip,
+                KIND,
+                HAS_CLIP,
+                BLOCK_V,
+            )
             out = out_ptr + row * 3
             tl.store(out, loss)
             tl.store(out + 1, G)
@@ -96,31 +134,76 @@ def _vocab_parallel_rows_kernel(
             G = tl.load(stats_ptr + row * 4 + 2)
             H = tl.load(stats_ptr + row * 4 + 3)
             scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * inv_temp
-            write_row_gradients(s_row, t_row, grad_s_ptr, row * grad_s_stride, grad_t_ptr,
-                                row * grad_t_stride, V, lse_s, lse_t, G, H, scale, valid,
-                                inv_temp, beta, log_beta, log_1m_beta, clip, KIND, HAS_CLIP,
-                                GRAD_S, GRAD_T, BLOCK_V)
+            write_row_gradients(
+                s_row,
+                t_row,
+                grad_s_ptr,
+                row * grad_s_stride,
+                grad_t_ptr,
+                row * grad_t_stride,
+                V,
+                lse_s,
+                lse_t,
+                G,
+                H,
+                scale,
+                valid,
+                inv_temp,
+                beta,
+                log_beta,
+                log_1m_beta,
+                clip,
+                KIND,
+                HAS_CLIP,
+                GRAD_S,
+                GRAD_T,
+                BLOCK_V,
+            )
 
 
-def _launch(phase, student, teacher, opts: DivergenceOptions, mask, *, stats=None, out=None,
-            scale=None, grad_student=None, grad_teacher=None):
+def _launch(
+    phase,
+    student,
+    teacher,
+    opts: DivergenceOptions,
+    mask,
+    *,
+    stats=None,
+    out=None,
+    scale=None,
+    grad_student=None,
+    grad_teacher=None,
+):
     R, V = student.shape
     if R == 0:
         return
-    for name, x in (("student", student), ("teacher", teacher),
-                    ("grad_student", grad_student), ("grad_teacher", grad_teacher)):
+    for name, x in (
+        ("student", student),
+        ("teacher", teacher),
+        ("grad_student", grad_student),
+        ("grad_teacher", grad_teacher),
+    ):
         if x is not None and x.stride(-1) != 1:
             raise ValueError(f"{name} rows must be contiguous (stride(-1) == 1)")
     block = default_block_v(V, student.device)
     _vocab_parallel_rows_kernel[(R,)](
-        s_ptr=student, t_ptr=teacher, grad_s_ptr=grad_student, grad_t_ptr=grad_teacher,
-        mask_ptr=None if mask is None else mask.view(torch.uint8), scale_ptr=scale,
-        stats_ptr=stats, out_ptr=out, s_stride=student.stride(0),
+        s_ptr=student,
+        t_ptr=teacher,
+        grad_s_ptr=grad_student,
+        grad_t_ptr=grad_teacher,
+        mask_ptr=None if mask is None else mask.view(torch.uint8),
+        scale_ptr=scale,
+        stats_ptr=stats,
+        out_ptr=out,
+        s_stride=student.stride(0),
         t_stride=teacher.stride(0),
         grad_s_stride=0 if grad_student is None else grad_student.stride(0),
         grad_t_stride=0 if grad_teacher is None else grad_teacher.stride(0),
         scale_stride=scale.stride(0) if scale is not None and scale.numel() > 1 else 0,
-        V=V, PHASE=phase, **option_args(opts), BLOCK_V=block,
+        V=V,
+        PHASE=phase,
+        **option_args(opts),
+        BLOCK_V=block,
         num_warps=8 if block >= 2048 else 4,
     )
 
@@ -141,8 +224,18 @@ def local_term_sums_triton(student, teacher, opts, mask, stats) -> torch.Tensor:
     return out
 
 
-def local_gradients_triton(student, teacher, opts, mask, stats, scale, grad_student,
-                           grad_teacher) -> None:
+def local_gradients_triton(
+    student, teacher, opts, mask, stats, scale, grad_student, grad_teacher
+) -> None:
     """Writes the slice's gradients times ``scale`` ((1,) or (R,) float32)."""
-    _launch(2, student, teacher, opts, mask, stats=stats, scale=scale,
-            grad_student=grad_student, grad_teacher=grad_teacher)
+    _launch(
+        2,
+        student,
+        teacher,
+        opts,
+        mask,
+        stats=stats,
+        scale=scale,
+        grad_student=grad_student,
+        grad_teacher=grad_teacher,
+    )
