@@ -172,6 +172,13 @@ def default_block_v(V: int, device: torch.device) -> int:
     return max(16, min(cap, triton.next_power_of_2(V)))
 
 
+def check_rows_contiguous(**rows: torch.Tensor | None) -> None:
+    """Every given (R, V) tensor must be contiguous in its last dimension (row kernels)."""
+    for name, x in rows.items():
+        if x is not None and x.stride(-1) != 1:
+            raise ValueError(f"{name} rows must be contiguous (stride(-1) == 1)")
+
+
 def divergence_rows_triton(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -195,14 +202,9 @@ def divergence_rows_triton(
     loss = torch.empty(R, dtype=torch.float32, device=student.device)
     if R == 0:
         return loss
-    for name, x in (
-        ("student", student),
-        ("teacher", teacher),
-        ("grad_student", grad_student),
-        ("grad_teacher", grad_teacher),
-    ):
-        if x is not None and x.stride(-1) != 1:
-            raise ValueError(f"{name} rows must be contiguous (stride(-1) == 1)")
+    check_rows_contiguous(
+        student=student, teacher=teacher, grad_student=grad_student, grad_teacher=grad_teacher
+    )
     block = block_v or default_block_v(V, student.device)
     _divergence_rows_kernel[(R,)](
         s_ptr=student,

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .._validation import DivergenceOptions
 from .configs import option_args
-from .divergence_rows import default_block_v
+from .divergence_rows import check_rows_contiguous, default_block_v
 from .formulas import (
     one_pass_rescale,
     one_pass_terms,
@@ -177,14 +177,9 @@ def _launch(
     R, V = student.shape
     if R == 0:
         return
-    for name, x in (
-        ("student", student),
-        ("teacher", teacher),
-        ("grad_student", grad_student),
-        ("grad_teacher", grad_teacher),
-    ):
-        if x is not None and x.stride(-1) != 1:
-            raise ValueError(f"{name} rows must be contiguous (stride(-1) == 1)")
+    check_rows_contiguous(
+        student=student, teacher=teacher, grad_student=grad_student, grad_teacher=grad_teacher
+    )
     block = default_block_v(V, student.device)
     _vocab_parallel_rows_kernel[(R,)](
         s_ptr=student,
