@@ -24,7 +24,12 @@ import torch
 
 from . import config, gemm
 from ._validation import DivergenceOptions
-from .chunked import ChunkGradients, chunk_logits
+from .chunked import (
+    ChunkGradients,
+    apply_upstream,
+    chunk_logits,
+    defer_mixed_gradients,
+)
 from .reductions import forward_scale, reduce_rows
 from .torch_impl import TEMPS_PER_ROW
 
@@ -231,9 +236,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype)
         # rows mix in dW and db: with "none" the per-row upstream factors are only known
         # in the backward; a float16 accumulator must not hold unscaled values
-        defer = (want_w or want_b) and (
-            opts.reduction == "none" or (want_w and weight_grad_dtype == torch.float16)
-        )
+        defer = defer_mixed_gradients(opts.reduction, want_w, want_b, weight_grad_dtype)
         scale = forward_scale(opts.reduction, mask1, N, hs.device, cdt)
         with torch.autocast(hs.device.type, enabled=False):
             loss, grad_h, grad_w, grad_b = _chunked_linear_pass(
@@ -301,13 +304,9 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         else:
             grad_h, grad_w, grad_b = ctx.grads
             ctx.grads = None
-            go_rows = grad_out.reshape(-1, 1) if ctx.reduction == "none" else grad_out
-            if grad_h is not None:
-                grad_h.mul_(go_rows)
-            if grad_w is not None:
-                grad_w.mul_(grad_out)
-            if grad_b is not None:
-                grad_b.mul_(grad_out)
+            grad_h, grad_w, grad_b = apply_upstream(
+                (grad_h, grad_w, grad_b), grad_out, ctx.reduction
+            )
         return (
             None if grad_h is None else grad_h.to(h_dtype).view(shape),
             None,

@@ -95,3 +95,31 @@ class ChunkGradients:
 
     def as_tuple(self):
         return self.hidden, self.weight, self.bias
+
+
+def defer_mixed_gradients(
+    reduction: str, want_w: bool, want_b: bool, weight_grad_dtype: torch.dtype
+) -> bool:
+    """Whether the weight and bias gradients must be formed in the backward.
+
+    They mix rows, so with ``"none"`` the per-row upstream factors are only known in
+    the backward; and a float16 accumulator must not hold values before the upstream
+    factor (a loss scale) is applied.
+    """
+    return (want_w or want_b) and (
+        reduction == "none" or (want_w and weight_grad_dtype == torch.float16)
+    )
+
+
+def apply_upstream(grads, grad_out: torch.Tensor, reduction: str):
+    """Multiply gradients formed in the forward (hidden, weight, bias; None allowed) by
+    the upstream gradient, in place: per row for the hidden one under ``"none"``."""
+    grad_h, grad_w, grad_b = grads
+    go = grad_out
+    if grad_h is not None:
+        grad_h.mul_(go.reshape(-1, 1) if reduction == "none" else go)
+    if grad_w is not None:
+        grad_w.mul_(go)
+    if grad_b is not None:
+        grad_b.mul_(go)
+    return grad_h, grad_w, grad_b

@@ -55,7 +55,7 @@ import torch
 
 from . import config, gemm
 from ._validation import check_float_tensor, check_impl, check_mask, check_options
-from .chunked import ChunkGradients
+from .chunked import ChunkGradients, apply_upstream
 from .divergences import KindSpec
 from .reductions import forward_scale, reduce_rows
 
@@ -697,12 +697,8 @@ class FusedLinearTopkFunction(torch.autograd.Function):
                 )
             gh, gw, gb = ctx.grads
             ctx.grads = None
-            go = grad_out.to(compute)
-            go_rows = go.reshape(-1, 1) if ctx.reduction == "none" else go
             # in place: no second (V, H) float32 buffer at the peak
-            gh = None if gh is None else gh.mul_(go_rows)
-            gw = None if gw is None else gw.mul_(go)
-            gb = None if gb is None else gb.mul_(go)
+            gh, gw, gb = apply_upstream((gh, gw, gb), grad_out.to(compute), ctx.reduction)
         return (
             None if gh is None or not want_h else gh.to(h_dtype).view(shape),
             None if gw is None or not want_w else gw.to(w_dtype),

@@ -61,7 +61,12 @@ import torch
 
 from . import gemm
 from ._validation import DivergenceOptions
-from .chunked import ChunkGradients, chunk_logits
+from .chunked import (
+    ChunkGradients,
+    apply_upstream,
+    chunk_logits,
+    defer_mixed_gradients,
+)
 from .divergences import weighted_log_ratio
 from .reductions import forward_scale, reduce_rows
 from .torch_impl import rows_per_chunk
@@ -457,9 +462,7 @@ class VocabParallelLinearDivergenceFunction(torch.autograd.Function):
         )
         N = hs.shape[0]
         cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype)
-        defer = (want_w or want_b) and (
-            opts.reduction == "none" or (want_w and weight_grad_dtype == torch.float16)
-        )
+        defer = defer_mixed_gradients(opts.reduction, want_w, want_b, weight_grad_dtype)
         scale = forward_scale(opts.reduction, mask1, N, hs.device, cdt)
         with torch.autocast(hs.device.type, enabled=False):
             loss, stats, grad_h, grad_w, grad_b = _linear_pass(
@@ -534,13 +537,9 @@ class VocabParallelLinearDivergenceFunction(torch.autograd.Function):
         else:
             grad_h, grad_w, grad_b = ctx.grads
             ctx.grads = None
-            go_rows = grad_out.reshape(-1, 1) if ctx.reduction == "none" else grad_out
-            if grad_h is not None:
-                grad_h.mul_(go_rows)
-            if grad_w is not None:
-                grad_w.mul_(grad_out)
-            if grad_b is not None:
-                grad_b.mul_(grad_out)
+            grad_h, grad_w, grad_b = apply_upstream(
+                (grad_h, grad_w, grad_b), grad_out, ctx.reduction
+            )
         if grad_h is not None:
             # the one O(N x H) collective: each rank holds dS_r @ W_r, the gradient is the sum
             dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=ctx.group)
