@@ -13,6 +13,13 @@ forward, +2NHV for the hidden-state gradient, +2NHV for the weight gradient;
 recomputation is not counted) and compares it with a GEMM rate measured in the
 same run on the same device: ``torch.matmul`` of two 8192 x 8192 bfloat16
 matrices on a GPU, of two 2048 x 2048 float32 matrices on a CPU.
+
+Beside each measured fused-linear time of our impls the report prints the cost
+model's expected time and measured / model (``bench/cost_model.py`` via
+:func:`model_ms`): the same-run GEMM rate, HBM 4.8 TB/s on an H200 and 3.35 TB/s
+(``cost_model.DEFAULT_HBM_TBPS``) elsewhere, no tiles skipped and every clip
+tile recomputed unless a row records its fractions. It is a GPU model: CPU
+reports print it labelled as not expected to match.
 """
 
 from __future__ import annotations
@@ -32,12 +39,18 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cost_model  # noqa: E402
 import harness  # noqa: E402
 
 ANCHORS = harness.ANCHORS
 OURS = harness.OUR_IMPLS
 IMPL_ORDER = harness.IMPL_ORDER
 MIB = 2**20
+#: HBM bandwidth (TB/s) for the cost model, by a name in the run's device; any
+#: other device keeps cost_model.DEFAULT_HBM_TBPS
+HBM_TBPS = {"H200": 4.8, "H100": 3.35}
+#: bytes per operand element, by the rows' dtype
+ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 # ------------------------------------------------------------------ measurement of meta
@@ -253,6 +266,60 @@ def _mode_name(mode, weight):
     return mode if weight == "-" else f"{mode}, {weight} lm_head"
 
 
+def hbm_tbps(meta: dict) -> float:
+    """HBM bandwidth (TB/s) the cost model assumes for the run's device."""
+    name = f"{meta.get('device_name', '')} {meta.get('device', '')}".upper()
+    return next(
+        (tbps for key, tbps in HBM_TBPS.items() if key in name), cost_model.DEFAULT_HBM_TBPS
+    )
+
+
+def model_impl(row: dict, meta: dict) -> str | None:
+    """The cost model's impl for a row of our impls; None for the baselines."""
+    if row["impl"] in ("torch", "triton"):
+        return "chunked"
+    if row["impl"] == "fused":
+        deterministic = row.get("deterministic", meta["config"].get("deterministic", True))
+        return "fused" if deterministic else "fused-onepass"
+    return None
+
+
+def model_ms(row: dict, meta: dict) -> float | None:
+    """Expected time (ms) of a fused-linear row of our impls from ``bench/cost_model.py``.
+
+    The GEMM rate is the one measured in the same run; the HBM bandwidth is
+    :func:`hbm_tbps`. Skipped fraction 0 and every clip tile recomputed (worst
+    case) unless the row records ``skipped_fraction`` / ``clip_recompute_fraction``.
+    A ``fwd`` row counts only the passes named ``fwd...``; when the model's pass
+    names do not all start with ``fwd`` or ``bwd`` there is no such split and
+    the result is None, as for baselines, other ops and unknown dtypes.
+    """
+    impl = model_impl(row, meta)
+    if row.get("op") != "fused_linear" or impl is None or row["dtype"] not in ELEM_BYTES:
+        return None
+    shape = cost_model.Shape(
+        N=row["tokens"], H=row["hidden"], V=row["vocab"], elem=ELEM_BYTES[row["dtype"]]
+    )
+    pass_list = cost_model.passes(
+        impl,
+        row["kind"],
+        row.get("clip") is not None,
+        row["weight"] == "trainable",
+        shape,
+        row.get("skipped_fraction", 0.0),
+        row.get("clip_recompute_fraction", 1.0),
+    )
+    if row["mode"] == "fwd":
+        if not all(p.name.startswith(("fwd", "bwd")) for p in pass_list):
+            return None
+        pass_list = [p for p in pass_list if p.name.startswith("fwd")]
+    elif row["mode"] != "fwdbwd":
+        return None
+    return cost_model.expected_ms(
+        pass_list, gemm_tflops=meta["gemm"]["flops_per_s"] / 1e12, hbm_tbps=hbm_tbps(meta)
+    )
+
+
 def render(data: dict, out_dir: str) -> list[str]:
     meta, results, checks = data["meta"], data["results"], data["checks"]
     stem = f"{meta['label']}-{meta['date']}"
@@ -298,6 +365,19 @@ def render(data: dict, out_dir: str) -> list[str]:
         "computes the unclipped loss).",
         "",
     ]
+    if any(r["op"] == "fused_linear" for r in results):
+        lines += [
+            "Model ms"
+            + (" (GPU cost model; CPU rows are not expected to match)" if cpu else "")
+            + ": the expected time from `bench/cost_model.py` (per pass max(flops / GEMM rate, "
+            "HBM bytes / bandwidth), summed) at the GEMM rate measured above and HBM "
+            f"{hbm_tbps(meta):g} TB/s, for our impls (torch/triton = chunked, fused = "
+            "deterministic backward, or one-pass where a row says deterministic=False); "
+            "skipped fraction 0 and every clip tile recomputed (worst case) unless a row records "
+            "them; `fwd` rows count the forward passes only (— where the model has no "
+            "forward/backward split); — for the baselines.",
+            "",
+        ]
     lines += _checks_section(checks)
     lines += precision_section(data.get("precision", []))
     if not cpu:
@@ -331,7 +411,7 @@ def render(data: dict, out_dir: str) -> list[str]:
             for key in _groups(rows_p):
                 rows = [r for r in rows_p if (r["op"], r["preset"], r["mode"], r["weight"]) == key]
                 lines += [f"#### {_mode_name(key[2], key[3])}", ""]
-                lines += _time_table(rows, gemm, op)
+                lines += _time_table(rows, gemm, op, meta)
                 lines += _ratio_table(rows, op)
     md_path = os.path.join(out_dir, stem + ".md")
     with open(md_path, "w") as f:
@@ -463,12 +543,15 @@ def _yn(ok, value, unit):
     return f"{'yes' if ok else 'NO'} ({value:.3g}{unit})"
 
 
-def _time_table(rows, gemm, op):
+def _time_table(rows, gemm, op, meta):
     rate_head = "TFLOP/s | % GEMM" if op == "fused_linear" else "GB/s | % GEMM"
+    model_head, model_cols = (
+        ("model ms | measured / model | ", "---:|---:|") if op == "fused_linear" else ("", "")
+    )
     out = [
-        f"| tokens | impl | median ms | IQR ms | min–max ms | {rate_head} | peak MiB | "
+        f"| tokens | impl | median ms | {model_head}IQR ms | min–max ms | {rate_head} | peak MiB | "
         "vs inputs | status |",
-        "|---:|---|---:|---:|---|---:|---:|---:|---:|---|",
+        f"|---:|---|---:|{model_cols}---:|---|---:|---:|---:|---:|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["tokens"], _impl_key(r["impl"]))):
         ok = r.get("status") == "ok"
@@ -485,8 +568,15 @@ def _time_table(rows, gemm, op):
             else None
         )
         status = r.get("status", "?") + (f" ({r['note']})" if r.get("note") else "")
+        model = ""
+        if op == "fused_linear":
+            expected = model_ms(r, meta)
+            ratio = (
+                r["median_s"] * 1e3 / expected if ok and expected and r.get("median_s") else None
+            )
+            model = f"{_fmt(expected)} | {_fmt(ratio)} | "
         out.append(
-            f"| {r['tokens']} | {r['impl']} | {_ms(r.get('median_s'))} | "
+            f"| {r['tokens']} | {r['impl']} | {_ms(r.get('median_s'))} | {model}"
             f"{_ms(r.get('iqr_s'))} | {spread} | {rate} | {_mib(r.get('peak_bytes'))} | "
             f"{_fmt(rel, '.3g')}x | {status} |"
         )
