@@ -18,12 +18,16 @@ cost 4NHV, d(hidden) 2NHV, d(weight) 2NHV.
   * terms: jsd every tile (4NHV); forward/reverse KL with clip the fraction
     ``clip_recompute_fraction`` of tiles whose exact bound allows clipping;
     none without clip;
-  * backward, s = fraction of tiles skipped: deterministic: a dH kernel
-    ((4 + 2)(1 - s) NHV) and, trainable, a dW kernel ((4 + 2)(1 - s) NHV);
+  * backward, s = fraction of tiles skipped: deterministic: one recompute of the
+    kept tiles into bounded gradient slabs (4(1 - s) NHV), then the dH GEMMs
+    (2NHV) and, trainable, the dW GEMMs (2NHV), whose work skipping does not
+    reduce: 4(1 - s) + 4 NHV trainable, 4(1 - s) + 2 frozen;
     one-pass (``deterministic=False``): (4 + 2 + 2)(1 - s) NHV trainable,
     (4 + 2)(1 - s) frozen.
-  So forward KL + clip, trainable, one-pass: 4 + 4c + 8(1 - s) NHV, below the
-  chunked path's 8NHV only when 4c + 8(1 - s) < 4, i.e. through skipping.
+  So forward KL + clip, trainable: 4 + 4c + 8 NHV deterministic at s = 0 (12NHV
+  without clip tiles: the floor for a design that never stores logits), and
+  4 + 4c + 8(1 - s) NHV one-pass, below the chunked path's 8NHV only when
+  4c + 8(1 - s) < 4, i.e. through skipping.
 
 HBM bytes are first-order estimates under stated L2 assumptions (see
 :func:`passes`); they are for comparing designs, not measurements.
@@ -90,7 +94,8 @@ def tiles_per_pass(
     clip_recompute_fraction: float = 1.0,
 ) -> dict[str, float]:
     """Fraction of the tiles each fused pass computes, keyed as the kernels' debug
-    counters are (``stats``, ``terms``, ``dh``, ``dw``, ``backward``).
+    counters are (``stats``, ``terms``, ``backward``: the tiles whose logits the
+    backward recomputes, in either mode).
 
     >>> tiles_per_pass("forward_kl", clip=True, trainable=True, deterministic=False,
     ...                skipped_fraction=0.75, clip_recompute_fraction=0.1)
@@ -101,14 +106,24 @@ def tiles_per_pass(
         out["terms"] = 1.0
     elif clip:
         out["terms"] = clip_recompute_fraction
-    kept = 1.0 - skipped_fraction
-    if deterministic:
-        out["dh"] = kept
-        if trainable:
-            out["dw"] = kept
-    else:
-        out["backward"] = kept
+    out["backward"] = 1.0 - skipped_fraction
     return out
+
+
+def slab_layout(shape: Shape, trainable: bool, scratch_bytes: int = 32 * 2**20):
+    """``(token slice rows, slab width)`` of the deterministic fused backward for a 16-bit
+    hidden state and a float32 weight gradient, as
+    ``opsd_kernels.triton.fused_backward._slab_layout`` chooses them (``SMS`` x 2
+    programs to fill).
+
+    >>> slab_layout(Shape(), trainable=True)
+    (1600, 10368)
+    """
+    s = shape
+    rows = min(s.N, max(s.block_n, scratch_bytes // 2 // (4 * s.H) // s.block_n * s.block_n))
+    width = max(s.block_v, scratch_bytes // (s.elem * rows) // s.block_v * s.block_v)
+    width = max(width, math.ceil(2 * SMS / math.ceil(rows / s.block_n)) * s.block_v)
+    return rows, min(width, math.ceil(s.V / s.block_v) * s.block_v)
 
 
 def passes(
@@ -130,11 +145,13 @@ def passes(
     fused forward (grouped order): a group's hidden states (``group`` x 64 tokens,
     21 MB at H 2560) stay in L2 and its programs share each W tile, so W crosses
     HBM once per group and the hidden states once.
-    deterministic dH kernel (one program per token block, all in lockstep over the
-    vocabulary): W once per wave; each program's own hidden rows and float32 dH
-    accumulator rows (working sets above L2) once per vocabulary block.
-    deterministic dW kernel (one program per vocabulary block): hidden states once
-    per wave; each program's own W rows and float32 dW rows once per token block.
+    deterministic backward (:func:`slab_layout`: token slices of ``rows``, vocabulary
+    slabs of ``width``): the recompute kernel reads W once per group and token
+    slice and both hidden states once, and writes the 16-bit dS slab (float32 for
+    float16 or a bias gradient: not modelled); the dH GEMM reads the slab, W once
+    per token slice, and reads and writes the float32 dH accumulator once per slab;
+    the dW GEMM reads the slab and the slice's hidden states once per slab and reads
+    and writes the float32 dW rows once per token slice.
     one-pass (grouped tiles, atomics): W once per group, hidden and dH once
     (a group's rows stay in L2), the float32 dW rows once per group.
     """
@@ -147,14 +164,14 @@ def passes(
     n_groups = math.ceil(s.n_blocks / s.group)
     if impl == "chunked":
         out = [
-            Pass("logits GEMM (both roles)", 4 * nhv, n_chunks * W + 2 * hid + 2 * logits32),
-            Pass("row kernel (loss, G, dS in place)", 0.0, 2 * logits32 + logits32),
-            Pass("dH GEMM", 2 * nhv, logits32 + n_chunks * W + hid),
+            Pass("fwd logits GEMM (both roles)", 4 * nhv, n_chunks * W + 2 * hid + 2 * logits32),
+            Pass("fwd row kernel (loss, G, dS in place)", 0.0, 2 * logits32 + logits32),
+            Pass("bwd dH GEMM (run in the forward)", 2 * nhv, logits32 + n_chunks * W + hid),
         ]
         if trainable:
             out.append(
                 Pass(
-                    "dW GEMM (fp32 accumulate)",
+                    "bwd dW GEMM (fp32 accumulate, run in the forward)",
                     2 * nhv,
                     logits32 + hid + n_chunks * 2 * 4 * W / s.elem,
                 )
@@ -171,13 +188,18 @@ def passes(
         f = tiles["terms"]
         out.append(Pass("fwd terms (clip / jsd)", 4 * nhv * f, f * fwd_bytes, f))
     if impl == "fused":
-        kept = tiles["dh"]
-        waves_n, waves_v = math.ceil(s.n_blocks / SMS), math.ceil(s.n_vblocks / SMS)
-        dh = kept * s.n_vblocks * (2 * hid + float(s.N) * s.H * 8) + waves_n * W
-        out.append(Pass("bwd dH kernel", 6 * nhv * kept, dh, kept))
+        kept = tiles["backward"]
+        rows, width = slab_layout(s, trainable)
+        n_slices, n_slabs = math.ceil(s.N / rows), math.ceil(s.V / width)
+        slab = float(s.N) * s.V * s.elem
+        groups_per_slice = math.ceil(math.ceil(rows / s.block_n) / s.group)
+        recompute = kept * (n_slices * groups_per_slice * W + 2 * hid) + slab
+        out.append(Pass("bwd recompute -> dS slabs", 4 * nhv * kept, recompute, kept))
+        dh = slab + n_slices * W + n_slabs * float(s.N) * s.H * 8
+        out.append(Pass("bwd dH GEMMs", 2 * nhv, dh))
         if trainable:
-            dw = kept * s.n_blocks * (W + float(s.V) * s.H * 8) + waves_v * 2 * hid
-            out.append(Pass("bwd dW kernel", 6 * nhv * kept, dw, kept))
+            dw = slab + n_slabs * hid + n_slices * 2 * 4 * W / s.elem
+            out.append(Pass("bwd dW GEMMs", 2 * nhv, dw))
         return out
     kept = tiles["backward"]
     flops = (6 + (2 if trainable else 0)) * nhv * kept

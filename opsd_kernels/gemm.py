@@ -37,6 +37,7 @@ SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 SLICE_ELEMENTS = 2**24  # 64 MiB of float32 per upcast temporary
 
 _out_dtype_ok: dict[int, bool] = {}
+_addmm_out_dtype_ok: dict[int, bool] = {}
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -62,8 +63,44 @@ def _cuda_out_dtype_supported(device: torch.device) -> bool:
     return _out_dtype_ok[key]
 
 
+def _cuda_addmm_in_place_supported(device: torch.device) -> bool:
+    """``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` adds a 16-bit product
+    into a float32 ``acc`` in place (probed once per device, result checked)."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _addmm_out_dtype_ok:
+        try:
+            a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+            acc = torch.full((16, 16), 2.0, dtype=torch.float32, device=device)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _addmm_out_dtype_ok[key] = bool((acc == 18.0).all())  # once per device
+        except (RuntimeError, TypeError, NotImplementedError):
+            _addmm_out_dtype_ok[key] = False
+    return _addmm_out_dtype_ok[key]
+
+
 def _native_fp32_out(a: torch.Tensor) -> bool:
     return a.is_cuda and a.dtype in SIXTEEN_BIT and _cuda_out_dtype_supported(a.device)
+
+
+def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inv=None) -> None:
+    """``acc += (a @ b) * inv`` for a float32/float64 ``acc`` and operands of one dtype.
+
+    In place without a product-sized temporary where the GEMM can add into ``acc``
+    itself (operands of ``acc``'s dtype; 16-bit operands on CUDA through
+    ``addmm(..., out_dtype=float32)``), when ``inv`` (a 0-dim tensor or None) is None;
+    else the product is formed in ``acc``'s dtype and added. The contraction
+    dimension is not sliced: ``a`` and ``b`` are bounded by the caller.
+    """
+    if inv is None and a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif inv is None and acc.dtype == torch.float32 and _native_fp32_out(a):
+        if _cuda_addmm_in_place_supported(a.device):
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        else:
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        part = _mm_fp32(a, b, acc.dtype)
+        acc.add_(part if inv is None else part.mul_(inv))
 
 
 def _slice_rows(other_dim: int) -> int:

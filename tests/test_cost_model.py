@@ -25,12 +25,14 @@ def test_chunked_is_8_or_6_nhv(trainable, nhv):
         ("forward_kl", True, True, False, 0.0, 0.0, 12.0),
         ("forward_kl", True, True, False, 0.5, 0.1, 4 + 0.4 + 4),
         ("forward_kl", False, False, False, 0.9, 1.0, 4 + 0.6),
-        # deterministic: dH and dW kernels each recompute: 4 + 6(1-s) + 6(1-s)
-        ("forward_kl", False, True, True, 0.0, 1.0, 16.0),
+        # deterministic: one recompute into slabs, then the gradient GEMMs: 4 + 4(1-s) + 4
+        ("forward_kl", False, True, True, 0.0, 1.0, 12.0),
+        ("forward_kl", True, True, True, 0.0, 0.0, 12.0),
         ("forward_kl", False, False, True, 0.0, 1.0, 10.0),
+        ("forward_kl", False, True, True, 0.5, 1.0, 4 + 2 + 4),
         # jsd: the terms pass always runs over every tile
         ("jsd", False, True, False, 0.0, 0.0, 16.0),
-        ("jsd", True, False, True, 0.25, 0.0, 8 + 6 * 0.75),
+        ("jsd", True, False, True, 0.25, 0.0, 8 + 4 * 0.75 + 2),
     ],
 )
 def test_fused_counts(kind, clip, trainable, deterministic, s, c, nhv):
@@ -49,13 +51,33 @@ def test_skipping_breaks_even_with_chunked_above_half():
         assert (fused < chunked) == below, (s, fused)
 
 
+def test_deterministic_backward_is_at_most_the_chunked_work():
+    """Issue 16's bound: a deterministic backward of at most 8NHV trainable, 6NHV frozen."""
+    for trainable, bound in ((True, 8.0), (False, 6.0)):
+        p = passes("fused", "forward_kl", False, trainable)
+        assert total_nhv([x for x in p if x.name.startswith("bwd")]) == pytest.approx(bound)
+
+
+def test_slab_layout_matches_the_library(monkeypatch):
+    from bench.cost_model import slab_layout
+    from opsd_kernels.triton import fused_backward
+    from opsd_kernels.triton.configs import FusedConfig
+
+    monkeypatch.setattr(fused_backward, "device_programs", lambda device: 2 * 132)
+    for shape in (Shape(), Shape(N=16384, H=4096), Shape(N=512, H=896)):
+        lib = fused_backward._slab_layout(
+            shape.N, shape.H, shape.V, FusedConfig(), 2, True, torch.float32,
+            torch.device("cpu"),
+        )  # fmt: skip
+        assert lib == slab_layout(shape, True), shape
+
+
 def test_tiles_per_pass_keys():
-    assert tiles_per_pass("reverse_kl", False, False) == {"stats": 1.0, "dh": 1.0}
+    assert tiles_per_pass("reverse_kl", False, False) == {"stats": 1.0, "backward": 1.0}
     assert tiles_per_pass("jsd", True, True, skipped_fraction=0.5) == {
         "stats": 1.0,
         "terms": 1.0,
-        "dh": 0.5,
-        "dw": 0.5,
+        "backward": 0.5,
     }
 
 

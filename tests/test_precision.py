@@ -191,3 +191,20 @@ def test_16bit_gradient_operand_keeps_small_entries(dtype):
     assert rel_err(back, g) < 1e-2
     if dtype == torch.float16:  # without the factor these would be zero
         assert (g.half() == 0).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_add_product_accumulates_in_float32(dtype, scaled):
+    """gemm.add_product: acc += (a @ b) * inv, the product of 16-bit operands formed in
+    float32 (never rounded to 16 bits), added into the float32 accumulator."""
+    from opsd_kernels import gemm
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(24, 40, generator=g).to(dtype)
+    b = torch.randn(40, 8, generator=g).to(dtype)
+    acc = torch.randn(24, 8, generator=g)
+    inv = torch.tensor(2.0**-7) if scaled else None
+    want = acc.double() + (a.double() @ b.double()) * (1.0 if inv is None else float(inv))
+    gemm.add_product(acc, a, b, inv)
+    torch.testing.assert_close(acc.double(), want, rtol=1e-6, atol=1e-5)

@@ -139,8 +139,7 @@ FUSED_SCRIPT = PRELUDE + textwrap.dedent("""
 FUSED_KERNELS = {
     "_fused_stats_kernel",
     "_fused_terms_kernel",
-    "_fused_dh_kernel",
-    "_fused_dw_kernel",
+    "_fused_grad_slab_kernel",
     "_fused_backward_kernel",
 }
 

@@ -44,16 +44,15 @@ class FusedConfig:
     block; None picks enough programs to fill the device twice over.
     ``dot_precision``: ``input_precision`` of ``tl.dot`` for float32 operands
     ("ieee" exact, "tf32" faster on GPU); ignored for 16-bit operands.
-    ``scratch_bytes``: bound on the backward's float32 accumulation buffers for
-    16-bit gradients, unless a full-size buffer is small next to the weight
-    (see :func:`opsd_kernels.triton.fused_backward.fused_backward`).
+    ``scratch_bytes``: bound on the deterministic backward's gradient slab (its
+    float32 dH accumulator takes at most half as much more; see
+    :func:`opsd_kernels.triton.fused_backward.fused_backward`).
     ``group``: token blocks that run side by side over the vocabulary splits in the
     forward's grouped launch order: programs running at the same time then touch
     ``group`` token blocks' hidden states (32 x 64 tokens x H=2560 x 2 sides x 2
     bytes = 21 MB, within an H100's 50 MB L2) instead of every token block's, and
-    share each W tile among ``group`` programs. ``dh_splits``: vocabulary splits of
-    the deterministic dH kernel (each with a float32 partial dH, summed in a fixed
-    order); None picks enough to fill the device twice over within the dH budget.
+    share each W tile among ``group`` programs; the backward kernels use the same
+    order over their tiles.
     """
 
     block_n: int = 64
@@ -65,7 +64,6 @@ class FusedConfig:
     dot_precision: str = "ieee"
     scratch_bytes: int = 32 * 2**20
     group: int = 32
-    dh_splits: int | None = None
 
 
 @dataclass(frozen=True)

@@ -11,24 +11,26 @@ and d(student_hidden) = dS @ W, d(weight) = dS^T @ h_S, d(bias) = column sums
 of dS. The forward stored LSE_S, LSE_T and G per token (O(N)), so a tile of dS
 needs only the recomputed logit tiles (a dot over H).
 
-Kernels (float32 accumulation throughout):
+Passes (float32 accumulation throughout):
 
-- deterministic (default; the fp32 summation order is fixed, results are
-  bitwise reproducible run to run):
-  * ``_fused_dh_kernel``: one program per (token block, vocabulary split) loops
-    over the split's vocabulary blocks, recomputes the tile, forms dS and adds
-    dS @ W[v] into its own rows of the split's float32 dH accumulator (only this
-    program touches those rows); the splits' partial sums are added in a fixed order.
-  * ``_fused_dw_kernel`` (only when the weight or the bias is trainable; a frozen
-    lm_head never launches it): one program per vocabulary block loops over the
-    token blocks, recomputes the tile, adds dS^T @ h_S into its rows of a float32
-    dW accumulator and keeps the bias gradient (column sums) in registers.
-  Each tile is recomputed once with a frozen lm_head (4NHV + 2NHV = 6NHV) and
-  twice with a trainable one (12NHV).
+- deterministic (default; bitwise reproducible run to run): the vocabulary is
+  walked in slabs of at most ``cfg.scratch_bytes`` of gradient (and, for a 16-bit
+  hidden state, the tokens in slices whose float32 dH accumulator takes at most
+  half that). Per slab, ``_fused_grad_slab_kernel`` (one program per tile, grouped
+  order) recomputes each logit tile ONCE and writes its dS into the slab; then
+  library GEMMs (:mod:`opsd_kernels.gemm`) add ``dS @ W[slab]`` into dH and
+  ``dS^T @ h_S`` into dW[slab] (and the column sums into db), slab after slab in
+  a fixed order. The logits never leave the chip; their gradient passes through
+  the bounded slab so that the two gradient GEMMs run at the library's rate,
+  with K = slab width (dH) and K = token slice (dW) accumulated in registers
+  instead of re-reading float32 accumulators once per tile.
+  FLOPs: 4NHV recompute + 2NHV dH (+ 2NHV dW, trainable): 6NHV frozen, 8NHV
+  trainable, the floor for a backward that keeps no logits.
 - ``deterministic=False``: ``_fused_backward_kernel``, one program per tile
-  (grouped order), recomputes the tile ONCE and feeds both dH and dW (and db)
-  through float32 atomic adds: 8NHV trainable, 6NHV frozen; the summation order,
-  hence the last bits, vary run to run.
+  (grouped order), recomputes the tile once and feeds dH and dW (and db)
+  through float32 atomic adds: 6 / 8NHV, no slab; the summation order, hence the
+  last bits, vary run to run. Skipped tiles save their GEMM work too, whereas the
+  deterministic path skips only their recompute (4NHV x skipped fraction).
 
 Tile skipping and its bound
 ---------------------------
@@ -76,6 +78,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import gemm
+from ..chunked import zero_masked_rows
 from .configs import block_args, option_args
 from .fused_forward import ForwardStats, block_extreme, device_programs
 from .tiles import (
@@ -96,9 +100,9 @@ _BACKWARD_FLAGS = {
 }
 
 
-@triton.heuristics(_BACKWARD_FLAGS)
+@triton.heuristics({**INPUT_FLAGS, "SKIP": lambda a: a["skip_ptr"] is not None})
 @triton.jit
-def _fused_dh_kernel(
+def _fused_grad_slab_kernel(
     hs_ptr,
     ht_ptr,
     w_ptr,
@@ -112,7 +116,7 @@ def _fused_dh_kernel(
     scale_ptr,
     skip_ptr,
     count_ptr,
-    dh_ptr,
+    out_ptr,
     N,
     V,
     H,
@@ -122,9 +126,7 @@ def _fused_dh_kernel(
     stride_w,
     stride_wt,
     stride_map,
-    stride_dh,
-    stride_split,
-    blocks_per_split,
+    stride_out,
     scale_stride,
     inv_temp,
     beta,
@@ -137,7 +139,6 @@ def _fused_dh_kernel(
     HAS_MASK: tl.constexpr,
     SKIP: tl.constexpr,
     COUNT: tl.constexpr,
-    SCALE16: tl.constexpr,
     SHARED_W: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_TBIAS: tl.constexpr,
@@ -146,231 +147,69 @@ def _fused_dh_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)  # vocabulary split: its own float32 partial dH (fixed-order sum)
-    dh_ptr += split.to(tl.int64) * stride_split
-    vb_lo = split * blocks_per_split
-    vb_hi = tl.minimum(vb_lo + blocks_per_split, tl.cdiv(V, BLOCK_V))
-    rows, in_range, row_ok = token_block(pid_n, N, mask_ptr, HAS_MASK, BLOCK_N)
-    lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
-    lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
-    G = tl.load(g_sum_ptr + rows, mask=in_range, other=0.0)
-    coef = tl.load(scale_ptr + rows * scale_stride, mask=in_range, other=0.0) * inv_temp
-    ks = tl.arange(0, BLOCK_K)
-    for vb in range(vb_lo, vb_hi):
-        compute = True
-        if SKIP:
-            compute = tl.load(skip_ptr + pid_n.to(tl.int64) * stride_map + vb) == 0
-        if compute:
-            count_tile(count_ptr, pid_n, vb, stride_map, COUNT)
-            cols, col_ok = vocab_block(vb, V, BLOCK_V)
-            b, a = logit_tiles(
-                hs_ptr,
-                ht_ptr,
-                w_ptr,
-                wt_ptr,
-                b_ptr,
-                bt_ptr,
-                rows,
-                row_ok,
-                cols,
-                col_ok,
-                H,
-                H_T,
-                stride_hs,
-                stride_ht,
-                stride_w,
-                stride_wt,
-                inv_temp,
-                SHARED_W,
-                HAS_BIAS,
-                HAS_TBIAS,
-                UPCAST,
-                DOT_PRECISION,
-                BLOCK_N,
-                BLOCK_V,
-                BLOCK_K,
-            )
-            dS = logit_grad_tile(
-                b,
-                a,
-                lse_s,
-                lse_t,
-                G,
-                coef,
-                row_ok,
-                col_ok,
-                beta,
-                log_beta,
-                log_1m_beta,
-                clip,
-                KIND,
-                HAS_CLIP,
-            )
-            op, inv = gradient_operand(dS, hs_ptr, SCALE16, UPCAST)
-            for k0 in range(0, H, BLOCK_K):
-                k = k0 + ks
-                k_ok = k < H
-                w = tl.load(
-                    w_ptr + cols[:, None] * stride_w + k[None, :],
-                    mask=col_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                )
-                if UPCAST:
-                    w = w.to(tl.float32)
-                ptrs = dh_ptr + rows[:, None] * stride_dh + k[None, :]
-                io = in_range[:, None] & k_ok[None, :]
-                acc = tl.load(ptrs, mask=io, other=0.0)
-                if SCALE16:
-                    acc += tl.dot(op, w, input_precision=DOT_PRECISION) * inv
-                else:
-                    acc = tl.dot(op, w, acc, input_precision=DOT_PRECISION)
-                tl.store(ptrs, acc, mask=io)
-
-
-@triton.heuristics(
-    {
-        **_BACKWARD_FLAGS,
-        "WANT_DW": lambda a: a["dw_ptr"] is not None,
-        "WANT_DB": lambda a: a["db_ptr"] is not None,
-    }
-)
-@triton.jit
-def _fused_dw_kernel(
-    hs_ptr,
-    ht_ptr,
-    w_ptr,
-    wt_ptr,
-    b_ptr,
-    bt_ptr,
-    mask_ptr,
-    lse_s_ptr,
-    lse_t_ptr,
-    g_sum_ptr,
-    scale_ptr,
-    skip_ptr,
-    count_ptr,
-    dw_ptr,
-    db_ptr,
-    N,
-    V,
-    H,
-    H_T,
-    stride_hs,
-    stride_ht,
-    stride_w,
-    stride_wt,
-    stride_map,
-    stride_dw,
-    scale_stride,
-    inv_temp,
-    beta,
-    log_beta,
-    log_1m_beta,
-    clip,
-    KIND: tl.constexpr,
-    ONE_PASS: tl.constexpr,
-    HAS_CLIP: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    SKIP: tl.constexpr,
-    COUNT: tl.constexpr,
-    SCALE16: tl.constexpr,
-    SHARED_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_TBIAS: tl.constexpr,
-    WANT_DW: tl.constexpr,
-    WANT_DB: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    vb = tl.program_id(0)
+    """One tile of the slab: recompute both logit tiles, write dS (0 where skipped)."""
+    nb, vb = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP)
+    rows, in_range, row_ok = token_block(nb, N, mask_ptr, HAS_MASK, BLOCK_N)
     cols, col_ok = vocab_block(vb, V, BLOCK_V)
-    ks = tl.arange(0, BLOCK_K)
-    db = tl.zeros((BLOCK_V,), tl.float32)
-    for nb in range(0, tl.cdiv(N, BLOCK_N)):
-        compute = True
-        if SKIP:
-            compute = tl.load(skip_ptr + nb * stride_map + vb) == 0
-        if compute:
-            count_tile(count_ptr, nb, vb, stride_map, COUNT)
-            rows, in_range, row_ok = token_block(nb, N, mask_ptr, HAS_MASK, BLOCK_N)
-            lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
-            lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
-            G = tl.load(g_sum_ptr + rows, mask=in_range, other=0.0)
-            coef = tl.load(scale_ptr + rows * scale_stride, mask=in_range, other=0.0) * inv_temp
-            b, a = logit_tiles(
-                hs_ptr,
-                ht_ptr,
-                w_ptr,
-                wt_ptr,
-                b_ptr,
-                bt_ptr,
-                rows,
-                row_ok,
-                cols,
-                col_ok,
-                H,
-                H_T,
-                stride_hs,
-                stride_ht,
-                stride_w,
-                stride_wt,
-                inv_temp,
-                SHARED_W,
-                HAS_BIAS,
-                HAS_TBIAS,
-                UPCAST,
-                DOT_PRECISION,
-                BLOCK_N,
-                BLOCK_V,
-                BLOCK_K,
-            )
-            dS = logit_grad_tile(
-                b,
-                a,
-                lse_s,
-                lse_t,
-                G,
-                coef,
-                row_ok,
-                col_ok,
-                beta,
-                log_beta,
-                log_1m_beta,
-                clip,
-                KIND,
-                HAS_CLIP,
-            )
-            if WANT_DB:
-                db += tl.sum(dS, axis=0)
-            if WANT_DW:
-                op, inv = gradient_operand(dS, hs_ptr, SCALE16, UPCAST)
-                dS_t = tl.trans(op)
-                for k0 in range(0, H, BLOCK_K):
-                    k = k0 + ks
-                    k_ok = k < H
-                    # masked tokens read zeros: their padding never reaches dW
-                    x = tl.load(
-                        hs_ptr + rows[:, None] * stride_hs + k[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0,
-                    )
-                    if UPCAST:
-                        x = x.to(tl.float32)
-                    ptrs = dw_ptr + cols[:, None] * stride_dw + k[None, :]
-                    io = col_ok[:, None] & k_ok[None, :]
-                    acc = tl.load(ptrs, mask=io, other=0.0)
-                    if SCALE16:
-                        acc += tl.dot(dS_t, x, input_precision=DOT_PRECISION) * inv
-                    else:
-                        acc = tl.dot(dS_t, x, acc, input_precision=DOT_PRECISION)
-                    tl.store(ptrs, acc, mask=io)
-    if WANT_DB:
-        tl.store(db_ptr + cols, db, mask=col_ok)
+    out_ptrs = out_ptr + rows[:, None] * stride_out + cols[None, :]
+    out_ok = in_range[:, None] & col_ok[None, :]
+    compute = True
+    if SKIP:
+        compute = tl.load(skip_ptr + nb.to(tl.int64) * stride_map + vb) == 0
+        if not compute:  # the slab is reused: a skipped tile writes its zeros
+            tl.store(out_ptrs, tl.zeros((BLOCK_N, BLOCK_V), dtype=out_ptr.dtype.element_ty), out_ok)
+    if compute:
+        count_tile(count_ptr, nb, vb, stride_map, COUNT)
+        lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
+        lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
+        G = tl.load(g_sum_ptr + rows, mask=in_range, other=0.0)
+        coef = tl.load(scale_ptr + rows * scale_stride, mask=in_range, other=0.0) * inv_temp
+        b, a = logit_tiles(
+            hs_ptr,
+            ht_ptr,
+            w_ptr,
+            wt_ptr,
+            b_ptr,
+            bt_ptr,
+            rows,
+            row_ok,
+            cols,
+            col_ok,
+            H,
+            H_T,
+            stride_hs,
+            stride_ht,
+            stride_w,
+            stride_wt,
+            inv_temp,
+            SHARED_W,
+            HAS_BIAS,
+            HAS_TBIAS,
+            UPCAST,
+            DOT_PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
+        )
+        dS = logit_grad_tile(
+            b,
+            a,
+            lse_s,
+            lse_t,
+            G,
+            coef,
+            row_ok,
+            col_ok,
+            beta,
+            log_beta,
+            log_1m_beta,
+            clip,
+            KIND,
+            HAS_CLIP,
+        )
+        tl.store(out_ptrs, dS.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.heuristics(
@@ -571,40 +410,39 @@ def fused_backward(
     ``row_scale``: float32, (N,) per-token factors or (1,) for all tokens;
     ``opts``: the :class:`~opsd_kernels._validation.DivergenceOptions` of the forward;
     ``skip_threshold``: a probability threshold (module docstring; 0 is exact).
-    Accumulation is always float32. Deterministic mode: dH is accumulated in
-    full-size float32 buffers when one is at most max(``cfg.scratch_bytes``, a
-    quarter of the weight's bytes): one per vocabulary split (``cfg.dh_splits``,
-    by default enough programs to fill the device twice, as many as that budget
-    allows), summed in a fixed order; otherwise float32 outputs accumulate in place
-    and 16-bit ones in token slices of at most ``cfg.scratch_bytes``. dW is
-    accumulated in place for a float32 ``weight_grad_dtype``, else in vocabulary
-    slices of ``cfg.scratch_bytes``, or of as many BLOCK_V rows as the device runs
-    programs at a time (2 per SM) if that is more.
+    Accumulation is always float32. Deterministic mode (:func:`_slab_backward`):
+    extra memory is a gradient slab of about ``cfg.scratch_bytes`` plus, for a
+    16-bit hidden state, a float32 dH accumulator of at most half that (a full-size
+    (N, H) one when a 16-bit weight gradient is wanted: dW is then formed from a
+    single token slice, each row rounded once).
     ``deterministic=False``: one kernel, full-size float32 buffers, atomic adds.
     ``tile_counts``: as in :func:`~opsd_kernels.triton.fused_forward.fused_forward`,
-    keys ``"dh"``, ``"dw"`` (deterministic) or ``"backward"`` (one pass).
+    key ``"backward"``: the tiles whose logits the backward recomputed.
     """
     cfg = stats.cfg
     N, H = hs.shape
     V = weight.shape[0]
     dev = hs.device
-    BN, BV = cfg.block_n, cfg.block_v
-    n_blocks, n_vblocks = triton.cdiv(N, BN), triton.cdiv(V, BV)
+    n_blocks, n_vblocks = triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v)
     skip = None
     if skip_threshold > 0:
         skip = skipped_tiles(stats, skip_threshold, mask).to(torch.uint8)
+    count = None
+    if tile_counts is not None:
+        count = torch.zeros(n_blocks, n_vblocks, dtype=torch.int32, device=dev)
+        tile_counts["backward"] = count
     per_row = row_scale.numel() > 1
-
-    def counter(name):
-        if tile_counts is None:
-            return None
-        tile_counts[name] = torch.zeros(n_blocks, n_vblocks, dtype=torch.int32, device=dev)
-        return tile_counts[name]
-
     common = dict(
         ht_ptr=ht,
         wt_ptr=teacher_weight,
         bt_ptr=teacher_bias if teacher_weight is not None else None,
+        mask_ptr=None if mask is None else mask.view(torch.uint8),
+        lse_s_ptr=stats.lse_s,
+        lse_t_ptr=stats.lse_t,
+        g_sum_ptr=stats.g_sum,
+        scale_ptr=row_scale,
+        skip_ptr=skip,
+        count_ptr=count,
         H=H,
         H_T=ht.shape[1],
         stride_hs=hs.stride(0),
@@ -613,141 +451,128 @@ def fused_backward(
         stride_wt=0 if teacher_weight is None else teacher_weight.stride(0),
         stride_map=n_vblocks,
         scale_stride=1 if per_row else 0,
+        GROUP=cfg.group,
         **option_args(opts),
         **block_args(cfg, hs.dtype),
     )
-    mask_u8 = None if mask is None else mask.view(torch.uint8)
     if not deterministic:
         return _one_pass_backward(
-            hs,
-            weight,
-            bias,
-            mask_u8,
-            stats,
-            row_scale,
-            skip,
-            common,
-            cfg,
-            want_h,
-            want_w,
-            want_b,
-            weight_grad_dtype,
-            counter("backward"),
+            hs, weight, bias, common, cfg, want_h, want_w, want_b, weight_grad_dtype
         )
+    return _slab_backward(
+        hs, weight, bias, teacher_bias, mask, common, cfg, want_h, want_w, want_b,
+        weight_grad_dtype,
+    )  # fmt: skip
 
-    grad_h = grad_w = grad_b = None
+
+def _slab_layout(N, H, V, cfg, slab_elem, want_w, weight_grad_dtype, dev):
+    """``(token slice rows, slab width)`` of the deterministic backward, multiples of
+    the block sizes.
+
+    Token slices bound the float32 dH accumulator to half the scratch (and keep the
+    slab's width from shrinking with N); they are used whenever dW can accumulate over
+    them exactly: a float32 weight gradient, or none. The slab width fills the
+    scratch, with at least enough tiles per slab launch to fill the device.
+    """
+    BN, BV = cfg.block_n, cfg.block_v
+    rows = N
+    if (not want_w) or weight_grad_dtype == torch.float32:
+        rows = min(N, max(BN, cfg.scratch_bytes // 2 // (4 * H) // BN * BN))
+    width = max(BV, cfg.scratch_bytes // (slab_elem * rows) // BV * BV)
+    width = max(width, triton.cdiv(device_programs(dev), triton.cdiv(rows, BN)) * BV)
+    return rows, min(width, triton.cdiv(V, BV) * BV)
+
+
+def _slab_backward(
+    hs, weight, bias, teacher_bias, mask, common, cfg, want_h, want_w, want_b, weight_grad_dtype
+):
+    """Deterministic backward: per (token slice, vocabulary slab), one recompute of
+    every tile writes the slab's dS; library GEMMs add it into dH, dW and db in a
+    fixed order (module docstring)."""
+    N, H = hs.shape
+    V = weight.shape[0]
+    dev, f32 = hs.device, torch.float32
+    BN, BV = cfg.block_n, cfg.block_v
+    # dS goes to the GEMMs as an operand of the inputs' dtype: written so directly,
+    # except float16 (a slab-wide power-of-two scale first, gemm.gradient_operand)
+    # and a wanted bias gradient (float32 column sums)
+    slab_dtype = f32 if (hs.dtype == torch.float16 or want_b) else hs.dtype
+    slab_elem = torch.finfo(slab_dtype).bits // 8
+    rows, width = _slab_layout(N, H, V, cfg, slab_elem, want_w, weight_grad_dtype, dev)
+    slab = torch.empty(rows, width, dtype=slab_dtype, device=dev)
+    direct_h = hs.dtype == f32  # accumulate dH in the float32 gradient itself
+    grad_h = None
     if want_h:
-        # float32 accumulation: one full-size buffer when it is small next to the weight
-        # (then S vocabulary splits, each with its own partial buffer summed in a fixed
-        # order, fill the device), else token slices (a multiple of BLOCK_N) of bounded
-        # scratch
-        budget = max(cfg.scratch_bytes, weight.numel() * weight.element_size() // 4)
-        dh_bytes = 4 * N * H
-        if dh_bytes <= budget:
-            step = N
-            splits = cfg.dh_splits or triton.cdiv(device_programs(dev), n_blocks)
-            splits = max(1, min(splits, n_vblocks, budget // dh_bytes))
-        elif hs.dtype == torch.float32:  # accumulate in the gradient itself
-            step, splits = N, 1
-        else:
-            step, splits = max(BN, cfg.scratch_bytes // (4 * H) // BN * BN), 1
-        per_split = triton.cdiv(n_vblocks, splits)
-        splits = triton.cdiv(n_vblocks, per_split)  # no empty split
-        direct = hs.dtype == torch.float32 and splits == 1
-        grad_h = (torch.zeros if direct else torch.empty)(N, H, dtype=hs.dtype, device=dev)
-        scratch = (
-            None
-            if direct
-            else torch.empty(splits, min(step, N), H, dtype=torch.float32, device=dev)
-        )
-        count = counter("dh")
-        for lo in range(0, N, step):
-            hi = min(N, lo + step)
-            acc = grad_h[None] if direct else scratch[:, : hi - lo].zero_()
-            sl = slice(lo, hi)
-            blocks = slice(lo // BN, None)
-            _fused_dh_kernel[(triton.cdiv(hi - lo, BN), splits)](
-                hs_ptr=hs[sl],
-                ht_ptr=ht[sl],
-                w_ptr=weight,
-                b_ptr=bias,
-                mask_ptr=None if mask_u8 is None else mask_u8[sl],
-                lse_s_ptr=stats.lse_s[sl],
-                lse_t_ptr=stats.lse_t[sl],
-                g_sum_ptr=stats.g_sum[sl],
-                scale_ptr=row_scale[sl] if per_row else row_scale,
-                skip_ptr=None if skip is None else skip[blocks],
-                count_ptr=None if count is None else count[blocks],
-                dh_ptr=acc,
-                N=hi - lo,
-                V=V,
-                stride_dh=acc.stride(1),
-                stride_split=acc.stride(0),
-                blocks_per_split=per_split,
-                **{k: v for k, v in common.items() if k != "ht_ptr"},
-            )
-            if not direct:
-                grad_h[sl].copy_(acc[0] if splits == 1 else acc.sum(0))
-    if want_w or want_b:
-        grad_b = torch.empty(V, dtype=torch.float32, device=dev) if want_b else None
-        # float32 weight gradient: accumulate in place; a 16-bit one: in float32 scratch
-        # over vocabulary slices (a multiple of BLOCK_V) of bounded size, cast per slice;
-        # a slice has at least one program per device slot (no launch that idles SMs)
-        direct = not want_w or weight_grad_dtype == torch.float32
-        rows = max(cfg.scratch_bytes // (4 * H), device_programs(dev) * BV)
-        step = V if direct else max(BV, rows // BV * BV)
-        if want_w:
-            grad_w = torch.zeros(V, H, dtype=weight_grad_dtype, device=dev)
-        scratch = None if direct else torch.empty(min(step, V), H, dtype=torch.float32, device=dev)
-        count = counter("dw")
-        for lo in range(0, V, step):
-            hi = min(V, lo + step)
-            vs = slice(lo, hi)
-            blocks = (slice(None), slice(lo // BV, None))
-            acc = None if not want_w else grad_w[vs] if direct else scratch[: hi - lo].zero_()
-            _fused_dw_kernel[(triton.cdiv(hi - lo, BV),)](
-                hs_ptr=hs,
+        grad_h = (torch.zeros if direct_h else torch.empty)(N, H, dtype=hs.dtype, device=dev)
+    acc_h = None if (not want_h or direct_h) else torch.empty(rows, H, dtype=f32, device=dev)
+    grad_w = torch.zeros(V, H, dtype=weight_grad_dtype, device=dev) if want_w else None
+    grad_b = torch.zeros(V, dtype=f32, device=dev) if want_b else None
+    kernel_args = {k: v for k, v in common.items() if not k.endswith("_ptr") or k == "ht_ptr"}
+    teacher_weight = common["wt_ptr"]
+    for lo in range(0, N, rows):
+        hi = min(N, lo + rows)
+        ts = slice(lo, hi)
+        mask_c = None if mask is None else mask[ts]
+        # masked rows of dS are 0, but their hidden states may hold NaN (padding):
+        # 0 * NaN would reach dW through the GEMM
+        x = zero_masked_rows(hs[ts], mask_c) if want_w else None
+        dh = None
+        if want_h:
+            dh = grad_h[ts] if direct_h else acc_h[: hi - lo].zero_()
+        for v0 in range(0, V, width):
+            v1 = min(V, v0 + width)
+            vs = slice(v0, v1)
+            out = slab[: hi - lo, : v1 - v0]
+            grid = (triton.cdiv(hi - lo, BN) * triton.cdiv(v1 - v0, BV),)
+            _fused_grad_slab_kernel[grid](
+                hs_ptr=hs[ts],
                 w_ptr=weight[vs],
                 b_ptr=None if bias is None else bias[vs],
-                mask_ptr=mask_u8,
-                lse_s_ptr=stats.lse_s,
-                lse_t_ptr=stats.lse_t,
-                g_sum_ptr=stats.g_sum,
-                scale_ptr=row_scale,
-                skip_ptr=None if skip is None else skip[blocks],
-                count_ptr=None if count is None else count[blocks],
-                dw_ptr=acc,
-                db_ptr=grad_b[vs] if want_b else None,
-                N=N,
-                V=hi - lo,
-                stride_dw=H,
                 **{
-                    **common,
+                    **kernel_args,
+                    "ht_ptr": common["ht_ptr"][ts],
                     "wt_ptr": None if teacher_weight is None else teacher_weight[vs],
                     "bt_ptr": None if common["bt_ptr"] is None else teacher_bias[vs],
                 },
+                mask_ptr=None if mask_c is None else common["mask_ptr"][ts],
+                lse_s_ptr=common["lse_s_ptr"][ts],
+                lse_t_ptr=common["lse_t_ptr"][ts],
+                g_sum_ptr=common["g_sum_ptr"][ts],
+                scale_ptr=common["scale_ptr"][ts]
+                if common["scale_stride"]
+                else common["scale_ptr"],
+                skip_ptr=_block_view(common["skip_ptr"], lo // BN, v0 // BV),
+                count_ptr=_block_view(common["count_ptr"], lo // BN, v0 // BV),
+                out_ptr=out,
+                N=hi - lo,
+                V=v1 - v0,
+                stride_out=out.stride(0),
             )
-            if want_w and not direct:
-                grad_w[vs].copy_(acc)
+            if want_b:
+                grad_b[vs] += out.sum(0)
+            op, inv = gemm.gradient_operand(out, hs.dtype)
+            if want_h:
+                gemm.add_product(dh, op, weight[vs], inv)
+            if want_w:
+                w_rows = grad_w[vs]
+                if w_rows.dtype == f32:
+                    gemm.add_product(w_rows, op.t(), x, inv)
+                else:  # one token slice (see _slab_layout): each row block written once
+                    part = torch.zeros(v1 - v0, H, dtype=f32, device=dev)
+                    gemm.add_product(part, op.t(), x, inv)
+                    w_rows.copy_(part)
+        if want_h and not direct_h:
+            grad_h[ts].copy_(dh)
     return grad_h, grad_w, grad_b
 
 
-def _one_pass_backward(
-    hs,
-    weight,
-    bias,
-    mask_u8,
-    stats,
-    row_scale,
-    skip,
-    common,
-    cfg,
-    want_h,
-    want_w,
-    want_b,
-    weight_grad_dtype,
-    count,
-):
+def _block_view(block_map: torch.Tensor | None, nb: int, vb: int) -> torch.Tensor | None:
+    """The (token blocks, vocabulary blocks) map from block (nb, vb) on: a view with the
+    full map's row stride, as the kernels index it."""
+    return None if block_map is None else block_map[nb:, vb:]
+
+
+def _one_pass_backward(hs, weight, bias, common, cfg, want_h, want_w, want_b, weight_grad_dtype):
     """``deterministic=False``: one tile recompute feeds dH, dW and db (atomic adds)."""
     N, H = hs.shape
     V = weight.shape[0]
@@ -760,13 +585,6 @@ def _one_pass_backward(
         hs_ptr=hs,
         w_ptr=weight,
         b_ptr=bias,
-        mask_ptr=mask_u8,
-        lse_s_ptr=stats.lse_s,
-        lse_t_ptr=stats.lse_t,
-        g_sum_ptr=stats.g_sum,
-        scale_ptr=row_scale,
-        skip_ptr=skip,
-        count_ptr=count,
         dh_ptr=dh,
         dw_ptr=dw,
         db_ptr=db,
@@ -774,7 +592,6 @@ def _one_pass_backward(
         V=V,
         stride_dh=H,
         stride_dw=H,
-        GROUP=cfg.group,
         **common,
     )
     return (
