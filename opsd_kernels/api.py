@@ -159,8 +159,10 @@ def fused_linear_divergence(
             per-token statistics; the backward recomputes the tiles. Extra memory O(N)
             statistics plus per-tile maxima and bounded float32 scratch; flops 4NHV
             forward (plus the tiles an exact bound cannot clear, for clip; every tile
-            again for jsd), backward 6NHV frozen / 12NHV trainable (deterministic) or
-            6 / 8NHV (``deterministic=False``). See :mod:`opsd_kernels.triton.fused_forward`
+            again for jsd), backward 6NHV frozen / 8NHV trainable: one recompute per
+            tile, its logit gradient passed through a bounded slab to the gradient GEMMs
+            (deterministic) or to float32 atomic adds (``deterministic=False``). See
+            :mod:`opsd_kernels.triton.fused_forward`
             and :mod:`opsd_kernels.triton.fused_backward` for the derivations and bounds.
         chunk_size: tokens per chunk of the chunked impls; None picks it from
             ``opsd_kernels.config.chunk_memory_budget`` (default 512 MiB).
@@ -178,9 +180,11 @@ def fused_linear_divergence(
             row, to less than half an ulp of the row's gradient scale (forward KL and
             JSD). The bound and its proof: :mod:`opsd_kernels.triton.fused_backward`.
         deterministic: ``impl="fused"`` only. True (default): a backward without
-            atomics, bitwise reproducible. False: one backward pass that recomputes each
-            tile once and feeds dH, dW and db through float32 atomic adds (fewer flops;
-            the last bits may vary between runs).
+            atomics, bitwise reproducible: each tile is recomputed once into a bounded
+            gradient slab, and library GEMMs add the slabs into dH, dW and db in a fixed
+            order. False: one kernel that recomputes each tile once and feeds dH, dW and
+            db through float32 atomic adds (no slab; skipped tiles save their gradient
+            work too; the last bits may vary between runs).
         process_group: None, or a ``torch.distributed.ProcessGroup`` across which the
             vocabulary is split (tensor parallelism): each rank passes its contiguous,
             possibly uneven, rows of ``weight``, ``bias``, ``teacher_weight`` and
