@@ -87,8 +87,7 @@ from .tiles import (
     count_tile,
     gradient_operand,
     grouped_tile,
-    logit_grad_tile,
-    logit_tiles,
+    recompute_grad_tile,
     token_block,
     vocab_block,
 )
@@ -162,18 +161,19 @@ def _fused_grad_slab_kernel(
             tl.store(out_ptrs, tl.zeros((BLOCK_N, BLOCK_V), dtype=out_ptr.dtype.element_ty), out_ok)
     if compute:
         count_tile(count_ptr, nb, vb, stride_map, COUNT)
-        lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
-        lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
-        G = tl.load(g_sum_ptr + rows, mask=in_range, other=0.0)
-        coef = tl.load(scale_ptr + rows * scale_stride, mask=in_range, other=0.0) * inv_temp
-        b, a = logit_tiles(
+        dS = recompute_grad_tile(
             hs_ptr,
             ht_ptr,
             w_ptr,
             wt_ptr,
             b_ptr,
             bt_ptr,
+            lse_s_ptr,
+            lse_t_ptr,
+            g_sum_ptr,
+            scale_ptr,
             rows,
+            in_range,
             row_ok,
             cols,
             col_ok,
@@ -183,7 +183,14 @@ def _fused_grad_slab_kernel(
             stride_ht,
             stride_w,
             stride_wt,
+            scale_stride,
             inv_temp,
+            beta,
+            log_beta,
+            log_1m_beta,
+            clip,
+            KIND,
+            HAS_CLIP,
             SHARED_W,
             HAS_BIAS,
             HAS_TBIAS,
@@ -192,22 +199,6 @@ def _fused_grad_slab_kernel(
             BLOCK_N,
             BLOCK_V,
             BLOCK_K,
-        )
-        dS = logit_grad_tile(
-            b,
-            a,
-            lse_s,
-            lse_t,
-            G,
-            coef,
-            row_ok,
-            col_ok,
-            beta,
-            log_beta,
-            log_1m_beta,
-            clip,
-            KIND,
-            HAS_CLIP,
         )
         tl.store(out_ptrs, dS.to(out_ptr.dtype.element_ty), mask=out_ok)
 
@@ -284,18 +275,19 @@ def _fused_backward_kernel(
         count_tile(count_ptr, nb, vb, stride_map, COUNT)
         rows, in_range, row_ok = token_block(nb, N, mask_ptr, HAS_MASK, BLOCK_N)
         cols, col_ok = vocab_block(vb, V, BLOCK_V)
-        lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
-        lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
-        G = tl.load(g_sum_ptr + rows, mask=in_range, other=0.0)
-        coef = tl.load(scale_ptr + rows * scale_stride, mask=in_range, other=0.0) * inv_temp
-        b, a = logit_tiles(
+        dS = recompute_grad_tile(
             hs_ptr,
             ht_ptr,
             w_ptr,
             wt_ptr,
             b_ptr,
             bt_ptr,
+            lse_s_ptr,
+            lse_t_ptr,
+            g_sum_ptr,
+            scale_ptr,
             rows,
+            in_range,
             row_ok,
             cols,
             col_ok,
@@ -305,7 +297,14 @@ def _fused_backward_kernel(
             stride_ht,
             stride_w,
             stride_wt,
+            scale_stride,
             inv_temp,
+            beta,
+            log_beta,
+            log_1m_beta,
+            clip,
+            KIND,
+            HAS_CLIP,
             SHARED_W,
             HAS_BIAS,
             HAS_TBIAS,
@@ -314,22 +313,6 @@ def _fused_backward_kernel(
             BLOCK_N,
             BLOCK_V,
             BLOCK_K,
-        )
-        dS = logit_grad_tile(
-            b,
-            a,
-            lse_s,
-            lse_t,
-            G,
-            coef,
-            row_ok,
-            col_ok,
-            beta,
-            log_beta,
-            log_1m_beta,
-            clip,
-            KIND,
-            HAS_CLIP,
         )
         if WANT_DB:
             tl.atomic_add(db_ptr + cols, tl.sum(dS, axis=0), mask=col_ok)

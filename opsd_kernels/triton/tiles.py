@@ -209,6 +209,98 @@ def logit_grad_tile(
 
 
 @triton.jit
+def recompute_grad_tile(
+    hs_ptr,
+    ht_ptr,
+    w_ptr,
+    wt_ptr,
+    b_ptr,
+    bt_ptr,
+    lse_s_ptr,
+    lse_t_ptr,
+    g_sum_ptr,
+    scale_ptr,
+    rows,
+    in_range,
+    row_ok,
+    cols,
+    col_ok,
+    H,
+    H_T,
+    stride_hs,
+    stride_ht,
+    stride_w,
+    stride_wt,
+    scale_stride,
+    inv_temp,
+    beta,
+    log_beta,
+    log_1m_beta,
+    clip,
+    KIND: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    SHARED_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_TBIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The backward's float32 logit-gradient tile dS (:func:`logit_grad_tile`) from the
+    forward's per-token statistics (LSE_S, LSE_T, G) and upstream factors (``scale_ptr``,
+    stride 0 for one factor), both logit tiles recomputed (4 x BLOCK_N x BLOCK_V x H flops)."""
+    lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
+    G = tl.load(g_sum_ptr + rows, mask=in_range, other=0.0)
+    coef = tl.load(scale_ptr + rows * scale_stride, mask=in_range, other=0.0) * inv_temp
+    b, a = logit_tiles(
+        hs_ptr,
+        ht_ptr,
+        w_ptr,
+        wt_ptr,
+        b_ptr,
+        bt_ptr,
+        rows,
+        row_ok,
+        cols,
+        col_ok,
+        H,
+        H_T,
+        stride_hs,
+        stride_ht,
+        stride_w,
+        stride_wt,
+        inv_temp,
+        SHARED_W,
+        HAS_BIAS,
+        HAS_TBIAS,
+        UPCAST,
+        DOT_PRECISION,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_K,
+    )
+    return logit_grad_tile(
+        b,
+        a,
+        lse_s,
+        lse_t,
+        G,
+        coef,
+        row_ok,
+        col_ok,
+        beta,
+        log_beta,
+        log_1m_beta,
+        clip,
+        KIND,
+        HAS_CLIP,
+    )
+
+
+@triton.jit
 def gradient_operand(dS, like_ptr, SCALE16: tl.constexpr, UPCAST: tl.constexpr):
     """``(op, inv)``: the float32 tile ``dS`` as an operand of the gradient dots (the
     dtype of ``like_ptr``'s elements) and the float32 factor that undoes its scaling
