@@ -212,6 +212,35 @@ def passes(
     return out
 
 
+def extra_bytes(impl: str, shape: Shape = Shape(), trainable: bool = True) -> float:
+    """Peak temporaries of one forward + backward on CUDA beyond the inputs and the
+    returned gradients (default options: float32 weight-gradient accumulation, a mask).
+
+    - chunked: both roles' float32 logits of a chunk and their 16-bit gradient operand,
+      the float32 dH accumulator (N, H), and, trainable, the float32 (V, H) dW
+      accumulator (cast to the weight's dtype at the end);
+    - fused (deterministic, :func:`slab_layout`): the 16-bit gradient slab, a float32 dH
+      accumulator for one token slice, the slice's hidden states with masked rows
+      zeroed, the per-tile maxima and skip map, and, trainable, the float32 dW
+      accumulator;
+    - fused-onepass: float32 dH (N, H), the per-tile maps, and, trainable, float32 dW.
+
+    >>> extra_bytes("fused", trainable=False) < 64e6
+    True
+    """
+    s = shape
+    maps = 9.0 * s.n_blocks * s.n_vblocks  # two float32 tile maxima + a uint8 skip map
+    dw = 4.0 * s.V * s.H if trainable else 0.0
+    if impl == "chunked":
+        return 2 * 4.0 * s.chunk * s.V + s.elem * s.chunk * s.V + 4.0 * s.N * s.H + dw
+    if impl == "fused":
+        rows, width = slab_layout(s, trainable)
+        return s.elem * rows * width + 4.0 * rows * s.H + s.elem * rows * s.H + maps + dw
+    if impl == "fused-onepass":
+        return 4.0 * s.N * s.H + maps + dw
+    raise ValueError(f"impl must be 'chunked', 'fused' or 'fused-onepass', got {impl!r}")
+
+
 def expected_ms(
     pass_list: list[Pass],
     gemm_tflops: float = DEFAULT_GEMM_TFLOPS,
@@ -251,9 +280,13 @@ def table(
         f"(forward/reverse KL + clip): {clip_recompute:.0%} (the simulation's figure is in "
         "skip-simulation.md). Times are model outputs, not measurements.",
         "",
+        "Extra MiB: temporaries beyond the inputs and the returned gradients "
+        "(`extra_bytes`; trainable rows include the float32 (V, H) weight-gradient "
+        "accumulator of the default `fp32_weight_grad=True`).",
+        "",
         "| impl | kind | clip | lm_head | skipped | FLOPs (NHV) | HBM GB | atomics (1e9) "
-        "| expected ms |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| expected ms | extra MiB |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for kind, clip in (("forward_kl", True), ("forward_kl", False), ("jsd", False)):
         for trainable in (True, False):
@@ -268,7 +301,8 @@ def table(
                     f"{'-' if impl == 'chunked' else f'{s:.0%}'} | {total_nhv(p, shape):.2f} | "
                     f"{sum(x.hbm_bytes for x in p) / 1e9:.1f} | "
                     f"{sum(x.atomics for x in p) / 1e9:.1f} | "
-                    f"{expected_ms(p, gemm_tflops, hbm_tbps):.1f} |"
+                    f"{expected_ms(p, gemm_tflops, hbm_tbps):.1f} | "
+                    f"{extra_bytes(impl, shape, trainable) / 2**20:,.0f} |"
                 )
     return md
 

@@ -72,6 +72,21 @@ def test_slab_layout_matches_the_library(monkeypatch):
         assert lib == slab_layout(shape, True), shape
 
 
+def test_extra_memory_model():
+    """The issue's memory target (< 64 MB beyond inputs and gradients, frozen lm_head, at
+    the Qwen3-4B shape) in the model, and what a trainable lm_head adds in every path."""
+    from bench.cost_model import extra_bytes
+
+    s = Shape()
+    assert extra_bytes("fused", s, trainable=False) < 64e6
+    assert extra_bytes("chunked", s, trainable=False) > 10 * extra_bytes("fused", s, False)
+    for impl in ("chunked", "fused", "fused-onepass"):
+        added = extra_bytes(impl, s, True) - extra_bytes(impl, s, False)
+        assert added == 4.0 * s.V * s.H, impl
+    with pytest.raises(ValueError, match="impl"):
+        extra_bytes("naive")
+
+
 def test_tiles_per_pass_keys():
     assert tiles_per_pass("reverse_kl", False, False) == {"stats": 1.0, "backward": 1.0}
     assert tiles_per_pass("jsd", True, True, skipped_fraction=0.5) == {
