@@ -180,10 +180,13 @@ def fused_linear_divergence(
             row, to less than half an ulp of the row's gradient scale (forward KL and
             JSD). The bound and its proof: :mod:`opsd_kernels.triton.fused_backward`.
         deterministic: ``impl="fused"`` only. True (default): a backward without
-            atomics, bitwise reproducible: each tile is recomputed once into a bounded
-            gradient slab, and library GEMMs add the slabs into dH, dW and db in a fixed
-            order. False: one kernel that recomputes each tile once and feeds dH, dW and
-            db through float32 atomic adds (no slab; skipped tiles save their gradient
+            atomics, bitwise reproducible on one GPU model and software stack: each tile
+            is recomputed once into a bounded gradient slab, and library GEMMs add the
+            slabs into dH, dW and db in a fixed order (under
+            ``torch.use_deterministic_algorithms(True)``, set
+            ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` as for any CUDA matmul). False: one
+            kernel that recomputes each tile once and feeds dH, dW and db through
+            float32 atomic adds (no slab; skipped tiles save their gradient
             work too; the last bits may vary between runs).
         process_group: None, or a ``torch.distributed.ProcessGroup`` across which the
             vocabulary is split (tensor parallelism): each rank passes its contiguous,

@@ -38,6 +38,7 @@ SLICE_ELEMENTS = 2**24  # 64 MiB of float32 per upcast temporary
 
 _out_dtype_ok: dict[int, bool] = {}
 _addmm_out_dtype_ok: dict[int, bool] = {}
+_mm_into_ok: dict[int, bool] = {}
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -51,56 +52,110 @@ def operand_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return a if a == b else compute_dtype(a, b)
 
 
-def _cuda_out_dtype_supported(device: torch.device) -> bool:
+def _probe(cache: dict, device: torch.device, check) -> bool:
+    """``check(device)`` once per CUDA device, cached; False while a CUDA graph is being
+    captured (the probe reads its result on the host), without caching that."""
     key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _out_dtype_ok:
+    if key not in cache:
+        if torch.cuda.is_current_stream_capturing():
+            return False
         try:
-            a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
-            torch.mm(a, a, out_dtype=torch.float32)
-            _out_dtype_ok[key] = True
+            cache[key] = bool(check(device))  # one host read per device and process
         except (RuntimeError, TypeError, NotImplementedError):
-            _out_dtype_ok[key] = False
-    return _out_dtype_ok[key]
+            cache[key] = False
+    return cache[key]
 
 
-def _cuda_addmm_in_place_supported(device: torch.device) -> bool:
-    """``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` adds a 16-bit product
-    into a float32 ``acc`` in place (probed once per device, result checked)."""
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _addmm_out_dtype_ok:
-        try:
-            a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
-            acc = torch.full((16, 16), 2.0, dtype=torch.float32, device=device)
-            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-            _addmm_out_dtype_ok[key] = bool((acc == 18.0).all())  # once per device
-        except (RuntimeError, TypeError, NotImplementedError):
-            _addmm_out_dtype_ok[key] = False
-    return _addmm_out_dtype_ok[key]
+def _probe_operands(device: torch.device):
+    """A bf16 product whose float32 result is exact and whose sum with ``2 + 2^-18``
+    is exact in float32 but not in bf16, with a transposed, strided left operand
+    (the layouts the gradient GEMMs pass)."""
+    g = torch.arange(48 * 32, device=device, dtype=torch.float32).view(48, 32) % 7 - 3
+    a = g.to(torch.bfloat16)[::3].t()  # (32, 16), strided and transposed
+    b = (g[:16, :16] % 5 - 2).to(torch.bfloat16)
+    return a, b, a.float() @ b.float()  # small integers: exact in every order
+
+
+def _check_mm_out_dtype(device):
+    a, b, want = _probe_operands(device)
+    return torch.equal(torch.mm(a, b, out_dtype=torch.float32), want)
+
+
+def _check_mm_out_dtype_into(device):
+    a, b, want = _probe_operands(device)
+    buf = torch.empty(40, 16, dtype=torch.float32, device=device)[4:36]
+    torch.mm(a, b, out_dtype=torch.float32, out=buf)
+    return torch.equal(buf, want)
+
+
+def _check_addmm_in_place(device):
+    a, b, want = _probe_operands(device)
+    acc = torch.full((32, 16), 2.0 + 2.0**-18, dtype=torch.float32, device=device)
+    torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    return torch.equal(acc, want + (2.0 + 2.0**-18))
 
 
 def _native_fp32_out(a: torch.Tensor) -> bool:
-    return a.is_cuda and a.dtype in SIXTEEN_BIT and _cuda_out_dtype_supported(a.device)
+    """16-bit CUDA operands whose GEMMs give float32 results directly (``out_dtype``)."""
+    return (
+        a.is_cuda
+        and a.dtype in SIXTEEN_BIT
+        and _probe(_out_dtype_ok, a.device, _check_mm_out_dtype)
+    )
 
 
-def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inv=None) -> None:
+def add_product(
+    acc: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    inv: torch.Tensor | None = None,
+    buf: torch.Tensor | None = None,
+) -> None:
     """``acc += (a @ b) * inv`` for a float32/float64 ``acc`` and operands of one dtype.
 
-    In place without a product-sized temporary where the GEMM can add into ``acc``
-    itself (operands of ``acc``'s dtype; 16-bit operands on CUDA through
-    ``addmm(..., out_dtype=float32)``), when ``inv`` (a 0-dim tensor or None) is None;
-    else the product is formed in ``acc``'s dtype and added. The contraction
-    dimension is not sliced: ``a`` and ``b`` are bounded by the caller.
+    The product is formed in ``acc``'s dtype, never rounded to the operands' 16 bits.
+    In place, without a temporary, where the GEMM can add into ``acc`` itself: operands
+    of ``acc``'s dtype, or 16-bit operands on CUDA where ``addmm(..., out_dtype=float32)``
+    accepts a float32 ``acc`` (probed, exact result checked; torch 2.10+), when ``inv``
+    (a 0-dim tensor) is None. Otherwise the product goes to ``buf`` (a float32 tensor of
+    ``acc``'s shape, reused by the caller) when given and supported, else to a new
+    temporary (:func:`product`), and is added. The contraction dimension is not sliced: the caller
+    bounds ``a`` and ``b``.
     """
     if inv is None and a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif inv is None and acc.dtype == torch.float32 and _native_fp32_out(a):
-        if _cuda_addmm_in_place_supported(a.device):
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        else:
-            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+        return
+    if (
+        inv is None
+        and acc.dtype == torch.float32
+        and _native_fp32_out(a)
+        and _probe(_addmm_out_dtype_ok, a.device, _check_addmm_in_place)
+    ):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return
+    acc.add_(product(a, b, acc.dtype, inv, buf))
+
+
+def product(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cdt: torch.dtype,
+    inv: torch.Tensor | None = None,
+    buf: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(a @ b) * inv`` as a ``cdt`` tensor, into ``buf`` (``cdt``, the product's shape)
+    where the GEMM can write it there, else a new tensor."""
+    if buf is not None and a.dtype == cdt:
+        res = torch.mm(a, b, out=buf)
+    elif (
+        buf is not None
+        and _native_fp32_out(a)
+        and _probe(_mm_into_ok, a.device, _check_mm_out_dtype_into)
+    ):
+        res = torch.mm(a, b, out_dtype=torch.float32, out=buf)
     else:
-        part = _mm_fp32(a, b, acc.dtype)
-        acc.add_(part if inv is None else part.mul_(inv))
+        res = _mm_fp32(a, b, cdt)
+    return res if inv is None else res.mul_(inv)
 
 
 def _slice_rows(other_dim: int) -> int:
@@ -138,21 +193,25 @@ def linear_logits(
     return out
 
 
-def gradient_operand(grad: torch.Tensor, dtype: torch.dtype):
+def gradient_operand(grad: torch.Tensor, dtype: torch.dtype, in_place: bool = False):
     """The float32 logit gradient as a GEMM operand of ``dtype``.
 
     Returns ``(operand, inverse_factor)``: the GEMM result must be multiplied by
     ``inverse_factor`` (a 0-dim float32 tensor, or None when no factor was used).
     float16: scaled by a power of two so that the largest entry is near 2^14
-    (device-side, no host sync), keeping small entries out of the subnormals.
+    (device-side, no host sync), keeping small entries out of the subnormals; one
+    factor for all of ``grad``, so a row whose entries are ~2^-24 times the largest
+    loses relative precision. ``in_place``: ``grad`` is scratch and may be scaled in
+    place (no float32 temporary).
     """
     if dtype == grad.dtype:
         return grad, None
     if dtype == torch.float16:
-        amax = grad.abs().amax().clamp(min=2.0**-100)
+        amax = torch.linalg.vector_norm(grad, float("inf")).clamp(min=2.0**-100)
         # 2^(14 - ceil(log2 amax)): the largest entry lands in [2^13, 2^14]
         factor = torch.exp2(14.0 - torch.ceil(torch.log2(amax)))
-        return (grad * factor).to(dtype), factor.reciprocal()
+        scaled = grad.mul_(factor) if in_place else grad * factor
+        return scaled.to(dtype), factor.reciprocal()
     return grad.to(dtype), None
 
 

@@ -208,3 +208,19 @@ def test_add_product_accumulates_in_float32(dtype, scaled):
     want = acc.double() + (a.double() @ b.double()) * (1.0 if inv is None else float(inv))
     gemm.add_product(acc, a, b, inv)
     torch.testing.assert_close(acc.double(), want, rtol=1e-6, atol=1e-5)
+
+
+def test_product_into_buffer():
+    """gemm.product writes into the caller's reused buffer where the GEMM can (same-dtype
+    operands here; 16-bit operands on CUDA with out_dtype), else returns a new tensor."""
+    from opsd_kernels import gemm
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(6, 5, generator=g), torch.randn(5, 3, generator=g)
+    buf = torch.full((6, 3), float("nan"))
+    res = gemm.product(a, b, torch.float32, torch.tensor(0.5), buf)
+    assert res.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(res, (a @ b) * 0.5)
+    res16 = gemm.product(a.bfloat16(), b.bfloat16(), torch.float32, None, buf)
+    assert res16.dtype == torch.float32
+    torch.testing.assert_close(res16, a.bfloat16().float() @ b.bfloat16().float())

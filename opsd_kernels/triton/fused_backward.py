@@ -26,6 +26,14 @@ Passes (float32 accumulation throughout):
   instead of re-reading float32 accumulators once per tile.
   FLOPs: 4NHV recompute + 2NHV dH (+ 2NHV dW, trainable): 6NHV frozen, 8NHV
   trainable, the floor for a backward that keeps no logits.
+  Reproducible bit for bit on one GPU model and software stack: the library
+  GEMMs are cuBLAS's, so under ``torch.use_deterministic_algorithms(True)`` set
+  ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` as for any CUDA matmul, and leave
+  ``PYTORCH_TUNABLEOP_ENABLED`` off. For float32 inputs the GEMMs follow torch's
+  float32 matmul precision (TF32 when the caller enables it), the recompute
+  ``cfg.dot_precision``. float16: one power-of-two scale per slab (gemm.gradient_operand),
+  so a token whose upstream factor is below ~2^-24 of the slice's largest loses
+  relative precision (per-token factors of reduction "none" that differ that much).
 - ``deterministic=False``: ``_fused_backward_kernel``, one program per tile
   (grouped order), recomputes the tile once and feeds dH and dW (and db)
   through float32 atomic adds: 6 / 8NHV, no slab; the summation order, hence the
@@ -100,7 +108,7 @@ _BACKWARD_FLAGS = {
 
 
 @triton.heuristics({**INPUT_FLAGS, "SKIP": lambda a: a["skip_ptr"] is not None})
-@triton.jit
+@triton.jit(do_not_specialize=["map_row0", "map_col0"])  # one compile for every slab
 def _fused_grad_slab_kernel(
     hs_ptr,
     ht_ptr,
@@ -125,6 +133,8 @@ def _fused_grad_slab_kernel(
     stride_w,
     stride_wt,
     stride_map,
+    map_row0,
+    map_col0,
     stride_out,
     scale_stride,
     inv_temp,
@@ -148,19 +158,23 @@ def _fused_grad_slab_kernel(
     BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,
 ):
-    """One tile of the slab: recompute both logit tiles, write dS (0 where skipped)."""
+    """One tile of the slab: recompute both logit tiles, write dS (0 where skipped).
+
+    The skip and count maps are the whole (token blocks, vocabulary blocks) maps; the
+    slab starts at block (map_row0, map_col0) of them."""
     nb, vb = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP)
+    map_nb, map_vb = (nb + map_row0).to(tl.int64), vb + map_col0
     rows, in_range, row_ok = token_block(nb, N, mask_ptr, HAS_MASK, BLOCK_N)
     cols, col_ok = vocab_block(vb, V, BLOCK_V)
     out_ptrs = out_ptr + rows[:, None] * stride_out + cols[None, :]
     out_ok = in_range[:, None] & col_ok[None, :]
     compute = True
     if SKIP:
-        compute = tl.load(skip_ptr + nb.to(tl.int64) * stride_map + vb) == 0
+        compute = tl.load(skip_ptr + map_nb * stride_map + map_vb) == 0
         if not compute:  # the slab is reused: a skipped tile writes its zeros
             tl.store(out_ptrs, tl.zeros((BLOCK_N, BLOCK_V), dtype=out_ptr.dtype.element_ty), out_ok)
     if compute:
-        count_tile(count_ptr, nb, vb, stride_map, COUNT)
+        count_tile(count_ptr, map_nb, map_vb, stride_map, COUNT)
         dS = recompute_grad_tile(
             hs_ptr,
             ht_ptr,
@@ -490,7 +504,11 @@ def _slab_backward(
     acc_h = None if (not want_h or direct_h) else torch.empty(rows, H, dtype=f32, device=dev)
     grad_w = torch.zeros(V, H, dtype=weight_grad_dtype, device=dev) if want_w else None
     grad_b = torch.zeros(V, dtype=f32, device=dev) if want_b else None
-    kernel_args = {k: v for k, v in common.items() if not k.endswith("_ptr") or k == "ht_ptr"}
+    # float32 products of 16-bit operands land in one reused buffer of a token slice's
+    # dH size (dW in row blocks of that size), unless the GEMM adds in place
+    buf = torch.empty(rows, H, dtype=f32, device=dev) if hs.is_cuda and hs.dtype != f32 else None
+    keep = ("ht_ptr", "skip_ptr", "count_ptr")
+    kernel_args = {k: v for k, v in common.items() if not k.endswith("_ptr") or k in keep}
     teacher_weight = common["wt_ptr"]
     for lo in range(0, N, rows):
         hi = min(N, lo + rows)
@@ -524,8 +542,8 @@ def _slab_backward(
                 scale_ptr=common["scale_ptr"][ts]
                 if common["scale_stride"]
                 else common["scale_ptr"],
-                skip_ptr=_block_view(common["skip_ptr"], lo // BN, v0 // BV),
-                count_ptr=_block_view(common["count_ptr"], lo // BN, v0 // BV),
+                map_row0=lo // BN,
+                map_col0=v0 // BV,
                 out_ptr=out,
                 N=hi - lo,
                 V=v1 - v0,
@@ -533,26 +551,26 @@ def _slab_backward(
             )
             if want_b:
                 grad_b[vs] += out.sum(0)
-            op, inv = gemm.gradient_operand(out, hs.dtype)
+            op, inv = gemm.gradient_operand(out, hs.dtype, in_place=True)
             if want_h:
-                gemm.add_product(dh, op, weight[vs], inv)
+                gemm.add_product(dh, op, weight[vs], inv, _rows_of(buf, hi - lo))
             if want_w:
-                w_rows = grad_w[vs]
-                if w_rows.dtype == f32:
-                    gemm.add_product(w_rows, op.t(), x, inv)
-                else:  # one token slice (see _slab_layout): each row block written once
-                    part = torch.zeros(v1 - v0, H, dtype=f32, device=dev)
-                    gemm.add_product(part, op.t(), x, inv)
-                    w_rows.copy_(part)
+                step = v1 - v0 if buf is None else rows
+                for u0 in range(0, v1 - v0, step):
+                    u1 = min(v1 - v0, u0 + step)
+                    w_rows, op_t = grad_w[v0 + u0 : v0 + u1], op[:, u0:u1].t()
+                    part = _rows_of(buf, u1 - u0)
+                    if w_rows.dtype == f32:
+                        gemm.add_product(w_rows, op_t, x, inv, part)
+                    else:  # one token slice (see _slab_layout): each row written once
+                        w_rows.copy_(gemm.product(op_t, x, f32, inv, part))
         if want_h and not direct_h:
             grad_h[ts].copy_(dh)
     return grad_h, grad_w, grad_b
 
 
-def _block_view(block_map: torch.Tensor | None, nb: int, vb: int) -> torch.Tensor | None:
-    """The (token blocks, vocabulary blocks) map from block (nb, vb) on: a view with the
-    full map's row stride, as the kernels index it."""
-    return None if block_map is None else block_map[nb:, vb:]
+def _rows_of(buf: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if buf is None else buf[:n]
 
 
 def _one_pass_backward(hs, weight, bias, common, cfg, want_h, want_w, want_b, weight_grad_dtype):
