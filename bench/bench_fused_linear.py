@@ -9,6 +9,13 @@ Per shape (preset H, V and a token count N) and mode:
 
 The teacher shares the student's lm_head (self-distillation). Necessary flops:
 4NHV for the two logits GEMMs, plus 2NHV for dh, plus 2NHV for dW.
+
+Our impls are ``harness.OUR_IMPLS``: ``torch``, ``triton``, ``fused`` (deterministic
+backward) and ``fused-onepass`` (``impl="fused", deterministic=False``: one backward
+kernel with float32 atomics). ``fused-onepass`` has no ``fwd`` rows: its forward
+is ``fused``'s. Before timing, every case of ours is checked on a 256-token slice
+against the float32 naive loss on the same (upcast) values, and in ``fwdbwd`` its
+gradients too (relative Frobenius error).
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ def _inputs(shape, dtype, device, mode, weight):
 def _loss_fn(impl, cfg, chunk):
     o = cfg.options()
     if impl in harness.OUR_IMPLS:
-        return lambda hs, ht, w: opsd_kernels.fused_linear_divergence(hs, ht, w, impl=impl, **o)
+        args = harness.api_args(impl)
+        return lambda hs, ht, w: opsd_kernels.fused_linear_divergence(hs, ht, w, **args, **o)
     if impl == "naive":
         return lambda hs, ht, w: baselines.naive_linear(hs, ht, w, **o)
     if impl == "compiled":
@@ -59,14 +67,16 @@ def _loss_fn(impl, cfg, chunk):
         return baselines.liger_fused_linear_jsd(cfg.kind, cfg.beta, cfg.temperature)
     if impl == "liger-fljsd-loss":
         return baselines.liger_fused_linear_jsd_loss(cfg.kind, cfg.beta, cfg.temperature)
-    raise AssertionError(impl)
+    raise ValueError(f"unknown fused_linear impl {impl!r}; known: {IMPLS}")
 
 
-def _skip_reason(impl, cfg, device) -> str | None:
+def _skip_reason(impl, cfg, device, mode="fwdbwd") -> str | None:
     if not cfg.wants(impl):
         return "not selected (--impls)"
-    if impl in ("triton", "fused") and device.type != "cuda":
+    if impl in harness.TRITON_IMPLS and device.type != "cuda":
         return f"impl={impl} needs CUDA (the interpreter is too slow to time)"
+    if mode == "fwd" and impl in harness.SAME_FORWARD_AS:
+        return f"impl={impl} runs the forward of {harness.SAME_FORWARD_AS[impl]}: see its fwd row"
     if impl.startswith("liger") and not baselines.liger_available():
         return "Liger-Kernel needs CUDA and the liger-kernel package"
     if impl.startswith("liger") and cfg.kind == "jsd" and cfg.beta in (0.0, 1.0):
@@ -77,20 +87,12 @@ def _skip_reason(impl, cfg, device) -> str | None:
 @pytest.mark.parametrize("mode,weight", MODES, ids=["fwd", "fwdbwd-frozen", "fwdbwd-trainable"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fused_linear(benchmark, bench_cfg, device, shape, impl, mode, weight):
-    reason = _skip_reason(impl, bench_cfg, device)
+    reason = _skip_reason(impl, bench_cfg, device, mode)
     if reason:
         pytest.skip(reason)
     h_s, h_t, w = _inputs(shape, bench_cfg.dtype, device, mode, weight)
     loss_fn = _loss_fn(impl, bench_cfg, bench_cfg.compile_chunk)
-    if impl == "fused":  # being added: run only when the API accepts it
-        try:
-            with torch.no_grad():
-                loss_fn(h_s[:2], h_t[:2], w)
-        except ValueError as exc:
-            if "impl" in str(exc):
-                pytest.skip(f"impl='fused' not available: {exc}")
-            raise
-    if impl in harness.OUR_IMPLS and shape.tokens <= 4096:
+    if impl in harness.OUR_IMPLS:
         _check_against_naive(loss_fn, h_s, h_t, w, bench_cfg)
 
     def fn():
@@ -114,6 +116,8 @@ def test_fused_linear(benchmark, bench_cfg, device, shape, impl, mode, weight):
         "weight": weight,
         "impl": impl,
         **bench_cfg.options(),
+        # e.g. deterministic=False for fused-onepass
+        **{k: v for k, v in harness.OUR_IMPL_ARGS.get(impl, {}).items() if k != "impl"},
         "flops": _flops(shape, mode, weight),
         "input_bytes": harness.tensor_bytes(h_s, h_t, w),
     }
@@ -135,11 +139,35 @@ def test_fused_linear(benchmark, bench_cfg, device, shape, impl, mode, weight):
         )
 
 
-def _check_against_naive(loss_fn, h_s, h_t, w, cfg):
-    """Correctness before timing: the loss matches the float32 naive path on a slice."""
-    n = min(256, h_s.shape[0])
-    with torch.no_grad():
-        ours = loss_fn(h_s[:n], h_t[:n], w).float()
-        ref = baselines.naive_linear(h_s[:n], h_t[:n], w, **cfg.options())
+def _rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _check_against_naive(loss_fn, h_s, h_t, w, cfg, n: int = 256):
+    """Correctness before timing, on the first ``n`` tokens: the loss, and the gradients
+    of whatever requires grad (``h_s``; ``w`` when trainable), match the naive path
+    in float32 on the same values (16-bit inputs upcast). Gradients are compared by
+    relative Frobenius error; nothing is written to ``.grad``.
+    """
+    n = min(n, h_s.shape[0])
     tol = 1e-4 if h_s.dtype == torch.float32 else 2e-2
-    assert torch.allclose(ours, ref, rtol=tol, atol=tol), (float(ours), float(ref))
+    grad_tol = 1e-3 if h_s.dtype == torch.float32 else 2e-2
+    hs = h_s[:n].detach().requires_grad_(h_s.requires_grad)
+    ht = h_t[:n].detach()
+    hs_ref = hs.detach().float().requires_grad_(hs.requires_grad)
+    w_ref = w.detach().float().requires_grad_(w.requires_grad)
+    pairs = [
+        (name, x, x_ref)
+        for name, x, x_ref in (("d(hidden)", hs, hs_ref), ("d(weight)", w, w_ref))
+        if x.requires_grad
+    ]
+    with torch.enable_grad() if pairs else torch.no_grad():
+        ours = loss_fn(hs, ht, w)
+        ref = baselines.naive_linear(hs_ref, ht.float(), w_ref, **cfg.options())
+        ours_grads = torch.autograd.grad(ours, [x for _, x, _ in pairs]) if pairs else ()
+        ref_grads = torch.autograd.grad(ref, [x for _, _, x in pairs]) if pairs else ()
+    ours, ref = ours.detach().float(), ref.detach()
+    assert torch.allclose(ours, ref, rtol=tol, atol=tol), ("loss", float(ours), float(ref))
+    for (name, _, _), g, g_ref in zip(pairs, ours_grads, ref_grads, strict=True):
+        err = _rel_error(g, g_ref)
+        assert err <= grad_tol, (f"{name} relative error", err, grad_tol)

@@ -14,6 +14,11 @@
 #              the ahead-of-time compile tests are not in it)
 #   qwen3-4b   bench_fused_linear + bench_divergence at the Qwen3-4B shape, bf16,
 #              forward KL, T=1.1, clip 0.05, ours + naive + Liger, 8192 and 2048 tokens
+#              (ours: torch, triton, fused, and fused-onepass = impl="fused",
+#              deterministic=False, in its fwd+bwd rows only: its forward is fused's.
+#              It adds 4 timed cases and 2 compilations, its backward kernel frozen
+#              and trainable, offset by the 2 forward ones of a 2-token probe that
+#              bench_fused_linear.py no longer runs; counted on CPU by dry launches)
 #   precision  bench_precision.py: 16-bit loss/gradient error against float64
 #   skipping   bench_skipping.py: impl="fused" tile skipping on LM-like inputs
 #   compiled   the anchors that compile (torch.compile chunked loss, Liger chunked loss)
@@ -131,7 +136,7 @@ step "bench qwen3-4b" "$QWEN_CAP" "$OUT/bench-qwen3-4b.log" $PY -m pytest \
     bench/bench_fused_linear.py bench/bench_divergence.py "${BENCH[@]}" \
     --preset qwen3-4b --tokens 8192,2048 --bench-dtype bfloat16 \
     --kind forward_kl --temperature 1.1 --clip 0.05 --rounds 10 \
-    --impls torch,triton,fused,naive,liger-fljsd,liger-kldiv,liger-jsd \
+    --impls torch,triton,fused,fused-onepass,naive,liger-fljsd,liger-kldiv,liger-jsd \
     --report-dir "$OUT/pass-qwen3-4b"
 merge_report
 

@@ -48,8 +48,23 @@ CHECKS: list[dict] = []
 PRECISION: list[dict] = []  # rows of bench_precision.py
 
 # One list per concern; the bench files, the report and gpu_check.sh read these.
-#: opsd_kernels' own impls (``impl=`` of the API)
-OUR_IMPLS = ("torch", "triton", "fused")
+#: opsd_kernels' own impls by bench name -> the keyword arguments of
+#: ``fused_linear_divergence`` each one runs. ``fused-onepass`` is ``impl="fused"``
+#: with ``deterministic=False``: the same forward, the one-kernel backward with
+#: float32 atomics (bench/cost_model.py's "fused-onepass")
+OUR_IMPL_ARGS: dict[str, dict] = {
+    "torch": {"impl": "torch"},
+    "triton": {"impl": "triton"},
+    "fused": {"impl": "fused"},
+    "fused-onepass": {"impl": "fused", "deterministic": False},
+}
+OUR_IMPLS = tuple(OUR_IMPL_ARGS)
+#: the API's ``impl=`` values (each also a bench impl of that name)
+API_IMPLS = tuple(dict.fromkeys(a["impl"] for a in OUR_IMPL_ARGS.values()))
+#: our impls that run Triton kernels: timed on CUDA only (the interpreter is too slow)
+TRITON_IMPLS = tuple(k for k, a in OUR_IMPL_ARGS.items() if a["impl"] in ("triton", "fused"))
+#: our impls whose forward is another impl's: their ``fwd`` rows would repeat it
+SAME_FORWARD_AS = {"fused-onepass": "fused"}
 #: what each operation is compared with (see baselines.py)
 ANCHORS: dict[str, tuple[str, ...]] = {
     "fused_linear": ("naive", "compiled", "liger-fljsd", "liger-fljsd-loss"),
@@ -60,8 +75,10 @@ IMPLS: dict[str, tuple[str, ...]] = {
     "fused_linear": OUR_IMPLS + ANCHORS["fused_linear"],
     "divergence": ("torch", "triton") + ANCHORS["divergence"],
 }
-#: the precision table (bench_precision.py): ours, then the anchors
-IMPLS["precision"] = OUR_IMPLS + ("naive", "naive-16bit", "liger-fljsd-loss", "liger-fljsd")
+#: the precision table (bench_precision.py): ours by API impl (it calls ``impl=``
+#: only; the one-pass backward differs from the deterministic one in summation
+#: order alone), then the anchors
+IMPLS["precision"] = API_IMPLS + ("naive", "naive-16bit", "liger-fljsd-loss", "liger-fljsd")
 #: the order of rows in the report's tables
 IMPL_ORDER: tuple[str, ...] = tuple(
     dict.fromkeys(IMPLS["fused_linear"] + IMPLS["divergence"] + IMPLS["precision"])
@@ -206,3 +223,14 @@ def measure(
 
 def tensor_bytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def api_args(impl: str) -> dict:
+    """The ``fused_linear_divergence`` keyword arguments of our bench impl ``impl``.
+
+    >>> api_args("fused-onepass")
+    {'impl': 'fused', 'deterministic': False}
+    """
+    if impl not in OUR_IMPL_ARGS:
+        raise ValueError(f"impl must be one of our impls {OUR_IMPLS}, got {impl!r}")
+    return dict(OUR_IMPL_ARGS[impl])

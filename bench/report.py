@@ -278,6 +278,8 @@ def model_impl(row: dict, meta: dict) -> str | None:
     """The cost model's impl for a row of our impls; None for the baselines."""
     if row["impl"] in ("torch", "triton"):
         return "chunked"
+    if row["impl"] == "fused-onepass":  # impl="fused", deterministic=False
+        return "fused-onepass"
     if row["impl"] == "fused":
         deterministic = row.get("deterministic", meta["config"].get("deterministic", True))
         return "fused" if deterministic else "fused-onepass"

@@ -249,6 +249,120 @@ def test_one_impl_list_per_concern(bench_modules):
     assert report.ANCHORS is harness.ANCHORS
 
 
+@pytest.fixture
+def bench_fused_linear(bench_modules):
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_fused_linear
+
+        yield bench_fused_linear
+    finally:
+        sys.path.remove(BENCH)
+
+
+def _qwen_pass_impls() -> list[str]:
+    logical = _script().replace("\\\n", " ")
+    line = next(x for x in logical.splitlines() if '"bench qwen3-4b"' in x)
+    return re.search(r"--impls (\S+)", line).group(1).split(",")
+
+
+def test_fused_onepass_is_registered_in_every_layer(bench_modules):
+    """impl="fused", deterministic=False is one bench impl, fed from the one registry."""
+    _, harness, _, report = bench_modules
+    assert harness.api_args("fused-onepass") == {"impl": "fused", "deterministic": False}
+    assert harness.api_args("fused") == {"impl": "fused"}
+    assert "fused-onepass" in harness.IMPLS["fused_linear"]
+    assert "fused-onepass" in harness.TRITON_IMPLS and "torch" not in harness.TRITON_IMPLS
+    assert harness.SAME_FORWARD_AS == {"fused-onepass": "fused"}
+    # the report: ours (GPU targets, ratio tables, plot styles), and right after fused
+    assert "fused-onepass" in report.OURS
+    order = report.IMPL_ORDER
+    assert order.index("fused-onepass") == order.index("fused") + 1 < order.index("naive")
+    # the precision and divergence benches call impl= only: API names there
+    assert harness.API_IMPLS == ("torch", "triton", "fused")
+    assert "fused-onepass" not in harness.IMPLS["precision"] + harness.IMPLS["divergence"]
+    # every bench impl of ours names an impl the API accepts
+    assert {a["impl"] for a in harness.OUR_IMPL_ARGS.values()} <= set(harness.API_IMPLS)
+    with pytest.raises(ValueError, match="impl must be one of our impls"):
+        harness.api_args("fused-one-pass")
+    # the GPU check's Qwen3-4B pass runs every impl of ours, and only known names
+    impls = _qwen_pass_impls()
+    assert set(harness.OUR_IMPLS) <= set(impls), impls
+    assert set(impls) <= set(report.IMPL_ORDER), set(impls) - set(report.IMPL_ORDER)
+
+
+def test_bench_loss_fn_passes_the_registry_arguments(bench_fused_linear, monkeypatch):
+    import types
+
+    import opsd_kernels
+
+    calls = []
+    monkeypatch.setattr(
+        opsd_kernels, "fused_linear_divergence", lambda *a, **kw: calls.append(kw) or 0.0
+    )
+    opts = dict(kind="jsd", beta=0.3, temperature=1.1, clip=None)
+    cfg = types.SimpleNamespace(options=lambda: dict(opts))
+    for impl in ("fused-onepass", "fused", "triton"):
+        bench_fused_linear._loss_fn(impl, cfg, 16)(None, None, None)
+    assert calls == [
+        {"impl": "fused", "deterministic": False, **opts},
+        {"impl": "fused", **opts},
+        {"impl": "triton", **opts},
+    ]
+    with pytest.raises(ValueError, match="unknown fused_linear impl 'fused-atomic'"):
+        bench_fused_linear._loss_fn("fused-atomic", cfg, 16)
+
+
+def test_bench_skip_rules_of_the_onepass_impl(bench_fused_linear):
+    import types
+
+    cfg = types.SimpleNamespace(wants=lambda impl: True)
+    skip = bench_fused_linear._skip_reason
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for impl in ("fused", "fused-onepass", "triton"):
+        assert "needs CUDA" in skip(impl, cfg, cpu, "fwdbwd")
+        assert skip(impl, cfg, cuda, "fwdbwd") is None
+    assert skip("torch", cfg, cpu, "fwd") is None
+    # its forward is fused's: no fwd rows of its own
+    assert "forward of fused" in skip("fused-onepass", cfg, cuda, "fwd")
+    assert skip("fused", cfg, cuda, "fwd") is None
+
+
+def test_bench_correctness_check_covers_gradients(bench_fused_linear, bench_modules):
+    """The pre-timing check compares the gradients too, so a wrong backward is caught;
+    fused-onepass (deterministic=False) passes it under the Triton interpreter."""
+    import types
+
+    baselines = bench_modules[0]
+    b = bench_fused_linear
+    opts = dict(kind="forward_kl", beta=0.5, temperature=1.1, clip=0.05)
+    cfg = types.SimpleNamespace(options=lambda: dict(opts))
+    g = torch.Generator().manual_seed(3)
+    h_s = torch.randn(24, 32, generator=g).requires_grad_()
+    h_t = h_s.detach() + 0.5 * torch.randn(24, 32, generator=g)
+    w = (0.35 * torch.randn(300, 32, generator=g)).requires_grad_()
+    for impl in ("torch", "fused-onepass"):
+        b._check_against_naive(b._loss_fn(impl, cfg, 16), h_s, h_t, w, cfg)
+    assert h_s.grad is None and w.grad is None  # the check leaves .grad alone
+
+    def wrong_weight_grad(hs, ht, w):  # the right loss, a wrong d(weight)
+        loss = baselines.naive_linear(hs, ht, w, **opts)
+        return loss + 1e-3 * ((w * w).sum() - (w * w).sum().detach())
+
+    with pytest.raises(AssertionError, match="d\\(weight\\) relative error"):
+        b._check_against_naive(wrong_weight_grad, h_s, h_t, w, cfg)
+    # frozen lm_head: only d(hidden) is compared, and a wrong one is caught
+    w_frozen = w.detach()
+
+    def wrong_hidden_grad(hs, ht, w):
+        loss = baselines.naive_linear(hs, ht, w, **opts)
+        return loss + 1e-3 * (hs.sum() - hs.sum().detach())
+
+    with pytest.raises(AssertionError, match="d\\(hidden\\) relative error"):
+        b._check_against_naive(wrong_hidden_grad, h_s, h_t, w_frozen, cfg)
+    b._check_against_naive(b._loss_fn("torch", cfg, 16), h_s, h_t, w_frozen, cfg)
+
+
 def test_precision_table_measured_and_rendered(bench_modules):
     _, harness, bench_precision, report = bench_modules
     shape = (32, 32, 512)

@@ -189,6 +189,49 @@ def test_model_column_of_a_gpu_run(report, tmp_path):
     assert "not expected to match" not in md
 
 
+def test_fused_onepass_rows_get_the_one_pass_model(report, tmp_path):
+    """The bench impl "fused-onepass" (impl="fused", deterministic=False) is modelled as
+    cost_model's "fused-onepass", with or without the row's deterministic field, and
+    its rows follow fused's in the tables."""
+    meta = _meta()
+    # half the tiles skipped: the one-pass backward skips their GEMM work too, so the
+    # two models differ (at skipped fraction 0 both are 6 / 8NHV at the GEMM rate)
+    frac = dict(skipped_fraction=0.5, clip_recompute_fraction=0.1)
+
+    def model(impl, trainable):
+        p = passes(impl, "forward_kl", True, trainable, Shape(N=N, H=H, V=V), 0.5, 0.1)
+        return expected_ms(p, gemm_tflops=GEMM_TFLOPS, hbm_tbps=4.8)
+
+    onepass = {w: model("fused-onepass", w == "trainable") for w in ("frozen", "trainable")}
+    deterministic = {w: model("fused", w == "trainable") for w in ("frozen", "trainable")}
+    for w in ("frozen", "trainable"):
+        assert format(onepass[w], ".3g") != format(deterministic[w], ".3g")
+    for extra in ({}, {"deterministic": False}):
+        row = _row("fused-onepass", "fwdbwd", "trainable", N, 0.1, **frac, **extra)
+        assert report.model_impl(row, meta) == "fused-onepass"
+        assert report.model_ms(row, meta) == pytest.approx(onepass["trainable"], rel=1e-12)
+    assert report.model_impl(_row("fused", "fwdbwd", "frozen", N, 0.1), meta) == "fused"
+    results = [
+        _row("naive", "fwdbwd", "frozen", N, 0.5),
+        _row("fused-onepass", "fwdbwd", "frozen", N, 3.0 * onepass["frozen"] / 1e3, **frac),
+        _row("fused", "fwdbwd", "frozen", N, 0.1, **frac),
+        _row("fused-onepass", "fwdbwd", "trainable", N, 0.2, deterministic=False, **frac),
+        _row("torch", "fwdbwd", "frozen", N, 0.1),
+    ]
+    data = {"meta": meta, "results": results, "checks": [], "precision": []}
+    md = Path(report.render(data, str(tmp_path))[0]).read_text()
+    rows = _tables(md)
+    tr, fr = "fwdbwd, trainable lm_head", "fwdbwd, frozen lm_head"
+    assert rows[(fr, "fused-onepass", N)]["model ms"] == format(onepass["frozen"], ".3g")
+    assert rows[(fr, "fused-onepass", N)]["measured / model"] == "3"
+    assert rows[(tr, "fused-onepass", N)]["model ms"] == format(onepass["trainable"], ".3g")
+    assert rows[(fr, "fused", N)]["model ms"] == format(deterministic["frozen"], ".3g")
+    frozen_table = md.split("#### " + fr, 1)[1].split("####", 1)[0]
+    order = ("| torch |", "| fused |", "| fused-onepass |", "| naive |")
+    pos = [frozen_table.find(x) for x in order]
+    assert all(p >= 0 for p in pos) and pos == sorted(pos), pos
+
+
 def test_operand_bytes_follow_the_row_dtype(report):
     """At a GEMM rate high enough that HBM bytes set the time, bf16 and fp32 rows differ."""
     meta = _meta()
