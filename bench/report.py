@@ -361,7 +361,8 @@ def render(data: dict, out_dir: str) -> list[str]:
             if cpu
             else "(`torch.cuda.max_memory_allocated` after a reset)."
         ),
-        "Impls: `torch`/`triton`/`fused` are opsd_kernels; `naive` = full logits, "
+        "Impls: `torch`/`triton`/`fused`/`fused-onepass` are opsd_kernels "
+        '(`fused-onepass` = `impl="fused", deterministic=False`); `naive` = full logits, '
         "log_softmax, F.kl_div, autograd; `compiled` = torch.compile of a token-chunked loss "
         f"(chunk {c['compile_chunk']}); `liger-*` = Liger-Kernel (no per-entry clip: it "
         "computes the unclipped loss).",
@@ -374,7 +375,8 @@ def render(data: dict, out_dir: str) -> list[str]:
             + ": the expected time from `bench/cost_model.py` (per pass max(flops / GEMM rate, "
             "HBM bytes / bandwidth), summed) at the GEMM rate measured above and HBM "
             f"{hbm_tbps(meta):g} TB/s, for our impls (torch/triton = chunked, fused = "
-            "deterministic backward, or one-pass where a row says deterministic=False); "
+            "deterministic backward, fused-onepass (or a row saying deterministic=False) = "
+            "one-pass); "
             "skipped fraction 0 and every clip tile recomputed (worst case) unless a row records "
             "them; `fwd` rows count the forward passes only (— where the model has no "
             "forward/backward split); — for the baselines.",
