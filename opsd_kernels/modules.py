@@ -8,7 +8,32 @@ from ._validation import check_options
 from .api import divergence, fused_linear_divergence
 
 
-class Divergence(torch.nn.Module):
+class _LossModule(torch.nn.Module):
+    """Options kept as attributes (validated at construction, changeable later) and
+    passed to the function by keyword on every call; ``repr`` lists them."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self._option_names = tuple(options)
+        for name, value in options.items():
+            setattr(self, name, value)
+
+    def _add_option(self, name: str, value) -> None:
+        self._option_names += (name,)
+        setattr(self, name, value)
+
+    def _options(self) -> dict:
+        return {name: getattr(self, name) for name in self._option_names}
+
+    def extra_repr(self) -> str:
+        return ", ".join(
+            f"{name}={value!r}"
+            for name, value in self._options().items()
+            if name != "process_group" or value is not None
+        )
+
+
+class Divergence(_LossModule):
     """Module form of :func:`opsd_kernels.divergence`.
 
     >>> loss_fn = Divergence(kind="jsd", beta=0.5, temperature=1.1)
@@ -27,34 +52,23 @@ class Divergence(torch.nn.Module):
         impl="auto",
         process_group=None,
     ):
-        super().__init__()
         check_options(kind, beta, temperature, clip, reduction)  # fail at construction
-        self.kind, self.beta, self.temperature = kind, beta, temperature
-        self.clip, self.reduction, self.impl = clip, reduction, impl
-        self.process_group = process_group  # vocabulary-parallel: see opsd_kernels.vocab_parallel
+        # process_group: vocabulary-parallel, see opsd_kernels.vocab_parallel
+        super().__init__(
+            kind=kind,
+            beta=beta,
+            temperature=temperature,
+            clip=clip,
+            reduction=reduction,
+            impl=impl,
+            process_group=process_group,
+        )
 
     def forward(self, student_logits, teacher_logits, mask=None):
-        return divergence(
-            student_logits,
-            teacher_logits,
-            kind=self.kind,
-            beta=self.beta,
-            temperature=self.temperature,
-            clip=self.clip,
-            mask=mask,
-            reduction=self.reduction,
-            impl=self.impl,
-            process_group=self.process_group,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
-            f"clip={self.clip}, reduction={self.reduction!r}, impl={self.impl!r}"
-        )
+        return divergence(student_logits, teacher_logits, mask=mask, **self._options())
 
 
-class FusedLinearDivergence(torch.nn.Module):
+class FusedLinearDivergence(_LossModule):
     """Module form of :func:`opsd_kernels.fused_linear_divergence`.
 
     The lm_head weight is passed at call time (it belongs to the model).
@@ -79,13 +93,21 @@ class FusedLinearDivergence(torch.nn.Module):
         deterministic=True,
         process_group=None,
     ):
-        super().__init__()
         check_options(kind, beta, temperature, clip, reduction)
-        self.kind, self.beta, self.temperature = kind, beta, temperature
-        self.clip, self.reduction, self.impl = clip, reduction, impl
-        self.chunk_size, self.fp32_weight_grad = chunk_size, fp32_weight_grad
-        self.skip_threshold, self.deterministic = skip_threshold, deterministic
-        self.process_group = process_group  # weight rows are this rank's vocabulary slice
+        # process_group: the weight rows are this rank's vocabulary slice
+        super().__init__(
+            kind=kind,
+            beta=beta,
+            temperature=temperature,
+            clip=clip,
+            reduction=reduction,
+            impl=impl,
+            chunk_size=chunk_size,
+            fp32_weight_grad=fp32_weight_grad,
+            skip_threshold=skip_threshold,
+            deterministic=deterministic,
+            process_group=process_group,
+        )
 
     def forward(
         self,
@@ -105,29 +127,12 @@ class FusedLinearDivergence(torch.nn.Module):
             teacher_weight=teacher_weight,
             bias=bias,
             teacher_bias=teacher_bias,
-            kind=self.kind,
-            beta=self.beta,
-            temperature=self.temperature,
-            clip=self.clip,
             mask=mask,
-            reduction=self.reduction,
-            impl=self.impl,
-            chunk_size=self.chunk_size,
-            fp32_weight_grad=self.fp32_weight_grad,
-            skip_threshold=self.skip_threshold,
-            deterministic=self.deterministic,
-            process_group=self.process_group,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
-            f"clip={self.clip}, reduction={self.reduction!r}, impl={self.impl!r}, "
-            f"chunk_size={self.chunk_size}"
+            **self._options(),
         )
 
 
-class TopkDivergence(torch.nn.Module):
+class TopkDivergence(_LossModule):
     """Module form of :func:`opsd_kernels.topk_divergence` (a top-k teacher).
 
     >>> loss_fn = TopkDivergence(kind="forward_kl", tail="bucket", clip=0.05)
@@ -148,35 +153,25 @@ class TopkDivergence(torch.nn.Module):
         impl="auto",
         validate=None,
     ):
-        super().__init__()
         from .topk import _check_topk_options
 
         _check_topk_options(kind, beta, tail, temperature, clip, reduction)
-        self.kind, self.beta, self.tail, self.temperature = kind, beta, tail, temperature
-        self.clip, self.reduction, self.impl, self.validate = clip, reduction, impl, validate
+        super().__init__(
+            kind=kind,
+            beta=beta,
+            tail=tail,
+            temperature=temperature,
+            clip=clip,
+            reduction=reduction,
+            impl=impl,
+            validate=validate,
+        )
 
     def forward(self, student_logits, teacher_ids, teacher_logprobs, mask=None):
         from .topk import topk_divergence
 
         return topk_divergence(
-            student_logits,
-            teacher_ids,
-            teacher_logprobs,
-            kind=self.kind,
-            beta=self.beta,
-            tail=self.tail,
-            temperature=self.temperature,
-            clip=self.clip,
-            mask=mask,
-            reduction=self.reduction,
-            impl=self.impl,
-            validate=self.validate,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"kind={self.kind!r}, tail={self.tail!r}, temperature={self.temperature}, "
-            f"clip={self.clip}, reduction={self.reduction!r}, impl={self.impl!r}"
+            student_logits, teacher_ids, teacher_logprobs, mask=mask, **self._options()
         )
 
 
@@ -204,7 +199,7 @@ class FusedLinearTopkDivergence(TopkDivergence):
         validate=None,
     ):
         super().__init__(kind, beta, tail, temperature, clip, reduction, impl, validate)
-        self.chunk_size = chunk_size
+        self._add_option("chunk_size", chunk_size)
 
     def forward(
         self, student_hidden, weight, teacher_ids, teacher_logprobs, *, bias=None, mask=None
@@ -217,17 +212,6 @@ class FusedLinearTopkDivergence(TopkDivergence):
             teacher_ids,
             teacher_logprobs,
             bias=bias,
-            kind=self.kind,
-            beta=self.beta,
-            tail=self.tail,
-            temperature=self.temperature,
-            clip=self.clip,
             mask=mask,
-            reduction=self.reduction,
-            impl=self.impl,
-            chunk_size=self.chunk_size,
-            validate=self.validate,
+            **self._options(),
         )
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", chunk_size={self.chunk_size}"
