@@ -117,13 +117,21 @@ def slab_layout(shape: Shape, trainable: bool, scratch_bytes: int = 32 * 2**20):
     programs to fill).
 
     >>> slab_layout(Shape(), trainable=True)
-    (1600, 10368)
+    (1408, 11776)
     """
     s = shape
-    rows = min(s.N, max(s.block_n, scratch_bytes // 2 // (4 * s.H) // s.block_n * s.block_n))
-    width = max(s.block_v, scratch_bytes // (s.elem * rows) // s.block_v * s.block_v)
+    rows_most = max(s.block_n, scratch_bytes // 2 // (4 * s.H) // s.block_n * s.block_n)
+    rows = _even(s.N, rows_most, s.block_n)
+    width = _even(
+        s.V, max(s.block_v, scratch_bytes // (s.elem * rows) // s.block_v * s.block_v), s.block_v
+    )
     width = max(width, math.ceil(2 * SMS / math.ceil(rows / s.block_n)) * s.block_v)
     return rows, min(width, math.ceil(s.V / s.block_v) * s.block_v)
+
+
+def _even(total: int, most: int, multiple: int) -> int:
+    pieces = math.ceil(total / max(most, multiple))
+    return math.ceil(math.ceil(total / pieces) / multiple) * multiple
 
 
 def passes(
@@ -219,10 +227,12 @@ def extra_bytes(impl: str, shape: Shape = Shape(), trainable: bool = True) -> fl
     - chunked: both roles' float32 logits of a chunk and their 16-bit gradient operand,
       the float32 dH accumulator (N, H), and, trainable, the float32 (V, H) dW
       accumulator (cast to the weight's dtype at the end);
-    - fused (deterministic, :func:`slab_layout`): the 16-bit gradient slab, a float32 dH
-      accumulator for one token slice, the slice's hidden states with masked rows
-      zeroed, the per-tile maxima and skip map, and, trainable, the float32 dW
-      accumulator;
+    - fused (deterministic, :func:`slab_layout`; bf16 on torch >= 2.10, whose GEMMs add
+      float32 products in place): the 16-bit gradient slab, a float32 dH accumulator
+      for one token slice, the per-tile maxima and skip map, and, trainable, the
+      slice's hidden states with masked rows zeroed and the float32 dW accumulator
+      (float16, or torch < 2.10, adds a float32 product buffer of the dH
+      accumulator's size);
     - fused-onepass: float32 dH (N, H), the per-tile maps, and, trainable, float32 dW.
 
     >>> extra_bytes("fused", trainable=False) < 64e6
@@ -235,7 +245,8 @@ def extra_bytes(impl: str, shape: Shape = Shape(), trainable: bool = True) -> fl
         return 2 * 4.0 * s.chunk * s.V + s.elem * s.chunk * s.V + 4.0 * s.N * s.H + dw
     if impl == "fused":
         rows, width = slab_layout(s, trainable)
-        return s.elem * rows * width + 4.0 * rows * s.H + s.elem * rows * s.H + maps + dw
+        masked_copy = s.elem * rows * s.H if trainable else 0.0
+        return s.elem * rows * width + 4.0 * rows * s.H + masked_copy + maps + dw
     if impl == "fused-onepass":
         return 4.0 * s.N * s.H + maps + dw
     raise ValueError(f"impl must be 'chunked', 'fused' or 'fused-onepass', got {impl!r}")

@@ -157,7 +157,8 @@ def fused_linear_divergence(
             never writes logits to global memory: Triton tiles over (tokens x
             vocabulary) form both logits with ``tl.dot`` and reduce them at once into
             per-token statistics; the backward recomputes the tiles. Extra memory O(N)
-            statistics plus per-tile maxima and bounded float32 scratch; flops 4NHV
+            statistics plus per-tile maxima, a bounded gradient slab and a float32 dH
+            accumulator per token slice (``FusedConfig.scratch_bytes``); flops 4NHV
             forward (plus the tiles an exact bound cannot clear, for clip; every tile
             again for jsd), backward 6NHV frozen / 8NHV trainable: one recompute per
             tile, its logit gradient passed through a bounded slab to the gradient GEMMs

@@ -104,6 +104,14 @@ def _native_fp32_out(a: torch.Tensor) -> bool:
     )
 
 
+def adds_in_place(a: torch.Tensor) -> bool:
+    """Whether :func:`add_product` adds a product of ``a``'s dtype into a float32
+    accumulator in place, without a temporary (no ``inv``)."""
+    if a.dtype == torch.float32:
+        return True
+    return _native_fp32_out(a) and _probe(_addmm_out_dtype_ok, a.device, _check_addmm_in_place)
+
+
 def add_product(
     acc: torch.Tensor,
     a: torch.Tensor,
@@ -125,15 +133,16 @@ def add_product(
     if inv is None and a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if (
-        inv is None
-        and acc.dtype == torch.float32
-        and _native_fp32_out(a)
-        and _probe(_addmm_out_dtype_ok, a.device, _check_addmm_in_place)
-    ):
+    if inv is None and acc.dtype == torch.float32 and a.is_cuda and adds_in_place(a):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
         return
     acc.add_(product(a, b, acc.dtype, inv, buf))
+
+
+def writes_into_buffer(a: torch.Tensor) -> bool:
+    """Whether a 16-bit GEMM of ``a``'s dtype and device writes a float32 product into a
+    given buffer (``mm(..., out_dtype=float32, out=buf)``, probed)."""
+    return _native_fp32_out(a) and _probe(_mm_into_ok, a.device, _check_mm_out_dtype_into)
 
 
 def product(
@@ -147,11 +156,7 @@ def product(
     where the GEMM can write it there, else a new tensor."""
     if buf is not None and a.dtype == cdt:
         res = torch.mm(a, b, out=buf)
-    elif (
-        buf is not None
-        and _native_fp32_out(a)
-        and _probe(_mm_into_ok, a.device, _check_mm_out_dtype_into)
-    ):
+    elif buf is not None and writes_into_buffer(a):
         res = torch.mm(a, b, out_dtype=torch.float32, out=buf)
     else:
         res = _mm_fp32(a, b, cdt)

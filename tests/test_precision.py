@@ -195,32 +195,39 @@ def test_16bit_gradient_operand_keeps_small_entries(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("scaled", [False, True])
-def test_add_product_accumulates_in_float32(dtype, scaled):
+@pytest.mark.parametrize("with_buffer", [False, True])
+def test_add_product_accumulates_in_float32(dtype, scaled, with_buffer):
     """gemm.add_product: acc += (a @ b) * inv, the product of 16-bit operands formed in
-    float32 (never rounded to 16 bits), added into the float32 accumulator."""
+    float32 (never rounded to 16 bits), added into the float32 accumulator, on the test
+    device (CUDA: addmm / mm with out_dtype, in place or into the buffer), with a
+    transposed, strided left operand as the gradient GEMMs pass it."""
     from opsd_kernels import gemm
 
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(24, 40, generator=g).to(dtype)
-    b = torch.randn(40, 8, generator=g).to(dtype)
-    acc = torch.randn(24, 8, generator=g)
-    inv = torch.tensor(2.0**-7) if scaled else None
-    want = acc.double() + (a.double() @ b.double()) * (1.0 if inv is None else float(inv))
-    gemm.add_product(acc, a, b, inv)
+    a = torch.randn(40, 72, generator=g)[:, ::3].t().to(DEVICE, dtype)  # (24, 40), strided
+    b = torch.randn(40, 8, generator=g).to(DEVICE, dtype)
+    acc = torch.randn(24, 8, generator=g).to(DEVICE)
+    inv = torch.tensor(2.0**-7, device=DEVICE) if scaled else None
+    buf = torch.full((24, 8), float("nan"), device=DEVICE) if with_buffer else None
+    scale = 1.0 if inv is None else 2.0**-7
+    want = acc.double() + (a.double() @ b.double()) * scale
+    gemm.add_product(acc, a, b, inv, buf)
     torch.testing.assert_close(acc.double(), want, rtol=1e-6, atol=1e-5)
 
 
 def test_product_into_buffer():
     """gemm.product writes into the caller's reused buffer where the GEMM can (same-dtype
-    operands here; 16-bit operands on CUDA with out_dtype), else returns a new tensor."""
+    operands; 16-bit operands on CUDA with out_dtype), else returns a new tensor."""
     from opsd_kernels import gemm
 
     g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(6, 5, generator=g), torch.randn(5, 3, generator=g)
-    buf = torch.full((6, 3), float("nan"))
-    res = gemm.product(a, b, torch.float32, torch.tensor(0.5), buf)
+    a, b = torch.randn(6, 5, generator=g).to(DEVICE), torch.randn(5, 3, generator=g).to(DEVICE)
+    buf = torch.full((6, 3), float("nan"), device=DEVICE)
+    res = gemm.product(a, b, torch.float32, torch.tensor(0.5, device=DEVICE), buf)
     assert res.data_ptr() == buf.data_ptr()
     torch.testing.assert_close(res, (a @ b) * 0.5)
     res16 = gemm.product(a.bfloat16(), b.bfloat16(), torch.float32, None, buf)
     assert res16.dtype == torch.float32
+    # into the buffer exactly where torch gives float32 results of bf16 GEMMs directly
+    assert (res16.data_ptr() == buf.data_ptr()) == gemm.writes_into_buffer(a.bfloat16())
     torch.testing.assert_close(res16, a.bfloat16().float() @ b.bfloat16().float())

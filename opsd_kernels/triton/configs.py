@@ -45,7 +45,8 @@ class FusedConfig:
     ``dot_precision``: ``input_precision`` of ``tl.dot`` for float32 operands
     ("ieee" exact, "tf32" faster on GPU); ignored for 16-bit operands.
     ``scratch_bytes``: bound on the deterministic backward's gradient slab (its
-    float32 dH accumulator takes at most half as much more; see
+    float32 dH accumulator takes at most half as much more, and so does a float32
+    product buffer where the GEMMs cannot add in place; see
     :func:`opsd_kernels.triton.fused_backward.fused_backward`).
     ``group``: token blocks that run side by side over the vocabulary splits in the
     forward's grouped launch order: programs running at the same time then touch

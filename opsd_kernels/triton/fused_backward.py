@@ -469,15 +469,28 @@ def _slab_layout(N, H, V, cfg, slab_elem, want_w, weight_grad_dtype, dev):
     Token slices bound the float32 dH accumulator to half the scratch (and keep the
     slab's width from shrinking with N); they are used whenever dW can accumulate over
     them exactly: a float32 weight gradient, or none. The slab width fills the
-    scratch, with at least enough tiles per slab launch to fill the device.
+    scratch, with at least enough tiles per slab launch to fill the device. Slices and
+    scratch-sized slabs are evened out (:func:`even_split`), so the last launch is not a
+    sliver that leaves the device idle.
     """
     BN, BV = cfg.block_n, cfg.block_v
     rows = N
     if (not want_w) or weight_grad_dtype == torch.float32:
-        rows = min(N, max(BN, cfg.scratch_bytes // 2 // (4 * H) // BN * BN))
-    width = max(BV, cfg.scratch_bytes // (slab_elem * rows) // BV * BV)
+        rows = even_split(N, max(BN, cfg.scratch_bytes // 2 // (4 * H) // BN * BN), BN)
+    width = even_split(V, max(BV, cfg.scratch_bytes // (slab_elem * rows) // BV * BV), BV)
     width = max(width, triton.cdiv(device_programs(dev), triton.cdiv(rows, BN)) * BV)
     return rows, min(width, triton.cdiv(V, BV) * BV)
+
+
+def even_split(total: int, most: int, multiple: int) -> int:
+    """The piece size, a multiple of ``multiple`` and at most ``max(most, multiple)``,
+    that covers ``total`` in as few pieces as ``most`` allows, as evenly as possible.
+
+    >>> even_split(8192, 1600, 64), even_split(151936, 11904, 128), even_split(10, 64, 16)
+    (1408, 11776, 16)
+    """
+    pieces = triton.cdiv(total, max(most, multiple))
+    return triton.cdiv(triton.cdiv(total, pieces), multiple) * multiple
 
 
 def _slab_backward(
@@ -504,9 +517,20 @@ def _slab_backward(
     acc_h = None if (not want_h or direct_h) else torch.empty(rows, H, dtype=f32, device=dev)
     grad_w = torch.zeros(V, H, dtype=weight_grad_dtype, device=dev) if want_w else None
     grad_b = torch.zeros(V, dtype=f32, device=dev) if want_b else None
-    # float32 products of 16-bit operands land in one reused buffer of a token slice's
-    # dH size (dW in row blocks of that size), unless the GEMM adds in place
-    buf = torch.empty(rows, H, dtype=f32, device=dev) if hs.is_cuda and hs.dtype != f32 else None
+    # float32 products of 16-bit CUDA operands land in one reused buffer of a token
+    # slice's dH size (dW in row blocks of that size) where the GEMM cannot add them in
+    # place: float16 (a scale to divide out), a 16-bit weight gradient, or torch < 2.10
+    buf = None
+    if (
+        hs.is_cuda
+        and hs.dtype != f32
+        and (
+            hs.dtype == torch.float16
+            or (want_w and weight_grad_dtype != f32)
+            or not gemm.adds_in_place(hs)
+        )
+    ):
+        buf = torch.empty(rows, H, dtype=f32, device=dev)
     keep = ("ht_ptr", "skip_ptr", "count_ptr")
     kernel_args = {k: v for k, v in common.items() if not k.endswith("_ptr") or k in keep}
     teacher_weight = common["wt_ptr"]
