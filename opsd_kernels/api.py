@@ -13,7 +13,12 @@ from ._validation import (
     check_options,
     check_skip_threshold,
 )
-from .autograd import DivergenceFunction, FusedLinearDivergenceFunction, auto_chunk_size
+from .autograd import (
+    ChunkedSweep,
+    DivergenceFunction,
+    FusedLinearDivergenceFunction,
+    auto_chunk_size,
+)
 from .torch_impl import divergence_rows_torch
 
 
@@ -314,7 +319,6 @@ def fused_linear_divergence(
         teacher_bias,
         mask,
         opts,
-        _row_function(impl),
-        chunk_size,
+        ChunkedSweep(_row_function(impl), chunk_size),
         grad_dtype,
     )

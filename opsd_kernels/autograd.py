@@ -142,71 +142,90 @@ def auto_chunk_size(
     return c
 
 
-def _chunked_linear_pass(
-    hs,
-    ht,
-    weight,
-    teacher_weight,
-    bias,
-    teacher_bias,
-    mask,
-    opts,
-    row_fn,
-    chunk,
-    scale,
-    want_h,
-    want_w,
-    want_b,
-    weight_grad_dtype,
-):
-    """One sweep over token chunks: float32 logits, row kernel, gradient GEMMs.
+class ChunkedSweep:
+    """The token-chunked sweep of :class:`FusedLinearDivergenceFunction` over the whole
+    vocabulary: per chunk float32 logits, the row function, the gradient GEMMs.
 
-    ``scale``: (1,) or (N,) per-row gradient factors in the compute dtype.
-    Returns ``(loss_rows, grad_hidden, grad_weight, grad_bias)`` (None where
-    unwanted); the hidden and bias gradients are in the compute dtype (float32
-    or float64), the weight gradient in ``weight_grad_dtype``.
+    A sweep is called as ``sweep(hs, ht, weight, teacher_weight, bias, teacher_bias,
+    mask, opts, scale, want_h, want_w, want_b, weight_grad_dtype, stats=None)`` and
+    returns ``(loss_rows, stats, grad_hidden, grad_weight, grad_bias)``: ``scale`` is
+    (1,) or (N,) per-row gradient factors in the compute dtype; ``stats`` are per-token
+    statistics a deferred backward may reuse (None here: this sweep recomputes them);
+    the hidden and bias gradients are in the compute dtype (float32 or float64), the
+    weight gradient in ``weight_grad_dtype``, None where unwanted.
+    :meth:`reduce_hidden` finishes the hidden gradient (the identity here; a
+    vocabulary-parallel sweep sums it over its ranks).
     """
-    N = hs.shape[0]
-    cdt = gemm.compute_dtype(
-        hs.dtype,
-        ht.dtype,
-        weight.dtype,
-        (weight if teacher_weight is None else teacher_weight).dtype,
-    )
-    loss = torch.empty(N, dtype=cdt, device=hs.device)
-    grads = ChunkGradients(hs, weight, cdt, weight_grad_dtype, want_h, want_w, want_b)
-    for lo in range(0, N, chunk):
-        hi = min(N, lo + chunk)
-        mask_c = None if mask is None else mask[lo:hi]
-        hs_c, s_l, t_l = chunk_logits(
-            hs[lo:hi], ht[lo:hi], weight, teacher_weight, bias, teacher_bias, mask_c
+
+    def __init__(self, row_fn: RowFunction, chunk: int):
+        self.row_fn, self.chunk = row_fn, chunk
+
+    def __call__(
+        self,
+        hs,
+        ht,
+        weight,
+        teacher_weight,
+        bias,
+        teacher_bias,
+        mask,
+        opts,
+        scale,
+        want_h,
+        want_w,
+        want_b,
+        weight_grad_dtype,
+        stats=None,
+    ):
+        N = hs.shape[0]
+        cdt = gemm.compute_dtype(
+            hs.dtype,
+            ht.dtype,
+            weight.dtype,
+            (weight if teacher_weight is None else teacher_weight).dtype,
         )
-        loss[lo:hi] = row_fn(
-            s_l,
-            t_l,
-            opts,
-            mask=mask_c,
-            scale=scale if scale.numel() == 1 else scale[lo:hi],
-            grad_student=s_l if grads.any else None,
-            grad_teacher=None,
-        )
-        del t_l
-        if grads.any:
-            # s_l now holds dL/d(student logits), with the rows' factors applied
-            grads.add(lo, hi, s_l, hs_c, weight)
-        del s_l
-    return (loss, *grads.as_tuple())
+        loss = torch.empty(N, dtype=cdt, device=hs.device)
+        grads = ChunkGradients(hs, weight, cdt, weight_grad_dtype, want_h, want_w, want_b)
+        for lo in range(0, N, self.chunk):
+            hi = min(N, lo + self.chunk)
+            mask_c = None if mask is None else mask[lo:hi]
+            hs_c, s_l, t_l = chunk_logits(
+                hs[lo:hi], ht[lo:hi], weight, teacher_weight, bias, teacher_bias, mask_c
+            )
+            loss[lo:hi] = self.row_fn(
+                s_l,
+                t_l,
+                opts,
+                mask=mask_c,
+                scale=scale if scale.numel() == 1 else scale[lo:hi],
+                grad_student=s_l if grads.any else None,
+                grad_teacher=None,
+            )
+            del t_l
+            if grads.any:
+                # s_l now holds dL/d(student logits), with the rows' factors applied
+                grads.add(lo, hi, s_l, hs_c, weight)
+            del s_l
+        return (loss, None, *grads.as_tuple())
+
+    def reduce_hidden(self, grad_h: torch.Tensor) -> torch.Tensor:
+        return grad_h
 
 
 class FusedLinearDivergenceFunction(torch.autograd.Function):
     """Chunked fused-linear divergence; gradients to student hidden, weight and bias.
 
+    ``apply(student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias,
+    mask, opts, sweep, weight_grad_dtype)``: ``sweep`` a :class:`ChunkedSweep`, or a
+    vocabulary-parallel one (:class:`opsd_kernels.vocab_parallel.VocabParallelSweep`).
+
     Logits are float32 (:mod:`opsd_kernels.gemm`). Gradients formed in the forward
     are kept in float32 until the backward has applied the upstream factor (e.g. a
-    GradScaler's loss scale), and only then cast to each input's dtype. A weight
-    gradient that must accumulate in float16 (``fp32_weight_grad=False`` with a
-    float16 weight) is recomputed in the backward instead, with the upstream factor
-    applied first.
+    GradScaler's loss scale), and only then cast to each input's dtype. Gradients
+    that mix rows and cannot be formed in the forward (per-row upstream factors of
+    reduction "none", or a float16 weight-gradient accumulator:
+    :func:`~opsd_kernels.chunked.defer_mixed_gradients`) are formed by a second
+    sweep in the backward, with the upstream factors applied first.
     """
 
     @staticmethod
@@ -220,8 +239,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         teacher_bias,
         mask,
         opts: DivergenceOptions,
-        row_fn: RowFunction,
-        chunk: int,
+        sweep,
         weight_grad_dtype: torch.dtype,
     ):
         H = student_hidden.shape[-1]
@@ -229,17 +247,13 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         hs = student_hidden.reshape(-1, H).contiguous()
         ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous()
         mask1 = None if mask is None else mask.reshape(-1).contiguous()
-        want_h = ctx.needs_input_grad[0]
-        want_w = ctx.needs_input_grad[2]
-        want_b = ctx.needs_input_grad[4]
+        want_h, want_w, want_b = (ctx.needs_input_grad[i] for i in (0, 2, 4))
         N = hs.shape[0]
         cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype)
-        # rows mix in dW and db: with "none" the per-row upstream factors are only known
-        # in the backward; a float16 accumulator must not hold unscaled values
         defer = defer_mixed_gradients(opts.reduction, want_w, want_b, weight_grad_dtype)
         scale = forward_scale(opts.reduction, mask1, N, hs.device, cdt)
         with torch.autocast(hs.device.type, enabled=False):
-            loss, grad_h, grad_w, grad_b = _chunked_linear_pass(
+            loss, stats, grad_h, grad_w, grad_b = sweep(
                 hs,
                 ht,
                 weight,
@@ -248,8 +262,6 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
                 teacher_bias,
                 mask1,
                 opts,
-                row_fn,
-                chunk,
                 scale,
                 want_h and not defer,
                 want_w and not defer,
@@ -257,6 +269,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
                 weight_grad_dtype,
             )
         ctx.defer = defer
+        ctx.sweep = sweep
         ctx.reduction = opts.reduction
         ctx.wants = (want_h, want_w, want_b)
         ctx.weight_grad_dtype = weight_grad_dtype
@@ -267,8 +280,8 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             None if bias is None else bias.dtype,
         )
         if defer:
-            ctx.save_for_backward(hs, ht, weight, teacher_weight, bias, teacher_bias, scale)
-            ctx.args = (mask1, opts, row_fn, chunk)
+            ctx.save_for_backward(hs, ht, weight, teacher_weight, bias, teacher_bias, scale, stats)
+            ctx.args = (mask1, opts)
         else:
             ctx.grads = (grad_h, grad_w, grad_b)
         return reduce_rows(loss, opts.reduction, scale, lead)
@@ -279,12 +292,12 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         want_h, want_w, want_b = ctx.wants
         shape, h_dtype, w_dtype, b_dtype = ctx.dtypes
         if ctx.defer:
-            hs, ht, weight, teacher_weight, bias, teacher_bias, fwd_scale = ctx.saved_tensors
-            mask1, opts, row_fn, chunk = ctx.args
+            hs, ht, weight, teacher_weight, bias, teacher_bias, fwd_scale, stats = ctx.saved_tensors
+            mask1, opts = ctx.args
             # the upstream factor goes in first: no 16-bit buffer holds an unscaled value
             scale = (fwd_scale * grad_out.reshape(-1).to(fwd_scale.dtype)).contiguous()
             with torch.autocast(hs.device.type, enabled=False):
-                _, grad_h, grad_w, grad_b = _chunked_linear_pass(
+                _, _, grad_h, grad_w, grad_b = ctx.sweep(
                     hs,
                     ht,
                     weight,
@@ -293,13 +306,12 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
                     teacher_bias,
                     mask1,
                     opts,
-                    row_fn,
-                    chunk,
                     scale,
                     want_h,
                     want_w,
                     want_b,
                     ctx.weight_grad_dtype,
+                    stats=stats,
                 )
         else:
             grad_h, grad_w, grad_b = ctx.grads
@@ -307,13 +319,14 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             grad_h, grad_w, grad_b = apply_upstream(
                 (grad_h, grad_w, grad_b), grad_out, ctx.reduction
             )
+        if grad_h is not None:
+            grad_h = ctx.sweep.reduce_hidden(grad_h)
         return (
             None if grad_h is None else grad_h.to(h_dtype).view(shape),
             None,
             None if grad_w is None else grad_w.to(w_dtype),
             None,
             None if grad_b is None else grad_b.to(b_dtype),
-            None,
             None,
             None,
             None,

@@ -61,12 +61,8 @@ import torch
 
 from . import gemm
 from ._validation import DivergenceOptions
-from .chunked import (
-    ChunkGradients,
-    apply_upstream,
-    chunk_logits,
-    defer_mixed_gradients,
-)
+from .autograd import FusedLinearDivergenceFunction
+from .chunked import ChunkGradients, chunk_logits
 from .divergences import weighted_log_ratio
 from .reductions import forward_scale, reduce_rows
 from .torch_impl import rows_per_chunk
@@ -354,209 +350,86 @@ class VocabParallelDivergenceFunction(torch.autograd.Function):
         return outs[0], outs[1], None, None, None, None
 
 
-def _linear_pass(
-    hs,
-    ht,
-    weight,
-    teacher_weight,
-    bias,
-    teacher_bias,
-    mask,
-    opts,
-    group,
-    chunk,
-    scale,
-    want_h,
-    want_w,
-    want_b,
-    weight_grad_dtype,
-    impl,
-    stats=None,
-):
-    """One sweep over token chunks of the local vocabulary slice.
+class VocabParallelSweep:
+    """The sweep of :class:`opsd_kernels.autograd.FusedLinearDivergenceFunction` over this
+    rank's vocabulary slice (the protocol of :class:`opsd_kernels.autograd.ChunkedSweep`).
 
-    Without ``stats`` (the forward) each chunk's statistics are all-reduced
-    (2 or 3 collectives per chunk); with ``stats`` (a deferred backward) they
-    are reused and nothing is communicated. Returns ``(loss_rows, stats,
-    grad_hidden_partial, grad_weight, grad_bias)``; the hidden gradient is this
-    rank's partial sum, to be all-reduced by the caller.
-    """
-    N = hs.shape[0]
-    cdt = gemm.compute_dtype(
-        hs.dtype,
-        ht.dtype,
-        weight.dtype,
-        (weight if teacher_weight is None else teacher_weight).dtype,
-    )
-    forward = stats is None
-    loss = torch.zeros(N, dtype=cdt, device=hs.device)
-    if forward:
-        stats = torch.zeros(N, 4, dtype=cdt, device=hs.device)
-    grads = ChunkGradients(
-        hs, weight, cdt, weight_grad_dtype, want_h, want_w, want_b, zero_hidden=True
-    )
-    for lo in range(0, N, chunk):
-        hi = min(N, lo + chunk)
-        mask_c = None if mask is None else mask[lo:hi]
-        hs_c, s_l, t_l = chunk_logits(
-            hs[lo:hi], ht[lo:hi], weight, teacher_weight, bias, teacher_bias, mask_c
-        )
-        if forward:
-            loss[lo:hi], stats[lo:hi] = row_statistics(s_l, t_l, opts, mask_c, group, False, impl)
-        if not grads.any:
-            continue
-        write_gradients(
-            s_l,
-            t_l,
-            stats[lo:hi],
-            opts,
-            mask_c,
-            scale if scale.numel() == 1 else scale[lo:hi],
-            s_l,
-            None,
-            impl,
-        )
-        del t_l
-        # s_l now holds this rank's slice of dL/d(student logits), row factors applied
-        grads.add(lo, hi, s_l, hs_c, weight)
-        del s_l
-    grad_h, grad_w, grad_b = grads.as_tuple()
-    return loss, stats, grad_h, grad_w, grad_b
-
-
-class VocabParallelLinearDivergenceFunction(torch.autograd.Function):
-    """Chunked fused-linear divergence with a vocabulary-sharded lm_head.
-
-    As :class:`opsd_kernels.autograd.FusedLinearDivergenceFunction` (gradients
-    formed in the forward for "mean"/"sum"; recomputed in the backward, from the
-    saved per-token statistics, for "none" with a trainable weight or bias, and
-    for float16 weight-gradient accumulation), plus one all-reduce of the
-    student-hidden gradient in the backward.
+    Without ``stats`` (the forward) each chunk's statistics are all-reduced (2 or 3
+    collectives per chunk) and returned; with ``stats`` (a deferred backward) they are
+    reused and nothing is communicated. The hidden gradient of a sweep is this rank's
+    partial sum; :meth:`reduce_hidden` all-reduces it (the one O(N x H) collective).
     """
 
-    @staticmethod
-    def forward(
-        ctx,
-        student_hidden,
-        teacher_hidden,
+    def __init__(self, group, chunk: int, impl: str):
+        self.group, self.chunk, self.impl = group, chunk, impl
+
+    def __call__(
+        self,
+        hs,
+        ht,
         weight,
         teacher_weight,
         bias,
         teacher_bias,
         mask,
-        opts: DivergenceOptions,
-        group,
-        chunk: int,
-        weight_grad_dtype: torch.dtype,
-        impl: str,
+        opts,
+        scale,
+        want_h,
+        want_w,
+        want_b,
+        weight_grad_dtype,
+        stats=None,
     ):
-        H = student_hidden.shape[-1]
-        lead = student_hidden.shape[:-1]
-        hs = student_hidden.reshape(-1, H).contiguous()
-        ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous()
-        mask1 = None if mask is None else mask.reshape(-1).contiguous()
-        want_h, want_w, want_b = (
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[2],
-            ctx.needs_input_grad[4],
-        )
         N = hs.shape[0]
-        cdt = gemm.compute_dtype(hs.dtype, ht.dtype, weight.dtype)
-        defer = defer_mixed_gradients(opts.reduction, want_w, want_b, weight_grad_dtype)
-        scale = forward_scale(opts.reduction, mask1, N, hs.device, cdt)
-        with torch.autocast(hs.device.type, enabled=False):
-            loss, stats, grad_h, grad_w, grad_b = _linear_pass(
-                hs,
-                ht,
-                weight,
-                teacher_weight,
-                bias,
-                teacher_bias,
-                mask1,
-                opts,
-                group,
-                chunk,
-                scale,
-                want_h and not defer,
-                want_w and not defer,
-                want_b and not defer,
-                weight_grad_dtype,
-                impl,
-            )
-        ctx.defer = defer
-        ctx.group = group
-        ctx.reduction = opts.reduction
-        ctx.wants = (want_h, want_w, want_b)
-        ctx.weight_grad_dtype = weight_grad_dtype
-        ctx.dtypes = (
-            student_hidden.shape,
-            student_hidden.dtype,
+        cdt = gemm.compute_dtype(
+            hs.dtype,
+            ht.dtype,
             weight.dtype,
-            None if bias is None else bias.dtype,
+            (weight if teacher_weight is None else teacher_weight).dtype,
         )
-        if defer:
-            ctx.save_for_backward(hs, ht, weight, teacher_weight, bias, teacher_bias, scale, stats)
-            ctx.args = (mask1, opts, chunk, impl)
-        else:
-            ctx.grads = (grad_h, grad_w, grad_b)
-        return reduce_rows(loss, opts.reduction, scale, lead)
+        forward = stats is None
+        loss = torch.zeros(N, dtype=cdt, device=hs.device)
+        if forward:
+            stats = torch.zeros(N, 4, dtype=cdt, device=hs.device)
+        grads = ChunkGradients(
+            hs, weight, cdt, weight_grad_dtype, want_h, want_w, want_b, zero_hidden=True
+        )
+        for lo in range(0, N, self.chunk):
+            hi = min(N, lo + self.chunk)
+            mask_c = None if mask is None else mask[lo:hi]
+            hs_c, s_l, t_l = chunk_logits(
+                hs[lo:hi], ht[lo:hi], weight, teacher_weight, bias, teacher_bias, mask_c
+            )
+            if forward:
+                loss[lo:hi], stats[lo:hi] = row_statistics(
+                    s_l, t_l, opts, mask_c, self.group, False, self.impl
+                )
+            if not grads.any:
+                continue
+            write_gradients(
+                s_l,
+                t_l,
+                stats[lo:hi],
+                opts,
+                mask_c,
+                scale if scale.numel() == 1 else scale[lo:hi],
+                s_l,
+                None,
+                self.impl,
+            )
+            del t_l
+            # s_l now holds this rank's slice of dL/d(student logits), row factors applied
+            grads.add(lo, hi, s_l, hs_c, weight)
+            del s_l
+        grad_h, grad_w, grad_b = grads.as_tuple()
+        return loss, stats, grad_h, grad_w, grad_b
 
-    @staticmethod
-    def backward(ctx, grad_out):
+    def reduce_hidden(self, grad_h: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        from .autograd import check_single_backward
-
-        check_single_backward(ctx)
-        want_h, want_w, want_b = ctx.wants
-        shape, h_dtype, w_dtype, b_dtype = ctx.dtypes
-        if ctx.defer:
-            hs, ht, weight, teacher_weight, bias, teacher_bias, fwd_scale, stats = ctx.saved_tensors
-            mask1, opts, chunk, impl = ctx.args
-            scale = (fwd_scale * grad_out.reshape(-1).to(fwd_scale.dtype)).contiguous()
-            with torch.autocast(hs.device.type, enabled=False):
-                _, _, grad_h, grad_w, grad_b = _linear_pass(
-                    hs,
-                    ht,
-                    weight,
-                    teacher_weight,
-                    bias,
-                    teacher_bias,
-                    mask1,
-                    opts,
-                    ctx.group,
-                    chunk,
-                    scale,
-                    want_h,
-                    want_w,
-                    want_b,
-                    ctx.weight_grad_dtype,
-                    impl,
-                    stats=stats,
-                )
-        else:
-            grad_h, grad_w, grad_b = ctx.grads
-            ctx.grads = None
-            grad_h, grad_w, grad_b = apply_upstream(
-                (grad_h, grad_w, grad_b), grad_out, ctx.reduction
-            )
-        if grad_h is not None:
-            # the one O(N x H) collective: each rank holds dS_r @ W_r, the gradient is the sum
-            dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=ctx.group)
-        return (
-            None if grad_h is None else grad_h.to(h_dtype).view(shape),
-            None,
-            None if grad_w is None else grad_w.to(w_dtype),
-            None,
-            None if grad_b is None else grad_b.to(b_dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        # each rank holds dS_r @ W_r: the gradient is the sum over the group
+        dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=self.group)
+        return grad_h
 
 
 def divergence_vocab_parallel(
@@ -613,7 +486,7 @@ def fused_linear_divergence_vocab_parallel(
     Inputs are validated and detached as the public function does. Returns the
     full loss on every rank; the student-hidden gradient is the full gradient.
     """
-    return VocabParallelLinearDivergenceFunction.apply(
+    return FusedLinearDivergenceFunction.apply(
         student_hidden,
         teacher_hidden,
         weight,
@@ -622,8 +495,6 @@ def fused_linear_divergence_vocab_parallel(
         teacher_bias,
         mask,
         opts,
-        process_group,
-        chunk_size,
+        VocabParallelSweep(process_group, chunk_size, impl),
         weight_grad_dtype,
-        impl,
     )
