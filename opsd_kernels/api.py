@@ -278,23 +278,11 @@ def fused_linear_divergence(
         student_hidden, weight = student_hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
     if process_group is not None:
-        from .vocab_parallel import check_process_group, fused_linear_divergence_vocab_parallel
+        # this rank's vocabulary slice (check_process_group refuses impl="fused")
+        from .vocab_parallel import VocabParallelSweep, check_process_group
 
-        return fused_linear_divergence_vocab_parallel(
-            student_hidden,
-            teacher_hidden,
-            weight,
-            teacher_weight,
-            bias,
-            teacher_bias,
-            mask,
-            opts,
-            check_process_group(process_group, impl),
-            chunk_size,
-            grad_dtype,
-            impl,
-        )
-    if impl == "fused":
+        sweep = VocabParallelSweep(check_process_group(process_group, impl), chunk_size, impl)
+    elif impl == "fused":
         from .triton.fused_function import FusedTritonLinearDivergenceFunction
 
         return FusedTritonLinearDivergenceFunction.apply(
@@ -310,6 +298,8 @@ def fused_linear_divergence(
             grad_dtype,
             deterministic,
         )
+    else:
+        sweep = ChunkedSweep(_row_function(impl), chunk_size)
     return FusedLinearDivergenceFunction.apply(
         student_hidden,
         teacher_hidden,
@@ -319,6 +309,6 @@ def fused_linear_divergence(
         teacher_bias,
         mask,
         opts,
-        ChunkedSweep(_row_function(impl), chunk_size),
+        sweep,
         grad_dtype,
     )

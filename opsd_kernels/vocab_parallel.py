@@ -61,7 +61,6 @@ import torch
 
 from . import gemm
 from ._validation import DivergenceOptions
-from .autograd import FusedLinearDivergenceFunction
 from .chunked import ChunkGradients, chunk_logits
 from .divergences import weighted_log_ratio
 from .reductions import forward_scale, reduce_rows
@@ -464,37 +463,4 @@ def divergence_vocab_parallel(
     """
     return VocabParallelDivergenceFunction.apply(
         student_logits, teacher_logits, mask, opts, process_group, impl
-    )
-
-
-def fused_linear_divergence_vocab_parallel(
-    student_hidden,
-    teacher_hidden,
-    weight,
-    teacher_weight,
-    bias,
-    teacher_bias,
-    mask,
-    opts: DivergenceOptions,
-    process_group,
-    chunk_size: int,
-    weight_grad_dtype: torch.dtype,
-    impl: str = "torch",
-) -> torch.Tensor:
-    """:func:`opsd_kernels.fused_linear_divergence` with this rank's (V_r, H) lm_head rows.
-
-    Inputs are validated and detached as the public function does. Returns the
-    full loss on every rank; the student-hidden gradient is the full gradient.
-    """
-    return FusedLinearDivergenceFunction.apply(
-        student_hidden,
-        teacher_hidden,
-        weight,
-        teacher_weight,
-        bias,
-        teacher_bias,
-        mask,
-        opts,
-        VocabParallelSweep(process_group, chunk_size, impl),
-        weight_grad_dtype,
     )
