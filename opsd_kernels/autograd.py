@@ -30,7 +30,7 @@ from .chunked import (
     chunk_logits,
     defer_mixed_gradients,
 )
-from .reductions import forward_scale, reduce_rows
+from .reductions import as_rows, forward_scale, reduce_rows
 from .torch_impl import TEMPS_PER_ROW
 
 RowFunction = Callable[..., torch.Tensor]
@@ -59,12 +59,8 @@ class DivergenceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, mask, opts: DivergenceOptions, row_fn: RowFunction):
-        V = student.shape[-1]
         lead = student.shape[:-1]
-        s2 = student.reshape(-1, V)
-        t2 = teacher.reshape(-1, V)
-        s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
-        t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
+        s2, t2 = as_rows(student), as_rows(teacher)
         mask1 = None if mask is None else mask.reshape(-1).contiguous()
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         scale = forward_scale(

@@ -10,6 +10,15 @@ from __future__ import annotations
 import torch
 
 
+def as_rows(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` as (rows, last dim) with a unit last stride (a view when it already has
+    one, else a contiguous copy; a 1-D tensor is one row); None stays None."""
+    if x is None:
+        return None
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def forward_scale(
     reduction: str, mask: torch.Tensor | None, rows: int, device, dtype: torch.dtype
 ) -> torch.Tensor:

@@ -63,7 +63,7 @@ from . import gemm
 from ._validation import DivergenceOptions
 from .chunked import ChunkGradients, chunk_logits
 from .divergences import weighted_log_ratio
-from .reductions import forward_scale, reduce_rows
+from .reductions import as_rows, forward_scale, reduce_rows
 from .torch_impl import rows_per_chunk
 
 # columns of the per-row statistics tensor (R, 4)
@@ -312,12 +312,8 @@ class VocabParallelDivergenceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, mask, opts: DivergenceOptions, group, impl: str):
-        V = student.shape[-1]
         lead = student.shape[:-1]
-        s2 = student.reshape(-1, V)
-        t2 = teacher.reshape(-1, V)
-        s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
-        t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
+        s2, t2 = as_rows(student), as_rows(teacher)
         mask1 = None if mask is None else mask.reshape(-1).contiguous()
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         compute = gemm.compute_dtype(student.dtype, teacher.dtype)

@@ -397,3 +397,17 @@ def test_logits_near_the_float32_limit_stay_finite_torch():
     ref.backward()
     assert torch.isfinite(s.grad).all()
     torch.testing.assert_close(s.grad.double(), ref_s.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_one_dimensional_logits_are_one_row():
+    """(V,) logits are one token: the same loss and gradient as (1, V)."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(11, generator=g), torch.randn(11, generator=g)
+    s1, s2 = s.clone().requires_grad_(), s[None].clone().requires_grad_()
+    a = divergence(s1, t, kind="jsd", clip=0.05)
+    b = divergence(s2, t[None], kind="jsd", clip=0.05)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b)
+    assert s1.grad.shape == (11,)
+    torch.testing.assert_close(s1.grad, s2.grad[0])

@@ -14,17 +14,10 @@ from __future__ import annotations
 import torch
 
 from .._validation import DivergenceOptions
-from ..reductions import forward_scale, reduce_rows
+from ..reductions import as_rows, forward_scale, reduce_rows
 from .configs import resolve_skip_threshold
 from .fused_backward import fused_backward
 from .fused_forward import fused_forward
-
-
-def _rows(x: torch.Tensor | None) -> torch.Tensor | None:
-    if x is None:
-        return None
-    x = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
@@ -66,8 +59,8 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
                 f"{None if teacher_weight is None else teacher_weight.dtype}"
             )
         lead = student_hidden.shape[:-1]
-        hs, ht = _rows(student_hidden), _rows(teacher_hidden)
-        w, wt = _rows(weight), _rows(teacher_weight)
+        hs, ht = as_rows(student_hidden), as_rows(teacher_hidden)
+        w, wt = as_rows(weight), as_rows(teacher_weight)
         b = None if bias is None else bias.contiguous()
         bt = None if teacher_bias is None else teacher_bias.contiguous()
         mask1 = None if mask is None else mask.reshape(-1).contiguous()
