@@ -95,17 +95,4 @@ def test_divergence(benchmark, bench_cfg, device, shape, impl, mode):
         "bytes_moved": moved,
         "input_bytes": harness.tensor_bytes(s, t),
     }
-    if impl.startswith("liger"):
-        record["note"] = "no per-entry clip in Liger: unclipped loss" if bench_cfg.clip else ""
-    estimate = 8 * 4 * shape.tokens * shape.vocab if impl == "naive" else None
-    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-        harness.measure(
-            benchmark,
-            record,
-            fn,
-            setup,
-            device,
-            bench_cfg.rounds,
-            estimate,
-            warmup=device.type == "cuda" or impl == "compiled",
-        )
+    harness.measure_case(benchmark, record, fn, setup, device, bench_cfg, impl, mode, shape)

@@ -121,22 +121,7 @@ def test_fused_linear(benchmark, bench_cfg, device, shape, impl, mode, weight):
         "flops": _flops(shape, mode, weight),
         "input_bytes": harness.tensor_bytes(h_s, h_t, w),
     }
-    if impl.startswith("liger"):
-        record["note"] = "no per-entry clip in Liger: unclipped loss" if bench_cfg.clip else ""
-    estimate = None
-    if impl == "naive":  # measured on CPU: 7 fp32 N x V tensors at the peak of fwd+bwd
-        estimate = 8 * 4 * shape.tokens * shape.vocab
-    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-        harness.measure(
-            benchmark,
-            record,
-            fn,
-            setup,
-            device,
-            bench_cfg.rounds,
-            estimate,
-            warmup=device.type == "cuda" or impl == "compiled",
-        )
+    harness.measure_case(benchmark, record, fn, setup, device, bench_cfg, impl, mode, shape)
 
 
 def _rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:

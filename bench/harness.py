@@ -157,6 +157,27 @@ def _stats(times: list[float]) -> dict:
     }
 
 
+def measure_case(benchmark, record, fn, setup, device, bench_cfg, impl, mode, shape) -> dict:
+    """:func:`measure` for one case of a divergence or fused-linear bench: the note on
+    Liger's unclipped loss, the naive path's RAM estimate (7 float32 N x V tensors at
+    the peak of forward+backward, measured on CPU, plus one), no autograd for forward-only
+    cases, and a warm-up where something compiles or tunes (CUDA, torch.compile)."""
+    if impl.startswith("liger"):
+        record["note"] = "no per-entry clip in Liger: unclipped loss" if bench_cfg.clip else ""
+    estimate = 8 * 4 * shape.tokens * shape.vocab if impl == "naive" else None
+    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+        return measure(
+            benchmark,
+            record,
+            fn,
+            setup,
+            device,
+            bench_cfg.rounds,
+            estimate,
+            warmup=device.type == "cuda" or impl == "compiled",
+        )
+
+
 def measure(
     benchmark,
     record: dict,
