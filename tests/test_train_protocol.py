@@ -15,26 +15,11 @@ from opsd_train.presets import PRESETS, apply_presets
 from opsd_train.prompts import PromptBuilder
 from opsd_train.step import token_logprobs
 from opsd_train.trainer import Row, TrainConfig, Trainer, lr_multiplier
+from tests.train_fixtures import small_config
 
 
 def _cfg(**kw):
-    base = dict(
-        algo="opsd",
-        steps=2,
-        batch_size=4,
-        lr=1e-2,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        max_new_tokens=6,
-        clip=None,
-        progress=False,
-        eval_at_start=False,
-        eval_at_end=False,
-        seed=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return small_config(**{"steps": 2, **kw})
 
 
 class FixedEngine:

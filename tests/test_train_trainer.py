@@ -12,27 +12,11 @@ from opsd_train.prompts import PromptBuilder
 from opsd_train.step import LossConfig, opsd_loss, pack_batch
 from opsd_train.teacher import Teacher
 from opsd_train.trainer import TrainConfig, Trainer
-from tests.train_fixtures import TINY_TEST_MODEL
+from tests.train_fixtures import TINY_TEST_MODEL, small_config
 
 
 def _cfg(**kw):
-    base = dict(
-        algo="opsd",
-        steps=4,
-        batch_size=4,
-        lr=1e-2,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        max_new_tokens=6,
-        clip=None,
-        progress=False,
-        eval_at_start=False,
-        eval_at_end=False,
-        seed=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return small_config(**kw)
 
 
 def test_few_steps_reduce_the_loss_on_a_fixed_batch(tiny, problems):

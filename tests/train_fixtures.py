@@ -17,6 +17,29 @@ TINY_TEST_MODEL = dict(
 )
 
 
+def small_config(**overrides):
+    """A TrainConfig for a few quick steps on the tiny model (no evaluation, no progress
+    bar, seed 1); ``overrides`` replace any field."""
+    from opsd_train.trainer import TrainConfig
+
+    base = dict(
+        algo="opsd",
+        steps=4,
+        batch_size=4,
+        lr=1e-2,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=6,
+        clip=None,
+        progress=False,
+        eval_at_start=False,
+        eval_at_end=False,
+        seed=1,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Folder holding a saved tiny Qwen3ForCausalLM + tokenizer (random weights)."""
