@@ -102,6 +102,29 @@ ROWS_SCRIPT = PRELUDE + textwrap.dedent("""
 """)
 
 
+VOCAB_PARALLEL_SCRIPT = PRELUDE + textwrap.dedent("""
+    from opsd_kernels._validation import check_options
+    from opsd_kernels.triton import divergence_rows as dr, vocab_parallel_rows as vp
+
+    record(vp)
+    # the block size a CUDA launch picks (the launcher reads the tensors' device)
+    vp.default_block_v = lambda V, device: dr.default_block_v(V, torch.device("cuda"))
+    R, V = 1024, 151936 // 8  # one rank's slice of Qwen3's vocabulary on 8 GPUs
+    mask, scale = empty(R, dt=torch.bool), empty(R, dt=torch.float32)
+    stats = empty(R, 4, dt=torch.float32)
+    # float32 slices (the fused-linear sweep) for every kind and clip; bf16 logits once
+    cases = [(torch.float32, k, c) for k in ("forward_kl", "reverse_kl", "jsd")
+             for c in (None, 0.05)] + [(torch.bfloat16, "forward_kl", 0.05)]
+    for dt, kind, clip in cases:
+        s, t = empty(R, V, dt=dt), empty(R, V, dt=dt)
+        opts = check_options(kind, 0.5, 1.1, clip, "mean")
+        vp.local_stats_triton(s, t, opts, mask)
+        vp.local_term_sums_triton(s, t, opts, mask, stats)
+        vp.local_gradients_triton(s, t, opts, mask, stats, scale, s, None)
+    compile_calls()
+""")
+
+
 FUSED_SCRIPT = PRELUDE + textwrap.dedent("""
     from opsd_kernels._validation import check_options
     from opsd_kernels.triton import configs, fused_backward as fb, fused_forward as ff
@@ -185,3 +208,9 @@ def test_row_kernel_compiles_for_sm90_as_launched():
     results = _compile(ROWS_SCRIPT)
     assert {r["kernel"] for r in results} == {"_divergence_rows_kernel"}
     assert len(results) >= 18  # kinds x clip x gradient sets x dtypes, as specialised
+
+
+def test_vocab_parallel_row_kernel_compiles_for_sm90_as_launched():
+    results = _compile(VOCAB_PARALLEL_SCRIPT)
+    assert {r["kernel"] for r in results} == {"_vocab_parallel_rows_kernel"}
+    assert len(results) >= 14  # phases x kinds x clip x dtypes, as specialised

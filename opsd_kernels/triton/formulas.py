@@ -129,6 +129,41 @@ def one_pass_finish(w, z_s, z_t, lse_s, lse_t, KIND: tl.constexpr):
 
 
 @triton.jit
+def row_online_stats(
+    s_row,
+    t_row,
+    V,
+    v_stat,
+    inv_temp,
+    KIND: tl.constexpr,
+    SWEEP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One sweep over a row's first ``v_stat`` entries (V, or 0 for a masked row): the
+    online log-sum-exp states ``(m_s, z_s, m_t, z_t)`` of the scaled student and teacher
+    logits and, with ``SWEEP`` (a one-pass kind without clip), the rescaled weighted sum
+    ``w`` of :func:`one_pass_terms` (0 otherwise)."""
+    cols = tl.arange(0, BLOCK_V)
+    m_s = float("-inf")
+    z_s = 0.0
+    m_t = float("-inf")
+    z_t = 0.0
+    w = 0.0
+    for start in range(0, v_stat, BLOCK_V):
+        offs = start + cols
+        inside = offs < V
+        b = tl.load(s_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+        a = tl.load(t_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+        m_s, z_s, rescale_s, shift_s = online_logsumexp_update(m_s, z_s, b)
+        m_t, z_t, rescale_t, shift_t = online_logsumexp_update(m_t, z_t, a)
+        if SWEEP:
+            w = rescale_sum(w, one_pass_rescale(rescale_s, rescale_t, KIND)) + tl.sum(
+                one_pass_terms(a, b, shift_s, shift_t, KIND), axis=0
+            )
+    return m_s, z_s, m_t, z_t, w
+
+
+@triton.jit
 def row_term_sums(
     s_row,
     t_row,

@@ -25,10 +25,7 @@ from .._validation import DivergenceOptions
 from .configs import option_args
 from .divergence_rows import check_rows_contiguous, default_block_v
 from .formulas import (
-    one_pass_rescale,
-    one_pass_terms,
-    online_logsumexp_update,
-    rescale_sum,
+    row_online_stats,
     row_term_sums,
     write_row_gradients,
 )
@@ -72,7 +69,6 @@ def _vocab_parallel_rows_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_V)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
     if HAS_MASK:
@@ -84,22 +80,9 @@ def _vocab_parallel_rows_kernel(
     SWEEP: tl.constexpr = ONE_PASS and not HAS_CLIP
 
     if PHASE == 0:
-        m_s = float("-inf")
-        z_s = 0.0
-        m_t = float("-inf")
-        z_t = 0.0
-        w = 0.0
-        for start in range(0, v_stat, BLOCK_V):
-            offs = start + cols
-            inside = offs < V
-            b = tl.load(s_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-            a = tl.load(t_row + offs, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-            m_s, z_s, rescale_s, shift_s = online_logsumexp_update(m_s, z_s, b)
-            m_t, z_t, rescale_t, shift_t = online_logsumexp_update(m_t, z_t, a)
-            if SWEEP:
-                w = rescale_sum(w, one_pass_rescale(rescale_s, rescale_t, KIND)) + tl.sum(
-                    one_pass_terms(a, b, shift_s, shift_t, KIND), axis=0
-                )
+        m_s, z_s, m_t, z_t, w = row_online_stats(
+            s_row, t_row, V, v_stat, inv_temp, KIND, SWEEP, BLOCK_V
+        )
         out = out_ptr + row * 5
         tl.store(out, m_s)
         tl.store(out + 1, z_s)
