@@ -11,21 +11,96 @@ from ._env import triton_interpreting
 from .divergences import KINDS, KindSpec
 
 REDUCTIONS = ("mean", "sum", "none")
+#: ``clip_mode`` values (see :class:`DivergenceOptions`)
+CLIP_MODES = ("entry", "token", "entry_keep")
+#: default of ``teacher_logit_scale`` / ``teacher_softcap``: the student's values
+SAME_AS_STUDENT = "same"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @dataclass(frozen=True)
 class DivergenceOptions:
-    """Validated options shared by every implementation."""
+    """Validated options shared by every implementation (one object, passed down whole).
+
+    Logit transform (before the temperature), per role::
+
+        z = softcap * tanh(logit_scale * x / softcap)    (softcap set; Gemma 2: 30)
+        z = logit_scale * x                              (softcap None)
+
+    where ``x`` is the raw logit (``h W^T + b``, or the ``divergence`` input). Row
+    functions read RAW logits, apply the transform, and write gradients with respect
+    to the RAW logits (chain rule: ``dz/dx = logit_scale * (1 - (z / softcap)^2)``,
+    formed in float32 from the float32 logits).
+
+    ``clip_mode`` (only read when ``clip`` is set):
+
+    - ``"entry"``: the method's v3 loss, ``sum_v min(phi_v, clip)``; clipped entries
+      (``not phi_v < clip``) pass no gradient through their own term.
+    - ``"token"``: ``min(sum_v phi_v, clip)`` per token; a clipped token (``not L < clip``)
+      passes no gradient at all (both sides).
+    - ``"entry_keep"``: the loss VALUE and teacher gradient of ``"entry"``; the student
+      gradient equals ``"entry"``'s on unclipped entries U, and on every clipped entry
+      it is replaced by ``mu = sum_U pS_u grad_u / sum_U pS_u`` (0 if ``sum_U pS = 0``),
+      the student-probability-weighted mean of the unclipped gradient. Then, to first
+      order, a descent step leaves every clipped entry's student probability unchanged
+      (``d log pS_j = -eta (grad_j - sum_v pS_v grad_v) = 0``), instead of lowering the
+      student's logit on the tokens the teacher wants most (which ``"entry"`` does:
+      forward KL gives a clipped entry ``pS_j * M_U / T > 0``). With
+      ``grad_u = (g_u - pS_u G) / T``: ``mu = (sum_U pS g - G sum_U pS^2) / (T sum_U pS)``.
+    """
 
     spec: KindSpec
     beta: float
     temperature: float
     clip: float | None
     reduction: str
+    clip_mode: str = "entry"
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    teacher_logit_scale: float = 1.0
+    teacher_softcap: float | None = None
+
+    @property
+    def transforms_logits(self) -> bool:
+        """Whether either role's logits are scaled or soft-capped (the row functions
+        then apply :class:`DivergenceOptions`' transform and its chain rule)."""
+        return (
+            self.logit_scale != 1.0
+            or self.softcap is not None
+            or self.teacher_logit_scale != 1.0
+            or self.teacher_softcap is not None
+        )
 
 
-def check_options(kind, beta, temperature, clip, reduction) -> DivergenceOptions:
+def _check_positive(name: str, value, allow_none: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        expected = "None or a float > 0" if allow_none else "a float > 0"
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        expected = "None or a finite number > 0" if allow_none else "a finite number > 0"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
+
+
+def check_options(
+    kind,
+    beta,
+    temperature,
+    clip,
+    reduction,
+    clip_mode="entry",
+    logit_scale=1.0,
+    softcap=None,
+    teacher_logit_scale=SAME_AS_STUDENT,
+    teacher_softcap=SAME_AS_STUDENT,
+) -> DivergenceOptions:
+    """Validate the options of every public loss; see :class:`DivergenceOptions`.
+
+    ``teacher_logit_scale`` / ``teacher_softcap`` default to ``"same"``: the student's
+    values (pass ``teacher_softcap=None`` for an uncapped teacher beside a capped student).
+    """
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     spec = KINDS[kind]
@@ -47,8 +122,29 @@ def check_options(kind, beta, temperature, clip, reduction) -> DivergenceOptions
             raise ValueError(f"clip must be None or a number > 0, got {clip!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if clip_mode not in CLIP_MODES:
+        raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
+    logit_scale = _check_positive("logit_scale", logit_scale, allow_none=False)
+    softcap = _check_positive("softcap", softcap, allow_none=True)
+    if isinstance(teacher_logit_scale, str) and teacher_logit_scale == SAME_AS_STUDENT:
+        teacher_logit_scale = logit_scale
+    teacher_logit_scale = _check_positive(
+        "teacher_logit_scale", teacher_logit_scale, allow_none=False
+    )
+    if isinstance(teacher_softcap, str) and teacher_softcap == SAME_AS_STUDENT:
+        teacher_softcap = softcap
+    teacher_softcap = _check_positive("teacher_softcap", teacher_softcap, allow_none=True)
     return DivergenceOptions(
-        spec, float(beta), float(temperature), None if clip is None else float(clip), reduction
+        spec,
+        float(beta),
+        float(temperature),
+        None if clip is None else float(clip),
+        reduction,
+        clip_mode,
+        logit_scale,
+        softcap,
+        teacher_logit_scale,
+        teacher_softcap,
     )
 
 

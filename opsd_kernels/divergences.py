@@ -116,6 +116,24 @@ KINDS: dict[str, KindSpec] = {
 }
 
 
+def transform_logits(x: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:
+    """The logit transform of :class:`~opsd_kernels._validation.DivergenceOptions` on raw
+    logits ``x`` (float32/float64): ``cap * tanh(scale * x / cap)``, or ``scale * x``
+    without a cap. Torch twin of :func:`opsd_kernels.triton.formulas.transform_logit`."""
+    if cap is None:
+        return x * scale if scale != 1.0 else x
+    return torch.tanh(x * (scale / cap)) * cap
+
+
+def transform_grad(z: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor | float:
+    """``dz/dx`` of :func:`transform_logits` from its output ``z``: ``scale * (1 - (z/cap)^2)``,
+    or the scalar ``scale`` without a cap."""
+    if cap is None:
+        return scale
+    r = z / cap
+    return (1.0 - r * r) * scale
+
+
 def _shift_to_max(x: torch.Tensor) -> torch.Tensor:
     """``x - max(x)`` per row (0 shift for a row without a finite maximum).
 

@@ -137,6 +137,34 @@ def option_args(opts: DivergenceOptions) -> dict:
     )
 
 
+#: ``CLIP_MODE`` constexpr of each ``clip_mode`` (DivergenceOptions)
+CLIP_MODE_IDS = {"entry": 0, "token": 1, "entry_keep": 2}
+
+
+def transform_args(opts: DivergenceOptions) -> dict:
+    """Launch keywords of the logit transform (``logit_scale``, ``softcap``; see
+    :class:`~opsd_kernels._validation.DivergenceOptions`), per role.
+
+    ``S_SOFTCAP`` / ``T_SOFTCAP`` (constexpr: whether the student's / teacher's logits are
+    soft-capped), ``s_scale``, ``s_cap``, ``t_scale``, ``t_cap`` (a cap of 1.0 when unset,
+    never read). Kernels that take these apply
+    :func:`opsd_kernels.triton.formulas.transform_logit` to the raw logits and
+    :func:`~opsd_kernels.triton.formulas.transform_grad` to the gradient.
+
+    >>> from opsd_kernels._validation import check_options
+    >>> transform_args(check_options("forward_kl", 0.5, 1.0, None, "mean", softcap=30.0))["T_SOFTCAP"]
+    True
+    """
+    return dict(
+        S_SOFTCAP=opts.softcap is not None,
+        T_SOFTCAP=opts.teacher_softcap is not None,
+        s_scale=opts.logit_scale,
+        s_cap=1.0 if opts.softcap is None else opts.softcap,
+        t_scale=opts.teacher_logit_scale,
+        t_cap=1.0 if opts.teacher_softcap is None else opts.teacher_softcap,
+    )
+
+
 def block_args(cfg: FusedConfig, dtype: torch.dtype) -> dict:
     """Tile-size constexprs and launch options of ``cfg`` for operands of ``dtype``.
 

@@ -39,6 +39,30 @@ def log_add_exp(x, y):
 
 
 @triton.jit
+def transform_logit(x, scale, cap, HAS_CAP: tl.constexpr):
+    """The logit transform of ``DivergenceOptions`` on float32 raw logits ``x``:
+    ``cap * tanh(scale * x / cap)`` with a cap, else ``scale * x``. Monotone increasing
+    in ``x`` (scale, cap > 0), so maxima map to maxima. ``tanh(y) = 2 sigmoid(2y) - 1``
+    (Triton has no portable tanh across 3.6 and 3.9); +-inf map to +-cap."""
+    if HAS_CAP:
+        y = scale * x / cap
+        return cap * (2.0 * tl.sigmoid(2.0 * y) - 1.0)
+    else:
+        return scale * x
+
+
+@triton.jit
+def transform_grad(z, scale, cap, HAS_CAP: tl.constexpr):
+    """``dz/dx`` of :func:`transform_logit` from its output ``z``:
+    ``scale * (1 - (z / cap)^2)`` with a cap, else ``scale``."""
+    if HAS_CAP:
+        r = z / cap
+        return scale * (1.0 - r * r)
+    else:
+        return scale + 0.0 * z
+
+
+@triton.jit
 def divergence_terms(lT, lS, pT, pS, beta, log_beta, log_1m_beta, KIND: tl.constexpr):
     """Pointwise ``(phi, g, h)``: loss term, d phi/d lS, d phi/d lT (see divergences.py)."""
     if KIND == FORWARD_KL:  # pT (lT - lS)
