@@ -147,15 +147,16 @@ def check_fused_linear(
     seed=0,
     beta=0.3,
     std=3.0,
+    frozen=False,
     **transform,
 ):
     """``fused_linear_divergence`` (with statistics) against the reference: loss, the
-    student hidden, weight and bias gradients."""
+    student hidden, weight (unless ``frozen``) and bias gradients."""
     x = linear_inputs(lead, H, V, H_T, dtype, seed, separate, std)
     mask = make_mask(lead, seed, DEVICE) if masked else None
     x["student_hidden"] = nan_padding(x["student_hidden"], mask)
     x["teacher_hidden"] = nan_padding(x["teacher_hidden"], mask)
-    trainable = ("student_hidden", "weight", "bias")
+    trainable = ("student_hidden", "bias") + (() if frozen else ("weight",))
     for k in trainable:
         x[k].requires_grad_()
     opts = dict(
@@ -187,4 +188,5 @@ def check_fused_linear(
     (ref * upstream).sum().backward()
     for k in trainable:
         assert_close(x[k].grad, ref_in[k].grad, dtype, f"grad {k}")
+    assert not frozen or x["weight"].grad is None
     return ref, ref_stats
