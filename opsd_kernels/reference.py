@@ -251,8 +251,9 @@ def topk_divergence_reference(
     softcap: float | None = None,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
+    return_stats: bool = False,
     dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
+):
     """Naive top-k-teacher divergence (see :func:`opsd_kernels.topk_divergence`).
 
     Straight from the formulas, on the full student log-softmax (N x V):
@@ -263,7 +264,8 @@ def topk_divergence_reference(
     ``q = pT / sum pT`` and ``u = pS / sum_I pS``. The student's logits go through
     the transform (``logit_scale``, ``softcap``) first; ``clip_mode`` "entry" clips each
     outcome's term, "token" the row sum. Arithmetic in ``dtype``; differentiable in
-    ``student_logits`` by autograd. Assumes valid teacher input.
+    ``student_logits`` by autograd. Assumes valid teacher input. ``return_stats``: also
+    the per-token statistics (their top-k definitions: :func:`opsd_kernels.topk_divergence`).
 
     >>> s = torch.randn(3, 6)
     >>> lp, ids = torch.log_softmax(s, -1).topk(2, dim=-1)
@@ -281,6 +283,7 @@ def topk_divergence_reference(
     zero = torch.zeros((), dtype=dtype)
     lS_full = torch.log_softmax(_transform(s, logit_scale, softcap) / temperature, dim=-1)
     lS = lS_full.gather(-1, ids)
+    ids_valid, lt_ids = valid, lt
     pT = torch.where(valid, lt.exp(), zero)
     lT = torch.where(valid, lt, zero)
     if tail == "bucket":
@@ -308,6 +311,32 @@ def topk_divergence_reference(
     lT = torch.where(valid, lT, zero)
     lS = torch.where(valid, lS, zero)
     phi = _pointwise(kind, lT, lS, beta)
+    stats = None
+    if return_stats:
+        with torch.no_grad():
+            # the student's entropy: full distribution (bucket), over the ids (renormalize)
+            lS_ent = lS_full if tail == "bucket" else torch.where(valid, lS, -math.inf)
+            p_ent = lS_ent.exp()
+            entropy = -torch.where(p_ent == 0, zero, p_ent * lS_ent).sum(-1)
+            unclipped = torch.where(valid, phi, zero).sum(-1)
+            if clip is None:
+                clipped = torch.zeros_like(valid)
+            elif clip_mode == "token":
+                clipped = valid & ~(unclipped < clip).unsqueeze(-1)
+            else:
+                clipped = valid & ~(phi < clip)
+            mass = torch.where(clipped, lT.exp(), zero).sum(-1)
+            if clip is not None and clip_mode == "token":
+                mass = clipped.any(-1).to(dtype)  # 1, not a rounded sum
+            K = ids_valid.shape[-1]
+            lt_top = torch.where(ids_valid, lt_ids, -math.inf)
+            top1 = ids_valid & (lt_top == lt_top.amax(-1, keepdim=True))
+            top1_clipped = (clipped[..., :K] & top1).any(-1)
+            count = clipped.sum(-1)
+            if mask is not None:
+                entropy, mass = entropy * mask, mass * mask
+                count, top1_clipped = count * mask, top1_clipped & mask
+            stats = DivergenceStats(entropy, mass, count.to(torch.int32), top1_clipped)
     if clip is not None and clip_mode == "entry":
         phi = torch.clamp(phi, max=clip)
     per_token = torch.where(valid, phi, zero).sum(-1)
@@ -315,14 +344,8 @@ def topk_divergence_reference(
         per_token = torch.clamp(per_token, max=clip)
     elif clip is not None and clip_mode != "entry":
         raise ValueError(f"clip_mode must be 'entry' or 'token' for top-k, got {clip_mode!r}")
-    if mask is not None:
-        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-    if reduction == "none":
-        return per_token
-    if reduction == "sum":
-        return per_token.sum()
-    count = max(per_token.numel(), 1) if mask is None else mask.sum().clamp(min=1)
-    return per_token.sum() / count
+    loss = _reduce(per_token, mask, reduction)
+    return loss if stats is None else (loss, stats)
 
 
 def fused_linear_topk_divergence_reference(
