@@ -263,7 +263,9 @@ def topk_divergence_reference(
     student ``rS`` = the student's mass outside the ids; ``tail="renormalize"``:
     ``q = pT / sum pT`` and ``u = pS / sum_I pS``. The student's logits go through
     the transform (``logit_scale``, ``softcap``) first; ``clip_mode`` "entry" clips each
-    outcome's term, "token" the row sum. Arithmetic in ``dtype``; differentiable in
+    outcome's term, "token" the row sum, "entry_keep" is "entry" with the student gradient
+    of each clipped outcome's vocabulary entries replaced (:class:`_KeepClippedEntries`
+    over the vocabulary). Arithmetic in ``dtype``; differentiable in
     ``student_logits`` by autograd. Assumes valid teacher input. ``return_stats``: also
     the per-token statistics (their top-k definitions: :func:`opsd_kernels.topk_divergence`).
 
@@ -281,35 +283,62 @@ def topk_divergence_reference(
         valid = valid & mask.unsqueeze(-1)
     ids = torch.where(valid, ids, torch.zeros_like(ids))
     zero = torch.zeros((), dtype=dtype)
-    lS_full = torch.log_softmax(_transform(s, logit_scale, softcap) / temperature, dim=-1)
-    lS = lS_full.gather(-1, ids)
-    ids_valid, lt_ids = valid, lt
-    pT = torch.where(valid, lt.exp(), zero)
-    lT = torch.where(valid, lt, zero)
-    if tail == "bucket":
-        in_ids = torch.zeros(s.shape, dtype=torch.long).scatter_add(-1, ids, valid.long()) > 0
-        empty = in_ids.all(-1)  # the ids cover the vocabulary: no rest outcome
-        rest = torch.where(in_ids | empty.unsqueeze(-1), -math.inf, lS_full)
-        lrS = torch.where(empty, -math.inf, torch.logsumexp(rest, dim=-1))
-        rT = torch.where(empty, zero, torch.clamp(1 - pT.sum(-1), min=0))
-        lT = torch.cat([lT, rT.log().unsqueeze(-1)], -1)
-        lS = torch.cat([lS, lrS.unsqueeze(-1)], -1)
-        valid = torch.cat([valid, ~empty.unsqueeze(-1)], -1)
-    elif tail == "renormalize":
-        pS = torch.where(valid, lS.exp(), zero)
-        one = torch.ones((), dtype=dtype)
-        # padding: a placeholder 1 inside the log, so the unused branch has a finite gradient
-        lT = torch.where(
-            valid, (torch.where(valid, pT, one) / pT.sum(-1, keepdim=True)).log(), zero
-        )
-        lS = torch.where(
-            valid, (torch.where(valid, pS, one) / pS.sum(-1, keepdim=True)).log(), zero
-        )
-    else:
+    if tail not in ("bucket", "renormalize"):
         raise ValueError(f"tail must be 'bucket' or 'renormalize', got {tail!r}")
-    # padding outcomes: finite placeholders (so autograd sees no NaN), then dropped
-    lT = torch.where(valid, lT, zero)
-    lS = torch.where(valid, lS, zero)
+    ids_valid, lt_ids = valid, lt
+    in_ids = torch.zeros(s.shape, dtype=torch.long).scatter_add(-1, ids, valid.long()) > 0
+    empty = in_ids.all(-1)  # the ids cover the vocabulary: no rest outcome
+
+    def outcomes(z):
+        """The outcomes' ``(lT, lS, valid, lS_full)`` from the student's transformed logits."""
+        lS_full = torch.log_softmax(z / temperature, dim=-1)
+        lS = lS_full.gather(-1, ids)
+        pT = torch.where(ids_valid, lt.exp(), zero)
+        lT = torch.where(ids_valid, lt, zero)
+        valid = ids_valid
+        if tail == "bucket":
+            rest = torch.where(in_ids | empty.unsqueeze(-1), -math.inf, lS_full)
+            lrS = torch.where(empty, -math.inf, torch.logsumexp(rest, dim=-1))
+            rT = torch.where(empty, zero, torch.clamp(1 - pT.sum(-1), min=0))
+            lT = torch.cat([lT, rT.log().unsqueeze(-1)], -1)
+            lS = torch.cat([lS, lrS.unsqueeze(-1)], -1)
+            valid = torch.cat([valid, ~empty.unsqueeze(-1)], -1)
+        else:
+            pS = torch.where(valid, lS.exp(), zero)
+            one = torch.ones((), dtype=dtype)
+            # padding: a placeholder 1 inside the log, so the unused branch has a finite
+            # gradient
+            lT = torch.where(
+                valid, (torch.where(valid, pT, one) / pT.sum(-1, keepdim=True)).log(), zero
+            )
+            lS = torch.where(
+                valid, (torch.where(valid, pS, one) / pS.sum(-1, keepdim=True)).log(), zero
+            )
+        # padding outcomes: finite placeholders (so autograd sees no NaN), then dropped
+        return torch.where(valid, lT, zero), torch.where(valid, lS, zero), valid, lS_full
+
+    z = _transform(s, logit_scale, softcap)
+    if clip is not None and clip_mode == "entry_keep":
+        # each vocabulary entry is clipped with its outcome (an id; the complement for the
+        # bucket's rest); the mean is over the unclipped entries, weighted by pS (renormalize:
+        # over the ids only, whose pS are proportional to u)
+        with torch.no_grad():
+            lT0, lS0, valid0, lS_full0 = outcomes(z)
+            clipped = valid0 & ~(_pointwise(kind, lT0, lS0, beta) < clip)
+            K = ids.shape[-1]
+            entries = (
+                torch.zeros(s.shape, dtype=torch.long).scatter_add(
+                    -1, ids, (clipped[..., :K] & ids_valid).long()
+                )
+                > 0
+            )
+            weight = lS_full0.exp()
+            if tail == "bucket":
+                entries = entries | (~in_ids & clipped[..., K:])
+            else:
+                weight = torch.where(in_ids, weight, zero)
+        z = _KeepClippedEntries.apply(z, entries, weight)
+    lT, lS, valid, lS_full = outcomes(z)
     phi = _pointwise(kind, lT, lS, beta)
     stats = None
     if return_stats:
@@ -337,13 +366,12 @@ def topk_divergence_reference(
                 entropy, mass = entropy * mask, mass * mask
                 count, top1_clipped = count * mask, top1_clipped & mask
             stats = DivergenceStats(entropy, mass, count.to(torch.int32), top1_clipped)
-    if clip is not None and clip_mode == "entry":
+    if clip is not None and clip_mode in ("entry", "entry_keep"):
         phi = torch.clamp(phi, max=clip)
     per_token = torch.where(valid, phi, zero).sum(-1)
     if clip is not None and clip_mode == "token":
         per_token = torch.clamp(per_token, max=clip)
-    elif clip is not None and clip_mode != "entry":
-        raise ValueError(f"clip_mode must be 'entry' or 'token' for top-k, got {clip_mode!r}")
+
     loss = _reduce(per_token, mask, reduction)
     return loss if stats is None else (loss, stats)
 

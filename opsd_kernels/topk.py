@@ -133,8 +133,9 @@ def mass_tolerance(dtype: torch.dtype) -> float:
 # --------------------------------------------------------------------------- validation
 
 
-#: the clip modes of the top-k losses ("entry_keep" is defined on a full-vocabulary teacher)
-TOPK_CLIP_MODES = ("entry", "token")
+#: the clip modes of the top-k losses (all of them; "entry_keep" on the vocabulary entries,
+#: each clipped with its outcome: see :func:`topk_divergence`)
+TOPK_CLIP_MODES = ("entry", "token", "entry_keep")
 
 
 def _check_topk_options(
@@ -368,7 +369,8 @@ def topk_rows_torch(
     scratch). ``scale``: (1,) or (R,) per-row gradient factors. ``logit_scale``,
     ``softcap``: the student's logit transform (``DivergenceOptions``), applied first;
     the gradient is with respect to the raw logits. ``clip_mode``: "entry" (per
-    outcome) or "token" (``min(L, clip)`` per row, no gradient for a capped row).
+    outcome), "token" (``min(L, clip)`` per row, no gradient for a capped row) or
+    "entry_keep" (:func:`_kept_mean` on the clipped entries).
     ``stats``: None, or an (R, NUM_STATS) tensor filled with the rows' statistics
     (:func:`topk_stats`).
     """
@@ -400,6 +402,11 @@ def topk_rows_torch(
     K = ids.shape[1]
     pS = torch.where(ok[:, :K], lS[:, :K], _NEG_INF).exp()
     entry = (g[:, :K] - pS * G[:, None]) * row[:, None]
+    keep = clip is not None and clip_mode == "entry_keep"
+    if keep:
+        clipped = ok & ~(phi < clip)
+        mean = _kept_mean(b, entry, pS, clipped, lS, g, G, row, z_c, K)
+        entry = torch.where(clipped[:, :K], mean[:, None], entry)
     if log_rest is None:
         b.zero_()
     else:
@@ -407,10 +414,39 @@ def topk_rows_torch(
         # b holds exp(b - m): times 1 / z_c it is exp(b - LSE_C); the ids hold 0 here
         per_row = torch.where(z_c > 0, coef / z_c, 0.0)
         b.mul_(per_row.reshape(-1, 1))
+        if keep:
+            # a clipped rest outcome: every complement entry gets the mean; the ids back to 0
+            rest = clipped[:, K : K + 1].to(b.dtype)
+            b.mul_(1.0 - rest).add_(mean[:, None] * rest)
+            b.scatter_reduce_(1, ids, torch.where(valid, _NEG_INF, math.inf).to(b.dtype), "amin")
+            b.masked_fill_(b == _NEG_INF, 0.0)
     b.scatter_add_(1, ids, torch.where(valid, entry, 0.0))
     if dz is not None:
         b.mul_(dz)
     return loss
+
+
+def _kept_mean(e, entry, pS, clipped, lS, g, G, row, z_c, K):
+    """``clip_mode="entry_keep"``'s mean: ``sum_U pS_v grad_v / sum_U pS_v`` over the
+    unclipped vocabulary entries U (the unclipped ids, and the complement when the rest
+    outcome is unclipped; 0 when that mass is 0), with the row factors of ``entry``.
+
+    ``e``: the complement buffer ``exp(b - m)`` (bucket; ``z_c`` None for renormalize,
+    whose ``pS`` are the renormalised ``u``). Over the complement ``pS_v = rS e_v / z_c``
+    and ``grad_v = coef e_v / z_c``, so its part is ``rS coef sum e^2 / z_c^2``.
+    """
+    zero = torch.zeros((), dtype=pS.dtype, device=pS.device)
+    p_kept = torch.where(clipped[:, :K], zero, pS)
+    num = (p_kept * entry).sum(1)
+    mass = p_kept.sum(1)
+    if z_c is not None:
+        rest_kept = ~clipped[:, K] & (z_c > 0)
+        r_s = lS[:, K].exp()
+        coef = (g[:, K] - G * r_s) * row
+        sum_sq = torch.linalg.vector_norm(e, dim=1).square()
+        num = num + torch.where(rest_kept, r_s * coef * sum_sq / z_c.square(), zero)
+        mass = mass + torch.where(rest_kept, r_s, zero)
+    return torch.where(mass == 0, zero, num / mass)
 
 
 def topk_stats(stats, e, lT, lS, ok, z_c, phi, clip, dropped) -> None:
@@ -613,9 +649,13 @@ def topk_divergence(
             (the teacher's log-probs are not touched).
         clip: None, or tau > 0: each outcome's pointwise term is clipped,
             ``min(phi, tau)``, before the sum (clipped outcomes pass no gradient).
-        clip_mode: ``"entry"`` (default, per outcome, as above) or ``"token"``
-            (``min(L, tau)`` per token; a capped token passes no gradient). ``"entry_keep"``
-            is not available for top-k teachers (NotImplementedError).
+        clip_mode: ``"entry"`` (default, per outcome, as above), ``"token"``
+            (``min(L, tau)`` per token; a capped token passes no gradient) or
+            ``"entry_keep"`` (the loss of ``"entry"``; the student-logit gradient of every
+            vocabulary entry whose outcome is clipped (an id, or the whole complement for
+            the bucket's rest) is replaced by the ``pS``-weighted mean of the unclipped
+            entries' gradients (``renormalize``: over the ids, weights ``u``), as
+            :func:`opsd_kernels.divergence`'s).
         logit_scale, softcap: the student's logit transform before the temperature,
             ``softcap * tanh(logit_scale * x / softcap)`` (or ``logit_scale * x``), as
             :func:`opsd_kernels.divergence`'s; the teacher's log-probs are used as given.

@@ -125,7 +125,6 @@ def test_token_clip_caps_and_drops_gradients():
 @pytest.mark.parametrize(
     "kw, error, match",
     [
-        (dict(clip=0.1, clip_mode="entry_keep"), NotImplementedError, "entry_keep"),
         (dict(softcap=-1.0), ValueError, "softcap"),
         (dict(clip_mode="bogus"), ValueError, "clip_mode"),
     ],
@@ -245,3 +244,87 @@ def test_row_function_predating_the_options_refuses_them(monkeypatch):
     ):
         with pytest.raises(NotImplementedError, match=f"impl='torch'.*{name}|{name}"):
             topk_divergence(s, ids, lp, impl="torch", **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_entry_keep(impl, tail, kind):
+    clip = 0.02 if kind != "jsd" else 0.005
+    check_logits_case(
+        impl,
+        tail=tail,
+        kind=kind,
+        clip=clip,
+        clip_mode="entry_keep",
+        masked=True,
+        reduction="none",
+        softcap=6.0,
+    )
+    check_linear_case(
+        impl, tail=tail, kind=kind, clip=clip, clip_mode="entry_keep", masked=True, bias=True
+    )
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_entry_keep_leaves_clipped_entries_unchanged(tail):
+    """Bucket: over the whole vocabulary, each entry clipped with its outcome (an id, or
+    the complement for a clipped rest) has gradient sum_v pS_v grad_v; renormalize: over
+    the ids, with the renormalised u. The loss is "entry"'s."""
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(6, 30, generator=g, dtype=torch.float64) * 3
+    t = 0.5 * s + torch.randn(6, 30, generator=g, dtype=torch.float64) * 3
+    lp, ids = torch.log_softmax(t, -1).topk(5, dim=-1)
+    x = s.clone().requires_grad_()
+    opts = dict(tail=tail, clip=0.02, reduction="none")
+    keep = topk_divergence(x, ids, lp, clip_mode="entry_keep", **opts)
+    (grad,) = torch.autograd.grad(keep.sum(), x)
+    entry = topk_divergence(s, ids, lp, **opts)
+    _, stats = topk_divergence(s, ids, lp, return_stats=True, **opts)
+    assert torch.equal(keep.detach(), entry)
+    assert (stats.clipped_entries > 0).sum() >= 2
+    pS = torch.softmax(s, -1)
+    in_ids = torch.zeros_like(s, dtype=torch.bool).scatter_(1, ids, True)
+    if tail == "renormalize":
+        pS = torch.where(in_ids, pS, 0.0)
+    # which entries are clipped: the reference's outcome terms
+    from opsd_kernels.reference import topk_divergence_reference
+
+    _, ref_stats = topk_divergence_reference(s, ids, lp, return_stats=True, **opts)
+    assert torch.equal(stats.clipped_entries, ref_stats.clipped_entries)
+    lS = torch.log_softmax(s, -1).gather(1, ids)
+    if tail == "renormalize":
+        lS = lS - lS.logsumexp(1, keepdim=True)
+        lT = lp - lp.logsumexp(1, keepdim=True)
+    else:
+        lT = lp
+    clipped_ids = ~(lT.exp() * (lT - lS) < 0.02)
+    mean = (pS * grad).sum(1, keepdim=True) / pS.sum(1, keepdim=True)
+    got = grad.gather(1, ids)[clipped_ids]
+    want = mean.expand_as(ids)[clipped_ids]
+    assert clipped_ids.any()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-15)
+
+
+def test_entry_keep_clipped_rest_moves_the_whole_complement_together():
+    """A flat teacher leaves much mass to the rest outcome; where that outcome is clipped,
+    every complement entry gets the same gradient, the pS-weighted mean."""
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(6, 30, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(6, 30, generator=g, dtype=torch.float64) * 0.5
+    lp, ids = torch.log_softmax(t, -1).topk(3, dim=-1)
+    x = s.clone().requires_grad_()
+    loss = topk_divergence(x, ids, lp, clip=0.02, clip_mode="entry_keep", reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    in_ids = torch.zeros_like(s, dtype=torch.bool).scatter_(1, ids, True)
+    lS = torch.log_softmax(s, -1)
+    r_s = torch.where(in_ids, -torch.inf, lS).logsumexp(1)
+    r_t = 1 - lp.exp().sum(1)
+    rest_clipped = ~(r_t * (r_t.log() - r_s) < 0.02)
+    assert rest_clipped.any() and (~rest_clipped).any()
+    mean = (lS.exp() * grad).sum(1)
+    for row in rest_clipped.nonzero()[:, 0]:
+        complement = grad[row][~in_ids[row]]
+        torch.testing.assert_close(
+            complement, mean[row].expand_as(complement), rtol=1e-10, atol=1e-15
+        )
