@@ -153,11 +153,6 @@ def _check_topk_options(
     o = check_options(kind, beta, temperature, clip, reduction, clip_mode, logit_scale, softcap)
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    if clip_mode not in TOPK_CLIP_MODES:
-        raise NotImplementedError(
-            f"clip_mode={clip_mode!r} is not available for top-k teachers; use one of "
-            f"{TOPK_CLIP_MODES}"
-        )
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
     return TopkOptions(
