@@ -484,8 +484,9 @@ cases = [("bf16", 0, 0, False, (0, 0)), ("bf16", 0, 2, False, (0, 0)),
          ("fp32", 2, 1, False, (1, 0)), ("fp32", 2, 2, True, (1, 0))]
 for logits, phase, kind, clip, grads in cases:
     ptrs = [f"*{logits}"] * 4 + ["*u8", "*fp32", "*fp32", "*fp32"]
-    types = ptrs + ["i64"] * 5 + ["i32"] + ["fp32"] * 5
+    types = ptrs + ["i64"] * 7 + ["i32"] + ["fp32"] * 9
     consts = dict(PHASE=phase, KIND=kind, ONE_PASS=kind < 2 and not clip, HAS_CLIP=clip,
+                  CLIP_MODE=0, S_SOFTCAP=False, T_SOFTCAP=False, EXTRAS=False,
                   HAS_MASK=True, GRAD_S=bool(grads[0]), GRAD_T=bool(grads[1]), BLOCK_V=4096)
     sig = dict(zip(k.arg_names, types + ["constexpr"] * len(consts)))
     out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts),

@@ -13,6 +13,26 @@ rank's vocabulary slice swept in BLOCK_V blocks. Same formulas
 - PHASE 2 (:func:`local_gradients_triton`): given the LSEs, ``G`` and ``H``, the
   slice's gradients times the row factors (may overwrite the logits in place).
 
+The options of :class:`~opsd_kernels._validation.DivergenceOptions` are constexpr
+specialisations as in the row kernel: each role's logit transform is applied to the
+raw logits in every phase (gradients with respect to the raw logits); ``clip_mode``
+"token" runs the phases without the per-entry clip (the caller clamps the all-reduced
+loss and zeroes the clipped rows' ``scale``); "entry_keep" and the per-token statistics
+add columns to the phases' outputs (``extras``), which the caller all-reduces with the
+others:
+
+- phase 0, ``entropy=True``: column 5 is ``u = sum e^(b - max_S) (b - max_S)`` over the
+  slice (:func:`~opsd_kernels.triton.formulas.entropy_update`); over the ranks,
+  ``U = sum_r e^(m_r - M) (u_r + z_r (m_r - M))`` and the entropy is
+  ``log Z - U / Z`` (``Z = sum_r e^(m_r - M) z_r``);
+- phase 1, ``extras=True``: columns 3-9 are the slice's ``sum_U pS``, ``sum_U pS g``,
+  ``sum_U pS^2`` (U: the unclipped entries, "entry_keep" only), the clipped teacher
+  mass and count (SUM over the ranks), the largest scaled teacher logit over the
+  clipped entries and over all (MAX over the ranks; the teacher's top-1 is clipped when
+  the two maxima are equal);
+- phase 2, "entry_keep": ``stats`` has a 5th column, ``mu T`` of
+  :func:`keep_mean_torch` from the all-reduced sums.
+
 A masked row (mask 0) sweeps nothing in phases 0 and 1 (max -inf, sums 0) and
 gets a zero gradient in phase 2; its contents never reach an output.
 """
@@ -22,12 +42,29 @@ import triton
 import triton.language as tl
 
 from .._validation import DivergenceOptions
-from .configs import option_args
-from .divergence_rows import check_rows_contiguous, default_block_v
+from .configs import option_args, transform_args
+from .divergence_rows import check_rows_contiguous, clip_mode_id, default_block_v
 from .formulas import (
+    CLIP_ENTRY_KEEP,
+    CLIP_TOKEN,
     row_online_stats,
     row_term_sums,
     write_row_gradients,
+)
+
+#: columns of phase 0's output (``entropy=True`` adds ``u``) and phase 1's (``extras``)
+PHASE0_COLUMNS = ("max_s", "sumexp_s", "max_t", "sumexp_t", "w", "u")
+PHASE1_COLUMNS = (
+    "loss",
+    "G",
+    "H",
+    "keep_p",
+    "keep_pg",
+    "keep_p2",
+    "clipped_mass",
+    "clipped_count",
+    "top_clipped",
+    "top",
 )
 
 
@@ -53,16 +90,26 @@ def _vocab_parallel_rows_kernel(
     grad_s_stride,
     grad_t_stride,
     scale_stride,
+    stats_stride,
+    out_stride,
     V,
     inv_temp,
     beta,
     log_beta,
     log_1m_beta,
     clip,
+    s_scale,
+    s_cap,
+    t_scale,
+    t_cap,
     PHASE: tl.constexpr,
     KIND: tl.constexpr,
     ONE_PASS: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    CLIP_MODE: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
+    EXTRAS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr,
@@ -76,24 +123,43 @@ def _vocab_parallel_rows_kernel(
     else:
         valid = True
     v_stat = tl.where(valid, V, 0)
-    # the one-pass weighted sum only for a one-pass kind without clip
-    SWEEP: tl.constexpr = ONE_PASS and not HAS_CLIP
+    CLIP_ENTRY: tl.constexpr = HAS_CLIP and CLIP_MODE != CLIP_TOKEN
+    KEEP: tl.constexpr = CLIP_ENTRY and CLIP_MODE == CLIP_ENTRY_KEEP
+    # the one-pass weighted sum only for a one-pass kind without a per-entry clip
+    SWEEP: tl.constexpr = ONE_PASS and not CLIP_ENTRY
 
     if PHASE == 0:
-        m_s, z_s, m_t, z_t, w = row_online_stats(
-            s_row, t_row, V, v_stat, inv_temp, KIND, SWEEP, BLOCK_V
+        out = out_ptr + row * out_stride
+        m_s, z_s, m_t, z_t, w, u = row_online_stats(
+            s_row,
+            t_row,
+            V,
+            v_stat,
+            inv_temp,
+            s_scale,
+            s_cap,
+            t_scale,
+            t_cap,
+            KIND,
+            SWEEP,
+            EXTRAS,
+            S_SOFTCAP,
+            T_SOFTCAP,
+            BLOCK_V,
         )
-        out = out_ptr + row * 5
         tl.store(out, m_s)
         tl.store(out + 1, z_s)
         tl.store(out + 2, m_t)
         tl.store(out + 3, z_t)
         tl.store(out + 4, w)
+        if EXTRAS:
+            tl.store(out + 5, u)
     else:
-        lse_s = tl.load(stats_ptr + row * 4)
-        lse_t = tl.load(stats_ptr + row * 4 + 1)
+        lse_s = tl.load(stats_ptr + row * stats_stride)
+        lse_t = tl.load(stats_ptr + row * stats_stride + 1)
         if PHASE == 1:
-            loss, G, H = row_term_sums(
+            out = out_ptr + row * out_stride
+            loss, G, H, keep_p, keep_pg, keep_p2, mass, count, top_clipped, top = row_term_sums(
                 s_row,
                 t_row,
                 V,
@@ -101,21 +167,40 @@ def _vocab_parallel_rows_kernel(
                 lse_s,
                 lse_t,
                 inv_temp,
+                s_scale,
+                s_cap,
+                t_scale,
+                t_cap,
                 beta,
                 log_beta,
                 log_1m_beta,
                 clip,
                 KIND,
-                HAS_CLIP,
+                CLIP_ENTRY,
+                KEEP,
+                EXTRAS,
+                S_SOFTCAP,
+                T_SOFTCAP,
                 BLOCK_V,
             )
-            out = out_ptr + row * 3
             tl.store(out, loss)
             tl.store(out + 1, G)
             tl.store(out + 2, H)
+            if EXTRAS:
+                tl.store(out + 3, keep_p)
+                tl.store(out + 4, keep_pg)
+                tl.store(out + 5, keep_p2)
+                tl.store(out + 6, mass)
+                tl.store(out + 7, count)
+                tl.store(out + 8, top_clipped)
+                tl.store(out + 9, top)
         else:
-            G = tl.load(stats_ptr + row * 4 + 2)
-            H = tl.load(stats_ptr + row * 4 + 3)
+            G = tl.load(stats_ptr + row * stats_stride + 2)
+            H = tl.load(stats_ptr + row * stats_stride + 3)
+            if KEEP:
+                mu = tl.load(stats_ptr + row * stats_stride + 4)
+            else:
+                mu = 0.0
             scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * inv_temp
             write_row_gradients(
                 s_row,
@@ -129,15 +214,23 @@ def _vocab_parallel_rows_kernel(
                 lse_t,
                 G,
                 H,
+                mu,
                 scale,
                 valid,
                 inv_temp,
+                s_scale,
+                s_cap,
+                t_scale,
+                t_cap,
                 beta,
                 log_beta,
                 log_1m_beta,
                 clip,
                 KIND,
-                HAS_CLIP,
+                CLIP_ENTRY,
+                KEEP,
+                S_SOFTCAP,
+                T_SOFTCAP,
                 GRAD_S,
                 GRAD_T,
                 BLOCK_V,
@@ -156,6 +249,7 @@ def _launch(
     scale=None,
     grad_student=None,
     grad_teacher=None,
+    extras=False,
 ):
     R, V = student.shape
     if R == 0:
@@ -163,6 +257,8 @@ def _launch(
     check_rows_contiguous(
         student=student, teacher=teacher, grad_student=grad_student, grad_teacher=grad_teacher
     )
+    if stats is not None and (stats.dtype != torch.float32 or stats.stride(1) != 1):
+        raise ValueError("stats must be float32 with contiguous rows")
     block = default_block_v(V, student.device)
     _vocab_parallel_rows_kernel[(R,)](
         s_ptr=student,
@@ -178,34 +274,63 @@ def _launch(
         grad_s_stride=0 if grad_student is None else grad_student.stride(0),
         grad_t_stride=0 if grad_teacher is None else grad_teacher.stride(0),
         scale_stride=scale.stride(0) if scale is not None and scale.numel() > 1 else 0,
+        stats_stride=0 if stats is None else stats.stride(0),
+        out_stride=0 if out is None else out.stride(0),
         V=V,
         PHASE=phase,
         **option_args(opts),
+        **transform_args(opts),
+        CLIP_MODE=clip_mode_id(opts),
+        EXTRAS=extras,
         BLOCK_V=block,
         num_warps=8 if block >= 2048 else 4,
     )
 
 
-def local_stats_triton(student, teacher, opts, mask) -> torch.Tensor:
+def _keeps_mean(opts: DivergenceOptions) -> bool:
+    return opts.clip is not None and opts.clip_mode == "entry_keep"
+
+
+def local_stats_triton(student, teacher, opts, mask, entropy: bool = False) -> torch.Tensor:
     """(R, 5) float32: the slice's ``max_S, sumexp_S, max_T, sumexp_T, w`` per row
-    (sum-exps and ``w`` relative to their side's max, 0 shift while it is -inf)."""
-    out = torch.empty(student.shape[0], 5, dtype=torch.float32, device=student.device)
-    _launch(0, student, teacher, opts, mask, out=out)
+    (sum-exps and ``w`` relative to their side's max, 0 shift while it is -inf); with
+    ``entropy`` (R, 6), column 5 the student's ``u`` (module docstring)."""
+    out = torch.empty(
+        student.shape[0], 6 if entropy else 5, dtype=torch.float32, device=student.device
+    )
+    _launch(0, student, teacher, opts, mask, out=out, extras=entropy)
     return out
 
 
-def local_term_sums_triton(student, teacher, opts, mask, stats) -> torch.Tensor:
+def local_term_sums_triton(
+    student, teacher, opts, mask, stats, extras: bool = False
+) -> torch.Tensor:
     """(R, 3) float32: the slice's sums of clipped ``phi, g, h`` given ``stats`` (R, 4)
-    (columns LSE_S, LSE_T, G, H; float32, contiguous)."""
-    out = torch.empty(student.shape[0], 3, dtype=torch.float32, device=student.device)
-    _launch(1, student, teacher, opts, mask, stats=stats, out=out)
+    (columns LSE_S, LSE_T, G, H; float32, contiguous); with ``extras`` (R, 10), the
+    columns :data:`PHASE1_COLUMNS` (module docstring; "entry_keep" needs them)."""
+    out = torch.empty(
+        student.shape[0], 10 if extras else 3, dtype=torch.float32, device=student.device
+    )
+    _launch(1, student, teacher, opts, mask, stats=stats, out=out, extras=extras)
     return out
+
+
+def keep_mean_torch(keep_p, keep_pg, keep_p2, G):
+    """ "entry_keep"'s ``mu T`` from the all-reduced phase-1 sums (torch twin of
+    :func:`opsd_kernels.triton.formulas.keep_mean`): ``(sum_U pS g - G sum_U pS^2) /
+    sum_U pS``, 0 where ``sum_U pS = 0``."""
+    mean = (keep_pg - G * keep_p2) / keep_p
+    return torch.where(keep_p == 0, torch.zeros_like(mean), mean)
 
 
 def local_gradients_triton(
     student, teacher, opts, mask, stats, scale, grad_student, grad_teacher
 ) -> None:
-    """Writes the slice's gradients times ``scale`` ((1,) or (R,) float32)."""
+    """Writes the slice's gradients (with respect to the raw logits) times ``scale``
+    ((1,) or (R,) float32). ``stats``: (R, 4) columns LSE_S, LSE_T, G, H; with
+    ``clip_mode="entry_keep"`` (R, 5), column 4 :func:`keep_mean_torch`."""
+    if _keeps_mean(opts) and stats.shape[1] < 5:
+        raise ValueError("clip_mode='entry_keep' needs stats with a 5th column (keep_mean_torch)")
     _launch(
         2,
         student,
