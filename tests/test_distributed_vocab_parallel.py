@@ -486,7 +486,7 @@ for logits, phase, kind, clip, grads in cases:
     ptrs = [f"*{logits}"] * 4 + ["*u8", "*fp32", "*fp32", "*fp32"]
     types = ptrs + ["i64"] * 7 + ["i32"] + ["fp32"] * 9
     consts = dict(PHASE=phase, KIND=kind, ONE_PASS=kind < 2 and not clip, HAS_CLIP=clip,
-                  CLIP_MODE=0, S_SOFTCAP=False, T_SOFTCAP=False, EXTRAS=False,
+                  CLIP_MODE=0, S_SOFTCAP=False, T_SOFTCAP=False, ENTROPY=False, HAS_MAX_T=False,
                   HAS_MASK=True, GRAD_S=bool(grads[0]), GRAD_T=bool(grads[1]), BLOCK_V=4096)
     sig = dict(zip(k.arg_names, types + ["constexpr"] * len(consts)))
     out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts),

@@ -303,31 +303,35 @@ def vocab_parallel_two_slices(s, t, opts, mask, scale, cut):
     lse_s, lse_t = _shift(m_s) + z_s.log(), _shift(m_t) + z_t.log()
     keep = torch.ones(R, dtype=torch.bool) if mask is None else mask
     lse_s, lse_t = torch.where(keep, lse_s, 0.0), torch.where(keep, lse_t, 0.0)
-    stats4 = torch.stack([lse_s, lse_t, 0 * lse_s, 0 * lse_s], 1).float().contiguous()
+    # the row statistics vocab_parallel keeps: LSE_S, LSE_T, G_SUM, H_SUM, KEEP_MEAN,
+    # DROPPED, MAX_T (the term sums read the LSEs and MAX_T)
+    row_stats = torch.zeros(R, 7, dtype=torch.float64)
+    row_stats[:, 0], row_stats[:, 1], row_stats[:, 6] = lse_s, lse_t, m_t
     p1 = [
-        vp.local_term_sums_triton(a, b, opts, mask, stats4, extras=True).double() for a, b in pieces
+        vp.local_term_sums_triton(a, b, opts, mask, row_stats.float().contiguous()).double()
+        for a, b in pieces
     ]
-    sums = p1[0][:, :8] + p1[1][:, :8]
-    top_clipped = torch.maximum(p1[0][:, 8], p1[1][:, 8])
-    top = torch.maximum(p1[0][:, 9], p1[1][:, 9])
+    sums = p1[0] + p1[1]
     loss, G, H = sums[:, 0], sums[:, 1], sums[:, 2]
     stats = torch.zeros(R, NUM_STATS, dtype=torch.float64)
     stats[:, 0] = z_s.log() - u / z_s
-    row_scale = scale.double().expand(R)
     if opts.clip is not None and opts.clip_mode == "token":
         clipped = ~(loss < opts.clip)
         loss = torch.clamp(loss, max=opts.clip)
-        row_scale = torch.where(clipped, 0.0, row_scale)
+        row_stats[:, 5] = clipped.double()
         stats[:, 1], stats[:, 2], stats[:, 3] = clipped, clipped * s.shape[1], clipped
     elif opts.clip is not None:
-        stats[:, 1], stats[:, 2] = sums[:, 6], sums[:, 7]
-        stats[:, 3] = (top_clipped == top) & (top_clipped > float("-inf"))
-    mu = vp.keep_mean_torch(sums[:, 3], sums[:, 4], sums[:, 5], G)
-    stats5 = torch.stack([lse_s, lse_t, G, H, mu], 1).float().contiguous()
+        stats[:, 1], stats[:, 2], stats[:, 3] = sums[:, 6], sums[:, 7], sums[:, 8] > 0
+    kept_p = sums[:, 5]
+    mu = (sums[:, 3] - G * sums[:, 4]) / (opts.temperature * kept_p)
+    row_stats[:, 2], row_stats[:, 3] = G, H
+    row_stats[:, 4] = torch.where(kept_p == 0, 0.0, mu)
+    row_stats = row_stats.float().contiguous()
+    row_scale = scale.float().expand(R).contiguous()
     grads = []
     for a, b in pieces:
         gs, gt = torch.empty_like(a), torch.empty_like(b)
-        vp.local_gradients_triton(a, b, opts, mask, stats5, row_scale.float().contiguous(), gs, gt)
+        vp.local_gradients_triton(a, b, opts, mask, row_stats, row_scale, gs, gt)
         grads.append((gs, gt))
     grad_s = torch.cat([grads[0][0], grads[1][0]], 1)
     grad_t = torch.cat([grads[0][1], grads[1][1]], 1)

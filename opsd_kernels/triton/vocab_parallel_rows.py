@@ -16,22 +16,20 @@ rank's vocabulary slice swept in BLOCK_V blocks. Same formulas
 The options of :class:`~opsd_kernels._validation.DivergenceOptions` are constexpr
 specialisations as in the row kernel: each role's logit transform is applied to the
 raw logits in every phase (gradients with respect to the raw logits); ``clip_mode``
-"token" runs the phases without the per-entry clip (the caller clamps the all-reduced
-loss and zeroes the clipped rows' ``scale``); "entry_keep" and the per-token statistics
-add columns to the phases' outputs (``extras``), which the caller all-reduces with the
-others:
+"token" runs the phases without the per-entry clip; the columns match the torch
+phases of :mod:`opsd_kernels.vocab_parallel` (``local_*_torch``), so either can serve:
 
-- phase 0, ``entropy=True``: column 5 is ``u = sum e^(b - max_S) (b - max_S)`` over the
-  slice (:func:`~opsd_kernels.triton.formulas.entropy_update`); over the ranks,
-  ``U = sum_r e^(m_r - M) (u_r + z_r (m_r - M))`` and the entropy is
-  ``log Z - U / Z`` (``Z = sum_r e^(m_r - M) z_r``);
-- phase 1, ``extras=True``: columns 3-9 are the slice's ``sum_U pS``, ``sum_U pS g``,
-  ``sum_U pS^2`` (U: the unclipped entries, "entry_keep" only), the clipped teacher
-  mass and count (SUM over the ranks), the largest scaled teacher logit over the
-  clipped entries and over all (MAX over the ranks; the teacher's top-1 is clipped when
-  the two maxima are equal);
-- phase 2, "entry_keep": ``stats`` has a 5th column, ``mu T`` of
-  :func:`keep_mean_torch` from the all-reduced sums.
+- phase 0: (R, 6) ``max_S, sumexp_S, max_T, sumexp_T, w, u``, ``u`` (only with
+  ``entropy``, else 0) the slice's ``sum e^(b - max_S) (b - max_S)``
+  (:func:`~opsd_kernels.triton.formulas.entropy_update`);
+- phase 1: (R, 9) the sums of :data:`TERM_SUM_COLUMNS`: the (clipped) phi, g, h and,
+  with a per-entry clip, ``sum_U pS g, sum_U pS^2, sum_U pS`` over the unclipped
+  entries U ("entry_keep" only, else 0), the clipped entries' teacher mass and count,
+  and 1 when a clipped entry holds the teacher's maximum (``stats`` column 6, MAX_T;
+  0 when ``stats`` has no such column);
+- phase 2: reads ``stats`` columns LSE_S, LSE_T, G_SUM, H_SUM and, "entry_keep",
+  KEEP_MEAN (column 4: the clipped student entries' gradient per unit row factor),
+  "token", DROPPED (column 5: 1 for a clipped row, which gets a zero gradient).
 
 A masked row (mask 0) sweeps nothing in phases 0 and 1 (max -inf, sums 0) and
 gets a zero gradient in phase 2; its contents never reach an output.
@@ -52,20 +50,20 @@ from .formulas import (
     write_row_gradients,
 )
 
-#: columns of phase 0's output (``entropy=True`` adds ``u``) and phase 1's (``extras``)
-PHASE0_COLUMNS = ("max_s", "sumexp_s", "max_t", "sumexp_t", "w", "u")
-PHASE1_COLUMNS = (
-    "loss",
+#: columns of phase 1's output (``opsd_kernels.vocab_parallel``'s term sums)
+TERM_SUM_COLUMNS = (
+    "phi",
     "G",
     "H",
-    "keep_p",
-    "keep_pg",
-    "keep_p2",
+    "kept_ps_g",
+    "kept_ps_sq",
+    "kept_ps",
     "clipped_mass",
     "clipped_count",
-    "top_clipped",
-    "top",
+    "top1_clipped",
 )
+#: ``stats`` columns the phases read (``opsd_kernels.vocab_parallel``'s row statistics)
+LSE_S, LSE_T, G_SUM, H_SUM, KEEP_MEAN, DROPPED, MAX_T = range(7)
 
 
 @triton.heuristics(
@@ -109,7 +107,8 @@ def _vocab_parallel_rows_kernel(
     CLIP_MODE: tl.constexpr,
     S_SOFTCAP: tl.constexpr,
     T_SOFTCAP: tl.constexpr,
-    EXTRAS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    HAS_MAX_T: tl.constexpr,
     HAS_MASK: tl.constexpr,
     GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr,
@@ -125,6 +124,7 @@ def _vocab_parallel_rows_kernel(
     v_stat = tl.where(valid, V, 0)
     CLIP_ENTRY: tl.constexpr = HAS_CLIP and CLIP_MODE != CLIP_TOKEN
     KEEP: tl.constexpr = CLIP_ENTRY and CLIP_MODE == CLIP_ENTRY_KEEP
+    TOKEN: tl.constexpr = HAS_CLIP and CLIP_MODE == CLIP_TOKEN
     # the one-pass weighted sum only for a one-pass kind without a per-entry clip
     SWEEP: tl.constexpr = ONE_PASS and not CLIP_ENTRY
 
@@ -142,7 +142,7 @@ def _vocab_parallel_rows_kernel(
             t_cap,
             KIND,
             SWEEP,
-            EXTRAS,
+            ENTROPY,
             S_SOFTCAP,
             T_SOFTCAP,
             BLOCK_V,
@@ -152,8 +152,7 @@ def _vocab_parallel_rows_kernel(
         tl.store(out + 2, m_t)
         tl.store(out + 3, z_t)
         tl.store(out + 4, w)
-        if EXTRAS:
-            tl.store(out + 5, u)
+        tl.store(out + 5, u)
     else:
         lse_s = tl.load(stats_ptr + row * stats_stride)
         lse_t = tl.load(stats_ptr + row * stats_stride + 1)
@@ -178,29 +177,36 @@ def _vocab_parallel_rows_kernel(
                 KIND,
                 CLIP_ENTRY,
                 KEEP,
-                EXTRAS,
+                CLIP_ENTRY,
                 S_SOFTCAP,
                 T_SOFTCAP,
                 BLOCK_V,
             )
+            if HAS_MAX_T:
+                # the slice holds a teacher maximum that was clipped (>=: never missed
+                # through a rounding of the recomputed logit)
+                max_t = tl.load(stats_ptr + row * stats_stride + 6)
+                top1 = tl.where((top_clipped >= max_t) & (top_clipped > float("-inf")), 1.0, 0.0)
+            else:
+                top1 = 0.0
             tl.store(out, loss)
             tl.store(out + 1, G)
             tl.store(out + 2, H)
-            if EXTRAS:
-                tl.store(out + 3, keep_p)
-                tl.store(out + 4, keep_pg)
-                tl.store(out + 5, keep_p2)
-                tl.store(out + 6, mass)
-                tl.store(out + 7, count)
-                tl.store(out + 8, top_clipped)
-                tl.store(out + 9, top)
+            tl.store(out + 3, keep_pg)
+            tl.store(out + 4, keep_p2)
+            tl.store(out + 5, keep_p)
+            tl.store(out + 6, mass)
+            tl.store(out + 7, count)
+            tl.store(out + 8, top1)
         else:
             G = tl.load(stats_ptr + row * stats_stride + 2)
             H = tl.load(stats_ptr + row * stats_stride + 3)
-            if KEEP:
-                mu = tl.load(stats_ptr + row * stats_stride + 4)
+            if KEEP:  # per unit row factor (1/tau included); the kernel's scale has 1/tau
+                mu = tl.load(stats_ptr + row * stats_stride + 4) / inv_temp
             else:
                 mu = 0.0
+            if TOKEN:
+                valid = valid & (tl.load(stats_ptr + row * stats_stride + 5) == 0)
             scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * inv_temp
             write_row_gradients(
                 s_row,
@@ -249,7 +255,7 @@ def _launch(
     scale=None,
     grad_student=None,
     grad_teacher=None,
-    extras=False,
+    entropy=False,
 ):
     R, V = student.shape
     if R == 0:
@@ -281,56 +287,44 @@ def _launch(
         **option_args(opts),
         **transform_args(opts),
         CLIP_MODE=clip_mode_id(opts),
-        EXTRAS=extras,
+        ENTROPY=entropy,
+        HAS_MAX_T=phase == 1 and stats.shape[1] > MAX_T,
         BLOCK_V=block,
         num_warps=8 if block >= 2048 else 4,
     )
 
 
-def _keeps_mean(opts: DivergenceOptions) -> bool:
-    return opts.clip is not None and opts.clip_mode == "entry_keep"
-
-
 def local_stats_triton(student, teacher, opts, mask, entropy: bool = False) -> torch.Tensor:
-    """(R, 5) float32: the slice's ``max_S, sumexp_S, max_T, sumexp_T, w`` per row
-    (sum-exps and ``w`` relative to their side's max, 0 shift while it is -inf); with
-    ``entropy`` (R, 6), column 5 the student's ``u`` (module docstring)."""
-    out = torch.empty(
-        student.shape[0], 6 if entropy else 5, dtype=torch.float32, device=student.device
-    )
-    _launch(0, student, teacher, opts, mask, out=out, extras=entropy)
+    """(R, 6) float32: the slice's ``max_S, sumexp_S, max_T, sumexp_T, w, u`` per row
+    (sum-exps, ``w`` and ``u`` relative to their side's max, 0 shift while it is -inf;
+    ``u`` only with ``entropy``, else 0)."""
+    out = torch.empty(student.shape[0], 6, dtype=torch.float32, device=student.device)
+    _launch(0, student, teacher, opts, mask, out=out, entropy=entropy)
     return out
 
 
-def local_term_sums_triton(
-    student, teacher, opts, mask, stats, extras: bool = False
-) -> torch.Tensor:
-    """(R, 3) float32: the slice's sums of clipped ``phi, g, h`` given ``stats`` (R, 4)
-    (columns LSE_S, LSE_T, G, H; float32, contiguous); with ``extras`` (R, 10), the
-    columns :data:`PHASE1_COLUMNS` (module docstring; "entry_keep" needs them)."""
-    out = torch.empty(
-        student.shape[0], 10 if extras else 3, dtype=torch.float32, device=student.device
-    )
-    _launch(1, student, teacher, opts, mask, stats=stats, out=out, extras=extras)
+def local_term_sums_triton(student, teacher, opts, mask, stats) -> torch.Tensor:
+    """(R, 9) float32: the slice's sums :data:`TERM_SUM_COLUMNS` given ``stats`` (R, 4+)
+    (columns LSE_S, LSE_T, G_SUM, H_SUM and, for the top-1 flag, MAX_T; float32,
+    contiguous rows)."""
+    out = torch.empty(student.shape[0], 9, dtype=torch.float32, device=student.device)
+    _launch(1, student, teacher, opts, mask, stats=stats, out=out)
     return out
-
-
-def keep_mean_torch(keep_p, keep_pg, keep_p2, G):
-    """ "entry_keep"'s ``mu T`` from the all-reduced phase-1 sums (torch twin of
-    :func:`opsd_kernels.triton.formulas.keep_mean`): ``(sum_U pS g - G sum_U pS^2) /
-    sum_U pS``, 0 where ``sum_U pS = 0``."""
-    mean = (keep_pg - G * keep_p2) / keep_p
-    return torch.where(keep_p == 0, torch.zeros_like(mean), mean)
 
 
 def local_gradients_triton(
     student, teacher, opts, mask, stats, scale, grad_student, grad_teacher
 ) -> None:
     """Writes the slice's gradients (with respect to the raw logits) times ``scale``
-    ((1,) or (R,) float32). ``stats``: (R, 4) columns LSE_S, LSE_T, G, H; with
-    ``clip_mode="entry_keep"`` (R, 5), column 4 :func:`keep_mean_torch`."""
-    if _keeps_mean(opts) and stats.shape[1] < 5:
-        raise ValueError("clip_mode='entry_keep' needs stats with a 5th column (keep_mean_torch)")
+    ((1,) or (R,) float32). ``stats``: (R, 4+) float32 (module docstring; "entry_keep"
+    reads KEEP_MEAN, "token" DROPPED)."""
+    need = {"entry_keep": KEEP_MEAN + 1, "token": DROPPED + 1}.get(
+        None if opts.clip is None else opts.clip_mode, 4
+    )
+    if stats.shape[1] < need:
+        raise ValueError(
+            f"clip_mode={opts.clip_mode!r} needs stats with {need} columns, got {stats.shape[1]}"
+        )
     _launch(
         2,
         student,
