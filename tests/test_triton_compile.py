@@ -85,8 +85,10 @@ ROWS_SCRIPT = PRELUDE + textwrap.dedent("""
     from opsd_kernels.triton import divergence_rows as dr
 
     record(dr)
+    # the block size a CUDA launch picks (the launcher reads the tensors' device)
+    cuda_block = dr.default_block_v
+    dr.default_block_v = lambda V, device, heavy=False: cuda_block(V, torch.device("cuda"), heavy)
     R, V = 1024, 151936
-    block = dr.default_block_v(V, torch.device("cuda"))
     mask, scale = empty(R, dt=torch.bool), empty(1, dt=torch.float32)
     stats = new_stats_buffer(R, "meta")
     def launch(dt, kind, grads, stats=None, **options):
@@ -95,7 +97,7 @@ ROWS_SCRIPT = PRELUDE + textwrap.dedent("""
         dr.divergence_rows_triton(
             s, t, check_options(kind, 0.5, 1.1, reduction="mean", **options), mask=mask,
             scale=scale, grad_student=s if gs else None,
-            grad_teacher=empty(R, V, dt=dt) if gt else None, stats=stats, block_v=block)
+            grad_teacher=empty(R, V, dt=dt) if gt else None, stats=stats)
     KINDS = ("forward_kl", "reverse_kl", "jsd")
     # float32 logits (the chunked fused-linear path, gradient in place) and bf16 logits
     # (divergence() on a model's logits), every kind, clip, and gradient combination
@@ -126,7 +128,8 @@ VOCAB_PARALLEL_SCRIPT = PRELUDE + textwrap.dedent("""
 
     record(vp)
     # the block size a CUDA launch picks (the launcher reads the tensors' device)
-    vp.default_block_v = lambda V, device: dr.default_block_v(V, torch.device("cuda"))
+    vp.default_block_v = lambda V, device, heavy=False: dr.default_block_v(
+        V, torch.device("cuda"), heavy)
     R, V = 1024, 151936 // 8  # one rank's slice of Qwen3's vocabulary on 8 GPUs
     mask, scale = empty(R, dt=torch.bool), empty(R, dt=torch.float32)
     stats = empty(R, 4, dt=torch.float32)

@@ -41,7 +41,12 @@ import triton.language as tl
 
 from .._validation import DivergenceOptions
 from .configs import option_args, transform_args
-from .divergence_rows import check_rows_contiguous, clip_mode_id, default_block_v
+from .divergence_rows import (
+    carries_options,
+    check_rows_contiguous,
+    clip_mode_id,
+    default_block_v,
+)
 from .formulas import (
     CLIP_ENTRY_KEEP,
     CLIP_TOKEN,
@@ -265,7 +270,7 @@ def _launch(
     )
     if stats is not None and (stats.dtype != torch.float32 or stats.stride(1) != 1):
         raise ValueError("stats must be float32 with contiguous rows")
-    block = default_block_v(V, student.device)
+    block = default_block_v(V, student.device, entropy or carries_options(opts, None))
     _vocab_parallel_rows_kernel[(R,)](
         s_ptr=student,
         t_ptr=teacher,
