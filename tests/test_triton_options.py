@@ -359,3 +359,51 @@ def test_vocab_parallel_phases_every_kind_clip_mode(kind, mode):
     expected = (e_loss, e_gs * row_scale[:, None], e_gt * row_scale[:, None], e_st)
     got = vocab_parallel_two_slices(s, t, opts, mask, row_scale, cut=97)
     check(got, expected, what=f"vocab-parallel {kind} {mode}")
+
+
+# ---- the top-k row kernel: the student's transform, "token" ----------------------------
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("mode", [None, "entry", "token"])
+def test_topk_rows_student_transform_with_inf_logits(tail, mode):
+    """The Triton top-k rows against the float64 reference: a soft-capped, scaled
+    student with genuine -inf logits (the cap maps them to -cap, unlike the launcher's
+    -inf marks of excluded ids), ragged blocks, a mask, clip modes."""
+    from opsd_kernels import topk_divergence
+    from opsd_kernels.reference import topk_divergence_reference
+
+    gen = torch.Generator().manual_seed(40 + len(tail) + CLIP_MODES.index(mode))
+    N, V, K = 6, 150, 7
+    s = torch.randn(N, V, generator=gen) * 6
+    s[0, :3] = float("-inf")
+    s[1, 10] = float("-inf")
+    t_lp = torch.log_softmax(torch.randn(N, V, generator=gen) * 3, -1)
+    lp, ids = t_lp.topk(K, dim=-1)
+    ids[1, 0] = 10  # a -inf student logit among the ids
+    lp[2, -2:] = float("-inf")  # padding
+    mask = make_mask((N,), seed=3, p=0.8)
+    kw = dict(kind="jsd", beta=0.3, tail=tail, temperature=1.2, logit_scale=1.5, softcap=4.0)
+    if mode == "token":  # about half of the rows capped
+        free = topk_divergence_reference(s, ids, lp, mask=mask, reduction="none", **kw)
+        kw.update(clip=float(free[mask].median()) * 1.0001, clip_mode=mode)
+    elif mode == "entry":
+        kw.update(clip=0.02, clip_mode=mode)
+    x = s.clone().requires_grad_(True)
+    ref = topk_divergence_reference(x, ids, lp, mask=mask, reduction="none", **kw)
+    ref.sum().backward()
+    y = s.clone().to(DEVICE).requires_grad_(True)
+    got = topk_divergence(
+        y,
+        ids.to(DEVICE),
+        lp.to(DEVICE),
+        mask=mask.to(DEVICE),
+        reduction="none",
+        impl="triton",
+        **kw,
+    )
+    got.sum().backward()
+    assert_close(got, ref, torch.float32, "loss")
+    assert_close(y.grad, x.grad, torch.float32, "grad")
+    if mode == "token":  # some rows capped, some not
+        assert 0 < (ref[mask] == kw["clip"]).sum() < mask.sum()
