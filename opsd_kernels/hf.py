@@ -37,6 +37,7 @@ __all__ = [
     "causal_lm_backbone",
     "causal_lm_head",
     "causal_lm_hidden_states",
+    "causal_lm_last_hidden_state",
     "check_causal_lm_hidden_states",
 ]
 
@@ -236,14 +237,34 @@ def causal_lm_hidden_states(
     """
     head = causal_lm_head(model, with_softcap=with_softcap)
     weight, bias, scale = head
-    body = causal_lm_backbone(model)
-    model_kwargs.setdefault("use_cache", False)
-    out = body(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = causal_lm_last_hidden_state(model, input_ids, attention_mask, **model_kwargs)
     if scale != 1.0:
         hidden = hidden * scale
         bias = None if bias is None else bias * scale
     return LMHeadInputs(hidden, weight, bias, head.softcap)
+
+
+def causal_lm_last_hidden_state(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **model_kwargs,
+) -> torch.Tensor:
+    """The body's final hidden states (B, T, H), after the final norm: what the lm_head
+    reads, before any logit scale (:func:`causal_lm_head` describes the head). Runs
+    the body only; ``use_cache`` defaults to False.
+
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+    ...                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    >>> causal_lm_last_hidden_state(LlamaForCausalLM(cfg), torch.randint(0, 50, (2, 5))).shape
+    torch.Size([2, 5, 16])
+    """
+    body = causal_lm_backbone(model)
+    model_kwargs.setdefault("use_cache", False)
+    out = body(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 @torch.no_grad()

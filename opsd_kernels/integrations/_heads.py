@@ -27,14 +27,14 @@ the memory ``full_tensor()`` takes in TRL's own ``DistillationTrainer``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
 
 from ..hf import causal_lm_head
 
-__all__ = ["LMHead", "gathered_lm_head", "same_lm_head"]
+__all__ = ["LMHead", "gathered_lm_head", "lm_heads", "route_through"]
 
 
 class LMHead(NamedTuple):
@@ -100,45 +100,85 @@ def _zero3_gathered(*params: torch.Tensor | None) -> Iterator[None]:
     yield
 
 
-@contextlib.contextmanager
-def gathered_lm_head(model) -> Iterator[LMHead]:
+def gathered_lm_head(model, *, constant: bool = False) -> LMHead:
     """The lm_head of ``model`` whole, for one step's loss (see the module docstring).
 
     Args:
         model: a ``transformers`` causal LM or a PEFT model wrapping one, not wrapped by
             DDP or DeepSpeed (``accelerator.unwrap_model``); an FSDP2 ``fully_shard``
-            model is its own wrapper. Enter this inside the model's forward (e.g. through
-            TRL's ``_ForwardRedirection``) under FSDP2's root unit or ZeRO-3.
+            model is its own wrapper. Call this inside the model's forward (e.g. through
+            :func:`route_through`) under FSDP2's root unit or ZeRO-3.
+        constant: a teacher's head: gathered without autograd, tensors detached.
 
-    Yields:
+    Returns:
         :class:`LMHead` ``(weight (V, H), bias (V,) or None, logit_scale, softcap)``;
         ``softcap`` is the model's ``final_logit_softcapping`` (Gemma 2). Use the tensors
-        within the step (their backward, which sends the gradient to the parameters, may
-        run after the block).
+        within the step: their backward sends the gradient to the parameters.
 
     >>> import torch
     >>> from transformers import Qwen3Config, Qwen3ForCausalLM
     >>> cfg = Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=32,
     ...                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
     >>> model = Qwen3ForCausalLM(cfg)
-    >>> with gathered_lm_head(model) as head:
-    ...     head.weight is model.lm_head.weight, head.logit_scale, head.softcap
+    >>> head = gathered_lm_head(model)
+    >>> head.weight is model.lm_head.weight, head.logit_scale, head.softcap
     (True, 1.0, None)
     """
-    weight, bias, logit_scale = head = causal_lm_head(model, with_softcap=True)
-    with _zero3_gathered(weight, bias):
+    head = causal_lm_head(model, with_softcap=True)
+    weight, bias, logit_scale = head
+    grad = torch.is_grad_enabled() and not constant
+    with _zero3_gathered(weight, bias), torch.set_grad_enabled(grad):
         if hasattr(weight, "ds_status"):
             # the gathered storage is released on exit: a copy, whose backward feeds the
             # partitioned parameters' gradient hooks
             weight = weight.clone()
             bias = None if bias is None else bias.clone()
-        yield LMHead(_full(weight), _full(bias), logit_scale, head.softcap)
+        weight, bias = _full(weight), _full(bias)
+    if constant:
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+    return LMHead(weight, bias, logit_scale, head.softcap)
 
 
-def same_lm_head(model_a, model_b) -> bool:
-    """Whether two causal LMs share one lm_head (the same weight and bias objects): then
-    one gathered head and one GEMM per tile serve both (``fused_linear_divergence``'s
-    shared-weight path)."""
-    a = causal_lm_head(model_a, with_softcap=True)
-    b = causal_lm_head(model_b, with_softcap=True)
-    return a.weight is b.weight and a.bias is b.bias and a[2:] == b[2:] and a.softcap == b.softcap
+def lm_heads(student_model, teacher_model) -> tuple[LMHead, LMHead]:
+    """The student's and the teacher's lm_heads whole, ``(student, teacher)``, for a
+    ``fused_linear_divergence`` call: ``weight`` positional from the student's, then
+    ``**student.loss_kwargs("student"), **teacher.loss_kwargs("teacher")``.
+
+    The teacher's is constant (detached). When both models share one lm_head (the same
+    weight and bias objects: the teacher is the student, or holds its head), it is
+    gathered once and the teacher's ``weight`` and ``bias`` are None (the kernels' shared
+    path: one GEMM per tile serves both roles).
+
+    >>> import torch
+    >>> from transformers import Qwen3Config, Qwen3ForCausalLM
+    >>> cfg = Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=32,
+    ...                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    >>> model = Qwen3ForCausalLM(cfg)
+    >>> student, teacher = lm_heads(model, model)
+    >>> student.weight is model.lm_head.weight, teacher.weight
+    (True, None)
+    """
+    s_param = causal_lm_head(student_model, with_softcap=True)
+    t_param = causal_lm_head(teacher_model, with_softcap=True)
+    student = gathered_lm_head(student_model)
+    if s_param.weight is t_param.weight and s_param.bias is t_param.bias:
+        return student, LMHead(None, None, t_param.logit_scale, t_param.softcap)
+    return student, gathered_lm_head(teacher_model, constant=True)
+
+
+def route_through(wrapper, module, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` run inside ``wrapper``'s forward, whose module is
+    ``module`` (TRL's ``_ForwardRedirection``): a DDP wrapper then prepares its gradient
+    synchronisation, a DeepSpeed engine and an FSDP2 root unit gather their parameters.
+    ``wrapper`` None (or TRL without it): ``fn`` is called directly."""
+    if wrapper is None:
+        return fn(*args, **kwargs)
+    return _forward_redirection()(wrapper, module, fn, *args, **kwargs)
+
+
+def _forward_redirection():
+    # TRL's private helper (trl.models.utils, TRL 1.16.0): pinned here and in
+    # tests/test_trl_sharded.py::test_trl_forward_redirection_is_where_we_expect_it
+    from trl.models.utils import _ForwardRedirection
+
+    return _ForwardRedirection()
