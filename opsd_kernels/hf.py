@@ -164,16 +164,17 @@ def causal_lm_head(model, *, with_softcap: bool = False) -> CausalLMHead:
     base = _unwrap(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    # DeepSpeed ZeRO-3 keeps a partitioned parameter's full shape in ds_shape
+    shape = tuple(getattr(weight, "ds_shape", getattr(weight, "shape", ())))
+    if not isinstance(weight, torch.Tensor) or len(shape) != 2:
         raise ValueError(
             f"{type(base).__name__} has no linear lm_head (get_output_embeddings() returned "
             f"{type(head).__name__}): load the model as a causal LM (AutoModelForCausalLM)"
         )
     bias = getattr(head, "bias", None)
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
-        raise ValueError(
-            f"the lm_head bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)"
-        )
+    bias_shape = tuple(getattr(bias, "ds_shape", getattr(bias, "shape", ())))
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias_shape != shape[:1]):
+        raise ValueError(f"the lm_head bias has shape {bias_shape}, expected ({shape[0]},)")
     return CausalLMHead(weight, bias, _logit_scale(base), _softcap(base, with_softcap))
 
 

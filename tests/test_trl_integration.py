@@ -49,8 +49,8 @@ def _messages(n=8):
     ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def build_tokenizer():
+    """A small byte-level BPE with a chat template, trained here (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tk = Tokenizer(models.BPE())
@@ -74,6 +74,11 @@ def tokenizer():
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
 
 
 def _model(tok, seed, hidden=16, vocab=None, tied=False, layers=1):

@@ -89,8 +89,10 @@ def _zero3_gathered(*params: torch.Tensor | None) -> Iterator[None]:
     hooks hold the weight, and re-partitioning it here would undo theirs)."""
     partitioned = {id(p): p for p in params if p is not None and hasattr(p, "ds_status")}
     if partitioned:
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-        from deepspeed.zero import GatheredParameters
+        from deepspeed.runtime.zero.partition_parameters import (
+            GatheredParameters,
+            ZeroParamStatus,
+        )
 
         todo = [p for p in partitioned.values() if p.ds_status != ZeroParamStatus.AVAILABLE]
         if todo:
