@@ -132,8 +132,7 @@ def fused_generalized_jsd(
     unknown = set(loss_kwargs) - set(_LOSS_KWARGS)
     if unknown:
         raise TypeError(f"unexpected loss arguments {sorted(unknown)}; allowed: {_LOSS_KWARGS}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    kind, beta = trl_divergence_kind(beta)
     if labels.shape != input_ids.shape:
         raise ValueError(
             f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
@@ -155,7 +154,6 @@ def fused_generalized_jsd(
             **forward_kwargs,
         )
     mask = labels[:, 1:].to(h_s.device) != ignore_index
-    kind = "forward_kl" if beta == 0 else "reverse_kl" if beta == 1 else "jsd"
     s_head, t_head = lm_heads(student_model, teacher_model)
     t_dtype = (s_head if t_head.weight is None else t_head).weight.dtype
     # the bodies ran under the caller's autocast (mixed precision), if any; the loss reads
@@ -166,7 +164,7 @@ def fused_generalized_jsd(
             h_t[:, :-1].to(h_s.device, t_dtype),
             s_head.weight,
             kind=kind,
-            beta=beta if kind == "jsd" else 0.5,
+            beta=beta,
             temperature=temperature,
             mask=mask,
             reduction="sum",
@@ -181,19 +179,40 @@ def fused_generalized_jsd(
     return total / mask.sum().clamp_min(1)
 
 
+def checked_loss_kwargs(loss_kwargs: dict | None, name: str) -> dict:
+    """A copy of a trainer's ``fused_loss_kwargs``; ``TypeError`` naming ``name`` for a
+    key ``fused_linear_divergence`` does not take from it."""
+    loss_kwargs = dict(loss_kwargs or {})
+    unknown = set(loss_kwargs) - set(_LOSS_KWARGS)
+    if unknown:
+        raise TypeError(f"{name}: unexpected {sorted(unknown)}; allowed: {_LOSS_KWARGS}")
+    return loss_kwargs
+
+
+def trl_divergence_kind(beta: float) -> tuple[str, float]:
+    """TRL's ``beta`` (GKD, GOLD, DistillationTrainer) as ``(kind, beta)`` of the kernels:
+    0 forward KL, 1 reverse KL, else the generalized JSD with this beta (the beta of
+    ``reverse_kl``/``forward_kl`` is unused: 0.5).
+
+    >>> trl_divergence_kind(0.0), trl_divergence_kind(0.3)
+    (('forward_kl', 0.5), ('jsd', 0.3))
+    """
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if beta == 0:
+        return "forward_kl", 0.5
+    if beta == 1:
+        return "reverse_kl", 0.5
+    return "jsd", float(beta)
+
+
 class _FusedLossMixin:
     """``compute_loss`` from hidden states, shared by the GKD and GOLD subclasses."""
 
     _loss_uses_temperature = False
 
     def _init_fused(self, fused_loss_kwargs):
-        fused_loss_kwargs = dict(fused_loss_kwargs or {})
-        unknown = set(fused_loss_kwargs) - set(_LOSS_KWARGS)
-        if unknown:
-            raise TypeError(
-                f"fused_loss_kwargs: unexpected {sorted(unknown)}; allowed: {_LOSS_KWARGS}"
-            )
-        self.fused_loss_kwargs = fused_loss_kwargs
+        self.fused_loss_kwargs = checked_loss_kwargs(fused_loss_kwargs, "fused_loss_kwargs")
 
     def _fused_loss(self, model, inputs, num_items_in_batch, forward_kwargs=None):
         student = self.accelerator.unwrap_model(model)
