@@ -200,7 +200,8 @@ def test_matches_float64_reference_and_trl_trainer(
     assert ref[0] > 1e-2  # a real divergence
     # ours in float64 against the float64 reference
     s64, t64 = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
-    ours64 = _step(_trainer(FusedDistillationTrainer, tokenizer, s64, t64, tmp_path, **opts), inputs)
+    fused64 = _trainer(FusedDistillationTrainer, tokenizer, s64, t64, tmp_path, **opts)
+    ours64 = _step(fused64, inputs)
     assert ours64[0].dtype == torch.float64
     loss_err, entropy_err = _rel_errs(ours64, ref)
     assert loss_err < 1e-9 and entropy_err < 1e-6
