@@ -15,6 +15,8 @@ float32 rounding.
 - ``fsdp2_head_unit``: the lm_head its own ``fully_shard`` unit, a teacher with another
   hidden size: the head is a ``Shard(0)`` DTensor, gathered with ``full_tensor()`` and its
   gradient averaged back to the shards (``Partial("avg")``).
+- ``fsdp2_distillation``: the same with ``FusedDistillationTrainer`` (TRL's
+  ``compute_loss``, its entropy metric gathered across the ranks).
 - ``zero3``: ``deepspeed.initialize`` with ZeRO stage 3 on DeepSpeed's CPU accelerator
   (``stage3_param_persistence_threshold`` 0: even the tiny lm_head is partitioned), the
   teacher its own ZeRO-3 engine, as TRL prepares it.
@@ -37,7 +39,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("fsdp2_root", "fsdp2_head_unit", "zero3")
+MODES = ("fsdp2_root", "fsdp2_head_unit", "fsdp2_distillation", "zero3")
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 WORLD, BATCH, SEQ, LR = 2, 4, 9, 0.5
 
@@ -79,29 +81,39 @@ def _batches(vocab):
     return out
 
 
-def _trainer(tok_dir, student, teacher, folder):
+def _trainer(tok_dir, student, teacher, folder, distillation=False):
     import datasets
     import transformers
-    from trl.experimental.gkd import GKDConfig
-
-    from opsd_kernels.integrations.trl import FusedGKDTrainer
 
     tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
-    args = GKDConfig(
+    common = dict(
         output_dir=str(folder),
         per_device_train_batch_size=2,
-        lmbda=0.0,
         beta=0.3,
         report_to="none",
         use_cpu=True,
         save_strategy="no",
-        max_length=32,
         seed=0,
         disable_dropout=True,
         bf16=False,
     )
-    ds = datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "1 + 1"}]] * 4})
-    return FusedGKDTrainer(
+    if distillation:
+        from opsd_kernels.integrations.trl_distillation import (
+            FusedDistillationConfig,
+            FusedDistillationTrainer,
+        )
+
+        cls, args = FusedDistillationTrainer, FusedDistillationConfig(**common)
+        column = "prompt"
+    else:
+        from trl.experimental.gkd import GKDConfig
+
+        from opsd_kernels.integrations.trl import FusedGKDTrainer
+
+        cls, args = FusedGKDTrainer, GKDConfig(lmbda=0.0, max_length=32, **common)
+        column = "messages"
+    ds = datasets.Dataset.from_dict({column: [[{"role": "user", "content": "1 + 1"}]] * 4})
+    return cls(
         model=student,
         teacher_model=teacher,
         args=args,
@@ -111,14 +123,36 @@ def _trainer(tok_dir, student, teacher, folder):
     )
 
 
+def _local_inputs(trainer, batch, rows, world):
+    """``compute_loss``'s inputs and keywords for ``rows`` of a global batch, the loss
+    divided by the global count of trained tokens over the world size (the averaged
+    gradients are then the global batch's). DistillationTrainer: the first 4 positions
+    are the prompt, the rest the completion (trained where labelled); TRL's
+    ``compute_loss`` takes the global count from the batch and divides it itself."""
+    from opsd_kernels.integrations.trl_distillation import FusedDistillationTrainer
+
+    ids, mask, labels = batch
+    if isinstance(trainer, FusedDistillationTrainer):
+        inputs = dict(
+            prompt_ids=ids[:, :4],
+            prompt_mask=mask[:, :4],
+            completion_ids=ids[:, 4:],
+            completion_mask=(labels[:, 4:] != -100).long(),
+        )
+        total = inputs["completion_mask"].sum().double()
+        return {**{k: v[rows] for k, v in inputs.items()}, "num_items_in_batch": total}, {}
+    n = (labels[:, 1:] != -100).sum().double() / world
+    inputs = dict(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows])
+    return inputs, dict(num_items_in_batch=n)
+
+
 def _run(trainer, model, batches, rows, world, backward, step) -> list[float]:
     """Two steps of the trainer's loss on ``rows`` of each global batch; returns the
     global losses (the ranks' mean)."""
     losses = []
-    for ids, mask, labels in batches:
-        n = (labels[:, 1:] != -100).sum().double() / world
-        inputs = dict(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows])
-        loss = trainer.compute_loss(model, inputs, num_items_in_batch=n)
+    for batch in batches:
+        inputs, kwargs = _local_inputs(trainer, batch, rows, world)
+        loss = trainer.compute_loss(model, inputs, **kwargs)
         backward(loss)
         step()
         total = loss.detach().clone()
@@ -141,12 +175,12 @@ def _fsdp2_case(mode, tok_dir, folder, vocab, pad):
     from torch.distributed.fsdp import fully_shard
 
     student = _model(vocab, pad, 0)
-    teacher = _model(vocab, pad, 1, hidden=24 if mode == "fsdp2_head_unit" else 16)
-    trainer = _trainer(tok_dir, student, teacher, folder)
+    teacher = _model(vocab, pad, 1, hidden=16 if mode == "fsdp2_root" else 24)
+    trainer = _trainer(tok_dir, student, teacher, folder, mode == "fsdp2_distillation")
     for model in (student, trainer.teacher_model):
         for layer in model.model.layers:
             fully_shard(layer)
-        if mode == "fsdp2_head_unit":
+        if mode != "fsdp2_root":
             fully_shard(model.lm_head)
         fully_shard(model)
     rank = torch.distributed.get_rank()
@@ -258,8 +292,10 @@ def _single_process(mode, folder):
     tok = transformers.AutoTokenizer.from_pretrained(folder / "tok")
     vocab, pad = len(tok), tok.pad_token_id
     student = _model(vocab, pad, 0)
-    teacher = _model(vocab, pad, 1, hidden=24 if mode == "fsdp2_head_unit" else 16)
-    trainer = _trainer(folder / "tok", student, teacher, folder / "single")
+    teacher = _model(vocab, pad, 1, hidden=16 if mode in ("fsdp2_root", "zero3") else 24)
+    trainer = _trainer(
+        folder / "tok", student, teacher, folder / "single", mode == "fsdp2_distillation"
+    )
     opt = torch.optim.SGD(student.parameters(), lr=LR)
 
     def step():
