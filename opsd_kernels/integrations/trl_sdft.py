@@ -279,7 +279,8 @@ def _check_opsd_options(cfg) -> None:
             )
     if cfg.distillation_clip_mode not in CLIP_MODES:
         raise ValueError(
-            f"distillation_clip_mode must be one of {CLIP_MODES}, got {cfg.distillation_clip_mode!r}"
+            f"distillation_clip_mode must be one of {CLIP_MODES}, "
+            f"got {cfg.distillation_clip_mode!r}"
         )
     if cfg.distillation_normalization not in NORMALIZATIONS:
         raise ValueError(
@@ -750,14 +751,15 @@ class FusedSDFTTrainer(_FusedLossMixin, SDFTTrainer):
     def _log_stats(self, mode, stats, loss_mask):
         prefix = self._name.lower()
         n = loss_mask.sum().clamp(min=1.0)
+
+        def mean(x):
+            return (x.to(loss_mask.dtype) * loss_mask).sum() / n
+
         values = {
-            "student_entropy": (stats.student_entropy * loss_mask).sum() / n,
-            "teacher_clipped_mass": (stats.teacher_clipped_mass * loss_mask).sum() / n,
-            "clipped_entries": (stats.clipped_entries.to(loss_mask.dtype) * loss_mask).sum() / n,
-            "teacher_top1_clipped": (
-                stats.teacher_top1_clipped.to(loss_mask.dtype) * loss_mask
-            ).sum()
-            / n,
+            "student_entropy": mean(stats.student_entropy),
+            "teacher_clipped_mass": mean(stats.teacher_clipped_mass),
+            "clipped_entries": mean(stats.clipped_entries),
+            "teacher_top1_clipped": mean(stats.teacher_top1_clipped),
         }
         out = {}
         for name, v in values.items():
