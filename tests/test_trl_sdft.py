@@ -28,6 +28,7 @@ from opsd_kernels.integrations.trl_sdft import (  # noqa: E402
     vocab_sweep,
 )
 from opsd_kernels.memory import PeakMemory  # noqa: E402
+from opsd_kernels.reference import divergence_reference  # noqa: E402
 from opsd_train.tiny import CHAT_TEMPLATE, build_tiny_model, build_tokenizer  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*experimental.*")
@@ -331,9 +332,9 @@ def test_teacher_topk_is_the_local_form_of_the_server_support(tok, tmp_path, tai
     _assert_same(_loss_grads(fused, inputs), _loss_grads(stock, inputs))
 
 
-def _clipped_divergence(clip, clip_mode):
-    """TRL's ``compute_divergence`` with OPSD's clip: per entry ``min(phi_v, tau)`` summed
-    (entry), or ``min(sum_v phi_v, tau)`` (token); float64 autograd."""
+def _clipped_divergence(clip):
+    """TRL's ``compute_divergence`` with OPSD's per-entry clip ``min(phi_v, tau)`` summed;
+    float64 autograd (for the top-k outcomes)."""
 
     def compute(student_log_probs, teacher_log_probs, alpha):
         s, t = student_log_probs, teacher_log_probs
@@ -344,45 +345,146 @@ def _clipped_divergence(clip, clip_mode):
         else:
             m = torch.logsumexp(torch.stack([s + math.log(1 - alpha), t + math.log(alpha)]), 0)
             phi = alpha * t.exp() * (t - m) + (1 - alpha) * s.exp() * (s - m)
-        if clip_mode == "entry":
-            return phi.clamp(max=clip).sum(-1)
-        return phi.sum(-1).clamp(max=clip)
+        return phi.clamp(max=clip).sum(-1)
 
     return compute
 
 
 @pytest.mark.parametrize(
-    "opts, clip, clip_mode",
-    [
-        (MODES["full_fkl"], 0.02, "entry"),
-        (MODES["full_jsd_T"], 0.005, "entry"),
-        (MODES["topk_tail_fkl"], 0.02, "entry"),
-        (MODES["topk_renorm"], 0.001, "entry"),
-    ],
+    "opts, clip",
+    [(MODES["topk_tail_fkl"], 0.02), (MODES["topk_renorm"], 0.001)],
 )
-def test_clip_against_float64_formula(tok, tmp_path, monkeypatch, opts, clip, clip_mode):
-    """distillation_clip: TRL's pipeline with its divergence replaced by the clipped float64
-    formula (the clip bites on some entries: the loss differs from the unclipped one)."""
-    stock, fused = _pair(
-        tok,
-        tmp_path,
-        _model(tok),
-        opsd=dict(distillation_clip=clip, distillation_clip_mode=clip_mode),
-        **opts,
-    )
+def test_topk_clip_against_float64_formula(tok, tmp_path, monkeypatch, opts, clip):
+    """distillation_clip in topk_logits: each of the K (+1 tail) outcomes clipped; TRL's
+    pipeline with its divergence replaced by the clipped float64 formula."""
+    stock, fused = _pair(tok, tmp_path, _model(tok), opsd=dict(distillation_clip=clip), **opts)
     inputs = _batch(fused)
     unclipped = _loss_grads(stock, inputs)[0]
-    monkeypatch.setattr(loss_utils, "compute_divergence", _clipped_divergence(clip, clip_mode))
+    monkeypatch.setattr(loss_utils, "compute_divergence", _clipped_divergence(clip))
     ref = _loss_grads(stock, inputs)
-    assert abs(ref[0] - unclipped) > 1e-3 * abs(unclipped)
+    assert abs(ref[0] - unclipped) > 1e-3 * abs(unclipped)  # the clip bites
     _assert_same(_loss_grads(fused, inputs), ref)
 
 
-def _reference_terms(trainer, inputs):
-    """TRL's per-token forward-KL loss (full logits, float64) and loss mask."""
+def _reference_full_loss(clip, clip_mode, seen):
+    """TRL's full-logit loss replaced by :func:`opsd_kernels.reference.divergence_reference`
+    with OPSD's clip (TRL's logits are already divided by the temperature); the reference's
+    per-token statistics go to ``seen``."""
+
+    def compute(student_logits, teacher_logits, *, distillation_alpha):
+        kind = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(distillation_alpha, "jsd")
+        loss, stats = divergence_reference(
+            student_logits,
+            teacher_logits,
+            kind=kind,
+            beta=distillation_alpha if kind == "jsd" else 0.5,
+            clip=clip,
+            clip_mode=clip_mode,
+            reduction="none",
+            return_stats=True,
+        )
+        seen.append(stats)
+        return loss
+
+    return compute
+
+
+@pytest.mark.parametrize(
+    "mode, clip_mode, clip",
+    [
+        ("full_fkl", "entry", 0.02),
+        ("full_fkl", "token", "median"),
+        ("full_fkl", "entry_keep", 0.02),
+        ("full_jsd_T", "entry", 0.005),
+        ("full_rkl_skip", "entry_keep", 0.01),
+        ("full_rkl_skip", "token", "median"),
+    ],
+)
+def test_full_logits_clip_modes_and_stats(tok, tmp_path, monkeypatch, mode, clip_mode, clip):
+    """distillation_clip / distillation_clip_mode in full_logits against the float64
+    reference (through TRL's own pipeline: loss mask, IS cap, normalisation), and the
+    logged per-token statistics against the reference's (means over the loss tokens)."""
+    model = _model(tok)
+    if clip == "median":  # a token clip that bites on about half of the tokens
+        probe, _ = _pair(tok, tmp_path, copy.deepcopy(model), **MODES[mode])
+        per_token, mask = _reference_terms(probe, _batch(probe), MODES[mode]["distillation_alpha"])
+        values = per_token[mask.bool()].detach().sort().values
+        mid = len(values) // 2  # between two losses: no token sits exactly at the clip
+        clip = float(values[mid - 1 : mid + 1].mean())
+    stock, fused = _pair(
+        tok,
+        tmp_path,
+        model,
+        opsd=dict(distillation_clip=clip, distillation_clip_mode=clip_mode),
+        **MODES[mode],
+    )
+    inputs = _batch(fused)
+    unclipped = _loss_grads(stock, inputs)
+    seen = []
+    monkeypatch.setattr(
+        sdft.sdft_trainer,
+        "compute_full_logit_self_distillation_loss",
+        _reference_full_loss(clip, clip_mode, seen),
+    )
+    ref = _loss_grads(stock, inputs)
+    if clip_mode == "entry_keep":  # the loss of "entry", another gradient
+        g, g0 = ref[1]["lm_head.weight"], unclipped[1]["lm_head.weight"]
+        assert (g - g0).abs().max() > 1e-3 * g0.abs().max()
+    else:
+        assert abs(ref[0] - unclipped[0]) > 1e-3 * abs(unclipped[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the clip warning: its own test
+        ours = _loss_grads(fused, inputs)
+    _assert_same(ours, ref)
+    (stats,) = seen
+    mask = fused._loss_mask(inputs).double()
+    for name in ("student_entropy", "teacher_clipped_mass", "clipped_entries"):
+        want = (getattr(stats, name).double() * mask).sum() / mask.sum()
+        got = fused._metrics["train"][f"sdft/{name}"]
+        assert got == pytest.approx([float(want)], rel=1e-6), name
+    share = (stats.teacher_top1_clipped.double() * mask).sum() / mask.sum()
+    assert fused._metrics["train"]["sdft/teacher_top1_clipped"] == pytest.approx([float(share)])
+    assert float((stats.clipped_entries.double() * mask).sum()) > 0
+
+
+@pytest.mark.parametrize("clip_mode, warns", [("entry", True), ("entry_keep", False)])
+def test_clip_against_the_teacher_warns_once(tok, tmp_path, clip_mode, warns):
+    """A clip that removes the teacher's top-1 entry on more than CLIP_WARNING_SHARE of the
+    tokens warns, once, naming the share, under clip_mode='entry' (the mode that pushes the
+    student away from those entries); 'entry_keep' does not push, and does not warn."""
+    _, fused = _pair(
+        tok,
+        tmp_path,
+        _model(tok),
+        opsd=dict(distillation_clip=1e-4, distillation_clip_mode=clip_mode),
+        **MODES["full_fkl"],
+    )
+    inputs = _batch(fused)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _loss_grads(fused, inputs)
+        _loss_grads(fused, inputs)
+    ours = [w for w in caught if "clipped the teacher's top-1 token" in str(w.message)]
+    share = fused._metrics["train"]["sdft/teacher_top1_clipped"]
+    assert len(share) == 2 and share[0] > trl_sdft.CLIP_WARNING_SHARE
+    assert len(ours) == (1 if warns else 0)
+    if warns:
+        assert f"{share[0]:.1%}" in str(ours[0].message)
+
+
+def test_stats_can_be_switched_off(tok, tmp_path):
+    _, fused = _pair(
+        tok, tmp_path, _model(tok), opsd=dict(distillation_stats=False), **MODES["full_fkl"]
+    )
+    _loss_grads(fused, _batch(fused))
+    assert "sdft/student_entropy" not in fused._metrics["train"]
+
+
+def _reference_terms(trainer, inputs, alpha=0.0):
+    """TRL's per-token loss (full logits, float64) and loss mask."""
     logits = trainer._compute_teacher_student_logits(trainer.model, trainer.teacher_model, inputs)
     per_token = loss_utils.compute_full_logit_self_distillation_loss(
-        logits.student_logits, logits.teacher_logits, distillation_alpha=0.0
+        logits.student_logits, logits.teacher_logits, distillation_alpha=alpha
     )
     return per_token, logits.loss_mask.double()
 

@@ -81,6 +81,7 @@ student away from the teacher's choice.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -253,6 +254,10 @@ def vocab_sweep(
     return lse, top_v, top_i, gathered
 
 
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
 def _kind(alpha: float) -> tuple[str, float]:
     """TRL's ``compute_divergence``: alpha 0 forward KL, 1 reverse KL, else JSD(beta=alpha)."""
     if alpha == 0.0:
@@ -282,6 +287,19 @@ def _check_opsd_options(cfg) -> None:
             f"distillation_clip_mode must be one of {CLIP_MODES}, "
             f"got {cfg.distillation_clip_mode!r}"
         )
+    topk_kernel = cfg.distillation_mode == "topk_logits"
+    if (
+        clip is not None
+        and topk_kernel
+        and cfg.distillation_clip_mode != "entry"
+        and not _accepts(fused_linear_topk_divergence, "clip_mode")
+    ):
+        raise ValueError(
+            f"distillation_clip_mode={cfg.distillation_clip_mode!r} with distillation_mode="
+            "'topk_logits': the top-k kernel clips per entry only ('entry')"
+        )
+    if not isinstance(cfg.distillation_stats, bool):
+        raise TypeError(f"distillation_stats must be a bool, got {cfg.distillation_stats!r}")
     if cfg.distillation_normalization not in NORMALIZATIONS:
         raise ValueError(
             f"distillation_normalization must be one of {NORMALIZATIONS}, "
@@ -380,6 +398,9 @@ class FusedSDFTConfig(SDFTConfig):
             ``chat_template_kwargs`` (TRL).
         teacher_topk (`bool`, defaults to `False`):
             ``topk_logits`` over the local teacher's top-k instead of the student's.
+        distillation_stats (`bool`, defaults to `True`):
+            Log the kernels' per-token statistics each step (full_logits, and topk_logits
+            where the top-k kernel returns them); False skips them.
         fused_loss_kwargs (`dict` or `None`, defaults to `None`):
             Kernel settings: ``impl``, ``chunk_size`` (full_logits also
             ``fp32_weight_grad``, ``skip_threshold``).
@@ -415,6 +436,12 @@ class FusedSDFTConfig(SDFTConfig):
     teacher_topk: bool = field(
         default=False,
         metadata={"help": "topk_logits over the local teacher's top-k (default: the student's)."},
+    )
+    distillation_stats: bool = field(
+        default=True,
+        metadata={
+            "help": "Log the kernels' per-token statistics (entropy, clipped mass) per step."
+        },
     )
     fused_loss_kwargs: dict[str, Any] | None = field(
         default=None,
@@ -459,8 +486,13 @@ class FusedSDFTTrainer(_FusedLossMixin, SDFTTrainer):
     Same constructor as ``trl.experimental.sdft.SDFTTrainer``; pass a
     :class:`FusedSDFTConfig` for OPSD's options (a plain ``SDFTConfig`` gives TRL's loss).
 
+    >>> import tempfile
     >>> from opsd_kernels.integrations.trl_sdft import FusedSDFTConfig
-    >>> FusedSDFTConfig(output_dir="/tmp/x", distillation_clip=-1.0)  # doctest: +ELLIPSIS
+    >>> opsd = dict(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False,
+    ...             distillation_mode="full_logits", distillation_alpha=0.0)
+    >>> FusedSDFTConfig(**opsd, distillation_clip=0.05).distillation_clip_mode
+    'entry'
+    >>> FusedSDFTConfig(**opsd, distillation_clip=-1.0)
     Traceback (most recent call last):
     ...
     ValueError: distillation_clip must be None or a finite number > 0, got -1.0
@@ -664,11 +696,12 @@ class FusedSDFTTrainer(_FusedLossMixin, SDFTTrainer):
             temperature=lt,
             mask=mask,
             reduction="none",
+            return_stats=self._opsd["distillation_stats"],
             **teacher,
             **self._clip_kwargs(),
             **self._kernel_kwargs(full=True),
         )
-        return per_token, None
+        return per_token if self._opsd["distillation_stats"] else (per_token, None)
 
     def _topk_support(self, h_s, w_s, b_s, h_t, w_t, b_t, lt):
         """Local top-k support ``(ids, teacher log-probs)``, each (B, C, K): the student's
@@ -687,7 +720,10 @@ class FusedSDFTTrainer(_FusedLossMixin, SDFTTrainer):
 
     def _topk(self, h_s, w_s, b_s, ids, lp, mask, lt):
         kind, beta = _kind(self.args.distillation_alpha)
-        per_token = fused_linear_topk_divergence(
+        stats = self._opsd["distillation_stats"] and _accepts(
+            fused_linear_topk_divergence, "return_stats"
+        )
+        out = fused_linear_topk_divergence(
             h_s,
             w_s,
             ids,
@@ -699,10 +735,11 @@ class FusedSDFTTrainer(_FusedLossMixin, SDFTTrainer):
             temperature=lt,
             mask=mask,
             reduction="none",
+            **({"return_stats": True} if stats else {}),
             **self._clip_kwargs(),
             **self._kernel_kwargs(full=False),
         )
-        return per_token, None
+        return out if stats else (out, None)
 
     def _reduce(self, model, inputs, per_token, student_lp, stats):
         """TRL's importance-sampling correction, the chosen normalisation, TRL's metric."""
