@@ -98,7 +98,7 @@ from ..topk import fused_linear_topk_divergence
 try:
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
     from trl.experimental.sdft.loss_utils import apply_importance_sampling_clipping
-    from trl.experimental.sdft.sdft_trainer import DemonstrationTeacherContextBuilder
+    from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without trl
     raise ImportError(
         "opsd_kernels.integrations.trl_sdft needs TRL (>= 1.16): pip install trl"
@@ -110,6 +110,8 @@ __all__ = [
     "CLIP_WARNING_SHARE",
     "FusedSDFTConfig",
     "FusedSDFTTrainer",
+    "FusedSDPOConfig",
+    "FusedSDPOTrainer",
     "lm_head_of",
     "vocab_sweep",
 ]
@@ -354,7 +356,7 @@ def _check_opsd_options(cfg) -> None:
                 "teacher_chat_template_kwargs must be None or a dict, got "
                 f"{cfg.teacher_chat_template_kwargs!r}"
             )
-        if cfg.generate_from_teacher:
+        if getattr(cfg, "generate_from_teacher", False):
             raise ValueError(
                 "teacher_chat_template_kwargs with generate_from_teacher=True: TRL tokenizes "
                 "the generation prompts outside the teacher-context builder, with "
@@ -378,8 +380,9 @@ def _check_opsd_options(cfg) -> None:
 
 
 @dataclass
-class FusedSDFTConfig(SDFTConfig):
-    r"""``SDFTConfig`` plus OPSD's options; each default gives TRL's behaviour.
+class _OPSDOptions:
+    r"""OPSD's options of :class:`FusedSDFTConfig` and :class:`FusedSDPOConfig` (each
+    default gives TRL's behaviour).
 
     Parameters:
         distillation_clip (`float` or `None`, defaults to `None`):
@@ -405,11 +408,6 @@ class FusedSDFTConfig(SDFTConfig):
             Kernel settings: ``impl``, ``chunk_size`` (full_logits also
             ``fp32_weight_grad``, ``skip_threshold``).
     """
-
-    _VALID_DICT_FIELDS = SDFTConfig._VALID_DICT_FIELDS + [
-        "teacher_chat_template_kwargs",
-        "fused_loss_kwargs",
-    ]
 
     distillation_clip: float | None = field(
         default=None,
@@ -448,60 +446,53 @@ class FusedSDFTConfig(SDFTConfig):
         metadata={"help": "Kernel settings: impl, chunk_size, fp32_weight_grad, skip_threshold."},
     )
 
+
+_OPSD_DICT_FIELDS = ["teacher_chat_template_kwargs", "fused_loss_kwargs"]
+# OPSD options read from a plain SDFTConfig/SDPOConfig as well (TRL's behaviour)
+_OPSD_DEFAULTS = {name: f.default for name, f in _OPSDOptions.__dataclass_fields__.items()}
+
+
+@dataclass
+class FusedSDFTConfig(_OPSDOptions, SDFTConfig):
+    r"""``SDFTConfig`` plus OPSD's options (:class:`_OPSDOptions`, the module docstring);
+    each default gives TRL's behaviour."""
+
+    _VALID_DICT_FIELDS = SDFTConfig._VALID_DICT_FIELDS + _OPSD_DICT_FIELDS
+
     def __post_init__(self):
         super().__post_init__()
         _check_opsd_options(self)
 
 
-# OPSD options read from a plain SDFTConfig as well (TRL's behaviour)
-_OPSD_DEFAULTS = {
-    name: f.default
-    for name, f in FusedSDFTConfig.__dataclass_fields__.items()
-    if name not in SDFTConfig.__dataclass_fields__
-}
+class _TeacherTemplates:
+    """A teacher-context builder (TRL's SDFT or SDPO one) whose ``build`` renders the
+    teacher prompts under ``teacher_chat_template_kwargs``; everything else is the
+    builder's."""
 
-
-class _TeacherTemplateBuilder(DemonstrationTeacherContextBuilder):
-    """TRL's teacher-context builder with the teacher prompts rendered under
-    ``teacher_chat_template_kwargs``."""
-
-    def __init__(self, trainer, teacher_kwargs: dict):
-        super().__init__(trainer)
-        self.teacher_kwargs = teacher_kwargs
+    def __init__(self, builder, teacher_kwargs: dict):
+        self._builder = builder
+        self._teacher_kwargs = teacher_kwargs
 
     def build(self, *args, **kwargs):
-        trainer = self.trainer
+        trainer = self._builder.trainer
         saved = trainer.chat_template_kwargs
-        trainer.chat_template_kwargs = {**saved, **self.teacher_kwargs}
+        trainer.chat_template_kwargs = {**saved, **self._teacher_kwargs}
         try:
-            return super().build(*args, **kwargs)
+            return self._builder.build(*args, **kwargs)
         finally:
             trainer.chat_template_kwargs = saved
 
+    def __getattr__(self, name):
+        return getattr(self._builder, name)
 
-class FusedSDFTTrainer(_FusedLossMixin, SDFTTrainer):
-    """TRL's ``SDFTTrainer`` with the distillation loss from hidden states and lm_heads
-    (no (tokens x V) logits in any mode); see the module docstring.
 
-    Same constructor as ``trl.experimental.sdft.SDFTTrainer``; pass a
-    :class:`FusedSDFTConfig` for OPSD's options (a plain ``SDFTConfig`` gives TRL's loss).
+class _FusedSelfDistillation(_FusedLossMixin):
+    """The fused distillation term of TRL's self-distillation trainers (SDFT, SDPO)."""
 
-    >>> import tempfile
-    >>> from opsd_kernels.integrations.trl_sdft import FusedSDFTConfig
-    >>> opsd = dict(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False,
-    ...             distillation_mode="full_logits", distillation_alpha=0.0)
-    >>> FusedSDFTConfig(**opsd, distillation_clip=0.05).distillation_clip_mode
-    'entry'
-    >>> FusedSDFTConfig(**opsd, distillation_clip=-1.0)
-    Traceback (most recent call last):
-    ...
-    ValueError: distillation_clip must be None or a finite number > 0, got -1.0
-    """
-
-    _name = "SDFT"
+    _config_cls = None  # the Fused config class of the trainer
 
     def __init__(self, model, args=None, *pos, **kwargs):
-        if args is not None and not isinstance(args, FusedSDFTConfig):
+        if args is not None and not isinstance(args, self._config_cls):
             _check_opsd_options(_WithDefaults(args))
         super().__init__(model, args, *pos, **kwargs)
         self._opsd = {k: getattr(self.args, k, v) for k, v in _OPSD_DEFAULTS.items()}
@@ -512,7 +503,9 @@ class FusedSDFTTrainer(_FusedLossMixin, SDFTTrainer):
         lm_head_of(self.accelerator.unwrap_model(self.teacher_model))
         teacher_kwargs = self._opsd["teacher_chat_template_kwargs"]
         if teacher_kwargs is not None:
-            self.teacher_context_builder = _TeacherTemplateBuilder(self, teacher_kwargs)
+            self.teacher_context_builder = _TeacherTemplates(
+                self.teacher_context_builder, teacher_kwargs
+            )
         self._clip_warned = False
 
     # ------------------------------------------------------------------ options
@@ -550,7 +543,7 @@ class FusedSDFTTrainer(_FusedLossMixin, SDFTTrainer):
             terms = self._fused_redirect(model, student, self._per_token_terms, *args)
         else:
             terms = self._per_token_terms(*args)
-        return self._reduce(model, inputs, *terms)
+        return self._reduce(model, inputs, *terms[:3])
 
     def _server_teacher(self, inputs) -> dict:
         """TRL's weight sync and server request (``_get_teacher_token_logprobs_from_server``)."""
@@ -562,9 +555,11 @@ class FusedSDFTTrainer(_FusedLossMixin, SDFTTrainer):
             inputs, inputs["completion_ids"].size(1)
         )
 
-    def _per_token_terms(self, student, inputs, server):
-        """``(per_token_loss (B, C), student sampled-token log-probs at the sampling
-        temperature (detached) or None, DivergenceStats or None)``."""
+    def _per_token_terms(self, student, inputs, server, distill=True, policy=False):
+        """``(per_token_loss (B, C) or None, the student's sampled-token log-probs at the
+        sampling temperature (detached, for the importance-sampling ratio) or None,
+        DivergenceStats or None, the same log-probs with gradient (``policy``) or None)``.
+        ``distill=False`` skips the distillation term (and the teacher)."""
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         width = completion_ids.size(1)
         loss_mask = self._loss_mask(inputs)
@@ -578,7 +573,7 @@ class FusedSDFTTrainer(_FusedLossMixin, SDFTTrainer):
                 width,
             )
         teacher_states, h_t, w_t, b_t = None, None, None, None
-        if server is None:
+        if distill and server is None:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             with (
                 torch.no_grad(),
@@ -590,26 +585,29 @@ class FusedSDFTTrainer(_FusedLossMixin, SDFTTrainer):
                 )
         lt, ts = self.loss_temperature, self.temperature
         need_is = (
-            self.args.distillation_is_clip is not None
+            distill
+            and self.args.distillation_is_clip is not None
             and inputs.get("old_per_token_logps") is not None
         )
-        stats = None
+        per_token = stats = sampled = policy_logps = None
         with torch.autocast(h_s.device.type, enabled=False):
             h_s = h_s.to(w_s.dtype)
             if teacher_states is not None:
                 h_t, w_t, b_t = teacher_states
                 h_t = h_t.to(h_s.device, w_t.dtype)
-            sampled = None  # the student's log-prob of each sampled token at lt, with grad
-            if mode == "sampled_token":
-                sampled = self._sampled_logprobs(h_s, w_s, b_s, completion_ids, mask, lt)
+            if not distill:
+                pass
+            elif mode == "sampled_token":
+                # the student's log-prob of each sampled token at lt, with gradient
+                shared = policy and lt == ts  # one pass serves the policy term too
+                sampled = self._sampled_logprobs(
+                    h_s, w_s, b_s, completion_ids, None if shared else mask, lt
+                )
+                if shared:
+                    policy_logps = sampled
                 if server is None:
-                    lse, _, _, g = vocab_sweep(
-                        _rows(h_t),
-                        w_t.detach(),
-                        _detach(b_t),
-                        lt,
-                        ids=completion_ids.reshape(-1, 1),
-                    )
+                    ids = completion_ids.reshape(-1, 1)
+                    lse, _, _, g = vocab_sweep(_rows(h_t), w_t.detach(), _detach(b_t), lt, ids=ids)
                     teacher_lp = (g[:, 0] - lse).view_as(sampled)
                 else:
                     teacher_lp = self._server_actual(server, mask)
@@ -622,9 +620,14 @@ class FusedSDFTTrainer(_FusedLossMixin, SDFTTrainer):
                 else:
                     ids, lp = self._topk_support(h_s, w_s, b_s, h_t, w_t, b_t, lt)
                 per_token, stats = self._topk(h_s, w_s, b_s, ids, lp, mask, lt)
+            if policy and policy_logps is None:
+                # every completion position (TRL's policy term masks them itself)
+                policy_logps = self._sampled_logprobs(h_s, w_s, b_s, completion_ids, None, ts)
             student_lp = None
             if need_is or server is not None:
-                if sampled is not None and lt == ts:
+                if policy_logps is not None:
+                    student_lp = policy_logps.detach()
+                elif sampled is not None and lt == ts:
                     student_lp = sampled.detach()
                 else:
                     lse, _, _, g = vocab_sweep(
@@ -637,7 +640,7 @@ class FusedSDFTTrainer(_FusedLossMixin, SDFTTrainer):
                     student_lp = (g[:, 0] - lse).view(completion_ids.shape)
             if server is not None:
                 self._log_server_diff(student_lp, self._server_actual(server, mask), loss_mask)
-        return per_token, student_lp, stats
+        return per_token, student_lp, stats, policy_logps
 
     def _sampled_logprobs(self, h, w, b, ids, mask, temperature):
         """log p_S(sampled token), (B, C), with gradient: ``-fused_linear_topk_divergence``
@@ -846,6 +849,120 @@ class FusedSDFTTrainer(_FusedLossMixin, SDFTTrainer):
                 _rows(h.to(w.dtype)), w, b, self.temperature, ids=completion_ids.reshape(-1, 1)
             )
         return (g[:, 0] - lse).view(completion_ids.shape)
+
+
+class FusedSDFTTrainer(_FusedSelfDistillation, SDFTTrainer):
+    """TRL's ``SDFTTrainer`` with the distillation loss from hidden states and lm_heads
+    (no (tokens x V) logits in any mode); see the module docstring.
+
+    Same constructor as ``trl.experimental.sdft.SDFTTrainer``; pass a
+    :class:`FusedSDFTConfig` for OPSD's options (a plain ``SDFTConfig`` gives TRL's loss).
+
+    >>> import tempfile
+    >>> from opsd_kernels.integrations.trl_sdft import FusedSDFTConfig
+    >>> opsd = dict(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False,
+    ...             distillation_mode="full_logits", distillation_alpha=0.0)
+    >>> FusedSDFTConfig(**opsd, distillation_clip=0.05).distillation_clip_mode
+    'entry'
+    >>> FusedSDFTConfig(**opsd, distillation_clip=-1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: distillation_clip must be None or a finite number > 0, got -1.0
+    """
+
+    _config_cls = FusedSDFTConfig
+
+
+@dataclass
+class FusedSDPOConfig(_OPSDOptions, SDPOConfig):
+    r"""``SDPOConfig`` plus OPSD's options (:class:`_OPSDOptions`) for its distillation
+    term; each default gives TRL's behaviour."""
+
+    _VALID_DICT_FIELDS = SDPOConfig._VALID_DICT_FIELDS + _OPSD_DICT_FIELDS
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_opsd_options(self)
+
+
+class FusedSDPOTrainer(_FusedSelfDistillation, SDPOTrainer):
+    """TRL's ``SDPOTrainer`` with its self-distillation term from hidden states and lm_heads
+    (no (tokens x V) logits), as :class:`FusedSDFTTrainer`'s, under SDPO's loss mask
+    (``completion_mask * self_distillation_mask``: only rollouts that got a successful
+    demonstration are distilled) and weighting ``(1 - distillation_weight) * policy +
+    distillation_weight * distillation``.
+
+    The policy-gradient term is TRL's formula (``_compute_policy_loss``: clipped ratio,
+    ``importance_sampling_level``, ``loss_type``), mirrored in :meth:`_policy_loss` and
+    checked against TRL's in float64; its per-token log-probs of the sampled tokens come
+    from the hidden states too (``-fused_linear_topk_divergence`` with K = 1: one more
+    pass over the vocabulary, no (tokens x V) tensor; shared with the sampled-token
+    distillation when the temperatures agree). Same constructor as
+    ``trl.experimental.sdpo.SDPOTrainer``; a :class:`FusedSDPOConfig` adds OPSD's options.
+    """
+
+    _config_cls = FusedSDPOConfig
+
+    def _loss_mask(self, inputs) -> torch.Tensor:
+        """SDPO's distillation mask: the completion mask of the rows with a teacher
+        demonstration (``self_distillation_mask``)."""
+        mask = inputs.get("self_distillation_mask")
+        if mask is None:
+            return inputs["completion_mask"]
+        return inputs["completion_mask"] * mask.unsqueeze(1)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weight = self.args.distillation_weight
+        if weight == 1.0:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if return_outputs:
+            raise ValueError(f"The {type(self).__name__} does not support returning outputs")
+        student = self.accelerator.unwrap_model(model)
+        args = (student, inputs, None)
+        kwargs = dict(distill=weight != 0.0, policy=True)
+        if model is not student and self._fused_redirect is not None:
+            terms = self._fused_redirect(model, student, self._per_token_terms, *args, **kwargs)
+        else:
+            terms = self._per_token_terms(*args, **kwargs)
+        per_token, student_lp, stats, policy_logps = terms
+        ga = self.current_gradient_accumulation_steps if self.model.training else 1.0
+        loss = self._policy_loss(inputs, policy_logps) / ga
+        if weight != 0.0:
+            distill = self._reduce(model, inputs, per_token, student_lp, stats)
+            loss = (1 - weight) * loss + weight * distill
+        return loss
+
+    def _policy_loss(self, inputs, per_token_logps: torch.Tensor) -> torch.Tensor:
+        """TRL 1.16's ``SDPOTrainer._compute_policy_loss`` given the per-token log-probs
+        (B, C) of the sampled tokens at the sampling temperature (with gradient)."""
+        completion_mask = inputs["completion_mask"]
+        old = inputs.get("old_per_token_logps")
+        old = per_token_logps.detach() if old is None else old
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        log_ratio = per_token_logps - old
+        if self.importance_sampling_level == "sequence":
+            log_ratio = (log_ratio * completion_mask).sum(-1, keepdim=True) / completion_mask.sum(
+                -1, keepdim=True
+            ).clamp(min=1.0)
+        coef_1 = torch.exp(log_ratio)
+        coef_2 = torch.clamp(coef_1, 1 - self.epsilon_low, 1 + self.epsilon_high)
+        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+        masked = per_token_loss * completion_mask
+        if self.loss_type == "grpo":
+            loss = (masked.sum(-1) / completion_mask.sum(-1).clamp(min=1.0)).mean()
+        elif self.loss_type in ("bnpo", "dapo"):
+            loss = masked.sum() / completion_mask.sum().clamp(min=1.0)
+        elif self.loss_type == "dr_grpo":
+            loss = masked.sum() / (per_token_loss.size(0) * self.max_completion_length)
+        else:
+            raise ValueError(f"Unsupported loss_type: {self.loss_type}")
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["self_distillation/policy_loss"].append(
+            self.accelerator.gather(loss.detach()).mean().item()
+        )
+        return loss
 
 
 class _WithDefaults:
