@@ -491,10 +491,12 @@ class _FusedSelfDistillation(_FusedLossMixin):
 
     _config_cls = None  # the Fused config class of the trainer
 
-    def __init__(self, model, args=None, *pos, **kwargs):
+    def __init__(self, *pos, **kwargs):
+        # TRL's constructor, unchanged; its config (``args``) is checked first
+        args = inspect.signature(super().__init__).bind(*pos, **kwargs).arguments.get("args")
         if args is not None and not isinstance(args, self._config_cls):
             _check_opsd_options(_WithDefaults(args))
-        super().__init__(model, args, *pos, **kwargs)
+        super().__init__(*pos, **kwargs)
         self._opsd = {k: getattr(self.args, k, v) for k, v in _OPSD_DEFAULTS.items()}
         self._init_fused(None)
         self.fused_loss_kwargs = dict(self._opsd["fused_loss_kwargs"] or {})
