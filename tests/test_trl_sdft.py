@@ -730,20 +730,40 @@ def test_trainer_errors(tok, tmp_path):
         trainer.compute_loss(trainer.model, {}, return_outputs=True)
 
 
-def test_trl_private_names_are_pinned():
+@pytest.mark.parametrize("cls_name", ["SDFTTrainer", "SDPOTrainer"])
+def test_trl_private_names_are_pinned(cls_name):
     """The private TRL names the integration uses exist with the parameters it passes: a
     TRL release that renames or reshapes one fails here, loudly."""
+    sdpo = pytest.importorskip("trl.experimental.sdpo")
+    cls = {"SDFTTrainer": sdft.SDFTTrainer, "SDPOTrainer": sdpo.SDPOTrainer}[cls_name]
     for name, params in trl_sdft.TRL_PRIVATE_METHODS.items():
-        method = getattr(sdft.SDFTTrainer, name, None)
-        assert callable(method), f"SDFTTrainer.{name} is gone (TRL changed)"
+        method = getattr(cls, name, None)
+        assert callable(method), f"{cls_name}.{name} is gone (TRL changed)"
         got = tuple(inspect.signature(method).parameters)[1:]
-        assert got == params, f"SDFTTrainer.{name}{got}: expected {params}"
-    source = inspect.getsource(sdft.SDFTTrainer)
-    for attr in trl_sdft.TRL_PRIVATE_ATTRIBUTES:
-        assert f"self.{attr}" in source, f"SDFTTrainer no longer sets self.{attr}"
-    assert "DemonstrationTeacherContextBuilder(self)" in source
-    builder = sdft.sdft_trainer.DemonstrationTeacherContextBuilder
-    assert "self.trainer._tokenize_prompts(" in inspect.getsource(builder.build)
+        assert got == params, f"{cls_name}.{name}{got}: expected {params}"
+    source = inspect.getsource(cls)
+    for attr in trl_sdft.TRL_PRIVATE_ATTRIBUTES + trl_sdft.TRL_PRIVATE_SDPO.get(cls_name, ()):
+        if attr != "num_loss_tokens_to_skip" or cls_name == "SDFTTrainer":
+            assert f"self.{attr}" in source, f"{cls_name} no longer sets self.{attr}"
+    # teacher_chat_template_kwargs: the builders tokenize through the trainer, which
+    # reads chat_template_kwargs at that moment
+    assert "self.teacher_context_builder = " in source
+    module = inspect.getmodule(cls)
+    builder = next(
+        v for k, v in vars(module).items() if k.endswith("TeacherContextBuilder") and k != "_"
+    )
+    assert "self.trainer._tokenize_prompts" in inspect.getsource(builder)
+    tokenize = inspect.getsource(
+        getattr(cls, "_tokenize_prompts_untruncated", cls._tokenize_prompts)
+    )
+    assert "**self.chat_template_kwargs" in tokenize
+
+
+def test_reexported_from_the_trl_integration():
+    from opsd_kernels.integrations import trl as trl_integration
+
+    assert trl_integration.FusedSDFTTrainer is FusedSDFTTrainer
+    assert trl_integration.FusedSDFTConfig is FusedSDFTConfig
     assert tuple(inspect.signature(loss_utils.apply_importance_sampling_clipping).parameters) == (
         "per_token_loss",
         "student_log_probs",

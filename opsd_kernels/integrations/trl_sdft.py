@@ -37,7 +37,13 @@ How each of TRL's modes is formed (``B x C`` completion tokens, ``V`` vocabulary
   rollout log-probs (``_compute_rollout_logps``, when gradient accumulation is not a
   multiple of the generation period) come from hidden states too.
 
-OPSD's options, on :class:`FusedSDFTConfig` (each default is TRL's behaviour):
+``FusedSDPOTrainer`` / ``FusedSDPOConfig`` do the same for ``trl.experimental.sdpo``'s
+``SDPOTrainer``: its self-distillation term (under ``self_distillation_mask``, weighted by
+``distillation_weight``) as above, its policy-gradient term TRL's formula on per-token
+log-probs from the hidden states. ``IWOPDTrainer`` (its own JSD code) is not wrapped.
+
+OPSD's options, on :class:`FusedSDFTConfig` / :class:`FusedSDPOConfig` (each default is
+TRL's behaviour):
 
 - ``distillation_clip`` (None): the method's per-vocabulary-entry clip tau
   (``min(phi_v, tau)``); ``distillation_clip_mode``: ``"entry"`` (the method's v3; a clipped
@@ -133,6 +139,10 @@ TRL_PRIVATE_METHODS = {
     "_get_teacher_context_for_self_distillation": (),
     "_log_self_distillation_metric": ("mode", "value"),
     "_tokenize_prompts": ("prompts",),
+}
+#: SDPO's, beside those (its policy term, mirrored in FusedSDPOTrainer._policy_loss)
+TRL_PRIVATE_SDPO = {
+    "SDPOTrainer": ("importance_sampling_level", "epsilon_low", "epsilon_high", "loss_type")
 }
 TRL_PRIVATE_ATTRIBUTES = (
     "_metrics",
