@@ -472,6 +472,66 @@ def test_clip_against_the_teacher_warns_once(tok, tmp_path, clip_mode, warns):
         assert f"{share[0]:.1%}" in str(ours[0].message)
 
 
+def test_stats_refused_by_an_impl_are_switched_off_once(tok, tmp_path, monkeypatch):
+    """An impl that refuses return_stats (NotImplementedError, as an older kernel impl
+    does): the loss is computed without, one warning, no statistics logged."""
+    stock, fused = _pair(tok, tmp_path, _model(tok), **MODES["full_fkl"])
+    kernel = trl_sdft.fused_linear_divergence
+
+    def refusing(*args, return_stats=False, **kwargs):
+        if return_stats:
+            raise NotImplementedError("impl='x' does not support return_stats yet")
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(trl_sdft, "fused_linear_divergence", refusing)
+    inputs = _batch(fused)
+    with pytest.warns(UserWarning, match="statistics switched off"):
+        ours = _loss_grads(fused, inputs)
+    _assert_same(ours, _loss_grads(stock, inputs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _loss_grads(fused, inputs)
+    assert "sdft/student_entropy" not in fused._metrics["train"]
+
+
+_TOPK_CLIP_MODES = trl_sdft._accepts(trl_sdft.fused_linear_topk_divergence, "clip_mode")
+
+
+@pytest.mark.skipif(not _TOPK_CLIP_MODES, reason="the top-k kernel has no clip_mode yet")
+def test_topk_token_clip_against_float64_formula(tok, tmp_path, monkeypatch):
+    """clip_mode='token' in topk_logits (when the top-k kernel takes clip modes): the
+    clip of each token's sum over its K + 1 outcomes."""
+    opts = MODES["topk_tail_fkl"]
+    stock, fused = _pair(
+        tok,
+        tmp_path,
+        _model(tok),
+        opsd=dict(distillation_clip=0.02, distillation_clip_mode="token"),
+        **opts,
+    )
+    inputs = _batch(fused)
+    compute = _clipped_divergence(math.inf)
+
+    def token_clip(s, t, alpha):
+        return compute(s, t, alpha).clamp(max=0.02)
+
+    monkeypatch.setattr(loss_utils, "compute_divergence", token_clip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _assert_same(_loss_grads(fused, inputs), _loss_grads(stock, inputs))
+
+
+@pytest.mark.skipif(_TOPK_CLIP_MODES, reason="the top-k kernel takes clip modes")
+def test_topk_clip_mode_refused_without_kernel_support(tmp_path):
+    with pytest.raises(ValueError, match="clips per entry only"):
+        _config(
+            FusedSDFTConfig,
+            tmp_path,
+            distillation_clip=0.1,
+            distillation_clip_mode="token",
+        )
+
+
 def test_stats_can_be_switched_off(tok, tmp_path):
     _, fused = _pair(
         tok, tmp_path, _model(tok), opsd=dict(distillation_stats=False), **MODES["full_fkl"]

@@ -266,6 +266,9 @@ def vocab_sweep(
     return lse, top_v, top_i, gathered
 
 
+_FULL_KERNEL_PARAMS = frozenset(inspect.signature(fused_linear_divergence).parameters)
+
+
 def _accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
@@ -701,7 +704,9 @@ class _FusedSelfDistillation(_FusedLossMixin):
         teacher = {}
         if not (w_t is w_s and b_t is b_s):  # another lm_head (or a bias scaled anew)
             teacher = dict(teacher_weight=w_t.detach(), teacher_bias=_detach(b_t))
-        per_token = fused_linear_divergence(
+        return self._with_stats(
+            fused_linear_divergence,
+            "return_stats" in _FULL_KERNEL_PARAMS,
             h_s,
             h_t,
             w_s,
@@ -711,12 +716,27 @@ class _FusedSelfDistillation(_FusedLossMixin):
             temperature=lt,
             mask=mask,
             reduction="none",
-            return_stats=self._opsd["distillation_stats"],
             **teacher,
             **self._clip_kwargs(),
             **self._kernel_kwargs(full=True),
         )
-        return per_token if self._opsd["distillation_stats"] else (per_token, None)
+
+    def _with_stats(self, kernel, supported: bool, *args, **kwargs):
+        """``(per_token, DivergenceStats or None)`` from ``kernel``; the statistics are
+        asked for when ``distillation_stats`` is on and the kernel takes them. An impl that
+        refuses them (``NotImplementedError``, raised before any work) is run without, and
+        the statistics are switched off with one warning."""
+        if not (self._opsd["distillation_stats"] and supported):
+            return kernel(*args, **kwargs), None
+        try:
+            return kernel(*args, return_stats=True, **kwargs)
+        except NotImplementedError as e:
+            out = kernel(*args, **kwargs)  # raises again if the refusal was not the stats'
+            self._opsd["distillation_stats"] = False
+            warnings.warn(
+                f"{type(self).__name__}: per-token statistics switched off ({e})", stacklevel=3
+            )
+            return out, None
 
     def _topk_support(self, h_s, w_s, b_s, h_t, w_t, b_t, lt):
         """Local top-k support ``(ids, teacher log-probs)``, each (B, C, K): the student's
@@ -735,10 +755,9 @@ class _FusedSelfDistillation(_FusedLossMixin):
 
     def _topk(self, h_s, w_s, b_s, ids, lp, mask, lt):
         kind, beta = _kind(self.args.distillation_alpha)
-        stats = self._opsd["distillation_stats"] and _accepts(
-            fused_linear_topk_divergence, "return_stats"
-        )
-        out = fused_linear_topk_divergence(
+        return self._with_stats(
+            fused_linear_topk_divergence,
+            _accepts(fused_linear_topk_divergence, "return_stats"),
             h_s,
             w_s,
             ids,
@@ -750,11 +769,9 @@ class _FusedSelfDistillation(_FusedLossMixin):
             temperature=lt,
             mask=mask,
             reduction="none",
-            **({"return_stats": True} if stats else {}),
             **self._clip_kwargs(),
             **self._kernel_kwargs(full=False),
         )
-        return out if stats else (out, None)
 
     def _reduce(self, model, inputs, per_token, student_lp, stats):
         """TRL's importance-sampling correction, the chosen normalisation, TRL's metric."""
