@@ -129,8 +129,9 @@ def divergence(
             vocabulary is split (tensor parallelism): each rank passes its contiguous,
             possibly uneven, slice of the last dimension of both logits, in rank order.
             Every rank returns the full loss; each logit gradient is the rank's own
-            slice. Forward: 2 all-reduces of O(N) values (KL kinds without clip) or 3
-            (jsd or clip); backward: none. See :mod:`opsd_kernels.vocab_parallel`.
+            slice. Forward: 2 all-reduces of O(N) values (KL kinds without clip, or with
+            ``clip_mode="token"``) or 3 (jsd, or a per-entry clip); backward: none. See
+            :mod:`opsd_kernels.vocab_parallel`.
         return_stats: also return per-token statistics (student entropy, teacher mass
             on clipped entries, clipped-entry count, whether the teacher's top-1 entry
             was clipped), computed in the same passes; see

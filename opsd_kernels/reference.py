@@ -246,6 +246,9 @@ def topk_divergence_reference(
     tail: str = "bucket",
     temperature: float = 1.0,
     clip: float | None = None,
+    clip_mode: str = "entry",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
     dtype: torch.dtype = torch.float64,
@@ -257,8 +260,10 @@ def topk_divergence_reference(
     ``tail="bucket"``: outcomes are the ids plus the rest of the vocabulary,
     teacher ``rT = max(0, 1 - sum pT)`` (0 when the ids cover the vocabulary),
     student ``rS`` = the student's mass outside the ids; ``tail="renormalize"``:
-    ``q = pT / sum pT`` and ``u = pS / sum_I pS``. Arithmetic in ``dtype``;
-    differentiable in ``student_logits`` by autograd. Assumes valid teacher input.
+    ``q = pT / sum pT`` and ``u = pS / sum_I pS``. The student's logits go through
+    the transform (``logit_scale``, ``softcap``) first; ``clip_mode`` "entry" clips each
+    outcome's term, "token" the row sum. Arithmetic in ``dtype``; differentiable in
+    ``student_logits`` by autograd. Assumes valid teacher input.
 
     >>> s = torch.randn(3, 6)
     >>> lp, ids = torch.log_softmax(s, -1).topk(2, dim=-1)
@@ -274,7 +279,7 @@ def topk_divergence_reference(
         valid = valid & mask.unsqueeze(-1)
     ids = torch.where(valid, ids, torch.zeros_like(ids))
     zero = torch.zeros((), dtype=dtype)
-    lS_full = torch.log_softmax(s / temperature, dim=-1)
+    lS_full = torch.log_softmax(_transform(s, logit_scale, softcap) / temperature, dim=-1)
     lS = lS_full.gather(-1, ids)
     pT = torch.where(valid, lt.exp(), zero)
     lT = torch.where(valid, lt, zero)
@@ -303,9 +308,13 @@ def topk_divergence_reference(
     lT = torch.where(valid, lT, zero)
     lS = torch.where(valid, lS, zero)
     phi = _pointwise(kind, lT, lS, beta)
-    if clip is not None:
+    if clip is not None and clip_mode == "entry":
         phi = torch.clamp(phi, max=clip)
     per_token = torch.where(valid, phi, zero).sum(-1)
+    if clip is not None and clip_mode == "token":
+        per_token = torch.clamp(per_token, max=clip)
+    elif clip is not None and clip_mode != "entry":
+        raise ValueError(f"clip_mode must be 'entry' or 'token' for top-k, got {clip_mode!r}")
     if mask is not None:
         per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
     if reduction == "none":

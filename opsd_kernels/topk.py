@@ -56,7 +56,7 @@ import torch
 from . import config, gemm
 from ._validation import check_float_tensor, check_impl, check_mask, check_options
 from .chunked import ChunkGradients, apply_upstream
-from .divergences import KindSpec
+from .divergences import KindSpec, transform_grad
 from .reductions import forward_scale, reduce_rows
 
 TAILS = ("bucket", "renormalize")
@@ -71,6 +71,22 @@ class TopkOptions:
     clip: float | None
     reduction: str
     tail: str
+    clip_mode: str = "entry"
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def row_options(self) -> dict:
+        """The keywords of the row functions (``topk_rows_torch`` and its Triton twin);
+        this round's (``clip_mode``, ``logit_scale``, ``softcap``) only when not default,
+        so a row function that predates them keeps working for the others."""
+        kw = dict(spec=self.spec, beta=self.beta, temperature=self.temperature, clip=self.clip)
+        if self.clip is not None and self.clip_mode != "entry":
+            kw["clip_mode"] = self.clip_mode
+        if self.logit_scale != 1.0:
+            kw["logit_scale"] = self.logit_scale
+        if self.softcap is not None:
+            kw["softcap"] = self.softcap
+        return kw
 
 
 @dataclass
@@ -109,11 +125,62 @@ def mass_tolerance(dtype: torch.dtype) -> float:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_topk_options(kind, beta, tail, temperature, clip, reduction) -> TopkOptions:
-    o = check_options(kind, beta, temperature, clip, reduction)
+#: the clip modes of the top-k losses ("entry_keep" is defined on a full-vocabulary teacher)
+TOPK_CLIP_MODES = ("entry", "token")
+
+
+def _check_topk_options(
+    kind,
+    beta,
+    tail,
+    temperature,
+    clip,
+    reduction,
+    clip_mode="entry",
+    logit_scale=1.0,
+    softcap=None,
+    return_stats=False,
+) -> TopkOptions:
+    o = check_options(kind, beta, temperature, clip, reduction, clip_mode, logit_scale, softcap)
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    return TopkOptions(o.spec, o.beta, o.temperature, o.clip, o.reduction, tail)
+    if clip_mode not in TOPK_CLIP_MODES:
+        raise NotImplementedError(
+            f"clip_mode={clip_mode!r} is not available for top-k teachers; use one of "
+            f"{TOPK_CLIP_MODES}"
+        )
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
+    if return_stats:
+        raise NotImplementedError(
+            "return_stats is not available for top-k teachers yet (divergence and "
+            "fused_linear_divergence return them)"
+        )
+    return TopkOptions(
+        o.spec,
+        o.beta,
+        o.temperature,
+        o.clip,
+        o.reduction,
+        tail,
+        o.clip_mode,
+        o.logit_scale,
+        o.softcap,
+    )
+
+
+def _require_row_options(row_fn, opts: TopkOptions, impl: str) -> None:
+    """Refuse this round's options for a row function that predates them."""
+    import inspect
+
+    params = inspect.signature(row_fn).parameters
+    used = [k for k in ("clip_mode", "logit_scale", "softcap") if k in opts.row_options()]
+    missing = [k for k in used if k not in params]
+    if missing:
+        raise NotImplementedError(
+            f"impl={impl!r} does not support {', '.join(missing)} for top-k teachers yet; "
+            "use impl='torch'"
+        )
 
 
 def _check_teacher(teacher_ids, teacher_logprobs, lead_shape, device) -> int:
@@ -258,7 +325,8 @@ def _tail_outcomes(b, ids, logprobs, valid, log_rest):
 
 
 def outcome_terms(lT, lS, ok, spec: KindSpec, beta: float, clip: float | None):
-    """Per-outcome ``(phi, g)`` with clip applied and invalid outcomes set to 0."""
+    """Per-outcome ``(phi, g)`` with the per-entry clip applied (``clip`` None: no clip)
+    and invalid outcomes set to 0."""
     zero = torch.zeros((), dtype=lT.dtype, device=lT.device)
     lT_s = torch.where(ok, lT, zero)
     lS_s = torch.where(ok, lS, zero)
@@ -271,23 +339,54 @@ def outcome_terms(lT, lS, ok, spec: KindSpec, beta: float, clip: float | None):
 
 
 def topk_rows_torch(
-    logits, *, ids, logprobs, valid, log_rest, spec, beta, temperature, clip, scale, want_grad
+    logits,
+    *,
+    ids,
+    logprobs,
+    valid,
+    log_rest,
+    spec,
+    beta,
+    temperature,
+    clip,
+    scale,
+    want_grad,
+    clip_mode="entry",
+    logit_scale=1.0,
+    softcap=None,
 ):
     """Row losses (R,) of a block of student logits against the prepared teacher.
 
-    ``logits``: (R, V) float32/float64 buffer that this function owns: it is
-    overwritten (with dL/ds times the row ``scale`` when ``want_grad``, else
-    scratch). ``scale``: (1,) or (R,) per-row gradient factors.
+    ``logits``: (R, V) float32/float64 RAW logits in a buffer that this function owns:
+    it is overwritten (with dL/ds times the row ``scale`` when ``want_grad``, else
+    scratch). ``scale``: (1,) or (R,) per-row gradient factors. ``logit_scale``,
+    ``softcap``: the student's logit transform (``DivergenceOptions``), applied first;
+    the gradient is with respect to the raw logits. ``clip_mode``: "entry" (per
+    outcome) or "token" (``min(L, clip)`` per row, no gradient for a capped row).
     """
     inv_t = 1.0 / temperature
-    b = logits.mul_(inv_t)
+    dz = None
+    if softcap is None:
+        b = logits.mul_(logit_scale * inv_t)
+    else:
+        z = logits.mul_(logit_scale / softcap).tanh_().mul_(softcap)
+        dz = transform_grad(z, logit_scale, softcap) if want_grad else None  # (R, V)
+        b = z.mul_(inv_t)
+    token = clip is not None and clip_mode == "token"
     lT, lS, ok, z_c, _ = _tail_outcomes(b, ids, logprobs, valid, log_rest)
-    phi, g = outcome_terms(lT, lS, ok, spec, beta, clip)
+    phi, g = outcome_terms(lT, lS, ok, spec, beta, None if token else clip)
     loss = phi.sum(1)
+    if token:
+        dropped = ~(loss < clip)
+        loss = torch.clamp(loss, max=clip)  # a NaN sum stays NaN
     if not want_grad:
         return loss
     G = g.sum(1)
     row = (scale.to(b.dtype) * inv_t).reshape(-1)
+    if softcap is None and logit_scale != 1.0:
+        row = row * logit_scale
+    if token:
+        row = torch.where(dropped, torch.zeros_like(row), row)
     K = ids.shape[1]
     pS = torch.where(ok[:, :K], lS[:, :K], _NEG_INF).exp()
     entry = (g[:, :K] - pS * G[:, None]) * row[:, None]
@@ -299,6 +398,8 @@ def topk_rows_torch(
         per_row = torch.where(z_c > 0, coef / z_c, 0.0)
         b.mul_(per_row.reshape(-1, 1))
     b.scatter_add_(1, ids, torch.where(valid, entry, 0.0))
+    if dz is not None:
+        b.mul_(dz)
     return loss
 
 
@@ -389,14 +490,7 @@ def _run_block(s2, lo, hi, teacher, mask1, opts, row_fn, compute, scale, want_gr
     if keep is not None:
         buf.masked_fill_(~keep[:, None], 0.0)  # padding rows may hold anything (NaN)
     loss = row_fn(
-        buf,
-        **teacher.rows(lo, hi),
-        spec=opts.spec,
-        beta=opts.beta,
-        temperature=opts.temperature,
-        clip=opts.clip,
-        scale=scale,
-        want_grad=want_grad,
+        buf, **teacher.rows(lo, hi), **opts.row_options(), scale=scale, want_grad=want_grad
     )
     loss = _finish_rows(loss, buf if want_grad else None, keep, _slice(teacher.bad, lo, hi))
     return buf if want_grad else loss
@@ -424,6 +518,10 @@ def topk_divergence(
     reduction: str = "mean",
     impl: str = "auto",
     validate: bool | None = None,
+    clip_mode: str = "entry",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    return_stats: bool = False,
 ) -> torch.Tensor:
     """Per-token divergence between a top-k teacher and the full student distribution.
 
@@ -445,6 +543,13 @@ def topk_divergence(
             (the teacher's log-probs are not touched).
         clip: None, or tau > 0: each outcome's pointwise term is clipped,
             ``min(phi, tau)``, before the sum (clipped outcomes pass no gradient).
+        clip_mode: ``"entry"`` (default, per outcome, as above) or ``"token"``
+            (``min(L, tau)`` per token; a capped token passes no gradient). ``"entry_keep"``
+            is not available for top-k teachers (NotImplementedError).
+        logit_scale, softcap: the student's logit transform before the temperature,
+            ``softcap * tanh(logit_scale * x / softcap)`` (or ``logit_scale * x``), as
+            :func:`opsd_kernels.divergence`'s; the teacher's log-probs are used as given.
+        return_stats: not available for top-k teachers yet (NotImplementedError).
         mask, reduction: as :func:`opsd_kernels.divergence` (masked rows' logits,
             ids and log-probs are never read into an output).
         impl: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``.
@@ -475,7 +580,18 @@ def topk_divergence(
     >>> torch.allclose(topk_divergence(s, ids, lp), full, atol=1e-5)
     True
     """
-    opts = _check_topk_options(kind, beta, tail, temperature, clip, reduction)
+    opts = _check_topk_options(
+        kind,
+        beta,
+        tail,
+        temperature,
+        clip,
+        reduction,
+        clip_mode,
+        logit_scale,
+        softcap,
+        return_stats,
+    )
     check_float_tensor("student_logits", student_logits)
     if student_logits.dim() == 0 or student_logits.shape[-1] == 0:
         raise ValueError("student_logits must have shape (..., V) with V > 0")
@@ -498,8 +614,10 @@ def topk_divergence(
     if not torch.is_grad_enabled():
         student_logits = student_logits.detach()
     N = student_logits.numel() // V
+    row_fn = _row_function(impl)
+    _require_row_options(row_fn, opts, impl)
     return TopkDivergenceFunction.apply(
-        student_logits, teacher, mask1, opts, _row_function(impl), _rows_per_block(V, N)
+        student_logits, teacher, mask1, opts, row_fn, _rows_per_block(V, N)
     )
 
 
@@ -549,10 +667,7 @@ def _renormalize_linear_pass(
             z,
             ids=local,
             **rows,
-            spec=opts.spec,
-            beta=opts.beta,
-            temperature=opts.temperature,
-            clip=opts.clip,
+            **opts.row_options(),
             scale=scale if scale.numel() == 1 else scale[lo:hi],
             want_grad=want,
         )
@@ -588,10 +703,7 @@ def _linear_pass(
         rows = row_fn(
             logits,
             **teacher.rows(lo, hi),
-            spec=opts.spec,
-            beta=opts.beta,
-            temperature=opts.temperature,
-            clip=opts.clip,
+            **opts.row_options(),
             scale=scale if scale.numel() == 1 else scale[lo:hi],
             want_grad=want,
         )
@@ -728,6 +840,10 @@ def fused_linear_topk_divergence(
     impl: str = "auto",
     chunk_size: int | None = None,
     validate: bool | None = None,
+    clip_mode: str = "entry",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    return_stats: bool = False,
 ) -> torch.Tensor:
     """:func:`topk_divergence` from the student's hidden states and lm_head, never
     forming the (tokens x V) logits.
@@ -762,8 +878,9 @@ def fused_linear_topk_divergence(
             (mixed allowed); arithmetic in float32 (float64 if any is float64);
             gradients returned in each input's dtype.
         teacher_ids, teacher_logprobs: (..., K), as :func:`topk_divergence`.
-        kind, beta, tail, temperature, clip, mask, reduction, validate: as
-            :func:`topk_divergence`. Masked rows of ``student_hidden`` are
+        kind, beta, tail, temperature, clip, clip_mode, logit_scale, softcap, mask,
+            reduction, validate, return_stats: as :func:`topk_divergence` (the transform
+            applies to ``h W^T + b``). Masked rows of ``student_hidden`` are
             zeroed before any GEMM, so whatever they hold never reaches an output
             (the weight gradient included).
         impl: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, or
@@ -791,7 +908,18 @@ def fused_linear_topk_divergence(
     >>> nll.sum().backward(); h.grad.shape
     torch.Size([6, 16])
     """
-    opts = _check_topk_options(kind, beta, tail, temperature, clip, reduction)
+    opts = _check_topk_options(
+        kind,
+        beta,
+        tail,
+        temperature,
+        clip,
+        reduction,
+        clip_mode,
+        logit_scale,
+        softcap,
+        return_stats,
+    )
     check_float_tensor("student_hidden", student_hidden)
     check_float_tensor("weight", weight)
     if student_hidden.dim() == 0:
@@ -850,6 +978,9 @@ def fused_linear_topk_divergence(
         chunk = auto_renormalize_chunk(teacher_ids.shape[-1], H, N)
     else:
         chunk = auto_topk_chunk(V, N)
+    row_fn = _row_function(impl)
+    if opts.tail == "bucket":  # the renormalize tail runs the torch rows for every impl
+        _require_row_options(row_fn, opts, impl)
     return FusedLinearTopkFunction.apply(
-        student_hidden, weight, bias, teacher, mask1, opts, _row_function(impl), chunk
+        student_hidden, weight, bias, teacher, mask1, opts, row_fn, chunk
     )

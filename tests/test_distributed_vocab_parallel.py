@@ -421,6 +421,187 @@ def _run_all(sizes, group, failures, every=1, triton=True):
     _run_error_cases(group, failures)
 
 
+# --- this round's options: clip modes, logit transform, per-token statistics ------------
+
+TRANSFORM_VARIANTS = (
+    {},
+    dict(softcap=3.0, logit_scale=1.2),
+    dict(softcap=4.0, teacher_logit_scale=0.8, teacher_softcap=None),
+)
+
+
+def _stats_close(name, got, want, failures):
+    for field in ("student_entropy", "teacher_clipped_mass"):
+        _close(f"{name} {field}", getattr(got, field), getattr(want, field), failures, 1e-6)
+    for field in ("clipped_entries", "teacher_top1_clipped"):
+        if not torch.equal(getattr(got, field), getattr(want, field)):
+            failures.append(f"{name} {field}: {getattr(got, field)} != {getattr(want, field)}")
+
+
+def _option_cases():
+    i = 0
+    for kind in KINDS:
+        for clip_mode in ("entry", "token", "entry_keep"):
+            yield dict(
+                kind=kind,
+                clip_mode=clip_mode,
+                clip={"token": 0.6, "entry": 0.03, "entry_keep": 0.03}[clip_mode]
+                * (0.25 if kind == "jsd" else 1.0),
+                reduction=("none", "mean")[i % 2],
+                transform=TRANSFORM_VARIANTS[i % 3],
+            )
+            i += 1
+
+
+def _run_option_logit_case(case, sizes, rank, group, seed, failures):
+    """divergence with the options and statistics: each rank against the single-process
+    torch path (itself tested against float64 in tests/test_clip_modes.py)."""
+    V = sum(sizes)
+    gen = torch.Generator().manual_seed(seed)
+    lead = (3, 5)
+    s = torch.randn(*lead, V, generator=gen, dtype=torch.float64) * 3
+    t = s + torch.randn(*lead, V, generator=gen, dtype=torch.float64)
+    s[0, 0, 1] = t[0, 0, 1] = float("-inf")
+    mask = torch.rand(lead, generator=gen) > 0.3
+    s[~mask] = float("nan")
+    upstream = torch.randn(lead, generator=gen, dtype=torch.float64)
+    opts = dict(
+        kind=case["kind"],
+        beta=0.3,
+        temperature=1.3,
+        clip=case["clip"],
+        clip_mode=case["clip_mode"],
+        reduction=case["reduction"],
+        mask=mask,
+        return_stats=True,
+        **case["transform"],
+    )
+    lo, hi = _bounds(sizes, rank)
+    results = []
+    for group_, sl in ((None, slice(None)), (group, slice(lo, hi))):
+        my_s = s[..., sl].clone().requires_grad_(True)
+        my_t = t[..., sl].clone().requires_grad_(True)
+        out, stats = divergence(my_s, my_t, impl="torch", process_group=group_, **opts)
+        (out * upstream).sum().backward() if case["reduction"] == "none" else out.backward()
+        results.append((out, stats, my_s.grad, my_t.grad))
+    (ref, ref_stats, ref_gs, ref_gt), (out, stats, gs, gt) = results
+    name = f"divergence options {case} rank {rank}"
+    _close(name + " loss", out, ref, failures)
+    _close(name + " d student", gs, ref_gs[..., lo:hi], failures)
+    _close(name + " d teacher", gt, ref_gt[..., lo:hi], failures)
+    _stats_close(name, stats, ref_stats, failures)
+    if case["clip_mode"] != "token" and not (ref_stats.clipped_entries > 0).any():
+        failures.append(f"{name}: the case clips nothing")
+
+
+def _run_option_linear_case(case, sizes, rank, group, seed, failures, chunk_size=4):
+    V, H = sum(sizes), 6
+    gen = torch.Generator().manual_seed(seed)
+    lead = (2, 7)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    hs = torch.randn(*lead, H, **f64)
+    ht = hs + 0.5 * torch.randn(*lead, H, **f64)
+    w = torch.randn(V, H, **f64) * 1.5
+    b = torch.randn(V, **f64)
+    mask = torch.rand(lead, generator=gen) > 0.25
+    hs[~mask] = float("nan")
+    upstream = torch.randn(lead, **f64)
+    opts = dict(
+        kind=case["kind"],
+        beta=0.6,
+        temperature=0.9,
+        clip=case["clip"],
+        clip_mode=case["clip_mode"],
+        reduction=case["reduction"],
+        mask=mask,
+        return_stats=True,
+        **case["transform"],
+    )
+    lo, hi = _bounds(sizes, rank)
+    results = []
+    for group_, sl in ((None, slice(None)), (group, slice(lo, hi))):
+        h = hs.clone().requires_grad_(True)
+        w_ = w[sl].clone().requires_grad_(True)
+        b_ = b[sl].clone().requires_grad_(True)
+        out, stats = fused_linear_divergence(
+            h, ht, w_, bias=b_, impl="torch", chunk_size=chunk_size, process_group=group_, **opts
+        )
+        (out * upstream).sum().backward() if case["reduction"] == "none" else out.backward()
+        results.append((out, stats, h.grad, w_.grad, b_.grad))
+    (ref, ref_stats, ref_h, ref_w, ref_b), (out, stats, g_h, g_w, g_b) = results
+    name = f"fused_linear options {case} rank {rank}"
+    _close(name + " loss", out, ref, failures)
+    _close(name + " d hidden", g_h, ref_h, failures)
+    _close(name + " d weight", g_w, ref_w[lo:hi], failures)
+    _close(name + " d bias", g_b, ref_b[lo:hi], failures)
+    _stats_close(name, stats, ref_stats, failures)
+
+
+def _run_option_collective_cases(sizes, rank, group, failures):
+    """The options ride on the documented collectives: the token clip keeps the KL kinds'
+    closed form (2 all-reduces), "entry_keep" and the statistics add values, not calls."""
+    calls = []
+    real = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    lo, hi = _bounds(sizes, rank)
+    N = 10
+    gen = torch.Generator().manual_seed(12)
+    dist.all_reduce = counting
+    try:
+        for kind, clip_mode, want_t, stats, fwd in (
+            ("forward_kl", "token", True, False, [2 * N, 3 * N]),
+            ("forward_kl", "token", False, True, [2 * N, 5 * N]),
+            ("reverse_kl", "entry", False, True, [2 * N, 3 * N, 5 * N]),
+            ("jsd", "entry_keep", True, False, [2 * N, 2 * N, 6 * N]),
+            ("jsd", "token", False, True, [2 * N, 4 * N, 2 * N]),
+        ):
+            s = torch.randn(N, sum(sizes), generator=gen)[:, lo:hi].requires_grad_(True)
+            t = torch.randn(N, sum(sizes), generator=gen)[:, lo:hi].requires_grad_(want_t)
+            calls.clear()
+            out = divergence(
+                s,
+                t,
+                kind=kind,
+                clip=0.1,
+                clip_mode=clip_mode,
+                softcap=5.0,
+                process_group=group,
+                return_stats=stats,
+            )
+            if calls != fwd:
+                failures.append(
+                    f"divergence {kind} {clip_mode} stats={stats} forward all-reduces {calls}, "
+                    f"documented {fwd}"
+                )
+            calls.clear()
+            (out[0] if stats else out).backward()
+            if calls:
+                failures.append(f"divergence {kind} {clip_mode} backward all-reduces {calls}")
+    finally:
+        dist.all_reduce = real
+
+
+def _run_option_cases(sizes, group, failures, every=1):
+    rank = dist.get_rank(group)
+    for i, case in enumerate(_option_cases()):
+        if i % every == 0:
+            _run_option_logit_case(case, sizes, rank, group, 400 + i, failures)
+            _run_option_linear_case(case, sizes, rank, group, 500 + i, failures)
+    _run_option_collective_cases(sizes, rank, group, failures)
+    try:
+        divergence(
+            torch.randn(2, 5), torch.randn(2, 5), softcap=3.0, impl="triton", process_group=group
+        )
+        failures.append("impl='triton' with softcap and process_group did not raise")
+    except (NotImplementedError, ValueError) as e:
+        if "softcap" not in str(e) and "triton" not in str(e):
+            failures.append(f"impl='triton' refusal does not name the option: {e}")
+
+
 WORLD_SIZES = [4, 1, 32]  # rank 0's slice holds the banned entry 1, rank 1 has one entry
 SUBGROUP_RANKS, SUBGROUP_SIZES = [0, 2], [26, 11]
 
@@ -434,10 +615,12 @@ def _worker(rank, world, port, out_dir):
     )
     try:
         _run_all(WORLD_SIZES, dist.group.WORLD, failures)
+        _run_option_cases(WORLD_SIZES, dist.group.WORLD, failures)
         subgroup = dist.new_group(SUBGROUP_RANKS)  # collective: every rank calls it
         if rank in SUBGROUP_RANKS:
             sub_failures: list[str] = []
             _run_all(SUBGROUP_SIZES, subgroup, sub_failures, every=5, triton=False)
+            _run_option_cases(SUBGROUP_SIZES, subgroup, sub_failures, every=4)
             failures += [f"2-rank subgroup: {f}" for f in sub_failures]
     except Exception:  # noqa: BLE001 - reported to the parent with its traceback
         failures.append(traceback.format_exc())
