@@ -70,8 +70,9 @@ from .torch_impl import rows_per_chunk
 LSE_S, LSE_T, G_SUM, H_SUM = range(4)
 
 
-def check_process_group(process_group, impl: str):
-    """The group, validated: a ``torch.distributed.ProcessGroup`` and a supported impl."""
+def check_process_group(process_group, impl: str, opts=None, return_stats: bool = False):
+    """The group, validated: a ``torch.distributed.ProcessGroup`` and a supported impl
+    (and, given ``opts``, options the impl's phases compute)."""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -87,6 +88,15 @@ def check_process_group(process_group, impl: str):
             "impl='fused' does not support process_group (vocabulary parallelism); use "
             "impl='triton' or 'torch', or 'auto'"
         )
+    if opts is not None:
+        from .api import new_options_used
+
+        used = new_options_used(opts, return_stats)
+        if used:
+            raise NotImplementedError(
+                f"process_group (vocabulary parallel, impl={impl!r}) does not support "
+                f"{', '.join(used)} yet"
+            )
     return process_group
 
 
@@ -374,6 +384,7 @@ class VocabParallelSweep:
         want_b,
         weight_grad_dtype,
         stats=None,
+        token_stats=None,
     ):
         N = hs.shape[0]
         cdt = gemm.compute_dtype(
@@ -434,6 +445,7 @@ def divergence_vocab_parallel(
     opts: DivergenceOptions,
     process_group,
     impl: str = "torch",
+    token_stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`opsd_kernels.divergence` on vocabulary slices (validated inputs).
 
