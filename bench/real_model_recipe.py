@@ -167,11 +167,24 @@ def prepare_smollm2(folder: Path) -> Path:
             "transformers reads GGUF files with the gguf package: pip install gguf"
         ) from e
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     print(f"[recipe] dequantising {src / GGUF_FILE} -> {folder}", flush=True)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        src,
+        gguf_file=GGUF_FILE,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.float32,
+    )
+    # a GGUF-loaded model refuses save_pretrained even when dequantised: the same weights
+    # in a plain model of the same config (without the quantization entry) save normally
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -551,3 +551,22 @@ def test_gpu_check_runs_trl_in_the_qwen_pass():
     impls = _qwen_pass_impls()
     assert "trl-chunked" in impls
     assert '"trl"' in _script()  # its version is printed
+
+
+def test_our_capped_impl_passes_the_correctness_check(bench_fused_linear):
+    """impl="torch" with softcap=30 (the gemma2-2b preset) through the pre-timing check, with
+    the run's clip, against the capped naive loss; the uncapped naive loss fails it."""
+    import types
+
+    b = bench_fused_linear
+    assert b._takes_softcap()
+    opts = dict(kind="forward_kl", beta=0.5, temperature=1.1, clip=0.05)
+    cfg = types.SimpleNamespace(options=lambda: dict(opts))
+    g = torch.Generator().manual_seed(6)
+    h_s = torch.randn(24, 32, generator=g).requires_grad_()
+    h_t = h_s.detach() + 0.5 * torch.randn(24, 32, generator=g)
+    w = (8.0 * torch.randn(300, 32, generator=g)).requires_grad_()  # the cap bends these
+    fn = b._loss_fn("torch", cfg, 16, 30.0)
+    b._check_against_naive(fn, h_s, h_t, w, cfg, softcap=30.0)
+    with pytest.raises(AssertionError):
+        b._check_against_naive(fn, h_s, h_t, w, cfg)
