@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import re
 import shutil
@@ -234,6 +235,8 @@ def run_cli(argv: list[str]) -> str:
         return str(e) or f"exit {e.code}"
     except Exception as e:  # noqa: BLE001 - one failed run must not stop the others
         return f"{type(e).__name__}: {e}"
+    finally:
+        gc.collect()  # the run's model and optimizer, before the next one loads
     return ""
 
 
