@@ -259,7 +259,8 @@ def summarise(name: str, settings: dict, folder: Path, seconds: float, error: st
     completion = 0
     for r in steps:  # SFT generates nothing: its x in the plot is the solution tokens trained
         completion += r.get("completion_tokens", 0) or 0
-        r["_completion_total"] = completion
+        # (a trainer that logs no per-step count: TRL's running total of trained tokens)
+        r["_completion_total"] = completion or r.get("num_tokens", 0) or 0
     for e in evals:
         done = [r for r in steps if r.get("step", 0) <= e["step"]]
         e["completion_tokens_total"] = done[-1]["_completion_total"] if done else 0
@@ -383,10 +384,11 @@ def _shown(algo: str, key: str) -> bool:
     divergence and whatever the clip and entropy statistics are called (OPSD)."""
     if key == "loss":
         return True
+    length = key == "rollout_len" or key.endswith("mean_length")  # ours; TRL's completions/
     if algo == "grpo":
-        return key == "rollout_len" or "reward" in key
+        return length or "reward" in key
     if algo == "opsd":
-        return key in ("divergence", "rollout_len") or "clip" in key or "entropy" in key
+        return length or key == "divergence" or "clip" in key or "entropy" in key
     return False
 
 
