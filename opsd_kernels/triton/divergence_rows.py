@@ -287,21 +287,31 @@ def clip_mode_id(opts: DivergenceOptions) -> int:
 
 
 def default_block_v(V: int, device: torch.device, heavy: bool = False) -> int:
-    """Vocabulary block: big enough to stream, small enough for registers.
-
-    ``heavy``: the launch carries more live values per entry (a logit transform, the
-    statistics, a clip mode other than "entry"; :func:`carries_options`): on CUDA
-    it gets half the block (8 entries per thread at 8 warps instead of 16), which
-    keeps its heaviest specialisation (JSD, both roles capped, "entry_keep", both
-    gradients, statistics) free of register spills for sm_90 under Triton 3.6 and 3.9
-    (tests/test_triton_compile.py)."""
+    """Vocabulary block: big enough to stream, small enough for registers (``heavy``: see
+    :func:`launch_config`)."""
     cap = (2048 if heavy else 4096) if device.type == "cuda" else 1024
     return max(16, min(cap, triton.next_power_of_2(V)))
 
 
+def launch_config(V: int, device: torch.device, opts: DivergenceOptions, heavy: bool):
+    """``(BLOCK_V, num_warps)`` of a row launch.
+
+    ``heavy``: the launch carries more live values per entry (a logit transform, the
+    statistics, a clip mode other than "entry"; :func:`carries_options`). Such
+    specialisations get blocks of 2048 with 4 warps (16 entries per thread) for the KL
+    kinds and 8 warps for JSD: ptxas (sm_90) then keeps every specialisation free of
+    register spills under both Triton 3.6 and 3.9, which neither 4096 x 8 warps (JSD,
+    "entry_keep") nor 2048 x 8 warps (forward KL, "entry", statistics, under 3.6) does;
+    ``tests/test_triton_compile.py`` checks every launch the options produce."""
+    block = default_block_v(V, device, heavy)
+    if heavy and opts.spec.name != "jsd":
+        return block, 4
+    return block, 8 if block >= 2048 else 4
+
+
 def carries_options(opts: DivergenceOptions, stats: torch.Tensor | None) -> bool:
     """Whether a row launch compiles any of the round's options (see
-    :func:`default_block_v`): a logit transform, statistics, or a clip mode other than
+    :func:`launch_config`): a logit transform, statistics, or a clip mode other than
     "entry"."""
     clip_mode = "entry" if opts.clip is None else opts.clip_mode
     return opts.transforms_logits or stats is not None or clip_mode != "entry"
@@ -360,7 +370,8 @@ def divergence_rows_triton(
             f"stats must be a float32 ({R}, {NUM_STATS}) tensor, got "
             f"{stats.dtype} {tuple(stats.shape)}"
         )
-    block = block_v or default_block_v(V, student.device, carries_options(opts, stats))
+    block, num_warps = launch_config(V, student.device, opts, carries_options(opts, stats))
+    block = block_v or block
     _divergence_rows_kernel[(R,)](
         s_ptr=student,
         t_ptr=teacher,
@@ -382,6 +393,6 @@ def divergence_rows_triton(
         **transform_args(opts),
         CLIP_MODE=clip_mode_id(opts),
         BLOCK_V=block,
-        num_warps=8 if block >= 2048 else 4,
+        num_warps=num_warps,
     )
     return loss
