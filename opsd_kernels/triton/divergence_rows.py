@@ -293,20 +293,23 @@ def default_block_v(V: int, device: torch.device, heavy: bool = False) -> int:
     return max(16, min(cap, triton.next_power_of_2(V)))
 
 
-def launch_config(V: int, device: torch.device, opts: DivergenceOptions, heavy: bool):
-    """``(BLOCK_V, num_warps)`` of a row launch.
+def launch_config(V: int, device: torch.device, opts: DivergenceOptions, heavy: bool) -> dict:
+    """Launch keywords ``BLOCK_V``, ``num_warps`` (and ``maxnreg``) of a row launch.
 
     ``heavy``: the launch carries more live values per entry (a logit transform, the
-    statistics, a clip mode other than "entry"; :func:`carries_options`). Such
-    specialisations get blocks of 2048 with 4 warps (16 entries per thread) for the KL
-    kinds and 8 warps for JSD: ptxas (sm_90) then keeps every specialisation free of
-    register spills under both Triton 3.6 and 3.9, which neither 4096 x 8 warps (JSD,
-    "entry_keep") nor 2048 x 8 warps (forward KL, "entry", statistics, under 3.6) does;
-    ``tests/test_triton_compile.py`` checks every launch the options produce."""
+    statistics, a clip mode other than "entry"; :func:`carries_options`). On CUDA such
+    specialisations get 2048-wide blocks, 8 warps and ``maxnreg=128``: left to itself,
+    ptxas (sm_90) caps a 256-thread kernel at 64 registers for occupancy and spills
+    instead (Triton 3.6 and 3.9 alike; 4 warps or narrower blocks only move the spill to
+    another specialisation); with room for 128 it spills in none, at 2 CTAs (16 warps)
+    per SM, plenty for a streaming kernel. ``tests/test_triton_compile.py`` checks every
+    launch the options produce. ``opts`` is unused today (the rule is the same for every
+    kind) but is the place to specialise it."""
     block = default_block_v(V, device, heavy)
-    if heavy and opts.spec.name != "jsd":
-        return block, 4
-    return block, 8 if block >= 2048 else 4
+    config = dict(BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
+    if heavy and device.type == "cuda":
+        config["maxnreg"] = 128
+    return config
 
 
 def carries_options(opts: DivergenceOptions, stats: torch.Tensor | None) -> bool:
@@ -370,8 +373,9 @@ def divergence_rows_triton(
             f"stats must be a float32 ({R}, {NUM_STATS}) tensor, got "
             f"{stats.dtype} {tuple(stats.shape)}"
         )
-    block, num_warps = launch_config(V, student.device, opts, carries_options(opts, stats))
-    block = block_v or block
+    config = launch_config(V, student.device, opts, carries_options(opts, stats))
+    if block_v is not None:
+        config["BLOCK_V"] = block_v
     _divergence_rows_kernel[(R,)](
         s_ptr=student,
         t_ptr=teacher,
@@ -392,7 +396,6 @@ def divergence_rows_triton(
         **option_args(opts),
         **transform_args(opts),
         CLIP_MODE=clip_mode_id(opts),
-        BLOCK_V=block,
-        num_warps=num_warps,
+        **config,
     )
     return loss
