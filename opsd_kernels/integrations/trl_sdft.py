@@ -87,6 +87,7 @@ student away from the teacher's choice.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -96,6 +97,7 @@ from typing import Any
 import torch
 
 from .. import config as _config
+from .. import topk as _topk_module
 from ..api import fused_linear_divergence
 from ..gemm import compute_dtype, linear_logits
 from ..hf import CausalLMHead, causal_lm_backbone, causal_lm_head
@@ -273,6 +275,34 @@ def _accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
+def _topk_clip_modes() -> tuple:
+    """The clip modes :func:`fused_linear_topk_divergence` takes."""
+    if not _accepts(fused_linear_topk_divergence, "clip_mode"):
+        return ("entry",)
+    return getattr(_topk_module, "TOPK_CLIP_MODES", CLIP_MODES)
+
+
+@functools.cache
+def _topk_returns_stats() -> bool:
+    """Whether :func:`fused_linear_topk_divergence` returns per-token statistics (a 1 x 1
+    probe: the kernel refuses ``return_stats`` with ``NotImplementedError`` before any
+    work while top-k statistics do not exist)."""
+    if not _accepts(fused_linear_topk_divergence, "return_stats"):
+        return False
+    try:
+        fused_linear_topk_divergence(
+            torch.zeros(1, 1),
+            torch.zeros(2, 1),
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.zeros(1, 1),
+            reduction="none",
+            return_stats=True,
+        )
+    except NotImplementedError:
+        return False
+    return True
+
+
 def _kind(alpha: float) -> tuple[str, float]:
     """TRL's ``compute_divergence``: alpha 0 forward KL, 1 reverse KL, else JSD(beta=alpha)."""
     if alpha == 0.0:
@@ -302,16 +332,15 @@ def _check_opsd_options(cfg) -> None:
             f"distillation_clip_mode must be one of {CLIP_MODES}, "
             f"got {cfg.distillation_clip_mode!r}"
         )
-    topk_kernel = cfg.distillation_mode == "topk_logits"
     if (
         clip is not None
-        and topk_kernel
-        and cfg.distillation_clip_mode != "entry"
-        and not _accepts(fused_linear_topk_divergence, "clip_mode")
+        and cfg.distillation_mode == "topk_logits"
+        and cfg.distillation_clip_mode not in _topk_clip_modes()
     ):
         raise ValueError(
             f"distillation_clip_mode={cfg.distillation_clip_mode!r} with distillation_mode="
-            "'topk_logits': the top-k kernel clips per entry only ('entry')"
+            f"'topk_logits': the top-k kernel takes {_topk_clip_modes()} ('entry_keep' is "
+            "defined on a full-vocabulary teacher)"
         )
     if not isinstance(cfg.distillation_stats, bool):
         raise TypeError(f"distillation_stats must be a bool, got {cfg.distillation_stats!r}")
@@ -757,7 +786,7 @@ class _FusedSelfDistillation(_FusedLossMixin):
         kind, beta = _kind(self.args.distillation_alpha)
         return self._with_stats(
             fused_linear_topk_divergence,
-            _accepts(fused_linear_topk_divergence, "return_stats"),
+            _topk_returns_stats(),
             h_s,
             w_s,
             ids,
