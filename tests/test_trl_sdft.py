@@ -235,6 +235,17 @@ def test_matches_stock_trainer(tok, tmp_path, mode, teacher):
     )
 
 
+def test_ema_teacher(tok, tmp_path):
+    """teacher_model_kind='ema': TRL's separate EMA copy (rebuilt from the model's folder),
+    read through its own lm_head."""
+    stock, fused = _pair(
+        tok, tmp_path, _saved_student(tok, tmp_path), teacher_model_kind="ema", **MODES["full_fkl"]
+    )
+    assert fused.teacher_model is not fused.model
+    inputs = _batch(fused)
+    _assert_same(_loss_grads(fused, inputs), _loss_grads(stock, inputs))
+
+
 @pytest.mark.parametrize("mode", ["full_fkl", "topk_tail_fkl"])
 def test_base_teacher_with_lora_and_tied_embeddings(tok, tmp_path, mode):
     """teacher_model_kind='base' with a LoRA student: the teacher is the model with its
