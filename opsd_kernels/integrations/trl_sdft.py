@@ -66,18 +66,20 @@ TRL's behaviour):
 - ``teacher_topk`` (False): with ``distillation_mode="topk_logits"``, the support is the
   local TEACHER's top-``distillation_topk`` (this project's ``--teacher-topk`` convention,
   and what TRL's server mode does) instead of the student's.
+- ``distillation_stats`` (True): log the kernels' per-token statistics (below).
 - ``fused_loss_kwargs``: kernel settings (``impl``, ``chunk_size``; full_logits also
   ``fp32_weight_grad``, ``skip_threshold``).
 
 Refused at construction: a negative or zero clip, a clip with ``"sampled_token"`` (one
-token's log-ratio has no vocabulary entries to clip), a loss temperature apart from the
+token's log-ratio has no vocabulary entries to clip), a clip mode the top-k kernel does not
+take with ``"topk_logits"`` (``"entry_keep"``), a loss temperature apart from the
 sampling one with the teacher server (vLLM scores at the sampling temperature), an lm_head
 the kernels cannot read (no linear output layer, ``final_logit_softcapping``), FSDP and
 DeepSpeed ZeRO-3 (as the GKD/GOLD integrations; every read of the lm_head goes through
 :func:`lm_head_of`).
 
-Per step, with a clip, TRL's metrics dict gets the kernels' per-token statistics (means
-over the loss tokens): ``<name>/student_entropy``, ``<name>/teacher_clipped_mass``,
+Per step (``full_logits``; ``topk_logits`` once the top-k kernel returns them), TRL's
+metrics dict gets the kernels' per-token statistics (means over the loss tokens): ``<name>/student_entropy``, ``<name>/teacher_clipped_mass``,
 ``<name>/clipped_entries``, ``<name>/teacher_top1_clipped`` (the share of tokens whose
 teacher top-1 entry was clipped). A warning, once per trainer, names the numbers when
 ``clip_mode="entry"`` clips the teacher's top-1 entry on more than
@@ -525,6 +527,8 @@ class _TeacherTemplates:
             trainer.chat_template_kwargs = saved
 
     def __getattr__(self, name):
+        if name.startswith("_"):  # not the builder's privates (and no recursion on copies)
+            raise AttributeError(name)
         return getattr(self._builder, name)
 
 
