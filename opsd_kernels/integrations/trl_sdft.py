@@ -79,9 +79,10 @@ DeepSpeed ZeRO-3 (as the GKD/GOLD integrations; every read of the lm_head goes t
 :func:`lm_head_of`).
 
 Per step (``full_logits``; ``topk_logits`` once the top-k kernel returns them), TRL's
-metrics dict gets the kernels' per-token statistics (means over the loss tokens): ``<name>/student_entropy``, ``<name>/teacher_clipped_mass``,
-``<name>/clipped_entries``, ``<name>/teacher_top1_clipped`` (the share of tokens whose
-teacher top-1 entry was clipped). A warning, once per trainer, names the numbers when
+metrics dict gets the kernels' per-token statistics (means over the loss tokens):
+``<name>/student_entropy``, ``<name>/teacher_clipped_mass``, ``<name>/clipped_entries``,
+``<name>/teacher_top1_clipped`` (the share of tokens whose teacher top-1 entry was
+clipped). A warning, once per trainer, names the numbers when
 ``clip_mode="entry"`` clips the teacher's top-1 entry on more than
 :data:`CLIP_WARNING_SHARE` (10%) of the loss tokens: on those tokens the loss pushes the
 student away from the teacher's choice.
