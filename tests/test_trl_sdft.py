@@ -235,6 +235,17 @@ def test_matches_stock_trainer(tok, tmp_path, mode, teacher):
     )
 
 
+def test_ema_teacher(tok, tmp_path):
+    """teacher_model_kind='ema': TRL's separate EMA copy (rebuilt from the model's folder),
+    read through its own lm_head."""
+    stock, fused = _pair(
+        tok, tmp_path, _saved_student(tok, tmp_path), teacher_model_kind="ema", **MODES["full_fkl"]
+    )
+    assert fused.teacher_model is not fused.model
+    inputs = _batch(fused)
+    _assert_same(_loss_grads(fused, inputs), _loss_grads(stock, inputs))
+
+
 @pytest.mark.parametrize("mode", ["full_fkl", "topk_tail_fkl"])
 def test_base_teacher_with_lora_and_tied_embeddings(tok, tmp_path, mode):
     """teacher_model_kind='base' with a LoRA student: the teacher is the model with its
@@ -521,14 +532,14 @@ def test_topk_token_clip_against_float64_formula(tok, tmp_path, monkeypatch):
         _assert_same(_loss_grads(fused, inputs), _loss_grads(stock, inputs))
 
 
-@pytest.mark.skipif(_TOPK_CLIP_MODES, reason="the top-k kernel takes clip modes")
 def test_topk_clip_mode_refused_without_kernel_support(tmp_path):
-    with pytest.raises(ValueError, match="clips per entry only"):
+    """A clip mode the top-k kernel does not take fails at construction."""
+    with pytest.raises(ValueError, match="the top-k kernel takes"):
         _config(
             FusedSDFTConfig,
             tmp_path,
             distillation_clip=0.1,
-            distillation_clip_mode="token",
+            distillation_clip_mode="entry_keep" if _TOPK_CLIP_MODES else "token",
         )
 
 

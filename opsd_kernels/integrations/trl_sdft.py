@@ -66,20 +66,27 @@ TRL's behaviour):
 - ``teacher_topk`` (False): with ``distillation_mode="topk_logits"``, the support is the
   local TEACHER's top-``distillation_topk`` (this project's ``--teacher-topk`` convention,
   and what TRL's server mode does) instead of the student's.
+- ``distillation_stats`` (True): log the kernels' per-token statistics (below).
 - ``fused_loss_kwargs``: kernel settings (``impl``, ``chunk_size``; full_logits also
   ``fp32_weight_grad``, ``skip_threshold``).
 
 Refused at construction: a negative or zero clip, a clip with ``"sampled_token"`` (one
-token's log-ratio has no vocabulary entries to clip), a loss temperature apart from the
+token's log-ratio has no vocabulary entries to clip), a clip mode the top-k kernel does not
+take with ``"topk_logits"`` (``"entry_keep"``), a loss temperature apart from the
 sampling one with the teacher server (vLLM scores at the sampling temperature), an lm_head
-the kernels cannot read (no linear output layer, ``final_logit_softcapping``), FSDP and
-DeepSpeed ZeRO-3 (as the GKD/GOLD integrations; every read of the lm_head goes through
-:func:`lm_head_of`).
+the kernels cannot read (no linear output layer, ``final_logit_softcapping``).
 
-Per step, with a clip, TRL's metrics dict gets the kernels' per-token statistics (means
-over the loss tokens): ``<name>/student_entropy``, ``<name>/teacher_clipped_mass``,
-``<name>/clipped_entries``, ``<name>/teacher_top1_clipped`` (the share of tokens whose
-teacher top-1 entry was clipped). A warning, once per trainer, names the numbers when
+Sharded models: every read of an lm_head goes through :func:`lm_head_of`, which gathers an
+FSDP2 ``DTensor`` or DeepSpeed ZeRO-3 head as the GKD/GOLD integrations do
+(:mod:`opsd_kernels.integrations._heads`); the loss runs inside the student's forward
+and a separate teacher's body inside its own wrapper's forward. Those paths are not yet
+tested with these trainers (the GKD/GOLD trainers' are).
+
+Per step (``full_logits``; ``topk_logits`` once the top-k kernel returns them), TRL's
+metrics dict gets the kernels' per-token statistics (means over the loss tokens):
+``<name>/student_entropy``, ``<name>/teacher_clipped_mass``, ``<name>/clipped_entries``,
+``<name>/teacher_top1_clipped`` (the share of tokens whose teacher top-1 entry was
+clipped). A warning, once per trainer, names the numbers when
 ``clip_mode="entry"`` clips the teacher's top-1 entry on more than
 :data:`CLIP_WARNING_SHARE` (10%) of the loss tokens: on those tokens the loss pushes the
 student away from the teacher's choice.
@@ -87,6 +94,7 @@ student away from the teacher's choice.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -96,9 +104,10 @@ from typing import Any
 import torch
 
 from .. import config as _config
+from .. import topk as _topk_module
 from ..api import fused_linear_divergence
 from ..gemm import compute_dtype, linear_logits
-from ..hf import CausalLMHead, causal_lm_backbone, causal_lm_head
+from ..hf import causal_lm_backbone, causal_lm_head
 from ..topk import fused_linear_topk_divergence
 
 try:
@@ -110,6 +119,7 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
         "opsd_kernels.integrations.trl_sdft needs TRL (>= 1.16): pip install trl"
     ) from e
 
+from ._heads import LMHead, gathered_lm_head, route_through
 from .trl import _FusedLossMixin
 
 __all__ = [
@@ -157,22 +167,43 @@ TRL_PRIVATE_ATTRIBUTES = (
 )
 
 
-def lm_head_of(model) -> CausalLMHead:
-    """The lm_head ``(weight, bias, logit_scale)`` of an unwrapped (or PEFT) causal LM.
+def lm_head_of(model) -> LMHead:
+    """The lm_head ``(weight, bias, logit_scale, softcap)`` of an unwrapped (or PEFT) causal
+    LM, whole for one step: the one place this module reads an lm_head. A sharded head
+    (FSDP2 ``DTensor``, DeepSpeed ZeRO-3) is gathered by
+    :func:`opsd_kernels.integrations._heads.gathered_lm_head`, its gradient flowing back to
+    the shards; call it inside the model's forward (:func:`~._heads.route_through`).
+    Under ``torch.no_grad`` (the teacher) nothing is recorded for autograd.
 
-    Every read of an lm_head in this module goes through here (the one place to gather a
-    sharded head). Raises ``ValueError`` for a head the kernels cannot read (no linear
-    output layer; ``final_logit_softcapping``)."""
-    return causal_lm_head(model)
+    Raises ``ValueError`` for a head the kernels here cannot read: no linear output layer,
+    or Gemma 2's ``final_logit_softcapping`` (the top-k and log-prob sweeps of this module
+    take no soft cap)."""
+    head = gathered_lm_head(model)
+    if head.softcap is not None:
+        raise ValueError(_SOFTCAP_REFUSED.format(type(model).__name__, head.softcap))
+    return head
+
+
+_SOFTCAP_REFUSED = (
+    "{} applies final_logit_softcapping={} after its lm_head: the self-distillation "
+    "trainers' top-k and log-prob sweeps take no soft cap; use TRL's trainer"
+)
+
+
+def _check_lm_head(model) -> None:
+    """At construction: the lm_head is one the kernels read (no gathering)."""
+    head = causal_lm_head(model, with_softcap=True)
+    if head.softcap is not None:
+        raise ValueError(_SOFTCAP_REFUSED.format(type(model).__name__, head.softcap))
 
 
 def _completion_states(model, input_ids, attention_mask, width: int):
     """Final hidden states of the positions that predict the last ``width`` tokens
-    (TRL's ``logits[:, :-1][:, -width:]``), ``(B, width, H)``, with the lm_head; scalar
-    logit multipliers folded into the states and bias (as :mod:`opsd_kernels.hf`)."""
-    weight, bias, scale = lm_head_of(model)
+    (TRL's ``logits[:, :-1][:, -width:]``), ``(B, width, H)``, with the lm_head's weight and
+    bias; scalar logit multipliers folded into the states and bias (as :mod:`opsd_kernels.hf`)."""
     body = causal_lm_backbone(model)
     out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    weight, bias, scale, _ = lm_head_of(model)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     hidden = hidden[:, hidden.shape[1] - width - 1 : hidden.shape[1] - 1]
     if scale != 1.0:
@@ -273,6 +304,34 @@ def _accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
+def _topk_clip_modes() -> tuple:
+    """The clip modes :func:`fused_linear_topk_divergence` takes."""
+    if not _accepts(fused_linear_topk_divergence, "clip_mode"):
+        return ("entry",)
+    return getattr(_topk_module, "TOPK_CLIP_MODES", CLIP_MODES)
+
+
+@functools.cache
+def _topk_returns_stats() -> bool:
+    """Whether :func:`fused_linear_topk_divergence` returns per-token statistics (a 1 x 1
+    probe: the kernel refuses ``return_stats`` with ``NotImplementedError`` before any
+    work while top-k statistics do not exist)."""
+    if not _accepts(fused_linear_topk_divergence, "return_stats"):
+        return False
+    try:
+        fused_linear_topk_divergence(
+            torch.zeros(1, 1),
+            torch.zeros(2, 1),
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.zeros(1, 1),
+            reduction="none",
+            return_stats=True,
+        )
+    except NotImplementedError:
+        return False
+    return True
+
+
 def _kind(alpha: float) -> tuple[str, float]:
     """TRL's ``compute_divergence``: alpha 0 forward KL, 1 reverse KL, else JSD(beta=alpha)."""
     if alpha == 0.0:
@@ -302,16 +361,15 @@ def _check_opsd_options(cfg) -> None:
             f"distillation_clip_mode must be one of {CLIP_MODES}, "
             f"got {cfg.distillation_clip_mode!r}"
         )
-    topk_kernel = cfg.distillation_mode == "topk_logits"
     if (
         clip is not None
-        and topk_kernel
-        and cfg.distillation_clip_mode != "entry"
-        and not _accepts(fused_linear_topk_divergence, "clip_mode")
+        and cfg.distillation_mode == "topk_logits"
+        and cfg.distillation_clip_mode not in _topk_clip_modes()
     ):
         raise ValueError(
             f"distillation_clip_mode={cfg.distillation_clip_mode!r} with distillation_mode="
-            "'topk_logits': the top-k kernel clips per entry only ('entry')"
+            f"'topk_logits': the top-k kernel takes {_topk_clip_modes()} ('entry_keep' is "
+            "defined on a full-vocabulary teacher)"
         )
     if not isinstance(cfg.distillation_stats, bool):
         raise TypeError(f"distillation_stats must be a bool, got {cfg.distillation_stats!r}")
@@ -496,6 +554,8 @@ class _TeacherTemplates:
             trainer.chat_template_kwargs = saved
 
     def __getattr__(self, name):
+        if name.startswith("_"):  # not the builder's privates (and no recursion on copies)
+            raise AttributeError(name)
         return getattr(self._builder, name)
 
 
@@ -514,8 +574,8 @@ class _FusedSelfDistillation(_FusedLossMixin):
         self._init_fused(None)
         self.fused_loss_kwargs = dict(self._opsd["fused_loss_kwargs"] or {})
         # an lm_head the kernels cannot read fails here, not at the first step
-        lm_head_of(self.accelerator.unwrap_model(self.model))
-        lm_head_of(self.accelerator.unwrap_model(self.teacher_model))
+        _check_lm_head(self.accelerator.unwrap_model(self.model))
+        _check_lm_head(self.accelerator.unwrap_model(self.teacher_model))
         teacher_kwargs = self._opsd["teacher_chat_template_kwargs"]
         if teacher_kwargs is not None:
             self.teacher_context_builder = _TeacherTemplates(
@@ -553,11 +613,9 @@ class _FusedSelfDistillation(_FusedLossMixin):
             server = self._server_teacher(inputs)
         student = self.accelerator.unwrap_model(model)
         args = (student, inputs, server)
-        if model is not student and self._fused_redirect is not None:
-            # through the DDP wrapper's forward, so that gradient sync is prepared
-            terms = self._fused_redirect(model, student, self._per_token_terms, *args)
-        else:
-            terms = self._per_token_terms(*args)
+        # inside the wrapper's forward (DDP: gradient sync prepared; ZeRO-3 and an FSDP2
+        # root unit: parameters gathered), as the GKD/GOLD integrations
+        terms = route_through(model, student, self._per_token_terms, *args)
         return self._reduce(model, inputs, *terms[:3])
 
     def _server_teacher(self, inputs) -> dict:
@@ -595,8 +653,16 @@ class _FusedSelfDistillation(_FusedLossMixin):
                 self._get_teacher_context_for_self_distillation(),
                 self._autocast_of(teacher)(),
             ):
-                teacher_states = _completion_states(
-                    teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], width
+                # a separate teacher's body inside its own wrapper's forward (ZeRO-3,
+                # FSDP2 gather there); the live teacher is the student, already inside
+                teacher_states = route_through(
+                    None if teacher is student else self.teacher_model,
+                    teacher,
+                    _completion_states,
+                    teacher,
+                    inputs["teacher_input_ids"],
+                    inputs["teacher_attention_mask"],
+                    width,
                 )
         lt, ts = self.loss_temperature, self.temperature
         need_is = (
@@ -757,7 +823,7 @@ class _FusedSelfDistillation(_FusedLossMixin):
         kind, beta = _kind(self.args.distillation_alpha)
         return self._with_stats(
             fused_linear_topk_divergence,
-            _accepts(fused_linear_topk_divergence, "return_stats"),
+            _topk_returns_stats(),
             h_s,
             w_s,
             ids,
@@ -949,10 +1015,7 @@ class FusedSDPOTrainer(_FusedSelfDistillation, SDPOTrainer):
         student = self.accelerator.unwrap_model(model)
         args = (student, inputs, None)
         kwargs = dict(distill=weight != 0.0, policy=True)
-        if model is not student and self._fused_redirect is not None:
-            terms = self._fused_redirect(model, student, self._per_token_terms, *args, **kwargs)
-        else:
-            terms = self._per_token_terms(*args, **kwargs)
+        terms = route_through(model, student, self._per_token_terms, *args, **kwargs)
         per_token, student_lp, stats, policy_logps = terms
         ga = self.current_gradient_accumulation_steps if self.model.training else 1.0
         loss = self._policy_loss(inputs, policy_logps) / ga
