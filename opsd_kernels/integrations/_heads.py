@@ -20,8 +20,9 @@ parameters (or their shards) through autograd:
   inside the engine's forward (``trl.models.utils._ForwardRedirection``), as TRL does.
 - Otherwise the model's parameters themselves.
 
-Either gathered copy holds one (V, H) tensor for the step (its backward needs it),
-the memory ``full_tensor()`` takes in TRL's own ``DistillationTrainer``.
+Either gathered copy is one (V, H) tensor, alive through the loss's forward (and its
+backward where the kernel recomputes there, ``impl="fused"``): the memory
+``full_tensor()`` takes in TRL's own ``DistillationTrainer``.
 """
 
 from __future__ import annotations
