@@ -324,7 +324,14 @@ def _build(name: str):
     raise AttributeError(name)
 
 
+_SELF_DISTILLATION = ("FusedSDFTConfig", "FusedSDFTTrainer", "FusedSDPOConfig", "FusedSDPOTrainer")
+
+
 def __getattr__(name: str):
+    if name in _SELF_DISTILLATION:  # TRL's SDFT/SDPO trainers: opsd_kernels.integrations.trl_sdft
+        from . import trl_sdft
+
+        return getattr(trl_sdft, name)
     if name in ("FusedGKDTrainer", "FusedGOLDTrainer"):
         try:
             cls = _build(name)
