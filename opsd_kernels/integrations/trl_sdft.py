@@ -72,9 +72,14 @@ TRL's behaviour):
 Refused at construction: a negative or zero clip, a clip with ``"sampled_token"`` (one
 token's log-ratio has no vocabulary entries to clip), a loss temperature apart from the
 sampling one with the teacher server (vLLM scores at the sampling temperature), an lm_head
-the kernels cannot read (no linear output layer, ``final_logit_softcapping``), FSDP and
-DeepSpeed ZeRO-3 (as the GKD/GOLD integrations; every read of the lm_head goes through
-:func:`lm_head_of`).
+the kernels cannot read (no linear output layer, ``final_logit_softcapping``: this module's
+vocabulary sweeps apply no cap).
+
+Sharded models (FSDP2, DeepSpeed ZeRO-3), as the GKD/GOLD integrations: the loss runs
+inside the student's forward (TRL's ``_ForwardRedirection`` through the wrapper, or the
+``fully_shard`` model itself), a separate teacher's body inside the teacher's, and every
+read of an lm_head goes through :func:`lm_head_of`, which gathers it whole
+(:func:`opsd_kernels.integrations._heads.gathered_lm_head`).
 
 Per step, with a clip, TRL's metrics dict gets the kernels' per-token statistics (means
 over the loss tokens): ``<name>/student_entropy``, ``<name>/teacher_clipped_mass``,
@@ -110,6 +115,7 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
         "opsd_kernels.integrations.trl_sdft needs TRL (>= 1.16): pip install trl"
     ) from e
 
+from ._heads import gathered_lm_head, route_through
 from .trl import _FusedLossMixin
 
 __all__ = [
@@ -158,12 +164,15 @@ TRL_PRIVATE_ATTRIBUTES = (
 
 
 def lm_head_of(model) -> CausalLMHead:
-    """The lm_head ``(weight, bias, logit_scale)`` of an unwrapped (or PEFT) causal LM.
-
-    Every read of an lm_head in this module goes through here (the one place to gather a
-    sharded head). Raises ``ValueError`` for a head the kernels cannot read (no linear
-    output layer; ``final_logit_softcapping``)."""
-    return causal_lm_head(model)
+    """The lm_head ``(weight, bias, logit_scale)`` of an unwrapped (or PEFT) causal LM,
+    whole: an FSDP2 or ZeRO-3 sharded head is gathered, its gradient flowing back to the
+    shards (:func:`opsd_kernels.integrations._heads.gathered_lm_head`; call it inside the
+    model's forward). Every read of an lm_head in this module goes through here. Raises
+    ``ValueError`` for a head the kernels cannot read (no linear output layer;
+    ``final_logit_softcapping``)."""
+    causal_lm_head(model)  # refuses final_logit_softcapping: vocab_sweep applies no cap
+    weight, bias, logit_scale, _ = gathered_lm_head(model)
+    return CausalLMHead(weight, bias, logit_scale)
 
 
 def _completion_states(model, input_ids, attention_mask, width: int):
@@ -514,8 +523,8 @@ class _FusedSelfDistillation(_FusedLossMixin):
         self._init_fused(None)
         self.fused_loss_kwargs = dict(self._opsd["fused_loss_kwargs"] or {})
         # an lm_head the kernels cannot read fails here, not at the first step
-        lm_head_of(self.accelerator.unwrap_model(self.model))
-        lm_head_of(self.accelerator.unwrap_model(self.teacher_model))
+        causal_lm_head(self.accelerator.unwrap_model(self.model))
+        causal_lm_head(self.accelerator.unwrap_model(self.teacher_model))
         teacher_kwargs = self._opsd["teacher_chat_template_kwargs"]
         if teacher_kwargs is not None:
             self.teacher_context_builder = _TeacherTemplates(
@@ -552,12 +561,9 @@ class _FusedSelfDistillation(_FusedLossMixin):
         if self.use_teacher_server:
             server = self._server_teacher(inputs)
         student = self.accelerator.unwrap_model(model)
-        args = (student, inputs, server)
-        if model is not student and self._fused_redirect is not None:
-            # through the DDP wrapper's forward, so that gradient sync is prepared
-            terms = self._fused_redirect(model, student, self._per_token_terms, *args)
-        else:
-            terms = self._per_token_terms(*args)
+        # through the wrapper's forward (DDP: gradient sync prepared; ZeRO-3 and an FSDP2
+        # root unit: parameters gathered)
+        terms = route_through(model, student, self._per_token_terms, student, inputs, server)
         return self._reduce(model, inputs, *terms[:3])
 
     def _server_teacher(self, inputs) -> dict:
@@ -590,13 +596,22 @@ class _FusedSelfDistillation(_FusedLossMixin):
         teacher_states, h_t, w_t, b_t = None, None, None, None
         if distill and server is None:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
+            # a separate teacher through its own wrapper (ZeRO-3, FSDP2: gathered); the
+            # student as its own teacher is already inside its forward
+            wrapper = None if teacher is student else self.teacher_model
             with (
                 torch.no_grad(),
                 self._get_teacher_context_for_self_distillation(),
                 self._autocast_of(teacher)(),
             ):
-                teacher_states = _completion_states(
-                    teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], width
+                teacher_states = route_through(
+                    wrapper,
+                    teacher,
+                    _completion_states,
+                    teacher,
+                    inputs["teacher_input_ids"],
+                    inputs["teacher_attention_mask"],
+                    width,
                 )
         lt, ts = self.loss_temperature, self.temperature
         need_is = (
@@ -867,7 +882,10 @@ class _FusedSelfDistillation(_FusedLossMixin):
         model = self.accelerator.unwrap_model(self.model)
         width = completion_ids.size(1)
         with torch.no_grad(), self._autocast_of(model)():
-            h, w, b = _completion_states(
+            h, w, b = route_through(  # through the wrapper: sharded parameters gathered
+                model if self.model_wrapped is None else self.model_wrapped,
+                model,
+                _completion_states,
                 model,
                 torch.cat([prompt_ids, completion_ids], dim=1),
                 torch.cat([prompt_mask, completion_mask], dim=1),
@@ -949,10 +967,7 @@ class FusedSDPOTrainer(_FusedSelfDistillation, SDPOTrainer):
         student = self.accelerator.unwrap_model(model)
         args = (student, inputs, None)
         kwargs = dict(distill=weight != 0.0, policy=True)
-        if model is not student and self._fused_redirect is not None:
-            terms = self._fused_redirect(model, student, self._per_token_terms, *args, **kwargs)
-        else:
-            terms = self._per_token_terms(*args, **kwargs)
+        terms = route_through(model, student, self._per_token_terms, *args, **kwargs)
         per_token, student_lp, stats, policy_logps = terms
         ga = self.current_gradient_accumulation_steps if self.model.training else 1.0
         loss = self._policy_loss(inputs, policy_logps) / ga
