@@ -648,6 +648,9 @@ class _FusedSelfDistillation(_FusedLossMixin):
         teacher_states, h_t, w_t, b_t = None, None, None, None
         if distill and server is None:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
+            # a separate teacher through its own wrapper (ZeRO-3, FSDP2: gathered); the
+            # student as its own teacher is already inside its forward
+            wrapper = None if teacher is student else self.teacher_model
             with (
                 torch.no_grad(),
                 self._get_teacher_context_for_self_distillation(),
@@ -933,7 +936,10 @@ class _FusedSelfDistillation(_FusedLossMixin):
         model = self.accelerator.unwrap_model(self.model)
         width = completion_ids.size(1)
         with torch.no_grad(), self._autocast_of(model)():
-            h, w, b = _completion_states(
+            h, w, b = route_through(  # through the wrapper: sharded parameters gathered
+                model if self.model_wrapped is None else self.model_wrapped,
+                model,
+                _completion_states,
                 model,
                 torch.cat([prompt_ids, completion_ids], dim=1),
                 torch.cat([prompt_mask, completion_mask], dim=1),
