@@ -648,9 +648,6 @@ class _FusedSelfDistillation(_FusedLossMixin):
         teacher_states, h_t, w_t, b_t = None, None, None, None
         if distill and server is None:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
-            # a separate teacher through its own wrapper (ZeRO-3, FSDP2: gathered); the
-            # student as its own teacher is already inside its forward
-            wrapper = None if teacher is student else self.teacher_model
             with (
                 torch.no_grad(),
                 self._get_teacher_context_for_self_distillation(),
