@@ -114,7 +114,8 @@ def divergence(
             logits ``x`` before the temperature: ``z = softcap * tanh(logit_scale * x /
             softcap)`` (Gemma 2's final soft-capping: ``softcap=30``), or
             ``logit_scale * x`` with ``softcap=None`` (default). Gradients are with
-            respect to the raw logits.
+            respect to the raw logits. Under a cap a ``-inf`` logit becomes ``-softcap``
+            (``tanh(-inf) = -1``): a finite logit, as in the capped model itself.
         teacher_logit_scale, teacher_softcap: the teacher's transform; ``"same"``
             (default) takes the student's values (``teacher_softcap=None`` leaves a
             teacher uncapped beside a capped student).
@@ -129,8 +130,9 @@ def divergence(
             vocabulary is split (tensor parallelism): each rank passes its contiguous,
             possibly uneven, slice of the last dimension of both logits, in rank order.
             Every rank returns the full loss; each logit gradient is the rank's own
-            slice. Forward: 2 all-reduces of O(N) values (KL kinds without clip) or 3
-            (jsd or clip); backward: none. See :mod:`opsd_kernels.vocab_parallel`.
+            slice. Forward: 2 all-reduces of O(N) values (KL kinds without clip, or with
+            ``clip_mode="token"``) or 3 (jsd, or a per-entry clip); backward: none. See
+            :mod:`opsd_kernels.vocab_parallel`.
         return_stats: also return per-token statistics (student entropy, teacher mass
             on clipped entries, clipped-entry count, whether the teacher's top-1 entry
             was clipped), computed in the same passes; see

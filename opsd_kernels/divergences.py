@@ -26,6 +26,13 @@ softmax gives, with clipped entries' g and h set to 0,
     dL/ds_j = (g_j - pS_j * G) / tau,   G = sum_v g_v
     dL/dt_j = (h_j - pT_j * H) / tau,   H = sum_v h_v
 
+Before the temperature each role's raw logits go through the transform of
+:class:`~opsd_kernels._validation.DivergenceOptions` (``s``, ``t`` above are its
+outputs ``z``); the raw-logit gradient is ``dL/dz * dz/dx``. ``clip_mode="token"``
+clips the row sum instead (``min(L, clip)``, no gradient for a clipped row) and
+``"entry_keep"`` replaces ``dL/ds_j`` on the clipped entries by the
+``pS``-weighted mean of the unclipped ones (:func:`rows_loss_and_grads`).
+
 Special values: ``0 * log 0`` counts as 0 (a term whose weight probability is
 exactly 0 contributes nothing, even where the other side is -inf), a term with
 positive weight against a zero probability is ``+inf`` (the KL is infinite),
@@ -148,19 +155,25 @@ def _shift_to_max(x: torch.Tensor) -> torch.Tensor:
     return x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
-def _scaled_logits(
-    x: torch.Tensor, scale: float, cap: float | None, inv_t: float
-) -> tuple[torch.Tensor, torch.Tensor | float]:
-    """``(z / tau shifted to its row max, dz/dx)`` of raw logits ``x`` (one role).
+def _scaled_logits(x: torch.Tensor, scale: float, cap: float | None, inv_t: float):
+    """``z / tau`` shifted to its row max, of raw logits ``x`` (one role).
 
     Without a cap the scale commutes with the shift (``scale > 0``), so
-    ``(x - max x) * scale / tau`` is formed without overflow and ``dz/dx = scale``.
-    With a cap ``z`` is bounded by it; ``dz/dx`` comes from ``z`` (float32+).
+    ``(x - max x) * scale / tau`` is formed without overflow. With a cap ``z`` is
+    bounded by it.
     """
     if cap is None:
-        return _shift_to_max(x) * (scale * inv_t), scale
-    z = transform_logits(x, scale, cap)
-    return _shift_to_max(z) * inv_t, transform_grad(z, scale, cap)
+        return _shift_to_max(x) * (scale * inv_t)
+    return _shift_to_max(transform_logits(x, scale, cap)) * inv_t
+
+
+def _chain_rule(grad: torch.Tensor, x: torch.Tensor, scale: float, cap: float | None):
+    """``grad * dz/dx``: a gradient with respect to ``z`` taken to the raw logits ``x``
+    (``dz/dx`` recomputed from ``x`` here, so that no (R, V) derivative stays alive
+    through the row math)."""
+    if cap is None:
+        return grad * scale if scale != 1.0 else grad
+    return grad.mul_(transform_grad(transform_logits(x, scale, cap), scale, cap))
 
 
 def _write_stats(stats, lS, pS, lT, pT, clipped, token_clipped) -> None:
@@ -206,8 +219,8 @@ def rows_loss_and_grads(
     """
     spec, beta, clip = opts.spec, opts.beta, opts.clip
     inv_t = 1.0 / opts.temperature
-    b, dz_s = _scaled_logits(student, opts.logit_scale, opts.softcap, inv_t)
-    a, dz_t = _scaled_logits(teacher, opts.teacher_logit_scale, opts.teacher_softcap, inv_t)
+    b = _scaled_logits(student, opts.logit_scale, opts.softcap, inv_t)
+    a = _scaled_logits(teacher, opts.teacher_logit_scale, opts.teacher_softcap, inv_t)
     lS = torch.log_softmax(b, dim=-1)
     lT = torch.log_softmax(a, dim=-1)
     del a, b
@@ -225,8 +238,8 @@ def rows_loss_and_grads(
         if mode is not None:  # "entry", "entry_keep": min(phi_v, clip) per entry
             clipped = ~(phi < clip)
             phi = torch.clamp(phi, max=clip)
-            g = torch.where(clipped, zero, g)
-            h = torch.where(clipped, zero, h)
+            g = g.masked_fill(clipped, 0.0)
+            h = h.masked_fill(clipped, 0.0)
         loss = phi.sum(-1)
     if stats is not None:
         _write_stats(stats, lS, pS, lT, pT, clipped, token_clipped)
@@ -236,14 +249,15 @@ def rows_loss_and_grads(
         grad_s = (g - pS * g.sum(-1, keepdim=True)) * inv_t
         if mode == "entry_keep":
             # clipped entries get mu, the pS-weighted mean of the unclipped gradient
-            p_kept = torch.where(clipped, zero, pS)
+            p_kept = pS.masked_fill_(clipped, 0.0)  # pS is not needed any more
             mass = p_kept.sum(-1, keepdim=True)
-            mu = (p_kept * grad_s).sum(-1, keepdim=True) / mass
+            mu = torch.einsum("rv,rv->r", p_kept, grad_s).unsqueeze(-1) / mass
             mu = torch.where(mass == 0, zero, mu)  # a NaN mass stays NaN
-            grad_s = torch.where(clipped, mu, grad_s)
-        grad_s = grad_s * dz_s
+            grad_s = torch.where(clipped, mu, grad_s, out=grad_s)
+        grad_s = _chain_rule(grad_s, student, opts.logit_scale, opts.softcap)
     if want_teacher_grad:
-        grad_t = (h - pT * h.sum(-1, keepdim=True)) * inv_t * dz_t
+        grad_t = (h - pT * h.sum(-1, keepdim=True)) * inv_t
+        grad_t = _chain_rule(grad_t, teacher, opts.teacher_logit_scale, opts.teacher_softcap)
     if token_clipped is not None:
         dropped = token_clipped.unsqueeze(-1)
         grad_s = None if grad_s is None else torch.where(dropped, zero, grad_s)

@@ -204,10 +204,25 @@ class TopkDivergence(_LossModule):
         reduction="mean",
         impl="auto",
         validate=None,
+        clip_mode="entry",
+        logit_scale=1.0,
+        softcap=None,
+        return_stats=False,
     ):
         from .topk import _check_topk_options
 
-        _check_topk_options(kind, beta, tail, temperature, clip, reduction)
+        _check_topk_options(
+            kind,
+            beta,
+            tail,
+            temperature,
+            clip,
+            reduction,
+            clip_mode,
+            logit_scale,
+            softcap,
+            return_stats,
+        )
         super().__init__(
             kind=kind,
             beta=beta,
@@ -217,6 +232,10 @@ class TopkDivergence(_LossModule):
             reduction=reduction,
             impl=impl,
             validate=validate,
+            clip_mode=clip_mode,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            return_stats=return_stats,
         )
 
     def forward(self, student_logits, teacher_ids, teacher_logprobs, mask=None):
@@ -249,8 +268,25 @@ class FusedLinearTopkDivergence(TopkDivergence):
         impl="auto",
         chunk_size=None,
         validate=None,
+        clip_mode="entry",
+        logit_scale=1.0,
+        softcap=None,
+        return_stats=False,
     ):
-        super().__init__(kind, beta, tail, temperature, clip, reduction, impl, validate)
+        super().__init__(
+            kind,
+            beta,
+            tail,
+            temperature,
+            clip,
+            reduction,
+            impl,
+            validate,
+            clip_mode,
+            logit_scale,
+            softcap,
+            return_stats,
+        )
         self._add_option("chunk_size", chunk_size)
 
     def forward(

@@ -67,6 +67,7 @@ def check_logits_case(
     seed=0,
     pad=True,
     beta=0.3,
+    **options,
 ):
     s = make_student(lead, V, seed, scale, dtype)
     ids, lp = make_teacher(lead, V, K, seed, scale, pad, student=s)
@@ -84,6 +85,7 @@ def check_logits_case(
         mask=mask,
         reduction=reduction,
         beta=beta,
+        **options,
     )
     out = topk_divergence(s, ids, lp, impl=impl, **opts)
     s_ref = s.detach().double().cpu().requires_grad_()
@@ -250,6 +252,7 @@ def check_linear_case(
     chunk_size=3,
     seed=0,
     peaked=False,
+    **options,
 ):
     x, ids, lp = linear_inputs(lead, H, V, K, dtype, seed, bias, peaked)
     mask = make_mask(lead, seed, DEVICE) if masked else None
@@ -259,7 +262,9 @@ def check_linear_case(
     trainable = ["student_hidden"] + ([] if frozen else ["weight"]) + (["bias"] if bias else [])
     for k in trainable:
         x[k].requires_grad_()
-    opts = dict(kind=kind, tail=tail, temperature=temperature, clip=clip, reduction=reduction)
+    opts = dict(
+        kind=kind, tail=tail, temperature=temperature, clip=clip, reduction=reduction, **options
+    )
     out = fused_linear_topk_divergence(
         **x,
         teacher_ids=ids,

@@ -19,6 +19,15 @@ complement. Then, per row (b = logit / tau):
 The teacher side ((R, K) log-probs, -inf where not an outcome, and log rT) is
 prepared in torch (in float64 for the mass 1 - sum pT); the kernel never sees
 padding or masked entries as outcomes.
+
+Options (constexpr specialisations, as in the row kernel): the student's logit
+transform (``logit_scale``, ``softcap``) is applied to the raw logits in every sweep,
+b = transform_logit(x) / tau, and the gradient is multiplied by transform_grad (with
+respect to the raw logits). A raw -inf is the launcher's mark of an excluded entry (an
+id, in the bucket sweep; a padding entry) and stays -inf under a soft cap; a genuine
+-inf student logit is first raised to the float32 minimum, which the cap maps to -cap
+with derivative 0, as tanh maps -inf. ``clip_mode="token"``: the outcomes unclipped,
+then ``L = min(L, clip)`` and a clipped row gets a zero gradient.
 """
 
 import math
@@ -28,7 +37,25 @@ import triton
 import triton.language as tl
 
 from .divergence_rows import default_block_v
-from .formulas import divergence_terms, log_add_exp, online_logsumexp_update
+from .formulas import (
+    divergence_terms,
+    log_add_exp,
+    online_logsumexp_update,
+    transform_grad,
+    transform_logit,
+)
+
+
+@triton.jit
+def _student_logits(x, scale, cap, inv_temp, HAS_CAP: tl.constexpr):
+    """``(b, dz/dx)`` of raw student logits ``x``; a raw -inf (an excluded entry) stays
+    -inf (``b``) with derivative 0."""
+    z = transform_logit(x, scale, cap, HAS_CAP)
+    if HAS_CAP:
+        b = tl.where(x == float("-inf"), float("-inf"), z) * inv_temp
+    else:
+        b = z * inv_temp
+    return b, transform_grad(z, scale, cap, HAS_CAP)
 
 
 @triton.jit
@@ -50,9 +77,13 @@ def _topk_rows_kernel(
     log_beta,
     log_1m_beta,
     clip,
+    s_scale,
+    s_cap,
     KIND: tl.constexpr,
     BUCKET: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    TOKEN: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
     GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -63,6 +94,7 @@ def _topk_rows_kernel(
     x_row = x_ptr + row * x_stride
     zk_row = zk_ptr + row * k_stride
     lt_row = lt_ptr + row * k_stride
+    CLIP_ENTRY: tl.constexpr = HAS_CLIP and not TOKEN
 
     # ---- log-sum-exp of the complement (bucket) and of the K entries ----
     lse_c = float("-inf")
@@ -71,14 +103,16 @@ def _topk_rows_kernel(
         z_c = 0.0
         for start in range(0, V, BLOCK_V):
             offs = start + cols
-            b = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
+            x = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            b, _dz = _student_logits(x, s_scale, s_cap, inv_temp, S_SOFTCAP)
             m_c, z_c, _r, _s = online_logsumexp_update(m_c, z_c, b)
         lse_c = tl.where(m_c == float("-inf"), 0.0, m_c) + tl.log(z_c)
     m_k = float("-inf")
     z_k = 0.0
     for start in range(0, K, BLOCK_K):
         offs = start + ks
-        zb = tl.load(zk_row + offs, mask=offs < K, other=float("-inf")) * inv_temp
+        xk = tl.load(zk_row + offs, mask=offs < K, other=float("-inf"))
+        zb, _dz = _student_logits(xk, s_scale, s_cap, inv_temp, S_SOFTCAP)
         m_k, z_k, _r, _s = online_logsumexp_update(m_k, z_k, zb)
     lse_k = tl.where(m_k == float("-inf"), 0.0, m_k) + tl.log(z_k)
     if BUCKET:
@@ -92,7 +126,9 @@ def _topk_rows_kernel(
     for start in range(0, K, BLOCK_K):
         offs = start + ks
         inside = offs < K
-        lS = tl.load(zk_row + offs, mask=inside, other=float("-inf")) * inv_temp - lse
+        xk = tl.load(zk_row + offs, mask=inside, other=float("-inf"))
+        bk, _dz = _student_logits(xk, s_scale, s_cap, inv_temp, S_SOFTCAP)
+        lS = bk - lse
         lT = tl.load(lt_row + offs, mask=inside, other=float("-inf"))
         ok = lT != float("-inf")  # an outcome (the launcher set -inf elsewhere)
         lS = tl.where(ok, lS, 0.0)
@@ -100,7 +136,7 @@ def _topk_rows_kernel(
         phi, g, _h_k = divergence_terms(
             lT, lS, tl.exp(lT), tl.exp(lS), beta, log_beta, log_1m_beta, KIND
         )
-        if HAS_CLIP:
+        if CLIP_ENTRY:
             g = tl.where(phi < clip, g, 0.0)
             phi = tl.minimum(phi, clip)
         loss += tl.sum(tl.where(ok, phi, 0.0), axis=0)
@@ -112,20 +148,28 @@ def _topk_rows_kernel(
         phi_r, g_rest, _h_r = divergence_terms(
             log_rt, log_rs, tl.exp(log_rt), tl.exp(log_rs), beta, log_beta, log_1m_beta, KIND
         )
-        if HAS_CLIP:
+        if CLIP_ENTRY:
             g_rest = tl.where(phi_r < clip, g_rest, 0.0)
             phi_r = tl.minimum(phi_r, clip)
         loss += phi_r
         G += g_rest
+    # "token": min(L, clip) (a NaN L stays NaN); a clipped row passes no gradient
+    token_kept = loss < clip
+    if TOKEN:
+        loss = tl.where(loss > clip, clip, loss)
     tl.store(loss_ptr + row, loss)
 
     # ---- gradient: the K entries, then the rest of the row in place ----
     if GRAD:
         factor = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * inv_temp
+        if TOKEN:
+            factor = tl.where(token_kept, factor, 0.0)
         for start in range(0, K, BLOCK_K):
             offs = start + ks
             inside = offs < K
-            lS = tl.load(zk_row + offs, mask=inside, other=float("-inf")) * inv_temp - lse
+            xk = tl.load(zk_row + offs, mask=inside, other=float("-inf"))
+            bk, dz = _student_logits(xk, s_scale, s_cap, inv_temp, S_SOFTCAP)
+            lS = bk - lse
             lT = tl.load(lt_row + offs, mask=inside, other=float("-inf"))
             ok = lT != float("-inf")
             lS = tl.where(ok, lS, 0.0)
@@ -134,9 +178,9 @@ def _topk_rows_kernel(
             phi, g, _h_g = divergence_terms(
                 lT, lS, tl.exp(lT), pS, beta, log_beta, log_1m_beta, KIND
             )
-            if HAS_CLIP:
+            if CLIP_ENTRY:
                 g = tl.where(phi < clip, g, 0.0)
-            entry = tl.where(ok, (g - pS * G) * factor, 0.0)
+            entry = tl.where(ok, (g - pS * G) * factor * dz, 0.0)
             tl.store(entry_ptr + row * k_stride + offs, entry, mask=inside)
         if BUCKET:
             coef = (g_rest - G * tl.exp(log_rs)) * factor
@@ -144,11 +188,9 @@ def _topk_rows_kernel(
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
                 inside = offs < V
-                b = (
-                    tl.load(x_row + offs, mask=inside, other=float("-inf")).to(tl.float32)
-                    * inv_temp
-                )
-                tl.store(x_row + offs, tl.exp(b - shift) * coef, mask=inside)
+                x = tl.load(x_row + offs, mask=inside, other=float("-inf")).to(tl.float32)
+                b, dz = _student_logits(x, s_scale, s_cap, inv_temp, S_SOFTCAP)
+                tl.store(x_row + offs, tl.exp(b - shift) * coef * dz, mask=inside)
         else:
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
@@ -156,14 +198,34 @@ def _topk_rows_kernel(
 
 
 def topk_rows_triton(
-    logits, *, ids, logprobs, valid, log_rest, spec, beta, temperature, clip, scale, want_grad
+    logits,
+    *,
+    ids,
+    logprobs,
+    valid,
+    log_rest,
+    spec,
+    beta,
+    temperature,
+    clip,
+    scale,
+    want_grad,
+    clip_mode="entry",
+    logit_scale=1.0,
+    softcap=None,
 ):
     """Launcher with the signature of :func:`opsd_kernels.topk.topk_rows_torch`.
 
-    ``logits``: (R, V) float32, rows contiguous; overwritten (the gradient times the
-    row ``scale`` when ``want_grad``). ``ids``, ``logprobs``, ``valid``: (R, K);
-    ``log_rest``: (R,) log rT (bucket) or None (renormalize). Returns float32 (R,).
+    ``logits``: (R, V) float32 RAW logits, rows contiguous; overwritten (the gradient
+    with respect to them times the row ``scale`` when ``want_grad``). ``ids``,
+    ``logprobs``, ``valid``: (R, K); ``log_rest``: (R,) log rT (bucket) or None
+    (renormalize). ``clip_mode``: "entry" or "token"; ``logit_scale``, ``softcap``: the
+    student's logit transform. Returns float32 (R,).
     """
+    if clip is not None and clip_mode not in ("entry", "token"):
+        raise ValueError(
+            f"clip_mode must be 'entry' or 'token' for top-k teachers, got {clip_mode!r}"
+        )
     R, V = logits.shape
     K = ids.shape[1]
     loss = torch.empty(R, dtype=torch.float32, device=logits.device)
@@ -171,6 +233,10 @@ def topk_rows_triton(
         return loss
     if logits.dtype != torch.float32 or logits.stride(-1) != 1:
         raise ValueError("topk_rows_triton needs float32 logits with contiguous rows")
+    if softcap is not None:
+        # a genuine -inf logit to the float32 minimum: the cap maps it to -cap (as tanh
+        # maps -inf), while the kernel keeps -inf for the entries the launcher excludes
+        logits.clamp_(min=torch.finfo(torch.float32).min)
     neg_inf = torch.tensor(float("-inf"), dtype=torch.float32, device=logits.device)
     zk = torch.where(valid, logits.gather(1, ids), neg_inf).contiguous()
     lt = torch.where(valid, logprobs.float(), neg_inf).contiguous()
@@ -204,9 +270,13 @@ def topk_rows_triton(
         math.log(b),
         math.log1p(-b),
         clip if clip is not None else 0.0,
+        float(logit_scale),
+        1.0 if softcap is None else float(softcap),
         KIND=spec.kind_id,
         BUCKET=bucket,
         HAS_CLIP=clip is not None,
+        TOKEN=clip is not None and clip_mode == "token",
+        S_SOFTCAP=softcap is not None,
         GRAD=want_grad,
         BLOCK_V=block_v,
         BLOCK_K=block_k,
