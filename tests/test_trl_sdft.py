@@ -269,6 +269,39 @@ def test_base_teacher_with_lora_and_tied_embeddings(tok, tmp_path, mode):
     _assert_same(ours, ref)
 
 
+def _gemma2(tok, cap=5.0):
+    """A tiny Gemma 2 whose ``final_logit_softcapping`` bends these logits."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=cap,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    model = transformers.Gemma2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model.double()
+
+
+@pytest.mark.parametrize("mode", ["full_jsd_T", "topk_tail_fkl", "sampled_skip_T"])
+def test_gemma2_soft_cap_matches_stock(tok, tmp_path, mode):
+    """Gemma 2's final_logit_softcapping: applied by the kernels and the chunked sweeps
+    (top-k support, log-probs, importance-sampling ratio)."""
+    stock, fused = _pair(tok, tmp_path, _gemma2(tok), **MODES[mode])
+    assert fused.model.config.final_logit_softcapping == 5.0
+    inputs = _batch(fused)
+    ref = _loss_grads(stock, inputs)
+    assert abs(ref[0]) > 1e-6
+    _assert_same(_loss_grads(fused, inputs), ref)
+
+
 def _server_answer(trainer, inputs, k):
     """What TRL's vLLM teacher server returns (``_get_teacher_token_logprobs_from_server``),
     computed here from the live teacher's full logits (float64, in the test only)."""
@@ -777,8 +810,8 @@ def test_trainer_errors(tok, tmp_path):
     """An lm_head the kernels cannot read fails at construction; so do OPSD options set on
     a plain SDFTConfig by hand."""
     model = _model(tok)
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    model.lm_head = torch.nn.Identity()
+    with pytest.raises(ValueError, match="no linear lm_head"):
         FusedSDFTTrainer(
             model=model,
             args=_config(FusedSDFTConfig, tmp_path),
