@@ -129,7 +129,7 @@ def _step(trainer, inputs):
     return loss.detach(), grads, trainer._metrics["train"]["entropy"][-1]
 
 
-def _reference(student, teacher, inputs, beta, temperature, clip=None):
+def _reference(student, teacher, inputs, beta, temperature, clip=None, clip_mode="entry"):
     """The float64 reference from the models' own logits (scale and soft cap applied by
     the models): (loss, gradients, mean student entropy)."""
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
@@ -149,6 +149,7 @@ def _reference(student, teacher, inputs, beta, temperature, clip=None):
         beta=beta if kind == "jsd" else 0.5,
         temperature=temperature,
         clip=clip,
+        clip_mode=clip_mode,
         mask=mask,
         reduction="sum",
     )
@@ -214,15 +215,18 @@ def test_matches_float64_reference_and_trl_trainer(
         assert max(_rel_errs(a, b)) < 5e-6, _rel_errs(a, b)  # measured: up to 2e-6
 
 
-@pytest.mark.parametrize("beta", [1.0, 0.0])
-def test_per_entry_clip_against_float64_reference(tokenizer, tmp_path, beta):
-    """The clip TRL lacks: ``distillation_clip`` against the reference's clipped loss (it
-    bites: the loss differs from the unclipped one)."""
+@pytest.mark.parametrize("beta, clip_mode", [(1.0, "entry"), (0.0, "token"), (0.4, "entry_keep")])
+def test_per_entry_clip_against_float64_reference(tokenizer, tmp_path, beta, clip_mode):
+    """The clip TRL lacks: ``distillation_clip`` and its modes against the reference's
+    clipped loss (it bites: the loss differs from the unclipped one)."""
     student, teacher = _pair(tokenizer, "qwen3", 16)
     student, teacher = student.double(), teacher.double()
     inputs = _inputs(len(tokenizer))
-    ref = _reference(copy.deepcopy(student), teacher, inputs, beta, 1.0, clip=0.02)
-    unclipped = _reference(copy.deepcopy(student), teacher, inputs, beta, 1.0)
+    opts = dict(beta=beta, temperature=1.0)
+    ref = _reference(
+        copy.deepcopy(student), teacher, inputs, **opts, clip=0.02, clip_mode=clip_mode
+    )
+    unclipped = _reference(copy.deepcopy(student), teacher, inputs, **opts)
     assert abs(ref[0] - unclipped[0]) > 1e-3 * unclipped[0]
     trainer = _trainer(
         FusedDistillationTrainer,
@@ -232,6 +236,7 @@ def test_per_entry_clip_against_float64_reference(tokenizer, tmp_path, beta):
         tmp_path,
         beta=beta,
         distillation_clip=0.02,
+        distillation_clip_mode=clip_mode,
     )
     loss_err, entropy_err = _rel_errs(_step(trainer, inputs), ref)
     assert loss_err < 1e-9 and entropy_err < 1e-6

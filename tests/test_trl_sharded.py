@@ -19,7 +19,8 @@ float32 rounding.
   ``compute_loss``, its entropy metric gathered across the ranks).
 - ``zero3``: ``deepspeed.initialize`` with ZeRO stage 3 on DeepSpeed's CPU accelerator
   (``stage3_param_persistence_threshold`` 0: even the tiny lm_head is partitioned), the
-  teacher its own ZeRO-3 engine, as TRL prepares it.
+  teacher its own ZeRO-3 engine, as TRL prepares it; ``zero3_distillation`` the same with
+  ``FusedDistillationTrainer``.
 
 Checked with TRL 1.16.0, torch 2.13 (CPU) and DeepSpeed 0.19.8 (skipped without it).
 The workers run this file as a module: ``torchrun ... -m tests.test_trl_sharded FOLDER``.
@@ -39,7 +40,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("fsdp2_root", "fsdp2_head_unit", "fsdp2_distillation", "zero3")
+MODES = ("fsdp2_root", "fsdp2_head_unit", "fsdp2_distillation", "zero3", "zero3_distillation")
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 WORLD, BATCH, SEQ, LR = 2, 4, 9, 0.5
 
@@ -62,6 +63,11 @@ def _model(vocab, pad, seed, hidden=16):
     with torch.no_grad():  # sharper distributions than the default init: a real loss
         model.lm_head.weight.mul_(40.0)
     return model
+
+
+def _teacher_hidden(mode):
+    """A wider teacher (its own lm_head of another width) where the head is its own unit."""
+    return 24 if mode in ("fsdp2_head_unit", "fsdp2_distillation") else 16
 
 
 def _batches(vocab):
@@ -175,8 +181,8 @@ def _fsdp2_case(mode, tok_dir, folder, vocab, pad):
     from torch.distributed.fsdp import fully_shard
 
     student = _model(vocab, pad, 0)
-    teacher = _model(vocab, pad, 1, hidden=16 if mode == "fsdp2_root" else 24)
-    trainer = _trainer(tok_dir, student, teacher, folder, mode == "fsdp2_distillation")
+    teacher = _model(vocab, pad, 1, hidden=_teacher_hidden(mode))
+    trainer = _trainer(tok_dir, student, teacher, folder, mode.endswith("_distillation"))
     for model in (student, trainer.teacher_model):
         for layer in model.model.layers:
             fully_shard(layer)
@@ -195,11 +201,11 @@ def _fsdp2_case(mode, tok_dir, folder, vocab, pad):
     return losses, _full_state(student)
 
 
-def _zero3_case(tok_dir, folder, vocab, pad):
+def _zero3_case(mode, tok_dir, folder, vocab, pad):
     import deepspeed
 
     student, teacher = _model(vocab, pad, 0), _model(vocab, pad, 1)
-    trainer = _trainer(tok_dir, student, teacher, folder)
+    trainer = _trainer(tok_dir, student, teacher, folder, mode == "zero3_distillation")
     config = {
         "train_micro_batch_size_per_gpu": BATCH // WORLD,
         "gradient_accumulation_steps": 1,
@@ -232,10 +238,10 @@ def _worker(folder: str) -> None:
     vocab, pad = len(tok), tok.pad_token_id
     rank = torch.distributed.get_rank()
     for mode in os.environ.get("OPSD_SHARDED_MODES", ",".join(MODES)).split(","):
-        if mode == "zero3":
+        if mode.startswith("zero3"):
             if not HAS_DEEPSPEED:
                 continue
-            losses, state = _zero3_case(tok_dir, folder / mode, vocab, pad)
+            losses, state = _zero3_case(mode, tok_dir, folder / mode, vocab, pad)
         else:
             losses, state = _fsdp2_case(mode, tok_dir, folder / mode, vocab, pad)
         if rank == 0:
@@ -292,10 +298,9 @@ def _single_process(mode, folder):
     tok = transformers.AutoTokenizer.from_pretrained(folder / "tok")
     vocab, pad = len(tok), tok.pad_token_id
     student = _model(vocab, pad, 0)
-    teacher = _model(vocab, pad, 1, hidden=16 if mode in ("fsdp2_root", "zero3") else 24)
-    trainer = _trainer(
-        folder / "tok", student, teacher, folder / "single", mode == "fsdp2_distillation"
-    )
+    teacher = _model(vocab, pad, 1, hidden=_teacher_hidden(mode))
+    distillation = mode.endswith("_distillation")
+    trainer = _trainer(folder / "tok", student, teacher, folder / "single", distillation)
     opt = torch.optim.SGD(student.parameters(), lr=LR)
 
     def step():
@@ -315,7 +320,7 @@ def _single_process(mode, folder):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_two_sharded_processes_match_one_process(sharded_runs, mode):
-    if mode == "zero3" and not HAS_DEEPSPEED:
+    if mode.startswith("zero3") and not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed")
     got = torch.load(sharded_runs / f"{mode}.pt", weights_only=False)
     losses, state, init = _single_process(mode, sharded_runs)

@@ -20,8 +20,9 @@ parameters (or their shards) through autograd:
   inside the engine's forward (``trl.models.utils._ForwardRedirection``), as TRL does.
 - Otherwise the model's parameters themselves.
 
-Either gathered copy holds one (V, H) tensor for the step (its backward needs it),
-the memory ``full_tensor()`` takes in TRL's own ``DistillationTrainer``.
+Either gathered copy is one (V, H) tensor, alive through the loss's forward (and its
+backward where the kernel recomputes there, ``impl="fused"``): the memory
+``full_tensor()`` takes in TRL's own ``DistillationTrainer``.
 """
 
 from __future__ import annotations
@@ -146,10 +147,10 @@ def lm_heads(student_model, teacher_model) -> tuple[LMHead, LMHead]:
     ``fused_linear_divergence`` call: ``weight`` positional from the student's, then
     ``**student.loss_kwargs("student"), **teacher.loss_kwargs("teacher")``.
 
-    The teacher's is constant (detached). When both models share one lm_head (the same
-    weight and bias objects: the teacher is the student, or holds its head), it is
-    gathered once and the teacher's ``weight`` and ``bias`` are None (the kernels' shared
-    path: one GEMM per tile serves both roles).
+    The teacher's is constant (detached), on the student's head's device. When both
+    models share one lm_head (the same weight and bias objects: the teacher is the
+    student, or holds its head), it is gathered once and the teacher's ``weight`` and
+    ``bias`` are None (the kernels' shared path: one GEMM per tile serves both roles).
 
     >>> import torch
     >>> from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -165,7 +166,12 @@ def lm_heads(student_model, teacher_model) -> tuple[LMHead, LMHead]:
     student = gathered_lm_head(student_model)
     if s_param.weight is t_param.weight and s_param.bias is t_param.bias:
         return student, LMHead(None, None, t_param.logit_scale, t_param.softcap)
-    return student, gathered_lm_head(teacher_model, constant=True)
+    teacher = gathered_lm_head(teacher_model, constant=True)
+    device = student.weight.device
+    if teacher.weight.device != device:  # a teacher placed elsewhere: its head comes over
+        bias = None if teacher.bias is None else teacher.bias.to(device)
+        teacher = teacher._replace(weight=teacher.weight.to(device), bias=bias)
+    return student, teacher
 
 
 def route_through(wrapper, module, fn: Callable, *args, **kwargs):

@@ -226,7 +226,9 @@ class _FusedLossMixin:
             forward_kwargs=forward_kwargs,
             student_context=self._autocast_of(student),
             teacher_context=self._autocast_of(teacher),
-            teacher_wrapper=self.teacher_model,
+            # a separate teacher through its own wrapper; the student as its own teacher
+            # is already inside its forward
+            teacher_wrapper=None if teacher is student else self.teacher_model,
             **self.fused_loss_kwargs,
         )
         # through the wrapper's forward (DDP: gradient sync prepared; DeepSpeed ZeRO-3 and

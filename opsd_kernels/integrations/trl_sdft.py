@@ -939,7 +939,10 @@ class _FusedSelfDistillation(_FusedLossMixin):
         model = self.accelerator.unwrap_model(self.model)
         width = completion_ids.size(1)
         with torch.no_grad(), self._autocast_of(model)():
-            h, w, b, cap = _completion_states(
+            h, w, b, cap = route_through(  # through the wrapper: sharded parameters gathered
+                model if self.model_wrapped is None else self.model_wrapped,
+                model,
+                _completion_states,
                 model,
                 torch.cat([prompt_ids, completion_ids], dim=1),
                 torch.cat([prompt_mask, completion_mask], dim=1),

@@ -63,7 +63,8 @@ import triton
 import triton.language as tl
 
 from .._validation import DivergenceOptions
-from .configs import FusedConfig, block_args, config_for, option_args
+from ..stats import CLIPPED_ENTRIES, STUDENT_ENTROPY, TEACHER_CLIPPED_MASS, TEACHER_TOP1_CLIPPED
+from .configs import FusedConfig, block_args, config_for, option_args, transform_args
 from .formulas import online_logsumexp_update_rows, rescale_sum, weighted_log_ratio
 from .tiles import (
     INPUT_FLAGS,
@@ -79,7 +80,14 @@ from .tiles import (
 CLIP_TEST_MARGIN = 1e-3
 
 
-@triton.heuristics({**INPUT_FLAGS, "TILE_MIN": lambda a: a["tmin_s_ptr"] is not None})
+@triton.heuristics(
+    {
+        **INPUT_FLAGS,
+        "TILE_MIN": lambda a: a["tmin_s_ptr"] is not None,
+        "STATS": lambda a: a["ent_ptr"] is not None,
+        "KEEP_SUMS": lambda a: a["keep_sums_ptr"] is not None,
+    }
+)
 @triton.jit
 def _fused_stats_kernel(
     hs_ptr,
@@ -94,6 +102,8 @@ def _fused_stats_kernel(
     m_t_ptr,
     z_t_ptr,
     w_sum_ptr,
+    ent_ptr,
+    keep_sums_ptr,
     tmax_s_ptr,
     tmax_t_ptr,
     tmin_s_ptr,
@@ -111,6 +121,10 @@ def _fused_stats_kernel(
     n_splits,
     blocks_per_split,
     inv_temp,
+    s_scale,
+    s_cap,
+    t_scale,
+    t_cap,
     beta,
     log_beta,
     log_1m_beta,
@@ -118,11 +132,16 @@ def _fused_stats_kernel(
     KIND: tl.constexpr,
     ONE_PASS: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    KEEP: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     HAS_MASK: tl.constexpr,
     SHARED_W: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_TBIAS: tl.constexpr,
     TILE_MIN: tl.constexpr,
+    STATS: tl.constexpr,
+    KEEP_SUMS: tl.constexpr,
     COUNT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -142,6 +161,9 @@ def _fused_stats_kernel(
     z_s = tl.zeros((BLOCK_N,), tl.float32)
     z_t = tl.zeros((BLOCK_N,), tl.float32)
     w = tl.zeros((BLOCK_N,), tl.float32)
+    ent = tl.zeros((BLOCK_N,), tl.float32)  # STATS: sum e^(b - m_S) (b - m_S)
+    q2 = tl.zeros((BLOCK_N,), tl.float32)  # KEEP: sum e^(2 (b - m_S))
+    x2 = tl.zeros((BLOCK_N,), tl.float32)  # KEEP: the kind's sum pS g, unnormalised
     tile_out = pid_n.to(tl.int64) * n_vblocks
     for vb in range(vb_lo, vb_hi):
         count_tile(count_ptr, pid_n, vb, n_vblocks, COUNT)
@@ -164,6 +186,12 @@ def _fused_stats_kernel(
             stride_w,
             stride_wt,
             inv_temp,
+            s_scale,
+            s_cap,
+            t_scale,
+            t_cap,
+            S_SOFTCAP,
+            T_SOFTCAP,
             SHARED_W,
             HAS_BIAS,
             HAS_TBIAS,
@@ -173,15 +201,35 @@ def _fused_stats_kernel(
             BLOCK_V,
             BLOCK_K,
         )
+        m_s_old = m_s
+        z_s_old = z_s
         m_s, z_s, rescale_s, shift_s = online_logsumexp_update_rows(m_s, z_s, b)
         m_t, z_t, rescale_t, shift_t = online_logsumexp_update_rows(m_t, z_t, a)
+        # probabilities up to each row's factor (eliminated by the compiler where unused)
+        p_s = tl.exp(b - shift_s[:, None])
+        p_t = tl.exp(a - shift_t[:, None])
         if ONE_PASS:
             if KIND == 0:
-                p = tl.exp(a - shift_t[:, None])
-                w = rescale_sum(w, rescale_t) + tl.sum(weighted_log_ratio(p, a, b), axis=1)
+                w = rescale_sum(w, rescale_t) + tl.sum(weighted_log_ratio(p_t, a, b), axis=1)
             else:
-                p = tl.exp(b - shift_s[:, None])
-                w = rescale_sum(w, rescale_s) + tl.sum(weighted_log_ratio(p, b, a), axis=1)
+                w = rescale_sum(w, rescale_s) + tl.sum(weighted_log_ratio(p_s, b, a), axis=1)
+        if STATS:
+            # the student entropy: ent = sum e^(b - m) (b - m) follows the running max m
+            # as e^(b - m') (b - m') = e^(m - m') e^(b - m) ((b - m) + (m - m'))
+            moved = tl.where(z_s_old > 0, (m_s_old - shift_s) * z_s_old, 0.0)
+            ent = rescale_s * (ent + moved) + tl.sum(
+                tl.where(p_s == 0, 0.0, p_s * (b - shift_s[:, None])), axis=1
+            )
+        if KEEP_SUMS:  # "entry_keep", forward/reverse KL
+            # the sums over the whole vocabulary of pS^2 and pS g that "entry_keep" needs
+            # (the terms pass subtracts the clipped entries' share)
+            r2 = rescale_s * rescale_s
+            p2 = p_s * p_s
+            q2 = q2 * r2 + tl.sum(p2, axis=1)
+            if KIND == 0:  # sum pS pT = sum e^(b - m_S) e^(a - m_T) / (z_S z_T)
+                x2 = x2 * (rescale_s * rescale_t) + tl.sum(p_s * p_t, axis=1)
+            else:  # sum pS^2 (b - a); sum pS g follows with the LSEs
+                x2 = rescale_sum(x2, r2) + tl.sum(weighted_log_ratio(p2, b, a), axis=1)
         # the tile's extreme scaled logits over its counted tokens: skip and clip bounds
         counted = row_ok[:, None]
         tl.store(
@@ -209,6 +257,12 @@ def _fused_stats_kernel(
     tl.store(z_t_ptr + out, z_t, mask=in_range)
     if ONE_PASS:
         tl.store(w_sum_ptr + out, w, mask=in_range)
+    if STATS:
+        tl.store(ent_ptr + out, ent, mask=in_range)
+    if KEEP_SUMS:
+        part = n_splits * N
+        tl.store(keep_sums_ptr + out, q2, mask=in_range)
+        tl.store(keep_sums_ptr + part + out, x2, mask=in_range)
 
 
 @triton.heuristics(
@@ -216,6 +270,7 @@ def _fused_stats_kernel(
         **INPUT_FLAGS,
         "HAS_TODO": lambda a: a["todo_ptr"] is not None,
         "HAS_CORR": lambda a: a["corr_ptr"] is not None,
+        "STATS": lambda a: a["clip_stats_ptr"] is not None,
     }
 )
 @triton.jit
@@ -229,10 +284,14 @@ def _fused_terms_kernel(
     mask_ptr,
     lse_s_ptr,
     lse_t_ptr,
+    top_t_ptr,
     loss_ptr,
     g_sum_ptr,
     corr_ptr,
     g_corr_ptr,
+    keep_sums_ptr,
+    clip_stats_ptr,
+    clipped_map_ptr,
     todo_ptr,
     count_ptr,
     N,
@@ -247,6 +306,10 @@ def _fused_terms_kernel(
     n_splits,
     blocks_per_split,
     inv_temp,
+    s_scale,
+    s_cap,
+    t_scale,
+    t_cap,
     beta,
     log_beta,
     log_1m_beta,
@@ -254,12 +317,16 @@ def _fused_terms_kernel(
     KIND: tl.constexpr,
     ONE_PASS: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    KEEP: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     HAS_MASK: tl.constexpr,
     SHARED_W: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_TBIAS: tl.constexpr,
     HAS_TODO: tl.constexpr,
     HAS_CORR: tl.constexpr,
+    STATS: tl.constexpr,
     COUNT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -279,6 +346,23 @@ def _fused_terms_kernel(
     G = tl.zeros((BLOCK_N,), tl.float32)
     corr = tl.zeros((BLOCK_N,), tl.float32)
     g_corr = tl.zeros((BLOCK_N,), tl.float32)
+    # KEEP: over the unclipped entries U of the computed tiles, sum pS, pS g, pS^2 and
+    # (HAS_CORR) the same over the clipped entries C
+    u1 = tl.zeros((BLOCK_N,), tl.float32)
+    u2 = tl.zeros((BLOCK_N,), tl.float32)
+    u3 = tl.zeros((BLOCK_N,), tl.float32)
+    c1 = tl.zeros((BLOCK_N,), tl.float32)
+    c2 = tl.zeros((BLOCK_N,), tl.float32)
+    c3 = tl.zeros((BLOCK_N,), tl.float32)
+    # STATS: teacher mass, count and teacher top-1 among the clipped entries
+    mass = tl.zeros((BLOCK_N,), tl.float32)
+    n_clipped = tl.zeros((BLOCK_N,), tl.float32)
+    top1 = tl.zeros((BLOCK_N,), tl.float32)
+    top_t = lse_t
+    if STATS:
+        top_t = tl.load(top_t_ptr + rows, mask=in_range, other=0.0)
+        # the recompute may differ from the stats pass in the last bit (another kernel)
+        top_t = top_t - 1e-6 * tl.abs(top_t)
     for vb in range(vb_lo, vb_hi):
         compute = True
         if HAS_TODO:
@@ -304,6 +388,12 @@ def _fused_terms_kernel(
                 stride_w,
                 stride_wt,
                 inv_temp,
+                s_scale,
+                s_cap,
+                t_scale,
+                t_cap,
+                S_SOFTCAP,
+                T_SOFTCAP,
                 SHARED_W,
                 HAS_BIAS,
                 HAS_TBIAS,
@@ -313,23 +403,57 @@ def _fused_terms_kernel(
                 BLOCK_V,
                 BLOCK_K,
             )
-            phi, c_phi, g, g_all, pS = clipped_terms(
+            phi, c_phi, g, g_all, pS, pT = clipped_terms(
                 b, a, lse_s, lse_t, beta, log_beta, log_1m_beta, clip, KIND, HAS_CLIP
             )
             inside = col_ok[None, :]
             loss += tl.sum(tl.where(inside, c_phi, 0.0), axis=1)
             G += tl.sum(tl.where(inside, g, 0.0), axis=1)
-            if HAS_CORR:
-                # only clipped entries (phi >= clip, as in the g kept) differ
+            if HAS_CLIP:
+                # only clipped entries (not phi < clip, as in the g kept) differ
                 clipped = inside & ~(phi < clip)
-                corr += tl.sum(tl.where(clipped, c_phi - phi, 0.0), axis=1)
-                g_corr += tl.sum(tl.where(clipped, g - g_all, 0.0), axis=1)
+                if HAS_CORR:
+                    corr += tl.sum(tl.where(clipped, c_phi - phi, 0.0), axis=1)
+                    g_corr += tl.sum(tl.where(clipped, g - g_all, 0.0), axis=1)
+                if KEEP:
+                    kept = inside & (phi < clip)
+                    u1 += tl.sum(tl.where(kept, pS, 0.0), axis=1)
+                    u2 += tl.sum(tl.where(kept, pS * g_all, 0.0), axis=1)
+                    u3 += tl.sum(tl.where(kept, pS * pS, 0.0), axis=1)
+                    if HAS_CORR:
+                        c1 += tl.sum(tl.where(clipped, pS, 0.0), axis=1)
+                        c2 += tl.sum(tl.where(clipped, pS * g_all, 0.0), axis=1)
+                        c3 += tl.sum(tl.where(clipped, pS * pS, 0.0), axis=1)
+                    # tiles holding a clipped entry of a counted token: never skipped
+                    # by the backward (their clipped entries' gradient is mu)
+                    hit = tl.max(tl.max((clipped & row_ok[:, None]).to(tl.int32), axis=1), 0)
+                    tl.store(
+                        clipped_map_ptr + pid_n.to(tl.int64) * n_vblocks + vb, hit.to(tl.uint8)
+                    )
+                if STATS:
+                    mass += tl.sum(tl.where(clipped, pT, 0.0), axis=1)
+                    n_clipped += tl.sum(clipped.to(tl.float32), axis=1)
+                    is_top = clipped & (a >= top_t[:, None])
+                    top1 = tl.maximum(top1, tl.max(is_top.to(tl.float32), axis=1))
     out = split.to(tl.int64) * N + rows
+    part = n_splits * N
     tl.store(loss_ptr + out, loss, mask=in_range)
     tl.store(g_sum_ptr + out, G, mask=in_range)
     if HAS_CORR:
         tl.store(corr_ptr + out, corr, mask=in_range)
         tl.store(g_corr_ptr + out, g_corr, mask=in_range)
+    if KEEP:
+        tl.store(keep_sums_ptr + out, u1, mask=in_range)
+        tl.store(keep_sums_ptr + part + out, u2, mask=in_range)
+        tl.store(keep_sums_ptr + 2 * part + out, u3, mask=in_range)
+        if HAS_CORR:
+            tl.store(keep_sums_ptr + 3 * part + out, c1, mask=in_range)
+            tl.store(keep_sums_ptr + 4 * part + out, c2, mask=in_range)
+            tl.store(keep_sums_ptr + 5 * part + out, c3, mask=in_range)
+    if STATS:
+        tl.store(clip_stats_ptr + out, mass, mask=in_range)
+        tl.store(clip_stats_ptr + part + out, n_clipped, mask=in_range)
+        tl.store(clip_stats_ptr + 2 * part + out, top1, mask=in_range)
 
 
 @dataclass
@@ -343,6 +467,17 @@ class ForwardStats:
     tmax_s: torch.Tensor  # (N / BLOCK_N, V / BLOCK_V) float32 tile maxima, scaled logits
     tmax_t: torch.Tensor
     cfg: FusedConfig  # the tile sizes these maps use; the backward uses the same
+    #: clip_mode "entry_keep": (N,) float32 mu, the gradient (times tau / upstream factor)
+    #: of a clipped entry
+    mu: torch.Tensor | None = None
+    #: (token blocks, vocab blocks) bool, "entry_keep": tiles holding a clipped entry of a
+    #: counted token (the backward never skips them)
+    clipped_tiles: torch.Tensor | None = None
+    #: (N,) bool, clip_mode "token": the tokens that receive a gradient (the mask's tokens
+    #: whose loss is not clipped); None: the forward's mask
+    grad_mask: torch.Tensor | None = None
+    #: (N, 4) float32 per-token statistics (opsd_kernels.stats layout) when asked for
+    stats: torch.Tensor | None = None
 
 
 @functools.cache
@@ -424,6 +559,29 @@ def _splits(cfg: FusedConfig, device: torch.device, n_blocks: int, n_vblocks: in
     return triton.cdiv(n_vblocks, per_split), per_split  # no empty split
 
 
+def kernel_options(opts: DivergenceOptions) -> dict:
+    """The fused kernels' option keywords: :func:`~.configs.option_args` and
+    :func:`~.configs.transform_args`, with ``HAS_CLIP`` (a per-entry clip: clip_mode
+    "entry" or "entry_keep"; "token" clips after the sum, outside the kernels) and
+    ``KEEP`` (clip_mode "entry_keep" with a clip)."""
+    clipped = opts.clip is not None
+    return {
+        **option_args(opts),
+        **transform_args(opts),
+        "HAS_CLIP": clipped and opts.clip_mode != "token",
+        "KEEP": clipped and opts.clip_mode == "entry_keep",
+    }
+
+
+def _merge_entropy(m, z, ent, shift, z_tot):
+    """Student entropy (N,) from per-split (max, sum-exp, sum e^(b - m) (b - m)) rows
+    (S, N): H = log z - sum e^(b - M) (b - M) / z at the global shift M."""
+    live = z > 0
+    d = torch.where(live, m - shift, torch.zeros_like(m))
+    part = torch.where(live, torch.exp(d) * (ent + d * z), torch.zeros_like(z))
+    return torch.log(z_tot) - part.sum(0) / z_tot
+
+
 def fused_forward(
     hs: torch.Tensor,
     ht: torch.Tensor,
@@ -435,6 +593,7 @@ def fused_forward(
     opts: DivergenceOptions,
     cfg: FusedConfig | None = None,
     tile_counts: dict | None = None,
+    want_stats: bool = False,
 ) -> ForwardStats:
     """Launch the fused forward on (N, H) / (N, H_T) hidden states; see the module docstring.
 
@@ -442,7 +601,8 @@ def fused_forward(
     is None or (N,) bool. ``cfg``: tile sizes (default: :func:`~.configs.config_for`).
     ``tile_counts``: a dict to receive, per pass (``"stats"``, ``"terms"``), an int32
     (token blocks, vocab blocks) tensor counting how often each tile was computed
-    (a debug aid for tests; None in normal use).
+    (a debug aid for tests; None in normal use). ``want_stats``: fill
+    ``ForwardStats.stats`` (the per-token statistics of :mod:`opsd_kernels.stats`).
     """
     N, H = hs.shape
     V = weight.shape[0]
@@ -453,6 +613,9 @@ def fused_forward(
     splits, per_split = _splits(cfg, dev, n_blocks, n_vblocks)
     spec, clip = opts.spec, opts.clip
     one_pass = spec.one_pass
+    kopts = kernel_options(opts)
+    entry_clip, keep = kopts["HAS_CLIP"], kopts["KEEP"]
+    token_clip = clip is not None and not entry_clip
     f32 = dict(dtype=torch.float32, device=dev)
     tile_map = dict(size=(n_blocks, n_vblocks), **f32)
 
@@ -464,8 +627,10 @@ def fused_forward(
 
     m_s, z_s, m_t, z_t = (torch.empty(splits, N, **f32) for _ in range(4))
     w_sum = torch.empty(splits, N, **f32) if one_pass else None
+    ent = torch.empty(splits, N, **f32) if want_stats else None
+    keep_all = torch.empty(2, splits, N, **f32) if keep and one_pass else None
     tmax_s, tmax_t = torch.empty(**tile_map), torch.empty(**tile_map)
-    with_min = one_pass and clip is not None
+    with_min = one_pass and entry_clip
     tmin_s = torch.empty(**tile_map) if with_min else None
     tmin_t = torch.empty(**tile_map) if with_min else None
     inputs = dict(
@@ -488,7 +653,7 @@ def fused_forward(
         n_splits=splits,
         blocks_per_split=per_split,
         GROUP=cfg.group,
-        **option_args(opts),
+        **kopts,
         **block_args(cfg, hs.dtype),
     )
     grid = (n_blocks * splits,)
@@ -498,6 +663,8 @@ def fused_forward(
         m_t_ptr=m_t,
         z_t_ptr=z_t,
         w_sum_ptr=w_sum,
+        ent_ptr=ent,
+        keep_sums_ptr=keep_all,
         tmax_s_ptr=tmax_s,
         tmax_t_ptr=tmax_t,
         tmin_s_ptr=tmin_s,
@@ -516,7 +683,8 @@ def fused_forward(
             w_tot = _rescale_sum(w_sum, m_s - shift_s).sum(0)
             loss = w_tot / zs_tot - lse_s + lse_t
             g_sum = loss + 1.0
-    if not one_pass or clip is not None:
+    mu = clipped_map = clip_stats = None
+    if not one_pass or entry_clip:
         todo = corr = g_corr = None
         if one_pass:  # clip: recompute only the tiles that may clip (exact test)
             todo = clip_tiles(
@@ -527,13 +695,22 @@ def fused_forward(
             todo = (todo | full_block[:, None]).to(torch.uint8)
             corr, g_corr = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
         part_loss, part_g = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
+        keep_part = torch.empty(6 if one_pass else 3, splits, N, **f32) if keep else None
+        if keep:
+            clipped_map = torch.zeros(n_blocks, n_vblocks, dtype=torch.uint8, device=dev)
+        want_clip_stats = want_stats and entry_clip
+        clip_stats = torch.empty(3, splits, N, **f32) if want_clip_stats else None
         _fused_terms_kernel[grid](
             lse_s_ptr=lse_s,
             lse_t_ptr=lse_t,
+            top_t_ptr=m_t.amax(0) if want_clip_stats else None,
             loss_ptr=part_loss,
             g_sum_ptr=part_g,
             corr_ptr=corr,
             g_corr_ptr=g_corr,
+            keep_sums_ptr=keep_part,
+            clip_stats_ptr=clip_stats,
+            clipped_map_ptr=clipped_map,
             todo_ptr=todo,
             count_ptr=counter("terms"),
             **inputs,
@@ -543,8 +720,56 @@ def fused_forward(
             g_sum = torch.where(finite, g_sum + g_corr.sum(0), part_g.sum(0))
         else:
             loss, g_sum = part_loss.sum(0), part_g.sum(0)
+        if keep:
+            u = keep_part.sum(1)  # (3 or 6, N): sums over U (then C) of the computed tiles
+            if one_pass:  # U = everything (stats pass) - C, except where the block was
+                # recomputed whole for an infinite row (then U directly)
+                all_sums = _keep_totals(spec.kind_id, keep_all, m_s, m_t, shift_s, shift_t,
+                                        zs_tot, zt_tot, lse_s, lse_t)  # fmt: skip
+                u = torch.where(finite, all_sums - u[3:], u[:3])
+            u1, u2, u3 = u
+            mu = torch.where(u1 > 0, (u2 - g_sum * u3) / u1, torch.zeros_like(u1))
     elif tile_counts is not None:
         counter("terms")
+    grad_mask = None
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))
-    return ForwardStats(loss, lse_s, lse_t, g_sum, tmax_s, tmax_t, cfg)
+    if token_clip:  # min(L, clip); a clipped token passes no gradient (NaN counts as clipped)
+        token_clipped = ~(loss < clip)
+        loss = torch.clamp(loss, max=clip)
+        grad_mask = ~token_clipped if mask is None else mask & ~token_clipped
+    stats = None
+    if want_stats:
+        stats = torch.zeros(N, 4, **f32)
+        stats[:, STUDENT_ENTROPY] = _merge_entropy(m_s, z_s, ent, shift_s, zs_tot)
+        if entry_clip:
+            stats[:, TEACHER_CLIPPED_MASS] = clip_stats[0].sum(0)
+            stats[:, CLIPPED_ENTRIES] = clip_stats[1].sum(0)
+            stats[:, TEACHER_TOP1_CLIPPED] = clip_stats[2].amax(0)
+        elif token_clip:
+            hit = token_clipped.to(torch.float32)
+            stats[:, TEACHER_CLIPPED_MASS] = hit
+            stats[:, CLIPPED_ENTRIES] = hit * V
+            stats[:, TEACHER_TOP1_CLIPPED] = hit
+        if mask is not None:
+            stats = torch.where(mask[:, None], stats, torch.zeros_like(stats))
+    clipped_tiles = None if clipped_map is None else clipped_map.bool()
+    return ForwardStats(
+        loss, lse_s, lse_t, g_sum, tmax_s, tmax_t, cfg, mu, clipped_tiles, grad_mask, stats
+    )
+
+
+def _keep_totals(kind_id, keep_all, m_s, m_t, shift_s, shift_t, zs_tot, zt_tot, lse_s, lse_t):
+    """(3, N): the sums over the whole vocabulary of pS (1), pS g and pS^2, from the stats
+    pass's per-split sums e^(2 (b - m_S)) and (forward KL) e^(b - m_S) e^(a - m_T) or
+    (reverse KL) e^(2 (b - m_S)) (b - a)."""
+    d_s = m_s - shift_s
+    q2 = (keep_all[0] * torch.exp(2 * d_s)).sum(0)
+    sum_p2 = q2 / (zs_tot * zs_tot)
+    if kind_id == 0:  # g = -pT
+        x = (keep_all[1] * torch.exp(d_s + (m_t - shift_t))).sum(0)
+        sum_pg = -x / (zs_tot * zt_tot)
+    else:  # g = pS (lS - lT + 1), lS - lT = (b - a) - (LSE_S - LSE_T)
+        w2 = _rescale_sum(keep_all[1], 2 * d_s).sum(0)
+        sum_pg = (w2 - (lse_s - lse_t - 1.0) * q2) / (zs_tot * zs_tot)
+    return torch.stack((torch.ones_like(sum_p2), sum_pg, sum_p2))
