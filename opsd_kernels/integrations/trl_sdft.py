@@ -74,7 +74,9 @@ Refused at construction: a negative or zero clip, a clip with ``"sampled_token"`
 token's log-ratio has no vocabulary entries to clip), a clip mode the top-k kernel does not
 take with ``"topk_logits"`` (``"entry_keep"``), a loss temperature apart from the
 sampling one with the teacher server (vLLM scores at the sampling temperature), an lm_head
-the kernels cannot read (no linear output layer, ``final_logit_softcapping``).
+the kernels cannot read (no linear output layer). Scalar logit multipliers (Cohere,
+Granite) are folded into the hidden states; Gemma 2's ``final_logit_softcapping`` is
+applied by the kernels and the sweeps (the teacher's cap its own).
 
 Sharded models: every read of an lm_head goes through :func:`lm_head_of`, which gathers an
 FSDP2 ``DTensor`` or DeepSpeed ZeRO-3 head as the GKD/GOLD integrations do
@@ -106,6 +108,7 @@ import torch
 from .. import config as _config
 from .. import topk as _topk_module
 from ..api import fused_linear_divergence
+from ..divergences import transform_logits
 from ..gemm import compute_dtype, linear_logits
 from ..hf import causal_lm_backbone, causal_lm_head
 from ..topk import fused_linear_topk_divergence
@@ -174,42 +177,31 @@ def lm_head_of(model) -> LMHead:
     :func:`opsd_kernels.integrations._heads.gathered_lm_head`, its gradient flowing back to
     the shards; call it inside the model's forward (:func:`~._heads.route_through`).
     Under ``torch.no_grad`` (the teacher) nothing is recorded for autograd.
+    ``softcap`` is Gemma 2's ``final_logit_softcapping`` (applied by the kernels).
 
-    Raises ``ValueError`` for a head the kernels here cannot read: no linear output layer,
-    or Gemma 2's ``final_logit_softcapping`` (the top-k and log-prob sweeps of this module
-    take no soft cap)."""
-    head = gathered_lm_head(model)
-    if head.softcap is not None:
-        raise ValueError(_SOFTCAP_REFUSED.format(type(model).__name__, head.softcap))
-    return head
-
-
-_SOFTCAP_REFUSED = (
-    "{} applies final_logit_softcapping={} after its lm_head: the self-distillation "
-    "trainers' top-k and log-prob sweeps take no soft cap; use TRL's trainer"
-)
+    Raises ``ValueError`` for a head the kernels cannot read (no linear output layer)."""
+    return gathered_lm_head(model)
 
 
 def _check_lm_head(model) -> None:
     """At construction: the lm_head is one the kernels read (no gathering)."""
-    head = causal_lm_head(model, with_softcap=True)
-    if head.softcap is not None:
-        raise ValueError(_SOFTCAP_REFUSED.format(type(model).__name__, head.softcap))
+    causal_lm_head(model, with_softcap=True)
 
 
 def _completion_states(model, input_ids, attention_mask, width: int):
     """Final hidden states of the positions that predict the last ``width`` tokens
-    (TRL's ``logits[:, :-1][:, -width:]``), ``(B, width, H)``, with the lm_head's weight and
-    bias; scalar logit multipliers folded into the states and bias (as :mod:`opsd_kernels.hf`)."""
+    (TRL's ``logits[:, :-1][:, -width:]``), ``(B, width, H)``, with the lm_head's weight,
+    bias and soft cap; scalar logit multipliers folded into the states and bias (as
+    :mod:`opsd_kernels.hf`), so the logits are ``softcap * tanh((h W^T + b) / softcap)``."""
     body = causal_lm_backbone(model)
     out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    weight, bias, scale, _ = lm_head_of(model)
+    weight, bias, scale, softcap = lm_head_of(model)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     hidden = hidden[:, hidden.shape[1] - width - 1 : hidden.shape[1] - 1]
     if scale != 1.0:
         hidden = hidden * scale
         bias = None if bias is None else bias * scale
-    return hidden, weight, bias
+    return hidden, weight, bias, softcap
 
 
 @torch.no_grad()
@@ -223,6 +215,7 @@ def vocab_sweep(
     ids: torch.Tensor | None = None,
     vocab_slice: int = 32768,
     token_chunk: int | None = None,
+    softcap: float | None = None,
 ):
     """One pass over vocabulary slices of ``z = (hidden @ weight.T + bias) / temperature``,
     never more than ``token_chunk x vocab_slice`` logits at a time (no gradient).
@@ -233,6 +226,7 @@ def vocab_sweep(
         ids: None or (N, K) int64: also return ``z`` at these ids.
         vocab_slice, token_chunk: tile sizes (``token_chunk`` None: from
             ``opsd_kernels.config.chunk_memory_budget``).
+        softcap: None, or Gemma 2's cap: ``z = softcap * tanh(logits / softcap) / T``.
 
     Returns:
         ``(lse, top_values, top_ids, gathered)``: ``lse`` (N,) the log-sum-exp of ``z``;
@@ -274,7 +268,7 @@ def vocab_sweep(
         for v0 in range(0, V, vs):
             v1 = min(V, v0 + vs)
             z = linear_logits(h, weight[v0:v1], None if bias is None else bias[v0:v1])
-            z.div_(temperature)
+            z = transform_logits(z, 1.0, softcap).div_(temperature)
             run_lse = torch.logaddexp(run_lse, torch.logsumexp(z, dim=-1))
             if k:
                 sv, si = z.topk(min(k, v1 - v0), dim=-1)
@@ -639,13 +633,13 @@ class _FusedSelfDistillation(_FusedLossMixin):
         mask = loss_mask.bool()
         mode = self.args.distillation_mode
         with self._autocast_of(student)():
-            h_s, w_s, b_s = _completion_states(
+            h_s, w_s, b_s, c_s = _completion_states(
                 student,
                 torch.cat([prompt_ids, completion_ids], dim=1),
                 torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
                 width,
             )
-        teacher_states, h_t, w_t, b_t = None, None, None, None
+        teacher_states, h_t, w_t, b_t, c_t = None, None, None, None, None
         if distill and server is None:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             with (
@@ -674,7 +668,7 @@ class _FusedSelfDistillation(_FusedLossMixin):
         with torch.autocast(h_s.device.type, enabled=False):
             h_s = h_s.to(w_s.dtype)
             if teacher_states is not None:
-                h_t, w_t, b_t = teacher_states
+                h_t, w_t, b_t, c_t = teacher_states
                 h_t = h_t.to(h_s.device, w_t.dtype)
             if not distill:
                 pass
@@ -682,28 +676,32 @@ class _FusedSelfDistillation(_FusedLossMixin):
                 # the student's log-prob of each sampled token at lt, with gradient
                 shared = policy and lt == ts  # one pass serves the policy term too
                 sampled = self._sampled_logprobs(
-                    h_s, w_s, b_s, completion_ids, None if shared else mask, lt
+                    h_s, w_s, b_s, c_s, completion_ids, None if shared else mask, lt
                 )
                 if shared:
                     policy_logps = sampled
                 if server is None:
                     ids = completion_ids.reshape(-1, 1)
-                    lse, _, _, g = vocab_sweep(_rows(h_t), w_t.detach(), _detach(b_t), lt, ids=ids)
+                    lse, _, _, g = vocab_sweep(
+                        _rows(h_t), w_t.detach(), _detach(b_t), lt, ids=ids, softcap=c_t
+                    )
                     teacher_lp = (g[:, 0] - lse).view_as(sampled)
                 else:
                     teacher_lp = self._server_actual(server, mask)
                 per_token = (sampled - teacher_lp).detach() * sampled
             elif mode == "full_logits":
-                per_token, stats = self._full_logits(h_s, w_s, b_s, h_t, w_t, b_t, mask, lt)
+                per_token, stats = self._full_logits(
+                    (h_s, w_s, b_s, c_s), (h_t, w_t, b_t, c_t), mask, lt
+                )
             else:
                 if server is not None:
                     ids, lp = server["topk_token_ids"], server["topk_logprobs"]
                 else:
-                    ids, lp = self._topk_support(h_s, w_s, b_s, h_t, w_t, b_t, lt)
-                per_token, stats = self._topk(h_s, w_s, b_s, ids, lp, mask, lt)
+                    ids, lp = self._topk_support((h_s, w_s, b_s, c_s), (h_t, w_t, b_t, c_t), lt)
+                per_token, stats = self._topk(h_s, w_s, b_s, c_s, ids, lp, mask, lt)
             if policy and policy_logps is None:
                 # every completion position (TRL's policy term masks them itself)
-                policy_logps = self._sampled_logprobs(h_s, w_s, b_s, completion_ids, None, ts)
+                policy_logps = self._sampled_logprobs(h_s, w_s, b_s, c_s, completion_ids, None, ts)
             student_lp = None
             if need_is or server is not None:
                 if policy_logps is not None:
@@ -717,13 +715,14 @@ class _FusedSelfDistillation(_FusedLossMixin):
                         _detach(b_s),
                         ts,
                         ids=completion_ids.reshape(-1, 1),
+                        softcap=c_s,
                     )
                     student_lp = (g[:, 0] - lse).view(completion_ids.shape)
             if server is not None:
                 self._log_server_diff(student_lp, self._server_actual(server, mask), loss_mask)
         return per_token, student_lp, stats, policy_logps
 
-    def _sampled_logprobs(self, h, w, b, ids, mask, temperature):
+    def _sampled_logprobs(self, h, w, b, softcap, ids, mask, temperature):
         """log p_S(sampled token), (B, C), with gradient: ``-fused_linear_topk_divergence``
         with K = 1 and teacher log-prob 0 is ``-log p_S`` exactly."""
         nll = fused_linear_topk_divergence(
@@ -736,6 +735,7 @@ class _FusedSelfDistillation(_FusedLossMixin):
             temperature=temperature,
             mask=mask,
             reduction="none",
+            **_cap_kwargs(softcap),
             **self._kernel_kwargs(full=False),
         )
         return -nll
@@ -765,11 +765,14 @@ class _FusedSelfDistillation(_FusedLossMixin):
             kw["clip_mode"] = self._opsd["distillation_clip_mode"]
         return kw
 
-    def _full_logits(self, h_s, w_s, b_s, h_t, w_t, b_t, mask, lt):
+    def _full_logits(self, student, teacher_states, mask, lt):
+        (h_s, w_s, b_s, c_s), (h_t, w_t, b_t, c_t) = student, teacher_states
         kind, beta = _kind(self.args.distillation_alpha)
         teacher = {}
         if not (w_t is w_s and b_t is b_s):  # another lm_head (or a bias scaled anew)
             teacher = dict(teacher_weight=w_t.detach(), teacher_bias=_detach(b_t))
+        if c_s is not None or c_t is not None:
+            teacher.update(softcap=c_s, teacher_softcap=c_t)
         return self._with_stats(
             fused_linear_divergence,
             "return_stats" in _FULL_KERNEL_PARAMS,
@@ -804,22 +807,24 @@ class _FusedSelfDistillation(_FusedLossMixin):
             )
             return out, None
 
-    def _topk_support(self, h_s, w_s, b_s, h_t, w_t, b_t, lt):
+    def _topk_support(self, student, teacher_states, lt):
         """Local top-k support ``(ids, teacher log-probs)``, each (B, C, K): the student's
         top-k (TRL) or the teacher's (``teacher_topk``), from chunked vocabulary sweeps."""
+        (h_s, w_s, b_s, c_s), (h_t, w_t, b_t, c_t) = student, teacher_states
         k = self.args.distillation_topk
         lead = h_s.shape[:-1]
         w_t, b_t = w_t.detach(), _detach(b_t)
         if self._opsd["teacher_topk"]:
-            lse, top, ids, _ = vocab_sweep(_rows(h_t), w_t, b_t, lt, k=k)
+            lse, top, ids, _ = vocab_sweep(_rows(h_t), w_t, b_t, lt, k=k, softcap=c_t)
             lp = top - lse[:, None]
         else:
-            _, _, ids, _ = vocab_sweep(_rows(h_s.detach()), w_s.detach(), _detach(b_s), lt, k=k)
-            lse, _, _, g = vocab_sweep(_rows(h_t), w_t, b_t, lt, ids=ids)
+            hs = _rows(h_s.detach())
+            _, _, ids, _ = vocab_sweep(hs, w_s.detach(), _detach(b_s), lt, k=k, softcap=c_s)
+            lse, _, _, g = vocab_sweep(_rows(h_t), w_t, b_t, lt, ids=ids, softcap=c_t)
             lp = g - lse[:, None]
         return ids.view(*lead, k), lp.view(*lead, k)
 
-    def _topk(self, h_s, w_s, b_s, ids, lp, mask, lt):
+    def _topk(self, h_s, w_s, b_s, c_s, ids, lp, mask, lt):
         kind, beta = _kind(self.args.distillation_alpha)
         return self._with_stats(
             fused_linear_topk_divergence,
@@ -835,6 +840,7 @@ class _FusedSelfDistillation(_FusedLossMixin):
             temperature=lt,
             mask=mask,
             reduction="none",
+            **_cap_kwargs(c_s),
             **self._clip_kwargs(),
             **self._kernel_kwargs(full=False),
         )
@@ -933,7 +939,7 @@ class _FusedSelfDistillation(_FusedLossMixin):
         model = self.accelerator.unwrap_model(self.model)
         width = completion_ids.size(1)
         with torch.no_grad(), self._autocast_of(model)():
-            h, w, b = route_through(  # through the wrapper: sharded parameters gathered
+            h, w, b, cap = route_through(  # through the wrapper: sharded parameters gathered
                 model if self.model_wrapped is None else self.model_wrapped,
                 model,
                 _completion_states,
@@ -943,8 +949,9 @@ class _FusedSelfDistillation(_FusedLossMixin):
                 width,
             )
         with torch.autocast(h.device.type, enabled=False):
+            ids = completion_ids.reshape(-1, 1)
             lse, _, _, g = vocab_sweep(
-                _rows(h.to(w.dtype)), w, b, self.temperature, ids=completion_ids.reshape(-1, 1)
+                _rows(h.to(w.dtype)), w, b, self.temperature, ids=ids, softcap=cap
             )
         return (g[:, 0] - lse).view(completion_ids.shape)
 
@@ -1070,6 +1077,11 @@ class _WithDefaults:
         if name in _OPSD_DEFAULTS:
             return getattr(self._args, name, _OPSD_DEFAULTS[name])
         return getattr(self._args, name)
+
+
+def _cap_kwargs(softcap: float | None) -> dict:
+    """The student's soft cap for the top-k kernel (none passed when there is none)."""
+    return {} if softcap is None else {"softcap": softcap}
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
