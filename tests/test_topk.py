@@ -589,14 +589,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from opsd_kernels.triton.topk_rows import _topk_rows_kernel as k
 
-types = ["*fp32"] * 7 + ["i64", "i32", "i32", "i32", "i32"] + ["fp32"] * 5
+types = ["*fp32"] * 8 + ["i64", "i32", "i32", "i32", "i32", "i32"] + ["fp32"] * 7
 done = []
 # every branch at least once: each kind, both tails, clip, with and without gradient
 cases = [(0, True, False, True), (1, True, True, True), (2, False, True, True),
          (0, True, False, False)]
 for kind, bucket, clip, grad in cases:
-    consts = dict(KIND=kind, BUCKET=bucket, HAS_CLIP=clip, GRAD=grad, BLOCK_V=4096,
-                  BLOCK_K=32)
+    consts = dict(KIND=kind, BUCKET=bucket, HAS_CLIP=clip, TOKEN=False, KEEP=False,
+                  S_SOFTCAP=False, HAS_STATS=False, GRAD=grad, BLOCK_V=4096, BLOCK_K=32)
     sig = dict(zip(k.arg_names, types + ["constexpr"] * len(consts)))
     out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts),
                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})

@@ -36,29 +36,35 @@ PRELUDE = textwrap.dedent("""
     backend = make_backend(target)
     calls = []
 
+    from triton.runtime.jit import JITFunction
+
     class Recorder:
         def __init__(self, kernel):
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            return lambda **kw: calls.append((self.kernel, kw))
+            return lambda *args, **kw: calls.append((self.kernel, args, kw))
 
     def record(*modules):
         for mod in modules:
             for name in dir(mod):
-                if isinstance(getattr(mod, name), Heuristics):
-                    setattr(mod, name, Recorder(getattr(mod, name)))
+                obj = getattr(mod, name)
+                # the launched kernels: under triton.heuristics, or plain *_kernel ones
+                # (never the @triton.jit helpers they call)
+                if isinstance(obj, Heuristics) or (
+                        isinstance(obj, JITFunction) and name.endswith("_kernel")):
+                    setattr(mod, name, Recorder(obj))
 
     def empty(*shape, dt):
         return torch.empty(*shape, dtype=dt, device="meta")
 
     def compile_calls():
         seen = {}
-        for kernel, kw in calls:
-            kw = dict(kw)
-            for name, fn in kernel.values.items():
+        for kernel, args, kw in calls:
+            jit = kernel.fn if isinstance(kernel, Heuristics) else kernel
+            kw = dict(zip(jit.arg_names, args), **kw)
+            for name, fn in getattr(kernel, "values", {}).items():
                 kw[name] = fn(kw)
-            jit = kernel.fn
             binder = create_function_from_signature(jit.signature, jit.params, backend)
             bound, spec, options = binder(**kw, debug=False)
             key = jit.__name__ + str(spec)
@@ -147,6 +153,35 @@ VOCAB_PARALLEL_SCRIPT = PRELUDE + textwrap.dedent("""
         vp.local_term_sums_triton(s, t, opts, mask, row_stats if with_options else stats)
         vp.local_gradients_triton(s, t, opts, mask, row_stats if with_options else stats,
                                   scale, s, None)
+    compile_calls()
+""")
+
+
+TOPK_SCRIPT = PRELUDE + textwrap.dedent("""
+    from opsd_kernels.divergences import KINDS
+    from opsd_kernels.stats import new_stats_buffer
+    from opsd_kernels.triton import divergence_rows as dr, topk_rows as tk
+
+    record(tk)
+    tk.default_block_v = lambda V, device: dr.default_block_v(V, torch.device("cuda"))
+    R, V, K = 256, 151936, 64  # a chunk of rows, a serving engine's top-64
+    ids = torch.empty(R, K, dtype=torch.int64, device="meta")
+    lp, valid = empty(R, K, dt=torch.float32), empty(R, K, dt=torch.bool)
+    log_rest, scale = empty(R, dt=torch.float32), empty(1, dt=torch.float32)
+    stats = new_stats_buffer(R, "meta")
+    # every kind and tail with the entry clip and a gradient (the plain kernel), then the
+    # options at their heaviest: a soft cap, every clip mode, the statistics
+    cases = [(kind, tail, dict(clip=0.05)) for kind in KINDS for tail in ("bucket", "renormalize")]
+    cases += [("jsd", "bucket", dict(clip=0.05, clip_mode=m, softcap=30.0, logit_scale=0.5,
+                                     stats=stats)) for m in ("entry", "token", "entry_keep")]
+    cases += [("forward_kl", "bucket", dict(clip=None, softcap=30.0, stats=stats)),
+              ("reverse_kl", "renormalize", dict(clip=0.05, clip_mode="entry_keep",
+                                                 softcap=30.0, stats=stats))]
+    for kind, tail, options in cases:
+        tk.topk_rows_triton(
+            empty(R, V, dt=torch.float32), ids=ids, logprobs=lp, valid=valid,
+            log_rest=log_rest if tail == "bucket" else None, spec=KINDS[kind], beta=0.5,
+            temperature=1.1, scale=scale, want_grad=True, **options)
     compile_calls()
 """)
 
@@ -242,3 +277,9 @@ def test_vocab_parallel_row_kernel_compiles_for_sm90_as_launched():
     results = _compile(VOCAB_PARALLEL_SCRIPT)
     assert {r["kernel"] for r in results} == {"_vocab_parallel_rows_kernel"}
     assert len(results) >= 14 + 18  # phases x kinds x clip x dtypes; the options
+
+
+def test_topk_row_kernel_compiles_for_sm90_as_launched():
+    results = _compile(TOPK_SCRIPT)
+    assert {r["kernel"] for r in results} == {"_topk_rows_kernel"}
+    assert len(results) >= 11  # kinds x tails; the options
