@@ -72,7 +72,7 @@ TRL's behaviour):
 
 Refused at construction: a negative or zero clip, a clip with ``"sampled_token"`` (one
 token's log-ratio has no vocabulary entries to clip), a clip mode the top-k kernel does not
-take with ``"topk_logits"`` (``"entry_keep"``), a loss temperature apart from the
+take with ``"topk_logits"``, a loss temperature apart from the
 sampling one with the teacher server (vLLM scores at the sampling temperature), an lm_head
 the kernels cannot read (no linear output layer). Scalar logit multipliers (Cohere,
 Granite) are folded into the hidden states; Gemma 2's ``final_logit_softcapping`` is
@@ -84,7 +84,7 @@ FSDP2 ``DTensor`` or DeepSpeed ZeRO-3 head as the GKD/GOLD integrations do
 and a separate teacher's body inside its own wrapper's forward. Those paths are not yet
 tested with these trainers (the GKD/GOLD trainers' are).
 
-Per step (``full_logits``; ``topk_logits`` once the top-k kernel returns them), TRL's
+Per step (``full_logits``; ``topk_logits`` where the top-k kernel returns them), TRL's
 metrics dict gets the kernels' per-token statistics (means over the loss tokens):
 ``<name>/student_entropy``, ``<name>/teacher_clipped_mass``, ``<name>/clipped_entries``,
 ``<name>/teacher_top1_clipped`` (the share of tokens whose teacher top-1 entry was
