@@ -177,6 +177,12 @@ def _require_row_options(row_fn, opts: TopkOptions, impl: str, return_stats: boo
     missing = [k for k in used if k not in params]
     if return_stats and "stats" not in params:
         missing.append("return_stats")
+    if "clip_mode" in used and "clip_mode" in params:
+        # a row function lists the clip modes it computes in ``clip_modes`` (the torch
+        # rows: all of them; without the attribute: "entry" and "token")
+        modes = getattr(row_fn, "clip_modes", ("entry", "token"))
+        if opts.clip_mode not in modes:
+            missing.append(f"clip_mode={opts.clip_mode!r}")
     if missing:
         raise NotImplementedError(
             f"impl={impl!r} does not support {', '.join(missing)} for top-k teachers yet; "
@@ -442,6 +448,9 @@ def _kept_mean(e, entry, pS, clipped, lS, g, G, row, z_c, K):
         num = num + torch.where(rest_kept, r_s * coef * sum_sq / z_c.square(), zero)
         mass = mass + torch.where(rest_kept, r_s, zero)
     return torch.where(mass == 0, zero, num / mass)
+
+
+topk_rows_torch.clip_modes = TOPK_CLIP_MODES
 
 
 def topk_stats(stats, e, lT, lS, ok, z_c, phi, clip, dropped) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opsd_kernels import FusedLinearTopkDivergence
+from opsd_kernels import FusedLinearTopkDivergence, topk
 from opsd_kernels.reference import (
     fused_linear_topk_divergence_reference,
     topk_divergence_reference,
@@ -251,6 +251,14 @@ def test_row_function_predating_the_options_refuses_them(monkeypatch):
 @pytest.mark.parametrize("kind", KINDS)
 def test_entry_keep(impl, tail, kind):
     clip = 0.02 if kind != "jsd" else 0.005
+    if impl != "torch" and "entry_keep" not in getattr(
+        topk._row_function(impl), "clip_modes", ("entry", "token")
+    ):
+        s = torch.randn(3, 20, device=DEVICE)
+        lp, ids = torch.log_softmax(torch.randn(3, 20, device=DEVICE), -1).topk(4, dim=-1)
+        with pytest.raises(NotImplementedError, match=f"impl='{impl}'.*entry_keep"):
+            topk_divergence(s, ids, lp, clip=0.1, clip_mode="entry_keep", tail=tail, impl=impl)
+        return
     check_logits_case(
         impl,
         tail=tail,

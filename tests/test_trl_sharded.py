@@ -16,11 +16,13 @@ float32 rounding.
   hidden size: the head is a ``Shard(0)`` DTensor, gathered with ``full_tensor()`` and its
   gradient averaged back to the shards (``Partial("avg")``).
 - ``fsdp2_distillation``: the same with ``FusedDistillationTrainer`` (TRL's
-  ``compute_loss``, its entropy metric gathered across the ranks).
+  ``compute_loss``, its entropy metric gathered across the ranks); ``fsdp2_sdft`` with
+  ``FusedSDFTTrainer`` (full logits, the student as its own teacher in another context).
 - ``zero3``: ``deepspeed.initialize`` with ZeRO stage 3 on DeepSpeed's CPU accelerator
   (``stage3_param_persistence_threshold`` 0: even the tiny lm_head is partitioned), the
   teacher its own ZeRO-3 engine, as TRL prepares it; ``zero3_distillation`` the same with
-  ``FusedDistillationTrainer``.
+  ``FusedDistillationTrainer``; ``zero3_sdft`` with ``FusedSDFTTrainer`` (the student's
+  top-k support, found by a sweep over the gathered head).
 
 Checked with TRL 1.16.0, torch 2.13 (CPU) and DeepSpeed 0.19.8 (skipped without it).
 The workers run this file as a module: ``torchrun ... -m tests.test_trl_sharded FOLDER``.
@@ -40,7 +42,15 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("fsdp2_root", "fsdp2_head_unit", "fsdp2_distillation", "zero3", "zero3_distillation")
+MODES = (
+    "fsdp2_root",
+    "fsdp2_head_unit",
+    "fsdp2_distillation",
+    "fsdp2_sdft",
+    "zero3",
+    "zero3_distillation",
+    "zero3_sdft",
+)
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 WORLD, BATCH, SEQ, LR = 2, 4, 9, 0.5
 
@@ -65,6 +75,11 @@ def _model(vocab, pad, seed, hidden=16):
     return model
 
 
+def _kind(mode):
+    """The trainer a mode runs: ``"gkd"``, ``"distillation"`` or ``"sdft"``."""
+    return mode.split("_")[-1] if mode.endswith(("_distillation", "_sdft")) else "gkd"
+
+
 def _teacher_hidden(mode):
     """A wider teacher (its own lm_head of another width) where the head is its own unit."""
     return 24 if mode in ("fsdp2_head_unit", "fsdp2_distillation") else 16
@@ -87,7 +102,9 @@ def _batches(vocab):
     return out
 
 
-def _trainer(tok_dir, student, teacher, folder, distillation=False):
+def _trainer(tok_dir, student, teacher, folder, mode):
+    """The mode's fused trainer; SDFT's teacher is the student itself (``live``): full
+    logits under FSDP2, the student's top-k support under ZeRO-3."""
     import datasets
     import transformers
 
@@ -95,69 +112,94 @@ def _trainer(tok_dir, student, teacher, folder, distillation=False):
     common = dict(
         output_dir=str(folder),
         per_device_train_batch_size=2,
-        beta=0.3,
         report_to="none",
         use_cpu=True,
         save_strategy="no",
         seed=0,
-        disable_dropout=True,
         bf16=False,
     )
-    if distillation:
+    prompts = {"prompt": [[{"role": "user", "content": "1 + 1"}]] * 4}
+    loss_kwargs = dict(impl="torch", chunk_size=5)
+    if _kind(mode) == "sdft":
+        from opsd_kernels.integrations.trl_sdft import FusedSDFTConfig, FusedSDFTTrainer
+
+        args = FusedSDFTConfig(
+            num_generations=2,
+            teacher_model_kind="live",
+            distillation_mode="topk_logits" if mode.startswith("zero3") else "full_logits",
+            distillation_topk=9,
+            distillation_alpha=0.3,
+            distillation_is_clip=None,
+            fused_loss_kwargs=loss_kwargs,
+            **common,
+        )
+        data = datasets.Dataset.from_dict({**prompts, "privileged_context": ["2"] * 4})
+        return FusedSDFTTrainer(model=student, args=args, train_dataset=data, processing_class=tok)
+    if _kind(mode) == "distillation":
         from opsd_kernels.integrations.trl_distillation import (
             FusedDistillationConfig,
             FusedDistillationTrainer,
         )
 
-        cls, args = FusedDistillationTrainer, FusedDistillationConfig(**common)
-        column = "prompt"
+        cls, args = FusedDistillationTrainer, FusedDistillationConfig(beta=0.3, **common)
+        data = datasets.Dataset.from_dict(prompts)
     else:
         from trl.experimental.gkd import GKDConfig
 
         from opsd_kernels.integrations.trl import FusedGKDTrainer
 
-        cls, args = FusedGKDTrainer, GKDConfig(lmbda=0.0, max_length=32, **common)
-        column = "messages"
-    ds = datasets.Dataset.from_dict({column: [[{"role": "user", "content": "1 + 1"}]] * 4})
+        cls = FusedGKDTrainer
+        args = GKDConfig(lmbda=0.0, beta=0.3, max_length=32, disable_dropout=True, **common)
+        data = datasets.Dataset.from_dict({"messages": prompts["prompt"]})
     return cls(
         model=student,
         teacher_model=teacher,
         args=args,
-        train_dataset=ds,
+        train_dataset=data,
         processing_class=tok,
-        fused_loss_kwargs=dict(impl="torch", chunk_size=5),
+        fused_loss_kwargs=loss_kwargs,
     )
 
 
-def _local_inputs(trainer, batch, rows, world):
-    """``compute_loss``'s inputs and keywords for ``rows`` of a global batch, the loss
-    divided by the global count of trained tokens over the world size (the averaged
-    gradients are then the global batch's). DistillationTrainer: the first 4 positions
-    are the prompt, the rest the completion (trained where labelled); TRL's
-    ``compute_loss`` takes the global count from the batch and divides it itself."""
-    from opsd_kernels.integrations.trl_distillation import FusedDistillationTrainer
+def _local_inputs(mode, batch, rows, world):
+    """``compute_loss``'s inputs and keywords for ``rows`` of a global batch.
 
+    GKD: the loss divided by the global count of trained tokens over the world size (the
+    averaged gradients are then the global batch's). DistillationTrainer: the first 4
+    positions are the prompt, the rest the completion (trained where labelled); TRL's
+    ``compute_loss`` takes the global count from the batch and divides it itself. SDFT:
+    the same split, the teacher's prompt the student's reversed (another context); TRL's
+    per-sequence then batch mean (equal local batches: the ranks' mean is the global one).
+    """
     ids, mask, labels = batch
-    if isinstance(trainer, FusedDistillationTrainer):
-        inputs = dict(
-            prompt_ids=ids[:, :4],
-            prompt_mask=mask[:, :4],
-            completion_ids=ids[:, 4:],
-            completion_mask=(labels[:, 4:] != -100).long(),
+    if _kind(mode) == "gkd":
+        n = (labels[:, 1:] != -100).sum().double() / world
+        inputs = dict(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows])
+        return inputs, dict(num_items_in_batch=n)
+    inputs = dict(
+        prompt_ids=ids[:, :4],
+        prompt_mask=mask[:, :4],
+        completion_ids=ids[:, 4:],
+        completion_mask=(labels[:, 4:] != -100).long(),
+    )
+    if _kind(mode) == "sdft":
+        inputs["teacher_input_ids"] = torch.cat([ids[:, :4].flip(1), ids[:, 4:]], dim=1)
+        inputs["teacher_attention_mask"] = torch.cat(
+            [torch.ones_like(ids[:, :4]), inputs["completion_mask"]], dim=1
         )
-        total = inputs["completion_mask"].sum().double()
-        return {**{k: v[rows] for k, v in inputs.items()}, "num_items_in_batch": total}, {}
-    n = (labels[:, 1:] != -100).sum().double() / world
-    inputs = dict(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows])
-    return inputs, dict(num_items_in_batch=n)
+    local = {k: v[rows] for k, v in inputs.items()}
+    if _kind(mode) == "distillation":
+        local["num_items_in_batch"] = inputs["completion_mask"].sum().double()
+    return local, {}
 
 
-def _run(trainer, model, batches, rows, world, backward, step) -> list[float]:
+def _run(mode, trainer, model, batches, rows, world, backward, step) -> list[float]:
     """Two steps of the trainer's loss on ``rows`` of each global batch; returns the
     global losses (the ranks' mean)."""
+    trainer.current_gradient_accumulation_steps = 1  # set by the train loop otherwise
     losses = []
     for batch in batches:
-        inputs, kwargs = _local_inputs(trainer, batch, rows, world)
+        inputs, kwargs = _local_inputs(mode, batch, rows, world)
         loss = trainer.compute_loss(model, inputs, **kwargs)
         backward(loss)
         step()
@@ -182,8 +224,8 @@ def _fsdp2_case(mode, tok_dir, folder, vocab, pad):
 
     student = _model(vocab, pad, 0)
     teacher = _model(vocab, pad, 1, hidden=_teacher_hidden(mode))
-    trainer = _trainer(tok_dir, student, teacher, folder, mode.endswith("_distillation"))
-    for model in (student, trainer.teacher_model):
+    trainer = _trainer(tok_dir, student, teacher, folder, mode)
+    for model in {id(m): m for m in (student, trainer.teacher_model)}.values():
         for layer in model.model.layers:
             fully_shard(layer)
         if mode != "fsdp2_root":
@@ -197,7 +239,8 @@ def _fsdp2_case(mode, tok_dir, folder, vocab, pad):
         opt.zero_grad()
 
     rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-    losses = _run(trainer, student, _batches(vocab), rows, WORLD, lambda x: x.backward(), step)
+    batches = _batches(vocab)
+    losses = _run(mode, trainer, student, batches, rows, WORLD, lambda x: x.backward(), step)
     return losses, _full_state(student)
 
 
@@ -205,7 +248,7 @@ def _zero3_case(mode, tok_dir, folder, vocab, pad):
     import deepspeed
 
     student, teacher = _model(vocab, pad, 0), _model(vocab, pad, 1)
-    trainer = _trainer(tok_dir, student, teacher, folder, mode == "zero3_distillation")
+    trainer = _trainer(tok_dir, student, teacher, folder, mode)
     config = {
         "train_micro_batch_size_per_gpu": BATCH // WORLD,
         "gradient_accumulation_steps": 1,
@@ -214,12 +257,13 @@ def _zero3_case(mode, tok_dir, folder, vocab, pad):
     }
     opt = torch.optim.SGD(student.parameters(), lr=LR)
     engine, *_ = deepspeed.initialize(model=student, optimizer=opt, config=config)
-    teacher_engine, *_ = deepspeed.initialize(model=trainer.teacher_model, config=config)
-    trainer.teacher_model = teacher_engine
+    if trainer.teacher_model is not student:  # SDFT's live teacher is the student
+        teacher_engine, *_ = deepspeed.initialize(model=trainer.teacher_model, config=config)
+        trainer.teacher_model = teacher_engine
     assert student.lm_head.weight.numel() == 0  # partitioned
     rank = torch.distributed.get_rank()
     rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-    losses = _run(trainer, engine, _batches(vocab), rows, WORLD, engine.backward, engine.step)
+    losses = _run(mode, trainer, engine, _batches(vocab), rows, WORLD, engine.backward, engine.step)
     state = {}
     for name, p in student.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
@@ -299,8 +343,7 @@ def _single_process(mode, folder):
     vocab, pad = len(tok), tok.pad_token_id
     student = _model(vocab, pad, 0)
     teacher = _model(vocab, pad, 1, hidden=_teacher_hidden(mode))
-    distillation = mode.endswith("_distillation")
-    trainer = _trainer(folder / "tok", student, teacher, folder / "single", distillation)
+    trainer = _trainer(folder / "tok", student, teacher, folder / "single", mode)
     opt = torch.optim.SGD(student.parameters(), lr=LR)
 
     def step():
@@ -310,15 +353,23 @@ def _single_process(mode, folder):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        losses = _run(
-            trainer, student, _batches(vocab), slice(None), 1, lambda x: x.backward(), step
-        )
+        batches = _batches(vocab)
+        losses = _run(mode, trainer, student, batches, slice(None), 1, lambda x: x.backward(), step)
     finally:
         torch.set_num_threads(threads)
     return losses, _full_state(student), _model(vocab, pad, 0).state_dict()
 
 
-@pytest.mark.parametrize("mode", MODES)
+ZERO3_SDFT = pytest.mark.xfail(
+    strict=True,
+    reason="FusedSDFTTrainer under ZeRO-3 with the student as its own teacher: the updates "
+    "differ (about half); the trainer refuses ZeRO-3 until the cause is found",
+)
+
+
+@pytest.mark.parametrize(
+    "mode", [pytest.param(m, marks=ZERO3_SDFT) if m == "zero3_sdft" else m for m in MODES]
+)
 def test_two_sharded_processes_match_one_process(sharded_runs, mode):
     if mode.startswith("zero3") and not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed")
@@ -342,6 +393,26 @@ def test_trl_forward_redirection_is_where_we_expect_it():
     outer, inner = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     outer.forward = lambda *a, **k: inner(*a, **k)  # a wrapper that calls its module
     assert redirect(outer, inner, lambda x: json.dumps(x), [1]) == "[1]"
+
+
+def test_sdft_refuses_zero3_at_construction():
+    """What ``zero3_sdft`` measures, users are kept from: SDFT/SDPO refuse an accelerate
+    DeepSpeed ZeRO-3 setup (stage 1/2 and no DeepSpeed pass)."""
+    pytest.importorskip("trl.experimental.sdft")
+    from types import SimpleNamespace
+
+    from opsd_kernels.integrations.trl_sdft import _refuse_zero3
+
+    def trainer(enabled, stage):
+        state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage))
+        return SimpleNamespace(
+            accelerator=SimpleNamespace(state=state), is_deepspeed_enabled=enabled
+        )
+
+    with pytest.raises(ValueError, match="does not support DeepSpeed ZeRO-3"):
+        _refuse_zero3(trainer(True, 3))
+    _refuse_zero3(trainer(True, 2))
+    _refuse_zero3(trainer(False, 3))
 
 
 if __name__ == "__main__":

@@ -201,35 +201,6 @@ def _fused_stats_kernel(
             BLOCK_V,
             BLOCK_K,
         )
-        m_s_old = m_s
-        z_s_old = z_s
-        m_s, z_s, rescale_s, shift_s = online_logsumexp_update_rows(m_s, z_s, b)
-        m_t, z_t, rescale_t, shift_t = online_logsumexp_update_rows(m_t, z_t, a)
-        # probabilities up to each row's factor (eliminated by the compiler where unused)
-        p_s = tl.exp(b - shift_s[:, None])
-        p_t = tl.exp(a - shift_t[:, None])
-        if ONE_PASS:
-            if KIND == 0:
-                w = rescale_sum(w, rescale_t) + tl.sum(weighted_log_ratio(p_t, a, b), axis=1)
-            else:
-                w = rescale_sum(w, rescale_s) + tl.sum(weighted_log_ratio(p_s, b, a), axis=1)
-        if STATS:
-            # the student entropy: ent = sum e^(b - m) (b - m) follows the running max m
-            # as e^(b - m') (b - m') = e^(m - m') e^(b - m) ((b - m) + (m - m'))
-            moved = tl.where(z_s_old > 0, (m_s_old - shift_s) * z_s_old, 0.0)
-            ent = rescale_s * (ent + moved) + tl.sum(
-                tl.where(p_s == 0, 0.0, p_s * (b - shift_s[:, None])), axis=1
-            )
-        if KEEP_SUMS:  # "entry_keep", forward/reverse KL
-            # the sums over the whole vocabulary of pS^2 and pS g that "entry_keep" needs
-            # (the terms pass subtracts the clipped entries' share)
-            r2 = rescale_s * rescale_s
-            p2 = p_s * p_s
-            q2 = q2 * r2 + tl.sum(p2, axis=1)
-            if KIND == 0:  # sum pS pT = sum e^(b - m_S) e^(a - m_T) / (z_S z_T)
-                x2 = x2 * (rescale_s * rescale_t) + tl.sum(p_s * p_t, axis=1)
-            else:  # sum pS^2 (b - a); sum pS g follows with the LSEs
-                x2 = rescale_sum(x2, r2) + tl.sum(weighted_log_ratio(p2, b, a), axis=1)
         # the tile's extreme scaled logits over its counted tokens: skip and clip bounds
         counted = row_ok[:, None]
         tl.store(
@@ -250,6 +221,36 @@ def _fused_stats_kernel(
                 tmin_t_ptr + tile_out + vb,
                 tl.min(tl.min(tl.where(inside, a, float("inf")), axis=1), axis=0),
             )
+        m_s_old = m_s
+        z_s_old = z_s
+        m_s, z_s, rescale_s, shift_s = online_logsumexp_update_rows(m_s, z_s, b)
+        m_t, z_t, rescale_t, shift_t = online_logsumexp_update_rows(m_t, z_t, a)
+        # probabilities up to each row's factor (eliminated by the compiler where unused);
+        # each tile temporary is read by consecutive sums and then dies (registers)
+        p_s = tl.exp(b - shift_s[:, None])
+        if ONE_PASS:
+            if KIND == 0:
+                p_t = tl.exp(a - shift_t[:, None])
+                w = rescale_sum(w, rescale_t) + tl.sum(weighted_log_ratio(p_t, a, b), axis=1)
+                if KEEP_SUMS:  # sum pS pT = sum e^(b - m_S) e^(a - m_T) / (z_S z_T)
+                    x2 = x2 * (rescale_s * rescale_t) + tl.sum(p_s * p_t, axis=1)
+            else:
+                term = weighted_log_ratio(p_s, b, a)
+                w = rescale_sum(w, rescale_s) + tl.sum(term, axis=1)
+                if KEEP_SUMS:  # sum pS^2 (b - a) over finite a (+inf: a = -inf, left out)
+                    x2 = x2 * (rescale_s * rescale_s) + tl.sum(
+                        tl.where(term < float("inf"), p_s * term, 0.0), axis=1
+                    )
+        if STATS:
+            # the student entropy: ent = sum e^(b - m) (b - m) follows the running max m
+            # as e^(b - m') (b - m') = e^(m - m') e^(b - m) ((b - m) + (m - m'))
+            moved = tl.where(z_s_old > 0, (m_s_old - shift_s) * z_s_old, 0.0)
+            ent = rescale_s * (ent + moved) + tl.sum(
+                tl.where(p_s == 0, 0.0, p_s * (b - shift_s[:, None])), axis=1
+            )
+        if KEEP_SUMS:  # "entry_keep", forward/reverse KL: sum over the whole vocabulary of
+            # pS^2 (and of pS g above); the terms pass subtracts the clipped entries' share
+            q2 = q2 * (rescale_s * rescale_s) + tl.sum(p_s * p_s, axis=1)
     out = split.to(tl.int64) * N + rows
     tl.store(m_s_ptr + out, m_s, mask=in_range)
     tl.store(z_s_ptr + out, z_s, mask=in_range)
@@ -269,7 +270,7 @@ def _fused_stats_kernel(
     {
         **INPUT_FLAGS,
         "HAS_TODO": lambda a: a["todo_ptr"] is not None,
-        "HAS_CORR": lambda a: a["corr_ptr"] is not None,
+        "HAS_CORR": lambda a: a["finite_ptr"] is not None,
         "STATS": lambda a: a["clip_stats_ptr"] is not None,
     }
 )
@@ -284,11 +285,9 @@ def _fused_terms_kernel(
     mask_ptr,
     lse_s_ptr,
     lse_t_ptr,
-    top_t_ptr,
     loss_ptr,
     g_sum_ptr,
-    corr_ptr,
-    g_corr_ptr,
+    finite_ptr,
     keep_sums_ptr,
     clip_stats_ptr,
     clipped_map_ptr,
@@ -344,25 +343,21 @@ def _fused_terms_kernel(
     vb_hi = tl.minimum(vb_lo + blocks_per_split, n_vblocks)
     loss = tl.zeros((BLOCK_N,), tl.float32)
     G = tl.zeros((BLOCK_N,), tl.float32)
-    corr = tl.zeros((BLOCK_N,), tl.float32)
-    g_corr = tl.zeros((BLOCK_N,), tl.float32)
-    # KEEP: over the unclipped entries U of the computed tiles, sum pS, pS g, pS^2 and
-    # (HAS_CORR) the same over the clipped entries C
-    u1 = tl.zeros((BLOCK_N,), tl.float32)
-    u2 = tl.zeros((BLOCK_N,), tl.float32)
-    u3 = tl.zeros((BLOCK_N,), tl.float32)
-    c1 = tl.zeros((BLOCK_N,), tl.float32)
-    c2 = tl.zeros((BLOCK_N,), tl.float32)
-    c3 = tl.zeros((BLOCK_N,), tl.float32)
-    # STATS: teacher mass, count and teacher top-1 among the clipped entries
+    # HAS_CORR (forward/reverse KL): rows with a finite unclipped loss take corrections
+    # (loss, G: sums of c(phi) - phi and g kept - g), the others whole sums
+    finite = tl.zeros((BLOCK_N,), tl.int1)
+    if HAS_CORR:
+        finite = tl.load(finite_ptr + rows, mask=in_range, other=0) != 0
+    # KEEP: sum pS, pS g, pS^2 over the unclipped entries U (every tile is computed), or
+    # with HAS_CORR over the clipped entries C of the computed tiles (pS g only where the
+    # teacher logit is finite: the stats pass's sum leaves the others out too)
+    k1 = tl.zeros((BLOCK_N,), tl.float32)
+    k2 = tl.zeros((BLOCK_N,), tl.float32)
+    k3 = tl.zeros((BLOCK_N,), tl.float32)
+    # STATS: among the clipped entries, the teacher mass, their count and the largest pT
     mass = tl.zeros((BLOCK_N,), tl.float32)
     n_clipped = tl.zeros((BLOCK_N,), tl.float32)
     top1 = tl.zeros((BLOCK_N,), tl.float32)
-    top_t = lse_t
-    if STATS:
-        top_t = tl.load(top_t_ptr + rows, mask=in_range, other=0.0)
-        # the recompute may differ from the stats pass in the last bit (another kernel)
-        top_t = top_t - 1e-6 * tl.abs(top_t)
     for vb in range(vb_lo, vb_hi):
         compute = True
         if HAS_TODO:
@@ -407,49 +402,56 @@ def _fused_terms_kernel(
                 b, a, lse_s, lse_t, beta, log_beta, log_1m_beta, clip, KIND, HAS_CLIP
             )
             inside = col_ok[None, :]
-            loss += tl.sum(tl.where(inside, c_phi, 0.0), axis=1)
-            G += tl.sum(tl.where(inside, g, 0.0), axis=1)
-            if HAS_CLIP:
-                # only clipped entries (not phi < clip, as in the g kept) differ
+            # each tile temporary is read by consecutive sums and then dies (registers)
+            if HAS_CORR:  # only clipped entries (not phi < clip, as in the g kept) differ:
+                # c(phi) - phi = clip - phi and g kept - g = -g there
+                whole = inside & ~finite[:, None]
                 clipped = inside & ~(phi < clip)
-                if HAS_CORR:
-                    corr += tl.sum(tl.where(clipped, c_phi - phi, 0.0), axis=1)
-                    g_corr += tl.sum(tl.where(clipped, g - g_all, 0.0), axis=1)
+                fix = clipped & finite[:, None]
+                loss += tl.sum(tl.where(whole, c_phi, tl.where(fix, clip - phi, 0.0)), axis=1)
+                G += tl.sum(tl.where(whole, g, tl.where(fix, -g_all, 0.0)), axis=1)
+            else:
+                loss += tl.sum(tl.where(inside, c_phi, 0.0), axis=1)
+                G += tl.sum(tl.where(inside, g, 0.0), axis=1)
+            if HAS_CLIP:
+                clipped = inside & ~(phi < clip)
+                row_clipped = tl.sum(clipped.to(tl.float32), axis=1)  # (folded where unused)
+                if STATS:  # teacher mass, count and largest teacher probability clipped
+                    pT_c = tl.where(clipped, pT, 0.0)
+                    mass += tl.sum(pT_c, axis=1)
+                    top1 = tl.maximum(top1, tl.max(pT_c, axis=1))
+                    n_clipped += row_clipped
                 if KEEP:
-                    kept = inside & (phi < clip)
-                    u1 += tl.sum(tl.where(kept, pS, 0.0), axis=1)
-                    u2 += tl.sum(tl.where(kept, pS * g_all, 0.0), axis=1)
-                    u3 += tl.sum(tl.where(kept, pS * pS, 0.0), axis=1)
                     if HAS_CORR:
-                        c1 += tl.sum(tl.where(clipped, pS, 0.0), axis=1)
-                        c2 += tl.sum(tl.where(clipped, pS * g_all, 0.0), axis=1)
-                        c3 += tl.sum(tl.where(clipped, pS * pS, 0.0), axis=1)
-                    # tiles holding a clipped entry of a counted token: never skipped
-                    # by the backward (their clipped entries' gradient is mu)
-                    hit = tl.max(tl.max((clipped & row_ok[:, None]).to(tl.int32), axis=1), 0)
-                    tl.store(
-                        clipped_map_ptr + pid_n.to(tl.int64) * n_vblocks + vb, hit.to(tl.uint8)
-                    )
-                if STATS:
-                    mass += tl.sum(tl.where(clipped, pT, 0.0), axis=1)
-                    n_clipped += tl.sum(clipped.to(tl.float32), axis=1)
-                    is_top = clipped & (a >= top_t[:, None])
-                    top1 = tl.maximum(top1, tl.max(is_top.to(tl.float32), axis=1))
+                        part_of = clipped
+                    else:
+                        part_of = inside & (phi < clip)
+                    # pS g over finite g only (+inf: reverse KL against a -inf teacher
+                    # logit, always clipped; the stats pass leaves it out too)
+                    if KIND == 1:
+                        part_of_g = part_of & (g_all < float("inf"))
+                    else:
+                        part_of_g = part_of
+                    k2 += tl.sum(tl.where(part_of_g, pS * g_all, 0.0), axis=1)
+                    k1 += tl.sum(tl.where(part_of, pS, 0.0), axis=1)
+                    k3 += tl.sum(tl.where(part_of, pS * pS, 0.0), axis=1)
+                    if not HAS_CORR:
+                        # tiles holding a clipped entry of a counted token: never skipped by
+                        # the backward (their clipped entries' gradient is mu); forward and
+                        # reverse KL use the clip test's map instead (a superset)
+                        hit = tl.max(tl.where(row_ok, row_clipped, 0.0), axis=0) > 0
+                        tl.store(
+                            clipped_map_ptr + pid_n.to(tl.int64) * n_vblocks + vb,
+                            hit.to(tl.uint8),
+                        )
     out = split.to(tl.int64) * N + rows
     part = n_splits * N
     tl.store(loss_ptr + out, loss, mask=in_range)
     tl.store(g_sum_ptr + out, G, mask=in_range)
-    if HAS_CORR:
-        tl.store(corr_ptr + out, corr, mask=in_range)
-        tl.store(g_corr_ptr + out, g_corr, mask=in_range)
     if KEEP:
-        tl.store(keep_sums_ptr + out, u1, mask=in_range)
-        tl.store(keep_sums_ptr + part + out, u2, mask=in_range)
-        tl.store(keep_sums_ptr + 2 * part + out, u3, mask=in_range)
-        if HAS_CORR:
-            tl.store(keep_sums_ptr + 3 * part + out, c1, mask=in_range)
-            tl.store(keep_sums_ptr + 4 * part + out, c2, mask=in_range)
-            tl.store(keep_sums_ptr + 5 * part + out, c3, mask=in_range)
+        tl.store(keep_sums_ptr + out, k1, mask=in_range)
+        tl.store(keep_sums_ptr + part + out, k2, mask=in_range)
+        tl.store(keep_sums_ptr + 2 * part + out, k3, mask=in_range)
     if STATS:
         tl.store(clip_stats_ptr + out, mass, mask=in_range)
         tl.store(clip_stats_ptr + part + out, n_clipped, mask=in_range)
@@ -470,8 +472,9 @@ class ForwardStats:
     #: clip_mode "entry_keep": (N,) float32 mu, the gradient (times tau / upstream factor)
     #: of a clipped entry
     mu: torch.Tensor | None = None
-    #: (token blocks, vocab blocks) bool, "entry_keep": tiles holding a clipped entry of a
-    #: counted token (the backward never skips them)
+    #: (token blocks, vocab blocks) bool, "entry_keep": the tiles holding a clipped entry of
+    #: a counted token (forward/reverse KL: the clip test's tiles, a superset); the
+    #: backward never skips them
     clipped_tiles: torch.Tensor | None = None
     #: (N,) bool, clip_mode "token": the tokens that receive a gradient (the mask's tokens
     #: whose loss is not clipped); None: the forward's mask
@@ -685,7 +688,7 @@ def fused_forward(
             g_sum = loss + 1.0
     mu = clipped_map = clip_stats = None
     if not one_pass or entry_clip:
-        todo = corr = g_corr = None
+        todo = finite_rows = None
         if one_pass:  # clip: recompute only the tiles that may clip (exact test)
             todo = clip_tiles(
                 spec.kind_id, clip, lse_s, lse_t, tmax_s, tmax_t, tmin_s, tmin_t, BN, mask
@@ -693,21 +696,23 @@ def fused_forward(
             finite = torch.isfinite(loss)
             full_block = block_extreme((~finite).to(torch.float32), BN, mask, True) > 0
             todo = (todo | full_block[:, None]).to(torch.uint8)
-            corr, g_corr = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
+            finite_rows = finite.to(torch.uint8)
         part_loss, part_g = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
-        keep_part = torch.empty(6 if one_pass else 3, splits, N, **f32) if keep else None
-        if keep:
-            clipped_map = torch.zeros(n_blocks, n_vblocks, dtype=torch.uint8, device=dev)
+        keep_part = torch.empty(3, splits, N, **f32) if keep else None
+        if keep:  # jsd: written by the pass; forward/reverse KL: the tiles that may clip
+            clipped_map = (
+                todo
+                if one_pass
+                else torch.zeros(n_blocks, n_vblocks, dtype=torch.uint8, device=dev)
+            )
         want_clip_stats = want_stats and entry_clip
         clip_stats = torch.empty(3, splits, N, **f32) if want_clip_stats else None
         _fused_terms_kernel[grid](
             lse_s_ptr=lse_s,
             lse_t_ptr=lse_t,
-            top_t_ptr=m_t.amax(0) if want_clip_stats else None,
             loss_ptr=part_loss,
             g_sum_ptr=part_g,
-            corr_ptr=corr,
-            g_corr_ptr=g_corr,
+            finite_ptr=finite_rows,
             keep_sums_ptr=keep_part,
             clip_stats_ptr=clip_stats,
             clipped_map_ptr=clipped_map,
@@ -716,17 +721,17 @@ def fused_forward(
             **inputs,
         )
         if one_pass:
-            loss = torch.where(finite, loss + corr.sum(0), part_loss.sum(0))
-            g_sum = torch.where(finite, g_sum + g_corr.sum(0), part_g.sum(0))
+            part_loss, part_g = part_loss.sum(0), part_g.sum(0)  # corrections where finite
+            loss = torch.where(finite, loss + part_loss, part_loss)
+            g_sum = torch.where(finite, g_sum + part_g, part_g)
         else:
             loss, g_sum = part_loss.sum(0), part_g.sum(0)
         if keep:
-            u = keep_part.sum(1)  # (3 or 6, N): sums over U (then C) of the computed tiles
-            if one_pass:  # U = everything (stats pass) - C, except where the block was
-                # recomputed whole for an infinite row (then U directly)
+            u = keep_part.sum(1)  # (3, N): sums over U (jsd) or C (forward/reverse KL)
+            if one_pass:  # U = everything (stats pass) - C
                 all_sums = _keep_totals(spec.kind_id, keep_all, m_s, m_t, shift_s, shift_t,
                                         zs_tot, zt_tot, lse_s, lse_t)  # fmt: skip
-                u = torch.where(finite, all_sums - u[3:], u[:3])
+                u = all_sums - u
             u1, u2, u3 = u
             mu = torch.where(u1 > 0, (u2 - g_sum * u3) / u1, torch.zeros_like(u1))
     elif tile_counts is not None:
@@ -745,7 +750,13 @@ def fused_forward(
         if entry_clip:
             stats[:, TEACHER_CLIPPED_MASS] = clip_stats[0].sum(0)
             stats[:, CLIPPED_ENTRIES] = clip_stats[1].sum(0)
-            stats[:, TEACHER_TOP1_CLIPPED] = clip_stats[2].amax(0)
+            # the teacher's top-1 is clipped where the largest clipped pT is its largest pT
+            # (from its largest logit, less a margin: the terms pass's recompute may differ
+            # from the stats pass in the last bits)
+            top_t = m_t.amax(0)
+            top_p = torch.exp(top_t - 1e-6 * top_t.abs() - lse_t)
+            top1 = (clip_stats[2].amax(0) >= top_p) & (clip_stats[1].sum(0) > 0)
+            stats[:, TEACHER_TOP1_CLIPPED] = top1.to(torch.float32)
         elif token_clip:
             hit = token_clipped.to(torch.float32)
             stats[:, TEACHER_CLIPPED_MASS] = hit
@@ -762,7 +773,9 @@ def fused_forward(
 def _keep_totals(kind_id, keep_all, m_s, m_t, shift_s, shift_t, zs_tot, zt_tot, lse_s, lse_t):
     """(3, N): the sums over the whole vocabulary of pS (1), pS g and pS^2, from the stats
     pass's per-split sums e^(2 (b - m_S)) and (forward KL) e^(b - m_S) e^(a - m_T) or
-    (reverse KL) e^(2 (b - m_S)) (b - a)."""
+    (reverse KL) e^(2 (b - m_S)) (b - a). Entries with a -inf teacher logit are left out of
+    sum pS g (reverse KL's g is +inf there; such an entry is always clipped, never in U,
+    and the terms pass leaves it out of the clipped sum too)."""
     d_s = m_s - shift_s
     q2 = (keep_all[0] * torch.exp(2 * d_s)).sum(0)
     sum_p2 = q2 / (zs_tot * zs_tot)
@@ -770,6 +783,6 @@ def _keep_totals(kind_id, keep_all, m_s, m_t, shift_s, shift_t, zs_tot, zt_tot, 
         x = (keep_all[1] * torch.exp(d_s + (m_t - shift_t))).sum(0)
         sum_pg = -x / (zs_tot * zt_tot)
     else:  # g = pS (lS - lT + 1), lS - lT = (b - a) - (LSE_S - LSE_T)
-        w2 = _rescale_sum(keep_all[1], 2 * d_s).sum(0)
+        w2 = (keep_all[1] * torch.exp(2 * d_s)).sum(0)
         sum_pg = (w2 - (lse_s - lse_t - 1.0) * q2) / (zs_tot * zs_tot)
     return torch.stack((torch.ones_like(sum_p2), sum_pg, sum_p2))
