@@ -28,7 +28,10 @@ from opsd_kernels.integrations.trl_sdft import (  # noqa: E402
     vocab_sweep,
 )
 from opsd_kernels.memory import PeakMemory  # noqa: E402
-from opsd_kernels.reference import divergence_reference  # noqa: E402
+from opsd_kernels.reference import (  # noqa: E402
+    divergence_reference,
+    topk_divergence_reference,
+)
 from opsd_train.tiny import CHAT_TEMPLATE, build_tiny_model, build_tokenizer  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*experimental.*")
@@ -565,15 +568,92 @@ def test_topk_token_clip_against_float64_formula(tok, tmp_path, monkeypatch):
         _assert_same(_loss_grads(fused, inputs), _loss_grads(stock, inputs))
 
 
-def test_topk_clip_mode_refused_without_kernel_support(tmp_path):
-    """A clip mode the top-k kernel does not take fails at construction."""
-    with pytest.raises(ValueError, match="the top-k kernel takes"):
-        _config(
-            FusedSDFTConfig,
-            tmp_path,
-            distillation_clip=0.1,
-            distillation_clip_mode="entry_keep" if _TOPK_CLIP_MODES else "token",
+def test_topk_clip_modes_follow_the_kernel(tmp_path):
+    """topk_logits takes the clip modes the top-k kernel takes; any other fails at
+    construction."""
+    supported = trl_sdft._topk_clip_modes()
+    assert "entry" in supported
+    for mode in trl_sdft.CLIP_MODES:
+        opts = dict(distillation_clip=0.1, distillation_clip_mode=mode)
+        if mode in supported:
+            assert _config(FusedSDFTConfig, tmp_path, **opts).distillation_clip_mode == mode
+        else:
+            with pytest.raises(ValueError, match="the top-k kernel takes"):
+                _config(FusedSDFTConfig, tmp_path, **opts)
+
+
+def _reference_topk_loss(clip, clip_mode, seen):
+    """TRL's student-top-k loss replaced by
+    :func:`opsd_kernels.reference.topk_divergence_reference` with OPSD's clip, on TRL's
+    support (the student's top-k, the teacher's log-probs there; TRL's logits are already
+    divided by the temperature); the reference's statistics go to ``seen``."""
+
+    def compute(student_logits, teacher_logits, *, distillation_topk, distillation_alpha,
+                distillation_add_tail):  # fmt: skip
+        kind = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(distillation_alpha, "jsd")
+        ids = student_logits.detach().topk(distillation_topk, dim=-1).indices
+        lt = teacher_logits.log_softmax(-1).gather(-1, ids)
+        loss, stats = topk_divergence_reference(
+            student_logits,
+            ids,
+            lt,
+            kind=kind,
+            beta=distillation_alpha if kind == "jsd" else 0.5,
+            tail="bucket" if distillation_add_tail else "renormalize",
+            clip=clip,
+            clip_mode=clip_mode,
+            reduction="none",
+            return_stats=True,
         )
+        seen.append(stats)
+        return loss
+
+    return compute
+
+
+@pytest.mark.parametrize(
+    "mode, clip_mode, clip",
+    [
+        ("topk_tail_fkl", "entry", 0.02),
+        ("topk_tail_fkl", "entry_keep", 0.02),
+        ("topk_renorm", "token", 0.004),
+        ("topk_renorm", "entry_keep", 0.001),
+    ],
+)
+def test_topk_clip_modes_and_stats(tok, tmp_path, monkeypatch, mode, clip_mode, clip):
+    """Every clip mode the top-k kernel takes, through TRL's pipeline against the float64
+    reference; the logged statistics against the reference's (when the kernel returns
+    them)."""
+    if clip_mode not in trl_sdft._topk_clip_modes():
+        pytest.skip(f"the top-k kernel does not take clip_mode={clip_mode!r}")
+    stock, fused = _pair(
+        tok,
+        tmp_path,
+        _model(tok),
+        opsd=dict(distillation_clip=clip, distillation_clip_mode=clip_mode),
+        **MODES[mode],
+    )
+    inputs = _batch(fused)
+    unclipped = _loss_grads(stock, inputs)
+    seen = []
+    monkeypatch.setattr(
+        sdft.sdft_trainer,
+        "compute_topk_self_distillation_loss",
+        _reference_topk_loss(clip, clip_mode, seen),
+    )
+    ref = _loss_grads(stock, inputs)
+    g, g0 = ref[1]["lm_head.weight"], unclipped[1]["lm_head.weight"]
+    assert (g - g0).abs().max() > 1e-3 * g0.abs().max()  # the clip bites
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _assert_same(_loss_grads(fused, inputs), ref)
+    if trl_sdft._topk_returns_stats():
+        (stats,) = seen
+        mask = fused._loss_mask(inputs).double()
+        for name in ("student_entropy", "teacher_clipped_mass", "clipped_entries"):
+            want = (getattr(stats, name).double() * mask).sum() / mask.sum()
+            got = fused._metrics["train"][f"sdft/{name}"]
+            assert got == pytest.approx([float(want)], rel=1e-6), name
 
 
 def test_stats_can_be_switched_off(tok, tmp_path):

@@ -72,7 +72,7 @@ TRL's behaviour):
 
 Refused at construction: a negative or zero clip, a clip with ``"sampled_token"`` (one
 token's log-ratio has no vocabulary entries to clip), a clip mode the top-k kernel does not
-take with ``"topk_logits"`` (``"entry_keep"``), a loss temperature apart from the
+take with ``"topk_logits"``, a loss temperature apart from the
 sampling one with the teacher server (vLLM scores at the sampling temperature), an lm_head
 the kernels cannot read (no linear output layer). Scalar logit multipliers (Cohere,
 Granite) are folded into the hidden states; Gemma 2's ``final_logit_softcapping`` is
@@ -86,7 +86,7 @@ a separate teacher's body inside the teacher's, and every read of an lm_head goe
 against 1, ``tests/test_trl_sharded.py``); DeepSpeed ZeRO-3 is refused at construction
 (that test measures wrong updates with the student as its own teacher; cause open).
 
-Per step (``full_logits``; ``topk_logits`` once the top-k kernel returns them), TRL's
+Per step (``full_logits``; ``topk_logits`` where the top-k kernel returns them), TRL's
 metrics dict gets the kernels' per-token statistics (means over the loss tokens):
 ``<name>/student_entropy``, ``<name>/teacher_clipped_mass``, ``<name>/clipped_entries``,
 ``<name>/teacher_top1_clipped`` (the share of tokens whose teacher top-1 entry was
