@@ -120,7 +120,10 @@ def test_fused_linear(benchmark, bench_cfg, device, shape, impl, mode, weight):
     loss_fn = _loss_fn(impl, bench_cfg, bench_cfg.compile_chunk, shape.softcap)
     if impl in harness.CHECKED_IMPLS:
         clip = None if impl in harness.NO_CLIP else bench_cfg.clip
-        _check_against_naive(loss_fn, h_s, h_t, w, bench_cfg, softcap=shape.softcap, clip=clip)
+        try:
+            _check_against_naive(loss_fn, h_s, h_t, w, bench_cfg, softcap=shape.softcap, clip=clip)
+        except NotImplementedError as exc:  # an impl that refuses an option (e.g. the cap)
+            pytest.skip(f"impl={impl} refuses these options: {exc}")
 
     def fn():
         loss = loss_fn(h_s, h_t, w)

@@ -384,11 +384,13 @@ def _shown(algo: str, key: str) -> bool:
     divergence and whatever the clip and entropy statistics are called (OPSD)."""
     if key == "loss":
         return True
-    length = key == "rollout_len" or key.endswith("mean_length")  # ours; TRL's completions/
+    if key in ("rollout_len", "completions/mean_length"):  # the old trainer's; TRL's
+        return algo != "sft"
     if algo == "grpo":
-        return length or "reward" in key
-    if algo == "opsd":
-        return length or key == "divergence" or "clip" in key or "entropy" in key
+        return key == "reward"
+    if algo == "opsd":  # not TRL's completions/clipped_ratio: rollouts cut at the length cap
+        clip_stat = "clip" in key and not key.startswith("completions/")
+        return key == "divergence" or clip_stat or "entropy" in key
     return False
 
 

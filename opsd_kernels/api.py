@@ -114,7 +114,8 @@ def divergence(
             logits ``x`` before the temperature: ``z = softcap * tanh(logit_scale * x /
             softcap)`` (Gemma 2's final soft-capping: ``softcap=30``), or
             ``logit_scale * x`` with ``softcap=None`` (default). Gradients are with
-            respect to the raw logits.
+            respect to the raw logits. Under a cap a ``-inf`` logit becomes ``-softcap``
+            (``tanh(-inf) = -1``): a finite logit, as in the capped model itself.
         teacher_logit_scale, teacher_softcap: the teacher's transform; ``"same"``
             (default) takes the student's values (``teacher_softcap=None`` leaves a
             teacher uncapped beside a capped student).

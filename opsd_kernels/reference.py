@@ -251,8 +251,9 @@ def topk_divergence_reference(
     softcap: float | None = None,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
+    return_stats: bool = False,
     dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
+):
     """Naive top-k-teacher divergence (see :func:`opsd_kernels.topk_divergence`).
 
     Straight from the formulas, on the full student log-softmax (N x V):
@@ -262,8 +263,11 @@ def topk_divergence_reference(
     student ``rS`` = the student's mass outside the ids; ``tail="renormalize"``:
     ``q = pT / sum pT`` and ``u = pS / sum_I pS``. The student's logits go through
     the transform (``logit_scale``, ``softcap``) first; ``clip_mode`` "entry" clips each
-    outcome's term, "token" the row sum. Arithmetic in ``dtype``; differentiable in
-    ``student_logits`` by autograd. Assumes valid teacher input.
+    outcome's term, "token" the row sum, "entry_keep" is "entry" with the student gradient
+    of each clipped outcome's vocabulary entries replaced (:class:`_KeepClippedEntries`
+    over the vocabulary). Arithmetic in ``dtype``; differentiable in
+    ``student_logits`` by autograd. Assumes valid teacher input. ``return_stats``: also
+    the per-token statistics (their top-k definitions: :func:`opsd_kernels.topk_divergence`).
 
     >>> s = torch.randn(3, 6)
     >>> lp, ids = torch.log_softmax(s, -1).topk(2, dim=-1)
@@ -279,50 +283,97 @@ def topk_divergence_reference(
         valid = valid & mask.unsqueeze(-1)
     ids = torch.where(valid, ids, torch.zeros_like(ids))
     zero = torch.zeros((), dtype=dtype)
-    lS_full = torch.log_softmax(_transform(s, logit_scale, softcap) / temperature, dim=-1)
-    lS = lS_full.gather(-1, ids)
-    pT = torch.where(valid, lt.exp(), zero)
-    lT = torch.where(valid, lt, zero)
-    if tail == "bucket":
-        in_ids = torch.zeros(s.shape, dtype=torch.long).scatter_add(-1, ids, valid.long()) > 0
-        empty = in_ids.all(-1)  # the ids cover the vocabulary: no rest outcome
-        rest = torch.where(in_ids | empty.unsqueeze(-1), -math.inf, lS_full)
-        lrS = torch.where(empty, -math.inf, torch.logsumexp(rest, dim=-1))
-        rT = torch.where(empty, zero, torch.clamp(1 - pT.sum(-1), min=0))
-        lT = torch.cat([lT, rT.log().unsqueeze(-1)], -1)
-        lS = torch.cat([lS, lrS.unsqueeze(-1)], -1)
-        valid = torch.cat([valid, ~empty.unsqueeze(-1)], -1)
-    elif tail == "renormalize":
-        pS = torch.where(valid, lS.exp(), zero)
-        one = torch.ones((), dtype=dtype)
-        # padding: a placeholder 1 inside the log, so the unused branch has a finite gradient
-        lT = torch.where(
-            valid, (torch.where(valid, pT, one) / pT.sum(-1, keepdim=True)).log(), zero
-        )
-        lS = torch.where(
-            valid, (torch.where(valid, pS, one) / pS.sum(-1, keepdim=True)).log(), zero
-        )
-    else:
+    if tail not in ("bucket", "renormalize"):
         raise ValueError(f"tail must be 'bucket' or 'renormalize', got {tail!r}")
-    # padding outcomes: finite placeholders (so autograd sees no NaN), then dropped
-    lT = torch.where(valid, lT, zero)
-    lS = torch.where(valid, lS, zero)
+    ids_valid, lt_ids = valid, lt
+    in_ids = torch.zeros(s.shape, dtype=torch.long).scatter_add(-1, ids, valid.long()) > 0
+    empty = in_ids.all(-1)  # the ids cover the vocabulary: no rest outcome
+
+    def outcomes(z):
+        """The outcomes' ``(lT, lS, valid, lS_full)`` from the student's transformed logits."""
+        lS_full = torch.log_softmax(z / temperature, dim=-1)
+        lS = lS_full.gather(-1, ids)
+        pT = torch.where(ids_valid, lt.exp(), zero)
+        lT = torch.where(ids_valid, lt, zero)
+        valid = ids_valid
+        if tail == "bucket":
+            rest = torch.where(in_ids | empty.unsqueeze(-1), -math.inf, lS_full)
+            lrS = torch.where(empty, -math.inf, torch.logsumexp(rest, dim=-1))
+            rT = torch.where(empty, zero, torch.clamp(1 - pT.sum(-1), min=0))
+            lT = torch.cat([lT, rT.log().unsqueeze(-1)], -1)
+            lS = torch.cat([lS, lrS.unsqueeze(-1)], -1)
+            valid = torch.cat([valid, ~empty.unsqueeze(-1)], -1)
+        else:
+            pS = torch.where(valid, lS.exp(), zero)
+            one = torch.ones((), dtype=dtype)
+            # padding: a placeholder 1 inside the log, so the unused branch has a finite
+            # gradient
+            lT = torch.where(
+                valid, (torch.where(valid, pT, one) / pT.sum(-1, keepdim=True)).log(), zero
+            )
+            lS = torch.where(
+                valid, (torch.where(valid, pS, one) / pS.sum(-1, keepdim=True)).log(), zero
+            )
+        # padding outcomes: finite placeholders (so autograd sees no NaN), then dropped
+        return torch.where(valid, lT, zero), torch.where(valid, lS, zero), valid, lS_full
+
+    z = _transform(s, logit_scale, softcap)
+    if clip is not None and clip_mode == "entry_keep":
+        # each vocabulary entry is clipped with its outcome (an id; the complement for the
+        # bucket's rest); the mean is over the unclipped entries, weighted by pS (renormalize:
+        # over the ids only, whose pS are proportional to u)
+        with torch.no_grad():
+            lT0, lS0, valid0, lS_full0 = outcomes(z)
+            clipped = valid0 & ~(_pointwise(kind, lT0, lS0, beta) < clip)
+            K = ids.shape[-1]
+            entries = (
+                torch.zeros(s.shape, dtype=torch.long).scatter_add(
+                    -1, ids, (clipped[..., :K] & ids_valid).long()
+                )
+                > 0
+            )
+            weight = lS_full0.exp()
+            if tail == "bucket":
+                entries = entries | (~in_ids & clipped[..., K:])
+            else:
+                weight = torch.where(in_ids, weight, zero)
+        z = _KeepClippedEntries.apply(z, entries, weight)
+    lT, lS, valid, lS_full = outcomes(z)
     phi = _pointwise(kind, lT, lS, beta)
-    if clip is not None and clip_mode == "entry":
+    stats = None
+    if return_stats:
+        with torch.no_grad():
+            # the student's entropy: full distribution (bucket), over the ids (renormalize)
+            lS_ent = lS_full if tail == "bucket" else torch.where(valid, lS, -math.inf)
+            p_ent = lS_ent.exp()
+            entropy = -torch.where(p_ent == 0, zero, p_ent * lS_ent).sum(-1)
+            unclipped = torch.where(valid, phi, zero).sum(-1)
+            if clip is None:
+                clipped = torch.zeros_like(valid)
+            elif clip_mode == "token":
+                clipped = valid & ~(unclipped < clip).unsqueeze(-1)
+            else:
+                clipped = valid & ~(phi < clip)
+            mass = torch.where(clipped, lT.exp(), zero).sum(-1)
+            if clip is not None and clip_mode == "token":
+                mass = clipped.any(-1).to(dtype)  # 1, not a rounded sum
+            K = ids_valid.shape[-1]
+            lt_top = torch.where(ids_valid, lt_ids, -math.inf)
+            top1 = ids_valid & (lt_top == lt_top.amax(-1, keepdim=True))
+            top1_clipped = (clipped[..., :K] & top1).any(-1)
+            count = clipped.sum(-1)
+            if mask is not None:
+                entropy, mass = entropy * mask, mass * mask
+                count, top1_clipped = count * mask, top1_clipped & mask
+            stats = DivergenceStats(entropy, mass, count.to(torch.int32), top1_clipped)
+    if clip is not None and clip_mode in ("entry", "entry_keep"):
         phi = torch.clamp(phi, max=clip)
     per_token = torch.where(valid, phi, zero).sum(-1)
     if clip is not None and clip_mode == "token":
         per_token = torch.clamp(per_token, max=clip)
-    elif clip is not None and clip_mode != "entry":
-        raise ValueError(f"clip_mode must be 'entry' or 'token' for top-k, got {clip_mode!r}")
-    if mask is not None:
-        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-    if reduction == "none":
-        return per_token
-    if reduction == "sum":
-        return per_token.sum()
-    count = max(per_token.numel(), 1) if mask is None else mask.sum().clamp(min=1)
-    return per_token.sum() / count
+
+    loss = _reduce(per_token, mask, reduction)
+    return loss if stats is None else (loss, stats)
 
 
 def fused_linear_topk_divergence_reference(

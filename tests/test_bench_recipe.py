@@ -133,3 +133,15 @@ def test_quick_recipe_on_the_tiny_model(recipe, tiny_dir, tmp_path):
         assert f"| {name} |" in text
     assert f"pass@1 after {q.eval_every} / {q.steps} steps" in text
     assert f"![held-out accuracy against generated tokens]({png.name})" in text
+
+
+def test_table_notes_pick_the_clip_statistics(recipe):
+    """OPSD rows show the divergence and the clip statistics, whatever the trainer calls
+    them, but not TRL's completions/clipped_ratio (rollouts cut at the length cap)."""
+    shown = recipe._shown
+    assert shown("opsd", "divergence") and shown("opsd", "loss")
+    assert shown("opsd", "self_distillation/teacher_clipped_mass")
+    assert shown("opsd", "student_entropy") and shown("opsd", "completions/mean_length")
+    assert not shown("opsd", "completions/clipped_ratio") and not shown("opsd", "grad_norm")
+    assert shown("grpo", "reward") and not shown("grpo", "reward_std")
+    assert not shown("sft", "rollout_len") and not shown("sft", "divergence")

@@ -407,3 +407,50 @@ def test_topk_rows_student_transform_with_inf_logits(tail, mode):
     assert_close(y.grad, x.grad, torch.float32, "grad")
     if mode == "token":  # some rows capped, some not
         assert 0 < (ref[mask] == kw["clip"]).sum() < mask.sum()
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("mode", [None, "entry", "token", "entry_keep"])
+def test_topk_rows_stats_and_entry_keep(tail, mode):
+    """The Triton top-k rows' statistics (and "entry_keep"'s gradient) against the float64
+    reference, with a cap and -inf student logits (complement and ids)."""
+    from opsd_kernels import topk_divergence
+    from opsd_kernels.reference import topk_divergence_reference
+    from tests.option_helpers import assert_stats_close
+
+    gen = torch.Generator().manual_seed(70 + len(tail) + [None, "entry", "token"].count(mode))
+    N, V, K = 7, 131, 6
+    s = torch.randn(N, V, generator=gen) * 5
+    s[0, 7] = float("-inf")
+    t_lp = torch.log_softmax(s + torch.randn(N, V, generator=gen) * 2, -1)
+    lp, ids = t_lp.topk(K, dim=-1)
+    lp[3, -1] = float("-inf")  # padding
+    mask = make_mask((N,), seed=4, p=0.8)
+    kw = dict(kind="forward_kl", tail=tail, temperature=0.9, logit_scale=1.2, softcap=6.0)
+    if mode == "token":
+        free = topk_divergence_reference(s, ids, lp, mask=mask, reduction="none", **kw)
+        kw.update(clip=float(free[mask].median()) * 1.0001, clip_mode=mode)
+    elif mode is not None:
+        kw.update(clip=0.03, clip_mode=mode)
+    x = s.clone().requires_grad_(True)
+    ref, ref_stats = topk_divergence_reference(
+        x, ids, lp, mask=mask, reduction="none", return_stats=True, **kw
+    )
+    ref.sum().backward()
+    y = s.clone().to(DEVICE).requires_grad_(True)
+    got, stats = topk_divergence(
+        y,
+        ids.to(DEVICE),
+        lp.to(DEVICE),
+        mask=mask.to(DEVICE),
+        reduction="none",
+        impl="triton",
+        return_stats=True,
+        **kw,
+    )
+    got.sum().backward()
+    assert_close(got, ref, torch.float32, "loss")
+    assert_close(y.grad, x.grad, torch.float32, "grad")
+    assert_stats_close(stats, ref_stats, torch.float32, f"top-k {tail} {mode}")
+    if mode is not None:
+        assert (ref_stats.clipped_entries[mask] > 0).any()

@@ -235,6 +235,17 @@ def test_matches_stock_trainer(tok, tmp_path, mode, teacher):
     )
 
 
+def test_ema_teacher(tok, tmp_path):
+    """teacher_model_kind='ema': TRL's separate EMA copy (rebuilt from the model's folder),
+    read through its own lm_head."""
+    stock, fused = _pair(
+        tok, tmp_path, _saved_student(tok, tmp_path), teacher_model_kind="ema", **MODES["full_fkl"]
+    )
+    assert fused.teacher_model is not fused.model
+    inputs = _batch(fused)
+    _assert_same(_loss_grads(fused, inputs), _loss_grads(stock, inputs))
+
+
 @pytest.mark.parametrize("mode", ["full_fkl", "topk_tail_fkl"])
 def test_base_teacher_with_lora_and_tied_embeddings(tok, tmp_path, mode):
     """teacher_model_kind='base' with a LoRA student: the teacher is the model with its
@@ -256,6 +267,39 @@ def test_base_teacher_with_lora_and_tied_embeddings(tok, tmp_path, mode):
     ours = _loss_grads(fused, inputs)
     assert all("lora" in n for n in ours[1])
     _assert_same(ours, ref)
+
+
+def _gemma2(tok, cap=5.0):
+    """A tiny Gemma 2 whose ``final_logit_softcapping`` bends these logits."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=cap,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    model = transformers.Gemma2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model.double()
+
+
+@pytest.mark.parametrize("mode", ["full_jsd_T", "topk_tail_fkl", "sampled_skip_T"])
+def test_gemma2_soft_cap_matches_stock(tok, tmp_path, mode):
+    """Gemma 2's final_logit_softcapping: applied by the kernels and the chunked sweeps
+    (top-k support, log-probs, importance-sampling ratio)."""
+    stock, fused = _pair(tok, tmp_path, _gemma2(tok), **MODES[mode])
+    assert fused.model.config.final_logit_softcapping == 5.0
+    inputs = _batch(fused)
+    ref = _loss_grads(stock, inputs)
+    assert abs(ref[0]) > 1e-6
+    _assert_same(_loss_grads(fused, inputs), ref)
 
 
 def _server_answer(trainer, inputs, k):
@@ -521,14 +565,14 @@ def test_topk_token_clip_against_float64_formula(tok, tmp_path, monkeypatch):
         _assert_same(_loss_grads(fused, inputs), _loss_grads(stock, inputs))
 
 
-@pytest.mark.skipif(_TOPK_CLIP_MODES, reason="the top-k kernel takes clip modes")
 def test_topk_clip_mode_refused_without_kernel_support(tmp_path):
-    with pytest.raises(ValueError, match="clips per entry only"):
+    """A clip mode the top-k kernel does not take fails at construction."""
+    with pytest.raises(ValueError, match="the top-k kernel takes"):
         _config(
             FusedSDFTConfig,
             tmp_path,
             distillation_clip=0.1,
-            distillation_clip_mode="token",
+            distillation_clip_mode="entry_keep" if _TOPK_CLIP_MODES else "token",
         )
 
 
@@ -766,8 +810,8 @@ def test_trainer_errors(tok, tmp_path):
     """An lm_head the kernels cannot read fails at construction; so do OPSD options set on
     a plain SDFTConfig by hand."""
     model = _model(tok)
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    model.lm_head = torch.nn.Identity()
+    with pytest.raises(ValueError, match="no linear lm_head"):
         FusedSDFTTrainer(
             model=model,
             args=_config(FusedSDFTConfig, tmp_path),
@@ -911,3 +955,91 @@ def test_peak_memory_at_qwen3_vocabulary(tok, tmp_path):
         )
     assert growth[False] > 3 * per_tensor, growth
     assert growth[True] < 0.1 * per_tensor, growth
+
+
+# ------------------------------------------------------------------ DDP, 2 processes
+
+DDP_WORLD, DDP_ROWS = 2, 4
+
+
+def _ddp_grads(world: int, rank: int, norm: str) -> dict:
+    """One compute_loss + backward of FusedSDFTTrainer on this rank's rows of a fixed
+    4-row batch with unequal completion lengths, through accelerate's DDP wrapper when
+    ``world`` is 2 (the loss then runs inside DDP's forward: gradients averaged)."""
+    tok = build_tokenizer()
+    vocab = len(tok)
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(vocab_size=vocab, tie_word_embeddings=False, **SMALL)
+    ).double()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    import tempfile
+
+    trainer = FusedSDFTTrainer(
+        model=model,
+        args=_config(
+            FusedSDFTConfig,
+            tempfile.mkdtemp(),
+            distillation_mode="full_logits",
+            distillation_alpha=0.0,
+            distillation_normalization=norm,
+            per_device_train_batch_size=DDP_ROWS // world,
+            num_generations=1,
+        ),
+        train_dataset=_data(),
+        processing_class=tok,
+    )
+    batch = _hand_batch(vocab, batch=DDP_ROWS, width=8, seed=1)
+    batch["completion_mask"][0, 3:] = 0
+    batch["completion_mask"][3, 5:] = 0
+    batch["teacher_attention_mask"][:, -8:] = batch["completion_mask"]
+    rows = slice(rank * DDP_ROWS // world, (rank + 1) * DDP_ROWS // world)
+    wrapped = trainer.accelerator.prepare_model(trainer.model) if world > 1 else trainer.model
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.compute_loss(wrapped, {k: v[rows] for k, v in batch.items()})
+    loss.backward()
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    """2 gloo processes (DDP through accelerate) against 1 on the same global batch: the
+    same gradients for 'token' (the step's token count gathered over processes: the ranks
+    hold 11 and 13 loss tokens) and 'sequence' normalisation."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(DDP_WORLD)]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+    cmd += ["-m", "tests.test_trl_sdft", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    for norm in ("token", "sequence"):
+        ddp = torch.load(tmp_path / f"{norm}.pt")
+        single = _ddp_grads(1, 0, norm)
+        assert ddp.keys() == single.keys()
+        for name, g in single.items():
+            err = (ddp[name] - g).abs().max() / g.abs().max()
+            assert err < 1e-12, f"{norm} {name}: {err}"
+
+
+if __name__ == "__main__":  # the DDP workers: python -m torch.distributed.run ... FOLDER
+    import os
+    import pathlib
+    import sys
+
+    _rank = int(os.environ["RANK"])
+    for _norm in ("token", "sequence"):
+        _grads = _ddp_grads(int(os.environ["WORLD_SIZE"]), _rank, _norm)
+        if _rank == 0:
+            torch.save(_grads, pathlib.Path(sys.argv[1]) / f"{_norm}.pt")
+    torch.distributed.destroy_process_group()

@@ -177,6 +177,24 @@ def test_clip_against_float64_formula(tok, tmp_path, monkeypatch):  # noqa: F811
     assert fused._metrics["train"]["sdpo/clipped_entries"][0] > 0
 
 
+def test_teacher_chat_template_kwargs_wrap_sdpos_builder(tok, tmp_path):  # noqa: F811
+    """teacher_chat_template_kwargs with SDPO's own teacher builder: the batch builds (the
+    builder's other attributes reach TRL through the wrapper) and the student's kwargs
+    are restored."""
+    _, fused = _pair(
+        tok,
+        tmp_path,
+        _model(tok),
+        opsd=dict(teacher_chat_template_kwargs={"think": True}),
+        chat_template_kwargs={"think": False},
+        **MODES["full_fkl"],
+    )
+    batch = _batch(fused)
+    assert "teacher_input_ids" in batch
+    assert fused.chat_template_kwargs == {"think": False}
+    assert fused._metrics["train"]["self_distillation/reprompt_sample_fraction"]
+
+
 def test_train_runs(tok, tmp_path):  # noqa: F811
     """trainer.train() with TRL's default bf16 mixed precision and both terms."""
     model = build_tiny_model(tok, 0, **SMALL)

@@ -66,14 +66,17 @@ TRL's behaviour):
 - ``teacher_topk`` (False): with ``distillation_mode="topk_logits"``, the support is the
   local TEACHER's top-``distillation_topk`` (this project's ``--teacher-topk`` convention,
   and what TRL's server mode does) instead of the student's.
+- ``distillation_stats`` (True): log the kernels' per-token statistics (below).
 - ``fused_loss_kwargs``: kernel settings (``impl``, ``chunk_size``; full_logits also
   ``fp32_weight_grad``, ``skip_threshold``).
 
 Refused at construction: a negative or zero clip, a clip with ``"sampled_token"`` (one
-token's log-ratio has no vocabulary entries to clip), a loss temperature apart from the
+token's log-ratio has no vocabulary entries to clip), a clip mode the top-k kernel does not
+take with ``"topk_logits"`` (``"entry_keep"``), a loss temperature apart from the
 sampling one with the teacher server (vLLM scores at the sampling temperature), an lm_head
-the kernels cannot read (no linear output layer, ``final_logit_softcapping``: this module's
-vocabulary sweeps apply no cap).
+the kernels cannot read (no linear output layer). Scalar logit multipliers (Cohere,
+Granite) are folded into the hidden states; Gemma 2's ``final_logit_softcapping`` is
+applied by the kernels and the sweeps (the teacher's cap its own).
 
 Sharded models, as the GKD/GOLD integrations: the loss runs inside the student's forward
 (TRL's ``_ForwardRedirection`` through the wrapper, or the ``fully_shard`` model itself),
@@ -83,10 +86,11 @@ a separate teacher's body inside the teacher's, and every read of an lm_head goe
 against 1, ``tests/test_trl_sharded.py``); DeepSpeed ZeRO-3 is refused at construction
 (that test measures wrong updates; cause open).
 
-Per step, with a clip, TRL's metrics dict gets the kernels' per-token statistics (means
-over the loss tokens): ``<name>/student_entropy``, ``<name>/teacher_clipped_mass``,
-``<name>/clipped_entries``, ``<name>/teacher_top1_clipped`` (the share of tokens whose
-teacher top-1 entry was clipped). A warning, once per trainer, names the numbers when
+Per step (``full_logits``; ``topk_logits`` once the top-k kernel returns them), TRL's
+metrics dict gets the kernels' per-token statistics (means over the loss tokens):
+``<name>/student_entropy``, ``<name>/teacher_clipped_mass``, ``<name>/clipped_entries``,
+``<name>/teacher_top1_clipped`` (the share of tokens whose teacher top-1 entry was
+clipped). A warning, once per trainer, names the numbers when
 ``clip_mode="entry"`` clips the teacher's top-1 entry on more than
 :data:`CLIP_WARNING_SHARE` (10%) of the loss tokens: on those tokens the loss pushes the
 student away from the teacher's choice.
@@ -94,6 +98,7 @@ student away from the teacher's choice.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -103,9 +108,11 @@ from typing import Any
 import torch
 
 from .. import config as _config
+from .. import topk as _topk_module
 from ..api import fused_linear_divergence
+from ..divergences import transform_logits
 from ..gemm import compute_dtype, linear_logits
-from ..hf import CausalLMHead, causal_lm_backbone, causal_lm_head
+from ..hf import causal_lm_backbone, causal_lm_head
 from ..topk import fused_linear_topk_divergence
 
 try:
@@ -117,7 +124,7 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
         "opsd_kernels.integrations.trl_sdft needs TRL (>= 1.16): pip install trl"
     ) from e
 
-from ._heads import gathered_lm_head, route_through
+from ._heads import LMHead, gathered_lm_head, route_through
 from .trl import _FusedLossMixin
 
 __all__ = [
@@ -165,16 +172,22 @@ TRL_PRIVATE_ATTRIBUTES = (
 )
 
 
-def lm_head_of(model) -> CausalLMHead:
-    """The lm_head ``(weight, bias, logit_scale)`` of an unwrapped (or PEFT) causal LM,
-    whole: an FSDP2 or ZeRO-3 sharded head is gathered, its gradient flowing back to the
-    shards (:func:`opsd_kernels.integrations._heads.gathered_lm_head`; call it inside the
-    model's forward). Every read of an lm_head in this module goes through here. Raises
-    ``ValueError`` for a head the kernels cannot read (no linear output layer;
-    ``final_logit_softcapping``)."""
-    causal_lm_head(model)  # refuses final_logit_softcapping: vocab_sweep applies no cap
-    weight, bias, logit_scale, _ = gathered_lm_head(model)
-    return CausalLMHead(weight, bias, logit_scale)
+def lm_head_of(model) -> LMHead:
+    """The lm_head ``(weight, bias, logit_scale, softcap)`` of an unwrapped (or PEFT) causal
+    LM, whole for one step: the one place this module reads an lm_head. A sharded head
+    (FSDP2 ``DTensor``, DeepSpeed ZeRO-3) is gathered by
+    :func:`opsd_kernels.integrations._heads.gathered_lm_head`, its gradient flowing back to
+    the shards; call it inside the model's forward (:func:`~._heads.route_through`).
+    Under ``torch.no_grad`` (the teacher) nothing is recorded for autograd.
+    ``softcap`` is Gemma 2's ``final_logit_softcapping`` (applied by the kernels).
+
+    Raises ``ValueError`` for a head the kernels cannot read (no linear output layer)."""
+    return gathered_lm_head(model)
+
+
+def _check_lm_head(model) -> None:
+    """At construction: the lm_head is one the kernels read (no gathering)."""
+    causal_lm_head(model, with_softcap=True)
 
 
 def _refuse_zero3(trainer) -> None:
@@ -193,10 +206,11 @@ def _refuse_zero3(trainer) -> None:
 
 def _completion_states(model, input_ids, attention_mask, width: int, head=None):
     """Final hidden states of the positions that predict the last ``width`` tokens
-    (TRL's ``logits[:, :-1][:, -width:]``), ``(B, width, H)``, with the lm_head (``head``,
-    ``lm_head_of(model)`` when None); scalar logit multipliers folded into the states and
-    bias (as :mod:`opsd_kernels.hf`)."""
-    weight, bias, scale = lm_head_of(model) if head is None else head
+    (TRL's ``logits[:, :-1][:, -width:]``), ``(B, width, H)``, with the lm_head's weight,
+    bias and soft cap (``head``, ``lm_head_of(model)`` when None); scalar logit multipliers
+    folded into the states and bias (as :mod:`opsd_kernels.hf`), so the logits are
+    ``softcap * tanh((h W^T + b) / softcap)``."""
+    weight, bias, scale, softcap = lm_head_of(model) if head is None else head
     body = causal_lm_backbone(model)
     out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -204,7 +218,7 @@ def _completion_states(model, input_ids, attention_mask, width: int, head=None):
     if scale != 1.0:
         hidden = hidden * scale
         bias = None if bias is None else bias * scale
-    return hidden, weight, bias
+    return hidden, weight, bias, softcap
 
 
 @torch.no_grad()
@@ -218,6 +232,7 @@ def vocab_sweep(
     ids: torch.Tensor | None = None,
     vocab_slice: int = 32768,
     token_chunk: int | None = None,
+    softcap: float | None = None,
 ):
     """One pass over vocabulary slices of ``z = (hidden @ weight.T + bias) / temperature``,
     never more than ``token_chunk x vocab_slice`` logits at a time (no gradient).
@@ -228,6 +243,7 @@ def vocab_sweep(
         ids: None or (N, K) int64: also return ``z`` at these ids.
         vocab_slice, token_chunk: tile sizes (``token_chunk`` None: from
             ``opsd_kernels.config.chunk_memory_budget``).
+        softcap: None, or Gemma 2's cap: ``z = softcap * tanh(logits / softcap) / T``.
 
     Returns:
         ``(lse, top_values, top_ids, gathered)``: ``lse`` (N,) the log-sum-exp of ``z``;
@@ -269,7 +285,7 @@ def vocab_sweep(
         for v0 in range(0, V, vs):
             v1 = min(V, v0 + vs)
             z = linear_logits(h, weight[v0:v1], None if bias is None else bias[v0:v1])
-            z.div_(temperature)
+            z = transform_logits(z, 1.0, softcap).div_(temperature)
             run_lse = torch.logaddexp(run_lse, torch.logsumexp(z, dim=-1))
             if k:
                 sv, si = z.topk(min(k, v1 - v0), dim=-1)
@@ -297,6 +313,34 @@ _FULL_KERNEL_PARAMS = frozenset(inspect.signature(fused_linear_divergence).param
 
 def _accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
+
+
+def _topk_clip_modes() -> tuple:
+    """The clip modes :func:`fused_linear_topk_divergence` takes."""
+    if not _accepts(fused_linear_topk_divergence, "clip_mode"):
+        return ("entry",)
+    return getattr(_topk_module, "TOPK_CLIP_MODES", CLIP_MODES)
+
+
+@functools.cache
+def _topk_returns_stats() -> bool:
+    """Whether :func:`fused_linear_topk_divergence` returns per-token statistics (a 1 x 1
+    probe: the kernel refuses ``return_stats`` with ``NotImplementedError`` before any
+    work while top-k statistics do not exist)."""
+    if not _accepts(fused_linear_topk_divergence, "return_stats"):
+        return False
+    try:
+        fused_linear_topk_divergence(
+            torch.zeros(1, 1),
+            torch.zeros(2, 1),
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.zeros(1, 1),
+            reduction="none",
+            return_stats=True,
+        )
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _kind(alpha: float) -> tuple[str, float]:
@@ -328,16 +372,15 @@ def _check_opsd_options(cfg) -> None:
             f"distillation_clip_mode must be one of {CLIP_MODES}, "
             f"got {cfg.distillation_clip_mode!r}"
         )
-    topk_kernel = cfg.distillation_mode == "topk_logits"
     if (
         clip is not None
-        and topk_kernel
-        and cfg.distillation_clip_mode != "entry"
-        and not _accepts(fused_linear_topk_divergence, "clip_mode")
+        and cfg.distillation_mode == "topk_logits"
+        and cfg.distillation_clip_mode not in _topk_clip_modes()
     ):
         raise ValueError(
             f"distillation_clip_mode={cfg.distillation_clip_mode!r} with distillation_mode="
-            "'topk_logits': the top-k kernel clips per entry only ('entry')"
+            f"'topk_logits': the top-k kernel takes {_topk_clip_modes()} ('entry_keep' is "
+            "defined on a full-vocabulary teacher)"
         )
     if not isinstance(cfg.distillation_stats, bool):
         raise TypeError(f"distillation_stats must be a bool, got {cfg.distillation_stats!r}")
@@ -522,6 +565,8 @@ class _TeacherTemplates:
             trainer.chat_template_kwargs = saved
 
     def __getattr__(self, name):
+        if name.startswith("_"):  # not the builder's privates (and no recursion on copies)
+            raise AttributeError(name)
         return getattr(self._builder, name)
 
 
@@ -541,8 +586,8 @@ class _FusedSelfDistillation(_FusedLossMixin):
         self.fused_loss_kwargs = dict(self._opsd["fused_loss_kwargs"] or {})
         _refuse_zero3(self)
         # an lm_head the kernels cannot read fails here, not at the first step
-        causal_lm_head(self.accelerator.unwrap_model(self.model))
-        causal_lm_head(self.accelerator.unwrap_model(self.teacher_model))
+        _check_lm_head(self.accelerator.unwrap_model(self.model))
+        _check_lm_head(self.accelerator.unwrap_model(self.teacher_model))
         teacher_kwargs = self._opsd["teacher_chat_template_kwargs"]
         if teacher_kwargs is not None:
             self.teacher_context_builder = _TeacherTemplates(
@@ -579,9 +624,10 @@ class _FusedSelfDistillation(_FusedLossMixin):
         if self.use_teacher_server:
             server = self._server_teacher(inputs)
         student = self.accelerator.unwrap_model(model)
-        # through the wrapper's forward (DDP: gradient sync prepared; ZeRO-3 and an FSDP2
-        # root unit: parameters gathered)
-        terms = route_through(model, student, self._per_token_terms, student, inputs, server)
+        args = (student, inputs, server)
+        # inside the wrapper's forward (DDP: gradient sync prepared; ZeRO-3 and an FSDP2
+        # root unit: parameters gathered), as the GKD/GOLD integrations
+        terms = route_through(model, student, self._per_token_terms, *args)
         return self._reduce(model, inputs, *terms[:3])
 
     def _server_teacher(self, inputs) -> dict:
@@ -606,26 +652,25 @@ class _FusedSelfDistillation(_FusedLossMixin):
         mode = self.args.distillation_mode
         head = lm_head_of(student)  # gathered once (sharded), the teacher's too when shared
         with self._autocast_of(student)():
-            h_s, w_s, b_s = _completion_states(
+            h_s, w_s, b_s, c_s = _completion_states(
                 student,
                 torch.cat([prompt_ids, completion_ids], dim=1),
                 torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
                 width,
                 head,
             )
-        teacher_states, h_t, w_t, b_t = None, None, None, None
+        teacher_states, h_t, w_t, b_t, c_t = None, None, None, None, None
         if distill and server is None:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
-            # a separate teacher through its own wrapper (ZeRO-3, FSDP2: gathered); the
-            # student as its own teacher is already inside its forward
-            wrapper = None if teacher is student else self.teacher_model
             with (
                 torch.no_grad(),
                 self._get_teacher_context_for_self_distillation(),
                 self._autocast_of(teacher)(),
             ):
+                # a separate teacher's body inside its own wrapper's forward (ZeRO-3,
+                # FSDP2 gather there); the live teacher is the student, already inside
                 teacher_states = route_through(
-                    wrapper,
+                    None if teacher is student else self.teacher_model,
                     teacher,
                     _completion_states,
                     teacher,
@@ -644,7 +689,7 @@ class _FusedSelfDistillation(_FusedLossMixin):
         with torch.autocast(h_s.device.type, enabled=False):
             h_s = h_s.to(w_s.dtype)
             if teacher_states is not None:
-                h_t, w_t, b_t = teacher_states
+                h_t, w_t, b_t, c_t = teacher_states
                 h_t = h_t.to(h_s.device, w_t.dtype)
             if not distill:
                 pass
@@ -652,28 +697,32 @@ class _FusedSelfDistillation(_FusedLossMixin):
                 # the student's log-prob of each sampled token at lt, with gradient
                 shared = policy and lt == ts  # one pass serves the policy term too
                 sampled = self._sampled_logprobs(
-                    h_s, w_s, b_s, completion_ids, None if shared else mask, lt
+                    h_s, w_s, b_s, c_s, completion_ids, None if shared else mask, lt
                 )
                 if shared:
                     policy_logps = sampled
                 if server is None:
                     ids = completion_ids.reshape(-1, 1)
-                    lse, _, _, g = vocab_sweep(_rows(h_t), w_t.detach(), _detach(b_t), lt, ids=ids)
+                    lse, _, _, g = vocab_sweep(
+                        _rows(h_t), w_t.detach(), _detach(b_t), lt, ids=ids, softcap=c_t
+                    )
                     teacher_lp = (g[:, 0] - lse).view_as(sampled)
                 else:
                     teacher_lp = self._server_actual(server, mask)
                 per_token = (sampled - teacher_lp).detach() * sampled
             elif mode == "full_logits":
-                per_token, stats = self._full_logits(h_s, w_s, b_s, h_t, w_t, b_t, mask, lt)
+                per_token, stats = self._full_logits(
+                    (h_s, w_s, b_s, c_s), (h_t, w_t, b_t, c_t), mask, lt
+                )
             else:
                 if server is not None:
                     ids, lp = server["topk_token_ids"], server["topk_logprobs"]
                 else:
-                    ids, lp = self._topk_support(h_s, w_s, b_s, h_t, w_t, b_t, lt)
-                per_token, stats = self._topk(h_s, w_s, b_s, ids, lp, mask, lt)
+                    ids, lp = self._topk_support((h_s, w_s, b_s, c_s), (h_t, w_t, b_t, c_t), lt)
+                per_token, stats = self._topk(h_s, w_s, b_s, c_s, ids, lp, mask, lt)
             if policy and policy_logps is None:
                 # every completion position (TRL's policy term masks them itself)
-                policy_logps = self._sampled_logprobs(h_s, w_s, b_s, completion_ids, None, ts)
+                policy_logps = self._sampled_logprobs(h_s, w_s, b_s, c_s, completion_ids, None, ts)
             student_lp = None
             if need_is or server is not None:
                 if policy_logps is not None:
@@ -687,13 +736,14 @@ class _FusedSelfDistillation(_FusedLossMixin):
                         _detach(b_s),
                         ts,
                         ids=completion_ids.reshape(-1, 1),
+                        softcap=c_s,
                     )
                     student_lp = (g[:, 0] - lse).view(completion_ids.shape)
             if server is not None:
                 self._log_server_diff(student_lp, self._server_actual(server, mask), loss_mask)
         return per_token, student_lp, stats, policy_logps
 
-    def _sampled_logprobs(self, h, w, b, ids, mask, temperature):
+    def _sampled_logprobs(self, h, w, b, softcap, ids, mask, temperature):
         """log p_S(sampled token), (B, C), with gradient: ``-fused_linear_topk_divergence``
         with K = 1 and teacher log-prob 0 is ``-log p_S`` exactly."""
         nll = fused_linear_topk_divergence(
@@ -706,6 +756,7 @@ class _FusedSelfDistillation(_FusedLossMixin):
             temperature=temperature,
             mask=mask,
             reduction="none",
+            **_cap_kwargs(softcap),
             **self._kernel_kwargs(full=False),
         )
         return -nll
@@ -735,11 +786,14 @@ class _FusedSelfDistillation(_FusedLossMixin):
             kw["clip_mode"] = self._opsd["distillation_clip_mode"]
         return kw
 
-    def _full_logits(self, h_s, w_s, b_s, h_t, w_t, b_t, mask, lt):
+    def _full_logits(self, student, teacher_states, mask, lt):
+        (h_s, w_s, b_s, c_s), (h_t, w_t, b_t, c_t) = student, teacher_states
         kind, beta = _kind(self.args.distillation_alpha)
         teacher = {}
         if not (w_t is w_s and b_t is b_s):  # another lm_head (or a bias scaled anew)
             teacher = dict(teacher_weight=w_t.detach(), teacher_bias=_detach(b_t))
+        if c_s is not None or c_t is not None:
+            teacher.update(softcap=c_s, teacher_softcap=c_t)
         return self._with_stats(
             fused_linear_divergence,
             "return_stats" in _FULL_KERNEL_PARAMS,
@@ -774,26 +828,28 @@ class _FusedSelfDistillation(_FusedLossMixin):
             )
             return out, None
 
-    def _topk_support(self, h_s, w_s, b_s, h_t, w_t, b_t, lt):
+    def _topk_support(self, student, teacher_states, lt):
         """Local top-k support ``(ids, teacher log-probs)``, each (B, C, K): the student's
         top-k (TRL) or the teacher's (``teacher_topk``), from chunked vocabulary sweeps."""
+        (h_s, w_s, b_s, c_s), (h_t, w_t, b_t, c_t) = student, teacher_states
         k = self.args.distillation_topk
         lead = h_s.shape[:-1]
         w_t, b_t = w_t.detach(), _detach(b_t)
         if self._opsd["teacher_topk"]:
-            lse, top, ids, _ = vocab_sweep(_rows(h_t), w_t, b_t, lt, k=k)
+            lse, top, ids, _ = vocab_sweep(_rows(h_t), w_t, b_t, lt, k=k, softcap=c_t)
             lp = top - lse[:, None]
         else:
-            _, _, ids, _ = vocab_sweep(_rows(h_s.detach()), w_s.detach(), _detach(b_s), lt, k=k)
-            lse, _, _, g = vocab_sweep(_rows(h_t), w_t, b_t, lt, ids=ids)
+            hs = _rows(h_s.detach())
+            _, _, ids, _ = vocab_sweep(hs, w_s.detach(), _detach(b_s), lt, k=k, softcap=c_s)
+            lse, _, _, g = vocab_sweep(_rows(h_t), w_t, b_t, lt, ids=ids, softcap=c_t)
             lp = g - lse[:, None]
         return ids.view(*lead, k), lp.view(*lead, k)
 
-    def _topk(self, h_s, w_s, b_s, ids, lp, mask, lt):
+    def _topk(self, h_s, w_s, b_s, c_s, ids, lp, mask, lt):
         kind, beta = _kind(self.args.distillation_alpha)
         return self._with_stats(
             fused_linear_topk_divergence,
-            _accepts(fused_linear_topk_divergence, "return_stats"),
+            _topk_returns_stats(),
             h_s,
             w_s,
             ids,
@@ -805,6 +861,7 @@ class _FusedSelfDistillation(_FusedLossMixin):
             temperature=lt,
             mask=mask,
             reduction="none",
+            **_cap_kwargs(c_s),
             **self._clip_kwargs(),
             **self._kernel_kwargs(full=False),
         )
@@ -903,7 +960,7 @@ class _FusedSelfDistillation(_FusedLossMixin):
         model = self.accelerator.unwrap_model(self.model)
         width = completion_ids.size(1)
         with torch.no_grad(), self._autocast_of(model)():
-            h, w, b = route_through(  # through the wrapper: sharded parameters gathered
+            h, w, b, cap = route_through(  # through the wrapper: sharded parameters gathered
                 model if self.model_wrapped is None else self.model_wrapped,
                 model,
                 _completion_states,
@@ -913,8 +970,9 @@ class _FusedSelfDistillation(_FusedLossMixin):
                 width,
             )
         with torch.autocast(h.device.type, enabled=False):
+            ids = completion_ids.reshape(-1, 1)
             lse, _, _, g = vocab_sweep(
-                _rows(h.to(w.dtype)), w, b, self.temperature, ids=completion_ids.reshape(-1, 1)
+                _rows(h.to(w.dtype)), w, b, self.temperature, ids=ids, softcap=cap
             )
         return (g[:, 0] - lse).view(completion_ids.shape)
 
@@ -1040,6 +1098,11 @@ class _WithDefaults:
         if name in _OPSD_DEFAULTS:
             return getattr(self._args, name, _OPSD_DEFAULTS[name])
         return getattr(self._args, name)
+
+
+def _cap_kwargs(softcap: float | None) -> dict:
+    """The student's soft cap for the top-k kernel (none passed when there is none)."""
+    return {} if softcap is None else {"softcap": softcap}
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

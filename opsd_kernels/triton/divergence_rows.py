@@ -287,21 +287,34 @@ def clip_mode_id(opts: DivergenceOptions) -> int:
 
 
 def default_block_v(V: int, device: torch.device, heavy: bool = False) -> int:
-    """Vocabulary block: big enough to stream, small enough for registers.
-
-    ``heavy``: the launch carries more live values per entry (a logit transform, the
-    statistics, a clip mode other than "entry"; :func:`carries_options`): on CUDA
-    it gets half the block (8 entries per thread at 8 warps instead of 16), which
-    keeps its heaviest specialisation (JSD, both roles capped, "entry_keep", both
-    gradients, statistics) free of register spills for sm_90 under Triton 3.6 and 3.9
-    (tests/test_triton_compile.py)."""
+    """Vocabulary block: big enough to stream, small enough for registers (``heavy``: see
+    :func:`launch_config`)."""
     cap = (2048 if heavy else 4096) if device.type == "cuda" else 1024
     return max(16, min(cap, triton.next_power_of_2(V)))
 
 
+def launch_config(V: int, device: torch.device, opts: DivergenceOptions, heavy: bool) -> dict:
+    """Launch keywords ``BLOCK_V``, ``num_warps`` (and ``maxnreg``) of a row launch.
+
+    ``heavy``: the launch carries more live values per entry (a logit transform, the
+    statistics, a clip mode other than "entry"; :func:`carries_options`). On CUDA such
+    specialisations get 2048-wide blocks, 8 warps and ``maxnreg=128``: left to itself,
+    ptxas (sm_90) caps a 256-thread kernel at 64 registers for occupancy and spills
+    instead (Triton 3.6 and 3.9 alike; 4 warps or narrower blocks only move the spill to
+    another specialisation); with room for 128 it spills in none, at 2 CTAs (16 warps)
+    per SM, plenty for a streaming kernel. ``tests/test_triton_compile.py`` checks every
+    launch the options produce. ``opts`` is unused today (the rule is the same for every
+    kind) but is the place to specialise it."""
+    block = default_block_v(V, device, heavy)
+    config = dict(BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
+    if heavy and device.type == "cuda":
+        config["maxnreg"] = 128
+    return config
+
+
 def carries_options(opts: DivergenceOptions, stats: torch.Tensor | None) -> bool:
     """Whether a row launch compiles any of the round's options (see
-    :func:`default_block_v`): a logit transform, statistics, or a clip mode other than
+    :func:`launch_config`): a logit transform, statistics, or a clip mode other than
     "entry"."""
     clip_mode = "entry" if opts.clip is None else opts.clip_mode
     return opts.transforms_logits or stats is not None or clip_mode != "entry"
@@ -360,7 +373,9 @@ def divergence_rows_triton(
             f"stats must be a float32 ({R}, {NUM_STATS}) tensor, got "
             f"{stats.dtype} {tuple(stats.shape)}"
         )
-    block = block_v or default_block_v(V, student.device, carries_options(opts, stats))
+    config = launch_config(V, student.device, opts, carries_options(opts, stats))
+    if block_v is not None:
+        config["BLOCK_V"] = block_v
     _divergence_rows_kernel[(R,)](
         s_ptr=student,
         t_ptr=teacher,
@@ -381,7 +396,6 @@ def divergence_rows_triton(
         **option_args(opts),
         **transform_args(opts),
         CLIP_MODE=clip_mode_id(opts),
-        BLOCK_V=block,
-        num_warps=8 if block >= 2048 else 4,
+        **config,
     )
     return loss

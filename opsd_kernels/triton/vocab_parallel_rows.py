@@ -45,7 +45,7 @@ from .divergence_rows import (
     carries_options,
     check_rows_contiguous,
     clip_mode_id,
-    default_block_v,
+    launch_config,
 )
 from .formulas import (
     CLIP_ENTRY_KEEP,
@@ -270,7 +270,7 @@ def _launch(
     )
     if stats is not None and (stats.dtype != torch.float32 or stats.stride(1) != 1):
         raise ValueError("stats must be float32 with contiguous rows")
-    block = default_block_v(V, student.device, entropy or carries_options(opts, None))
+    config = launch_config(V, student.device, opts, entropy or carries_options(opts, None))
     _vocab_parallel_rows_kernel[(R,)](
         s_ptr=student,
         t_ptr=teacher,
@@ -294,8 +294,7 @@ def _launch(
         CLIP_MODE=clip_mode_id(opts),
         ENTROPY=entropy,
         HAS_MAX_T=phase == 1 and stats.shape[1] > MAX_T,
-        BLOCK_V=block,
-        num_warps=8 if block >= 2048 else 4,
+        **config,
     )
 
 
