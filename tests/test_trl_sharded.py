@@ -362,8 +362,8 @@ def _single_process(mode, folder):
 
 ZERO3_SDFT = pytest.mark.xfail(
     strict=True,
-    reason="FusedSDFTTrainer under ZeRO-3 with the student as its own teacher: the updates "
-    "differ (about half); the trainer refuses ZeRO-3 until the cause is found",
+    reason="FusedSDFTTrainer under ZeRO-3: the updates differ (about half; also with a "
+    "separate teacher copy); the trainer refuses ZeRO-3 until the cause is found",
 )
 
 

@@ -84,7 +84,7 @@ a separate teacher's body inside the teacher's, and every read of an lm_head goe
 :func:`lm_head_of`, which gathers it whole
 (:func:`opsd_kernels.integrations._heads.gathered_lm_head`). FSDP2 is tested (2 processes
 against 1, ``tests/test_trl_sharded.py``); DeepSpeed ZeRO-3 is refused at construction
-(that test measures wrong updates with the student as its own teacher; cause open).
+(that test measures wrong updates; cause open).
 
 Per step (``full_logits``; ``topk_logits`` where the top-k kernel returns them), TRL's
 metrics dict gets the kernels' per-token statistics (means over the loss tokens):
@@ -191,15 +191,16 @@ def _check_lm_head(model) -> None:
 
 
 def _refuse_zero3(trainer) -> None:
-    """DeepSpeed ZeRO-3 is refused: with the student as its own teacher (``live``), two
-    processes gave other parameter updates than one (about half of them) in
-    ``tests/test_trl_sharded.py`` (``zero3_sdft``, an expected failure), while GKD,
-    DistillationTrainer and FSDP2 (SDFT included) agree. Cause not found yet."""
+    """DeepSpeed ZeRO-3 is refused: two processes gave other parameter updates than one
+    (about half of them) in ``tests/test_trl_sharded.py`` (``zero3_sdft``, an expected
+    failure; also, checked once, with a separate copy of the student as the teacher),
+    while GKD, DistillationTrainer and FSDP2 (SDFT included) agree. Cause not found yet:
+    not the second use of the student's body, not the lm_head gather."""
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     if getattr(trainer, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3:
         raise ValueError(
             f"{type(trainer).__name__} does not support DeepSpeed ZeRO-3 yet (measured wrong "
-            "gradients with the student as its own teacher); use FSDP2 or ZeRO stage 1/2"
+            "updates in a 2-process test); use FSDP2 or ZeRO stage 1/2"
         )
 
 
