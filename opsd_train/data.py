@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = [
+    "extract_boxed",
     "Problem",
     "load_jsonl",
     "save_jsonl",
@@ -52,10 +54,33 @@ class Problem:
         return asdict(self)
 
 
-def _answer_from_solution(solution: str) -> str | None:
-    # Local import: evaluate imports nothing from here, so no cycle.
-    from .evaluate import extract_boxed
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``; ``None`` if
+    there is none or its braces never close.
+
+    >>> extract_boxed("no box") is None
+    True
+    >>> extract_boxed(r"\\boxed{a{b}c} and \\boxed{7")  # the last one is unclosed
+    'a{b}c'
+    """
+    starts = [m.end() for m in _BOX_RE.finditer(text)]
+    for start in reversed(starts):
+        depth = 1
+        for i in range(start, len(text)):
+            ch = text[i]
+            if ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[start:i]
+    return None
+
+
+def _answer_from_solution(solution: str) -> str | None:
     return extract_boxed(solution)
 
 

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
-from .data import Problem
+from .data import Problem, extract_boxed
 
 __all__ = [
     "extract_boxed",
@@ -51,33 +51,8 @@ __all__ = [
     "load_eval_jsonl",
     "EvalResult",
     "evaluate_problems",
+    "hf_generate",
 ]
-
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``; ``None`` if
-    there is none or its braces never close.
-
-    >>> extract_boxed("no box") is None
-    True
-    >>> extract_boxed(r"\\boxed{a{b}c} and \\boxed{7")  # the last one is unclosed
-    'a{b}c'
-    """
-    starts = [m.end() for m in _BOX_RE.finditer(text)]
-    for start in reversed(starts):
-        depth = 1
-        for i in range(start, len(text)):
-            ch = text[i]
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i]
-    return None
-
 
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
@@ -576,3 +551,50 @@ def evaluate_problems(
         per_problem=per_problem,
         checker=answer_checker() if check is is_correct else "custom",
     )
+
+
+def hf_generate(model, tokenizer) -> Callable[[list[list[int]], dict], list[list[int]]]:
+    """A ``generate(prompt_ids, sampling)`` for :func:`evaluate_problems` over
+    ``model.generate`` (left padding, KV cache, stop at EOS; the EOS is kept, padding is
+    dropped). The model is in eval mode while sampling and restored afterwards."""
+    import torch
+
+    pad = tokenizer.pad_token_id
+    eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos)
+
+    @torch.no_grad()
+    def generate(prompts: list[list[int]], sampling: dict) -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        kw = dict(sampling)
+        if not kw.get("do_sample"):
+            kw.update(temperature=None, top_p=None, top_k=None)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                pad_token_id=pad,
+                eos_token_id=eos,
+                use_cache=True,
+                **kw,
+            )
+        finally:
+            model.train(was_training)
+        rows = []
+        for row in out[:, width:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            row = row[:cut]
+            while row and row[-1] == pad and pad not in eos:
+                row.pop()
+            rows.append(row)
+        return rows
+
+    return generate

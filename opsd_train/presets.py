@@ -2,7 +2,7 @@
 values.
 
 A preset is a dict of option values (keys: :class:`~opsd_train.cli.RunConfig` and
-:class:`~opsd_train.trainer.TrainConfig` field names). :func:`apply_presets` puts them
+:class:`~opsd_train.recipes.TrainConfig` field names). :func:`apply_presets` puts them
 *under* the options given explicitly (flags or config-file keys), so any flag overrides a
 preset value; the effective values are what the run folder's ``config.json`` records.
 
