@@ -22,12 +22,14 @@ model's maximum positions (tokenizer and model config only), and only then the w
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import checkpoint as ckpt
 from .config import (
     ConfigError,
     add_arguments,
@@ -36,9 +38,14 @@ from .config import (
     flag_name,
     option,
     option_fields,
+    to_dict,
 )
 from .presets import EVAL_PRESET_OPTIONS, apply_presets, preset_names
 
+_RUN, _DATA, _EVAL, _MEM = (
+    functools.partial(option, group=g)
+    for g in ("run", "model and data", "evaluation and checkpoints", "memory and speed")
+)
 __all__ = ["main", "build_parser", "load_config_file", "RunConfig", "parse_options"]
 
 
@@ -47,118 +54,54 @@ class RunConfig:
     """The run's model, data and folder (every field is one ``opsd-train`` flag; the
     training settings are :class:`~opsd_train.recipes.TrainConfig`'s)."""
 
-    config: str | None = option(
-        None,
-        "JSON/TOML/YAML file of options (keys: the flag names with underscores)",
-        group="run",
-    )
-    out: str | None = option(
-        None,
-        "run folder (default runs/opsd-demo for the demo, runs/opsd otherwise)",
-        group="run",
-    )
-    resume: str | None = option(
-        None,
-        "checkpoint folder to resume from, or 'latest': the "
-        "newest complete checkpoint in --out (a fresh start if "
-        "there is none)",
-        group="run",
-    )
-    threads: int | None = option(None, "torch CPU threads", low=1, group="run")
-    preset: str | None = option(
-        None,
-        "the paper's run in one flag: qwen3-1.7b, qwen3-4b or "
-        "qwen3-8b (model, LoRA r64/alpha128, 100 steps, thinking "
-        "flags, clip, grad norm 0.1, LR schedule, --eval-preset "
-        "paper; see opsd_train.presets); explicit flags override it",
-        choices=preset_names(),
-        group="run",
-    )
-    eval_preset: str | None = option(
-        None,
-        "evaluation protocol: paper (T 1.0, top-p 0.95, "
-        "no top-k, 38,912 new tokens, avg@12, no greedy); "
-        "explicit --eval-* flags override it",
+    config: str | None = _RUN(None, "JSON/TOML/YAML file of options (keys: the flag names)")
+    out: str | None = _RUN(None, "run folder (default runs/opsd-demo for the demo, runs/opsd)")
+    resume: str | None = _RUN(
+        None, "checkpoint folder to resume from, or 'latest': the newest complete checkpoint "
+        "in --out (a fresh start if there is none)",
+    )  # fmt: skip
+    threads: int | None = _RUN(None, "torch CPU threads", low=1)
+    preset: str | None = _RUN(
+        None, "the paper's run in one flag (model, LoRA r64/alpha128, 100 steps, thinking "
+        "flags, clip, grad norm 0.1, LR schedule, --eval-preset paper; opsd_train.presets); "
+        "explicit flags override it", choices=preset_names(),
+    )  # fmt: skip
+    eval_preset: str | None = _EVAL(
+        None, "evaluation protocol: paper (T 1.0, top-p 0.95, no top-k, 38,912 new tokens, "
+        "avg@12, no greedy); explicit --eval-* flags override it",
         choices=tuple(EVAL_PRESET_OPTIONS),
-        group="evaluation and checkpoints",
+    )  # fmt: skip
+    model: str | None = _DATA(None, "folder, hub id or .gguf file of a causal LM (none: the demo)")
+    data: str | None = _DATA(None, "training problems, JSONL")
+    eval_data: str | None = _DATA(None, "held-out problems, JSONL (question and answer suffice)")
+    hf_dataset: str | None = _DATA(None, "Hugging Face dataset name (needs `datasets`)")
+    hf_split: str = _DATA("train", "split of --hf-dataset")
+    hf_config: str | None = _DATA(None, "config name of --hf-dataset")
+    question_key: str | None = _DATA(None, "question column (default question, or problem)")
+    solution_key: str | None = _DATA(None, "solution column (default solution)")
+    answer_key: str | None = _DATA(
+        None, "answer column (default answer; else the solution's last \\boxed{})"
     )
-    model: str | None = option(
-        None,
-        "local folder, hub id or .gguf file of a causal LM (omit for the embedded demo)",
-        group="model and data",
+    eval_n: int | None = _DATA(None, "use at most N held-out problems", low=1)
+    eval_fraction: float = _DATA(
+        0.05, "without --eval-data, hold out this share of --data", low=0, high=1, high_open=True
     )
-    data: str | None = option(None, "training problems, JSONL", group="model and data")
-    eval_data: str | None = option(None, "held-out problems, JSONL", group="model and data")
-    hf_dataset: str | None = option(
-        None, "Hugging Face dataset name (needs `datasets`)", group="model and data"
+    long_prompts: str = _DATA(
+        "error", "prompts longer than the model's positions minus --max-new-tokens: error, "
+        "or drop them (count reported)", choices=("error", "drop"),
+    )  # fmt: skip
+    student_template: str | None = _DATA(None, "student prompt template, or @file")
+    teacher_template: str | None = _DATA(
+        None, "teacher prompt template with {problem} and {solution}, or @file"
     )
-    hf_split: str = option("train", "split of --hf-dataset", group="model and data")
-    hf_config: str | None = option(None, "config name of --hf-dataset", group="model and data")
-    question_key: str | None = option(
-        None, "question column (default question; problem for --hf-dataset)", group="model and data"
-    )
-    solution_key: str | None = option(
-        None, "solution column (default solution)", group="model and data"
-    )
-    answer_key: str | None = option(
-        None,
-        "answer column (default answer; a missing answer "
-        "is taken from the solution's last \\boxed{})",
-        group="model and data",
-    )
-    eval_n: int | None = option(
-        None, "use at most N held-out problems", low=1, group="model and data"
-    )
-    eval_fraction: float = option(
-        0.05,
-        "without --eval-data, hold out this share of --data",
-        low=0,
-        high=1,
-        high_open=True,
-        group="model and data",
-    )
-    long_prompts: str = option(
-        "error",
-        "problems whose prompt + --max-new-tokens exceed the "
-        "model's maximum positions: error, or drop them (count "
-        "reported)",
-        choices=("error", "drop"),
-        group="model and data",
-    )
-    student_template: str | None = option(
-        None, "student prompt template, or @file", group="model and data"
-    )
-    teacher_template: str | None = option(
-        None,
-        "teacher prompt template with {problem} and {solution}, or @file",
-        group="model and data",
-    )
-    eval_template: str | None = option(
-        None,
-        "evaluation prompt template with {problem}, or @file",
-        group="model and data",
-    )
-    student_thinking: bool = option(
-        False,
-        "render the student prompt with enable_thinking (the reference: off)",
-        group="model and data",
-    )
-    teacher_thinking: bool = option(
-        True,
-        "render the teacher prompt with enable_thinking (the reference: on)",
-        group="model and data",
-    )
-    eval_thinking: bool = option(
-        True,
-        "render the evaluation prompt with enable_thinking (the reference: on)",
-        group="model and data",
-    )
-    chat_template: bool = option(
-        True, "wrap prompts in the tokenizer's chat template", group="model and data"
-    )
-    lora: bool = option(False, "train a LoRA adapter (needs peft)", group="memory and speed")
-    lora_r: int = option(64, "LoRA rank", low=1, group="memory and speed")
-    lora_alpha: int = option(128, "LoRA alpha", low=1, group="memory and speed")
+    eval_template: str | None = _DATA(None, "evaluation template with {problem}, or @file")
+    student_thinking: bool = _DATA(False, "student prompt with enable_thinking (reference: off)")
+    teacher_thinking: bool = _DATA(True, "teacher prompt with enable_thinking (reference: on)")
+    eval_thinking: bool = _DATA(True, "evaluation prompt with enable_thinking (reference: on)")
+    chat_template: bool = _DATA(True, "wrap prompts in the tokenizer's chat template")
+    lora: bool = _MEM(False, "train a LoRA adapter (needs peft)")
+    lora_r: int = _MEM(64, "LoRA rank", low=1)
+    lora_alpha: int = _MEM(128, "LoRA alpha", low=1)
 
     def __post_init__(self):
         check_fields(self)
@@ -315,8 +258,6 @@ def _with_source(e: ConfigError, src: str | None) -> str:
 
 def _resolve_resume(run: RunConfig, out: Path) -> str | None:
     """The checkpoint folder to resume (or ``None``), verified and named in errors."""
-    from . import checkpoint as ckpt
-
     if not run.resume:
         ckdir, metrics = out / "checkpoints", out / "metrics.jsonl"
         if (ckdir.is_dir() and any(ckdir.iterdir())) or (
@@ -341,15 +282,13 @@ def _resolve_resume(run: RunConfig, out: Path) -> str | None:
 
 
 def _check_writable(out: Path) -> None:
-    from .checkpoint import CheckpointWriteError
-
     probe = out / f".write-test-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise CheckpointWriteError.wrap(e, f"--out {out} is not writable") from e
+        raise ckpt.CheckpointWriteError.wrap(e, f"--out {out} is not writable") from e
 
 
 def _held_out_split(run: RunConfig, train):
@@ -418,24 +357,9 @@ def _check_prompt_lengths(run: RunConfig, tc, pb, train, held_out, limit: int | 
 
 
 def _run_real(o: Options) -> dict:
-    from . import checkpoint as ckpt
-    from .config import to_dict
+    from . import modeling
+    from . import prompts as P
     from .data import load_hf_dataset, load_jsonl
-    from .modeling import (
-        load_model,
-        load_model_config,
-        load_tokenizer,
-        lora_config,
-        materialize_gguf,
-        resolve_model_source,
-    )
-    from .prompts import (
-        DEFAULT_EVAL_TEMPLATE,
-        DEFAULT_STUDENT_TEMPLATE,
-        DEFAULT_TEACHER_TEMPLATE,
-        PromptBuilder,
-        load_template,
-    )
     from .recipes import TrainConfig, build_trainer, seed_everything
 
     run = o.run
@@ -446,15 +370,12 @@ def _run_real(o: Options) -> dict:
     for flag, value in (("--data", run.data), ("--eval-data", run.eval_data)):
         if value and not Path(value).is_file():
             raise FileNotFoundError(f"{flag}: data file not found: {value}")
-    templates = [
-        load_template(t) or d
-        for t, d in (
-            (run.student_template, DEFAULT_STUDENT_TEMPLATE),
-            (run.teacher_template, DEFAULT_TEACHER_TEMPLATE),
-            (run.eval_template, DEFAULT_EVAL_TEMPLATE),
-        )
-    ]
-    resolve_model_source(run.model)
+    defaults = (P.DEFAULT_STUDENT_TEMPLATE, P.DEFAULT_TEACHER_TEMPLATE, P.DEFAULT_EVAL_TEMPLATE)
+    given = (run.student_template, run.teacher_template, run.eval_template)
+    student_t, teacher_t, eval_t = (
+        P.load_template(t) or d for t, d in zip(given, defaults, strict=True)
+    )
+    modeling.resolve_model_source(run.model)
     out = Path(run.out or "runs/opsd")
     # 2. the checkpoint to resume
     resume_from = _resolve_resume(run, out)
@@ -468,25 +389,21 @@ def _run_real(o: Options) -> dict:
             run.hf_dataset, split=run.hf_split, config_name=run.hf_config, **keys
         )
     train, held_out = _held_out_split(run, train)
-    tok = load_tokenizer(run.model)
-    pb = PromptBuilder(
-        tok,
-        *templates[:2],
-        use_chat_template=run.chat_template,
-        eval_template=templates[2],
-        student_thinking=run.student_thinking,
-        teacher_thinking=run.teacher_thinking,
+    tok = modeling.load_tokenizer(run.model)
+    pb = P.PromptBuilder(
+        tok, student_t, teacher_t, use_chat_template=run.chat_template, eval_template=eval_t,
+        student_thinking=run.student_thinking, teacher_thinking=run.teacher_thinking,
         eval_thinking=run.eval_thinking,
-    )
-    limit = getattr(load_model_config(run.model), "max_position_embeddings", None)
+    )  # fmt: skip
+    limit = getattr(modeling.load_model_config(run.model), "max_position_embeddings", None)
     train, held_out = _check_prompt_lengths(run, tc, pb, train, held_out, limit)
     # 4. the weights, after seeding every generator (LoRA init and rollouts draw from them)
     model_path = run.model
     if model_path.endswith(".gguf"):
-        model_path = materialize_gguf(model_path, out / "base_model")
+        model_path = modeling.materialize_gguf(model_path, out / "base_model")
     seed_everything(tc.seed)
-    model = load_model(model_path)
-    peft = lora_config(run.lora_r, run.lora_alpha) if run.lora else None
+    model = modeling.load_model(model_path)
+    peft = modeling.lora_config(run.lora_r, run.lora_alpha) if run.lora else None
     effective = {**to_dict(run), **tc.to_dict()}
     (out / "config.json").write_text(json.dumps(effective, indent=2, default=str))
     if resume_from:
@@ -502,11 +419,8 @@ def _run_real(o: Options) -> dict:
     except OSError as e:
         raise ckpt.CheckpointWriteError.wrap(e, f"cannot write {out / 'final'}") from e
     evals = [r for r in trainer.runlog.history if r["event"] == "eval"]
-    summary = {
-        "steps": trainer.state.global_step,
-        "evals": evals,
-        "generated_tokens": trainer.runlog.generated_total,
-    }
+    summary = dict(steps=trainer.state.global_step, evals=evals,
+                   generated_tokens=trainer.runlog.generated_total)  # fmt: skip
     if evals:
         print(
             f"[opsd-train] held-out {evals[-1]['score_name']}: start {evals[0]['score']:.3f}"
@@ -564,8 +478,6 @@ def main(argv: list[str] | None = None) -> int:
     folder) end the program with ``SystemExit`` and a one-line message before anything is
     loaded; so do write errors later in the run (disk full), naming the path.
     """
-    from .checkpoint import CheckpointError, CheckpointWriteError
-
     try:
         o = parse_options(argv)
         if o.run.threads:
@@ -576,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             _run_real(o)
         else:
             _run_demo(o)
-    except (ConfigError, CheckpointError, CheckpointWriteError) as e:
+    except (ConfigError, ckpt.CheckpointError, ckpt.CheckpointWriteError) as e:
         raise SystemExit(f"opsd-train: error: {e}") from e
     return 0
 

@@ -80,24 +80,28 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
-def _answer_from_solution(solution: str) -> str | None:
-    return extract_boxed(solution)
+_QUESTION_KEYS = ("question", "problem", "prompt")
+
+
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip())
 
 
 def problems_from_records(
     records: Iterable[dict],
     *,
-    question_key: str = "question",
+    question_key: str | None = "question",
     solution_key: str = "solution",
     answer_key: str = "answer",
     source: str = "dataset",
+    need_solution: bool = True,
 ) -> list[Problem]:
     """Turn mapping rows into :class:`Problem` records.
 
-    Missing ``question`` or ``solution`` (absent, ``None`` or empty) raises ``ValueError``
-    naming the row and the column. A missing ``answer`` is taken from the last ``\\boxed{}``
-    of the solution (documented handling); if the solution has none, ``ValueError``.
-    An empty input raises ``ValueError``.
+    ``question_key=None`` takes the first of ``question``, ``problem``, ``prompt`` present.
+    A missing answer is taken from the last ``\\boxed{}`` of the solution. With
+    ``need_solution=False`` (evaluation data) a row needs only a question and an answer.
+    A bad row raises ``ValueError`` naming the row and the column; so does an empty input.
 
     >>> problems_from_records([{"question": "1+1?", "solution": "1+1=2. \\\\boxed{2}"}])[0].answer
     '2'
@@ -110,42 +114,34 @@ def problems_from_records(
     for i, row in enumerate(records):
         if not isinstance(row, dict):
             raise ValueError(f"{source} row {i}: expected a mapping, got {type(row).__name__}")
-        vals = {}
-        for field, key in (("question", question_key), ("solution", solution_key)):
-            v = row.get(key)
-            if v is None or (isinstance(v, str) and not v.strip()):
+        keys = (question_key,) if question_key is not None else _QUESTION_KEYS
+        qkey = next((k for k in keys if not _blank(row.get(k))), None)
+        if qkey is None:
+            want = repr(question_key) if question_key else f"one of {_QUESTION_KEYS}"
+            raise ValueError(f"{source} row {i}: missing or empty question field {want} "
+                             f"(columns present: {sorted(row)})")  # fmt: skip
+        solution = "" if _blank(row.get(solution_key)) else str(row[solution_key])
+        if need_solution and not solution:
+            raise ValueError(f"{source} row {i}: missing or empty field {solution_key!r} "
+                             f"(columns present: {sorted(row)})")  # fmt: skip
+        answer = row.get(answer_key)
+        if _blank(answer):
+            answer = extract_boxed(solution)
+            if _blank(answer):
                 raise ValueError(
-                    f"{source} row {i}: missing or empty field {key!r} "
-                    f"(columns present: {sorted(row)})"
+                    f"{source} row {i}: no {answer_key!r} field and no solution with a "
+                    f"\\boxed{{}} answer (columns present: {sorted(row)})"
                 )
-            vals[field] = str(v)
-        ans = row.get(answer_key)
-        if ans is None or (isinstance(ans, str) and not ans.strip()):
-            ans = _answer_from_solution(vals["solution"])
-            if ans is None:
-                raise ValueError(
-                    f"{source} row {i}: no {answer_key!r} field and the solution has no "
-                    "\\boxed{} answer to take it from"
-                )
-        out.append(Problem(vals["question"], vals["solution"], str(ans).strip()))
+        out.append(Problem(str(row[qkey]), solution, str(answer).strip()))
     if not out:
         raise ValueError(f"{source} is empty: no problems to train or evaluate on")
     return out
 
 
-def load_jsonl(
-    path: str | Path,
-    *,
-    question_key: str = "question",
-    solution_key: str = "solution",
-    answer_key: str = "answer",
-) -> list[Problem]:
-    """Load problems from a JSON-lines file (one object per line; blank lines skipped).
-
-    Column names are configurable; see :func:`problems_from_records` for the handling of
-    missing fields. Raises ``FileNotFoundError``, or ``ValueError`` for malformed JSON (with
-    the line number) or an empty file.
-    """
+def load_jsonl(path: str | Path, **keys) -> list[Problem]:
+    """Load problems from a JSON-lines file (one object per line; blank lines skipped);
+    ``keys`` as in :func:`problems_from_records`. Raises ``FileNotFoundError``, or
+    ``ValueError`` naming the line for malformed JSON or non-UTF-8 bytes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -165,13 +161,7 @@ def load_jsonl(
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-    return problems_from_records(
-        rows,
-        question_key=question_key,
-        solution_key=solution_key,
-        answer_key=answer_key,
-        source=str(path),
-    )
+    return problems_from_records(rows, source=str(path), **keys)
 
 
 def split_held_out(

@@ -24,6 +24,7 @@ Phases (all seeded by ``DemoConfig.seed``):
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -87,36 +88,17 @@ def deviated_solution(problem: Problem, rng: random.Random) -> tuple[str, str, s
 
 def _warmup_defaults() -> dict:
     return dict(
-        algo="sft",
-        steps=400,
-        batch_size=32,
-        lr=3e-3,
-        warmup_steps=20,
-        min_lr_ratio=0.1,
-        weight_decay=0.0,
-        sft_teacher_fraction=0.3,
-        max_grad_norm=1.0,
-    )
+        algo="sft", steps=400, batch_size=32, lr=3e-3, warmup_steps=20, min_lr_ratio=0.1,
+        weight_decay=0.0, sft_teacher_fraction=0.3, max_grad_norm=1.0,
+    )  # fmt: skip
 
 
 def _opsd_defaults() -> dict:
     return dict(
-        algo="opsd",
-        steps=50,
-        batch_size=32,
-        lr=2e-4,
-        warmup_steps=0,
-        min_lr_ratio=0.1,
-        teacher="fixed",
-        kind="forward_kl",
-        clip=None,
-        temperature=0.5,
-        loss_temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        max_new_tokens=48,
-        max_grad_norm=1.0,
-    )
+        algo="opsd", steps=50, batch_size=32, lr=2e-4, warmup_steps=0, min_lr_ratio=0.1,
+        teacher="fixed", kind="forward_kl", clip=None, temperature=0.5, loss_temperature=1.0,
+        top_p=1.0, top_k=0, max_new_tokens=48, max_grad_norm=1.0,
+    )  # fmt: skip
 
 
 def _grpo_defaults() -> dict:
@@ -128,17 +110,10 @@ def _grpo_defaults() -> dict:
 
 # OPSD-phase settings the GRPO control and the SFT control copy (unless set in their table)
 _SHARED_WITH_OPSD = (
-    "steps",
-    "lr",
-    "warmup_steps",
-    "min_lr_ratio",
-    "weight_decay",
-    "max_grad_norm",
-    "grad_accum",
-    "seed",
-    "lr_schedule",
-    "lr_horizon",
-)
+    "steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm",
+    "grad_accum", "seed", "lr_schedule", "lr_horizon",
+)  # fmt: skip
+_DEMO = functools.partial(option, cli=False)
 
 
 @dataclass
@@ -156,31 +131,23 @@ class DemoConfig:
     checked at construction (:meth:`phase_configs`), before the warm-up starts.
     """
 
-    seed: int = option(0, "seed of data, model and every phase", low=0, cli=False)
-    n_train: int = option(5000, "synthetic training problems", low=1, cli=False)
-    n_eval: int = option(400, "held-out problems", low=1, cli=False)
-    threads: int | None = option(None, "torch CPU threads", low=1, cli=False)
-    model: dict = option(default_factory=dict, doc="overrides of TINY_MODEL_DEFAULTS", cli=False)
-    warmup: dict = option(default_factory=_warmup_defaults, doc="warm-up TrainConfig", cli=False)
-    opsd: dict = option(default_factory=_opsd_defaults, doc="OPSD TrainConfig", cli=False)
-    grpo: dict = option(
-        default_factory=_grpo_defaults,
-        doc="GRPO control TrainConfig "
-        "(unset steps, lr, schedule, rollout length and seed: the OPSD "
-        "phase's)",
-        cli=False,
+    seed: int = _DEMO(0, "seed of data, model and every phase", low=0)
+    n_train: int = _DEMO(5000, "synthetic training problems", low=1)
+    n_eval: int = _DEMO(400, "held-out problems", low=1)
+    threads: int | None = _DEMO(None, "torch CPU threads", low=1)
+    model: dict = _DEMO(default_factory=dict, doc="overrides of TINY_MODEL_DEFAULTS")
+    warmup: dict = _DEMO(default_factory=_warmup_defaults, doc="warm-up TrainConfig")
+    opsd: dict = _DEMO(default_factory=_opsd_defaults, doc="OPSD TrainConfig")
+    grpo: dict = _DEMO(default_factory=_grpo_defaults, doc="GRPO TrainConfig (see above)")
+    control_sft_teacher_fraction: float | None = _DEMO(
+        None, "teacher-format share of the control (none = the warm-up's)", low=0, high=1
     )
-    control_sft_teacher_fraction: float | None = option(
-        None, "teacher-format share of the control (none = the warm-up's)", low=0, high=1, cli=False
-    )
-    warmup_from: str | None = option(None, "load this warm-up instead of training one", cli=False)
-    teacher_deviation_fraction: float = option(
-        0.2, "share of departing teacher examples", low=0, high=1, cli=False
-    )
-    eval_every: int = option(25, "held-out evaluation every N steps", low=0, cli=False)
-    eval_k: int = option(0, "avg@k samples", low=0, cli=False)
-    eval_temperature: float = option(1.0, "avg@k temperature", low=0, low_open=True, cli=False)
-    eval_max_new_tokens: int = option(48, "evaluation completion length", low=1, cli=False)
+    warmup_from: str | None = _DEMO(None, "load this warm-up instead of training one")
+    teacher_deviation_fraction: float = _DEMO(0.2, "departing teacher examples", low=0, high=1)
+    eval_every: int = _DEMO(25, "held-out evaluation every N steps", low=0)
+    eval_k: int = _DEMO(0, "avg@k samples", low=0)
+    eval_temperature: float = _DEMO(1.0, "avg@k temperature", low=0, low_open=True)
+    eval_max_new_tokens: int = _DEMO(48, "evaluation completion length", low=1)
 
     def __post_init__(self):
         check_fields(self)
@@ -405,7 +372,7 @@ def plot_run(metrics_path: str | Path, png_path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    recs = _records(metrics_path)
     fig, (ax_l, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
     for phase in dict.fromkeys(r["phase"] for r in recs):
         steps = [r for r in recs if r["event"] == "step" and r["phase"] == phase]
@@ -437,24 +404,15 @@ _METHODS = (("opsd", "OPSD"), ("control", "SFT"), ("grpo", "GRPO"))
 
 
 def _student_evals(recs: list[dict], phase: str) -> list[dict]:
-    """The student evaluations of ``phase``, starting from the shared warmed-up point."""
-    start = [
-        r
-        for r in recs
-        if r["event"] == "eval"
-        and r["phase"] == "opsd"
-        and r["role"] == "student"
-        and r["step"] == 0
-    ][:1]
-    es = [
-        r
-        for r in recs
-        if r["event"] == "eval"
-        and r["phase"] == phase
-        and r["role"] == "student"
-        and not (phase == "opsd" and r["step"] == 0)
-    ]
+    """The evaluations of ``phase``, starting from the shared warmed-up point (OPSD's
+    step-0 evaluation)."""
+    start = [r for r in recs if r["event"] == "eval" and r["phase"] == "opsd"][:1]
+    es = [r for r in recs if r["event"] == "eval" and r["phase"] == phase and r not in start]
     return start + es if es or phase == "opsd" else []
+
+
+def _records(metrics_path) -> list[dict]:
+    return [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
 
 
 def token_table(metrics_path: str | Path) -> str:
@@ -463,10 +421,10 @@ def token_table(metrics_path: str | Path) -> str:
     ``metrics.jsonl``.
 
     >>> import tempfile, os
-    >>> recs = [dict(event="eval", phase="opsd", role="student", step=0, score=0.5,
-    ...              score_name="pass@1", train_generated_tokens=0),
-    ...         dict(event="eval", phase="opsd", role="student", step=2, score=0.75,
-    ...              score_name="pass@1", train_generated_tokens=96)]
+    >>> recs = [dict(event="eval", phase="opsd", step=0, score=0.5, score_name="pass@1",
+    ...              train_generated_tokens=0),
+    ...         dict(event="eval", phase="opsd", step=2, score=0.75, score_name="pass@1",
+    ...              train_generated_tokens=96)]
     >>> path = os.path.join(tempfile.mkdtemp(), "m.jsonl")
     >>> _ = open(path, "w").write("\\n".join(json.dumps(r) for r in recs))
     >>> print(token_table(path))
@@ -475,71 +433,46 @@ def token_table(metrics_path: str | Path) -> str:
     | OPSD | 0 | 0 | 0.500 |
     | OPSD | 2 | 96 | 0.750 |
     """
-    recs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
-    rows = []
-    name = "accuracy"
+    recs, rows, name = _records(metrics_path), [], "accuracy"
     for phase, label in _METHODS:
         for r in _student_evals(recs, phase):
             name = r.get("score_name", name)
-            rows.append(
-                f"| {label} | {r['step']} | {r.get('train_generated_tokens', 0)} | "
-                f"{r['score']:.3f} |"
-            )
-    head = f"| method | step | generated tokens | held-out {name} |\n|---|---:|---:|---:|"
-    return "\n".join([head, *rows])
+            rows.append(f"| {label} | {r['step']} | {r['train_generated_tokens']} | "
+                        f"{r['score']:.3f} |")  # fmt: skip
+    return "\n".join([f"| method | step | generated tokens | held-out {name} |",
+                      "|---|---:|---:|---:|", *rows])  # fmt: skip
 
 
-def plot_accuracy_vs_tokens(
-    metrics_path: str | Path, png_path: str | Path, seed: int | None = None
-) -> None:
+def plot_accuracy_vs_tokens(metrics_path: str | Path, png_path: str | Path, seed=None) -> None:
     """The paper's token-efficiency view of a demo run: held-out accuracy against the
-    training tokens generated (left; SFT generates none, so it is a line at its final
-    accuracy) and against optimizer steps (right)."""
+    training tokens generated (left; SFT generates none: a line at its final accuracy) and
+    against optimizer steps (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    recs = _records(metrics_path)
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
-    name = "accuracy"
     for i, (phase, label) in enumerate(_METHODS):
         es = _student_evals(recs, phase)
         if not es:
             continue
-        color = f"C{i}"  # one colour per method in both panels
-        name = es[-1].get("score_name", name)
-        x_tok = [r.get("train_generated_tokens", 0) for r in es]
         y = [r["score"] for r in es]
         if phase == "control":
-            ax_t.axhline(
-                y[-1],
-                color=color,
-                ls="--",
-                label=f"{label} after {es[-1]['step']} steps (0 tokens generated)",
-            )
+            ax_t.axhline(y[-1], color=f"C{i}", ls="--", label=f"{label} (0 tokens generated)")
         else:
-            ax_t.plot(x_tok, y, "o-", color=color, label=label)
-        ax_s.plot(
-            [r["step"] for r in es],
-            y,
-            "s--" if phase == "control" else "o-",
-            color=color,
-            label=label,
-        )
-    ax_t.set(
-        title="held-out accuracy vs training tokens generated",
-        xlabel="rollout tokens generated",
-        ylabel=name,
-    )
+            ax_t.plot([r["train_generated_tokens"] for r in es], y, "o-", color=f"C{i}",
+                      label=label)  # fmt: skip
+        ax_s.plot([r["step"] for r in es], y, "o-", color=f"C{i}", label=label)
+    name = recs[-1].get("score_name", "accuracy") if recs else "accuracy"
+    ax_t.set(title="held-out accuracy vs rollout tokens generated", xlabel="tokens", ylabel=name)
     ax_s.set(title="held-out accuracy vs optimizer steps", xlabel="step", ylabel=name)
     for ax in (ax_t, ax_s):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     if seed is not None:
-        fig.suptitle(
-            f"embedded demo (seed {seed}): OPSD vs SFT vs GRPO from the same warmed-up weights"
-        )
+        fig.suptitle(f"embedded demo (seed {seed}): OPSD, SFT and GRPO from the same warm-up")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

@@ -25,7 +25,6 @@ True
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -35,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
-from .data import Problem, extract_boxed
+from .data import Problem, extract_boxed, load_jsonl, problems_from_records
 
 __all__ = [
     "extract_boxed",
@@ -251,85 +250,21 @@ def is_correct(completion: str, answer: str) -> bool:
 # Evaluation data: a question and an answer, no solution needed
 # ---------------------------------------------------------------------------------------
 
-_QUESTION_KEYS = ("question", "problem", "prompt")
 
-
-def _blank(v) -> bool:
-    return v is None or (isinstance(v, str) and not v.strip())
-
-
-def eval_problems_from_records(
-    records: Iterable[dict],
-    *,
-    question_key: str | None = None,
-    answer_key: str = "answer",
-    solution_key: str = "solution",
-    source: str = "dataset",
-) -> list[Problem]:
-    """Evaluation problems from mapping rows: a question and an answer per row.
-
-    ``question_key=None`` takes the first of ``question``, ``problem``, ``prompt`` present
-    in each row (AIME/HMMT sets use ``problem``). The answer is ``row[answer_key]`` (numbers
-    are turned into strings); a row without one takes the last ``\\boxed{}`` of its
-    solution (MATH-500 style). A solution, when present, is kept (the teacher-role
-    evaluation reads it) but never required. Bad rows raise ``ValueError`` naming the row.
+def eval_problems_from_records(records: Iterable[dict], **keys) -> list[Problem]:
+    """Evaluation problems from mapping rows: a question (``question``, ``problem`` or
+    ``prompt`` unless ``question_key`` names it) and an answer (or a solution with a
+    ``\\boxed{}`` answer) per row; a solution is kept when present, never required.
 
     >>> [p.answer for p in eval_problems_from_records([{"problem": "2+2?", "answer": 4}])]
     ['4']
-    >>> eval_problems_from_records([{"problem": "2+2?"}])  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: dataset row 0: no 'answer' field and no 'solution' with a ...
     """
-    out: list[Problem] = []
-    for i, row in enumerate(records):
-        if not isinstance(row, dict):
-            raise ValueError(f"{source} row {i}: expected a mapping, got {type(row).__name__}")
-        keys = (question_key,) if question_key is not None else _QUESTION_KEYS
-        qkey = next((k for k in keys if not _blank(row.get(k))), None)
-        if qkey is None:
-            want = (
-                repr(question_key)
-                if question_key is not None
-                else "one of " + ", ".join(repr(k) for k in _QUESTION_KEYS)
-            )
-            raise ValueError(
-                f"{source} row {i}: missing or empty question field {want} "
-                f"(columns present: {sorted(row)})"
-            )
-        solution = row.get(solution_key)
-        solution = "" if _blank(solution) else str(solution)
-        answer = row.get(answer_key)
-        if _blank(answer):
-            answer = extract_boxed(solution) if solution else None
-            if _blank(answer):
-                raise ValueError(
-                    f"{source} row {i}: no {answer_key!r} field and no {solution_key!r} with "
-                    f"a \\boxed{{}} answer (columns present: {sorted(row)})"
-                )
-        out.append(Problem(str(row[qkey]), solution, str(answer).strip()))
-    if not out:
-        raise ValueError(f"{source} is empty: nothing to evaluate")
-    return out
+    return problems_from_records(records, **{"question_key": None, **keys, "need_solution": False})
 
 
 def load_eval_jsonl(path: str | Path, **keys) -> list[Problem]:
-    """Evaluation problems from a JSON-lines file (blank lines skipped); ``keys`` as in
-    :func:`eval_problems_from_records`. Raises ``FileNotFoundError``, or ``ValueError`` for
-    malformed JSON (with the line number) or a bad row."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation data file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-    return eval_problems_from_records(rows, source=str(path), **keys)
+    """Evaluation problems from a JSON-lines file (see :func:`eval_problems_from_records`)."""
+    return load_jsonl(path, **{"question_key": None, **keys, "need_solution": False})
 
 
 # ---------------------------------------------------------------------------------------

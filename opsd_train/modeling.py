@@ -102,7 +102,14 @@ def materialize_gguf(path: str, folder: str | Path) -> str:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         where, kw = _gguf_kwargs(path)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
+        loaded = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
+        # transformers marks it quantised (not serialisable) although the weights are plain
+        # float32 now: save a fresh model of the same config with those weights
+        config = loaded.config
+        config.__dict__.pop("quantization_config", None)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
         model.save_pretrained(folder)
         load_tokenizer(path).save_pretrained(folder)
     return str(folder)

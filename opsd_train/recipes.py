@@ -44,6 +44,7 @@ with warnings.catch_warnings():  # TRL's "experimental" notice
 
     from opsd_kernels.integrations.trl_sdft import FusedSDFTConfig as OPSDConfig
     from opsd_kernels.integrations.trl_sdft import FusedSDFTTrainer as OPSDTrainer
+from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 __all__ = [
     "TrainConfig",
@@ -296,7 +297,7 @@ class RunLog(TrainerCallback):
             f.write(json.dumps(rec) + "\n")
 
     def _eval(self, step: int) -> None:
-        if self.last_eval_step == step:
+        if self.last_eval_step == step or self.evaluate is None:  # no held-out problems
             return
         self.last_eval_step = step
         res: EvalResult = self.evaluate(step)
@@ -349,14 +350,8 @@ class RunLog(TrainerCallback):
             self._eval(state.global_step)
 
 
-def make_evaluator(
-    model,
-    tokenizer,
-    prompts: PromptBuilder,
-    problems: Sequence[Problem],
-    tc: TrainConfig,
-    role: str = "student",
-):
+def make_evaluator(model, tokenizer, prompts: PromptBuilder, problems: Sequence[Problem],
+                   tc: TrainConfig, role: str = "student"):  # fmt: skip
     """``evaluate(step) -> EvalResult`` on ``problems``: the evaluation prompt (or the
     student's, ``eval_prompt="student"``; the teacher's for ``role="teacher"``) and the
     ``eval_*`` sampling settings, in a forked RNG seeded from ``(seed, step)`` so that
@@ -461,42 +456,20 @@ class RecipeMixin:
             ckpt.prune_checkpoints(root, self.recipe_keep_last)
 
 
-def _trainer_class(base):
-    return type(f"Recipe{base.__name__}", (RecipeMixin, base), {})
-
-
 def _common_args(tc: TrainConfig, out: Path, per_device: int) -> dict:
-    schedule = {
-        "constant": "constant_with_warmup",
-        "linear": "linear",
-        "cosine": "cosine_with_min_lr",
-    }[tc.lr_schedule]
+    schedule = dict(constant="constant_with_warmup", linear="linear", cosine="cosine_with_min_lr")
     return dict(
-        output_dir=str(out),
-        max_steps=tc.steps,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=tc.grad_accum,
-        learning_rate=tc.lr,
-        weight_decay=tc.weight_decay,
-        adam_beta1=tc.adam_betas[0],
-        adam_beta2=tc.adam_betas[1],
-        warmup_steps=tc.warmup_steps,
-        lr_scheduler_type=schedule,
+        output_dir=str(out), max_steps=tc.steps, per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=tc.grad_accum, learning_rate=tc.lr,
+        weight_decay=tc.weight_decay, adam_beta1=tc.adam_betas[0], adam_beta2=tc.adam_betas[1],
+        warmup_steps=tc.warmup_steps, lr_scheduler_type=schedule[tc.lr_schedule],
         lr_scheduler_kwargs={"min_lr_rate": tc.min_lr_ratio} if tc.lr_schedule == "cosine" else {},
-        max_grad_norm=tc.max_grad_norm or 0.0,
-        seed=tc.seed,
-        data_seed=tc.seed,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="steps" if tc.save_every else "no",
-        save_steps=tc.save_every or 1,
-        save_only_model=False,
-        disable_tqdm=not (tc.progress and sys.stdout.isatty()),
-        activation_checkpointing=tc.gradient_checkpointing,
-        bf16=tc.bf16,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-    )
+        max_grad_norm=tc.max_grad_norm or 0.0, seed=tc.seed, data_seed=tc.seed, logging_steps=1,
+        report_to="none", save_strategy="steps" if tc.save_every else "no",
+        save_steps=tc.save_every or 1, disable_tqdm=not (tc.progress and sys.stdout.isatty()),
+        activation_checkpointing=tc.gradient_checkpointing, bf16=tc.bf16,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+    )  # fmt: skip
 
 
 def _opsd_args(tc: TrainConfig, out: Path):
@@ -505,63 +478,34 @@ def _opsd_args(tc: TrainConfig, out: Path):
     kw = _common_args(tc, out, per_step // tc.grad_accum)
     mode = "full_logits" if tc.loss == "full" else "sampled_token"
     kw.update(
-        num_generations=tc.rollouts_per_prompt,
-        max_completion_length=tc.max_new_tokens,
-        max_prompt_length=None,
-        temperature=tc.temperature,
-        top_p=tc.top_p,
-        top_k=tc.top_k,
+        num_generations=tc.rollouts_per_prompt, max_completion_length=tc.max_new_tokens,
+        max_prompt_length=None, temperature=tc.temperature, top_p=tc.top_p, top_k=tc.top_k,
         distillation_mode="topk_logits" if tc.teacher_topk else mode,
-        distillation_topk=tc.teacher_topk,
-        teacher_topk=tc.teacher_topk is not None,
-        distillation_add_tail=True,
-        distillation_clip=tc.clip,
-        distillation_clip_mode=tc.clip_mode,
-        distillation_normalization=tc.loss_normalization,
-        loss_temperature=tc.loss_temperature,
-        distillation_alpha=alpha,
-        distillation_is_clip=None,
+        distillation_topk=tc.teacher_topk, teacher_topk=tc.teacher_topk is not None,
+        distillation_add_tail=True, distillation_clip=tc.clip,
+        distillation_clip_mode=tc.clip_mode, distillation_normalization=tc.loss_normalization,
+        loss_temperature=tc.loss_temperature, distillation_alpha=alpha,
+        distillation_is_clip=None,  # on-policy, one update per batch of rollouts
         teacher_model_kind={"fixed": "base", "current": "live", "ema": "ema"}[tc.teacher],
-        teacher_update_rate=1.0 - tc.ema_decay,
-        use_vllm=tc.use_vllm,
-        vllm_mode="colocate",
-        shuffle_dataset=True,
-    )
+        teacher_update_rate=1.0 - tc.ema_decay, use_vllm=tc.use_vllm, vllm_mode="colocate",
+    )  # fmt: skip
     return OPSDConfig(**kw)
 
 
 def _grpo_args(tc: TrainConfig, out: Path):
-    from trl import GRPOConfig
-
     kw = _common_args(tc, out, tc.batch_size * tc.group_size // tc.grad_accum)
     kw.update(
-        num_generations=tc.group_size,
-        max_completion_length=tc.max_new_tokens,
-        temperature=tc.temperature,
-        top_p=tc.top_p,
-        top_k=tc.top_k,
-        loss_type="grpo",
-        beta=0.0,
-        epsilon=tc.grpo_clip_eps,
-        scale_rewards={"none": "none", "group": "group", "batch": "batch"}[tc.grpo_scale_rewards],
-        use_vllm=tc.use_vllm,
-        vllm_mode="colocate",
-        log_completions=False,
-    )
+        num_generations=tc.group_size, max_completion_length=tc.max_new_tokens,
+        temperature=tc.temperature, top_p=tc.top_p, top_k=tc.top_k, loss_type="grpo", beta=0.0,
+        epsilon=tc.grpo_clip_eps, scale_rewards=tc.grpo_scale_rewards, use_vllm=tc.use_vllm,
+        vllm_mode="colocate", log_completions=False,
+    )  # fmt: skip
     return GRPOConfig(**kw)
 
 
 def _sft_args(tc: TrainConfig, out: Path):
-    from trl import SFTConfig
-
     kw = _common_args(tc, out, tc.batch_size // tc.grad_accum)
-    kw.update(
-        max_length=None,
-        completion_only_loss=True,
-        packing=False,
-        dataset_num_proc=None,
-        remove_unused_columns=True,
-    )
+    kw.update(max_length=None, completion_only_loss=True, packing=False)
     return SFTConfig(**kw)
 
 
@@ -591,19 +535,10 @@ def sft_rows(
 
 
 def build_trainer(
-    model,
-    tokenizer,
-    train: Sequence[Problem],
-    tc: TrainConfig,
-    out: str | Path,
-    prompts: PromptBuilder,
-    *,
-    held_out: Sequence[Problem] = (),
-    peft_config=None,
-    example_fn=None,
-    log=print,
-    metrics_path=None,
-):
+    model, tokenizer, train: Sequence[Problem], tc: TrainConfig, out: str | Path,
+    prompts: PromptBuilder, *, held_out: Sequence[Problem] = (), peft_config=None,
+    example_fn=None, log=print, metrics_path=None,
+):  # fmt: skip
     """The TRL trainer of ``tc.algo`` for ``model`` on ``train``, with the run log
     (``metrics_path``, default ``out/metrics.jsonl``) and held-out evaluation attached.
 
@@ -619,35 +554,23 @@ def build_trainer(
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    extra = {}
     if tc.algo == "sft":
-        base, args = _trainer_class_for("sft"), _sft_args(tc, out)
-        data = Dataset.from_list(sft_rows(train, prompts, tc, example_fn))
-        extra = {}
+        base, args, rows = SFTTrainer, _sft_args(tc, out), sft_rows(train, prompts, tc, example_fn)
     elif tc.algo == "grpo":
-        base, args = _trainer_class_for("grpo"), _grpo_args(tc, out)
-        data = Dataset.from_list(
-            [{"prompt": prompts.student_prompt(p), "answer": p.answer} for p in train]
-        )
-        extra = {"reward_funcs": boxed_answer_reward}
+        base, args, extra["reward_funcs"] = GRPOTrainer, _grpo_args(tc, out), boxed_answer_reward
+        rows = [{"prompt": prompts.student_prompt(p), "answer": p.answer} for p in train]
     else:
-        base, args = _trainer_class_for("opsd"), _opsd_args(tc, out)
-        data = Dataset.from_list(
-            [
-                {
-                    "prompt": prompts.student_prompt(p),
-                    "privileged_context": prompts.teacher_prompt(p),
-                }
-                for p in train
-            ]
-        )
-        extra = {}
+        base, args = OPSDTrainer, _opsd_args(tc, out)
+        rows = [dict(prompt=prompts.student_prompt(p), privileged_context=prompts.teacher_prompt(p))
+                for p in train]  # fmt: skip
     runlog = RunLog(Path(metrics_path or out / "metrics.jsonl"), tc, evaluate=None, log=log)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(padding_side|loss_type|is_clip).*")
-        trainer = base(
+        trainer = type(f"Recipe{base.__name__}", (RecipeMixin, base), {})(
             model=model,
             args=args,
-            train_dataset=data,
+            train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=[runlog],
@@ -658,30 +581,7 @@ def build_trainer(
     trainer.recipe_horizon = tc.lr_horizon
     trainer.recipe_keep_last = tc.keep_last
     trainer.recipe_checkpoints = out / "checkpoints"
-    runlog.evaluate = (
-        make_evaluator(lambda: trainer.model, tokenizer, prompts, held_out, tc)
-        if held_out
-        else lambda step: None
-    )
-    if not held_out:
-        runlog.tc = _no_eval(tc)
+    if held_out:
+        runlog.evaluate = make_evaluator(lambda: trainer.model, tokenizer, prompts, held_out, tc)
     trainer.runlog = runlog
     return trainer
-
-
-def _no_eval(tc: TrainConfig) -> TrainConfig:
-    d = tc.to_dict()
-    d.update(eval_at_start=False, eval_at_end=False, eval_every=0)
-    return TrainConfig(**d)
-
-
-def _trainer_class_for(algo: str):
-    if algo == "sft":
-        from trl import SFTTrainer
-
-        return _trainer_class(SFTTrainer)
-    if algo == "grpo":
-        from trl import GRPOTrainer
-
-        return _trainer_class(GRPOTrainer)
-    return _trainer_class(OPSDTrainer)
