@@ -231,11 +231,8 @@ def from_mapping(cls, data: Mapping, where: str = "", noun: str = "key"):
 
 def to_dict(obj) -> dict:
     """The fields of ``obj`` as a JSON-serialisable dict (tuples become lists)."""
-    out = {}
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        out[f.name] = list(v) if isinstance(v, tuple) else v
-    return out
+    items = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,16 +249,10 @@ def _cli_type(tp, name: str):
     """An argparse ``type=`` that parses the text strictly (range checks come later)."""
     inner, optional = _split_optional(tp)
 
-    def parse(text: str):
+    def parse(text: str):  # tuples and strings: split and checked by check_value
         if optional and text.strip().lower() in _NONE_WORDS:
             return None
-        if inner is int:
-            return int(text)
-        if inner is float:
-            return float(text)
-        if typing.get_origin(inner) is tuple:
-            return text  # split and checked by check_value
-        return text
+        return inner(text) if inner in (int, float) else text
 
     parse.__name__ = {int: "integer", float: "number"}.get(inner, "value")
     return parse
@@ -272,13 +263,8 @@ def _help(f: dataclasses.Field, tp) -> str:
     d = f.default
     if d is dataclasses.MISSING or d is None or d == ():
         return doc  # the doc says what absence means
-    if isinstance(d, bool):
-        shown = "on" if d else "off"
-    elif isinstance(d, tuple):
-        shown = ",".join(map(str, d))
-    else:
-        shown = d
-    return f"{doc} (default {shown})"
+    shown = ("on" if d else "off") if isinstance(d, bool) else d
+    return f"{doc} (default {','.join(map(str, d)) if isinstance(d, tuple) else shown})"
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, groups: dict | None = None) -> None:

@@ -194,38 +194,21 @@ def save_jsonl(problems: Sequence[Problem], path: str | Path) -> None:
             f.write(json.dumps(p.to_dict()) + "\n")
 
 
-def load_hf_dataset(
-    name_or_path: str,
-    *,
-    split: str = "train",
-    config_name: str | None = None,
-    question_key: str = "problem",
-    solution_key: str = "solution",
-    answer_key: str = "answer",
-    limit: int | None = None,
-) -> list[Problem]:
-    """Load problems with Hugging Face ``datasets`` (optional dependency).
-
-    ``datasets`` is imported lazily; without it this raises ``ImportError`` with an install
-    hint. Column names default to the common ``problem``/``solution``/``answer`` layout.
-    """
+def load_hf_dataset(name_or_path: str, *, split: str = "train", config_name: str | None = None,
+                    limit: int | None = None, **keys) -> list[Problem]:  # fmt: skip
+    """Problems from a Hugging Face dataset (``datasets``, which TRL installs); ``keys`` as
+    in :func:`problems_from_records` (question column: the first of ``question``,
+    ``problem``, ``prompt`` unless ``question_key`` names it)."""
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "load_hf_dataset needs the 'datasets' package: pip install datasets "
-            "(or convert your data to JSONL and use load_jsonl)"
-        ) from e
+        raise ImportError("load_hf_dataset needs the 'datasets' package: pip install datasets "
+                          "(or convert your data to JSONL and use load_jsonl)") from e  # fmt: skip
     ds = datasets.load_dataset(name_or_path, config_name, split=split)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    return problems_from_records(
-        (dict(r) for r in ds),
-        question_key=question_key,
-        solution_key=solution_key,
-        answer_key=answer_key,
-        source=f"{name_or_path}[{split}]",
-    )
+    rows = (dict(r) for r in ds)
+    return problems_from_records(rows, **{"question_key": None, **keys}, source=name_or_path)
 
 
 # ---------------------------------------------------------------------------------------

@@ -311,39 +311,22 @@ def run_demo(
     times, trainers = {}, {}
     for name in ("opsd", "control", "grpo"):
         times[name], trainers[name] = run_phase(name, warm())
-    ot, ct, gt = trainers["opsd"], trainers["control"], trainers["grpo"]
-
-    def evals(t):
-        return [r for r in t.runlog.history if r["event"] == "eval"]
-
-    before, after, control, grpo = evals(ot)[0], evals(ot)[-1], evals(ct)[-1], evals(gt)[-1]
+    ev = {n: [r for r in t.runlog.history if r["event"] == "eval"] for n, t in trainers.items()}
+    before, after, control, grpo = ev["opsd"][0], ev["opsd"][-1], ev["control"][-1], ev["grpo"][-1]
+    ot = trainers["opsd"]
     wall = time.perf_counter() - t_start
     opsd_steps = [r for r in ot.runlog.history if r["event"] == "step"]
-    summary = {
-        "seed": cfg.seed,
-        "held_out_n": len(held_out),
-        "student_before": before,
-        "teacher_with_solution": teacher.to_dict(),
-        "student_after_opsd": after,
-        "student_after_control_sft": control,
-        "student_after_grpo": grpo,
-        "opsd_steps": ot.state.global_step,
-        "control_steps": ct.state.global_step,
-        "grpo_steps": gt.state.global_step,
-        "generated_tokens": {
-            "opsd": ot.runlog.generated_total,
-            "control": 0,
-            "grpo": gt.runlog.generated_total,
-        },
-        "warmup_steps": warm_steps,
-        "loss_first": opsd_steps[0]["loss"] if opsd_steps else None,
-        "loss_last": opsd_steps[-1]["loss"] if opsd_steps else None,
-        "time_s": {"warmup": t_warm, **times, "total": wall},
-        "threads": torch.get_num_threads(),
-        "trainer": {"opsd": type(ot).__mro__[2].__name__},
-        "versions": {n: _version(n) for n in ("torch", "transformers", "trl")},
-        "config": asdict(cfg),
-    }
+    summary = dict(
+        seed=cfg.seed, held_out_n=len(held_out), student_before=before,
+        teacher_with_solution=teacher.to_dict(), student_after_opsd=after,
+        student_after_control_sft=control, student_after_grpo=grpo,
+        steps={"warmup": warm_steps, **{n: t.state.global_step for n, t in trainers.items()}},
+        generated_tokens={n: t.runlog.generated_total for n, t in trainers.items()},
+        opsd_loss_first_last=[r["loss"] for r in opsd_steps[:1] + opsd_steps[-1:]],
+        time_s={"warmup": t_warm, **times, "total": wall}, threads=torch.get_num_threads(),
+        trainer={n: type(t).__mro__[2].__name__ for n, t in trainers.items()},
+        versions={n: _version(n) for n in ("torch", "transformers", "trl")}, config=asdict(cfg),
+    )  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     table = token_table(out / "metrics.jsonl")
     (out / "accuracy_vs_tokens.md").write_text(table)

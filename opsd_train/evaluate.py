@@ -368,44 +368,26 @@ class EvalResult:
     def to_dict(self) -> dict:
         """The metrics (without samples and per-problem scores) as a dict: ``pass@1`` only
         with a greedy pass, ``avg@k``/``pass@k`` only when ``k > 0``."""
-        out: dict = {}
-        if self.pass1 is not None:
-            out["pass@1"] = self.pass1
+        out = {"pass@1": self.pass1} if self.pass1 is not None else {}
         if self.k > 0:
-            out[f"avg@{self.k}"] = self.avg_k
-            out[f"pass@{self.k}"] = self.pass_k
-        out.update(
-            n=self.n,
-            mean_len=self.mean_len,
-            boxed_rate=self.boxed_rate,
-            generated_tokens=self.generated_tokens,
-        )
-        if self.checker:
-            out["checker"] = self.checker
-        return out
+            out.update({f"avg@{self.k}": self.avg_k, f"pass@{self.k}": self.pass_k})
+        out.update(n=self.n, mean_len=self.mean_len, boxed_rate=self.boxed_rate,
+                   generated_tokens=self.generated_tokens)  # fmt: skip
+        return {**out, "checker": self.checker} if self.checker else out
 
 
 def evaluate_problems(
     generate: Callable[[list[list[int]], dict], list[list[int]]],
-    decode: Callable[[list[int]], str],
-    prompts: Sequence[list[int]],
-    answers: Sequence[str],
-    *,
-    k: int = 0,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    max_new_tokens: int = 256,
-    greedy: bool = True,
-    batch_size: int = 64,
-    n_samples_kept: int = 4,
-    check: Callable[[str, str], bool] = is_correct,
-) -> EvalResult:
+    decode: Callable[[list[int]], str], prompts: Sequence[list[int]], answers: Sequence[str],
+    *, k: int = 0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+    max_new_tokens: int = 256, greedy: bool = True, batch_size: int = 64,
+    n_samples_kept: int = 4, check: Callable[[str, str], bool] = is_correct,
+) -> EvalResult:  # fmt: skip
     """Score prompts against reference answers.
 
     ``generate(prompt_ids, sampling)`` returns one completion per prompt, where ``sampling``
     is a dict with ``do_sample``, ``max_new_tokens`` and, when sampling, ``temperature``,
-    ``top_p`` and ``top_k`` (a :class:`opsd_train.rollout.RolloutEngine` provides one).
+    ``top_p`` and ``top_k`` (:func:`hf_generate` makes one from a model).
     ``greedy`` adds a greedy pass (pass@1); ``k > 0`` samples ``k`` completions per prompt
     (avg@k and pass@k). ``check(completion_text, answer)`` scores a completion (default:
     its last ``\\boxed{}`` through :func:`answers_match`). The reference protocol is

@@ -552,6 +552,12 @@ def build_trainer(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not (tc.progress and sys.stdout.isatty()):  # no carriage-return bars in a log file
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     extra = {}

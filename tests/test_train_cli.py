@@ -51,7 +51,12 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
         "student_after_grpo",
     ):
         assert 0.0 <= summary[key]["pass@1"] <= 1.0
-    assert summary["opsd_steps"] == summary["control_steps"] == summary["grpo_steps"] == 2
+    assert summary["steps"] == {"warmup": 3, "opsd": 2, "control": 2, "grpo": 2}
+    assert summary["trainer"] == {
+        "opsd": "FusedSDFTTrainer",
+        "control": "SFTTrainer",
+        "grpo": "GRPOTrainer",
+    }
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     phases = {r["phase"] for r in recs if r["event"] == "step"}
     assert phases == {"warmup", "opsd", "control", "grpo"}

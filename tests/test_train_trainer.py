@@ -110,3 +110,20 @@ def test_tokenizer_without_pad_token_pads_with_eos(tiny, problems, tmp_path):
     assert tok.pad_token == tok.eos_token
     t.train()
     assert t.state.global_step == 1
+
+
+def test_no_progress_bar_floods_a_log(tiny, problems, tmp_path, capfd):
+    """stdout is not a terminal here: no carriage-return progress bars, one line per step."""
+    from opsd_train.prompts import PromptBuilder
+    from opsd_train.recipes import build_trainer
+    from tests.train_fixtures import small_config
+
+    model, tok = tiny
+    capfd.readouterr()
+    tc = small_config(algo="sft", steps=3, progress=True)
+    t = build_trainer(model, tok, problems[0], tc, tmp_path, PromptBuilder(tok))
+    assert t.args.disable_tqdm
+    t.train()
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err
+    assert sum("'loss'" in line for line in out.splitlines()) == 3
