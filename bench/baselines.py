@@ -11,9 +11,15 @@
   scaled in the backward. ``compiled_chunked_logits`` is the same on logits.
 * ``liger_*``: Liger-Kernel's modules (CUDA only, imported lazily; ``None``
   when liger-kernel is not installed).
+* ``trl_chunked_divergence``: TRL 1.16.0's ``ChunkedDivergenceFunction``
+  (``trl.kernels.chunked_divergence``, the loss of its ``DistillationTrainer``):
+  token- and vocabulary-chunked, its torch path on CPU and its Triton kernels on
+  CUDA, per-token divergence (and entropy) reduced to the token mean here.
 
-Liger has no per-entry clip; its cases always compute the unclipped loss, and
-the report says so.
+Liger and TRL's kernel have no per-entry clip; their cases always compute the
+unclipped loss, and the report says so. A final-logit soft cap (``softcap``,
+Gemma 2's ``c * tanh(x / c)`` before the temperature) is taken by the naive,
+compiled and TRL paths; Liger has none (the bench skips it on capped presets).
 """
 
 from __future__ import annotations
@@ -67,11 +73,19 @@ def naive_divergence(s, t, *, kind="forward_kl", beta=0.5, temperature=1.0, clip
     return per.sum(-1).mean()
 
 
-def naive_linear(h_s, h_t, weight, *, kind="forward_kl", beta=0.5, temperature=1.0, clip=None):
-    """Token-mean divergence from hidden states: both full logits are materialised."""
-    s = h_s @ weight.t()
+def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's final-logit soft cap ``softcap * tanh(logits / softcap)``; None: unchanged."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def naive_linear(
+    h_s, h_t, weight, *, kind="forward_kl", beta=0.5, temperature=1.0, clip=None, softcap=None
+):
+    """Token-mean divergence from hidden states: both full logits are materialised
+    (soft-capped first when ``softcap`` is given, as the model does)."""
+    s = soft_cap(h_s @ weight.t(), softcap)
     with torch.no_grad():  # the teacher is a constant (stop-gradient)
-        t = h_t @ weight.t()
+        t = soft_cap(h_t @ weight.t(), softcap)
     return naive_divergence(s, t, kind=kind, beta=beta, temperature=temperature, clip=clip)
 
 
@@ -97,9 +111,9 @@ def naive_linear_16bit(
 # --------------------------------------------------------------- torch.compile, chunked
 
 
-def _chunk_loss_linear(h_s, weight, h_t, teacher_weight, kind, beta, temperature, clip):
-    s = h_s @ weight.t()
-    t = h_t @ teacher_weight.t()  # a separate argument: never differentiated
+def _chunk_loss_linear(h_s, weight, h_t, teacher_weight, kind, beta, temperature, clip, softcap):
+    s = soft_cap(h_s @ weight.t(), softcap)
+    t = soft_cap(h_t @ teacher_weight.t(), softcap)  # a separate argument: never differentiated
     ls = F.log_softmax(s.float() / temperature, dim=-1)
     lt = F.log_softmax(t.float() / temperature, dim=-1)
     per = naive_pointwise(ls, lt, kind, beta)
@@ -122,7 +136,7 @@ def _compiled_fwd_fn(logits: bool):
     return torch.compile(_chunk_loss_logits if logits else _chunk_loss_linear, dynamic=False)
 
 
-def _chunk_loss_logits(s, t, kind, beta, temperature, clip):
+def _chunk_loss_logits(s, t, kind, beta, temperature, clip, softcap=None):
     ls = F.log_softmax(s.float() / temperature, dim=-1)
     lt = F.log_softmax(t.float() / temperature, dim=-1)
     per = naive_pointwise(ls, lt, kind, beta)
@@ -181,11 +195,20 @@ class _ChunkedCompiled(torch.autograd.Function):
 
 
 def compiled_chunked_linear(
-    h_s, h_t, weight, *, kind="forward_kl", beta=0.5, temperature=1.0, clip=None, chunk=1024
+    h_s,
+    h_t,
+    weight,
+    *,
+    kind="forward_kl",
+    beta=0.5,
+    temperature=1.0,
+    clip=None,
+    softcap=None,
+    chunk=1024,
 ):
     """torch.compile of a token-chunked fused-linear loss (token mean), grads in the forward."""
     out = _ChunkedCompiled.apply(
-        h_s, h_t.detach(), weight, (kind, beta, temperature, clip), chunk, False
+        h_s, h_t.detach(), weight, (kind, beta, temperature, clip, softcap), chunk, False
     )
     return out
 
@@ -211,8 +234,9 @@ def liger_available() -> bool:
     return True
 
 
-def liger_beta(kind: str, beta: float) -> float:
-    """Liger's generalized-JSD beta for our kind: 0 forward KL, 1 reverse KL, beta for JSD."""
+def gkd_beta(kind: str, beta: float) -> float:
+    """The generalized-JSD beta of Liger and TRL for our kind: 0 forward KL, 1 reverse KL,
+    beta for JSD (both mix ``(1 - beta) p_S + beta p_T``, as our ``jsd`` does)."""
     check_kind(kind)
     if kind == "forward_kl":
         return 0.0
@@ -227,7 +251,7 @@ def liger_fused_linear_jsd(kind, beta, temperature):
     """LigerFusedLinearJSD (token-chunked GEMM + Triton JSD rows); call(h_s, h_t, W)."""
     from liger_kernel.transformers import LigerFusedLinearJSD
 
-    mod = LigerFusedLinearJSD(jsd_beta=liger_beta(kind, beta), temperature=temperature)
+    mod = LigerFusedLinearJSD(jsd_beta=gkd_beta(kind, beta), temperature=temperature)
     return lambda h_s, h_t, w: mod(h_s, w, h_t, w, None)
 
 
@@ -248,7 +272,7 @@ def liger_fused_linear_jsd_loss(kind, beta, temperature, compiled=True):
     mod = LigerFusedLinearJSDLoss(
         weight_hard_loss=0.0,
         weight_soft_loss=1.0,
-        beta=liger_beta(kind, beta),
+        beta=gkd_beta(kind, beta),
         temperature=temperature,
         compiled=compiled,
     )
@@ -282,11 +306,97 @@ def liger_jsd(kind, beta, temperature):
     """LigerJSD on log-probabilities (beta 0/1 for the KL kinds); call(s, t) on logits."""
     from liger_kernel.transformers import LigerJSD
 
-    mod = LigerJSD(beta=liger_beta(kind, beta))
+    mod = LigerJSD(beta=gkd_beta(kind, beta))
 
     def call(s, t):
         return mod(
             F.log_softmax(s.float() / temperature, -1), F.log_softmax(t.float() / temperature, -1)
         )
+
+    return call
+
+
+# ---------------------------------------------------------------------------- TRL
+
+#: TRL's module and class: the one place the bench names them (TRL 1.16.0; the class is
+#: not in ``trl.kernels.__all__``). tests/test_gpu_check.py fails loudly when they move.
+TRL_KERNEL_MODULE = "trl.kernels.chunked_divergence"
+TRL_KERNEL_CLASS = "ChunkedDivergenceFunction"
+#: the one name the kernel's module takes from ``trl.trainer.utils``, whose other imports
+#: (accelerate, datasets, pandas) a GPU image may lack
+TRL_TRAINER_IMPORT = "maybe_gather_lm_head_ctx"
+
+
+@functools.cache
+def trl_kernel() -> tuple[type | None, str]:
+    """``(ChunkedDivergenceFunction, how it was imported)``, or ``(None, why not)``.
+
+    The plain import first. When that fails only because ``trl.trainer.utils`` needs a
+    package this machine lacks (the GPU image has no accelerate or datasets), the module
+    is imported with a stand-in ``trl.trainer.utils`` whose ``maybe_gather_lm_head_ctx``
+    is a null context: TRL's own function without DeepSpeed ZeRO-3, which is what it
+    returns then. The kernel code measured is TRL's either way; the note says which.
+    """
+    import contextlib
+    import importlib
+    import sys
+    import types
+
+    try:
+        mod = importlib.import_module(TRL_KERNEL_MODULE)
+        how = "import"
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name == "trl" or exc.name.startswith("trl."):
+            return None, f"TRL is not installed ({exc})"
+        missing = exc.name
+        for name in [m for m in sys.modules if m.startswith("trl.")]:
+            if "kernels" in name or name == "trl.trainer.utils":
+                del sys.modules[name]
+        stand_in = types.ModuleType("trl.trainer.utils")
+        setattr(stand_in, TRL_TRAINER_IMPORT, lambda *params: contextlib.nullcontext())
+        saved = sys.modules.get("trl.trainer.utils")
+        sys.modules["trl.trainer.utils"] = stand_in
+        try:
+            mod = importlib.import_module(TRL_KERNEL_MODULE)
+        except Exception as exc2:  # noqa: BLE001 - reported as a skip reason
+            return None, f"TRL's kernel does not import: {exc2!r}"
+        finally:
+            if saved is None:
+                sys.modules.pop("trl.trainer.utils", None)
+            else:
+                sys.modules["trl.trainer.utils"] = saved
+        how = f"trl.trainer.utils stood in for (no {missing} here)"
+    except Exception as exc:  # noqa: BLE001
+        return None, f"TRL's kernel does not import: {exc!r}"
+    fn = getattr(mod, TRL_KERNEL_CLASS, None)
+    if fn is None:
+        return None, f"{TRL_KERNEL_MODULE} has no {TRL_KERNEL_CLASS}"
+    from importlib.metadata import version
+
+    return fn, f"TRL {version('trl')}, {how}"
+
+
+def trl_available() -> bool:
+    return trl_kernel()[0] is not None
+
+
+def trl_chunked_divergence(kind, beta, temperature, softcap=None):
+    """TRL's ``ChunkedDivergenceFunction`` on a shared lm_head (self-distillation);
+    call(h_s, h_t, W) -> the token mean of its per-token divergence (our ``mean``).
+
+    TRL's arguments: student hidden, weight, bias, teacher hidden, weight, bias, beta
+    (:func:`gkd_beta`), temperature, then per role a logit scale (1) and a final-logit
+    soft cap. Its gradient flows to the student hidden states and weight only. No clip.
+    """
+    fn, why = trl_kernel()
+    if fn is None:
+        raise RuntimeError(why)
+    b = gkd_beta(kind, beta)
+
+    def call(h_s, h_t, w):
+        per_token, _entropy = fn.apply(
+            h_s, w, None, h_t, w, None, b, temperature, 1.0, softcap, 1.0, softcap
+        )
+        return per_token.mean()
 
     return call

@@ -1,4 +1,4 @@
-"""fused_linear_divergence: every impl against the naive, compiled and Liger anchors.
+"""fused_linear_divergence: every impl against the naive, compiled, Liger and TRL anchors.
 
 Per shape (preset H, V and a token count N) and mode:
 
@@ -10,15 +10,23 @@ Per shape (preset H, V and a token count N) and mode:
 The teacher shares the student's lm_head (self-distillation). Necessary flops:
 4NHV for the two logits GEMMs, plus 2NHV for dh, plus 2NHV for dW.
 
+A preset with a final-logit soft cap (``gemma2-2b``: 30, ``harness.PRESET_SOFTCAP``)
+passes ``softcap=`` to our impls, the naive and compiled paths and TRL's kernel;
+Liger cannot cap and is skipped there, with the reason.
+
 Our impls are ``harness.OUR_IMPLS``: ``torch``, ``triton``, ``fused`` (deterministic
 backward) and ``fused-onepass`` (``impl="fused", deterministic=False``: one backward
 kernel with float32 atomics). ``fused-onepass`` has no ``fwd`` rows: its forward
-is ``fused``'s. Before timing, every case of ours is checked on a 256-token slice
-against the float32 naive loss on the same (upcast) values, and in ``fwdbwd`` its
-gradients too (relative Frobenius error).
+is ``fused``'s. Before timing, every case of ours and of TRL's kernel
+(``harness.CHECKED_IMPLS``) is checked on a 256-token slice against the float32
+naive loss on the same (upcast) values, and in ``fwdbwd`` its gradients too
+(relative Frobenius error). TRL's kernel has no clip: it is checked against the
+unclipped naive loss.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import baselines
 import harness
@@ -54,8 +62,13 @@ def _inputs(shape, dtype, device, mode, weight):
     return h_s, h_t, w
 
 
-def _loss_fn(impl, cfg, chunk):
-    o = cfg.options()
+def _options(cfg, softcap=None) -> dict:
+    """The loss options of a case: the run's, plus ``softcap`` when the preset caps."""
+    return {**cfg.options(), **({} if softcap is None else {"softcap": softcap})}
+
+
+def _loss_fn(impl, cfg, chunk, softcap=None):
+    o = _options(cfg, softcap)
     if impl in harness.OUR_IMPLS:
         args = harness.api_args(impl)
         return lambda hs, ht, w: opsd_kernels.fused_linear_divergence(hs, ht, w, **args, **o)
@@ -63,6 +76,8 @@ def _loss_fn(impl, cfg, chunk):
         return lambda hs, ht, w: baselines.naive_linear(hs, ht, w, **o)
     if impl == "compiled":
         return lambda hs, ht, w: baselines.compiled_chunked_linear(hs, ht, w, chunk=chunk, **o)
+    if impl == "trl-chunked":
+        return baselines.trl_chunked_divergence(cfg.kind, cfg.beta, cfg.temperature, softcap)
     if impl == "liger-fljsd":
         return baselines.liger_fused_linear_jsd(cfg.kind, cfg.beta, cfg.temperature)
     if impl == "liger-fljsd-loss":
@@ -70,30 +85,45 @@ def _loss_fn(impl, cfg, chunk):
     raise ValueError(f"unknown fused_linear impl {impl!r}; known: {IMPLS}")
 
 
-def _skip_reason(impl, cfg, device, mode="fwdbwd") -> str | None:
+def _takes_softcap() -> bool:
+    """Whether this build's ``fused_linear_divergence`` has the ``softcap`` option."""
+    return "softcap" in inspect.signature(opsd_kernels.fused_linear_divergence).parameters
+
+
+def _skip_reason(impl, cfg, device, mode="fwdbwd", softcap=None) -> str | None:
     if not cfg.wants(impl):
         return "not selected (--impls)"
     if impl in harness.TRITON_IMPLS and device.type != "cuda":
         return f"impl={impl} needs CUDA (the interpreter is too slow to time)"
     if mode == "fwd" and impl in harness.SAME_FORWARD_AS:
         return f"impl={impl} runs the forward of {harness.SAME_FORWARD_AS[impl]}: see its fwd row"
+    if impl.startswith("liger") and softcap is not None:
+        return f"Liger-Kernel has no final-logit soft cap (this preset caps at {softcap:g})"
+    if impl in harness.OUR_IMPLS and softcap is not None and not _takes_softcap():
+        return "this build's fused_linear_divergence has no softcap option"
     if impl.startswith("liger") and not baselines.liger_available():
         return "Liger-Kernel needs CUDA and the liger-kernel package"
     if impl.startswith("liger") and cfg.kind == "jsd" and cfg.beta in (0.0, 1.0):
         return "beta 0/1 is a KL kind"
+    if impl.startswith("trl") and not baselines.trl_available():
+        return baselines.trl_kernel()[1]
     return None
 
 
 @pytest.mark.parametrize("mode,weight", MODES, ids=["fwd", "fwdbwd-frozen", "fwdbwd-trainable"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fused_linear(benchmark, bench_cfg, device, shape, impl, mode, weight):
-    reason = _skip_reason(impl, bench_cfg, device, mode)
+    reason = _skip_reason(impl, bench_cfg, device, mode, shape.softcap)
     if reason:
         pytest.skip(reason)
     h_s, h_t, w = _inputs(shape, bench_cfg.dtype, device, mode, weight)
-    loss_fn = _loss_fn(impl, bench_cfg, bench_cfg.compile_chunk)
-    if impl in harness.OUR_IMPLS:
-        _check_against_naive(loss_fn, h_s, h_t, w, bench_cfg)
+    loss_fn = _loss_fn(impl, bench_cfg, bench_cfg.compile_chunk, shape.softcap)
+    if impl in harness.CHECKED_IMPLS:
+        clip = None if impl in harness.NO_CLIP else bench_cfg.clip
+        try:
+            _check_against_naive(loss_fn, h_s, h_t, w, bench_cfg, softcap=shape.softcap, clip=clip)
+        except NotImplementedError as exc:  # an impl that refuses an option (e.g. the cap)
+            pytest.skip(f"impl={impl} refuses these options: {exc}")
 
     def fn():
         loss = loss_fn(h_s, h_t, w)
@@ -116,11 +146,14 @@ def test_fused_linear(benchmark, bench_cfg, device, shape, impl, mode, weight):
         "weight": weight,
         "impl": impl,
         **bench_cfg.options(),
+        "softcap": shape.softcap,
         # e.g. deterministic=False for fused-onepass
         **{k: v for k, v in harness.OUR_IMPL_ARGS.get(impl, {}).items() if k != "impl"},
         "flops": _flops(shape, mode, weight),
         "input_bytes": harness.tensor_bytes(h_s, h_t, w),
     }
+    if impl.startswith("trl"):
+        record["trl"] = baselines.trl_kernel()[1]
     harness.measure_case(benchmark, record, fn, setup, device, bench_cfg, impl, mode, shape)
 
 
@@ -128,12 +161,19 @@ def _rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def _check_against_naive(loss_fn, h_s, h_t, w, cfg, n: int = 256):
+_SAME = object()
+
+
+def _check_against_naive(loss_fn, h_s, h_t, w, cfg, n: int = 256, softcap=None, clip=_SAME):
     """Correctness before timing, on the first ``n`` tokens: the loss, and the gradients
     of whatever requires grad (``h_s``; ``w`` when trainable), match the naive path
-    in float32 on the same values (16-bit inputs upcast). Gradients are compared by
-    relative Frobenius error; nothing is written to ``.grad``.
+    in float32 on the same values (16-bit inputs upcast), soft-capped at ``softcap``
+    and clipped at ``clip`` (default: the run's clip; None for an impl without one).
+    Gradients are compared by relative Frobenius error; nothing is written to ``.grad``.
     """
+    opts = _options(cfg, softcap)
+    if clip is not _SAME:
+        opts["clip"] = clip
     n = min(n, h_s.shape[0])
     tol = 1e-4 if h_s.dtype == torch.float32 else 2e-2
     grad_tol = 1e-3 if h_s.dtype == torch.float32 else 2e-2
@@ -148,7 +188,7 @@ def _check_against_naive(loss_fn, h_s, h_t, w, cfg, n: int = 256):
     ]
     with torch.enable_grad() if pairs else torch.no_grad():
         ours = loss_fn(hs, ht, w)
-        ref = baselines.naive_linear(hs_ref, ht.float(), w_ref, **cfg.options())
+        ref = baselines.naive_linear(hs_ref, ht.float(), w_ref, **opts)
         ours_grads = torch.autograd.grad(ours, [x for _, x, _ in pairs]) if pairs else ()
         ref_grads = torch.autograd.grad(ref, [x for _, _, x in pairs]) if pairs else ()
     ours, ref = ours.detach().float(), ref.detach()

@@ -13,7 +13,11 @@ Defaults depend on the machine:
 Options (all optional)::
 
     --preset NAMES      comma-separated presets (qwen3-1.7b, qwen3-4b, qwen3-8b,
-                        llama3-8b, gemma2-2b, cpu-small) or "all"
+                        llama3-8b, gemma2-2b, gemma3-4b, cpu-small) or "all";
+                        gemma2-2b carries Gemma 2's final-logit soft cap 30
+                        (harness.PRESET_SOFTCAP): the fused-linear bench passes
+                        softcap=30 to every impl that can cap and skips the
+                        others (Liger)
     --tokens LIST       comma-separated token counts, e.g. 1024,8192
     --full              all presets, tokens 1024..16384 (for a GPU)
     --bench-dtype D     float32 | bfloat16 | float16
@@ -50,7 +54,7 @@ from opsd_kernels.divergences import KINDS  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 DEFAULT_TOKENS_GPU = (1024, 4096, 8192)
 FULL_TOKENS = (1024, 2048, 4096, 8192, 16384)
-GPU_PRESETS = ("qwen3-1.7b", "qwen3-4b", "qwen3-8b", "llama3-8b", "gemma2-2b")
+GPU_PRESETS = ("qwen3-1.7b", "qwen3-4b", "qwen3-8b", "llama3-8b", "gemma2-2b", "gemma3-4b")
 
 
 def pytest_addoption(parser):
@@ -112,7 +116,11 @@ class BenchConfig:
                 raise pytest.UsageError(f"unknown preset {p!r}; known: {sorted(harness.PRESETS)}")
         if opt("--tokens"):
             tokens = [int(t) for t in opt("--tokens").split(",") if t.strip()]
-        self.shapes = [harness.Shape(p, *harness.PRESETS[p], n) for p in presets for n in tokens]
+        self.shapes = [
+            harness.Shape(p, *harness.PRESETS[p], n, harness.PRESET_SOFTCAP.get(p))
+            for p in presets
+            for n in tokens
+        ]
         self.dtype = getattr(torch, opt("--bench-dtype") or ("bfloat16" if HAS_CUDA else "float32"))
         self.kind = opt("--kind")
         self.temperature = opt("--temperature")

@@ -38,9 +38,13 @@ PRESETS: dict[str, tuple[int, int]] = {
     "qwen3-8b": (4096, 151_936),
     "llama3-8b": (4096, 128_256),
     "gemma2-2b": (2304, 256_000),
+    "gemma3-4b": (2560, 262_208),
     # CPU stand-in: same structure, small enough for a 2-core machine
     "cpu-small": (256, 8192),
 }
+#: final-logit soft cap per preset (Gemma 2's ``final_logit_softcapping``): every impl that
+#: can cap is called with ``softcap=``; one that cannot (Liger) is skipped with a note
+PRESET_SOFTCAP: dict[str, float] = {"gemma2-2b": 30.0}
 
 # results of this session, read by the session-finish hook (conftest.py)
 RESULTS: list[dict] = []
@@ -66,10 +70,17 @@ TRITON_IMPLS = tuple(k for k, a in OUR_IMPL_ARGS.items() if a["impl"] in ("trito
 #: our impls whose forward is another impl's: their ``fwd`` rows would repeat it
 SAME_FORWARD_AS = {"fused-onepass": "fused"}
 #: what each operation is compared with (see baselines.py)
+#: ``trl-chunked`` is TRL 1.16.0's ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction``
+#: (the loss of its ``DistillationTrainer``), per-token divergence reduced to the token mean
 ANCHORS: dict[str, tuple[str, ...]] = {
-    "fused_linear": ("naive", "compiled", "liger-fljsd", "liger-fljsd-loss"),
+    "fused_linear": ("naive", "compiled", "liger-fljsd", "liger-fljsd-loss", "trl-chunked"),
     "divergence": ("naive", "compiled", "liger-kldiv", "liger-jsd"),
 }
+#: anchors without a per-entry clip: they compute the unclipped loss (a note says so), and the
+#: pre-timing check compares them with the unclipped naive loss
+NO_CLIP = ("liger-fljsd", "liger-fljsd-loss", "liger-kldiv", "liger-jsd", "trl-chunked")
+#: what the pre-timing correctness check covers (bench_fused_linear.py)
+CHECKED_IMPLS = OUR_IMPLS + ("trl-chunked",)
 #: every case of each benchmark, ours first (``divergence`` has no fused impl)
 IMPLS: dict[str, tuple[str, ...]] = {
     "fused_linear": OUR_IMPLS + ANCHORS["fused_linear"],
@@ -91,6 +102,7 @@ class Shape:
     hidden: int
     vocab: int
     tokens: int
+    softcap: float | None = None
 
     @property
     def id(self) -> str:
@@ -159,11 +171,13 @@ def _stats(times: list[float]) -> dict:
 
 def measure_case(benchmark, record, fn, setup, device, bench_cfg, impl, mode, shape) -> dict:
     """:func:`measure` for one case of a divergence or fused-linear bench: the note on
-    Liger's unclipped loss, the naive path's RAM estimate (7 float32 N x V tensors at
-    the peak of forward+backward, measured on CPU, plus one), no autograd for forward-only
-    cases, and a warm-up where something compiles or tunes (CUDA, torch.compile)."""
-    if impl.startswith("liger"):
-        record["note"] = "no per-entry clip in Liger: unclipped loss" if bench_cfg.clip else ""
+    the unclipped loss of the anchors without a clip (Liger, TRL), the naive path's RAM
+    estimate (7 float32 N x V tensors at the peak of forward+backward, measured on CPU,
+    plus one), no autograd for forward-only cases, and a warm-up where something compiles
+    or tunes (CUDA, torch.compile)."""
+    if impl in NO_CLIP and bench_cfg.clip is not None:
+        who = "TRL's kernel" if impl.startswith("trl") else "Liger"
+        record["note"] = f"no per-entry clip in {who}: unclipped loss"
     estimate = 8 * 4 * shape.tokens * shape.vocab if impl == "naive" else None
     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
         return measure(

@@ -365,7 +365,11 @@ def render(data: dict, out_dir: str) -> list[str]:
         '(`fused-onepass` = `impl="fused", deterministic=False`); `naive` = full logits, '
         "log_softmax, F.kl_div, autograd; `compiled` = torch.compile of a token-chunked loss "
         f"(chunk {c['compile_chunk']}); `liger-*` = Liger-Kernel (no per-entry clip: it "
-        "computes the unclipped loss).",
+        "computes the unclipped loss); `trl-chunked` = TRL's `ChunkedDivergenceFunction` "
+        "(`trl.kernels.chunked_divergence`, the loss of its `DistillationTrainer`; no "
+        "per-entry clip either: unclipped loss; per-token divergence, token mean). A preset "
+        "with a final-logit soft cap (gemma2-2b: 30) passes it to every impl that can cap; "
+        "Liger cannot and is skipped there.",
         "",
     ]
     if any(r["op"] == "fused_linear" for r in results):
@@ -386,6 +390,7 @@ def render(data: dict, out_dir: str) -> list[str]:
     lines += precision_section(data.get("precision", []))
     if not cpu:
         lines += _gpu_targets(results, gemm)
+    lines += trl_section(results)
     pngs = []
     for op in ("fused_linear", "divergence"):
         op_rows = [r for r in results if r["op"] == op]
@@ -399,6 +404,8 @@ def render(data: dict, out_dir: str) -> list[str]:
             shape = (
                 f"H={r0['hidden']}, V={r0['vocab']}" if op == "fused_linear" else f"V={r0['vocab']}"
             )
+            if op == "fused_linear" and r0.get("softcap") is not None:
+                shape += f", softcap {r0['softcap']:g}"
             lines += [f"### {preset} ({shape}, {r0['dtype']})", ""]
             try:
                 png = _plot(rows_p, op, preset, out_dir, stem)
@@ -531,6 +538,53 @@ def _gpu_targets(results, gemm):
                 _yn(r["flops"] / t >= 0.5 * gemm, 100 * r["flops"] / t / gemm, "%"),
             ]
             out.append(f"| {weight} | {impl} | " + " | ".join(cells) + " |")
+    return out + [""] if out else []
+
+
+#: the anchor of :func:`trl_section`
+TRL_ANCHOR = "trl-chunked"
+
+
+def trl_section(results: list[dict]) -> list[str]:
+    """Our impls against TRL's kernel: speedup (TRL time / ours) and memory ratio (our
+    peak / TRL's), per preset, mode, lm_head and token count where both ran."""
+    out = []
+    trl_rows = [
+        r
+        for r in results
+        if r["op"] == "fused_linear"
+        and r["impl"] == TRL_ANCHOR
+        and r.get("status") in ("ok", "OOM")
+    ]
+    for t in sorted(
+        trl_rows,
+        key=lambda r: (r["preset"], r["mode"] != "fwd", r["weight"], r["tokens"]),
+    ):
+        key = {k: t[k] for k in ("op", "preset", "mode", "weight", "tokens")}
+        for impl in OURS:
+            r = _find(results, impl=impl, **key)
+            if r is None or r.get("status") != "ok":
+                continue
+            if not out:
+                out += [
+                    f"## Against TRL's kernel (`{TRL_ANCHOR}`)",
+                    "",
+                    "Speedup = TRL's time / ours (>1: ours faster); memory ratio = our peak / "
+                    "TRL's peak (<1: ours leaner), beyond the inputs, same run and device. "
+                    "TRL computes the unclipped loss; ours the run's clip.",
+                    "",
+                    "| preset | mode | tokens | impl | speedup vs TRL | mem ratio vs TRL |",
+                    "|---|---|---:|---|---:|---:|",
+                ]
+            if t["status"] == "OOM":
+                cells = ["TRL OOM", "TRL OOM"]
+            else:
+                mr = r["peak_bytes"] / t["peak_bytes"] if t.get("peak_bytes") else None
+                cells = [f"{t['median_s'] / r['median_s']:.3g}x", _fmt(mr, ".3g")]
+            out.append(
+                f"| {t['preset']} | {_mode_name(t['mode'], t['weight'])} | {t['tokens']} | "
+                f"{impl} | " + " | ".join(cells) + " |"
+            )
     return out + [""] if out else []
 
 

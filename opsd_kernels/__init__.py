@@ -9,12 +9,14 @@ from .modules import (
     FusedLinearTopkDivergence,
     TopkDivergence,
 )
+from .stats import DivergenceStats
 from .topk import fused_linear_topk_divergence, topk_divergence
 from .trl_compat import generalized_jsd
 
 __all__ = [
     "__version__",
     "Divergence",
+    "DivergenceStats",
     "FusedLinearDivergence",
     "FusedLinearTopkDivergence",
     "TopkDivergence",

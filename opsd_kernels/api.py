@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from . import gemm
 from ._validation import (
+    SAME_AS_STUDENT,
+    DivergenceOptions,
     check_chunk_size,
     check_impl,
     check_linear_inputs,
@@ -19,6 +23,7 @@ from .autograd import (
     FusedLinearDivergenceFunction,
     auto_chunk_size,
 )
+from .stats import DivergenceStats, new_stats_buffer, public_stats
 from .torch_impl import divergence_rows_torch
 
 
@@ -30,6 +35,38 @@ def _row_function(impl: str):
     return divergence_rows_triton
 
 
+def new_options_used(opts: DivergenceOptions, return_stats: bool) -> list[str]:
+    """Names of this round's options that ``opts`` / ``return_stats`` switch on."""
+    used = [
+        ("clip_mode", opts.clip is not None and opts.clip_mode != "entry"),
+        ("logit_scale", opts.logit_scale != 1.0),
+        ("softcap", opts.softcap is not None),
+        ("teacher_logit_scale", opts.teacher_logit_scale != opts.logit_scale),
+        ("teacher_softcap", opts.teacher_softcap != opts.softcap),
+        ("return_stats", return_stats),
+    ]
+    return [name for name, on in used if on]
+
+
+def require_options_support(fn, opts: DivergenceOptions, return_stats: bool, impl: str) -> None:
+    """Refuse the new options for a kernel entry point that predates them.
+
+    The row-function contract of this round adds a ``stats`` parameter together with the
+    logit transform and the clip modes; an entry point without it computes none of them.
+    """
+    if "stats" in inspect.signature(fn).parameters:
+        return
+    used = new_options_used(opts, return_stats)
+    if used:
+        raise NotImplementedError(
+            f"impl={impl!r} does not support {', '.join(used)} yet; use impl='torch'"
+        )
+
+
+def _with_stats(loss: torch.Tensor, buffer: torch.Tensor | None, lead: torch.Size):
+    return loss if buffer is None else (loss, public_stats(buffer, lead))
+
+
 def divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -38,11 +75,17 @@ def divergence(
     beta: float = 0.5,
     temperature: float = 1.0,
     clip: float | None = None,
+    clip_mode: str = "entry",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    teacher_logit_scale: float | str = SAME_AS_STUDENT,
+    teacher_softcap: float | str | None = SAME_AS_STUDENT,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
     impl: str = "auto",
     process_group=None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, DivergenceStats]:
     """Per-token divergence between teacher and student next-token distributions.
 
     Args:
@@ -52,10 +95,30 @@ def divergence(
             ``"reverse_kl"`` = KL(p_S || p_T), ``"jsd"`` = generalized JSD:
             ``beta KL(p_T || m) + (1 - beta) KL(p_S || m)``, ``m = beta p_T + (1 - beta) p_S``.
         beta: JSD mixture weight, strictly between 0 and 1 (ignored by the KL kinds).
-        temperature: both logits are divided by it before the softmax.
-        clip: None, or tau > 0: every vocabulary entry's pointwise contribution is
-            clipped, ``min(phi_v, tau)``, before the sum over V (the method's v3
-            loss; the clipped sum can be negative). Clipped entries pass no gradient.
+        temperature: both logits are divided by it before the softmax (after the
+            logit transform below).
+        clip: None, or tau > 0: clip the loss, as ``clip_mode`` says.
+        clip_mode: how ``clip`` applies (ignored without ``clip``):
+            ``"entry"`` (default; the method's v3 loss): ``sum_v min(phi_v, tau)``,
+            clipped entries pass no gradient through their own term (the clipped sum
+            can be negative, and with forward KL a clipped entry's student logit is
+            pushed DOWN: it still sits in the softmax);
+            ``"token"``: ``min(sum_v phi_v, tau)`` per token, a clipped token passes no
+            gradient at all;
+            ``"entry_keep"``: the loss value and teacher gradient of ``"entry"``, but
+            each clipped entry's student-logit gradient is replaced by the
+            ``p_S``-weighted mean of the unclipped entries' gradients, so that a descent
+            step leaves every clipped entry's student probability unchanged (to first
+            order). Exact definitions: :class:`opsd_kernels._validation.DivergenceOptions`.
+        logit_scale, softcap: the student's logit transform, applied to the raw
+            logits ``x`` before the temperature: ``z = softcap * tanh(logit_scale * x /
+            softcap)`` (Gemma 2's final soft-capping: ``softcap=30``), or
+            ``logit_scale * x`` with ``softcap=None`` (default). Gradients are with
+            respect to the raw logits. Under a cap a ``-inf`` logit becomes ``-softcap``
+            (``tanh(-inf) = -1``): a finite logit, as in the capped model itself.
+        teacher_logit_scale, teacher_softcap: the teacher's transform; ``"same"``
+            (default) takes the student's values (``teacher_softcap=None`` leaves a
+            teacher uncapped beside a capped student).
         mask: None or bool (...): False positions contribute nothing and get zero
             gradient; their contents never reach an output (padding may hold anything).
         reduction: ``"mean"`` (sum over counted tokens / number of counted tokens;
@@ -67,13 +130,20 @@ def divergence(
             vocabulary is split (tensor parallelism): each rank passes its contiguous,
             possibly uneven, slice of the last dimension of both logits, in rank order.
             Every rank returns the full loss; each logit gradient is the rank's own
-            slice. Forward: 2 all-reduces of O(N) values (KL kinds without clip) or 3
-            (jsd or clip); backward: none. See :mod:`opsd_kernels.vocab_parallel`.
+            slice. Forward: 2 all-reduces of O(N) values (KL kinds without clip, or with
+            ``clip_mode="token"``) or 3 (jsd, or a per-entry clip); backward: none. See
+            :mod:`opsd_kernels.vocab_parallel`.
+        return_stats: also return per-token statistics (student entropy, teacher mass
+            on clipped entries, clipped-entry count, whether the teacher's top-1 entry
+            was clipped), computed in the same passes; see
+            :class:`opsd_kernels.DivergenceStats`.
 
     Returns:
         float32 loss (float64 for float64 inputs on the torch path): a scalar,
         or shape (...) for ``reduction="none"``. Gradients flow to both logits
         when they require grad, in their own dtypes. Arithmetic is float32.
+        With ``return_stats=True``: ``(loss, DivergenceStats)``, each statistic of
+        shape (...), without gradient, 0 where ``mask`` is False.
 
     Special values: -inf logits (banned tokens) are exact: ``0 log 0 = 0``, and a
     KL is +inf where one side puts mass on a token the other bans (the
@@ -91,8 +161,28 @@ def divergence(
     True
     >>> loss.backward(); s.grad.shape
     torch.Size([2, 6, 50])
+
+    Per-token statistics beside the loss, here with a soft cap and the token clip:
+
+    >>> loss, stats = divergence(s, t, softcap=30.0, clip=0.5, clip_mode="token",
+    ...                          return_stats=True)
+    >>> stats.student_entropy.shape, stats.clipped_entries.dtype
+    (torch.Size([2, 6]), torch.int32)
     """
-    opts = check_options(kind, beta, temperature, clip, reduction)
+    opts = check_options(
+        kind,
+        beta,
+        temperature,
+        clip,
+        reduction,
+        clip_mode,
+        logit_scale,
+        softcap,
+        teacher_logit_scale,
+        teacher_softcap,
+    )
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
     check_logits_inputs(student_logits, teacher_logits, mask)
     impl = check_impl(
         impl,
@@ -104,18 +194,25 @@ def divergence(
         # a custom Function sees requires_grad even under no_grad: detach so that no
         # gradient is formed (and no (N, V) gradient buffer allocated) for nothing
         student_logits, teacher_logits = student_logits.detach(), teacher_logits.detach()
+    lead = student_logits.shape[:-1]
+    stats = new_stats_buffer(lead.numel(), student_logits.device) if return_stats else None
     if process_group is not None:
         from .vocab_parallel import check_process_group, divergence_vocab_parallel
 
-        return divergence_vocab_parallel(
+        loss = divergence_vocab_parallel(
             student_logits,
             teacher_logits,
             mask,
             opts,
-            check_process_group(process_group, impl),
+            check_process_group(process_group, impl, opts, return_stats),
             impl,
+            stats,
         )
-    return DivergenceFunction.apply(student_logits, teacher_logits, mask, opts, _row_function(impl))
+        return _with_stats(loss, stats, lead)
+    row_fn = _row_function(impl)
+    require_options_support(row_fn, opts, return_stats, impl)
+    loss = DivergenceFunction.apply(student_logits, teacher_logits, mask, opts, row_fn, stats)
+    return _with_stats(loss, stats, lead)
 
 
 def fused_linear_divergence(
@@ -130,6 +227,11 @@ def fused_linear_divergence(
     beta: float = 0.5,
     temperature: float = 1.0,
     clip: float | None = None,
+    clip_mode: str = "entry",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    teacher_logit_scale: float | str = SAME_AS_STUDENT,
+    teacher_softcap: float | str | None = SAME_AS_STUDENT,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
     impl: str = "auto",
@@ -138,7 +240,8 @@ def fused_linear_divergence(
     skip_threshold: float | str = "auto",
     deterministic: bool = True,
     process_group=None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, DivergenceStats]:
     """Divergence computed from hidden states and the lm_head, never the full logits.
 
     Equals ``divergence(student_hidden @ weight.T + bias, teacher_hidden @ W_T.T + b_T)``
@@ -153,7 +256,13 @@ def fused_linear_divergence(
             and ``bias``; the fastest case, one GEMM for both roles) or (V, H_T).
         bias: None or (V,) lm_head bias.
         teacher_bias: None or (V,); only with a separate ``teacher_weight``.
-        kind, beta, temperature, clip, mask, reduction: as :func:`divergence`.
+        kind, beta, temperature, clip, clip_mode, mask, reduction, return_stats: as
+            :func:`divergence`.
+        logit_scale, softcap: the student's logit transform, as :func:`divergence`'s,
+            applied to ``h W^T + b`` (a head whose scale is already folded into the
+            hidden states or weight keeps the default 1.0).
+        teacher_logit_scale, teacher_softcap: the teacher's, as :func:`divergence`'s;
+            ``"same"`` (default) takes the student's values.
         impl: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``,
             ``"fused"``. ``"torch"`` and ``"triton"`` are token-chunked: per chunk one
             float32 logits GEMM, the row divergence (gradient written over the logits
@@ -217,7 +326,8 @@ def fused_linear_divergence(
     always recomputes in the backward (nothing is stored but the statistics), so its
     graph may also be backpropagated twice (``retain_graph=True``).
 
-    Returns: float32 loss, scalar or shape (...) for ``reduction="none"``.
+    Returns: float32 loss, scalar or shape (...) for ``reduction="none"``; with
+    ``return_stats=True``, ``(loss, DivergenceStats)`` (per token, shape (...)).
 
     >>> torch.manual_seed(0) and None
     >>> h_s = torch.randn(4, 7, 16, requires_grad=True)   # student hidden states
@@ -227,8 +337,29 @@ def fused_linear_divergence(
     >>> loss.backward()
     >>> h_s.grad.shape, lm_head.weight.grad.shape
     (torch.Size([4, 7, 16]), torch.Size([100, 16]))
+
+    A Gemma-2-style soft-capped head, with per-token statistics:
+
+    >>> loss, stats = fused_linear_divergence(h_s, h_t, lm_head.weight, softcap=30.0,
+    ...                                       clip=0.05, clip_mode="entry_keep",
+    ...                                       return_stats=True)
+    >>> bool((stats.teacher_clipped_mass <= 1).all()), stats.teacher_top1_clipped.dtype
+    (True, torch.bool)
     """
-    opts = check_options(kind, beta, temperature, clip, reduction)
+    opts = check_options(
+        kind,
+        beta,
+        temperature,
+        clip,
+        reduction,
+        clip_mode,
+        logit_scale,
+        softcap,
+        teacher_logit_scale,
+        teacher_softcap,
+    )
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
     check_linear_inputs(
         student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias, mask
     )
@@ -277,15 +408,22 @@ def fused_linear_divergence(
         # see divergence(): no gradient work under no_grad
         student_hidden, weight = student_hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
+    lead = student_hidden.shape[:-1]
+    stats = new_stats_buffer(lead.numel(), student_hidden.device) if return_stats else None
     if process_group is not None:
         # this rank's vocabulary slice (check_process_group refuses impl="fused")
         from .vocab_parallel import VocabParallelSweep, check_process_group
 
-        sweep = VocabParallelSweep(check_process_group(process_group, impl), chunk_size, impl)
+        group = check_process_group(process_group, impl, opts, return_stats)
+        sweep = VocabParallelSweep(group, chunk_size, impl)
     elif impl == "fused":
         from .triton.fused_function import FusedTritonLinearDivergenceFunction
 
-        return FusedTritonLinearDivergenceFunction.apply(
+        fused = FusedTritonLinearDivergenceFunction
+        require_options_support(fused.forward, opts, return_stats, impl)
+        # the fused Function takes the stats buffer as a trailing argument once it has one
+        extra = () if "stats" not in inspect.signature(fused.forward).parameters else (stats,)
+        loss = fused.apply(
             student_hidden,
             teacher_hidden,
             weight,
@@ -297,10 +435,14 @@ def fused_linear_divergence(
             skip_threshold,
             grad_dtype,
             deterministic,
+            *extra,
         )
+        return _with_stats(loss, stats, lead)
     else:
-        sweep = ChunkedSweep(_row_function(impl), chunk_size)
-    return FusedLinearDivergenceFunction.apply(
+        row_fn = _row_function(impl)
+        require_options_support(row_fn, opts, return_stats, impl)
+        sweep = ChunkedSweep(row_fn, chunk_size)
+    loss = FusedLinearDivergenceFunction.apply(
         student_hidden,
         teacher_hidden,
         weight,
@@ -311,4 +453,6 @@ def fused_linear_divergence(
         opts,
         sweep,
         grad_dtype,
+        stats,
     )
+    return _with_stats(loss, stats, lead)

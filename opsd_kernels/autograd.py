@@ -58,7 +58,9 @@ class DivergenceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, opts: DivergenceOptions, row_fn: RowFunction):
+    def forward(
+        ctx, student, teacher, mask, opts: DivergenceOptions, row_fn: RowFunction, stats=None
+    ):
         lead = student.shape[:-1]
         s2, t2 = as_rows(student), as_rows(teacher)
         mask1 = None if mask is None else mask.reshape(-1).contiguous()
@@ -76,8 +78,10 @@ class DivergenceFunction(torch.autograd.Function):
         now_s, now_t = want_s and not defer, want_t and not defer
         grad_s = torch.empty_like(s2, memory_format=torch.contiguous_format) if now_s else None
         grad_t = torch.empty_like(t2, memory_format=torch.contiguous_format) if now_t else None
+        # ``stats``: None, or the caller's (R, NUM_STATS) buffer, filled here (no gradient)
+        extra = {} if stats is None else {"stats": stats}
         loss_rows = row_fn(
-            s2, t2, opts, mask=mask1, scale=scale, grad_student=grad_s, grad_teacher=grad_t
+            s2, t2, opts, mask=mask1, scale=scale, grad_student=grad_s, grad_teacher=grad_t, **extra
         )
         ctx.defer = defer
         ctx.wants = (want_s, want_t)
@@ -105,13 +109,13 @@ class DivergenceFunction(torch.autograd.Function):
                 None if g is None else g.view(shape)
                 for g, shape in zip((grad_s, grad_t), ctx.shapes, strict=True)
             ]
-            return outs[0], outs[1], None, None, None
+            return outs[0], outs[1], None, None, None, None
         go = grad_out.reshape(-1, 1) if ctx.reduction == "none" else grad_out
         outs = []
         for g, shape in zip(ctx.grads, ctx.shapes, strict=True):
             outs.append(None if g is None else g.mul_(go).view(shape))
         ctx.grads = None
-        return outs[0], outs[1], None, None, None
+        return outs[0], outs[1], None, None, None, None
 
 
 def auto_chunk_size(
@@ -143,10 +147,12 @@ class ChunkedSweep:
     vocabulary: per chunk float32 logits, the row function, the gradient GEMMs.
 
     A sweep is called as ``sweep(hs, ht, weight, teacher_weight, bias, teacher_bias,
-    mask, opts, scale, want_h, want_w, want_b, weight_grad_dtype, stats=None)`` and
-    returns ``(loss_rows, stats, grad_hidden, grad_weight, grad_bias)``: ``scale`` is
-    (1,) or (N,) per-row gradient factors in the compute dtype; ``stats`` are per-token
-    statistics a deferred backward may reuse (None here: this sweep recomputes them);
+    mask, opts, scale, want_h, want_w, want_b, weight_grad_dtype, stats=None,
+    token_stats=None)`` and returns ``(loss_rows, stats, grad_hidden, grad_weight,
+    grad_bias)``: ``scale`` is (1,) or (N,) per-row gradient factors in the compute dtype;
+    ``stats`` are internal per-token values a deferred backward may reuse (None here: this
+    sweep recomputes them); ``token_stats``: None, or the float32 (N, NUM_STATS) buffer of
+    the public per-token statistics (:mod:`opsd_kernels.stats`), filled by the forward;
     the hidden and bias gradients are in the compute dtype (float32 or float64), the
     weight gradient in ``weight_grad_dtype``, None where unwanted.
     :meth:`reduce_hidden` finishes the hidden gradient (the identity here; a
@@ -172,6 +178,7 @@ class ChunkedSweep:
         want_b,
         weight_grad_dtype,
         stats=None,
+        token_stats=None,
     ):
         N = hs.shape[0]
         cdt = gemm.compute_dtype(
@@ -188,6 +195,7 @@ class ChunkedSweep:
             hs_c, s_l, t_l = chunk_logits(
                 hs[lo:hi], ht[lo:hi], weight, teacher_weight, bias, teacher_bias, mask_c
             )
+            extra = {} if token_stats is None else {"stats": token_stats[lo:hi]}
             loss[lo:hi] = self.row_fn(
                 s_l,
                 t_l,
@@ -196,6 +204,7 @@ class ChunkedSweep:
                 scale=scale if scale.numel() == 1 else scale[lo:hi],
                 grad_student=s_l if grads.any else None,
                 grad_teacher=None,
+                **extra,
             )
             del t_l
             if grads.any:
@@ -212,8 +221,10 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
     """Chunked fused-linear divergence; gradients to student hidden, weight and bias.
 
     ``apply(student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias,
-    mask, opts, sweep, weight_grad_dtype)``: ``sweep`` a :class:`ChunkedSweep`, or a
-    vocabulary-parallel one (:class:`opsd_kernels.vocab_parallel.VocabParallelSweep`).
+    mask, opts, sweep, weight_grad_dtype, token_stats=None)``: ``sweep`` a
+    :class:`ChunkedSweep`, or a vocabulary-parallel one
+    (:class:`opsd_kernels.vocab_parallel.VocabParallelSweep`); ``token_stats`` None or a
+    float32 (N, NUM_STATS) buffer the forward fills (:mod:`opsd_kernels.stats`).
 
     Logits are float32 (:mod:`opsd_kernels.gemm`). Gradients formed in the forward
     are kept in float32 until the backward has applied the upstream factor (e.g. a
@@ -237,6 +248,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         opts: DivergenceOptions,
         sweep,
         weight_grad_dtype: torch.dtype,
+        token_stats=None,
     ):
         H = student_hidden.shape[-1]
         lead = student_hidden.shape[:-1]
@@ -263,6 +275,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
                 want_w and not defer,
                 want_b and not defer,
                 weight_grad_dtype,
+                token_stats=token_stats,
             )
         ctx.defer = defer
         ctx.sweep = sweep
@@ -323,6 +336,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             None if grad_w is None else grad_w.to(w_dtype),
             None,
             None if grad_b is None else grad_b.to(b_dtype),
+            None,
             None,
             None,
             None,

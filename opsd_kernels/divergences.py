@@ -26,6 +26,13 @@ softmax gives, with clipped entries' g and h set to 0,
     dL/ds_j = (g_j - pS_j * G) / tau,   G = sum_v g_v
     dL/dt_j = (h_j - pT_j * H) / tau,   H = sum_v h_v
 
+Before the temperature each role's raw logits go through the transform of
+:class:`~opsd_kernels._validation.DivergenceOptions` (``s``, ``t`` above are its
+outputs ``z``); the raw-logit gradient is ``dL/dz * dz/dx``. ``clip_mode="token"``
+clips the row sum instead (``min(L, clip)``, no gradient for a clipped row) and
+``"entry_keep"`` replaces ``dL/ds_j`` on the clipped entries by the
+``pS``-weighted mean of the unclipped ones (:func:`rows_loss_and_grads`).
+
 Special values: ``0 * log 0`` counts as 0 (a term whose weight probability is
 exactly 0 contributes nothing, even where the other side is -inf), a term with
 positive weight against a zero probability is ``+inf`` (the KL is infinite),
@@ -42,6 +49,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .stats import CLIPPED_ENTRIES, STUDENT_ENTROPY, TEACHER_CLIPPED_MASS, TEACHER_TOP1_CLIPPED
 
 Terms = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -146,36 +155,111 @@ def _shift_to_max(x: torch.Tensor) -> torch.Tensor:
     return x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
+def _scaled_logits(x: torch.Tensor, scale: float, cap: float | None, inv_t: float):
+    """``z / tau`` shifted to its row max, of raw logits ``x`` (one role).
+
+    Without a cap the scale commutes with the shift (``scale > 0``), so
+    ``(x - max x) * scale / tau`` is formed without overflow. With a cap ``z`` is
+    bounded by it.
+    """
+    if cap is None:
+        return _shift_to_max(x) * (scale * inv_t)
+    return _shift_to_max(transform_logits(x, scale, cap)) * inv_t
+
+
+def _chain_rule(grad: torch.Tensor, x: torch.Tensor, scale: float, cap: float | None):
+    """``grad * dz/dx``: a gradient with respect to ``z`` taken to the raw logits ``x``
+    (``dz/dx`` recomputed from ``x`` here, so that no (R, V) derivative stays alive
+    through the row math)."""
+    if cap is None:
+        return grad * scale if scale != 1.0 else grad
+    return grad.mul_(transform_grad(transform_logits(x, scale, cap), scale, cap))
+
+
+def _write_stats(stats, lS, pS, lT, pT, clipped, token_clipped) -> None:
+    """Fill ``stats`` (R, NUM_STATS) with the per-row statistics of :mod:`opsd_kernels.stats`.
+
+    ``clipped``: (R, V) bool of clipped entries ("entry"/"entry_keep"), or None;
+    ``token_clipped``: (R,) bool of clipped tokens ("token"), or None.
+    """
+    zero = torch.zeros((), dtype=pS.dtype, device=pS.device)
+    stats[:, STUDENT_ENTROPY] = -torch.where(pS == 0, zero, pS * lS).sum(-1)
+    if token_clipped is not None:
+        flag = token_clipped.to(pS.dtype)
+        stats[:, TEACHER_CLIPPED_MASS] = flag
+        stats[:, CLIPPED_ENTRIES] = flag * pS.shape[-1]
+        stats[:, TEACHER_TOP1_CLIPPED] = flag
+    elif clipped is not None:
+        # the teacher's top entries: its largest log-probability (ties all count)
+        top1 = lT == lT.amax(-1, keepdim=True)
+        stats[:, TEACHER_CLIPPED_MASS] = torch.where(clipped, pT, zero).sum(-1)
+        stats[:, CLIPPED_ENTRIES] = clipped.sum(-1)
+        stats[:, TEACHER_TOP1_CLIPPED] = (clipped & top1).any(-1)
+    else:
+        stats[:, TEACHER_CLIPPED_MASS:] = 0
+
+
 def rows_loss_and_grads(
     student: torch.Tensor,
     teacher: torch.Tensor,
     opts,
     want_student_grad: bool,
     want_teacher_grad: bool,
+    stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Row losses and unit-upstream logit gradients of a block of rows, in float32+.
 
-    ``student``/``teacher``: (R, V) logits in float32 or float64 (the caller
-    upcasts); ``opts``: :class:`~opsd_kernels._validation.DivergenceOptions`.
-    Returns ``(loss (R,), dL/ds (R, V) or None, dL/dt (R, V) or None)`` where
-    the gradients are those of each row's own loss (upstream gradient 1).
+    ``student``/``teacher``: (R, V) RAW logits in float32 or float64 (the caller
+    upcasts); ``opts``: :class:`~opsd_kernels._validation.DivergenceOptions`, whose
+    per-role logit transform, temperature, kind and ``clip_mode`` are applied here.
+    Returns ``(loss (R,), dL/ds (R, V) or None, dL/dt (R, V) or None)`` where the
+    gradients are those of each row's own loss (upstream gradient 1) with respect to
+    the RAW logits (the transform's chain rule applied). ``stats``: None, or an
+    (R, NUM_STATS) tensor filled with the rows' :mod:`opsd_kernels.stats` columns.
     """
     spec, beta, clip = opts.spec, opts.beta, opts.clip
     inv_t = 1.0 / opts.temperature
-    lS = torch.log_softmax(_shift_to_max(student) * inv_t, dim=-1)
-    lT = torch.log_softmax(_shift_to_max(teacher) * inv_t, dim=-1)
+    b = _scaled_logits(student, opts.logit_scale, opts.softcap, inv_t)
+    a = _scaled_logits(teacher, opts.teacher_logit_scale, opts.teacher_softcap, inv_t)
+    lS = torch.log_softmax(b, dim=-1)
+    lT = torch.log_softmax(a, dim=-1)
+    del a, b
     pS = lS.exp()
     pT = lT.exp()
     phi, g, h = spec.terms(lT, lS, pT, pS, beta)
-    if clip is not None:
-        kept = phi < clip
-        phi = torch.clamp(phi, max=clip)
-        g = torch.where(kept, g, torch.zeros_like(g))
-        h = torch.where(kept, h, torch.zeros_like(h))
-    loss = phi.sum(-1)
+    mode = None if clip is None else opts.clip_mode
+    zero = torch.zeros((), dtype=phi.dtype, device=phi.device)
+    clipped = token_clipped = None
+    if mode == "token":
+        loss = phi.sum(-1)
+        token_clipped = ~(loss < clip)
+        loss = torch.clamp(loss, max=clip)  # min(sum, clip); a NaN sum stays NaN
+    else:
+        if mode is not None:  # "entry", "entry_keep": min(phi_v, clip) per entry
+            clipped = ~(phi < clip)
+            phi = torch.clamp(phi, max=clip)
+            g = g.masked_fill(clipped, 0.0)
+            h = h.masked_fill(clipped, 0.0)
+        loss = phi.sum(-1)
+    if stats is not None:
+        _write_stats(stats, lS, pS, lT, pT, clipped, token_clipped)
+    del phi, lS, lT
     grad_s = grad_t = None
     if want_student_grad:
         grad_s = (g - pS * g.sum(-1, keepdim=True)) * inv_t
+        if mode == "entry_keep":
+            # clipped entries get mu, the pS-weighted mean of the unclipped gradient
+            p_kept = pS.masked_fill_(clipped, 0.0)  # pS is not needed any more
+            mass = p_kept.sum(-1, keepdim=True)
+            mu = torch.einsum("rv,rv->r", p_kept, grad_s).unsqueeze(-1) / mass
+            mu = torch.where(mass == 0, zero, mu)  # a NaN mass stays NaN
+            grad_s = torch.where(clipped, mu, grad_s, out=grad_s)
+        grad_s = _chain_rule(grad_s, student, opts.logit_scale, opts.softcap)
     if want_teacher_grad:
         grad_t = (h - pT * h.sum(-1, keepdim=True)) * inv_t
+        grad_t = _chain_rule(grad_t, teacher, opts.teacher_logit_scale, opts.teacher_softcap)
+    if token_clipped is not None:
+        dropped = token_clipped.unsqueeze(-1)
+        grad_s = None if grad_s is None else torch.where(dropped, zero, grad_s)
+        grad_t = None if grad_t is None else torch.where(dropped, zero, grad_t)
     return loss, grad_s, grad_t

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_options
+from ._validation import SAME_AS_STUDENT, check_options
 from .api import divergence, fused_linear_divergence
 
 
@@ -48,20 +48,44 @@ class Divergence(_LossModule):
         beta=0.5,
         temperature=1.0,
         clip=None,
+        clip_mode="entry",
+        logit_scale=1.0,
+        softcap=None,
+        teacher_logit_scale=SAME_AS_STUDENT,
+        teacher_softcap=SAME_AS_STUDENT,
         reduction="mean",
         impl="auto",
         process_group=None,
+        return_stats=False,
     ):
-        check_options(kind, beta, temperature, clip, reduction)  # fail at construction
+        # fail at construction
+        check_options(
+            kind,
+            beta,
+            temperature,
+            clip,
+            reduction,
+            clip_mode,
+            logit_scale,
+            softcap,
+            teacher_logit_scale,
+            teacher_softcap,
+        )
         # process_group: vocabulary-parallel, see opsd_kernels.vocab_parallel
         super().__init__(
             kind=kind,
             beta=beta,
             temperature=temperature,
             clip=clip,
+            clip_mode=clip_mode,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            teacher_logit_scale=teacher_logit_scale,
+            teacher_softcap=teacher_softcap,
             reduction=reduction,
             impl=impl,
             process_group=process_group,
+            return_stats=return_stats,
         )
 
     def forward(self, student_logits, teacher_logits, mask=None):
@@ -77,6 +101,11 @@ class FusedLinearDivergence(_LossModule):
     >>> head = torch.nn.Linear(8, 30, bias=False)
     >>> loss_fn(torch.randn(5, 8), torch.randn(5, 8), head.weight).shape
     torch.Size([])
+    >>> capped = FusedLinearDivergence(softcap=30.0, clip=0.05, clip_mode="token",
+    ...                                return_stats=True)
+    >>> loss, stats = capped(torch.randn(5, 8), torch.randn(5, 8), head.weight)
+    >>> stats.student_entropy.shape
+    torch.Size([5])
     """
 
     def __init__(
@@ -85,6 +114,11 @@ class FusedLinearDivergence(_LossModule):
         beta=0.5,
         temperature=1.0,
         clip=None,
+        clip_mode="entry",
+        logit_scale=1.0,
+        softcap=None,
+        teacher_logit_scale=SAME_AS_STUDENT,
+        teacher_softcap=SAME_AS_STUDENT,
         reduction="mean",
         impl="auto",
         chunk_size=None,
@@ -92,14 +126,31 @@ class FusedLinearDivergence(_LossModule):
         skip_threshold="auto",
         deterministic=True,
         process_group=None,
+        return_stats=False,
     ):
-        check_options(kind, beta, temperature, clip, reduction)
+        check_options(
+            kind,
+            beta,
+            temperature,
+            clip,
+            reduction,
+            clip_mode,
+            logit_scale,
+            softcap,
+            teacher_logit_scale,
+            teacher_softcap,
+        )
         # process_group: the weight rows are this rank's vocabulary slice
         super().__init__(
             kind=kind,
             beta=beta,
             temperature=temperature,
             clip=clip,
+            clip_mode=clip_mode,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            teacher_logit_scale=teacher_logit_scale,
+            teacher_softcap=teacher_softcap,
             reduction=reduction,
             impl=impl,
             chunk_size=chunk_size,
@@ -107,6 +158,7 @@ class FusedLinearDivergence(_LossModule):
             skip_threshold=skip_threshold,
             deterministic=deterministic,
             process_group=process_group,
+            return_stats=return_stats,
         )
 
     def forward(
@@ -152,10 +204,25 @@ class TopkDivergence(_LossModule):
         reduction="mean",
         impl="auto",
         validate=None,
+        clip_mode="entry",
+        logit_scale=1.0,
+        softcap=None,
+        return_stats=False,
     ):
         from .topk import _check_topk_options
 
-        _check_topk_options(kind, beta, tail, temperature, clip, reduction)
+        _check_topk_options(
+            kind,
+            beta,
+            tail,
+            temperature,
+            clip,
+            reduction,
+            clip_mode,
+            logit_scale,
+            softcap,
+            return_stats,
+        )
         super().__init__(
             kind=kind,
             beta=beta,
@@ -165,6 +232,10 @@ class TopkDivergence(_LossModule):
             reduction=reduction,
             impl=impl,
             validate=validate,
+            clip_mode=clip_mode,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            return_stats=return_stats,
         )
 
     def forward(self, student_logits, teacher_ids, teacher_logprobs, mask=None):
@@ -197,8 +268,25 @@ class FusedLinearTopkDivergence(TopkDivergence):
         impl="auto",
         chunk_size=None,
         validate=None,
+        clip_mode="entry",
+        logit_scale=1.0,
+        softcap=None,
+        return_stats=False,
     ):
-        super().__init__(kind, beta, tail, temperature, clip, reduction, impl, validate)
+        super().__init__(
+            kind,
+            beta,
+            tail,
+            temperature,
+            clip,
+            reduction,
+            impl,
+            validate,
+            clip_mode,
+            logit_scale,
+            softcap,
+            return_stats,
+        )
         self._add_option("chunk_size", chunk_size)
 
     def forward(

@@ -56,8 +56,16 @@ import torch
 from . import config, gemm
 from ._validation import check_float_tensor, check_impl, check_mask, check_options
 from .chunked import ChunkGradients, apply_upstream
-from .divergences import KindSpec
+from .divergences import KindSpec, transform_grad
 from .reductions import forward_scale, reduce_rows
+from .stats import (
+    CLIPPED_ENTRIES,
+    STUDENT_ENTROPY,
+    TEACHER_CLIPPED_MASS,
+    TEACHER_TOP1_CLIPPED,
+    new_stats_buffer,
+    public_stats,
+)
 
 TAILS = ("bucket", "renormalize")
 _NEG_INF = float("-inf")
@@ -71,6 +79,22 @@ class TopkOptions:
     clip: float | None
     reduction: str
     tail: str
+    clip_mode: str = "entry"
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def row_options(self) -> dict:
+        """The keywords of the row functions (``topk_rows_torch`` and its Triton twin);
+        this round's (``clip_mode``, ``logit_scale``, ``softcap``) only when not default,
+        so a row function that predates them keeps working for the others."""
+        kw = dict(spec=self.spec, beta=self.beta, temperature=self.temperature, clip=self.clip)
+        if self.clip is not None and self.clip_mode != "entry":
+            kw["clip_mode"] = self.clip_mode
+        if self.logit_scale != 1.0:
+            kw["logit_scale"] = self.logit_scale
+        if self.softcap is not None:
+            kw["softcap"] = self.softcap
+        return kw
 
 
 @dataclass
@@ -109,11 +133,61 @@ def mass_tolerance(dtype: torch.dtype) -> float:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_topk_options(kind, beta, tail, temperature, clip, reduction) -> TopkOptions:
-    o = check_options(kind, beta, temperature, clip, reduction)
+#: the clip modes of the top-k losses (all of them; "entry_keep" on the vocabulary entries,
+#: each clipped with its outcome: see :func:`topk_divergence`)
+TOPK_CLIP_MODES = ("entry", "token", "entry_keep")
+
+
+def _check_topk_options(
+    kind,
+    beta,
+    tail,
+    temperature,
+    clip,
+    reduction,
+    clip_mode="entry",
+    logit_scale=1.0,
+    softcap=None,
+    return_stats=False,
+) -> TopkOptions:
+    o = check_options(kind, beta, temperature, clip, reduction, clip_mode, logit_scale, softcap)
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    return TopkOptions(o.spec, o.beta, o.temperature, o.clip, o.reduction, tail)
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
+    return TopkOptions(
+        o.spec,
+        o.beta,
+        o.temperature,
+        o.clip,
+        o.reduction,
+        tail,
+        o.clip_mode,
+        o.logit_scale,
+        o.softcap,
+    )
+
+
+def _require_row_options(row_fn, opts: TopkOptions, impl: str, return_stats: bool) -> None:
+    """Refuse this round's options for a row function that predates them."""
+    import inspect
+
+    params = inspect.signature(row_fn).parameters
+    used = [k for k in ("clip_mode", "logit_scale", "softcap") if k in opts.row_options()]
+    missing = [k for k in used if k not in params]
+    if return_stats and "stats" not in params:
+        missing.append("return_stats")
+    if "clip_mode" in used and "clip_mode" in params:
+        # a row function lists the clip modes it computes in ``clip_modes`` (the torch
+        # rows: all of them; without the attribute: "entry" and "token")
+        modes = getattr(row_fn, "clip_modes", ("entry", "token"))
+        if opts.clip_mode not in modes:
+            missing.append(f"clip_mode={opts.clip_mode!r}")
+    if missing:
+        raise NotImplementedError(
+            f"impl={impl!r} does not support {', '.join(missing)} for top-k teachers yet; "
+            "use impl='torch'"
+        )
 
 
 def _check_teacher(teacher_ids, teacher_logprobs, lead_shape, device) -> int:
@@ -258,7 +332,8 @@ def _tail_outcomes(b, ids, logprobs, valid, log_rest):
 
 
 def outcome_terms(lT, lS, ok, spec: KindSpec, beta: float, clip: float | None):
-    """Per-outcome ``(phi, g)`` with clip applied and invalid outcomes set to 0."""
+    """Per-outcome ``(phi, g)`` with the per-entry clip applied (``clip`` None: no clip)
+    and invalid outcomes set to 0."""
     zero = torch.zeros((), dtype=lT.dtype, device=lT.device)
     lT_s = torch.where(ok, lT, zero)
     lS_s = torch.where(ok, lS, zero)
@@ -271,26 +346,68 @@ def outcome_terms(lT, lS, ok, spec: KindSpec, beta: float, clip: float | None):
 
 
 def topk_rows_torch(
-    logits, *, ids, logprobs, valid, log_rest, spec, beta, temperature, clip, scale, want_grad
+    logits,
+    *,
+    ids,
+    logprobs,
+    valid,
+    log_rest,
+    spec,
+    beta,
+    temperature,
+    clip,
+    scale,
+    want_grad,
+    clip_mode="entry",
+    logit_scale=1.0,
+    softcap=None,
+    stats=None,
 ):
     """Row losses (R,) of a block of student logits against the prepared teacher.
 
-    ``logits``: (R, V) float32/float64 buffer that this function owns: it is
-    overwritten (with dL/ds times the row ``scale`` when ``want_grad``, else
-    scratch). ``scale``: (1,) or (R,) per-row gradient factors.
+    ``logits``: (R, V) float32/float64 RAW logits in a buffer that this function owns:
+    it is overwritten (with dL/ds times the row ``scale`` when ``want_grad``, else
+    scratch). ``scale``: (1,) or (R,) per-row gradient factors. ``logit_scale``,
+    ``softcap``: the student's logit transform (``DivergenceOptions``), applied first;
+    the gradient is with respect to the raw logits. ``clip_mode``: "entry" (per
+    outcome), "token" (``min(L, clip)`` per row, no gradient for a capped row) or
+    "entry_keep" (:func:`_kept_mean` on the clipped entries).
+    ``stats``: None, or an (R, NUM_STATS) tensor filled with the rows' statistics
+    (:func:`topk_stats`).
     """
     inv_t = 1.0 / temperature
-    b = logits.mul_(inv_t)
+    dz = None
+    if softcap is None:
+        b = logits.mul_(logit_scale * inv_t)
+    else:
+        z = logits.mul_(logit_scale / softcap).tanh_().mul_(softcap)
+        dz = transform_grad(z, logit_scale, softcap) if want_grad else None  # (R, V)
+        b = z.mul_(inv_t)
+    token = clip is not None and clip_mode == "token"
     lT, lS, ok, z_c, _ = _tail_outcomes(b, ids, logprobs, valid, log_rest)
-    phi, g = outcome_terms(lT, lS, ok, spec, beta, clip)
+    phi, g = outcome_terms(lT, lS, ok, spec, beta, None if token else clip)
     loss = phi.sum(1)
+    if token:
+        dropped = ~(loss < clip)
+        loss = torch.clamp(loss, max=clip)  # a NaN sum stays NaN
+    if stats is not None:
+        topk_stats(stats, b, lT, lS, ok, z_c, phi, clip, dropped if token else None)
     if not want_grad:
         return loss
     G = g.sum(1)
     row = (scale.to(b.dtype) * inv_t).reshape(-1)
+    if softcap is None and logit_scale != 1.0:
+        row = row * logit_scale
+    if token:
+        row = torch.where(dropped, torch.zeros_like(row), row)
     K = ids.shape[1]
     pS = torch.where(ok[:, :K], lS[:, :K], _NEG_INF).exp()
     entry = (g[:, :K] - pS * G[:, None]) * row[:, None]
+    keep = clip is not None and clip_mode == "entry_keep"
+    if keep:
+        clipped = ok & ~(phi < clip)
+        mean = _kept_mean(b, entry, pS, clipped, lS, g, G, row, z_c, K)
+        entry = torch.where(clipped[:, :K], mean[:, None], entry)
     if log_rest is None:
         b.zero_()
     else:
@@ -298,8 +415,80 @@ def topk_rows_torch(
         # b holds exp(b - m): times 1 / z_c it is exp(b - LSE_C); the ids hold 0 here
         per_row = torch.where(z_c > 0, coef / z_c, 0.0)
         b.mul_(per_row.reshape(-1, 1))
+        if keep:
+            # a clipped rest outcome: every complement entry gets the mean; the ids back to 0
+            rest = clipped[:, K : K + 1].to(b.dtype)
+            b.mul_(1.0 - rest).add_(mean[:, None] * rest)
+            b.scatter_reduce_(1, ids, torch.where(valid, _NEG_INF, math.inf).to(b.dtype), "amin")
+            b.masked_fill_(b == _NEG_INF, 0.0)
     b.scatter_add_(1, ids, torch.where(valid, entry, 0.0))
+    if dz is not None:
+        b.mul_(dz)
     return loss
+
+
+def _kept_mean(e, entry, pS, clipped, lS, g, G, row, z_c, K):
+    """``clip_mode="entry_keep"``'s mean: ``sum_U pS_v grad_v / sum_U pS_v`` over the
+    unclipped vocabulary entries U (the unclipped ids, and the complement when the rest
+    outcome is unclipped; 0 when that mass is 0), with the row factors of ``entry``.
+
+    ``e``: the complement buffer ``exp(b - m)`` (bucket; ``z_c`` None for renormalize,
+    whose ``pS`` are the renormalised ``u``). Over the complement ``pS_v = rS e_v / z_c``
+    and ``grad_v = coef e_v / z_c``, so its part is ``rS coef sum e^2 / z_c^2``.
+    """
+    zero = torch.zeros((), dtype=pS.dtype, device=pS.device)
+    p_kept = torch.where(clipped[:, :K], zero, pS)
+    num = (p_kept * entry).sum(1)
+    mass = p_kept.sum(1)
+    if z_c is not None:
+        rest_kept = ~clipped[:, K] & (z_c > 0)
+        r_s = lS[:, K].exp()
+        coef = (g[:, K] - G * r_s) * row
+        sum_sq = torch.linalg.vector_norm(e, dim=1).square()
+        num = num + torch.where(rest_kept, r_s * coef * sum_sq / z_c.square(), zero)
+        mass = mass + torch.where(rest_kept, r_s, zero)
+    return torch.where(mass == 0, zero, num / mass)
+
+
+topk_rows_torch.clip_modes = TOPK_CLIP_MODES
+
+
+def topk_stats(stats, e, lT, lS, ok, z_c, phi, clip, dropped) -> None:
+    """Fill ``stats`` (R, NUM_STATS) for top-k teachers (see :func:`topk_divergence`).
+
+    ``e``: the bucket tail's complement buffer ``exp(b - m)`` (0 at the ids; unused for
+    renormalize, ``z_c`` None); ``lT``, ``lS``, ``ok``: the outcomes' log-probabilities
+    and validity (the rest outcome last for the bucket); ``phi``: the outcomes' terms
+    after any per-entry clip (``clip`` with ``dropped`` None) or unclipped ("token":
+    ``dropped``, the capped rows).
+    """
+    zero = torch.zeros((), dtype=lS.dtype, device=lS.device)
+    K = lT.shape[1] - (0 if z_c is None else 1)
+    lS_k = torch.where(ok[:, :K], lS[:, :K], zero)
+    neg = torch.where(lS_k.exp() == 0, zero, lS_k.exp() * lS_k).sum(1)
+    if z_c is not None:
+        # the complement's part of sum_v pS_v lS_v: pS_v = e_v rS / z_c, lS_v = log(e_v z_r)
+        # with z_r = rS / z_c; so rS (sum e log e / z_c + log z_r)
+        r_s = lS[:, K].exp()
+        inner = torch.special.xlogy(e, e).sum(1) / z_c + lS[:, K] - z_c.log()
+        neg = neg + torch.where(z_c > 0, r_s * inner, zero)
+    stats[:, STUDENT_ENTROPY] = -neg
+    if clip is None:
+        stats[:, TEACHER_CLIPPED_MASS:] = 0
+        return
+    if dropped is not None:
+        flag = dropped.to(stats.dtype)
+        stats[:, TEACHER_CLIPPED_MASS] = flag
+        stats[:, CLIPPED_ENTRIES] = flag * ok.sum(1)
+        stats[:, TEACHER_TOP1_CLIPPED] = flag
+        return
+    clipped = ok & ~(phi < clip)
+    pT = torch.where(ok, lT, -math.inf).exp()
+    stats[:, TEACHER_CLIPPED_MASS] = torch.where(clipped, pT, zero).sum(1)
+    stats[:, CLIPPED_ENTRIES] = clipped.sum(1)
+    lT_k = torch.where(ok[:, :K], lT[:, :K], -math.inf)
+    top1 = ok[:, :K] & (lT_k == lT_k.amax(1, keepdim=True))
+    stats[:, TEACHER_TOP1_CLIPPED] = (clipped[:, :K] & top1).any(1)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -313,16 +502,21 @@ def _row_function(impl: str):
     return topk_rows_triton
 
 
-def _finish_rows(loss, grad, keep, bad):
-    """Masked rows give 0 (loss and gradient); rows that failed a value check give NaN."""
+def _finish_rows(loss, grad, keep, bad, stats=None):
+    """Masked rows give 0 (loss, gradient, statistics); rows that failed a value check
+    give NaN (their statistics NaN too)."""
     if keep is not None:
         loss = torch.where(keep, loss, 0.0)
         if grad is not None:
             grad.masked_fill_(~keep[:, None], 0.0)
+        if stats is not None:
+            stats.masked_fill_(~keep[:, None], 0.0)
     if bad is not None:
         loss = torch.where(bad, math.nan, loss)
         if grad is not None:
             grad.masked_fill_(bad[:, None], math.nan)
+        if stats is not None:
+            stats.masked_fill_(bad[:, None], math.nan)
     return loss
 
 
@@ -345,7 +539,9 @@ class TopkDivergenceFunction(torch.autograd.Function):
     16-bit gradient is only written after the upstream factor is applied)."""
 
     @staticmethod
-    def forward(ctx, student, teacher: TeacherRows, mask1, opts: TopkOptions, row_fn, block):
+    def forward(
+        ctx, student, teacher: TeacherRows, mask1, opts: TopkOptions, row_fn, block, stats=None
+    ):
         V = student.shape[-1]
         lead = student.shape[:-1]
         s2 = student.reshape(-1, V)
@@ -355,7 +551,9 @@ class TopkDivergenceFunction(torch.autograd.Function):
         loss = torch.empty(N, dtype=compute, device=student.device)
         for lo in range(0, N, block):
             hi = min(N, lo + block)
-            rows = _run_block(s2, lo, hi, teacher, mask1, opts, row_fn, compute, scale, False)
+            rows = _run_block(
+                s2, lo, hi, teacher, mask1, opts, row_fn, compute, scale, False, stats
+            )
             loss[lo:hi] = rows
         ctx.save_for_backward(student)
         ctx.args = (teacher, mask1, opts, row_fn, block, scale)
@@ -379,26 +577,32 @@ class TopkDivergenceFunction(torch.autograd.Function):
             f = factor if factor.numel() == 1 else factor[lo:hi]
             buf = _run_block(s2, lo, hi, teacher, mask1, opts, row_fn, compute, f, True)
             grad[lo:hi] = buf
-        return grad.view(student.shape), None, None, None, None, None
+        return grad.view(student.shape), None, None, None, None, None, None
 
 
-def _run_block(s2, lo, hi, teacher, mask1, opts, row_fn, compute, scale, want_grad):
-    """Loss rows of rows lo:hi (want_grad False) or their gradient buffer (True)."""
+def _run_block(s2, lo, hi, teacher, mask1, opts, row_fn, compute, scale, want_grad, stats=None):
+    """Loss rows of rows lo:hi (want_grad False) or their gradient buffer (True);
+    ``stats``: None or the whole (N, NUM_STATS) buffer, whose rows lo:hi are filled."""
     buf = s2[lo:hi].to(compute, copy=True)
     keep = _slice(mask1, lo, hi)
     if keep is not None:
         buf.masked_fill_(~keep[:, None], 0.0)  # padding rows may hold anything (NaN)
+    extra = {} if stats is None else {"stats": stats[lo:hi]}
     loss = row_fn(
         buf,
         **teacher.rows(lo, hi),
-        spec=opts.spec,
-        beta=opts.beta,
-        temperature=opts.temperature,
-        clip=opts.clip,
+        **opts.row_options(),
         scale=scale,
         want_grad=want_grad,
+        **extra,
     )
-    loss = _finish_rows(loss, buf if want_grad else None, keep, _slice(teacher.bad, lo, hi))
+    loss = _finish_rows(
+        loss,
+        buf if want_grad else None,
+        keep,
+        _slice(teacher.bad, lo, hi),
+        _slice(stats, lo, hi),
+    )
     return buf if want_grad else loss
 
 
@@ -424,6 +628,10 @@ def topk_divergence(
     reduction: str = "mean",
     impl: str = "auto",
     validate: bool | None = None,
+    clip_mode: str = "entry",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    return_stats: bool = False,
 ) -> torch.Tensor:
     """Per-token divergence between a top-k teacher and the full student distribution.
 
@@ -445,6 +653,25 @@ def topk_divergence(
             (the teacher's log-probs are not touched).
         clip: None, or tau > 0: each outcome's pointwise term is clipped,
             ``min(phi, tau)``, before the sum (clipped outcomes pass no gradient).
+        clip_mode: ``"entry"`` (default, per outcome, as above), ``"token"``
+            (``min(L, tau)`` per token; a capped token passes no gradient) or
+            ``"entry_keep"`` (the loss of ``"entry"``; the student-logit gradient of every
+            vocabulary entry whose outcome is clipped (an id, or the whole complement for
+            the bucket's rest) is replaced by the ``pS``-weighted mean of the unclipped
+            entries' gradients (``renormalize``: over the ids, weights ``u``), as
+            :func:`opsd_kernels.divergence`'s).
+        logit_scale, softcap: the student's logit transform before the temperature,
+            ``softcap * tanh(logit_scale * x / softcap)`` (or ``logit_scale * x``), as
+            :func:`opsd_kernels.divergence`'s; the teacher's log-probs are used as given.
+        return_stats: also return per-token statistics, ``(loss, DivergenceStats)``, over
+            the outcomes the loss uses: ``student_entropy`` of the student's full
+            distribution for ``tail="bucket"``, of the student renormalised over the ids
+            for ``"renormalize"`` (the only student distribution that tail forms);
+            ``teacher_clipped_mass`` the teacher's probability of the clipped outcomes
+            (the rest outcome ``rT`` included), ``clipped_entries`` their number, and
+            ``teacher_top1_clipped`` whether the teacher's most likely id was clipped
+            ("token": a capped token counts every valid outcome, mass 1). Masked rows 0;
+            rows failing a value check NaN (float columns).
         mask, reduction: as :func:`opsd_kernels.divergence` (masked rows' logits,
             ids and log-probs are never read into an output).
         impl: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, ``"triton"``.
@@ -475,7 +702,18 @@ def topk_divergence(
     >>> torch.allclose(topk_divergence(s, ids, lp), full, atol=1e-5)
     True
     """
-    opts = _check_topk_options(kind, beta, tail, temperature, clip, reduction)
+    opts = _check_topk_options(
+        kind,
+        beta,
+        tail,
+        temperature,
+        clip,
+        reduction,
+        clip_mode,
+        logit_scale,
+        softcap,
+        return_stats,
+    )
     check_float_tensor("student_logits", student_logits)
     if student_logits.dim() == 0 or student_logits.shape[-1] == 0:
         raise ValueError("student_logits must have shape (..., V) with V > 0")
@@ -498,9 +736,13 @@ def topk_divergence(
     if not torch.is_grad_enabled():
         student_logits = student_logits.detach()
     N = student_logits.numel() // V
-    return TopkDivergenceFunction.apply(
-        student_logits, teacher, mask1, opts, _row_function(impl), _rows_per_block(V, N)
+    row_fn = _row_function(impl)
+    _require_row_options(row_fn, opts, impl, return_stats)
+    stats = new_stats_buffer(N, device) if return_stats else None
+    loss = TopkDivergenceFunction.apply(
+        student_logits, teacher, mask1, opts, row_fn, _rows_per_block(V, N), stats
     )
+    return loss if stats is None else (loss, public_stats(stats, student_logits.shape[:-1]))
 
 
 # --------------------------------------------------------------------------- fused linear
@@ -522,7 +764,7 @@ def auto_renormalize_chunk(K: int, H: int, N: int) -> int:
 
 
 def _renormalize_linear_pass(
-    hs, weight, bias, teacher, mask1, opts, chunk, scale, want_h, want_w, want_b, compute
+    hs, weight, bias, teacher, mask1, opts, chunk, scale, want_h, want_w, want_b, compute, stats
 ):
     """The renormalize tail needs only the K logits per token: ``h . W[I_k] (+ b[I_k])``
     from gathered weight rows, O(N K H) flops instead of O(N V H); the gradient goes
@@ -549,15 +791,17 @@ def _renormalize_linear_pass(
             z,
             ids=local,
             **rows,
-            spec=opts.spec,
-            beta=opts.beta,
-            temperature=opts.temperature,
-            clip=opts.clip,
+            **opts.row_options(),
             scale=scale if scale.numel() == 1 else scale[lo:hi],
             want_grad=want,
+            stats=_slice(stats, lo, hi),
         )
         loss[lo:hi] = _finish_rows(
-            out, z if want else None, _slice(mask1, lo, hi), _slice(teacher.bad, lo, hi)
+            out,
+            z if want else None,
+            _slice(mask1, lo, hi),
+            _slice(teacher.bad, lo, hi),
+            _slice(stats, lo, hi),
         )
         # z now holds dL/d(the K logits); padding entries hold 0
         if want_h:
@@ -570,11 +814,38 @@ def _renormalize_linear_pass(
 
 
 def _linear_pass(
-    hs, weight, bias, teacher, mask1, opts, row_fn, chunk, scale, want_h, want_w, want_b, compute
+    hs,
+    weight,
+    bias,
+    teacher,
+    mask1,
+    opts,
+    row_fn,
+    chunk,
+    scale,
+    want_h,
+    want_w,
+    want_b,
+    compute,
+    stats=None,
 ):
+    """Loss rows and gradients of one sweep over the token chunks; ``stats``: None or an
+    (N, NUM_STATS) buffer filled with the per-token statistics."""
     if opts.tail == "renormalize":
         return _renormalize_linear_pass(
-            hs, weight, bias, teacher, mask1, opts, chunk, scale, want_h, want_w, want_b, compute
+            hs,
+            weight,
+            bias,
+            teacher,
+            mask1,
+            opts,
+            chunk,
+            scale,
+            want_h,
+            want_w,
+            want_b,
+            compute,
+            stats,
         )
     N = hs.shape[0]
     loss = torch.empty(N, dtype=compute, device=hs.device)
@@ -585,18 +856,21 @@ def _linear_pass(
         h_c = hs[lo:hi]
         # float32 (float64) logits whatever the operands' dtypes (the precision rule)
         logits = gemm.linear_logits(h_c, weight, bias)
+        extra = {} if stats is None else {"stats": stats[lo:hi]}
         rows = row_fn(
             logits,
             **teacher.rows(lo, hi),
-            spec=opts.spec,
-            beta=opts.beta,
-            temperature=opts.temperature,
-            clip=opts.clip,
+            **opts.row_options(),
             scale=scale if scale.numel() == 1 else scale[lo:hi],
             want_grad=want,
+            **extra,
         )
         loss[lo:hi] = _finish_rows(
-            rows, logits if want else None, _slice(mask1, lo, hi), _slice(teacher.bad, lo, hi)
+            rows,
+            logits if want else None,
+            _slice(mask1, lo, hi),
+            _slice(teacher.bad, lo, hi),
+            _slice(stats, lo, hi),
         )
         # logits now holds dL/d(student logits) of the chunk (float32/64)
         if want:
@@ -619,7 +893,16 @@ class FusedLinearTopkFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, teacher: TeacherRows, mask1, opts: TopkOptions, row_fn, chunk
+        ctx,
+        hidden,
+        weight,
+        bias,
+        teacher: TeacherRows,
+        mask1,
+        opts: TopkOptions,
+        row_fn,
+        chunk,
+        stats=None,
     ):
         H = hidden.shape[-1]
         lead = hidden.shape[:-1]
@@ -647,6 +930,7 @@ class FusedLinearTopkFunction(torch.autograd.Function):
             want_w and not defer,
             want_b and not defer,
             compute,
+            stats,
         )
         ctx.defer = defer
         ctx.reduction = opts.reduction
@@ -708,6 +992,7 @@ class FusedLinearTopkFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -728,6 +1013,10 @@ def fused_linear_topk_divergence(
     impl: str = "auto",
     chunk_size: int | None = None,
     validate: bool | None = None,
+    clip_mode: str = "entry",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    return_stats: bool = False,
 ) -> torch.Tensor:
     """:func:`topk_divergence` from the student's hidden states and lm_head, never
     forming the (tokens x V) logits.
@@ -762,8 +1051,9 @@ def fused_linear_topk_divergence(
             (mixed allowed); arithmetic in float32 (float64 if any is float64);
             gradients returned in each input's dtype.
         teacher_ids, teacher_logprobs: (..., K), as :func:`topk_divergence`.
-        kind, beta, tail, temperature, clip, mask, reduction, validate: as
-            :func:`topk_divergence`. Masked rows of ``student_hidden`` are
+        kind, beta, tail, temperature, clip, clip_mode, logit_scale, softcap, mask,
+            reduction, validate, return_stats: as :func:`topk_divergence` (the transform
+            applies to ``h W^T + b``). Masked rows of ``student_hidden`` are
             zeroed before any GEMM, so whatever they hold never reaches an output
             (the weight gradient included).
         impl: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``, or
@@ -791,7 +1081,18 @@ def fused_linear_topk_divergence(
     >>> nll.sum().backward(); h.grad.shape
     torch.Size([6, 16])
     """
-    opts = _check_topk_options(kind, beta, tail, temperature, clip, reduction)
+    opts = _check_topk_options(
+        kind,
+        beta,
+        tail,
+        temperature,
+        clip,
+        reduction,
+        clip_mode,
+        logit_scale,
+        softcap,
+        return_stats,
+    )
     check_float_tensor("student_hidden", student_hidden)
     check_float_tensor("weight", weight)
     if student_hidden.dim() == 0:
@@ -850,6 +1151,11 @@ def fused_linear_topk_divergence(
         chunk = auto_renormalize_chunk(teacher_ids.shape[-1], H, N)
     else:
         chunk = auto_topk_chunk(V, N)
-    return FusedLinearTopkFunction.apply(
-        student_hidden, weight, bias, teacher, mask1, opts, _row_function(impl), chunk
+    row_fn = _row_function(impl)
+    if opts.tail == "bucket":  # the renormalize tail runs the torch rows for every impl
+        _require_row_options(row_fn, opts, impl, return_stats)
+    stats = new_stats_buffer(N, device) if return_stats else None
+    loss = FusedLinearTopkFunction.apply(
+        student_hidden, weight, bias, teacher, mask1, opts, row_fn, chunk, stats
     )
+    return loss if stats is None else (loss, public_stats(stats, lead))

@@ -15,8 +15,10 @@ from . import config
 from ._validation import DivergenceOptions
 from .divergences import rows_loss_and_grads
 
-# float32 temporaries of width V alive at once in rows_loss_and_grads (upper bound)
-TEMPS_PER_ROW = 10
+# float32 temporaries of width V alive at once in rows_loss_and_grads (upper bound:
+# measured 10.25 rows with both gradients, a soft cap and clip_mode="entry_keep", plus the
+# float32 copies of 16-bit inputs)
+TEMPS_PER_ROW = 12
 
 
 def rows_per_chunk(V: int, R: int, bytes_per_element: int = 4, temps: int = TEMPS_PER_ROW) -> int:
@@ -36,12 +38,17 @@ def divergence_rows_torch(
     scale: torch.Tensor,
     grad_student: torch.Tensor | None,
     grad_teacher: torch.Tensor | None,
+    stats: torch.Tensor | None = None,
     block_rows: int | None = None,
 ) -> torch.Tensor:
     """Row losses (shape (R,), in the compute dtype) and gradients written into the outputs.
 
-    Arguments as the Triton launcher's. Arithmetic in float32 (float64 when
-    either input is float64). The gradient outputs may alias the inputs.
+    Arguments as the Triton launcher's: ``student``/``teacher`` are RAW (R, V) logits
+    (``opts``' logit transform is applied here), the gradients are with respect to them.
+    ``stats``: None, or a float32 (R, NUM_STATS) buffer
+    (:func:`opsd_kernels.stats.new_stats_buffer`) filled with the per-row statistics
+    (masked rows 0). Arithmetic in float32 (float64 when either input is float64). The
+    gradient outputs may alias the inputs.
     """
     R, V = student.shape
     wide = torch.float64 in (student.dtype, teacher.dtype)
@@ -58,8 +65,11 @@ def divergence_rows_torch(
             keep = mask[lo:hi].unsqueeze(-1)
             s = torch.where(keep, s, torch.zeros((), dtype=compute, device=s.device))
             t = torch.where(keep, t, torch.zeros((), dtype=compute, device=t.device))
+        rows_stats = (
+            None if stats is None else stats.new_empty(hi - lo, stats.shape[1], dtype=compute)
+        )
         rows_loss, g_s, g_t = rows_loss_and_grads(
-            s, t, opts, grad_student is not None, grad_teacher is not None
+            s, t, opts, grad_student is not None, grad_teacher is not None, rows_stats
         )
         del s, t
         row_scale = (scale if scale.numel() == 1 else scale[lo:hi]).to(compute).reshape(-1, 1)
@@ -73,4 +83,8 @@ def divergence_rows_torch(
         if keep is not None:
             rows_loss = torch.where(keep.squeeze(-1), rows_loss, torch.zeros_like(rows_loss))
         loss[lo:hi] = rows_loss
+        if stats is not None:
+            if keep is not None:
+                rows_stats = torch.where(keep, rows_stats, torch.zeros_like(rows_stats))
+            stats[lo:hi] = rows_stats
     return loss

@@ -19,7 +19,8 @@ weight and bias slice is that slice of the full gradient. The
 partial ``dS_r @ W_r`` is summed over the group inside the backward.
 
 Phases (per row; the formulas are those of :mod:`opsd_kernels.divergences`,
-with ``b = s / tau``, ``a = t / tau``):
+with ``b = z_S / tau``, ``a = z_T / tau``, ``z`` each role's transformed logits,
+``DivergenceOptions``' ``logit_scale``/``softcap``, applied locally, entry by entry):
 
 1. one local sweep: the slice's max and sum of exponentials of ``b`` and of
    ``a``; for forward/reverse KL without clip also the weighted sum
@@ -29,16 +30,29 @@ with ``b = s / tau``, ``a = t / tau``):
    ``LSE_S``, ``LSE_T`` and, for those KL kinds, the loss in closed form
    (forward: ``L = w / z_T - LSE_T + LSE_S``, ``G = -1``, ``H = L + 1``;
    reverse: ``L = w / z_S - LSE_S + LSE_T``, ``G = L + 1``, ``H = -1``).
-2. jsd or clip only: local sums of the clipped terms ``phi`` and ``g`` (and
-   ``h`` when the teacher logits need a gradient) -> all-reduce SUM (2 or 3
-   values per row): ``L``, ``G`` (and ``H``).
+2. jsd or a per-entry clip only: local sums of the clipped terms ``phi`` and ``g``
+   (and ``h`` when the teacher logits need a gradient) -> all-reduce SUM (2 or 3
+   values per row): ``L``, ``G`` (and ``H``). ``clip_mode="entry_keep"`` adds
+   ``sum_U pS g``, ``sum_U pS^2`` and ``sum_U pS`` over the unclipped entries U to
+   the same all-reduce, which give the clipped entries' gradient ``mu``.
+   ``clip_mode="token"`` caps the row loss afterwards, ``min(L, clip)``, and marks
+   the capped rows (the KL kinds keep their closed form: no phase 2).
 3. the gradient, local: ``dL/ds_j = (g_j - pS_j G) / tau`` for the rank's
-   entries ``j`` (teacher: ``(h_j - pT_j H) / tau``).
+   entries ``j`` (teacher: ``(h_j - pT_j H) / tau``), ``mu`` on the clipped
+   entries for "entry_keep", 0 for capped "token" rows; times ``dz/dx``.
+
+Per-token statistics (``return_stats``) ride on the same all-reduces: the
+student entropy adds one value per row to phase 1's SUM (the slice's
+``sum e^(b - max)(b - max)``, re-shifted like the sums; "token" also the slice's
+V_r, for the count), and a per-entry clip adds three to phase 2's (the clipped
+teacher mass, the clipped count, and whether the slice clipped the teacher's
+global maximum, known after phase 1).
 
 Collectives, with N tokens and H the hidden size:
 
-- ``divergence``: forward 2 all-reduces (KL kinds without clip) or 3 (jsd or
-  clip), each of O(N) values; backward none (each rank's logit gradient is
+- ``divergence``: forward 2 all-reduces (KL kinds without clip or with
+  ``clip_mode="token"``) or 3 (jsd, or a per-entry clip), each of O(N) values;
+  backward none (each rank's logit gradient is
   local; the backward runs phase 3 from the saved O(N) statistics).
 - ``fused_linear_divergence``: the same 2 or 3 all-reduces per token chunk in
   the forward (O(chunk) values each, so O(N) in all); backward one all-reduce
@@ -51,8 +65,10 @@ Nothing of size O(N x V) is communicated and the weight is never gathered.
 ``impl="torch"`` runs the local phases as torch operations on blocks of rows
 (float64-capable); ``impl="triton"`` as the Triton row kernel of
 :mod:`opsd_kernels.triton.vocab_parallel_rows` (one launch per phase, float32
-arithmetic). The chunk GEMMs are those of :mod:`opsd_kernels.gemm` (float32
-logits) for both. ``impl="fused"`` is not supported (a clear error).
+arithmetic; where those kernels predate the logit transform, ``clip_mode`` and
+``return_stats``, they are refused with a clear error). The chunk GEMMs are those of
+:mod:`opsd_kernels.gemm` (float32 logits) for both. ``impl="fused"`` is not
+supported (a clear error).
 """
 
 from __future__ import annotations
@@ -62,16 +78,23 @@ import torch
 from . import gemm
 from ._validation import DivergenceOptions
 from .chunked import ChunkGradients, chunk_logits
-from .divergences import weighted_log_ratio
+from .divergences import transform_grad, transform_logits, weighted_log_ratio
 from .reductions import as_rows, forward_scale, reduce_rows
+from .stats import CLIPPED_ENTRIES, STUDENT_ENTROPY, TEACHER_CLIPPED_MASS, TEACHER_TOP1_CLIPPED
 from .torch_impl import rows_per_chunk
 
-# columns of the per-row statistics tensor (R, 4)
-LSE_S, LSE_T, G_SUM, H_SUM = range(4)
+# columns of the per-row statistics tensor (R, NUM_ROW_STATS) the phases share; the Triton
+# phase kernels read the first four (LSE_S, LSE_T, G_SUM, H_SUM)
+LSE_S, LSE_T, G_SUM, H_SUM, KEEP_MEAN, DROPPED, MAX_T = range(7)
+NUM_ROW_STATS = 7
+# columns of the local term sums (phase 3); the Triton phases return the first three
+PHI, G, H, KEPT_PS_G, KEPT_PS_SQ, KEPT_PS, CLIPPED_MASS, CLIPPED_COUNT, TOP1_CLIPPED = range(9)
+NUM_TERM_SUMS = 9
 
 
-def check_process_group(process_group, impl: str):
-    """The group, validated: a ``torch.distributed.ProcessGroup`` and a supported impl."""
+def check_process_group(process_group, impl: str, opts=None, return_stats: bool = False):
+    """The group, validated: a ``torch.distributed.ProcessGroup`` and a supported impl
+    (and, given ``opts``, options the impl's phases compute)."""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -87,6 +110,15 @@ def check_process_group(process_group, impl: str):
             "impl='fused' does not support process_group (vocabulary parallelism); use "
             "impl='triton' or 'torch', or 'auto'"
         )
+    if opts is not None and impl == "triton" and not _triton_phases_take_options():
+        from .api import new_options_used
+
+        used = new_options_used(opts, return_stats)
+        if used:
+            raise NotImplementedError(
+                f"process_group (vocabulary parallel, impl={impl!r}) does not support "
+                f"{', '.join(used)} yet"
+            )
     return process_group
 
 
@@ -97,12 +129,26 @@ def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
     return x
 
 
-def _block(x: torch.Tensor, lo: int, hi: int, keep, compute: torch.dtype, inv_t: float):
-    """Rows lo:hi of ``x`` scaled by 1/tau in ``compute``; masked rows read as 0."""
-    b = x[lo:hi].to(compute) * inv_t
+def _block(x, lo, hi, keep, compute, inv_t, scale=1.0, cap=None):
+    """``(b, dz/dx)``: rows lo:hi of the raw logits ``x`` through the logit transform
+    (``scale``, ``cap``: one role's, see ``DivergenceOptions``), then scaled by 1/tau,
+    in ``compute``; masked rows read as 0."""
+    x = x[lo:hi].to(compute)
     if keep is not None:
-        b = torch.where(keep, b, torch.zeros((), dtype=compute, device=b.device))
-    return b
+        x = torch.where(keep, x, torch.zeros((), dtype=compute, device=x.device))
+    if cap is None:
+        return x * (scale * inv_t) if scale != 1.0 else x * inv_t, scale
+    z = transform_logits(x, scale, cap)
+    return z * inv_t, transform_grad(z, scale, cap)
+
+
+def _student_block(x, lo, hi, keep, compute, opts):
+    return _block(x, lo, hi, keep, compute, 1.0 / opts.temperature, opts.logit_scale, opts.softcap)
+
+
+def _teacher_block(x, lo, hi, keep, compute, opts):
+    inv_t = 1.0 / opts.temperature
+    return _block(x, lo, hi, keep, compute, inv_t, opts.teacher_logit_scale, opts.teacher_softcap)
 
 
 def _row_blocks(R: int, V: int, mask):
@@ -117,23 +163,33 @@ def _shift(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m == float("-inf"), torch.zeros_like(m), m)
 
 
-def local_stats_torch(student, teacher, opts: DivergenceOptions, mask) -> torch.Tensor:
-    """(R, 5): the slice's ``max_S, sumexp_S, max_T, sumexp_T, w`` per row, one read.
+def _one_pass(opts: DivergenceOptions) -> bool:
+    """Whether the loss, G and H follow in closed form from phase 1 (KL kinds, without a
+    clip or with the token clip, which caps the closed-form loss afterwards)."""
+    return opts.spec.one_pass and (opts.clip is None or opts.clip_mode == "token")
+
+
+def local_stats_torch(
+    student, teacher, opts: DivergenceOptions, mask, entropy: bool = False
+) -> torch.Tensor:
+    """(R, 6): the slice's ``max_S, sumexp_S, max_T, sumexp_T, w, u`` per row, one read.
 
     Sum-exps are relative to their side's max (shift 0 while it is -inf); ``w``
-    (forward/reverse KL without clip only, else 0) is ``sum e^(a - max_T)(a - b)``
-    (forward) or ``sum e^(b - max_S)(b - a)`` (reverse). Masked rows read as zeros.
+    (:func:`_one_pass` kinds only, else 0) is ``sum e^(a - max_T)(a - b)``
+    (forward) or ``sum e^(b - max_S)(b - a)`` (reverse); ``u`` (only with ``entropy``,
+    else 0) is ``sum e^(b - max_S)(b - max_S)``, the slice's part of the student
+    entropy. ``b``, ``a``: the transformed logits over tau. Masked rows read as zeros.
     """
     R, V = student.shape
     compute = gemm.compute_dtype(student.dtype, teacher.dtype)
-    inv_t = 1.0 / opts.temperature
-    one_pass = opts.spec.one_pass and opts.clip is None
-    out = torch.zeros(R, 5, dtype=compute, device=student.device)
+    one_pass = _one_pass(opts)
+    out = torch.zeros(R, 6, dtype=compute, device=student.device)
     for lo, hi, keep in _row_blocks(R, V, mask):
-        b = _block(student, lo, hi, keep, compute, inv_t)
-        a = _block(teacher, lo, hi, keep, compute, inv_t)
+        b, _ = _student_block(student, lo, hi, keep, compute, opts)
+        a, _ = _teacher_block(teacher, lo, hi, keep, compute, opts)
         m_s, m_t = b.amax(-1), a.amax(-1)
-        es = torch.exp(b - _shift(m_s)[:, None])
+        b_rel = b - _shift(m_s)[:, None]
+        es = torch.exp(b_rel)
         et = torch.exp(a - _shift(m_t)[:, None])
         out[lo:hi, 0], out[lo:hi, 1] = m_s, es.sum(-1)
         out[lo:hi, 2], out[lo:hi, 3] = m_t, et.sum(-1)
@@ -144,51 +200,83 @@ def local_stats_torch(student, teacher, opts: DivergenceOptions, mask) -> torch.
                 else weighted_log_ratio(es, b, a)
             )
             out[lo:hi, 4] = w.sum(-1)
+        if entropy:
+            out[lo:hi, 5] = torch.where(es == 0, torch.zeros_like(es), es * b_rel).sum(-1)
     return out
 
 
-def _clipped_terms(student, teacher, lo, hi, keep, stats, opts, compute):
-    """Clipped ``phi, g, h`` and ``pS, pT`` of rows lo:hi of the local slices."""
-    inv_t = 1.0 / opts.temperature
-    lS = _block(student, lo, hi, keep, compute, inv_t) - stats[lo:hi, LSE_S, None]
-    lT = _block(teacher, lo, hi, keep, compute, inv_t) - stats[lo:hi, LSE_T, None]
+def _terms(student, teacher, lo, hi, keep, stats, opts, compute):
+    """``phi, g, h, pS, pT, clipped, dz_s, dz_t`` of rows lo:hi of the local slices:
+    the terms clipped per entry ("entry"/"entry_keep"; ``clipped`` None otherwise),
+    and each role's transform derivative."""
+    b, dz_s = _student_block(student, lo, hi, keep, compute, opts)
+    a, dz_t = _teacher_block(teacher, lo, hi, keep, compute, opts)
+    lS = b - stats[lo:hi, LSE_S, None]
+    lT = a - stats[lo:hi, LSE_T, None]
     pS, pT = lS.exp(), lT.exp()
     phi, g, h = opts.spec.terms(lT, lS, pT, pS, opts.beta)
-    if opts.clip is not None:
-        kept = phi < opts.clip
+    clipped = None
+    if opts.clip is not None and opts.clip_mode != "token":
+        clipped = ~(phi < opts.clip)
         phi = torch.clamp(phi, max=opts.clip)
         zero = torch.zeros((), dtype=compute, device=phi.device)
-        g = torch.where(kept, g, zero)
-        h = torch.where(kept, h, zero)
-    return phi, g, h, pS, pT
+        g = torch.where(clipped, zero, g)
+        h = torch.where(clipped, zero, h)
+    return phi, g, h, pS, pT, clipped, dz_s, dz_t, a
 
 
 def local_term_sums_torch(student, teacher, opts: DivergenceOptions, mask, stats):
-    """(R, 3): the slice's sums of the clipped ``phi, g, h`` given the full-row LSEs."""
+    """(R, NUM_TERM_SUMS): the slice's sums, given the full-row LSEs (and MAX_T), of the
+    (clipped) ``phi, g, h``; with a per-entry clip also ``sum_U pS g, sum_U pS^2,
+    sum_U pS`` over the unclipped entries U ("entry_keep"'s mean) and the clipped
+    entries' teacher mass, count and whether one holds the teacher's maximum."""
     R, V = student.shape
-    out = torch.zeros(R, 3, dtype=stats.dtype, device=student.device)
+    out = torch.zeros(R, NUM_TERM_SUMS, dtype=stats.dtype, device=student.device)
     for lo, hi, keep in _row_blocks(R, V, mask):
-        phi, g, h, _, _ = _clipped_terms(student, teacher, lo, hi, keep, stats, opts, stats.dtype)
-        out[lo:hi, 0], out[lo:hi, 1], out[lo:hi, 2] = phi.sum(-1), g.sum(-1), h.sum(-1)
+        phi, g, h, pS, pT, clipped, _, _, a = _terms(
+            student, teacher, lo, hi, keep, stats, opts, stats.dtype
+        )
+        block = out[lo:hi]
+        block[:, PHI], block[:, G], block[:, H] = phi.sum(-1), g.sum(-1), h.sum(-1)
+        if clipped is not None:
+            p_kept = torch.where(clipped, torch.zeros_like(pS), pS)
+            block[:, KEPT_PS_G] = (p_kept * g).sum(-1)
+            block[:, KEPT_PS_SQ] = (p_kept * pS).sum(-1)
+            block[:, KEPT_PS] = p_kept.sum(-1)
+            block[:, CLIPPED_MASS] = torch.where(clipped, pT, torch.zeros_like(pT)).sum(-1)
+            block[:, CLIPPED_COUNT] = clipped.sum(-1)
+            top1 = a == stats[lo:hi, MAX_T, None]
+            block[:, TOP1_CLIPPED] = (clipped & top1).any(-1)
     return out
 
 
 def local_gradients_torch(
     student, teacher, opts: DivergenceOptions, mask, stats, scale, grad_student, grad_teacher
 ) -> None:
-    """Phase 4: the slice's dL/ds (and dL/dt) times the row factors ``scale`` ((1,) or
-    (R,)). The outputs may alias the inputs (each block is read before it is written)."""
+    """The last phase: the slice's dL/ds (and dL/dt) with respect to the raw logits, times
+    the row factors ``scale`` ((1,) or (R,)). "token": rows with DROPPED get 0;
+    "entry_keep": clipped student entries get KEEP_MEAN. The outputs may alias the inputs
+    (each block is read before it is written)."""
     R, V = student.shape
     compute = stats.dtype
     inv_t = 1.0 / opts.temperature
     for lo, hi, keep in _row_blocks(R, V, mask):
-        _, g, h, pS, pT = _clipped_terms(student, teacher, lo, hi, keep, stats, opts, compute)
+        _, g, h, pS, pT, clipped, dz_s, dz_t, _ = _terms(
+            student, teacher, lo, hi, keep, stats, opts, compute
+        )
         row = (scale if scale.numel() == 1 else scale[lo:hi]).to(compute).reshape(-1, 1)
-        row = row * inv_t
-        for out, terms, p, col in ((grad_student, g, pS, G_SUM), (grad_teacher, h, pT, H_SUM)):
+        if opts.clip is not None and opts.clip_mode == "token":
+            row = row * (1.0 - stats[lo:hi, DROPPED, None])
+        for out, terms, p, col, dz in (
+            (grad_student, g, pS, G_SUM, dz_s),
+            (grad_teacher, h, pT, H_SUM, dz_t),
+        ):
             if out is None:
                 continue
-            grad = (terms - p * stats[lo:hi, col, None]) * row
+            grad = (terms - p * stats[lo:hi, col, None]) * (row * inv_t)
+            if col == G_SUM and clipped is not None and opts.clip_mode == "entry_keep":
+                grad = torch.where(clipped, stats[lo:hi, KEEP_MEAN, None] * row, grad)
+            grad = grad * dz
             if keep is not None:
                 grad = torch.where(keep, grad, torch.zeros((), dtype=compute, device=grad.device))
             out[lo:hi].copy_(grad)
@@ -206,6 +294,27 @@ def _local_functions(impl: str):
     return local_stats_torch, local_term_sums_torch, local_gradients_torch
 
 
+def _triton_phases_take_options() -> bool:
+    """Whether the Triton phase kernels take this round's options (the logit transform,
+    the clip modes, the statistics: their phase 0 then has an ``entropy`` flag and they
+    read every column of the row statistics); older ones read the first four."""
+    import inspect
+
+    from .triton.vocab_parallel_rows import local_stats_triton
+
+    return "entropy" in inspect.signature(local_stats_triton).parameters
+
+
+def _phase_stats(stats: torch.Tensor, impl: str) -> torch.Tensor:
+    """The row statistics as a phase function reads them (the Triton kernels: float32,
+    contiguous; the first four columns for kernels that predate the options)."""
+    if impl != "triton":
+        return stats
+    if not _triton_phases_take_options():
+        stats = stats[:, :4]
+    return stats.float().contiguous()
+
+
 def row_statistics(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -214,28 +323,35 @@ def row_statistics(
     group,
     want_h: bool,
     impl: str = "torch",
+    token_stats: torch.Tensor | None = None,
 ):
     """The phases up to the loss on a rank's (R, V_r) logit slices, identical on every rank.
 
-    Returns ``(loss (R,), stats (R, 4))`` in the compute dtype, with ``stats``
-    columns ``LSE_S, LSE_T, G_SUM, H_SUM`` (``H_SUM`` only meaningful when
-    ``want_h``). Masked rows get loss 0 and finite statistics. Issues 2
-    all-reduces (KL kinds without clip) or 3 (otherwise) on ``group``, none
-    when R == 0.
+    Returns ``(loss (R,), stats (R, NUM_ROW_STATS))`` in the compute dtype, with
+    ``stats`` columns ``LSE_S, LSE_T, G_SUM, H_SUM`` (``H_SUM`` only meaningful when
+    ``want_h``), ``KEEP_MEAN`` ("entry_keep": the clipped student entries' gradient per
+    unit row factor), ``DROPPED`` ("token": 1 for a clipped token) and ``MAX_T``.
+    Masked rows get loss 0 and finite statistics. ``token_stats``: None, or an
+    (R, NUM_STATS) float32 buffer filled with the per-token statistics
+    (:mod:`opsd_kernels.stats`; they ride on the same collectives). Issues 2 all-reduces
+    (:func:`_one_pass`) or 3 (otherwise) on ``group``, none when R == 0.
     """
     import torch.distributed as dist
 
     R = student.shape[0]
     compute = gemm.compute_dtype(student.dtype, teacher.dtype)
-    spec = opts.spec
-    one_pass = spec.one_pass and opts.clip is None
-    stats = torch.zeros(R, 4, dtype=compute, device=student.device)
+    spec, clip = opts.spec, opts.clip
+    mode = None if clip is None else opts.clip_mode
+    one_pass = _one_pass(opts)
+    want_stats = token_stats is not None
+    stats = torch.zeros(R, NUM_ROW_STATS, dtype=compute, device=student.device)
     if R == 0:
         return torch.zeros(R, dtype=compute, device=student.device), stats
     local_stats, local_term_sums, _ = _local_functions(impl)
 
     # phases 1-2: one local sweep, then all-reduce MAX of the maxima ...
-    loc = local_stats(student, teacher, opts, mask).to(compute)
+    extra = {"entropy": True} if want_stats else {}
+    loc = local_stats(student, teacher, opts, mask, **extra).to(compute)
     m = _all_reduce(torch.stack([loc[:, 0], loc[:, 2]]), dist.ReduceOp.MAX, group)
     big = _shift(m)
     # ... and all-reduce SUM of the sums re-shifted to the global maxima
@@ -247,14 +363,21 @@ def row_statistics(
         r = rt if spec.name == "forward_kl" else rs
         # an infinite KL stays infinite when its factor underflows (never inf * 0 = NaN)
         parts.append(torch.where(w == float("inf"), w, w * r))
+    if want_stats:
+        # sum_v e^(b - M)(b - M) = sum_r e^(m_r - M) (u_r + (m_r - M) z_r)
+        ent_col = len(parts)
+        parts.append(rs * (loc[:, 5] + (_shift(loc[:, 0]) - big[0]) * loc[:, 1]))
+        if mode == "token":
+            parts.append(torch.full_like(rs, float(student.shape[1])))  # V_r -> V
     z = _all_reduce(torch.stack(parts), dist.ReduceOp.SUM, group)
     lse_s, lse_t = big[0] + torch.log(z[0]), big[1] + torch.log(z[1])
     if mask is not None:
         # masked rows: finite statistics, so no inf - inf reaches a later phase
         lse_s = torch.where(mask, lse_s, torch.zeros_like(lse_s))
         lse_t = torch.where(mask, lse_t, torch.zeros_like(lse_t))
-    stats[:, LSE_S], stats[:, LSE_T] = lse_s, lse_t
+    stats[:, LSE_S], stats[:, LSE_T], stats[:, MAX_T] = lse_s, lse_t, m[1]
 
+    sums = None
     if one_pass:
         if spec.name == "forward_kl":
             loss = z[2] / z[1] - lse_t + lse_s
@@ -265,20 +388,52 @@ def row_statistics(
             stats[:, G_SUM] = loss + 1.0
             stats[:, H_SUM] = -1.0
     else:
-        # phase 3: the clipped terms' sums -> all-reduce SUM
-        local = local_term_sums(
-            student, teacher, opts, mask, stats if impl != "triton" else stats.float().contiguous()
-        )
-        sums = _all_reduce(
-            local[:, : 3 if want_h else 2].t().to(compute).contiguous(), dist.ReduceOp.SUM, group
-        )
-        loss = sums[0]
-        stats[:, G_SUM] = sums[1]
+        # phase 3: the clipped terms' sums (and what the clip mode and statistics need)
+        cols = [PHI, G] + ([H] if want_h else [])
+        if mode == "entry_keep":
+            cols += [KEPT_PS_G, KEPT_PS_SQ, KEPT_PS]
+        if want_stats and mode in ("entry", "entry_keep"):
+            cols += [CLIPPED_MASS, CLIPPED_COUNT, TOP1_CLIPPED]
+        local = local_term_sums(student, teacher, opts, mask, _phase_stats(stats, impl))
+        reduced = _all_reduce(local[:, cols].t().to(compute).contiguous(), dist.ReduceOp.SUM, group)
+        sums = dict(zip(cols, reduced, strict=True))
+        loss = sums[PHI]
+        stats[:, G_SUM] = sums[G]
         if want_h:
-            stats[:, H_SUM] = sums[2]
+            stats[:, H_SUM] = sums[H]
+        if mode == "entry_keep":
+            # mu = sum_U pS grad_u / sum_U pS, grad_u = (g_u - pS_u G) / tau
+            kept = sums[KEPT_PS]
+            mean = (sums[KEPT_PS_G] - sums[G] * sums[KEPT_PS_SQ]) / (opts.temperature * kept)
+            stats[:, KEEP_MEAN] = torch.where(kept == 0, torch.zeros_like(mean), mean)
+    dropped = None
+    if mode == "token":
+        dropped = ~(loss < clip)
+        stats[:, DROPPED] = dropped.to(compute)
+        loss = torch.clamp(loss, max=clip)  # a NaN sum stays NaN
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))
+    if want_stats:
+        _fill_token_stats(token_stats, z, ent_col, sums, mode, dropped, mask)
     return loss.contiguous(), stats
+
+
+def _fill_token_stats(token_stats, z, ent_col, sums, mode, dropped, mask) -> None:
+    """The public per-token statistics from the all-reduced values."""
+    out = torch.zeros(token_stats.shape, dtype=z.dtype, device=z.device)
+    out[:, STUDENT_ENTROPY] = torch.log(z[0]) - z[ent_col] / z[0]
+    if mode == "token":
+        flag = dropped.to(z.dtype)
+        out[:, TEACHER_CLIPPED_MASS] = flag
+        out[:, CLIPPED_ENTRIES] = flag * z[ent_col + 1]
+        out[:, TEACHER_TOP1_CLIPPED] = flag
+    elif mode is not None:
+        out[:, TEACHER_CLIPPED_MASS] = sums[CLIPPED_MASS]
+        out[:, CLIPPED_ENTRIES] = sums[CLIPPED_COUNT]
+        out[:, TEACHER_TOP1_CLIPPED] = (sums[TOP1_CLIPPED] > 0).to(z.dtype)
+    if mask is not None:
+        out = torch.where(mask.unsqueeze(-1), out, torch.zeros_like(out))
+    token_stats.copy_(out)
 
 
 def write_gradients(
@@ -298,7 +453,14 @@ def write_gradients(
         return
     _, _, local_gradients = _local_functions(impl)
     local_gradients(
-        student, teacher, opts, mask, stats, scale.contiguous(), grad_student, grad_teacher
+        student,
+        teacher,
+        opts,
+        mask,
+        _phase_stats(stats, impl),
+        scale.contiguous(),
+        grad_student,
+        grad_teacher,
     )
 
 
@@ -311,7 +473,9 @@ class VocabParallelDivergenceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, opts: DivergenceOptions, group, impl: str):
+    def forward(
+        ctx, student, teacher, mask, opts: DivergenceOptions, group, impl: str, token_stats=None
+    ):
         lead = student.shape[:-1]
         s2, t2 = as_rows(student), as_rows(teacher)
         mask1 = None if mask is None else mask.reshape(-1).contiguous()
@@ -319,7 +483,7 @@ class VocabParallelDivergenceFunction(torch.autograd.Function):
         compute = gemm.compute_dtype(student.dtype, teacher.dtype)
         scale = forward_scale(opts.reduction, mask1, s2.shape[0], student.device, compute)
         with torch.autocast(student.device.type, enabled=False):
-            loss, stats = row_statistics(s2, t2, opts, mask1, group, want_t, impl)
+            loss, stats = row_statistics(s2, t2, opts, mask1, group, want_t, impl, token_stats)
         ctx.impl = impl
         ctx.wants = (want_s, want_t)
         ctx.shapes = (student.shape, teacher.shape)
@@ -342,7 +506,7 @@ class VocabParallelDivergenceFunction(torch.autograd.Function):
             None if g is None else g.view(shape)
             for g, shape in zip((grad_s, grad_t), ctx.shapes, strict=True)
         ]
-        return outs[0], outs[1], None, None, None, None
+        return outs[0], outs[1], None, None, None, None, None
 
 
 class VocabParallelSweep:
@@ -374,6 +538,7 @@ class VocabParallelSweep:
         want_b,
         weight_grad_dtype,
         stats=None,
+        token_stats=None,
     ):
         N = hs.shape[0]
         cdt = gemm.compute_dtype(
@@ -385,7 +550,7 @@ class VocabParallelSweep:
         forward = stats is None
         loss = torch.zeros(N, dtype=cdt, device=hs.device)
         if forward:
-            stats = torch.zeros(N, 4, dtype=cdt, device=hs.device)
+            stats = torch.zeros(N, NUM_ROW_STATS, dtype=cdt, device=hs.device)
         grads = ChunkGradients(
             hs, weight, cdt, weight_grad_dtype, want_h, want_w, want_b, zero_hidden=True
         )
@@ -397,7 +562,14 @@ class VocabParallelSweep:
             )
             if forward:
                 loss[lo:hi], stats[lo:hi] = row_statistics(
-                    s_l, t_l, opts, mask_c, self.group, False, self.impl
+                    s_l,
+                    t_l,
+                    opts,
+                    mask_c,
+                    self.group,
+                    False,
+                    self.impl,
+                    None if token_stats is None else token_stats[lo:hi],
                 )
             if not grads.any:
                 continue
@@ -434,6 +606,7 @@ def divergence_vocab_parallel(
     opts: DivergenceOptions,
     process_group,
     impl: str = "torch",
+    token_stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`opsd_kernels.divergence` on vocabulary slices (validated inputs).
 
@@ -458,5 +631,5 @@ def divergence_vocab_parallel(
     ...     dist.destroy_process_group()
     """
     return VocabParallelDivergenceFunction.apply(
-        student_logits, teacher_logits, mask, opts, process_group, impl
+        student_logits, teacher_logits, mask, opts, process_group, impl, token_stats
     )

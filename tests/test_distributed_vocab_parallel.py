@@ -421,6 +421,193 @@ def _run_all(sizes, group, failures, every=1, triton=True):
     _run_error_cases(group, failures)
 
 
+# --- this round's options: clip modes, logit transform, per-token statistics ------------
+
+TRANSFORM_VARIANTS = (
+    {},
+    dict(softcap=3.0, logit_scale=1.2),
+    dict(softcap=4.0, teacher_logit_scale=0.8, teacher_softcap=None),
+)
+
+
+def _stats_close(name, got, want, failures, tol=1e-6):
+    for field in ("student_entropy", "teacher_clipped_mass"):
+        _close(f"{name} {field}", getattr(got, field), getattr(want, field), failures, tol)
+    for field in ("clipped_entries", "teacher_top1_clipped"):
+        if not torch.equal(getattr(got, field), getattr(want, field)):
+            failures.append(f"{name} {field}: {getattr(got, field)} != {getattr(want, field)}")
+
+
+def _option_cases():
+    i = 0
+    for kind in KINDS:
+        for clip_mode in ("entry", "token", "entry_keep"):
+            yield dict(
+                kind=kind,
+                clip_mode=clip_mode,
+                clip={"token": 0.6, "entry": 0.03, "entry_keep": 0.03}[clip_mode]
+                * (0.25 if kind == "jsd" else 1.0),
+                reduction=("none", "mean")[i % 2],
+                transform=TRANSFORM_VARIANTS[i % 3],
+            )
+            i += 1
+
+
+def _run_option_logit_case(case, sizes, rank, group, seed, failures, impl="torch"):
+    """divergence with the options and statistics: each rank against the single-process
+    torch path (itself tested against float64 in tests/test_clip_modes.py); with
+    ``impl="triton"`` the ranks run the Triton phase kernels on float32 copies."""
+    V = sum(sizes)
+    gen = torch.Generator().manual_seed(seed)
+    lead = (3, 5)
+    s = torch.randn(*lead, V, generator=gen, dtype=torch.float64) * 3
+    t = s + torch.randn(*lead, V, generator=gen, dtype=torch.float64)
+    s[0, 0, 1] = t[0, 0, 1] = float("-inf")
+    mask = torch.rand(lead, generator=gen) > 0.3
+    s[~mask] = float("nan")
+    upstream = torch.randn(lead, generator=gen, dtype=torch.float64)
+    opts = dict(
+        kind=case["kind"],
+        beta=0.3,
+        temperature=1.3,
+        clip=case["clip"],
+        clip_mode=case["clip_mode"],
+        reduction=case["reduction"],
+        mask=mask,
+        return_stats=True,
+        **case["transform"],
+    )
+    lo, hi = _bounds(sizes, rank)
+    results = []
+    dtype, tol = (torch.float32, 2e-5) if impl == "triton" else (torch.float64, TOL)
+    for group_, sl, impl_ in ((None, slice(None), "torch"), (group, slice(lo, hi), impl)):
+        cast = dtype if group_ is not None else torch.float64
+        my_s = s[..., sl].to(cast).requires_grad_(True)
+        my_t = t[..., sl].to(cast).requires_grad_(True)
+        out, stats = divergence(my_s, my_t, impl=impl_, process_group=group_, **opts)
+        weights = upstream.to(out.dtype)
+        (out * weights).sum().backward() if case["reduction"] == "none" else out.backward()
+        results.append((out, stats, my_s.grad, my_t.grad))
+    (ref, ref_stats, ref_gs, ref_gt), (out, stats, gs, gt) = results
+    name = f"divergence options {case} {impl} rank {rank}"
+    _close(name + " loss", out, ref, failures, tol)
+    _close(name + " d student", gs, ref_gs[..., lo:hi], failures, tol)
+    _close(name + " d teacher", gt, ref_gt[..., lo:hi], failures, tol)
+    _stats_close(name, stats, ref_stats, failures, max(tol, 1e-6))
+    if case["clip_mode"] != "token" and not (ref_stats.clipped_entries > 0).any():
+        failures.append(f"{name}: the case clips nothing")
+
+
+def _run_option_linear_case(case, sizes, rank, group, seed, failures, chunk_size=4):
+    V, H = sum(sizes), 6
+    gen = torch.Generator().manual_seed(seed)
+    lead = (2, 7)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    hs = torch.randn(*lead, H, **f64)
+    ht = hs + 0.5 * torch.randn(*lead, H, **f64)
+    w = torch.randn(V, H, **f64) * 1.5
+    b = torch.randn(V, **f64)
+    mask = torch.rand(lead, generator=gen) > 0.25
+    hs[~mask] = float("nan")
+    upstream = torch.randn(lead, **f64)
+    opts = dict(
+        kind=case["kind"],
+        beta=0.6,
+        temperature=0.9,
+        clip=case["clip"],
+        clip_mode=case["clip_mode"],
+        reduction=case["reduction"],
+        mask=mask,
+        return_stats=True,
+        **case["transform"],
+    )
+    lo, hi = _bounds(sizes, rank)
+    results = []
+    for group_, sl in ((None, slice(None)), (group, slice(lo, hi))):
+        h = hs.clone().requires_grad_(True)
+        w_ = w[sl].clone().requires_grad_(True)
+        b_ = b[sl].clone().requires_grad_(True)
+        out, stats = fused_linear_divergence(
+            h, ht, w_, bias=b_, impl="torch", chunk_size=chunk_size, process_group=group_, **opts
+        )
+        (out * upstream).sum().backward() if case["reduction"] == "none" else out.backward()
+        results.append((out, stats, h.grad, w_.grad, b_.grad))
+    (ref, ref_stats, ref_h, ref_w, ref_b), (out, stats, g_h, g_w, g_b) = results
+    name = f"fused_linear options {case} rank {rank}"
+    _close(name + " loss", out, ref, failures)
+    _close(name + " d hidden", g_h, ref_h, failures)
+    _close(name + " d weight", g_w, ref_w[lo:hi], failures)
+    _close(name + " d bias", g_b, ref_b[lo:hi], failures)
+    _stats_close(name, stats, ref_stats, failures)
+
+
+def _run_option_collective_cases(sizes, rank, group, failures):
+    """The options ride on the documented collectives: the token clip keeps the KL kinds'
+    closed form (2 all-reduces), "entry_keep" and the statistics add values, not calls."""
+    calls = []
+    real = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    lo, hi = _bounds(sizes, rank)
+    N = 10
+    gen = torch.Generator().manual_seed(12)
+    dist.all_reduce = counting
+    try:
+        for kind, clip_mode, want_t, stats, fwd in (
+            ("forward_kl", "token", True, False, [2 * N, 3 * N]),
+            ("forward_kl", "token", False, True, [2 * N, 5 * N]),
+            ("reverse_kl", "entry", False, True, [2 * N, 3 * N, 5 * N]),
+            ("jsd", "entry_keep", True, False, [2 * N, 2 * N, 6 * N]),
+            ("jsd", "token", False, True, [2 * N, 4 * N, 2 * N]),
+        ):
+            s = torch.randn(N, sum(sizes), generator=gen)[:, lo:hi].requires_grad_(True)
+            t = torch.randn(N, sum(sizes), generator=gen)[:, lo:hi].requires_grad_(want_t)
+            calls.clear()
+            out = divergence(
+                s,
+                t,
+                kind=kind,
+                clip=0.1,
+                clip_mode=clip_mode,
+                softcap=5.0,
+                process_group=group,
+                return_stats=stats,
+            )
+            if calls != fwd:
+                failures.append(
+                    f"divergence {kind} {clip_mode} stats={stats} forward all-reduces {calls}, "
+                    f"documented {fwd}"
+                )
+            calls.clear()
+            (out[0] if stats else out).backward()
+            if calls:
+                failures.append(f"divergence {kind} {clip_mode} backward all-reduces {calls}")
+    finally:
+        dist.all_reduce = real
+
+
+# indices into _option_cases(): (forward_kl, token, capped), (reverse_kl, entry_keep,
+# student capped, teacher scaled), (jsd, entry, plain), (jsd, entry_keep, ...)
+TRITON_OPTION_CASES = (1, 5, 6, 8)
+
+
+def _run_option_cases(sizes, group, failures, every=1):
+    rank = dist.get_rank(group)
+    for i, case in enumerate(_option_cases()):
+        if i % every == 0:
+            _run_option_logit_case(case, sizes, rank, group, 400 + i, failures)
+            _run_option_linear_case(case, sizes, rank, group, 500 + i, failures)
+    _run_option_collective_cases(sizes, rank, group, failures)
+    # the Triton phase kernels take the options too (interpreter on CPU: a few cases that
+    # cover every clip mode, kind and transform variant)
+    for i, case in enumerate(_option_cases()):
+        if i in TRITON_OPTION_CASES[:: 2 if every > 1 else 1]:
+            _run_option_logit_case(case, sizes, rank, group, 600 + i, failures, impl="triton")
+
+
 WORLD_SIZES = [4, 1, 32]  # rank 0's slice holds the banned entry 1, rank 1 has one entry
 SUBGROUP_RANKS, SUBGROUP_SIZES = [0, 2], [26, 11]
 
@@ -434,10 +621,12 @@ def _worker(rank, world, port, out_dir):
     )
     try:
         _run_all(WORLD_SIZES, dist.group.WORLD, failures)
+        _run_option_cases(WORLD_SIZES, dist.group.WORLD, failures)
         subgroup = dist.new_group(SUBGROUP_RANKS)  # collective: every rank calls it
         if rank in SUBGROUP_RANKS:
             sub_failures: list[str] = []
             _run_all(SUBGROUP_SIZES, subgroup, sub_failures, every=5, triton=False)
+            _run_option_cases(SUBGROUP_SIZES, subgroup, sub_failures, every=4)
             failures += [f"2-rank subgroup: {f}" for f in sub_failures]
     except Exception:  # noqa: BLE001 - reported to the parent with its traceback
         failures.append(traceback.format_exc())
@@ -484,8 +673,9 @@ cases = [("bf16", 0, 0, False, (0, 0)), ("bf16", 0, 2, False, (0, 0)),
          ("fp32", 2, 1, False, (1, 0)), ("fp32", 2, 2, True, (1, 0))]
 for logits, phase, kind, clip, grads in cases:
     ptrs = [f"*{logits}"] * 4 + ["*u8", "*fp32", "*fp32", "*fp32"]
-    types = ptrs + ["i64"] * 5 + ["i32"] + ["fp32"] * 5
+    types = ptrs + ["i64"] * 7 + ["i32"] + ["fp32"] * 9
     consts = dict(PHASE=phase, KIND=kind, ONE_PASS=kind < 2 and not clip, HAS_CLIP=clip,
+                  CLIP_MODE=0, S_SOFTCAP=False, T_SOFTCAP=False, ENTROPY=False, HAS_MAX_T=False,
                   HAS_MASK=True, GRAD_S=bool(grads[0]), GRAD_T=bool(grads[1]), BLOCK_V=4096)
     sig = dict(zip(k.arg_names, types + ["constexpr"] * len(consts)))
     out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts),

@@ -237,9 +237,9 @@ def test_unknown_kind_raises_in_the_baselines(bench_modules):
     with pytest.raises(ValueError, match="kind must be one of"):
         baselines.naive_pointwise(ls, ls, "forward_kll", 0.5)
     with pytest.raises(ValueError, match="kind must be one of"):
-        baselines.liger_beta("symmetric_kl", 0.5)
-    assert baselines.liger_beta("forward_kl", 0.3) == 0.0
-    assert baselines.liger_beta("jsd", 0.3) == 0.3
+        baselines.gkd_beta("symmetric_kl", 0.5)
+    assert baselines.gkd_beta("forward_kl", 0.3) == 0.0
+    assert baselines.gkd_beta("jsd", 0.3) == 0.3
 
 
 def test_one_impl_list_per_concern(bench_modules):
@@ -379,3 +379,194 @@ def test_precision_table_measured_and_rendered(bench_modules):
     md = "\n".join(report.precision_section(rows))
     assert "## Precision" in md and "| torch | bfloat16 | 0.01" in md
     assert "| naive-16bit | bfloat16 | 0.01" in md
+
+
+# ------------------------------------------------------------- TRL's kernel, soft cap
+
+
+def test_trl_kernel_is_pinned_in_one_place(bench_modules):
+    """TRL 1.16.0's ChunkedDivergenceFunction: the module, class and forward arguments the
+    bench relies on (a TRL release that moves or reorders them fails here, by name)."""
+    import inspect
+
+    baselines = bench_modules[0]
+    fn, how = baselines.trl_kernel()
+    assert fn is not None, how
+    assert fn.__module__ == baselines.TRL_KERNEL_MODULE
+    assert fn.__name__ == baselines.TRL_KERNEL_CLASS
+    assert how.startswith("TRL 1.16.0")
+    params = list(inspect.signature(fn.forward).parameters)[1:]  # after ctx
+    assert params == [
+        "student_hidden",
+        "student_weight",
+        "student_bias",
+        "teacher_hidden",
+        "teacher_weight",
+        "teacher_bias",
+        "beta",
+        "temperature",
+        "student_logit_scale",
+        "student_final_logit_softcapping",
+        "teacher_logit_scale",
+        "teacher_final_logit_softcapping",
+    ]
+    src = inspect.getsource(inspect.getmodule(fn))
+    # the only name the stand-in replaces when trl.trainer.utils cannot import
+    assert f"from ..trainer.utils import {baselines.TRL_TRAINER_IMPORT}\n" in src
+
+
+_STAND_IN_SCRIPT = """
+import sys
+for m in ("accelerate", "datasets", "pandas"):
+    sys.modules[m] = None  # as on a GPU image without them
+sys.path.insert(0, "bench")
+import torch, baselines
+fn, how = baselines.trl_kernel()
+print("HOW", how)
+g = torch.Generator().manual_seed(0)
+hs, ht = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+w = torch.randn(40, 16, generator=g)
+print("LOSS", float(baselines.trl_chunked_divergence("jsd", 0.3, 1.1, 30.0)(hs, ht, w)))
+"""
+
+
+def test_trl_kernel_imports_without_the_trainer_dependencies(bench_modules):
+    """Where accelerate/datasets/pandas are missing (the GPU image), TRL's kernel is still
+    imported, with the stand-in named, and computes what the plain import computes."""
+    baselines = bench_modules[0]
+    proc = subprocess.run(
+        [sys.executable, "-c", _STAND_IN_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    how = re.search(r"^HOW (.*)$", proc.stdout, re.M).group(1)
+    assert re.search(r"trl.trainer.utils stood in for \(no (accelerate|datasets|pandas) here", how)
+    g = torch.Generator().manual_seed(0)
+    hs, ht = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    w = torch.randn(40, 16, generator=g)
+    expected = float(baselines.trl_chunked_divergence("jsd", 0.3, 1.1, 30.0)(hs, ht, w))
+    assert float(re.search(r"^LOSS (.*)$", proc.stdout, re.M).group(1)) == expected
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_trl_anchor_passes_the_correctness_check(bench_fused_linear, kind):
+    """TRL's kernel through the bench's pre-timing check: against the unclipped naive loss
+    (it has no clip), with and without Gemma 2's cap; the check fails when the clip or
+    the cap differ, so it compares something."""
+    import types
+
+    b = bench_fused_linear
+    opts = dict(kind=kind, beta=0.3, temperature=1.1, clip=0.001)
+    cfg = types.SimpleNamespace(options=lambda: dict(opts), kind=kind, beta=0.3, temperature=1.1)
+    g = torch.Generator().manual_seed(5)
+    h_s = torch.randn(24, 32, generator=g).requires_grad_()
+    h_t = h_s.detach() + 0.5 * torch.randn(24, 32, generator=g)
+    w = (8.0 * torch.randn(300, 32, generator=g)).requires_grad_()  # logits of std ~45
+    for cap in (None, 30.0):
+        fn = b._loss_fn("trl-chunked", cfg, 16, cap)
+        b._check_against_naive(fn, h_s, h_t, w, cfg, softcap=cap, clip=None)
+        with pytest.raises(AssertionError):
+            b._check_against_naive(fn, h_s, h_t, w, cfg, softcap=cap)  # the run's clip
+    with pytest.raises(AssertionError):  # capped kernel against the uncapped loss
+        capped = b._loss_fn("trl-chunked", cfg, 16, 30.0)
+        b._check_against_naive(capped, h_s, h_t, w, cfg, clip=None)
+    assert h_s.grad is None and w.grad is None
+
+
+def test_softcap_presets_and_skip_rules(bench_fused_linear, bench_modules, monkeypatch):
+    import types
+
+    _, harness, _, _ = bench_modules
+    b = bench_fused_linear
+    assert harness.PRESETS["gemma2-2b"] == (2304, 256_000)
+    assert harness.PRESETS["gemma3-4b"] == (2560, 262_208)
+    assert harness.PRESET_SOFTCAP == {"gemma2-2b": 30.0}  # Gemma 3 does not cap
+    assert "trl-chunked" in harness.ANCHORS["fused_linear"]
+    assert "trl-chunked" in harness.CHECKED_IMPLS and "trl-chunked" in harness.NO_CLIP
+    cfg = types.SimpleNamespace(wants=lambda impl: True, kind="forward_kl", beta=0.5)
+    cuda = torch.device("cuda")
+    for impl in ("liger-fljsd", "liger-fljsd-loss"):
+        assert "no final-logit soft cap" in b._skip_reason(impl, cfg, cuda, "fwdbwd", 30.0)
+    assert b._skip_reason("trl-chunked", cfg, cuda, "fwdbwd", 30.0) is None
+    assert b._skip_reason("compiled", cfg, cuda, "fwdbwd", 30.0) is None
+    monkeypatch.setattr(b, "_takes_softcap", lambda: False)
+    assert "no softcap option" in b._skip_reason("fused", cfg, cuda, "fwdbwd", 30.0)
+    assert b._skip_reason("fused", cfg, cuda, "fwdbwd", None) is None
+    monkeypatch.setattr(b.baselines, "trl_kernel", lambda: (None, "TRL is not installed (x)"))
+    assert b._skip_reason("trl-chunked", cfg, cuda) == "TRL is not installed (x)"
+
+
+def test_bench_passes_the_cap_to_ours_and_the_anchors(bench_fused_linear, monkeypatch):
+    import types
+
+    import opsd_kernels
+
+    b = bench_fused_linear
+    calls = []
+    monkeypatch.setattr(
+        opsd_kernels, "fused_linear_divergence", lambda *a, **kw: calls.append(kw) or 0.0
+    )
+    monkeypatch.setattr(
+        b.baselines, "naive_linear", lambda *a, **kw: calls.append(("naive", kw)) or 0.0
+    )
+    opts = dict(kind="forward_kl", beta=0.5, temperature=1.1, clip=0.05)
+    cfg = types.SimpleNamespace(options=lambda: dict(opts))
+    b._loss_fn("fused", cfg, 16, 30.0)(None, None, None)
+    b._loss_fn("naive", cfg, 16, 30.0)(None, None, None)
+    assert calls == [
+        {"impl": "fused", **opts, "softcap": 30.0},
+        ("naive", {**opts, "softcap": 30.0}),
+    ]
+
+
+def test_naive_and_compiled_baselines_soft_cap(bench_modules):
+    """The naive path caps both roles' logits (z = 30 tanh(x / 30)) before the temperature,
+    as opsd_kernels' float64 reference transform does; the compiled chunk function too."""
+    from opsd_kernels.divergences import transform_logits
+
+    baselines = bench_modules[0]
+    g = torch.Generator().manual_seed(2)
+    h_s, h_t = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    w = 10 * torch.randn(50, 8, generator=g)
+    capped = baselines.naive_linear(h_s, h_t, w, temperature=1.1, clip=0.05, softcap=30.0)
+    ref = baselines.naive_divergence(
+        transform_logits(h_s @ w.T, 1.0, 30.0),
+        transform_logits(h_t @ w.T, 1.0, 30.0),
+        temperature=1.1,
+        clip=0.05,
+    )
+    assert torch.allclose(capped, ref, rtol=1e-6)
+    assert not torch.allclose(
+        capped, baselines.naive_linear(h_s, h_t, w, temperature=1.1, clip=0.05)
+    )
+    chunk = baselines._chunk_loss_linear(h_s, w, h_t, w, "forward_kl", 0.5, 1.1, 0.05, 30.0)
+    assert torch.allclose(chunk / 6, capped, rtol=1e-6)
+
+
+def test_gpu_check_runs_trl_in_the_qwen_pass():
+    impls = _qwen_pass_impls()
+    assert "trl-chunked" in impls
+    assert '"trl"' in _script()  # its version is printed
+
+
+def test_our_capped_impl_passes_the_correctness_check(bench_fused_linear):
+    """impl="torch" with softcap=30 (the gemma2-2b preset) through the pre-timing check, with
+    the run's clip, against the capped naive loss; the uncapped naive loss fails it."""
+    import types
+
+    b = bench_fused_linear
+    assert b._takes_softcap()
+    opts = dict(kind="forward_kl", beta=0.5, temperature=1.1, clip=0.05)
+    cfg = types.SimpleNamespace(options=lambda: dict(opts))
+    g = torch.Generator().manual_seed(6)
+    h_s = torch.randn(24, 32, generator=g).requires_grad_()
+    h_t = h_s.detach() + 0.5 * torch.randn(24, 32, generator=g)
+    w = (8.0 * torch.randn(300, 32, generator=g)).requires_grad_()  # the cap bends these
+    fn = b._loss_fn("torch", cfg, 16, 30.0)
+    b._check_against_naive(fn, h_s, h_t, w, cfg, softcap=30.0)
+    with pytest.raises(AssertionError):
+        b._check_against_naive(fn, h_s, h_t, w, cfg)

@@ -41,6 +41,9 @@ def _build(arch, **overrides):
         )
     elif arch == "gemma":  # tied embeddings, embedding scaled by sqrt(H) inside the body
         model = transformers.GemmaForCausalLM(transformers.GemmaConfig(head_dim=8, **kw))
+    elif arch == "gemma2":  # final_logit_softcapping (default 30; small here): tanh after lm_head
+        cfg = transformers.Gemma2Config(head_dim=8, final_logit_softcapping=0.5, **kw)
+        model = transformers.Gemma2ForCausalLM(cfg)
     elif arch == "gemma2_no_softcap":
         cfg = transformers.Gemma2Config(head_dim=8, final_logit_softcapping=None, **kw)
         model = transformers.Gemma2ForCausalLM(cfg)
@@ -74,7 +77,17 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-ARCHS = ["qwen3", "llama", "llama_tied", "gemma", "gemma2_no_softcap", "cohere", "granite", "phi"]
+ARCHS = [
+    "qwen3",
+    "llama",
+    "llama_tied",
+    "gemma",
+    "gemma2",
+    "gemma2_no_softcap",
+    "cohere",
+    "granite",
+    "phi",
+]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -88,8 +101,15 @@ def test_hidden_states_reproduce_logits_and_gradients(arch):
     (model(input_ids=ids, attention_mask=mask).logits * upstream).sum().backward()
     expected = _grads(model)
     model.zero_grad()
-    h, w, b = causal_lm_hidden_states(model, ids, mask)
-    (torch.nn.functional.linear(h, w, b) * upstream).sum().backward()
+    inputs = causal_lm_hidden_states(model, ids, mask, with_softcap=True)
+    h, w, b = inputs
+    logits = torch.nn.functional.linear(h, w, b)
+    if arch == "gemma2":  # a cap small enough to bend these logits
+        assert inputs.softcap == 0.5 and logits.abs().max() > 0.5
+        logits = 0.5 * torch.tanh(logits / 0.5)
+    else:
+        assert inputs.softcap is None
+    (logits * upstream).sum().backward()
     got = _grads(model)
     assert got.keys() == expected.keys()
     for name in expected:
@@ -123,14 +143,24 @@ def test_untied_weight_is_the_lm_head():
     assert causal_lm_head(model).weight is not model.get_input_embeddings().weight
 
 
-def test_gemma2_softcapping_is_refused():
+def test_gemma2_softcapping_is_returned_only_to_callers_that_apply_it():
+    """A caller that unpacks ``(weight, bias, logit_scale)`` and ignores ``.softcap`` would
+    compute uncapped logits: without ``with_softcap=True`` the model is refused."""
     torch.manual_seed(0)
     model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(head_dim=8, **SMALL))
-    assert model.config.final_logit_softcapping is not None  # Gemma-2's default (30.0)
+    assert model.config.final_logit_softcapping == 30.0  # Gemma-2's default
     ids, mask = _batch()
     for fn in (causal_lm_head, lambda m: causal_lm_hidden_states(m, ids, mask)):
-        with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        with pytest.raises(ValueError, match="final_logit_softcapping=30.0.*with_softcap=True"):
             fn(model)
+    head = causal_lm_head(model, with_softcap=True)
+    weight, bias, scale = head  # unpacks as before
+    assert (weight is model.lm_head.weight, bias, scale, head.softcap) == (True, None, 1.0, 30.0)
+    assert causal_lm_hidden_states(model, ids, mask, with_softcap=True).softcap == 30.0
+    assert causal_lm_head(_build("llama"), with_softcap=True).softcap is None
+    model.config.final_logit_softcapping = -1.0
+    with pytest.raises(ValueError, match="final_logit_softcapping must be a finite number > 0"):
+        causal_lm_head(model, with_softcap=True)
 
 
 @pytest.mark.parametrize("tied", [False, True])

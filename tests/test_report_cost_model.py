@@ -281,3 +281,35 @@ def test_committed_cpu_run_rebuilds_with_the_labelled_model(report, tmp_path):
     fused_part, divergence_part = md.split("## `divergence`")
     assert fused_part.count("| median ms | model ms | measured / model |") == 3
     assert "model ms" not in divergence_part
+
+
+def test_ratios_against_trls_kernel(report, tmp_path):
+    """The report's TRL section: our time and peak against TRL's kernel row of the same
+    preset, mode, lm_head and tokens (speedup = TRL / ours, memory = ours / TRL); a TRL
+    OOM is said as such; the ratio tables carry a TRL column; a capped preset says so."""
+    gemma = dict(preset="gemma2-2b", hidden=2304, vocab=256_000, softcap=30.0)
+    results = [
+        _row("fused", "fwdbwd", "trainable", N, 0.1, peak_bytes=100 * 2**20),
+        _row("torch", "fwdbwd", "trainable", N, 0.4, peak_bytes=300 * 2**20),
+        _row("trl-chunked", "fwdbwd", "trainable", N, 0.25, peak_bytes=1200 * 2**20),
+        _row("fused", "fwdbwd", "frozen", N, 0.1),
+        _row("trl-chunked", "fwdbwd", "frozen", N, 0.1, status="OOM", peak_bytes=None),
+        _row("fused", "fwdbwd", "trainable", N, 0.5, peak_bytes=2**20, **gemma),
+        _row("trl-chunked", "fwdbwd", "trainable", N, 1.0, peak_bytes=4 * 2**20, **gemma),
+    ]
+    data = {"meta": _meta(), "results": results, "checks": [], "precision": []}
+    md = Path(report.render(data, str(tmp_path))[0]).read_text()
+    section = md.split("## Against TRL's kernel (`trl-chunked`)", 1)[1].split("\n## ", 1)[0]
+    lines = {tuple(c.strip() for c in x.strip("|").split("|")[:4]): x for x in section.splitlines()}
+    tr, fr = "fwdbwd, trainable lm_head", "fwdbwd, frozen lm_head"
+    assert "| 2.5x | 0.0833 |" in lines[("qwen3-4b", tr, str(N), "fused")]
+    assert "| 0.625x | 0.25 |" in lines[("qwen3-4b", tr, str(N), "torch")]
+    assert "| TRL OOM | TRL OOM |" in lines[("qwen3-4b", fr, str(N), "fused")]
+    assert "| 2x | 0.25 |" in lines[("gemma2-2b", tr, str(N), "fused")]
+    assert "speedup vs trl-chunked | mem ratio vs trl-chunked" in md
+    assert "### gemma2-2b (H=2304, V=256000, softcap 30, bfloat16)" in md
+    assert "### qwen3-4b (H=2560, V=151936, bfloat16)" in md
+    # no TRL rows: no section
+    data["results"] = [r for r in results if r["impl"] != "trl-chunked"]
+    md = Path(report.render(data, str(tmp_path))[0]).read_text()
+    assert "Against TRL" not in md

@@ -67,6 +67,7 @@ def check_logits_case(
     seed=0,
     pad=True,
     beta=0.3,
+    **options,
 ):
     s = make_student(lead, V, seed, scale, dtype)
     ids, lp = make_teacher(lead, V, K, seed, scale, pad, student=s)
@@ -84,6 +85,7 @@ def check_logits_case(
         mask=mask,
         reduction=reduction,
         beta=beta,
+        **options,
     )
     out = topk_divergence(s, ids, lp, impl=impl, **opts)
     s_ref = s.detach().double().cpu().requires_grad_()
@@ -250,6 +252,7 @@ def check_linear_case(
     chunk_size=3,
     seed=0,
     peaked=False,
+    **options,
 ):
     x, ids, lp = linear_inputs(lead, H, V, K, dtype, seed, bias, peaked)
     mask = make_mask(lead, seed, DEVICE) if masked else None
@@ -259,7 +262,9 @@ def check_linear_case(
     trainable = ["student_hidden"] + ([] if frozen else ["weight"]) + (["bias"] if bias else [])
     for k in trainable:
         x[k].requires_grad_()
-    opts = dict(kind=kind, tail=tail, temperature=temperature, clip=clip, reduction=reduction)
+    opts = dict(
+        kind=kind, tail=tail, temperature=temperature, clip=clip, reduction=reduction, **options
+    )
     out = fused_linear_topk_divergence(
         **x,
         teacher_ids=ids,
@@ -584,14 +589,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from opsd_kernels.triton.topk_rows import _topk_rows_kernel as k
 
-types = ["*fp32"] * 7 + ["i64", "i32", "i32", "i32", "i32"] + ["fp32"] * 5
+types = ["*fp32"] * 8 + ["i64", "i32", "i32", "i32", "i32", "i32"] + ["fp32"] * 7
 done = []
 # every branch at least once: each kind, both tails, clip, with and without gradient
 cases = [(0, True, False, True), (1, True, True, True), (2, False, True, True),
          (0, True, False, False)]
 for kind, bucket, clip, grad in cases:
-    consts = dict(KIND=kind, BUCKET=bucket, HAS_CLIP=clip, GRAD=grad, BLOCK_V=4096,
-                  BLOCK_K=32)
+    consts = dict(KIND=kind, BUCKET=bucket, HAS_CLIP=clip, TOKEN=False, KEEP=False,
+                  S_SOFTCAP=False, HAS_STATS=False, GRAD=grad, BLOCK_V=4096, BLOCK_K=32)
     sig = dict(zip(k.arg_names, types + ["constexpr"] * len(consts)))
     out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts),
                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})

@@ -49,8 +49,8 @@ def _messages(n=8):
     ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def build_tokenizer():
+    """A small byte-level BPE with a chat template, trained here (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tk = Tokenizer(models.BPE())
@@ -74,6 +74,11 @@ def tokenizer():
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
 
 
 def _model(tok, seed, hidden=16, vocab=None, tied=False, layers=1):
@@ -410,3 +415,61 @@ def test_fused_generalized_jsd_errors(tokenizer, tmp_path):
             fused=True,
             fused_loss_kwargs=dict(kind="jsd"),
         )
+
+
+def _capped_or_scaled(tok, arch, seed, cap=None):
+    """A tiny Gemma 2 (``final_logit_softcapping`` ``cap``, small enough to bend these
+    logits) or Cohere (``logit_scale``) causal LM."""
+    torch.manual_seed(seed)
+    kw = dict(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    if arch == "gemma2":
+        cfg = transformers.Gemma2Config(head_dim=8, final_logit_softcapping=cap, **kw)
+        model = transformers.Gemma2ForCausalLM(cfg)
+    else:
+        cfg = transformers.CohereConfig(logit_scale=0.37, tie_word_embeddings=False, **kw)
+        model = transformers.CohereForCausalLM(cfg)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model.double()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "cohere"])
+def test_softcapped_and_scaled_heads_match_stock_trainer_in_float64(tokenizer, tmp_path, arch):
+    """Gemma 2's final soft cap (student 2.0, teacher 3.0: each role its own) and Cohere's
+    logit scale, applied by the kernel: one GKD training step in float64 against TRL's
+    stock trainer in float64 (loss and every gradient within 1e-7 relative)."""
+    student = _capped_or_scaled(tokenizer, arch, 0, cap=2.0)
+    teacher = _capped_or_scaled(tokenizer, arch, 1, cap=3.0)
+    stock = _trainer(
+        "gkd", tokenizer, copy.deepcopy(student), copy.deepcopy(teacher), tmp_path, fused=False
+    )
+    ours = _trainer(
+        "gkd",
+        tokenizer,
+        student,
+        teacher,
+        tmp_path,
+        fused=True,
+        fused_loss_kwargs=dict(impl="torch", chunk_size=5),
+    )
+    inputs = _batch(12, len(tokenizer))  # no padding: Gemma 2's eager attention gives
+    # fully masked (left-padded) query rows NaN gradients, in TRL's trainer as in ours
+    with torch.no_grad():  # the cap bends these logits
+        logits = stock.model(input_ids=inputs["input_ids"]).logits
+    if arch == "gemma2":
+        assert logits.abs().max() > 1.5
+    loss_ref, grads_ref = _step(stock, inputs, 17)
+    loss, grads = _step(ours, inputs, 17)
+    assert loss.dtype == torch.float64 and loss_ref > 1e-2
+    assert grads.keys() == grads_ref.keys()
+    assert all(torch.isfinite(g).all() for g in grads_ref.values())
+    assert _max_rel_err(loss, grads, loss_ref, grads_ref) < 1e-7

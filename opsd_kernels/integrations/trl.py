@@ -18,12 +18,18 @@ same loss). GOLD's cross-tokenizer ULD loss (``use_uld_loss`` with a teacher tok
 needs both models' full probabilities: ``FusedGOLDTrainer`` leaves it to TRL (logits
 formed) and says so with a warning.
 
-TRL's own ``DistillationTrainer`` is not wrapped: it already computes its loss from
-hidden states with a chunked kernel of its own (``trl.kernels.chunked_divergence``).
+TRL's own ``DistillationTrainer``, with this project's kernel in place of TRL's:
+:mod:`opsd_kernels.integrations.trl_distillation`.
 
-Not supported: DeepSpeed ZeRO-3 and FSDP (the lm_head weights are read directly;
-refused at construction), ``final_logit_softcapping`` (Gemma-2/3; refused by
-:mod:`opsd_kernels.hf`). A teacher with another hidden size works (its own lm_head).
+Sharded lm_heads: the loss runs inside the student's forward (TRL's
+``_ForwardRedirection`` through the DDP/DeepSpeed wrapper, or the FSDP2 ``fully_shard``
+model itself) and the teacher's body inside the teacher's; each lm_head is gathered once
+per step by :func:`opsd_kernels.integrations._heads.gathered_lm_head`: FSDP2 ``DTensor``
+heads with ``full_tensor()`` (gradient averaged back to the shards), DeepSpeed ZeRO-3
+heads with ``GatheredParameters`` (gradient to the partitioned parameter). Each model's
+logit scale and Gemma 2's ``final_logit_softcapping`` are applied by the kernel
+(``logit_scale``/``softcap`` and the teacher's own). A teacher with another hidden size
+works (its own lm_head).
 
 Extra constructor argument of both trainers: ``fused_loss_kwargs``, a dict passed to
 ``fused_linear_divergence`` (``impl``, ``chunk_size``, ``fp32_weight_grad``,
@@ -43,7 +49,8 @@ from typing import Any
 import torch
 
 from ..api import fused_linear_divergence
-from ..hf import causal_lm_hidden_states
+from ..hf import causal_lm_last_hidden_state
+from ._heads import lm_heads, route_through
 
 # the trainer classes are built on first access (module __getattr__), importing trl then
 __all__ = ["FusedGKDTrainer", "FusedGOLDTrainer", "fused_generalized_jsd"]  # noqa: F822
@@ -65,18 +72,26 @@ def fused_generalized_jsd(
     forward_kwargs: dict[str, Any] | None = None,
     student_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     teacher_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    teacher_wrapper: torch.nn.Module | None = None,
     **loss_kwargs,
 ) -> torch.Tensor:
     """TRL's GKD/GOLD distillation loss from hidden states: no (tokens x V) logits.
 
     Equals ``generalized_jsd(student(ids).logits[:, :-1], teacher(ids).logits[:, :-1],
     labels[:, 1:], beta, temperature, num_items_in_batch=num_items_in_batch)``, TRL's
-    ``compute_loss``, with the teacher under ``torch.no_grad``.
+    ``compute_loss``, with the teacher under ``torch.no_grad``. Each model's logit scale
+    and soft cap (Gemma 2) are applied by the kernel.
+
+    Sharded models (FSDP2 ``fully_shard``, DeepSpeed ZeRO-3): call this inside the
+    student's forward (the trainers route it through TRL's ``_ForwardRedirection``) and
+    pass the teacher's wrapper (its engine, or the ``fully_shard`` teacher itself) as
+    ``teacher_wrapper``; each lm_head is gathered once
+    (:func:`~opsd_kernels.integrations._heads.gathered_lm_head`).
 
     Args:
         student_model, teacher_model: ``transformers`` causal LMs (or PEFT-wrapped),
-            unwrapped from DDP; the teacher may be the student itself (then one shared
-            lm_head GEMM serves both) or have another hidden size.
+            unwrapped from DDP/DeepSpeed; the teacher may be the student itself (then one
+            shared lm_head GEMM serves both) or have another hidden size.
         input_ids, attention_mask: (B, T) the sequences both models score.
         labels: (B, T) the next-token targets, ``ignore_index`` where not trained.
         beta: 0 forward KL(p_T || p_S), 1 reverse KL(p_S || p_T), else generalized JSD.
@@ -86,6 +101,9 @@ def fused_generalized_jsd(
         forward_kwargs: extra inputs to both models' bodies (e.g. ``pixel_values``).
         student_context, teacher_context: factories of the context each body runs in
             (e.g. an autocast for mixed precision; default none).
+        teacher_wrapper: the module whose forward the teacher's body is routed through
+            (its DDP/DeepSpeed/FSDP2 wrapper, so that sharded parameters are gathered);
+            None calls the body directly.
         **loss_kwargs: ``impl``, ``chunk_size``, ``fp32_weight_grad``, ``skip_threshold``
             of :func:`opsd_kernels.fused_linear_divergence`.
 
@@ -114,8 +132,7 @@ def fused_generalized_jsd(
     unknown = set(loss_kwargs) - set(_LOSS_KWARGS)
     if unknown:
         raise TypeError(f"unexpected loss arguments {sorted(unknown)}; allowed: {_LOSS_KWARGS}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    kind, beta = trl_divergence_kind(beta)
     if labels.shape != input_ids.shape:
         raise ValueError(
             f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
@@ -123,36 +140,36 @@ def fused_generalized_jsd(
         )
     forward_kwargs = forward_kwargs or {}
     with student_context():
-        h_s, w_s, b_s = causal_lm_hidden_states(
+        h_s = causal_lm_last_hidden_state(
             student_model, input_ids, attention_mask, **forward_kwargs
         )
     with torch.no_grad(), teacher_context():
-        h_t, w_t, b_t = causal_lm_hidden_states(
-            teacher_model, input_ids, attention_mask, **forward_kwargs
+        h_t = route_through(
+            teacher_wrapper,
+            teacher_model,
+            causal_lm_last_hidden_state,
+            teacher_model,
+            input_ids,
+            attention_mask,
+            **forward_kwargs,
         )
     mask = labels[:, 1:].to(h_s.device) != ignore_index
-    teacher = {}
-    if not (w_t is w_s and b_t is b_s):  # another lm_head (or a bias scaled anew): separate
-        teacher = dict(
-            teacher_weight=w_t.detach().to(h_s.device),
-            teacher_bias=None if b_t is None else b_t.detach().to(h_s.device),
-        )
-    kind = "forward_kl" if beta == 0 else "reverse_kl" if beta == 1 else "jsd"
-    t_dtype = w_t.dtype if teacher else w_s.dtype
+    s_head, t_head = lm_heads(student_model, teacher_model)
+    t_dtype = (s_head if t_head.weight is None else t_head).weight.dtype
     # the bodies ran under the caller's autocast (mixed precision), if any; the loss reads
     # hidden states in the lm_head's dtype and computes float32 logits, outside autocast
     with torch.autocast(h_s.device.type, enabled=False):
         total = fused_linear_divergence(
-            h_s[:, :-1].to(w_s.dtype),
+            h_s[:, :-1].to(s_head.weight.dtype),
             h_t[:, :-1].to(h_s.device, t_dtype),
-            w_s,
-            bias=b_s,
+            s_head.weight,
             kind=kind,
-            beta=beta if kind == "jsd" else 0.5,
+            beta=beta,
             temperature=temperature,
             mask=mask,
             reduction="sum",
-            **teacher,
+            **s_head.loss_kwargs("student"),
+            **t_head.loss_kwargs("teacher"),
             **loss_kwargs,
         )
     if num_items_in_batch is not None:
@@ -162,36 +179,40 @@ def fused_generalized_jsd(
     return total / mask.sum().clamp_min(1)
 
 
+def checked_loss_kwargs(loss_kwargs: dict | None, name: str) -> dict:
+    """A copy of a trainer's ``fused_loss_kwargs``; ``TypeError`` naming ``name`` for a
+    key ``fused_linear_divergence`` does not take from it."""
+    loss_kwargs = dict(loss_kwargs or {})
+    unknown = set(loss_kwargs) - set(_LOSS_KWARGS)
+    if unknown:
+        raise TypeError(f"{name}: unexpected {sorted(unknown)}; allowed: {_LOSS_KWARGS}")
+    return loss_kwargs
+
+
+def trl_divergence_kind(beta: float) -> tuple[str, float]:
+    """TRL's ``beta`` (GKD, GOLD, DistillationTrainer) as ``(kind, beta)`` of the kernels:
+    0 forward KL, 1 reverse KL, else the generalized JSD with this beta (the beta of
+    ``reverse_kl``/``forward_kl`` is unused: 0.5).
+
+    >>> trl_divergence_kind(0.0), trl_divergence_kind(0.3)
+    (('forward_kl', 0.5), ('jsd', 0.3))
+    """
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if beta == 0:
+        return "forward_kl", 0.5
+    if beta == 1:
+        return "reverse_kl", 0.5
+    return "jsd", float(beta)
+
+
 class _FusedLossMixin:
     """``compute_loss`` from hidden states, shared by the GKD and GOLD subclasses."""
 
     _loss_uses_temperature = False
 
     def _init_fused(self, fused_loss_kwargs):
-        fused_loss_kwargs = dict(fused_loss_kwargs or {})
-        unknown = set(fused_loss_kwargs) - set(_LOSS_KWARGS)
-        if unknown:
-            raise TypeError(
-                f"fused_loss_kwargs: unexpected {sorted(unknown)}; allowed: {_LOSS_KWARGS}"
-            )
-        self.fused_loss_kwargs = fused_loss_kwargs
-        if getattr(self, "is_fsdp_enabled", False):
-            raise ValueError(
-                f"{type(self).__name__} does not support FSDP (it reads the "
-                "lm_head weights directly); use TRL's trainer"
-            )
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if getattr(self, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3:
-            raise ValueError(
-                f"{type(self).__name__} does not support DeepSpeed ZeRO-3 (it "
-                "reads the lm_head weights directly); use TRL's trainer"
-            )
-        try:
-            from trl.models.utils import _ForwardRedirection
-
-            self._fused_redirect = _ForwardRedirection()
-        except ImportError:  # pragma: no cover - older/newer TRL: single-process only
-            self._fused_redirect = None
+        self.fused_loss_kwargs = checked_loss_kwargs(fused_loss_kwargs, "fused_loss_kwargs")
 
     def _fused_loss(self, model, inputs, num_items_in_batch, forward_kwargs=None):
         student = self.accelerator.unwrap_model(model)
@@ -205,12 +226,14 @@ class _FusedLossMixin:
             forward_kwargs=forward_kwargs,
             student_context=self._autocast_of(student),
             teacher_context=self._autocast_of(teacher),
+            # a separate teacher through its own wrapper; the student as its own teacher
+            # is already inside its forward
+            teacher_wrapper=None if teacher is student else self.teacher_model,
             **self.fused_loss_kwargs,
         )
-        if model is not student and self._fused_redirect is not None:
-            # through the DDP wrapper's forward, so that gradient sync is prepared
-            return self._fused_redirect(model, student, fused_generalized_jsd, *args, **kwargs)
-        return fused_generalized_jsd(*args, **kwargs)
+        # through the wrapper's forward (DDP: gradient sync prepared; DeepSpeed ZeRO-3 and
+        # an FSDP2 root unit: parameters gathered), as TRL's DistillationTrainer does
+        return route_through(model, student, fused_generalized_jsd, *args, **kwargs)
 
     def _autocast_of(self, model):
         """The bodies are called directly, not through the forward that accelerate wraps in
@@ -303,7 +326,14 @@ def _build(name: str):
     raise AttributeError(name)
 
 
+_SELF_DISTILLATION = ("FusedSDFTConfig", "FusedSDFTTrainer", "FusedSDPOConfig", "FusedSDPOTrainer")
+
+
 def __getattr__(name: str):
+    if name in _SELF_DISTILLATION:  # TRL's SDFT/SDPO trainers: opsd_kernels.integrations.trl_sdft
+        from . import trl_sdft
+
+        return getattr(trl_sdft, name)
     if name in ("FusedGKDTrainer", "FusedGOLDTrainer"):
         try:
             cls = _build(name)

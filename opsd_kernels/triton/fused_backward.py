@@ -88,8 +88,8 @@ import triton.language as tl
 
 from .. import gemm
 from ..chunked import zero_masked_rows
-from .configs import block_args, option_args
-from .fused_forward import ForwardStats, block_extreme, device_programs
+from .configs import block_args
+from .fused_forward import ForwardStats, block_extreme, device_programs, kernel_options
 from .tiles import (
     INPUT_FLAGS,
     count_tile,
@@ -120,6 +120,7 @@ def _fused_grad_slab_kernel(
     lse_s_ptr,
     lse_t_ptr,
     g_sum_ptr,
+    mu_ptr,
     scale_ptr,
     skip_ptr,
     count_ptr,
@@ -138,6 +139,10 @@ def _fused_grad_slab_kernel(
     stride_out,
     scale_stride,
     inv_temp,
+    s_scale,
+    s_cap,
+    t_scale,
+    t_cap,
     beta,
     log_beta,
     log_1m_beta,
@@ -145,6 +150,9 @@ def _fused_grad_slab_kernel(
     KIND: tl.constexpr,
     ONE_PASS: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    KEEP: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     HAS_MASK: tl.constexpr,
     SKIP: tl.constexpr,
     COUNT: tl.constexpr,
@@ -185,6 +193,7 @@ def _fused_grad_slab_kernel(
             lse_s_ptr,
             lse_t_ptr,
             g_sum_ptr,
+            mu_ptr,
             scale_ptr,
             rows,
             in_range,
@@ -199,12 +208,19 @@ def _fused_grad_slab_kernel(
             stride_wt,
             scale_stride,
             inv_temp,
+            s_scale,
+            s_cap,
+            t_scale,
+            t_cap,
             beta,
             log_beta,
             log_1m_beta,
             clip,
             KIND,
             HAS_CLIP,
+            KEEP,
+            S_SOFTCAP,
+            T_SOFTCAP,
             SHARED_W,
             HAS_BIAS,
             HAS_TBIAS,
@@ -237,6 +253,7 @@ def _fused_backward_kernel(
     lse_s_ptr,
     lse_t_ptr,
     g_sum_ptr,
+    mu_ptr,
     scale_ptr,
     skip_ptr,
     count_ptr,
@@ -256,6 +273,10 @@ def _fused_backward_kernel(
     stride_dw,
     scale_stride,
     inv_temp,
+    s_scale,
+    s_cap,
+    t_scale,
+    t_cap,
     beta,
     log_beta,
     log_1m_beta,
@@ -263,6 +284,9 @@ def _fused_backward_kernel(
     KIND: tl.constexpr,
     ONE_PASS: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    KEEP: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     HAS_MASK: tl.constexpr,
     SKIP: tl.constexpr,
     COUNT: tl.constexpr,
@@ -299,6 +323,7 @@ def _fused_backward_kernel(
             lse_s_ptr,
             lse_t_ptr,
             g_sum_ptr,
+            mu_ptr,
             scale_ptr,
             rows,
             in_range,
@@ -313,12 +338,19 @@ def _fused_backward_kernel(
             stride_wt,
             scale_stride,
             inv_temp,
+            s_scale,
+            s_cap,
+            t_scale,
+            t_cap,
             beta,
             log_beta,
             log_1m_beta,
             clip,
             KIND,
             HAS_CLIP,
+            KEEP,
+            S_SOFTCAP,
+            T_SOFTCAP,
             SHARED_W,
             HAS_BIAS,
             HAS_TBIAS,
@@ -421,9 +453,19 @@ def fused_backward(
     V = weight.shape[0]
     dev = hs.device
     n_blocks, n_vblocks = triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v)
+    if stats.grad_mask is not None:  # clip_mode "token": clipped tokens get no gradient
+        mask = stats.grad_mask
     skip = None
     if skip_threshold > 0:
-        skip = skipped_tiles(stats, skip_threshold, mask).to(torch.uint8)
+        skip = skipped_tiles(stats, skip_threshold, mask)
+        if stats.clipped_tiles is not None:  # "entry_keep": clipped entries' mu is not small
+            skip &= ~stats.clipped_tiles
+    if stats.grad_mask is not None:  # token blocks without a token that takes a gradient
+        dead = block_extreme(mask.to(torch.float32), cfg.block_n, None, True) == 0
+        dead = dead[:, None].expand(n_blocks, n_vblocks)
+        skip = dead if skip is None else skip | dead
+    if skip is not None:
+        skip = skip.to(torch.uint8).contiguous()
     count = None
     if tile_counts is not None:
         count = torch.zeros(n_blocks, n_vblocks, dtype=torch.int32, device=dev)
@@ -437,6 +479,7 @@ def fused_backward(
         lse_s_ptr=stats.lse_s,
         lse_t_ptr=stats.lse_t,
         g_sum_ptr=stats.g_sum,
+        mu_ptr=stats.mu,
         scale_ptr=row_scale,
         skip_ptr=skip,
         count_ptr=count,
@@ -449,7 +492,7 @@ def fused_backward(
         stride_map=n_vblocks,
         scale_stride=1 if per_row else 0,
         GROUP=cfg.group,
-        **option_args(opts),
+        **kernel_options(opts),
         **block_args(cfg, hs.dtype),
     )
     if not deterministic:
@@ -563,6 +606,7 @@ def _slab_backward(
                 lse_s_ptr=common["lse_s_ptr"][ts],
                 lse_t_ptr=common["lse_t_ptr"][ts],
                 g_sum_ptr=common["g_sum_ptr"][ts],
+                mu_ptr=None if common["mu_ptr"] is None else common["mu_ptr"][ts],
                 scale_ptr=common["scale_ptr"][ts]
                 if common["scale_stride"]
                 else common["scale_ptr"],

@@ -63,7 +63,8 @@ import triton
 import triton.language as tl
 
 from .._validation import DivergenceOptions
-from .configs import FusedConfig, block_args, config_for, option_args
+from ..stats import CLIPPED_ENTRIES, STUDENT_ENTROPY, TEACHER_CLIPPED_MASS, TEACHER_TOP1_CLIPPED
+from .configs import FusedConfig, block_args, config_for, option_args, transform_args
 from .formulas import online_logsumexp_update_rows, rescale_sum, weighted_log_ratio
 from .tiles import (
     INPUT_FLAGS,
@@ -79,7 +80,14 @@ from .tiles import (
 CLIP_TEST_MARGIN = 1e-3
 
 
-@triton.heuristics({**INPUT_FLAGS, "TILE_MIN": lambda a: a["tmin_s_ptr"] is not None})
+@triton.heuristics(
+    {
+        **INPUT_FLAGS,
+        "TILE_MIN": lambda a: a["tmin_s_ptr"] is not None,
+        "STATS": lambda a: a["ent_ptr"] is not None,
+        "KEEP_SUMS": lambda a: a["keep_sums_ptr"] is not None,
+    }
+)
 @triton.jit
 def _fused_stats_kernel(
     hs_ptr,
@@ -94,6 +102,8 @@ def _fused_stats_kernel(
     m_t_ptr,
     z_t_ptr,
     w_sum_ptr,
+    ent_ptr,
+    keep_sums_ptr,
     tmax_s_ptr,
     tmax_t_ptr,
     tmin_s_ptr,
@@ -111,6 +121,10 @@ def _fused_stats_kernel(
     n_splits,
     blocks_per_split,
     inv_temp,
+    s_scale,
+    s_cap,
+    t_scale,
+    t_cap,
     beta,
     log_beta,
     log_1m_beta,
@@ -118,11 +132,16 @@ def _fused_stats_kernel(
     KIND: tl.constexpr,
     ONE_PASS: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    KEEP: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     HAS_MASK: tl.constexpr,
     SHARED_W: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_TBIAS: tl.constexpr,
     TILE_MIN: tl.constexpr,
+    STATS: tl.constexpr,
+    KEEP_SUMS: tl.constexpr,
     COUNT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -142,6 +161,9 @@ def _fused_stats_kernel(
     z_s = tl.zeros((BLOCK_N,), tl.float32)
     z_t = tl.zeros((BLOCK_N,), tl.float32)
     w = tl.zeros((BLOCK_N,), tl.float32)
+    ent = tl.zeros((BLOCK_N,), tl.float32)  # STATS: sum e^(b - m_S) (b - m_S)
+    q2 = tl.zeros((BLOCK_N,), tl.float32)  # KEEP: sum e^(2 (b - m_S))
+    x2 = tl.zeros((BLOCK_N,), tl.float32)  # KEEP: the kind's sum pS g, unnormalised
     tile_out = pid_n.to(tl.int64) * n_vblocks
     for vb in range(vb_lo, vb_hi):
         count_tile(count_ptr, pid_n, vb, n_vblocks, COUNT)
@@ -164,6 +186,12 @@ def _fused_stats_kernel(
             stride_w,
             stride_wt,
             inv_temp,
+            s_scale,
+            s_cap,
+            t_scale,
+            t_cap,
+            S_SOFTCAP,
+            T_SOFTCAP,
             SHARED_W,
             HAS_BIAS,
             HAS_TBIAS,
@@ -173,15 +201,6 @@ def _fused_stats_kernel(
             BLOCK_V,
             BLOCK_K,
         )
-        m_s, z_s, rescale_s, shift_s = online_logsumexp_update_rows(m_s, z_s, b)
-        m_t, z_t, rescale_t, shift_t = online_logsumexp_update_rows(m_t, z_t, a)
-        if ONE_PASS:
-            if KIND == 0:
-                p = tl.exp(a - shift_t[:, None])
-                w = rescale_sum(w, rescale_t) + tl.sum(weighted_log_ratio(p, a, b), axis=1)
-            else:
-                p = tl.exp(b - shift_s[:, None])
-                w = rescale_sum(w, rescale_s) + tl.sum(weighted_log_ratio(p, b, a), axis=1)
         # the tile's extreme scaled logits over its counted tokens: skip and clip bounds
         counted = row_ok[:, None]
         tl.store(
@@ -202,6 +221,36 @@ def _fused_stats_kernel(
                 tmin_t_ptr + tile_out + vb,
                 tl.min(tl.min(tl.where(inside, a, float("inf")), axis=1), axis=0),
             )
+        m_s_old = m_s
+        z_s_old = z_s
+        m_s, z_s, rescale_s, shift_s = online_logsumexp_update_rows(m_s, z_s, b)
+        m_t, z_t, rescale_t, shift_t = online_logsumexp_update_rows(m_t, z_t, a)
+        # probabilities up to each row's factor (eliminated by the compiler where unused);
+        # each tile temporary is read by consecutive sums and then dies (registers)
+        p_s = tl.exp(b - shift_s[:, None])
+        if ONE_PASS:
+            if KIND == 0:
+                p_t = tl.exp(a - shift_t[:, None])
+                w = rescale_sum(w, rescale_t) + tl.sum(weighted_log_ratio(p_t, a, b), axis=1)
+                if KEEP_SUMS:  # sum pS pT = sum e^(b - m_S) e^(a - m_T) / (z_S z_T)
+                    x2 = x2 * (rescale_s * rescale_t) + tl.sum(p_s * p_t, axis=1)
+            else:
+                term = weighted_log_ratio(p_s, b, a)
+                w = rescale_sum(w, rescale_s) + tl.sum(term, axis=1)
+                if KEEP_SUMS:  # sum pS^2 (b - a) over finite a (+inf: a = -inf, left out)
+                    x2 = x2 * (rescale_s * rescale_s) + tl.sum(
+                        tl.where(term < float("inf"), p_s * term, 0.0), axis=1
+                    )
+        if STATS:
+            # the student entropy: ent = sum e^(b - m) (b - m) follows the running max m
+            # as e^(b - m') (b - m') = e^(m - m') e^(b - m) ((b - m) + (m - m'))
+            moved = tl.where(z_s_old > 0, (m_s_old - shift_s) * z_s_old, 0.0)
+            ent = rescale_s * (ent + moved) + tl.sum(
+                tl.where(p_s == 0, 0.0, p_s * (b - shift_s[:, None])), axis=1
+            )
+        if KEEP_SUMS:  # "entry_keep", forward/reverse KL: sum over the whole vocabulary of
+            # pS^2 (and of pS g above); the terms pass subtracts the clipped entries' share
+            q2 = q2 * (rescale_s * rescale_s) + tl.sum(p_s * p_s, axis=1)
     out = split.to(tl.int64) * N + rows
     tl.store(m_s_ptr + out, m_s, mask=in_range)
     tl.store(z_s_ptr + out, z_s, mask=in_range)
@@ -209,13 +258,20 @@ def _fused_stats_kernel(
     tl.store(z_t_ptr + out, z_t, mask=in_range)
     if ONE_PASS:
         tl.store(w_sum_ptr + out, w, mask=in_range)
+    if STATS:
+        tl.store(ent_ptr + out, ent, mask=in_range)
+    if KEEP_SUMS:
+        part = n_splits * N
+        tl.store(keep_sums_ptr + out, q2, mask=in_range)
+        tl.store(keep_sums_ptr + part + out, x2, mask=in_range)
 
 
 @triton.heuristics(
     {
         **INPUT_FLAGS,
         "HAS_TODO": lambda a: a["todo_ptr"] is not None,
-        "HAS_CORR": lambda a: a["corr_ptr"] is not None,
+        "HAS_CORR": lambda a: a["finite_ptr"] is not None,
+        "STATS": lambda a: a["clip_stats_ptr"] is not None,
     }
 )
 @triton.jit
@@ -231,8 +287,10 @@ def _fused_terms_kernel(
     lse_t_ptr,
     loss_ptr,
     g_sum_ptr,
-    corr_ptr,
-    g_corr_ptr,
+    finite_ptr,
+    keep_sums_ptr,
+    clip_stats_ptr,
+    clipped_map_ptr,
     todo_ptr,
     count_ptr,
     N,
@@ -247,6 +305,10 @@ def _fused_terms_kernel(
     n_splits,
     blocks_per_split,
     inv_temp,
+    s_scale,
+    s_cap,
+    t_scale,
+    t_cap,
     beta,
     log_beta,
     log_1m_beta,
@@ -254,12 +316,16 @@ def _fused_terms_kernel(
     KIND: tl.constexpr,
     ONE_PASS: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    KEEP: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     HAS_MASK: tl.constexpr,
     SHARED_W: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_TBIAS: tl.constexpr,
     HAS_TODO: tl.constexpr,
     HAS_CORR: tl.constexpr,
+    STATS: tl.constexpr,
     COUNT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -277,8 +343,21 @@ def _fused_terms_kernel(
     vb_hi = tl.minimum(vb_lo + blocks_per_split, n_vblocks)
     loss = tl.zeros((BLOCK_N,), tl.float32)
     G = tl.zeros((BLOCK_N,), tl.float32)
-    corr = tl.zeros((BLOCK_N,), tl.float32)
-    g_corr = tl.zeros((BLOCK_N,), tl.float32)
+    # HAS_CORR (forward/reverse KL): rows with a finite unclipped loss take corrections
+    # (loss, G: sums of c(phi) - phi and g kept - g), the others whole sums
+    finite = tl.zeros((BLOCK_N,), tl.int1)
+    if HAS_CORR:
+        finite = tl.load(finite_ptr + rows, mask=in_range, other=0) != 0
+    # KEEP: sum pS, pS g, pS^2 over the unclipped entries U (every tile is computed), or
+    # with HAS_CORR over the clipped entries C of the computed tiles (pS g only where the
+    # teacher logit is finite: the stats pass's sum leaves the others out too)
+    k1 = tl.zeros((BLOCK_N,), tl.float32)
+    k2 = tl.zeros((BLOCK_N,), tl.float32)
+    k3 = tl.zeros((BLOCK_N,), tl.float32)
+    # STATS: among the clipped entries, the teacher mass, their count and the largest pT
+    mass = tl.zeros((BLOCK_N,), tl.float32)
+    n_clipped = tl.zeros((BLOCK_N,), tl.float32)
+    top1 = tl.zeros((BLOCK_N,), tl.float32)
     for vb in range(vb_lo, vb_hi):
         compute = True
         if HAS_TODO:
@@ -304,6 +383,12 @@ def _fused_terms_kernel(
                 stride_w,
                 stride_wt,
                 inv_temp,
+                s_scale,
+                s_cap,
+                t_scale,
+                t_cap,
+                S_SOFTCAP,
+                T_SOFTCAP,
                 SHARED_W,
                 HAS_BIAS,
                 HAS_TBIAS,
@@ -313,23 +398,64 @@ def _fused_terms_kernel(
                 BLOCK_V,
                 BLOCK_K,
             )
-            phi, c_phi, g, g_all, pS = clipped_terms(
+            phi, c_phi, g, g_all, pS, pT = clipped_terms(
                 b, a, lse_s, lse_t, beta, log_beta, log_1m_beta, clip, KIND, HAS_CLIP
             )
             inside = col_ok[None, :]
-            loss += tl.sum(tl.where(inside, c_phi, 0.0), axis=1)
-            G += tl.sum(tl.where(inside, g, 0.0), axis=1)
-            if HAS_CORR:
-                # only clipped entries (phi >= clip, as in the g kept) differ
+            # each tile temporary is read by consecutive sums and then dies (registers)
+            if HAS_CORR:  # only clipped entries (not phi < clip, as in the g kept) differ:
+                # c(phi) - phi = clip - phi and g kept - g = -g there
+                whole = inside & ~finite[:, None]
                 clipped = inside & ~(phi < clip)
-                corr += tl.sum(tl.where(clipped, c_phi - phi, 0.0), axis=1)
-                g_corr += tl.sum(tl.where(clipped, g - g_all, 0.0), axis=1)
+                fix = clipped & finite[:, None]
+                loss += tl.sum(tl.where(whole, c_phi, tl.where(fix, clip - phi, 0.0)), axis=1)
+                G += tl.sum(tl.where(whole, g, tl.where(fix, -g_all, 0.0)), axis=1)
+            else:
+                loss += tl.sum(tl.where(inside, c_phi, 0.0), axis=1)
+                G += tl.sum(tl.where(inside, g, 0.0), axis=1)
+            if HAS_CLIP:
+                clipped = inside & ~(phi < clip)
+                row_clipped = tl.sum(clipped.to(tl.float32), axis=1)  # (folded where unused)
+                if STATS:  # teacher mass, count and largest teacher probability clipped
+                    pT_c = tl.where(clipped, pT, 0.0)
+                    mass += tl.sum(pT_c, axis=1)
+                    top1 = tl.maximum(top1, tl.max(pT_c, axis=1))
+                    n_clipped += row_clipped
+                if KEEP:
+                    if HAS_CORR:
+                        part_of = clipped
+                    else:
+                        part_of = inside & (phi < clip)
+                    # pS g over finite g only (+inf: reverse KL against a -inf teacher
+                    # logit, always clipped; the stats pass leaves it out too)
+                    if KIND == 1:
+                        part_of_g = part_of & (g_all < float("inf"))
+                    else:
+                        part_of_g = part_of
+                    k2 += tl.sum(tl.where(part_of_g, pS * g_all, 0.0), axis=1)
+                    k1 += tl.sum(tl.where(part_of, pS, 0.0), axis=1)
+                    k3 += tl.sum(tl.where(part_of, pS * pS, 0.0), axis=1)
+                    if not HAS_CORR:
+                        # tiles holding a clipped entry of a counted token: never skipped by
+                        # the backward (their clipped entries' gradient is mu); forward and
+                        # reverse KL use the clip test's map instead (a superset)
+                        hit = tl.max(tl.where(row_ok, row_clipped, 0.0), axis=0) > 0
+                        tl.store(
+                            clipped_map_ptr + pid_n.to(tl.int64) * n_vblocks + vb,
+                            hit.to(tl.uint8),
+                        )
     out = split.to(tl.int64) * N + rows
+    part = n_splits * N
     tl.store(loss_ptr + out, loss, mask=in_range)
     tl.store(g_sum_ptr + out, G, mask=in_range)
-    if HAS_CORR:
-        tl.store(corr_ptr + out, corr, mask=in_range)
-        tl.store(g_corr_ptr + out, g_corr, mask=in_range)
+    if KEEP:
+        tl.store(keep_sums_ptr + out, k1, mask=in_range)
+        tl.store(keep_sums_ptr + part + out, k2, mask=in_range)
+        tl.store(keep_sums_ptr + 2 * part + out, k3, mask=in_range)
+    if STATS:
+        tl.store(clip_stats_ptr + out, mass, mask=in_range)
+        tl.store(clip_stats_ptr + part + out, n_clipped, mask=in_range)
+        tl.store(clip_stats_ptr + 2 * part + out, top1, mask=in_range)
 
 
 @dataclass
@@ -343,6 +469,18 @@ class ForwardStats:
     tmax_s: torch.Tensor  # (N / BLOCK_N, V / BLOCK_V) float32 tile maxima, scaled logits
     tmax_t: torch.Tensor
     cfg: FusedConfig  # the tile sizes these maps use; the backward uses the same
+    #: clip_mode "entry_keep": (N,) float32 mu, the gradient (times tau / upstream factor)
+    #: of a clipped entry
+    mu: torch.Tensor | None = None
+    #: (token blocks, vocab blocks) bool, "entry_keep": the tiles holding a clipped entry of
+    #: a counted token (forward/reverse KL: the clip test's tiles, a superset); the
+    #: backward never skips them
+    clipped_tiles: torch.Tensor | None = None
+    #: (N,) bool, clip_mode "token": the tokens that receive a gradient (the mask's tokens
+    #: whose loss is not clipped); None: the forward's mask
+    grad_mask: torch.Tensor | None = None
+    #: (N, 4) float32 per-token statistics (opsd_kernels.stats layout) when asked for
+    stats: torch.Tensor | None = None
 
 
 @functools.cache
@@ -424,6 +562,29 @@ def _splits(cfg: FusedConfig, device: torch.device, n_blocks: int, n_vblocks: in
     return triton.cdiv(n_vblocks, per_split), per_split  # no empty split
 
 
+def kernel_options(opts: DivergenceOptions) -> dict:
+    """The fused kernels' option keywords: :func:`~.configs.option_args` and
+    :func:`~.configs.transform_args`, with ``HAS_CLIP`` (a per-entry clip: clip_mode
+    "entry" or "entry_keep"; "token" clips after the sum, outside the kernels) and
+    ``KEEP`` (clip_mode "entry_keep" with a clip)."""
+    clipped = opts.clip is not None
+    return {
+        **option_args(opts),
+        **transform_args(opts),
+        "HAS_CLIP": clipped and opts.clip_mode != "token",
+        "KEEP": clipped and opts.clip_mode == "entry_keep",
+    }
+
+
+def _merge_entropy(m, z, ent, shift, z_tot):
+    """Student entropy (N,) from per-split (max, sum-exp, sum e^(b - m) (b - m)) rows
+    (S, N): H = log z - sum e^(b - M) (b - M) / z at the global shift M."""
+    live = z > 0
+    d = torch.where(live, m - shift, torch.zeros_like(m))
+    part = torch.where(live, torch.exp(d) * (ent + d * z), torch.zeros_like(z))
+    return torch.log(z_tot) - part.sum(0) / z_tot
+
+
 def fused_forward(
     hs: torch.Tensor,
     ht: torch.Tensor,
@@ -435,6 +596,7 @@ def fused_forward(
     opts: DivergenceOptions,
     cfg: FusedConfig | None = None,
     tile_counts: dict | None = None,
+    want_stats: bool = False,
 ) -> ForwardStats:
     """Launch the fused forward on (N, H) / (N, H_T) hidden states; see the module docstring.
 
@@ -442,7 +604,8 @@ def fused_forward(
     is None or (N,) bool. ``cfg``: tile sizes (default: :func:`~.configs.config_for`).
     ``tile_counts``: a dict to receive, per pass (``"stats"``, ``"terms"``), an int32
     (token blocks, vocab blocks) tensor counting how often each tile was computed
-    (a debug aid for tests; None in normal use).
+    (a debug aid for tests; None in normal use). ``want_stats``: fill
+    ``ForwardStats.stats`` (the per-token statistics of :mod:`opsd_kernels.stats`).
     """
     N, H = hs.shape
     V = weight.shape[0]
@@ -453,6 +616,9 @@ def fused_forward(
     splits, per_split = _splits(cfg, dev, n_blocks, n_vblocks)
     spec, clip = opts.spec, opts.clip
     one_pass = spec.one_pass
+    kopts = kernel_options(opts)
+    entry_clip, keep = kopts["HAS_CLIP"], kopts["KEEP"]
+    token_clip = clip is not None and not entry_clip
     f32 = dict(dtype=torch.float32, device=dev)
     tile_map = dict(size=(n_blocks, n_vblocks), **f32)
 
@@ -464,8 +630,10 @@ def fused_forward(
 
     m_s, z_s, m_t, z_t = (torch.empty(splits, N, **f32) for _ in range(4))
     w_sum = torch.empty(splits, N, **f32) if one_pass else None
+    ent = torch.empty(splits, N, **f32) if want_stats else None
+    keep_all = torch.empty(2, splits, N, **f32) if keep and one_pass else None
     tmax_s, tmax_t = torch.empty(**tile_map), torch.empty(**tile_map)
-    with_min = one_pass and clip is not None
+    with_min = one_pass and entry_clip
     tmin_s = torch.empty(**tile_map) if with_min else None
     tmin_t = torch.empty(**tile_map) if with_min else None
     inputs = dict(
@@ -488,7 +656,7 @@ def fused_forward(
         n_splits=splits,
         blocks_per_split=per_split,
         GROUP=cfg.group,
-        **option_args(opts),
+        **kopts,
         **block_args(cfg, hs.dtype),
     )
     grid = (n_blocks * splits,)
@@ -498,6 +666,8 @@ def fused_forward(
         m_t_ptr=m_t,
         z_t_ptr=z_t,
         w_sum_ptr=w_sum,
+        ent_ptr=ent,
+        keep_sums_ptr=keep_all,
         tmax_s_ptr=tmax_s,
         tmax_t_ptr=tmax_t,
         tmin_s_ptr=tmin_s,
@@ -516,8 +686,9 @@ def fused_forward(
             w_tot = _rescale_sum(w_sum, m_s - shift_s).sum(0)
             loss = w_tot / zs_tot - lse_s + lse_t
             g_sum = loss + 1.0
-    if not one_pass or clip is not None:
-        todo = corr = g_corr = None
+    mu = clipped_map = clip_stats = None
+    if not one_pass or entry_clip:
+        todo = finite_rows = None
         if one_pass:  # clip: recompute only the tiles that may clip (exact test)
             todo = clip_tiles(
                 spec.kind_id, clip, lse_s, lse_t, tmax_s, tmax_t, tmin_s, tmin_t, BN, mask
@@ -525,26 +696,93 @@ def fused_forward(
             finite = torch.isfinite(loss)
             full_block = block_extreme((~finite).to(torch.float32), BN, mask, True) > 0
             todo = (todo | full_block[:, None]).to(torch.uint8)
-            corr, g_corr = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
+            finite_rows = finite.to(torch.uint8)
         part_loss, part_g = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
+        keep_part = torch.empty(3, splits, N, **f32) if keep else None
+        if keep:  # jsd: written by the pass; forward/reverse KL: the tiles that may clip
+            clipped_map = (
+                todo
+                if one_pass
+                else torch.zeros(n_blocks, n_vblocks, dtype=torch.uint8, device=dev)
+            )
+        want_clip_stats = want_stats and entry_clip
+        clip_stats = torch.empty(3, splits, N, **f32) if want_clip_stats else None
         _fused_terms_kernel[grid](
             lse_s_ptr=lse_s,
             lse_t_ptr=lse_t,
             loss_ptr=part_loss,
             g_sum_ptr=part_g,
-            corr_ptr=corr,
-            g_corr_ptr=g_corr,
+            finite_ptr=finite_rows,
+            keep_sums_ptr=keep_part,
+            clip_stats_ptr=clip_stats,
+            clipped_map_ptr=clipped_map,
             todo_ptr=todo,
             count_ptr=counter("terms"),
             **inputs,
         )
         if one_pass:
-            loss = torch.where(finite, loss + corr.sum(0), part_loss.sum(0))
-            g_sum = torch.where(finite, g_sum + g_corr.sum(0), part_g.sum(0))
+            part_loss, part_g = part_loss.sum(0), part_g.sum(0)  # corrections where finite
+            loss = torch.where(finite, loss + part_loss, part_loss)
+            g_sum = torch.where(finite, g_sum + part_g, part_g)
         else:
             loss, g_sum = part_loss.sum(0), part_g.sum(0)
+        if keep:
+            u = keep_part.sum(1)  # (3, N): sums over U (jsd) or C (forward/reverse KL)
+            if one_pass:  # U = everything (stats pass) - C
+                all_sums = _keep_totals(spec.kind_id, keep_all, m_s, m_t, shift_s, shift_t,
+                                        zs_tot, zt_tot, lse_s, lse_t)  # fmt: skip
+                u = all_sums - u
+            u1, u2, u3 = u
+            mu = torch.where(u1 > 0, (u2 - g_sum * u3) / u1, torch.zeros_like(u1))
     elif tile_counts is not None:
         counter("terms")
+    grad_mask = None
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))
-    return ForwardStats(loss, lse_s, lse_t, g_sum, tmax_s, tmax_t, cfg)
+    if token_clip:  # min(L, clip); a clipped token passes no gradient (NaN counts as clipped)
+        token_clipped = ~(loss < clip)
+        loss = torch.clamp(loss, max=clip)
+        grad_mask = ~token_clipped if mask is None else mask & ~token_clipped
+    stats = None
+    if want_stats:
+        stats = torch.zeros(N, 4, **f32)
+        stats[:, STUDENT_ENTROPY] = _merge_entropy(m_s, z_s, ent, shift_s, zs_tot)
+        if entry_clip:
+            stats[:, TEACHER_CLIPPED_MASS] = clip_stats[0].sum(0)
+            stats[:, CLIPPED_ENTRIES] = clip_stats[1].sum(0)
+            # the teacher's top-1 is clipped where the largest clipped pT is its largest pT
+            # (from its largest logit, less a margin: the terms pass's recompute may differ
+            # from the stats pass in the last bits)
+            top_t = m_t.amax(0)
+            top_p = torch.exp(top_t - 1e-6 * top_t.abs() - lse_t)
+            top1 = (clip_stats[2].amax(0) >= top_p) & (clip_stats[1].sum(0) > 0)
+            stats[:, TEACHER_TOP1_CLIPPED] = top1.to(torch.float32)
+        elif token_clip:
+            hit = token_clipped.to(torch.float32)
+            stats[:, TEACHER_CLIPPED_MASS] = hit
+            stats[:, CLIPPED_ENTRIES] = hit * V
+            stats[:, TEACHER_TOP1_CLIPPED] = hit
+        if mask is not None:
+            stats = torch.where(mask[:, None], stats, torch.zeros_like(stats))
+    clipped_tiles = None if clipped_map is None else clipped_map.bool()
+    return ForwardStats(
+        loss, lse_s, lse_t, g_sum, tmax_s, tmax_t, cfg, mu, clipped_tiles, grad_mask, stats
+    )
+
+
+def _keep_totals(kind_id, keep_all, m_s, m_t, shift_s, shift_t, zs_tot, zt_tot, lse_s, lse_t):
+    """(3, N): the sums over the whole vocabulary of pS (1), pS g and pS^2, from the stats
+    pass's per-split sums e^(2 (b - m_S)) and (forward KL) e^(b - m_S) e^(a - m_T) or
+    (reverse KL) e^(2 (b - m_S)) (b - a). Entries with a -inf teacher logit are left out of
+    sum pS g (reverse KL's g is +inf there; such an entry is always clipped, never in U,
+    and the terms pass leaves it out of the clipped sum too)."""
+    d_s = m_s - shift_s
+    q2 = (keep_all[0] * torch.exp(2 * d_s)).sum(0)
+    sum_p2 = q2 / (zs_tot * zs_tot)
+    if kind_id == 0:  # g = -pT
+        x = (keep_all[1] * torch.exp(d_s + (m_t - shift_t))).sum(0)
+        sum_pg = -x / (zs_tot * zt_tot)
+    else:  # g = pS (lS - lT + 1), lS - lT = (b - a) - (LSE_S - LSE_T)
+        w2 = (keep_all[1] * torch.exp(2 * d_s)).sum(0)
+        sum_pg = (w2 - (lse_s - lse_t - 1.0) * q2) / (zs_tot * zs_tot)
+    return torch.stack((torch.ones_like(sum_p2), sum_pg, sum_p2))

@@ -15,6 +15,7 @@ import torch
 
 from .._validation import DivergenceOptions
 from ..reductions import as_rows, forward_scale, reduce_rows
+from ..stats import NUM_STATS
 from .configs import resolve_skip_threshold
 from .fused_backward import fused_backward
 from .fused_forward import fused_forward
@@ -24,12 +25,17 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
     """Fully fused fused-linear divergence: logits exist only as on-chip tiles.
 
     ``apply(student_hidden, teacher_hidden, weight, teacher_weight, bias, teacher_bias,
-    mask, opts, skip_threshold, weight_grad_dtype, deterministic=True)``: validated
-    inputs (one dtype per side, as ``fused_linear_divergence`` checks; mixed dtypes
-    raise TypeError here), ``opts`` a :class:`~opsd_kernels._validation.DivergenceOptions`,
-    ``skip_threshold`` a float in [0, 1] or ``"auto"``
+    mask, opts, skip_threshold, weight_grad_dtype, deterministic=True, stats_out=None)``:
+    validated inputs (one dtype per side, as ``fused_linear_divergence`` checks; mixed
+    dtypes raise TypeError here), ``opts`` a
+    :class:`~opsd_kernels._validation.DivergenceOptions` (every kind, clip mode and
+    logit transform), ``skip_threshold`` a float in [0, 1] or ``"auto"``
     (:func:`~opsd_kernels.triton.configs.resolve_skip_threshold`), ``deterministic``
-    False for the one-pass backward with atomic adds.
+    False for the one-pass backward with atomic adds. ``stats_out``: None, or a float32
+    ``(N, 4)`` tensor (N: the tokens, leading dimensions flattened; layout of
+    :mod:`opsd_kernels.stats`, e.g. :func:`~opsd_kernels.stats.new_stats_buffer`) that the
+    forward fills with the per-token statistics (masked rows 0); a plain output buffer,
+    written in place, never differentiated.
     """
 
     @staticmethod
@@ -46,6 +52,7 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
         skip_threshold,
         weight_grad_dtype: torch.dtype,
         deterministic: bool = True,
+        stats_out: torch.Tensor | None = None,
     ):
         if (
             student_hidden.dtype != weight.dtype
@@ -65,13 +72,32 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
         bt = None if teacher_bias is None else teacher_bias.contiguous()
         mask1 = None if mask is None else mask.reshape(-1).contiguous()
         N = hs.shape[0]
+        if stats_out is not None and (
+            not isinstance(stats_out, torch.Tensor)
+            or stats_out.shape != (N, NUM_STATS)
+            or stats_out.dtype != torch.float32
+            or stats_out.device != hs.device
+        ):
+            raise ValueError(
+                f"stats_out must be None or a float32 ({N}, {NUM_STATS}) tensor on "
+                f"{hs.device}, got "
+                + (
+                    type(stats_out).__name__
+                    if not isinstance(stats_out, torch.Tensor)
+                    else f"{stats_out.dtype} {tuple(stats_out.shape)} on {stats_out.device}"
+                )
+            )
         scale = forward_scale(opts.reduction, mask1, N, hs.device, torch.float32)
         if N == 0:
             loss = torch.zeros(0, dtype=torch.float32, device=hs.device)
             stats = None
         else:
-            stats = fused_forward(hs, ht, w, wt, b, bt, mask1, opts)
+            want = stats_out is not None
+            stats = fused_forward(hs, ht, w, wt, b, bt, mask1, opts, want_stats=want)
             loss = stats.loss
+            if stats_out is not None:
+                stats_out.copy_(stats.stats)
+                stats.stats = None
         ctx.save_for_backward(hs, ht, w, wt, b, bt, mask1, scale)
         ctx.stats = stats
         ctx.opts = opts
@@ -125,6 +151,7 @@ class FusedTritonLinearDivergenceFunction(torch.autograd.Function):
             None if grad_w is None else grad_w.to(w_dtype),
             None,
             None if grad_b is None else grad_b.to(b_dtype),
+            None,
             None,
             None,
             None,

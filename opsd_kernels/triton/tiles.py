@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .formulas import divergence_terms
+from .formulas import divergence_terms, transform_grad, transform_logit
 
 #: ``triton.heuristics`` of the fused kernels: constexpr flags from optional inputs
 #: passed as None (no dummy pointers)
@@ -78,6 +78,12 @@ def logit_tiles(
     stride_w,
     stride_wt,
     inv_temp,
+    s_scale,
+    s_cap,
+    t_scale,
+    t_cap,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     SHARED_W: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_TBIAS: tl.constexpr,
@@ -87,7 +93,10 @@ def logit_tiles(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Scaled student and teacher logit tiles ``(b, a)``, (BLOCK_N, BLOCK_V) float32.
+    """Scaled student and teacher logit tiles ``(b, a)``, (BLOCK_N, BLOCK_V) float32:
+    ``b = transform(s) / tau`` with the student's logit transform (``s_scale``,
+    ``s_cap``, ``S_SOFTCAP``; :func:`~opsd_kernels.triton.formulas.transform_logit`),
+    ``a`` likewise with the teacher's, applied in float32 right after the dot and bias.
 
     ``rows``/``cols`` are int64 token and vocabulary indices; rows with
     ``row_ok`` False read zero hidden states, columns outside the vocabulary
@@ -150,8 +159,16 @@ def logit_tiles(
             acc_t += bias[None, :]
     if HAS_TBIAS:
         acc_t += tl.load(bt_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    b = tl.where(col_ok[None, :], acc_s * inv_temp, float("-inf"))
-    a = tl.where(col_ok[None, :], acc_t * inv_temp, float("-inf"))
+    if S_SOFTCAP:
+        acc_s = transform_logit(acc_s, s_scale, s_cap, True) * inv_temp
+    else:  # one multiply by the scalar scale / tau
+        acc_s = acc_s * (s_scale * inv_temp)
+    if T_SOFTCAP:
+        acc_t = transform_logit(acc_t, t_scale, t_cap, True) * inv_temp
+    else:
+        acc_t = acc_t * (t_scale * inv_temp)
+    b = tl.where(col_ok[None, :], acc_s, float("-inf"))
+    a = tl.where(col_ok[None, :], acc_t, float("-inf"))
     return b, a
 
 
@@ -168,19 +185,21 @@ def clipped_terms(
     KIND: tl.constexpr,
     HAS_CLIP: tl.constexpr,
 ):
-    """On a tile: ``(phi, c(phi), g kept, g, pS)``: the pointwise loss term, its clipped
-    value, its student derivative (0 where clipped, and unclipped) and the student
-    probabilities."""
+    """On a tile: ``(phi, c(phi), g kept, g, pS, pT)``: the pointwise loss term, its
+    clipped value, its student derivative (0 where clipped, and unclipped) and the
+    student and teacher probabilities. An entry is clipped where ``not phi < clip``
+    (NaN included)."""
     lS = b - lse_s[:, None]
     lT = a - lse_t[:, None]
     pS = tl.exp(lS)
-    phi, g, h = divergence_terms(lT, lS, tl.exp(lT), pS, beta, log_beta, log_1m_beta, KIND)
+    pT = tl.exp(lT)
+    phi, g, h = divergence_terms(lT, lS, pT, pS, beta, log_beta, log_1m_beta, KIND)
     c_phi = phi
     g_kept = g
     if HAS_CLIP:
         c_phi = tl.minimum(phi, clip)
         g_kept = tl.where(phi < clip, g, 0.0)
-    return phi, c_phi, g_kept, g, pS
+    return phi, c_phi, g_kept, g, pS, pT
 
 
 @triton.jit
@@ -190,21 +209,41 @@ def logit_grad_tile(
     lse_s,
     lse_t,
     G,
+    mu,
     coef,
     row_ok,
     col_ok,
+    temperature,
+    s_scale,
+    s_cap,
     beta,
     log_beta,
     log_1m_beta,
     clip,
     KIND: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    KEEP: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
 ):
-    """dS = coef * (g - pS * G) on a tile, zero outside counted rows and the vocabulary."""
-    phi, c_phi, g, g_all, pS = clipped_terms(
+    """The gradient tile with respect to the RAW student logits x, zero outside counted
+    rows and the vocabulary::
+
+        dS = coef * dz/dx * (g - pS * G)       (clipped entries: g = 0)
+
+    ``coef`` holds the row's upstream factor / tau, and without a soft cap also the
+    constant ``dz/dx = s_scale``; with ``S_SOFTCAP`` ``dz/dx = s_scale (1 - (z/cap)^2)``
+    is formed here in float32 from ``z = b * tau``. ``KEEP`` (clip_mode "entry_keep"):
+    a clipped entry's ``g - pS G`` is replaced by the row's ``mu`` (see
+    :class:`~opsd_kernels._validation.DivergenceOptions`)."""
+    phi, c_phi, g, g_all, pS, pT = clipped_terms(
         b, a, lse_s, lse_t, beta, log_beta, log_1m_beta, clip, KIND, HAS_CLIP
     )
-    dS = (g - pS * G[:, None]) * coef[:, None]
+    d = g - pS * G[:, None]
+    if KEEP:
+        d = tl.where(phi < clip, d, mu[:, None])
+    if S_SOFTCAP:
+        d = d * transform_grad(b * temperature, s_scale, s_cap, True)
+    dS = d * coef[:, None]
     return tl.where(row_ok[:, None] & col_ok[None, :], dS, 0.0)
 
 
@@ -219,6 +258,7 @@ def recompute_grad_tile(
     lse_s_ptr,
     lse_t_ptr,
     g_sum_ptr,
+    mu_ptr,
     scale_ptr,
     rows,
     in_range,
@@ -233,12 +273,19 @@ def recompute_grad_tile(
     stride_wt,
     scale_stride,
     inv_temp,
+    s_scale,
+    s_cap,
+    t_scale,
+    t_cap,
     beta,
     log_beta,
     log_1m_beta,
     clip,
     KIND: tl.constexpr,
     HAS_CLIP: tl.constexpr,
+    KEEP: tl.constexpr,
+    S_SOFTCAP: tl.constexpr,
+    T_SOFTCAP: tl.constexpr,
     SHARED_W: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_TBIAS: tl.constexpr,
@@ -248,13 +295,19 @@ def recompute_grad_tile(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The backward's float32 logit-gradient tile dS (:func:`logit_grad_tile`) from the
-    forward's per-token statistics (LSE_S, LSE_T, G) and upstream factors (``scale_ptr``,
-    stride 0 for one factor), both logit tiles recomputed (4 x BLOCK_N x BLOCK_V x H flops)."""
+    """The backward's float32 gradient tile dS (:func:`logit_grad_tile`, with respect to
+    the raw student logits) from the forward's per-token statistics (LSE_S, LSE_T, G,
+    and with ``KEEP`` mu) and upstream factors (``scale_ptr``, stride 0 for one factor),
+    both logit tiles recomputed (4 x BLOCK_N x BLOCK_V x H flops)."""
     lse_s = tl.load(lse_s_ptr + rows, mask=in_range, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=in_range, other=0.0)
     G = tl.load(g_sum_ptr + rows, mask=in_range, other=0.0)
+    mu = G
+    if KEEP:
+        mu = tl.load(mu_ptr + rows, mask=in_range, other=0.0)
     coef = tl.load(scale_ptr + rows * scale_stride, mask=in_range, other=0.0) * inv_temp
+    if not S_SOFTCAP:
+        coef = coef * s_scale  # dz/dx of z = s_scale * x
     b, a = logit_tiles(
         hs_ptr,
         ht_ptr,
@@ -273,6 +326,12 @@ def recompute_grad_tile(
         stride_w,
         stride_wt,
         inv_temp,
+        s_scale,
+        s_cap,
+        t_scale,
+        t_cap,
+        S_SOFTCAP,
+        T_SOFTCAP,
         SHARED_W,
         HAS_BIAS,
         HAS_TBIAS,
@@ -288,15 +347,21 @@ def recompute_grad_tile(
         lse_s,
         lse_t,
         G,
+        mu,
         coef,
         row_ok,
         col_ok,
+        1.0 / inv_temp,
+        s_scale,
+        s_cap,
         beta,
         log_beta,
         log_1m_beta,
         clip,
         KIND,
         HAS_CLIP,
+        KEEP,
+        S_SOFTCAP,
     )
 
 
