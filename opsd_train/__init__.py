@@ -1,17 +1,16 @@
-"""opsd_train: a thin on-policy self-distillation (OPSD) trainer built on
-:func:`opsd_kernels.fused_linear_divergence`.
+"""opsd_train: on-policy self-distillation (OPSD), SFT and GRPO recipes on TRL trainers.
 
-Modules: ``data`` (problems, loaders, synthetic generator), ``prompts`` (student/teacher
-templates), ``rollout`` (sampling engines), ``step`` (the OPSD loss step with exact
-teacher/student position alignment), ``trainer`` (training loop, ``TrainConfig``),
-``config`` (options as documented dataclass fields: strict checks, CLI flags),
-``checkpoint`` (atomic, verified checkpoints and the resume checks), ``evaluate`` (answer
-checking, pass@1/avg@k), ``tiny`` (the code-built default model and tokenizer), ``demo``
-(the embedded default run) and ``cli`` (``opsd-train``).
+Modules: ``data`` (problems, loaders, synthetic generator), ``prompts`` (student/teacher/
+evaluation templates with per-role thinking flags), ``evaluate`` (answer checking,
+pass@1/avg@k), ``recipes`` (``TrainConfig`` and the TRL trainers it configures),
+``checkpoint`` (crash-safe checkpoints), ``config`` (options as dataclass fields, the CLI
+generated from them), ``presets`` (the paper's runs), ``modeling`` (``--model`` loading,
+GGUF, LoRA), ``tiny`` (the code-built default model and tokenizer), ``demo`` (the embedded
+default run) and ``cli`` (``opsd-train``).
 """
 
-from .data import Problem, load_hf_dataset, load_jsonl, synthetic_split
-from .evaluate import answers_match, extract_boxed, is_correct
+from .data import Problem, extract_boxed, load_hf_dataset, load_jsonl, synthetic_split
+from .evaluate import answers_match, is_correct
 
 __all__ = [
     "Problem",

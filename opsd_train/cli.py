@@ -7,7 +7,7 @@ With ``--model`` it trains a real model on ``--data`` (JSONL) or ``--hf-dataset`
         --batch-size 32 --grad-accum 8 --lr 5e-6 --max-new-tokens 1024 --out runs/qwen
 
 The flags are generated from the fields of :class:`RunConfig` (model, data, run folder)
-and :class:`~opsd_train.trainer.TrainConfig` (training): one field, one flag, its doc the
+and :class:`~opsd_train.recipes.TrainConfig` (training): one field, one flag, its doc the
 help text. ``--config FILE`` (JSON, TOML or YAML) supplies any of them by field name
 (``batch_size: 16``); flags given on the command line win. For the default run the file
 may hold a ``demo`` table of :class:`~opsd_train.demo.DemoConfig` fields.
@@ -15,7 +15,7 @@ may hold a ``demo`` table of :class:`~opsd_train.demo.DemoConfig` fields.
 Everything is checked before any file is read or any model is loaded, in this order:
 every value (types, ranges, choices, unknown keys with a suggestion), the loss options
 (the kernels' own checks), the paths (data, templates, ``--model``), the checkpoint to
-resume and its stored configuration, then the data and the prompt lengths against the
+resume, then the data and the prompt lengths against the
 model's maximum positions (tokenizer and model config only), and only then the weights.
 """
 
@@ -29,6 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import checkpoint as ckpt
 from .config import (
     ConfigError,
     add_arguments,
@@ -37,168 +38,70 @@ from .config import (
     flag_name,
     option,
     option_fields,
+    to_dict,
 )
 from .presets import EVAL_PRESET_OPTIONS, apply_presets, preset_names
 
+_RUN, _DATA, _EVAL, _MEM = (
+    functools.partial(option, group=g)
+    for g in ("run", "model and data", "evaluation and checkpoints", "memory and speed")
+)
 __all__ = ["main", "build_parser", "load_config_file", "RunConfig", "parse_options"]
-
-PRECISIONS = ("auto", "bf16", "bf16-mixed", "fp32")
 
 
 @dataclass
 class RunConfig:
     """The run's model, data and folder (every field is one ``opsd-train`` flag; the
-    training settings are :class:`~opsd_train.trainer.TrainConfig`'s)."""
+    training settings are :class:`~opsd_train.recipes.TrainConfig`'s)."""
 
-    config: str | None = option(
-        None,
-        "JSON/TOML/YAML file of options (keys: the flag names with underscores)",
-        group="run",
-        resume="free",
-    )
-    out: str | None = option(
-        None,
-        "run folder (default runs/opsd-demo for the demo, runs/opsd otherwise)",
-        group="run",
-        resume="free",
-    )
-    resume: str | None = option(
-        None,
-        "checkpoint folder to resume from, or 'latest': the "
-        "newest complete checkpoint in --out (a fresh start if "
-        "there is none)",
-        group="run",
-        resume="free",
-    )
-    resume_override: tuple[str, ...] = option(
-        (),
-        "config keys allowed to differ from the "
-        "resumed checkpoint's, comma-separated (e.g. "
-        "steps to extend a run)",
-        group="run",
-        resume="free",
-        metavar="KEY,...",
-    )
-    threads: int | None = option(None, "torch CPU threads", low=1, group="run", resume="free")
-    preset: str | None = option(
-        None,
-        "the paper's run in one flag: qwen3-1.7b, qwen3-4b or "
-        "qwen3-8b (model, LoRA r64/alpha128, 100 steps, thinking "
-        "flags, clip, grad norm 0.1, LR schedule, --eval-preset "
-        "paper; see opsd_train.presets); explicit flags override it",
-        choices=preset_names(),
-        group="run",
-        resume="free",
-    )
-    eval_preset: str | None = option(
-        None,
-        "evaluation protocol: paper (T 1.0, top-p 0.95, "
-        "no top-k, 38,912 new tokens, avg@12, no greedy); "
-        "explicit --eval-* flags override it",
+    config: str | None = _RUN(None, "JSON/TOML/YAML file of options (keys: the flag names)")
+    out: str | None = _RUN(None, "run folder (default runs/opsd-demo for the demo, runs/opsd)")
+    resume: str | None = _RUN(
+        None, "checkpoint folder to resume from, or 'latest': the newest complete checkpoint "
+        "in --out (a fresh start if there is none)",
+    )  # fmt: skip
+    threads: int | None = _RUN(None, "torch CPU threads", low=1)
+    preset: str | None = _RUN(
+        None, "the paper's run in one flag (model, LoRA r64/alpha128, 100 steps, thinking "
+        "flags, clip, grad norm 0.1, LR schedule, --eval-preset paper; opsd_train.presets); "
+        "explicit flags override it", choices=preset_names(),
+    )  # fmt: skip
+    eval_preset: str | None = _EVAL(
+        None, "evaluation protocol: paper (T 1.0, top-p 0.95, no top-k, 38,912 new tokens, "
+        "avg@12, no greedy); explicit --eval-* flags override it",
         choices=tuple(EVAL_PRESET_OPTIONS),
-        group="evaluation and checkpoints",
-        resume="free",
+    )  # fmt: skip
+    model: str | None = _DATA(None, "folder, hub id or .gguf file of a causal LM (none: the demo)")
+    data: str | None = _DATA(None, "training problems, JSONL")
+    eval_data: str | None = _DATA(None, "held-out problems, JSONL (question and answer suffice)")
+    hf_dataset: str | None = _DATA(None, "Hugging Face dataset name (needs `datasets`)")
+    hf_split: str = _DATA("train", "split of --hf-dataset")
+    hf_config: str | None = _DATA(None, "config name of --hf-dataset")
+    question_key: str | None = _DATA(None, "question column (default question, or problem)")
+    solution_key: str | None = _DATA(None, "solution column (default solution)")
+    answer_key: str | None = _DATA(
+        None, "answer column (default answer; else the solution's last \\boxed{})"
     )
-    model: str | None = option(
-        None,
-        "local folder or hub id of a causal LM (omit for the embedded demo)",
-        group="model and data",
+    eval_n: int | None = _DATA(None, "use at most N held-out problems", low=1)
+    eval_fraction: float = _DATA(
+        0.05, "without --eval-data, hold out this share of --data", low=0, high=1, high_open=True
     )
-    data: str | None = option(None, "training problems, JSONL", group="model and data")
-    eval_data: str | None = option(None, "held-out problems, JSONL", group="model and data")
-    hf_dataset: str | None = option(
-        None, "Hugging Face dataset name (needs `datasets`)", group="model and data"
+    long_prompts: str = _DATA(
+        "error", "prompts longer than the model's positions minus --max-new-tokens: error, "
+        "or drop them (count reported)", choices=("error", "drop"),
+    )  # fmt: skip
+    student_template: str | None = _DATA(None, "student prompt template, or @file")
+    teacher_template: str | None = _DATA(
+        None, "teacher prompt template with {problem} and {solution}, or @file"
     )
-    hf_split: str = option("train", "split of --hf-dataset", group="model and data")
-    hf_config: str | None = option(None, "config name of --hf-dataset", group="model and data")
-    question_key: str | None = option(
-        None, "question column (default question; problem for --hf-dataset)", group="model and data"
-    )
-    solution_key: str | None = option(
-        None, "solution column (default solution)", group="model and data"
-    )
-    answer_key: str | None = option(
-        None,
-        "answer column (default answer; a missing answer "
-        "is taken from the solution's last \\boxed{})",
-        group="model and data",
-    )
-    eval_n: int | None = option(
-        None, "use at most N held-out problems", low=1, group="model and data", resume="free"
-    )
-    eval_fraction: float = option(
-        0.05,
-        "without --eval-data, hold out this share of --data",
-        low=0,
-        high=1,
-        high_open=True,
-        group="model and data",
-    )
-    long_prompts: str = option(
-        "error",
-        "problems whose prompt + --max-new-tokens exceed the "
-        "model's maximum positions: error, or drop them (count "
-        "reported)",
-        choices=("error", "drop"),
-        group="model and data",
-    )
-    student_template: str | None = option(
-        None, "student prompt template, or @file", group="model and data"
-    )
-    teacher_template: str | None = option(
-        None,
-        "teacher prompt template with {problem} and {solution}, or @file",
-        group="model and data",
-    )
-    eval_template: str | None = option(
-        None,
-        "evaluation prompt template with {problem}, or @file",
-        group="model and data",
-        resume="free",
-    )
-    student_thinking: bool = option(
-        False,
-        "render the student prompt with enable_thinking (the reference: off)",
-        group="model and data",
-    )
-    teacher_thinking: bool = option(
-        True,
-        "render the teacher prompt with enable_thinking (the reference: on)",
-        group="model and data",
-    )
-    eval_thinking: bool = option(
-        True,
-        "render the evaluation prompt with enable_thinking (the reference: on)",
-        group="model and data",
-        resume="free",
-    )
-    chat_template: bool = option(
-        True, "wrap prompts in the tokenizer's chat template", group="model and data"
-    )
-    device: str | None = option(
-        None,
-        "torch device (default cuda if available, else cpu)",
-        group="memory and speed",
-        resume="free",
-    )
-    precision: str = option(
-        "auto",
-        "auto: CUDA -> bf16 weights with --lora, else "
-        "bf16-mixed (fp32 weights, bf16 autocast); CPU -> fp32",
-        choices=PRECISIONS,
-        group="memory and speed",
-    )
-    lora: bool = option(
-        False, "train a LoRA adapter (needs peft)", group="memory and speed", resume="fixed"
-    )
-    lora_r: int = option(64, "LoRA rank", low=1, group="memory and speed", resume="fixed")
-    lora_alpha: int = option(128, "LoRA alpha", low=1, group="memory and speed", resume="fixed")
-    gradient_checkpointing: bool = option(
-        False, "recompute activations in the backward", group="memory and speed", resume="free"
-    )
-    liger: bool = option(
-        False, "Liger kernels for norm/RoPE/MLP (CUDA)", group="memory and speed", resume="free"
-    )
+    eval_template: str | None = _DATA(None, "evaluation template with {problem}, or @file")
+    student_thinking: bool = _DATA(False, "student prompt with enable_thinking (reference: off)")
+    teacher_thinking: bool = _DATA(True, "teacher prompt with enable_thinking (reference: on)")
+    eval_thinking: bool = _DATA(True, "evaluation prompt with enable_thinking (reference: on)")
+    chat_template: bool = _DATA(True, "wrap prompts in the tokenizer's chat template")
+    lora: bool = _MEM(False, "train a LoRA adapter (needs peft)")
+    lora_r: int = _MEM(64, "LoRA rank", low=1)
+    lora_alpha: int = _MEM(128, "LoRA alpha", low=1)
 
     def __post_init__(self):
         check_fields(self)
@@ -251,9 +154,9 @@ def load_config_file(path: str | Path) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, generated from :class:`RunConfig` and
-    :class:`~opsd_train.trainer.TrainConfig`. Only flags given on the command line appear
+    :class:`~opsd_train.recipes.TrainConfig`. Only flags given on the command line appear
     in the parsed namespace (unset ones fall back to the config file, then the defaults)."""
-    from .trainer import TrainConfig
+    from .recipes import TrainConfig
 
     p = argparse.ArgumentParser(
         prog="opsd-train",
@@ -274,8 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
         groups[title] = p.add_argument_group(title)
     add_arguments(p, RunConfig, groups)
     add_arguments(p, TrainConfig, groups)
-    # the former name of --algo (read as --algo by parse_options)
-    groups["optimisation"].add_argument("--objective", dest="objective", help=argparse.SUPPRESS)
     return p
 
 
@@ -294,10 +195,9 @@ class Options:
 def parse_options(argv: list[str] | None) -> Options:
     """Command line + config file -> checked :class:`Options`; raises :class:`ConfigError`
     naming the key and where it came from (nothing is loaded or read besides the file)."""
-    from .trainer import TrainConfig, upgrade_keys
+    from .recipes import TrainConfig
 
     args = vars(build_parser().parse_args(argv))
-    args = upgrade_keys(args, "--objective")
     sources = {k: flag_name(k) for k in args}
     opts: dict = {}
     demo = None
@@ -305,7 +205,6 @@ def parse_options(argv: list[str] | None) -> Options:
         where = f"config file {args['config']}"
         file_opts = load_config_file(args["config"])
         demo = file_opts.pop("demo", None)
-        file_opts = upgrade_keys(file_opts, where)  # the former key objective -> algo
         valid = [n for n in _cli_names(RunConfig) + _cli_names(TrainConfig) if n != "config"]
         check_keys(file_opts, valid + ["demo"], where)
         opts.update(file_opts)
@@ -331,9 +230,6 @@ def parse_options(argv: list[str] | None) -> Options:
         train = {k: v for k, v in opts.items() if k in train_keys}
         if run.model:
             TrainConfig(**train)  # every training value checked now, before any loading
-        check_keys(
-            run.resume_override, [*_fields(RunConfig), *_fields(TrainConfig)], "resume_override"
-        )
     except ConfigError as e:
         raise ConfigError(_with_source(e, sources.get(e.key) if e.key else None), e.key) from e
     return Options(run, train, demo, given, sources)
@@ -360,24 +256,15 @@ def _with_source(e: ConfigError, src: str | None) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _effective_run_config(run: RunConfig) -> dict:
-    from .config import to_dict
-
-    return to_dict(run)
-
-
-def _resolve_resume(run: RunConfig, out: Path):
+def _resolve_resume(run: RunConfig, out: Path) -> str | None:
     """The checkpoint folder to resume (or ``None``), verified and named in errors."""
-    from . import checkpoint as ckpt
-
     if not run.resume:
-        ckdir = out / "checkpoints"
-        earlier = [p.name for p in ckdir.iterdir()] if ckdir.is_dir() else []
-        metrics = out / "metrics.jsonl"
-        if earlier or (metrics.is_file() and metrics.stat().st_size > 0):
+        ckdir, metrics = out / "checkpoints", out / "metrics.jsonl"
+        if (ckdir.is_dir() and any(ckdir.iterdir())) or (
+            metrics.is_file() and metrics.stat().st_size
+        ):
             raise ConfigError(
-                f"--out {out} already holds a run ({', '.join(sorted(earlier)[:3]) or ''}"
-                f"{' and ' if earlier else ''}metrics.jsonl): pass --resume latest to "
+                f"--out {out} already holds a run: pass --resume latest to "
                 "continue it, or choose another --out",
                 "out",
             )
@@ -389,23 +276,19 @@ def _resolve_resume(run: RunConfig, out: Path):
                 f"[opsd-train] --resume latest: no complete checkpoint in "
                 f"{out / 'checkpoints'}; starting from step 0"
             )
-        return found
-    path = Path(run.resume)
-    ckpt.verify_checkpoint(path)
-    return path
+        return None if found is None else str(found)
+    ckpt.verify_checkpoint(run.resume, deep=True)
+    return run.resume
 
 
 def _check_writable(out: Path) -> None:
-    """Fail now, naming the folder, if the run folder cannot be written."""
-    from .checkpoint import CheckpointWriteError
-
     probe = out / f".write-test-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise CheckpointWriteError.wrap(e, f"--out {out} is not writable") from e
+        raise ckpt.CheckpointWriteError.wrap(e, f"--out {out} is not writable") from e
 
 
 def _held_out_split(run: RunConfig, train):
@@ -413,13 +296,11 @@ def _held_out_split(run: RunConfig, train):
     from .evaluate import load_eval_jsonl
 
     keys = _data_keys(run)
-    if run.eval_data:
-        # answer-only rows are fine: evaluation needs the question and the answer
+    if run.eval_data:  # answer-only rows are fine: evaluation needs question and answer
         held_out = load_eval_jsonl(run.eval_data, **keys)
         held_q = {p.question for p in held_out}
         kept = [p for p in train if p.question not in held_q]
-        removed = len(train) - len(kept)
-        train = kept
+        removed, train = len(train) - len(kept), kept
     else:
         train, held_out, removed = split_held_out(train, run.eval_fraction)
     if removed:
@@ -429,9 +310,7 @@ def _held_out_split(run: RunConfig, train):
         )
     if not train:
         raise ValueError("no training problems left after holding out the eval share")
-    if run.eval_n:
-        held_out = held_out[: run.eval_n]
-    return train, held_out
+    return train, held_out[: run.eval_n] if run.eval_n else held_out
 
 
 def _data_keys(run: RunConfig) -> dict:
@@ -444,26 +323,22 @@ def _data_keys(run: RunConfig) -> dict:
 
 def _check_prompt_lengths(run: RunConfig, tc, pb, train, held_out, limit: int | None):
     """Reject (or drop, with a count) problems whose prompt + new tokens exceed ``limit``."""
-    if limit is None:
+    if not isinstance(limit, int):
         return train, held_out
     eval_new = tc.eval_max_new_tokens or tc.max_new_tokens
-    train_new = tc.max_new_tokens
-
-    def too_long(p, budget):
-        return max(len(pb.student_ids(p)), len(pb.teacher_ids(p))) + budget > limit
-
-    def eval_too_long(p):  # held-out problems may have no solution: no teacher prompt
-        build = pb.eval_ids if tc.eval_prompt == "eval" else pb.student_ids
-        return len(build(p)) + eval_new > limit
-
-    bad_train = [i for i, p in enumerate(train) if too_long(p, train_new)]
-    bad_eval = [i for i, p in enumerate(held_out) if eval_too_long(p)]
+    build = pb.eval_ids if tc.eval_prompt == "eval" else pb.student_ids
+    bad_train = [
+        i
+        for i, p in enumerate(train)
+        if max(len(pb.student_ids(p)), len(pb.teacher_ids(p))) + tc.max_new_tokens > limit
+    ]
+    bad_eval = [i for i, p in enumerate(held_out) if len(build(p)) + eval_new > limit]
     if not bad_train and not bad_eval:
         return train, held_out
     what = (
-        f"{len(bad_train)} training and {len(bad_eval)} held-out problem(s) have a "
-        f"prompt longer than the model's {limit} positions minus the new tokens "
-        f"({train_new} training, {eval_new} evaluation)"
+        f"{len(bad_train)} training and {len(bad_eval)} held-out problem(s) have a prompt "
+        f"longer than the model's {limit} positions minus the new tokens "
+        f"({tc.max_new_tokens} training, {eval_new} evaluation)"
     )
     if run.long_prompts == "error":
         first = bad_train[:5] if bad_train else bad_eval[:5]
@@ -482,77 +357,30 @@ def _check_prompt_lengths(run: RunConfig, tc, pb, train, held_out, limit: int | 
 
 
 def _run_real(o: Options) -> dict:
-    import torch
-
-    from . import checkpoint as ckpt
+    from . import modeling
+    from . import prompts as P
     from .data import load_hf_dataset, load_jsonl
-    from .distributed import init_for_cli
-    from .modeling import (
-        load_model_and_tokenizer,
-        load_model_config,
-        load_tokenizer,
-        prepare_model,
-        resolve_dtype,
-        resolve_model_source,
-    )
-    from .prompts import (
-        DEFAULT_EVAL_TEMPLATE,
-        DEFAULT_STUDENT_TEMPLATE,
-        DEFAULT_TEACHER_TEMPLATE,
-        PromptBuilder,
-        load_template,
-    )
-    from .trainer import TrainConfig, Trainer, seed_everything
+    from .recipes import TrainConfig, build_trainer, seed_everything
 
     run = o.run
-    # 1. settings that depend on the device, then the final TrainConfig
-    device = run.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dist_info = init_for_cli(device)  # torchrun: one process per device, FSDP2
-    if dist_info is not None:
-        device = str(dist_info.device)
-    precision = run.precision
-    if precision == "auto" and torch.device(device).type == "cuda":
-        precision = "bf16" if run.lora else "bf16-mixed"
-    autocast = None
-    if precision == "bf16-mixed":
-        precision, autocast = "fp32", "bf16"
-    dtype = resolve_dtype(precision, device)
     tc = TrainConfig(**o.train)
-    tc.phase = tc.algo
-    tc.autocast = autocast
-    # 2. paths, before anything is read
+    # 1. paths, before anything is read
     if not run.data and not run.hf_dataset:
         raise SystemExit("opsd-train: --model needs --data FILE.jsonl or --hf-dataset NAME")
     for flag, value in (("--data", run.data), ("--eval-data", run.eval_data)):
         if value and not Path(value).is_file():
             raise FileNotFoundError(f"{flag}: data file not found: {value}")
-    if run.hf_dataset:
-        try:
-            import datasets  # noqa: F401
-        except ImportError as e:
-            raise ImportError(
-                "--hf-dataset needs the 'datasets' package: pip install "
-                "datasets (or convert the data to JSONL for --data)"
-            ) from e
-    student_tpl = load_template(run.student_template) or DEFAULT_STUDENT_TEMPLATE
-    teacher_tpl = load_template(run.teacher_template) or DEFAULT_TEACHER_TEMPLATE
-    eval_tpl = load_template(run.eval_template) or DEFAULT_EVAL_TEMPLATE
-    resolve_model_source(run.model)
+    defaults = (P.DEFAULT_STUDENT_TEMPLATE, P.DEFAULT_TEACHER_TEMPLATE, P.DEFAULT_EVAL_TEMPLATE)
+    given = (run.student_template, run.teacher_template, run.eval_template)
+    student_t, teacher_t, eval_t = (
+        P.load_template(t) or d for t, d in zip(given, defaults, strict=True)
+    )
+    modeling.resolve_model_source(run.model)
     out = Path(run.out or "runs/opsd")
-    # 3. the checkpoint to resume, and its configuration against this one
-    effective = {**_effective_run_config(run), **tc.to_dict()}
-    policies = {
-        **{n: f.metadata["resume"] for n, f in _fields(RunConfig).items()},
-        **TrainConfig.resume_policies(),
-    }
+    # 2. the checkpoint to resume
     resume_from = _resolve_resume(run, out)
     _check_writable(out)
-    if resume_from is not None:
-        stored = ckpt.read_checkpoint_config(resume_from)
-        ckpt.check_resume_config(
-            stored, effective, policies, run.resume_override, where=f"checkpoint {resume_from}"
-        )
-    # 4. data, tokenizer and model config (no weights yet): prompt lengths
+    # 3. data, tokenizer and model config (no weights yet): prompt lengths
     keys = _data_keys(run)
     if run.data:
         train = load_jsonl(run.data, **keys)
@@ -561,74 +389,42 @@ def _run_real(o: Options) -> dict:
             run.hf_dataset, split=run.hf_split, config_name=run.hf_config, **keys
         )
     train, held_out = _held_out_split(run, train)
-    tok = load_tokenizer(run.model)
-    pb = PromptBuilder(
-        tok,
-        student_tpl,
-        teacher_tpl,
-        use_chat_template=run.chat_template,
-        eval_template=eval_tpl,
-        student_thinking=run.student_thinking,
-        teacher_thinking=run.teacher_thinking,
+    tok = modeling.load_tokenizer(run.model)
+    pb = P.PromptBuilder(
+        tok, student_t, teacher_t, use_chat_template=run.chat_template, eval_template=eval_t,
+        student_thinking=run.student_thinking, teacher_thinking=run.teacher_thinking,
         eval_thinking=run.eval_thinking,
-    )
-    limit = getattr(load_model_config(run.model), "max_position_embeddings", None)
-    train, held_out = _check_prompt_lengths(
-        run, tc, pb, train, held_out, limit if isinstance(limit, int) else None
-    )
-    # 5. the weights, after seeding every generator (LoRA init and rollouts draw from them)
+    )  # fmt: skip
+    limit = getattr(modeling.load_model_config(run.model), "max_position_embeddings", None)
+    train, held_out = _check_prompt_lengths(run, tc, pb, train, held_out, limit)
+    # 4. the weights, after seeding every generator (LoRA init and rollouts draw from them)
+    model_path = run.model
+    if model_path.endswith(".gguf"):
+        model_path = modeling.materialize_gguf(model_path, out / "base_model")
     seed_everything(tc.seed)
-    model, tok = load_model_and_tokenizer(run.model, dtype=dtype, device=device)
-    model = prepare_model(
-        model,
-        lora=run.lora,
-        lora_r=run.lora_r,
-        lora_alpha=run.lora_alpha,
-        gradient_checkpointing=run.gradient_checkpointing,
-        liger=run.liger,
-    )
-    pb.tokenizer = tok
-    make_trainer = Trainer
-    if dist_info is not None:
-        from .distributed import DistributedTrainer
-
-        make_trainer = functools.partial(DistributedTrainer, info=dist_info)
-    trainer = make_trainer(
-        model,
-        tok,
-        train,
-        tc,
-        eval_problems=held_out,
-        prompt_builder=pb,
-        output_dir=out,
-        run_options=_effective_run_config(run),
-    )
-    if resume_from is not None:
-        trainer.load_checkpoint(resume_from, allow_changes=run.resume_override)
-        print(f"[opsd-train] resumed from {resume_from} (step {trainer.step})")
-    elif run.resume == "latest":
-        ckpt.truncate_metrics(out / "metrics.jsonl", tc.phase, 0)
+    model = modeling.load_model(model_path)
+    peft = modeling.lora_config(run.lora_r, run.lora_alpha) if run.lora else None
+    effective = {**to_dict(run), **tc.to_dict()}
     (out / "config.json").write_text(json.dumps(effective, indent=2, default=str))
-    evals = trainer.train()
-    if trainer.last_saved_step != trainer.step:
-        trainer.save_checkpoint(out / "checkpoints" / f"step_{trainer.step}")
+    if resume_from:
+        dropped = ckpt.truncate_metrics(out / "metrics.jsonl", int(resume_from.split("_")[-1]))
+        print(f"[opsd-train] resuming from {resume_from} ({dropped} later record(s) dropped)")
+    trainer = build_trainer(model, tok, train, tc, out, pb, held_out=held_out, peft_config=peft)
+    trainer.train(resume_from_checkpoint=resume_from)
+    if tc.save_every == 0 or trainer.state.global_step % tc.save_every:
+        trainer._save_checkpoint(trainer.model, None)
     try:
-        if dist_info is None:
-            model.save_pretrained(out / "final")
-        else:
-            trainer.save_final(out / "final")  # collective; rank 0 writes
-            if not dist_info.is_main:
-                return {"steps": trainer.step}
+        trainer.save_model(str(out / "final"))
         tok.save_pretrained(out / "final")
     except OSError as e:
-        raise ckpt.CheckpointWriteError.wrap(
-            e, f"cannot write the final weights to {out / 'final'}"
-        ) from e
-    summary = {"steps": trainer.step, "evals": [e.to_dict() for e in evals]}
+        raise ckpt.CheckpointWriteError.wrap(e, f"cannot write {out / 'final'}") from e
+    evals = [r for r in trainer.runlog.history if r["event"] == "eval"]
+    summary = dict(steps=trainer.state.global_step, evals=evals,
+                   generated_tokens=trainer.runlog.generated_total)  # fmt: skip
     if evals:
         print(
-            f"[opsd-train] held-out {evals[-1].score_name}: start {evals[0].score:.3f} -> "
-            f"end {evals[-1].score:.3f} (n={evals[-1].n})"
+            f"[opsd-train] held-out {evals[-1]['score_name']}: start {evals[0]['score']:.3f}"
+            f" -> end {evals[-1]['score']:.3f} (n={evals[-1]['n']})"
         )
     try:
         from .demo import plot_run
@@ -637,7 +433,7 @@ def _run_real(o: Options) -> dict:
     except Exception as e:  # noqa: BLE001 - the plot is a convenience
         print(f"[opsd-train] no plot: {e}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[opsd-train] done: {trainer.step} steps, results in {out}")
+    print(f"[opsd-train] done: {trainer.state.global_step} steps, results in {out}")
     return summary
 
 
@@ -646,15 +442,15 @@ def _run_demo(o: Options) -> None:
 
     if o.run.data or o.run.hf_dataset:
         raise SystemExit(
-            "opsd-train: --data/--hf-dataset need --model (the demo uses "
-            "its own synthetic problems)"
+            "opsd-train: --data/--hf-dataset need --model (the demo uses its own "
+            "synthetic problems)"
         )
     stray = sorted(k for k in o.given if k not in DEMO_KEYS)
     if stray:
         raise SystemExit(
-            f"opsd-train: {', '.join(flag_name(k) for k in stray)} apply to "
-            "--model runs; the embedded demo takes its settings from a config file's "
-            "'demo' table (see opsd_train.demo.DemoConfig)"
+            f"opsd-train: {', '.join(flag_name(k) for k in stray)} apply to --model runs; the "
+            "embedded demo takes its settings from a config file's 'demo' table (see "
+            "opsd_train.demo.DemoConfig)"
         )
     table = dict(o.demo or {})
     if "seed" in o.given:
@@ -662,10 +458,11 @@ def _run_demo(o: Options) -> None:
     try:
         demo = DemoConfig.from_dict(table)  # checks every phase's settings now
     except ConfigError as e:
-        if e.key == "seed" and "seed" in o.sources:
-            src = o.sources["seed"]
-        else:
-            src = f"config file {o.run.config}" if o.run.config else None
+        src = (
+            o.sources.get("seed")
+            if e.key == "seed" and "seed" in o.sources
+            else (f"config file {o.run.config}" if o.run.config else None)
+        )
         raise ConfigError(_with_source(e, src), e.key) from e
     run_demo(
         demo,
@@ -677,13 +474,10 @@ def _run_demo(o: Options) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``opsd-train`` console script; returns the exit code.
 
-    Configuration errors (bad values, unknown keys, a torn or mismatched checkpoint, an
-    unwritable run folder) end the program with ``SystemExit`` and a one-line message,
-    before anything is loaded; so do write errors later in the run (disk full), naming
-    the path.
+    Configuration errors (bad values, unknown keys, a torn checkpoint, an unwritable run
+    folder) end the program with ``SystemExit`` and a one-line message before anything is
+    loaded; so do write errors later in the run (disk full), naming the path.
     """
-    from .checkpoint import CheckpointError, CheckpointWriteError
-
     try:
         o = parse_options(argv)
         if o.run.threads:
@@ -694,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             _run_real(o)
         else:
             _run_demo(o)
-    except (ConfigError, CheckpointError, CheckpointWriteError) as e:
+    except (ConfigError, ckpt.CheckpointError, ckpt.CheckpointWriteError) as e:
         raise SystemExit(f"opsd-train: error: {e}") from e
     return 0
 

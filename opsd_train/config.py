@@ -11,10 +11,8 @@ field's type annotation, its ``doc``, its range and choices are all the code nee
   keys with the closest valid key as a suggestion.
 * :func:`add_arguments` turns the fields into ``argparse`` flags (``--batch-size`` for
   ``batch_size``; ``--flag/--no-flag`` for booleans), with the doc as help text.
-* ``resume`` metadata says whether a value may differ from a checkpoint's when resuming:
-  ``"free"`` (no effect on the trained weights: progress bars, evaluation, paths),
-  ``"override"`` (allowed only when named in ``--resume-override``) or ``"fixed"``
-  (cannot take effect after a resume, e.g. the learning rate kept in the optimizer state).
+* ``trl`` metadata names the TRL/transformers config field the value sets (the README's
+  flag table is generated from it: :func:`opsd_train.recipes.trl_field_table`).
 
 Adding an option is one field::
 
@@ -59,10 +57,8 @@ __all__ = [
     "add_arguments",
     "flag_name",
     "option_fields",
-    "RESUME_POLICIES",
 ]
 
-RESUME_POLICIES = ("free", "override", "fixed")
 _NONE_WORDS = ("none", "null", "off")
 
 
@@ -86,16 +82,14 @@ def option(
     high_open: bool = False,
     cli: bool = True,
     group: str = "other",
-    resume: str = "override",
     metavar: str | None = None,
+    trl: str | None = None,
 ):
     """A dataclass field with the metadata :func:`check_fields` and :func:`add_arguments`
     read. ``low``/``high`` bound numbers (inclusive unless ``low_open``/``high_open``);
     ``choices`` lists the allowed values; ``cli=False`` keeps the field off the command
-    line (set by code); ``group`` is the ``--help`` section; ``resume`` is one of
-    :data:`RESUME_POLICIES`."""
-    if resume not in RESUME_POLICIES:
-        raise ValueError(f"resume must be one of {RESUME_POLICIES}, got {resume!r}")
+    line (set by code); ``group`` is the ``--help`` section; ``trl`` names the TRL or
+    transformers config field(s) the value sets (the README's flag table)."""
     if cli and not doc:
         raise ValueError("an option on the command line needs a doc")
     meta = dict(
@@ -107,8 +101,8 @@ def option(
         high_open=high_open,
         cli=cli,
         group=group,
-        resume=resume,
         metavar=metavar,
+        trl=trl,
     )
     kw = {"metadata": meta}
     if default_factory is not dataclasses.MISSING:
@@ -237,11 +231,8 @@ def from_mapping(cls, data: Mapping, where: str = "", noun: str = "key"):
 
 def to_dict(obj) -> dict:
     """The fields of ``obj`` as a JSON-serialisable dict (tuples become lists)."""
-    out = {}
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        out[f.name] = list(v) if isinstance(v, tuple) else v
-    return out
+    items = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,16 +249,10 @@ def _cli_type(tp, name: str):
     """An argparse ``type=`` that parses the text strictly (range checks come later)."""
     inner, optional = _split_optional(tp)
 
-    def parse(text: str):
+    def parse(text: str):  # tuples and strings: split and checked by check_value
         if optional and text.strip().lower() in _NONE_WORDS:
             return None
-        if inner is int:
-            return int(text)
-        if inner is float:
-            return float(text)
-        if typing.get_origin(inner) is tuple:
-            return text  # split and checked by check_value
-        return text
+        return inner(text) if inner in (int, float) else text
 
     parse.__name__ = {int: "integer", float: "number"}.get(inner, "value")
     return parse
@@ -278,13 +263,8 @@ def _help(f: dataclasses.Field, tp) -> str:
     d = f.default
     if d is dataclasses.MISSING or d is None or d == ():
         return doc  # the doc says what absence means
-    if isinstance(d, bool):
-        shown = "on" if d else "off"
-    elif isinstance(d, tuple):
-        shown = ",".join(map(str, d))
-    else:
-        shown = d
-    return f"{doc} (default {shown})"
+    shown = ("on" if d else "off") if isinstance(d, bool) else d
+    return f"{doc} (default {','.join(map(str, d)) if isinstance(d, tuple) else shown})"
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, groups: dict | None = None) -> None:

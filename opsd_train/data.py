@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = [
+    "extract_boxed",
     "Problem",
     "load_jsonl",
     "save_jsonl",
@@ -52,27 +54,54 @@ class Problem:
         return asdict(self)
 
 
-def _answer_from_solution(solution: str) -> str | None:
-    # Local import: evaluate imports nothing from here, so no cycle.
-    from .evaluate import extract_boxed
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
-    return extract_boxed(solution)
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``; ``None`` if
+    there is none or its braces never close.
+
+    >>> extract_boxed("no box") is None
+    True
+    >>> extract_boxed(r"\\boxed{a{b}c} and \\boxed{7")  # the last one is unclosed
+    'a{b}c'
+    """
+    starts = [m.end() for m in _BOX_RE.finditer(text)]
+    for start in reversed(starts):
+        depth = 1
+        for i in range(start, len(text)):
+            ch = text[i]
+            if ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[start:i]
+    return None
+
+
+_QUESTION_KEYS = ("question", "problem", "prompt")
+
+
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip())
 
 
 def problems_from_records(
     records: Iterable[dict],
     *,
-    question_key: str = "question",
+    question_key: str | None = "question",
     solution_key: str = "solution",
     answer_key: str = "answer",
     source: str = "dataset",
+    need_solution: bool = True,
 ) -> list[Problem]:
     """Turn mapping rows into :class:`Problem` records.
 
-    Missing ``question`` or ``solution`` (absent, ``None`` or empty) raises ``ValueError``
-    naming the row and the column. A missing ``answer`` is taken from the last ``\\boxed{}``
-    of the solution (documented handling); if the solution has none, ``ValueError``.
-    An empty input raises ``ValueError``.
+    ``question_key=None`` takes the first of ``question``, ``problem``, ``prompt`` present.
+    A missing answer is taken from the last ``\\boxed{}`` of the solution. With
+    ``need_solution=False`` (evaluation data) a row needs only a question and an answer.
+    A bad row raises ``ValueError`` naming the row and the column; so does an empty input.
 
     >>> problems_from_records([{"question": "1+1?", "solution": "1+1=2. \\\\boxed{2}"}])[0].answer
     '2'
@@ -85,42 +114,34 @@ def problems_from_records(
     for i, row in enumerate(records):
         if not isinstance(row, dict):
             raise ValueError(f"{source} row {i}: expected a mapping, got {type(row).__name__}")
-        vals = {}
-        for field, key in (("question", question_key), ("solution", solution_key)):
-            v = row.get(key)
-            if v is None or (isinstance(v, str) and not v.strip()):
+        keys = (question_key,) if question_key is not None else _QUESTION_KEYS
+        qkey = next((k for k in keys if not _blank(row.get(k))), None)
+        if qkey is None:
+            want = repr(question_key) if question_key else f"one of {_QUESTION_KEYS}"
+            raise ValueError(f"{source} row {i}: missing or empty question field {want} "
+                             f"(columns present: {sorted(row)})")  # fmt: skip
+        solution = "" if _blank(row.get(solution_key)) else str(row[solution_key])
+        if need_solution and not solution:
+            raise ValueError(f"{source} row {i}: missing or empty field {solution_key!r} "
+                             f"(columns present: {sorted(row)})")  # fmt: skip
+        answer = row.get(answer_key)
+        if _blank(answer):
+            answer = extract_boxed(solution)
+            if _blank(answer):
                 raise ValueError(
-                    f"{source} row {i}: missing or empty field {key!r} "
-                    f"(columns present: {sorted(row)})"
+                    f"{source} row {i}: no {answer_key!r} field and no solution with a "
+                    f"\\boxed{{}} answer (columns present: {sorted(row)})"
                 )
-            vals[field] = str(v)
-        ans = row.get(answer_key)
-        if ans is None or (isinstance(ans, str) and not ans.strip()):
-            ans = _answer_from_solution(vals["solution"])
-            if ans is None:
-                raise ValueError(
-                    f"{source} row {i}: no {answer_key!r} field and the solution has no "
-                    "\\boxed{} answer to take it from"
-                )
-        out.append(Problem(vals["question"], vals["solution"], str(ans).strip()))
+        out.append(Problem(str(row[qkey]), solution, str(answer).strip()))
     if not out:
         raise ValueError(f"{source} is empty: no problems to train or evaluate on")
     return out
 
 
-def load_jsonl(
-    path: str | Path,
-    *,
-    question_key: str = "question",
-    solution_key: str = "solution",
-    answer_key: str = "answer",
-) -> list[Problem]:
-    """Load problems from a JSON-lines file (one object per line; blank lines skipped).
-
-    Column names are configurable; see :func:`problems_from_records` for the handling of
-    missing fields. Raises ``FileNotFoundError``, or ``ValueError`` for malformed JSON (with
-    the line number) or an empty file.
-    """
+def load_jsonl(path: str | Path, **keys) -> list[Problem]:
+    """Load problems from a JSON-lines file (one object per line; blank lines skipped);
+    ``keys`` as in :func:`problems_from_records`. Raises ``FileNotFoundError``, or
+    ``ValueError`` naming the line for malformed JSON or non-UTF-8 bytes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -140,13 +161,7 @@ def load_jsonl(
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-    return problems_from_records(
-        rows,
-        question_key=question_key,
-        solution_key=solution_key,
-        answer_key=answer_key,
-        source=str(path),
-    )
+    return problems_from_records(rows, source=str(path), **keys)
 
 
 def split_held_out(
@@ -179,38 +194,21 @@ def save_jsonl(problems: Sequence[Problem], path: str | Path) -> None:
             f.write(json.dumps(p.to_dict()) + "\n")
 
 
-def load_hf_dataset(
-    name_or_path: str,
-    *,
-    split: str = "train",
-    config_name: str | None = None,
-    question_key: str = "problem",
-    solution_key: str = "solution",
-    answer_key: str = "answer",
-    limit: int | None = None,
-) -> list[Problem]:
-    """Load problems with Hugging Face ``datasets`` (optional dependency).
-
-    ``datasets`` is imported lazily; without it this raises ``ImportError`` with an install
-    hint. Column names default to the common ``problem``/``solution``/``answer`` layout.
-    """
+def load_hf_dataset(name_or_path: str, *, split: str = "train", config_name: str | None = None,
+                    limit: int | None = None, **keys) -> list[Problem]:  # fmt: skip
+    """Problems from a Hugging Face dataset (``datasets``, which TRL installs); ``keys`` as
+    in :func:`problems_from_records` (question column: the first of ``question``,
+    ``problem``, ``prompt`` unless ``question_key`` names it)."""
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "load_hf_dataset needs the 'datasets' package: pip install datasets "
-            "(or convert your data to JSONL and use load_jsonl)"
-        ) from e
+        raise ImportError("load_hf_dataset needs the 'datasets' package: pip install datasets "
+                          "(or convert your data to JSONL and use load_jsonl)") from e  # fmt: skip
     ds = datasets.load_dataset(name_or_path, config_name, split=split)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    return problems_from_records(
-        (dict(r) for r in ds),
-        question_key=question_key,
-        solution_key=solution_key,
-        answer_key=answer_key,
-        source=f"{name_or_path}[{split}]",
-    )
+    rows = (dict(r) for r in ds)
+    return problems_from_records(rows, **{"question_key": None, **keys}, source=name_or_path)
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ Phases (all seeded by ``DemoConfig.seed``):
 
 from __future__ import annotations
 
-import copy
+import functools
 import json
 import random
 import re
@@ -36,8 +36,9 @@ import torch
 
 from .config import ConfigError, check_fields, check_keys, option
 from .data import Problem, save_jsonl, synthetic_split
+from .prompts import PromptBuilder
+from .recipes import TrainConfig, build_trainer, make_evaluator, seed_everything
 from .tiny import TINY_MODEL_DEFAULTS, build_tiny_model, build_tokenizer
-from .trainer import TrainConfig, Trainer, seed_everything
 
 __all__ = [
     "DemoConfig",
@@ -87,36 +88,17 @@ def deviated_solution(problem: Problem, rng: random.Random) -> tuple[str, str, s
 
 def _warmup_defaults() -> dict:
     return dict(
-        algo="sft",
-        steps=400,
-        batch_size=32,
-        lr=3e-3,
-        warmup_steps=20,
-        min_lr_ratio=0.1,
-        weight_decay=0.0,
-        sft_teacher_fraction=0.3,
-        max_grad_norm=1.0,
-    )
+        algo="sft", steps=400, batch_size=32, lr=3e-3, warmup_steps=20, min_lr_ratio=0.1,
+        weight_decay=0.0, sft_teacher_fraction=0.3, max_grad_norm=1.0,
+    )  # fmt: skip
 
 
 def _opsd_defaults() -> dict:
     return dict(
-        algo="opsd",
-        steps=50,
-        batch_size=32,
-        lr=2e-4,
-        warmup_steps=0,
-        min_lr_ratio=0.1,
-        teacher="fixed",
-        kind="forward_kl",
-        clip=None,
-        temperature=0.5,
-        loss_temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        max_new_tokens=48,
-        max_grad_norm=1.0,
-    )
+        algo="opsd", steps=50, batch_size=32, lr=2e-4, warmup_steps=0, min_lr_ratio=0.1,
+        teacher="fixed", kind="forward_kl", clip=None, temperature=0.5, loss_temperature=1.0,
+        top_p=1.0, top_k=0, max_new_tokens=48, max_grad_norm=1.0,
+    )  # fmt: skip
 
 
 def _grpo_defaults() -> dict:
@@ -128,24 +110,17 @@ def _grpo_defaults() -> dict:
 
 # OPSD-phase settings the GRPO control and the SFT control copy (unless set in their table)
 _SHARED_WITH_OPSD = (
-    "steps",
-    "lr",
-    "warmup_steps",
-    "min_lr_ratio",
-    "weight_decay",
-    "max_grad_norm",
-    "grad_accum",
-    "seed",
-    "lr_schedule",
-    "lr_horizon",
-)
+    "steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm",
+    "grad_accum", "seed", "lr_schedule", "lr_horizon",
+)  # fmt: skip
+_DEMO = functools.partial(option, cli=False)
 
 
 @dataclass
 class DemoConfig:
     """Settings of the embedded default (sized for a 2-core CPU: a few minutes).
 
-    ``warmup``/``opsd`` are :class:`~opsd_train.trainer.TrainConfig` fields for those phases;
+    ``warmup``/``opsd`` are :class:`~opsd_train.recipes.TrainConfig` fields for those phases;
     the control copies the OPSD phase's steps, batch size, learning-rate schedule and seed
     and uses the warm-up's data mixture (``control_sft_teacher_fraction`` overrides its
     teacher-format share). ``warmup_from`` loads a saved warm-up (``warmup_model/`` of an
@@ -156,31 +131,23 @@ class DemoConfig:
     checked at construction (:meth:`phase_configs`), before the warm-up starts.
     """
 
-    seed: int = option(0, "seed of data, model and every phase", low=0, cli=False)
-    n_train: int = option(5000, "synthetic training problems", low=1, cli=False)
-    n_eval: int = option(400, "held-out problems", low=1, cli=False)
-    threads: int | None = option(None, "torch CPU threads", low=1, cli=False)
-    model: dict = option(default_factory=dict, doc="overrides of TINY_MODEL_DEFAULTS", cli=False)
-    warmup: dict = option(default_factory=_warmup_defaults, doc="warm-up TrainConfig", cli=False)
-    opsd: dict = option(default_factory=_opsd_defaults, doc="OPSD TrainConfig", cli=False)
-    grpo: dict = option(
-        default_factory=_grpo_defaults,
-        doc="GRPO control TrainConfig "
-        "(unset steps, lr, schedule, rollout length and seed: the OPSD "
-        "phase's)",
-        cli=False,
+    seed: int = _DEMO(0, "seed of data, model and every phase", low=0)
+    n_train: int = _DEMO(5000, "synthetic training problems", low=1)
+    n_eval: int = _DEMO(400, "held-out problems", low=1)
+    threads: int | None = _DEMO(None, "torch CPU threads", low=1)
+    model: dict = _DEMO(default_factory=dict, doc="overrides of TINY_MODEL_DEFAULTS")
+    warmup: dict = _DEMO(default_factory=_warmup_defaults, doc="warm-up TrainConfig")
+    opsd: dict = _DEMO(default_factory=_opsd_defaults, doc="OPSD TrainConfig")
+    grpo: dict = _DEMO(default_factory=_grpo_defaults, doc="GRPO TrainConfig (see above)")
+    control_sft_teacher_fraction: float | None = _DEMO(
+        None, "teacher-format share of the control (none = the warm-up's)", low=0, high=1
     )
-    control_sft_teacher_fraction: float | None = option(
-        None, "teacher-format share of the control (none = the warm-up's)", low=0, high=1, cli=False
-    )
-    warmup_from: str | None = option(None, "load this warm-up instead of training one", cli=False)
-    teacher_deviation_fraction: float = option(
-        0.2, "share of departing teacher examples", low=0, high=1, cli=False
-    )
-    eval_every: int = option(25, "held-out evaluation every N steps", low=0, cli=False)
-    eval_k: int = option(0, "avg@k samples", low=0, cli=False)
-    eval_temperature: float = option(1.0, "avg@k temperature", low=0, low_open=True, cli=False)
-    eval_max_new_tokens: int = option(48, "evaluation completion length", low=1, cli=False)
+    warmup_from: str | None = _DEMO(None, "load this warm-up instead of training one")
+    teacher_deviation_fraction: float = _DEMO(0.2, "departing teacher examples", low=0, high=1)
+    eval_every: int = _DEMO(25, "held-out evaluation every N steps", low=0)
+    eval_k: int = _DEMO(0, "avg@k samples", low=0)
+    eval_temperature: float = _DEMO(1.0, "avg@k temperature", low=0, low_open=True)
+    eval_max_new_tokens: int = _DEMO(48, "evaluation completion length", low=1)
 
     def __post_init__(self):
         check_fields(self)
@@ -208,7 +175,7 @@ class DemoConfig:
         return cls(**kw)
 
     def phase_configs(self) -> dict[str, TrainConfig]:
-        """The :class:`~opsd_train.trainer.TrainConfig` of each phase (``warmup``,
+        """The :class:`~opsd_train.recipes.TrainConfig` of each phase (``warmup``,
         ``opsd``, ``control`` (SFT), ``grpo``), checked."""
         frac = self.control_sft_teacher_fraction
         if frac is None:
@@ -231,18 +198,18 @@ class DemoConfig:
         }
 
 
-def _phase_config(d: dict, cfg: DemoConfig, phase: str, **over) -> TrainConfig:
+def _phase_config(d: dict, cfg: DemoConfig, phase: str) -> TrainConfig:
     x = dict(d)
-    x.update(over)
     x.setdefault("seed", cfg.seed)
     x.update(
         phase=phase,
-        eval_at_start=False,
-        eval_at_end=False,
+        eval_at_start=phase == "opsd",
+        eval_at_end=phase != "warmup",
         eval_k=cfg.eval_k,
         eval_every=0 if phase == "warmup" else cfg.eval_every,
         eval_temperature=cfg.eval_temperature,
         eval_max_new_tokens=cfg.eval_max_new_tokens,
+        save_every=0,
     )
     x.setdefault("max_new_tokens", cfg.eval_max_new_tokens)
     # the tiny model only ever saw the training prompt (no separate evaluation template)
@@ -262,6 +229,8 @@ def run_demo(
     log=print,
 ) -> dict:
     """Run the embedded default end to end; returns (and writes) the summary dict."""
+    from transformers import AutoModelForCausalLM
+
     cfg = cfg or DemoConfig()
     phases = cfg.phase_configs()
     out = Path(out_dir)
@@ -272,15 +241,10 @@ def run_demo(
     t_start = time.perf_counter()
     seed_everything(cfg.seed)
     tok = build_tokenizer()
-    model = build_tiny_model(tok, seed=cfg.seed, **cfg.model)
+    pb = PromptBuilder(tok)
     train, held_out = synthetic_split(cfg.n_train, cfg.n_eval, seed=cfg.seed)
     save_jsonl(train, out / "train.jsonl")
     save_jsonl(held_out, out / "held_out.jsonl")
-    n_params = sum(p.numel() for p in model.parameters())
-    log(
-        f"[opsd-demo] tiny Qwen3 ({n_params / 1e6:.2f}M params, vocab {len(tok)}), "
-        f"{len(train)} train / {len(held_out)} held-out problems, seed {cfg.seed}"
-    )
 
     def sft_example(problem: Problem, role: str, rng: random.Random):
         # Teacher-format warm-up examples: with probability teacher_deviation_fraction the
@@ -299,193 +263,112 @@ def run_demo(
             keep += [trained] * len(piece)
         return ids + [tok.eos_token_id], keep + [True]
 
-    def trainer(tc: TrainConfig) -> Trainer:
+    def run_phase(name: str, model) -> tuple[float, object]:
+        tc = phases[name]
         tc.progress = progress
-        return Trainer(
+        seed_everything(tc.seed)
+        trainer = build_trainer(
             model,
             tok,
             train,
             tc,
-            eval_problems=held_out,
-            output_dir=out,
-            sft_example_fn=sft_example if tc.algo == "sft" else None,
+            out / "phases" / name,
+            pb,
+            held_out=held_out if name != "warmup" else (),
+            example_fn=sft_example if tc.algo == "sft" else None,
+            metrics_path=out / "metrics.jsonl",
+            log=log,
         )
+        t0 = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - t0, trainer
 
-    # 1. warm-up (or reuse a saved warm-up)
-    t0 = time.perf_counter()
-    warm_steps = 0
+    warm_dir = out / "warmup_model"
     if cfg.warmup_from:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(cfg.warmup_from, dtype=torch.float32)
-        log(f"[opsd-demo] warm-up: loaded {cfg.warmup_from}")
+        warm_dir = Path(cfg.warmup_from)
+        t_warm, warm_steps = 0.0, 0
+        log(f"[opsd-demo] warm-up: loaded {warm_dir}")
     else:
-        wt = trainer(phases["warmup"])
-        wt.train()
-        warm_steps = wt.step
+        model = build_tiny_model(tok, seed=cfg.seed, **cfg.model)
+        n_params = sum(p.numel() for p in model.parameters())
         log(
-            f"[opsd-demo] warm-up: {wt.step} SFT steps in {time.perf_counter() - t0:.0f}s, "
-            f"final loss {wt.history[-1]['loss']:.3f}"
+            f"[opsd-demo] tiny Qwen3 ({n_params / 1e6:.2f}M params, vocab {len(tok)}), "
+            f"{len(train)} train / {len(held_out)} held-out problems, seed {cfg.seed}"
         )
-        model.save_pretrained(out / "warmup_model")
-        tok.save_pretrained(out / "warmup_model")
-    t_warm = time.perf_counter() - t0
-    warm_state = copy.deepcopy(model.state_dict())
+        t_warm, wt = run_phase("warmup", model)
+        warm_steps = wt.state.global_step
+        log(
+            f"[opsd-demo] warm-up: {warm_steps} SFT steps in {t_warm:.0f}s, final loss "
+            f"{wt.runlog.history[-1]['loss']:.3f}"
+        )
+        model.save_pretrained(warm_dir)
+        tok.save_pretrained(warm_dir)
 
-    # 2. evaluate the warmed-up student and the teacher (solution in context)
-    ot = trainer(phases["opsd"])
-    before = ot.evaluate()
-    teacher = ot.evaluate(role="teacher")
-    log(
-        f"[opsd-demo] before: student {before.score_name} {before.score:.3f}, "
-        f"teacher (solution in context) {teacher.score:.3f}"
-    )
+    def warm():  # a fresh copy of the warmed-up weights, read from its folder
+        return AutoModelForCausalLM.from_pretrained(warm_dir, dtype=torch.float32)
 
-    # 3. OPSD
-    t0 = time.perf_counter()
-    ot.train()
-    t_opsd = time.perf_counter() - t0
-    after = ot.evaluate()
-
-    # 4. control: same-budget SFT continuation from the same weights
-    model.load_state_dict(warm_state)
-    ctl_cfg = phases["control"]
-    ct = trainer(ctl_cfg)
-    t0 = time.perf_counter()
-    ct.train()
-    t_ctl = time.perf_counter() - t0
-    control = ct.evaluate()
-
-    # 5. GRPO control from the same warmed-up weights (group rollouts, binary reward)
-    model.load_state_dict(warm_state)
-    gt = trainer(phases["grpo"])
-    t0 = time.perf_counter()
-    gt.train()
-    t_grpo = time.perf_counter() - t0
-    grpo = gt.evaluate()
-
+    teacher = make_evaluator(warm(), tok, pb, held_out, phases["opsd"], role="teacher")(0)
+    times, trainers = {}, {}
+    for name in ("opsd", "control", "grpo"):
+        times[name], trainers[name] = run_phase(name, warm())
+    ev = {n: [r for r in t.runlog.history if r["event"] == "eval"] for n, t in trainers.items()}
+    before, after, control, grpo = ev["opsd"][0], ev["opsd"][-1], ev["control"][-1], ev["grpo"][-1]
+    ot = trainers["opsd"]
     wall = time.perf_counter() - t_start
-    opsd_steps = [r for r in ot.history if r["event"] == "step"]
-    summary = {
-        "seed": cfg.seed,
-        "held_out_n": len(held_out),
-        "student_before": before.to_dict(),
-        "teacher_with_solution": teacher.to_dict(),
-        "student_after_opsd": after.to_dict(),
-        "student_after_control_sft": control.to_dict(),
-        "student_after_grpo": grpo.to_dict(),
-        "opsd_steps": ot.step,
-        "control_steps": ct.step,
-        "grpo_steps": gt.step,
-        "generated_tokens": {
-            "opsd": ot.generated_tokens_total,
-            "control": 0,
-            "grpo": gt.generated_tokens_total,
-        },
-        "warmup_steps": warm_steps,
-        "divergence_first": opsd_steps[0]["divergence"] if opsd_steps else None,
-        "divergence_last": opsd_steps[-1]["divergence"] if opsd_steps else None,
-        "time_s": {
-            "warmup": t_warm,
-            "opsd": t_opsd,
-            "control": t_ctl,
-            "grpo": t_grpo,
-            "total": wall,
-        },
-        "threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
-        "config": asdict(cfg),
-        "samples_after_opsd": after.samples[:3],
-    }
+    opsd_steps = [r for r in ot.runlog.history if r["event"] == "step"]
+    summary = dict(
+        seed=cfg.seed, held_out_n=len(held_out), student_before=before,
+        teacher_with_solution=teacher.to_dict(), student_after_opsd=after,
+        student_after_control_sft=control, student_after_grpo=grpo,
+        steps={"warmup": warm_steps, **{n: t.state.global_step for n, t in trainers.items()}},
+        generated_tokens={n: t.runlog.generated_total for n, t in trainers.items()},
+        opsd_loss_first_last=[r["loss"] for r in opsd_steps[:1] + opsd_steps[-1:]],
+        time_s={"warmup": t_warm, **times, "total": wall}, threads=torch.get_num_threads(),
+        trainer={n: type(t).__mro__[2].__name__ for n, t in trainers.items()},
+        versions={n: _version(n) for n in ("torch", "transformers", "trl")}, config=asdict(cfg),
+    )  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     table = token_table(out / "metrics.jsonl")
     (out / "accuracy_vs_tokens.md").write_text(table)
     try:
-        plot_run(out / "metrics.jsonl", out / "opsd_demo.png", summary)
+        plot_run(out / "metrics.jsonl", out / "opsd_demo.png")
         plot_accuracy_vs_tokens(
             out / "metrics.jsonl", out / "accuracy_vs_tokens.png", seed=cfg.seed
         )
     except ImportError:  # pragma: no cover - matplotlib missing
-        log(
-            "[opsd-demo] matplotlib not installed: no plots written (the table "
-            "accuracy_vs_tokens.md is)"
-        )
+        log("[opsd-demo] matplotlib not installed: no plots (accuracy_vs_tokens.md is written)")
+    name = before["score_name"]
     log(
-        f"[opsd-demo] held-out {before.score_name} (n={len(held_out)}): before "
-        f"{before.score:.3f} | after OPSD {after.score:.3f} | after SFT control "
-        f"{control.score:.3f} | after GRPO control {grpo.score:.3f} | teacher w/ solution "
-        f"{teacher.score:.3f}"
+        f"[opsd-demo] held-out {name} (n={len(held_out)}): before {before['score']:.3f} | "
+        f"after OPSD {after['score']:.3f} | after SFT control {control['score']:.3f} | "
+        f"after GRPO control {grpo['score']:.3f} | teacher w/ solution {teacher.score:.3f}"
     )
     log("[opsd-demo] accuracy against training tokens generated (rollouts):\n" + table)
-    log(
-        f"[opsd-demo] divergence {summary['divergence_first']:.4f} -> "
-        f"{summary['divergence_last']:.4f}; wall time {wall:.0f}s; results in {out}"
-    )
+    log(f"[opsd-demo] wall time {wall:.0f}s; results in {out}")
     return summary
 
 
-def plot_run(metrics_path: str | Path, png_path: str | Path, summary: dict | None = None):
-    """Plot the divergence curve and held-out accuracy from a run's ``metrics.jsonl``."""
+def plot_run(metrics_path: str | Path, png_path: str | Path) -> None:
+    """Plot each phase's training loss and held-out accuracy from ``metrics.jsonl``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    w = [r for r in recs if r["event"] == "step" and r["phase"] == "warmup"]
-    if w:
-        axes[0].plot([r["step"] for r in w], [r["loss"] for r in w])
-    axes[0].set(title="warm-up SFT loss", xlabel="step", ylabel="cross-entropy / token")
-    labels = {"opsd": "OPSD divergence (per token)", "control": "control SFT loss"}
-    step_phases = sorted({r["phase"] for r in recs if r["event"] == "step"} - {"warmup"})
-    for phase in step_phases:
-        rs = [r for r in recs if r["event"] == "step" and r["phase"] == phase]
-        axes[1].plot(
-            [r["step"] for r in rs],
-            [r["loss"] for r in rs],
-            label=labels.get(phase, f"{phase} loss"),
-        )
-    axes[1].set(title="training loss after warm-up", xlabel="step")
-    eval_phases = sorted({r["phase"] for r in recs if r["event"] == "eval"})
-    for phase in eval_phases:
-        style = "s--" if phase == "control" else "o-"
-        es = [
-            r
-            for r in recs
-            if r["event"] == "eval" and r["phase"] == phase and r["role"] == "student"
-        ]
-        start = [
-            r
-            for r in recs
-            if r["event"] == "eval"
-            and r["phase"] == "opsd"
-            and r["role"] == "student"
-            and r["step"] == 0
-        ]
-        if phase == "control" and start:  # the control starts from the same weights
-            es = start[:1] + es
+    recs = _records(metrics_path)
+    fig, (ax_l, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
+    for phase in dict.fromkeys(r["phase"] for r in recs):
+        steps = [r for r in recs if r["event"] == "step" and r["phase"] == phase]
+        if steps:
+            ax_l.plot([r["step"] for r in steps], [r["loss"] for r in steps], label=phase)
+        es = [r for r in recs if r["event"] == "eval" and r["phase"] == phase]
         if es:
-            axes[2].plot(
-                [r["step"] for r in es],
-                [r["pass@1"] for r in es],
-                style,
-                label=f"student ({phase})",
-            )
-    te = [r for r in recs if r["event"] == "eval" and r["role"] == "teacher"]
-    if te:
-        axes[2].axhline(te[0]["pass@1"], color="gray", ls=":", label="teacher w/ solution")
-    axes[2].set(title="held-out pass@1", xlabel="step", ylim=(0, 1))
-    for ax in axes[1:]:
+            ax_e.plot([r["step"] for r in es], [r["score"] for r in es], "o-", label=phase)
+    ax_l.set(title="training loss", xlabel="step")
+    ax_e.set(title="held-out accuracy", xlabel="step", ylim=(0, 1))
+    for ax in (ax_l, ax_e):
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    if summary:
-        fig.suptitle(
-            f"OPSD demo (seed {summary['seed']}): pass@1 "
-            f"{summary['student_before']['pass@1']:.3f} -> "
-            f"{summary['student_after_opsd']['pass@1']:.3f} (OPSD) vs "
-            f"{summary['student_after_control_sft']['pass@1']:.3f} (SFT control)"
-        )
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
@@ -504,24 +387,15 @@ _METHODS = (("opsd", "OPSD"), ("control", "SFT"), ("grpo", "GRPO"))
 
 
 def _student_evals(recs: list[dict], phase: str) -> list[dict]:
-    """The student evaluations of ``phase``, starting from the shared warmed-up point."""
-    start = [
-        r
-        for r in recs
-        if r["event"] == "eval"
-        and r["phase"] == "opsd"
-        and r["role"] == "student"
-        and r["step"] == 0
-    ][:1]
-    es = [
-        r
-        for r in recs
-        if r["event"] == "eval"
-        and r["phase"] == phase
-        and r["role"] == "student"
-        and not (phase == "opsd" and r["step"] == 0)
-    ]
+    """The evaluations of ``phase``, starting from the shared warmed-up point (OPSD's
+    step-0 evaluation)."""
+    start = [r for r in recs if r["event"] == "eval" and r["phase"] == "opsd"][:1]
+    es = [r for r in recs if r["event"] == "eval" and r["phase"] == phase and r not in start]
     return start + es if es or phase == "opsd" else []
+
+
+def _records(metrics_path) -> list[dict]:
+    return [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
 
 
 def token_table(metrics_path: str | Path) -> str:
@@ -530,10 +404,10 @@ def token_table(metrics_path: str | Path) -> str:
     ``metrics.jsonl``.
 
     >>> import tempfile, os
-    >>> recs = [dict(event="eval", phase="opsd", role="student", step=0, score=0.5,
-    ...              score_name="pass@1", train_generated_tokens=0),
-    ...         dict(event="eval", phase="opsd", role="student", step=2, score=0.75,
-    ...              score_name="pass@1", train_generated_tokens=96)]
+    >>> recs = [dict(event="eval", phase="opsd", step=0, score=0.5, score_name="pass@1",
+    ...              train_generated_tokens=0),
+    ...         dict(event="eval", phase="opsd", step=2, score=0.75, score_name="pass@1",
+    ...              train_generated_tokens=96)]
     >>> path = os.path.join(tempfile.mkdtemp(), "m.jsonl")
     >>> _ = open(path, "w").write("\\n".join(json.dumps(r) for r in recs))
     >>> print(token_table(path))
@@ -542,71 +416,46 @@ def token_table(metrics_path: str | Path) -> str:
     | OPSD | 0 | 0 | 0.500 |
     | OPSD | 2 | 96 | 0.750 |
     """
-    recs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
-    rows = []
-    name = "accuracy"
+    recs, rows, name = _records(metrics_path), [], "accuracy"
     for phase, label in _METHODS:
         for r in _student_evals(recs, phase):
             name = r.get("score_name", name)
-            rows.append(
-                f"| {label} | {r['step']} | {r.get('train_generated_tokens', 0)} | "
-                f"{r['score']:.3f} |"
-            )
-    head = f"| method | step | generated tokens | held-out {name} |\n|---|---:|---:|---:|"
-    return "\n".join([head, *rows])
+            rows.append(f"| {label} | {r['step']} | {r['train_generated_tokens']} | "
+                        f"{r['score']:.3f} |")  # fmt: skip
+    return "\n".join([f"| method | step | generated tokens | held-out {name} |",
+                      "|---|---:|---:|---:|", *rows])  # fmt: skip
 
 
-def plot_accuracy_vs_tokens(
-    metrics_path: str | Path, png_path: str | Path, seed: int | None = None
-) -> None:
+def plot_accuracy_vs_tokens(metrics_path: str | Path, png_path: str | Path, seed=None) -> None:
     """The paper's token-efficiency view of a demo run: held-out accuracy against the
-    training tokens generated (left; SFT generates none, so it is a line at its final
-    accuracy) and against optimizer steps (right)."""
+    training tokens generated (left; SFT generates none: a line at its final accuracy) and
+    against optimizer steps (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    recs = _records(metrics_path)
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
-    name = "accuracy"
     for i, (phase, label) in enumerate(_METHODS):
         es = _student_evals(recs, phase)
         if not es:
             continue
-        color = f"C{i}"  # one colour per method in both panels
-        name = es[-1].get("score_name", name)
-        x_tok = [r.get("train_generated_tokens", 0) for r in es]
         y = [r["score"] for r in es]
         if phase == "control":
-            ax_t.axhline(
-                y[-1],
-                color=color,
-                ls="--",
-                label=f"{label} after {es[-1]['step']} steps (0 tokens generated)",
-            )
+            ax_t.axhline(y[-1], color=f"C{i}", ls="--", label=f"{label} (0 tokens generated)")
         else:
-            ax_t.plot(x_tok, y, "o-", color=color, label=label)
-        ax_s.plot(
-            [r["step"] for r in es],
-            y,
-            "s--" if phase == "control" else "o-",
-            color=color,
-            label=label,
-        )
-    ax_t.set(
-        title="held-out accuracy vs training tokens generated",
-        xlabel="rollout tokens generated",
-        ylabel=name,
-    )
+            ax_t.plot([r["train_generated_tokens"] for r in es], y, "o-", color=f"C{i}",
+                      label=label)  # fmt: skip
+        ax_s.plot([r["step"] for r in es], y, "o-", color=f"C{i}", label=label)
+    name = recs[-1].get("score_name", "accuracy") if recs else "accuracy"
+    ax_t.set(title="held-out accuracy vs rollout tokens generated", xlabel="tokens", ylabel=name)
     ax_s.set(title="held-out accuracy vs optimizer steps", xlabel="step", ylabel=name)
     for ax in (ax_t, ax_s):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     if seed is not None:
-        fig.suptitle(
-            f"embedded demo (seed {seed}): OPSD vs SFT vs GRPO from the same warmed-up weights"
-        )
+        fig.suptitle(f"embedded demo (seed {seed}): OPSD, SFT and GRPO from the same warm-up")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

@@ -25,7 +25,6 @@ True
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -35,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
-from .data import Problem
+from .data import Problem, extract_boxed, load_jsonl, problems_from_records
 
 __all__ = [
     "extract_boxed",
@@ -51,33 +50,8 @@ __all__ = [
     "load_eval_jsonl",
     "EvalResult",
     "evaluate_problems",
+    "hf_generate",
 ]
-
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``; ``None`` if
-    there is none or its braces never close.
-
-    >>> extract_boxed("no box") is None
-    True
-    >>> extract_boxed(r"\\boxed{a{b}c} and \\boxed{7")  # the last one is unclosed
-    'a{b}c'
-    """
-    starts = [m.end() for m in _BOX_RE.finditer(text)]
-    for start in reversed(starts):
-        depth = 1
-        for i in range(start, len(text)):
-            ch = text[i]
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i]
-    return None
-
 
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
@@ -276,85 +250,21 @@ def is_correct(completion: str, answer: str) -> bool:
 # Evaluation data: a question and an answer, no solution needed
 # ---------------------------------------------------------------------------------------
 
-_QUESTION_KEYS = ("question", "problem", "prompt")
 
-
-def _blank(v) -> bool:
-    return v is None or (isinstance(v, str) and not v.strip())
-
-
-def eval_problems_from_records(
-    records: Iterable[dict],
-    *,
-    question_key: str | None = None,
-    answer_key: str = "answer",
-    solution_key: str = "solution",
-    source: str = "dataset",
-) -> list[Problem]:
-    """Evaluation problems from mapping rows: a question and an answer per row.
-
-    ``question_key=None`` takes the first of ``question``, ``problem``, ``prompt`` present
-    in each row (AIME/HMMT sets use ``problem``). The answer is ``row[answer_key]`` (numbers
-    are turned into strings); a row without one takes the last ``\\boxed{}`` of its
-    solution (MATH-500 style). A solution, when present, is kept (the teacher-role
-    evaluation reads it) but never required. Bad rows raise ``ValueError`` naming the row.
+def eval_problems_from_records(records: Iterable[dict], **keys) -> list[Problem]:
+    """Evaluation problems from mapping rows: a question (``question``, ``problem`` or
+    ``prompt`` unless ``question_key`` names it) and an answer (or a solution with a
+    ``\\boxed{}`` answer) per row; a solution is kept when present, never required.
 
     >>> [p.answer for p in eval_problems_from_records([{"problem": "2+2?", "answer": 4}])]
     ['4']
-    >>> eval_problems_from_records([{"problem": "2+2?"}])  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: dataset row 0: no 'answer' field and no 'solution' with a ...
     """
-    out: list[Problem] = []
-    for i, row in enumerate(records):
-        if not isinstance(row, dict):
-            raise ValueError(f"{source} row {i}: expected a mapping, got {type(row).__name__}")
-        keys = (question_key,) if question_key is not None else _QUESTION_KEYS
-        qkey = next((k for k in keys if not _blank(row.get(k))), None)
-        if qkey is None:
-            want = (
-                repr(question_key)
-                if question_key is not None
-                else "one of " + ", ".join(repr(k) for k in _QUESTION_KEYS)
-            )
-            raise ValueError(
-                f"{source} row {i}: missing or empty question field {want} "
-                f"(columns present: {sorted(row)})"
-            )
-        solution = row.get(solution_key)
-        solution = "" if _blank(solution) else str(solution)
-        answer = row.get(answer_key)
-        if _blank(answer):
-            answer = extract_boxed(solution) if solution else None
-            if _blank(answer):
-                raise ValueError(
-                    f"{source} row {i}: no {answer_key!r} field and no {solution_key!r} with "
-                    f"a \\boxed{{}} answer (columns present: {sorted(row)})"
-                )
-        out.append(Problem(str(row[qkey]), solution, str(answer).strip()))
-    if not out:
-        raise ValueError(f"{source} is empty: nothing to evaluate")
-    return out
+    return problems_from_records(records, **{"question_key": None, **keys, "need_solution": False})
 
 
 def load_eval_jsonl(path: str | Path, **keys) -> list[Problem]:
-    """Evaluation problems from a JSON-lines file (blank lines skipped); ``keys`` as in
-    :func:`eval_problems_from_records`. Raises ``FileNotFoundError``, or ``ValueError`` for
-    malformed JSON (with the line number) or a bad row."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation data file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-    return eval_problems_from_records(rows, source=str(path), **keys)
+    """Evaluation problems from a JSON-lines file (see :func:`eval_problems_from_records`)."""
+    return load_jsonl(path, **{"question_key": None, **keys, "need_solution": False})
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,44 +368,26 @@ class EvalResult:
     def to_dict(self) -> dict:
         """The metrics (without samples and per-problem scores) as a dict: ``pass@1`` only
         with a greedy pass, ``avg@k``/``pass@k`` only when ``k > 0``."""
-        out: dict = {}
-        if self.pass1 is not None:
-            out["pass@1"] = self.pass1
+        out = {"pass@1": self.pass1} if self.pass1 is not None else {}
         if self.k > 0:
-            out[f"avg@{self.k}"] = self.avg_k
-            out[f"pass@{self.k}"] = self.pass_k
-        out.update(
-            n=self.n,
-            mean_len=self.mean_len,
-            boxed_rate=self.boxed_rate,
-            generated_tokens=self.generated_tokens,
-        )
-        if self.checker:
-            out["checker"] = self.checker
-        return out
+            out.update({f"avg@{self.k}": self.avg_k, f"pass@{self.k}": self.pass_k})
+        out.update(n=self.n, mean_len=self.mean_len, boxed_rate=self.boxed_rate,
+                   generated_tokens=self.generated_tokens)  # fmt: skip
+        return {**out, "checker": self.checker} if self.checker else out
 
 
 def evaluate_problems(
     generate: Callable[[list[list[int]], dict], list[list[int]]],
-    decode: Callable[[list[int]], str],
-    prompts: Sequence[list[int]],
-    answers: Sequence[str],
-    *,
-    k: int = 0,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    max_new_tokens: int = 256,
-    greedy: bool = True,
-    batch_size: int = 64,
-    n_samples_kept: int = 4,
-    check: Callable[[str, str], bool] = is_correct,
-) -> EvalResult:
+    decode: Callable[[list[int]], str], prompts: Sequence[list[int]], answers: Sequence[str],
+    *, k: int = 0, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+    max_new_tokens: int = 256, greedy: bool = True, batch_size: int = 64,
+    n_samples_kept: int = 4, check: Callable[[str, str], bool] = is_correct,
+) -> EvalResult:  # fmt: skip
     """Score prompts against reference answers.
 
     ``generate(prompt_ids, sampling)`` returns one completion per prompt, where ``sampling``
     is a dict with ``do_sample``, ``max_new_tokens`` and, when sampling, ``temperature``,
-    ``top_p`` and ``top_k`` (a :class:`opsd_train.rollout.RolloutEngine` provides one).
+    ``top_p`` and ``top_k`` (:func:`hf_generate` makes one from a model).
     ``greedy`` adds a greedy pass (pass@1); ``k > 0`` samples ``k`` completions per prompt
     (avg@k and pass@k). ``check(completion_text, answer)`` scores a completion (default:
     its last ``\\boxed{}`` through :func:`answers_match`). The reference protocol is
@@ -576,3 +468,50 @@ def evaluate_problems(
         per_problem=per_problem,
         checker=answer_checker() if check is is_correct else "custom",
     )
+
+
+def hf_generate(model, tokenizer) -> Callable[[list[list[int]], dict], list[list[int]]]:
+    """A ``generate(prompt_ids, sampling)`` for :func:`evaluate_problems` over
+    ``model.generate`` (left padding, KV cache, stop at EOS; the EOS is kept, padding is
+    dropped). The model is in eval mode while sampling and restored afterwards."""
+    import torch
+
+    pad = tokenizer.pad_token_id
+    eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos)
+
+    @torch.no_grad()
+    def generate(prompts: list[list[int]], sampling: dict) -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        kw = dict(sampling)
+        if not kw.get("do_sample"):
+            kw.update(temperature=None, top_p=None, top_k=None)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                pad_token_id=pad,
+                eos_token_id=eos,
+                use_cache=True,
+                **kw,
+            )
+        finally:
+            model.train(was_training)
+        rows = []
+        for row in out[:, width:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            row = row[:cut]
+            while row and row[-1] == pad and pad not in eos:
+                row.pop()
+            rows.append(row)
+        return rows
+
+    return generate

@@ -1,85 +1,33 @@
-"""Model and tokenizer preparation: loading by path or hub id, pad-token handling, LoRA
-(optional ``peft``), Liger kernels for the non-loss parts (optional, CUDA), gradient
-checkpointing and precision."""
+"""Loading ``--model``: a local folder, a hub id, or a GGUF file (dequantised by
+transformers with the ``gguf`` package and re-saved as a folder, which TRL's trainers
+need to rebuild the fixed teacher); the LoRA adapter config."""
 
 from __future__ import annotations
 
 import os
 import re
-import warnings
 from pathlib import Path
-
-import torch
-
-from .step import get_body, get_lm_head
 
 __all__ = [
     "LORA_TARGET_MODULES",
-    "ensure_pad_token",
-    "resolve_dtype",
     "resolve_model_source",
     "load_tokenizer",
     "load_model_config",
-    "load_model_and_tokenizer",
-    "apply_lora",
-    "apply_liger",
-    "prepare_model",
+    "materialize_gguf",
+    "load_model",
+    "lora_config",
 ]
 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def ensure_pad_token(tokenizer) -> None:
-    """Make sure ``tokenizer`` has a pad token.
-
-    Documented handling: a tokenizer without one gets its EOS token as pad token (with a
-    warning; completions are cut at the first EOS and masked by length, so this is safe).
-    Without EOS either, ``ValueError``.
-    """
-    if getattr(tokenizer, "pad_token_id", None) is not None:
-        return
-    if getattr(tokenizer, "eos_token", None) is None:
-        raise ValueError(
-            "the tokenizer has neither a pad token nor an EOS token: set one "
-            "(tokenizer.pad_token = ...) before training"
-        )
-    warnings.warn(
-        f"tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r} for padding",
-        stacklevel=2,
-    )
-    tokenizer.pad_token = tokenizer.eos_token
-
-
-def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
-    """``"auto"`` -> bfloat16 on CUDA, float32 elsewhere; ``"bf16"``/``"fp32"`` explicit.
-
-    >>> resolve_dtype("auto", "cpu")
-    torch.float32
-    """
-    device = torch.device(device)
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "fp16": torch.float16,
-    }
-    if precision not in table:
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    return table[precision]
-
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_model_source(name_or_path: str) -> tuple[str, bool]:
     """``(name, is_local)`` for ``--model``, checked without touching the network.
 
-    An existing folder must hold a ``config.json``. A name that can only be a path
-    (absolute, ``./``, ``~``, more than one ``/``, or ``org/name`` whose ``org`` is a local
-    folder) must exist. Anything else is a hub id (refused when ``HF_HUB_OFFLINE`` is set).
+    An existing folder must hold a ``config.json``; an existing ``.gguf`` file is accepted.
+    A name that can only be a path (absolute, ``./``, ``~``, more than one ``/``) must
+    exist. Anything else is a hub id (refused when ``HF_HUB_OFFLINE`` is set).
 
     >>> resolve_model_source("Qwen/Qwen3-1.7B")
     ('Qwen/Qwen3-1.7B', False)
@@ -89,12 +37,17 @@ def resolve_model_source(name_or_path: str) -> tuple[str, bool]:
     FileNotFoundError: --model /no/such/model: no such folder ...
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
-        raise ValueError(f"--model must be a folder or a hub id, got {name_or_path!r}")
+        raise ValueError(
+            f"--model must be a folder, a .gguf file or a hub id, got {name_or_path!r}"
+        )
     p = Path(name_or_path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p), True
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
             raise FileNotFoundError(
-                f"--model {name_or_path}: {p} is not a model folder (no config.json in it)"
+                f"--model {name_or_path}: {p} is not a model folder (no config.json) nor a "
+                ".gguf file"
             )
         return str(p), True
     head = name_or_path.split("/")[0]
@@ -109,96 +62,78 @@ def resolve_model_source(name_or_path: str) -> tuple[str, bool]:
     return name_or_path, False
 
 
+def _gguf_kwargs(name: str) -> tuple[str, dict]:
+    p = Path(name)
+    if p.suffix == ".gguf":
+        return str(p.parent), {"gguf_file": p.name}
+    return name, {}
+
+
 def load_tokenizer(name_or_path: str):
-    """The tokenizer of ``--model`` (a local folder never contacts the hub)."""
+    """The tokenizer of ``--model`` (a pad token set to EOS when it has none)."""
     from transformers import AutoTokenizer
 
     name, local = resolve_model_source(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
-    ensure_pad_token(tokenizer)
-    return tokenizer
+    where, kw = _gguf_kwargs(name)
+    tok = AutoTokenizer.from_pretrained(where, local_files_only=local, **kw)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def load_model_config(name_or_path: str):
-    """The model's ``transformers`` config (cheap: no weights)."""
+    """The model's config (for a GGUF file: read from its metadata; no weights)."""
     from transformers import AutoConfig
 
     name, local = resolve_model_source(name_or_path)
-    return AutoConfig.from_pretrained(name, local_files_only=local)
+    where, kw = _gguf_kwargs(name)
+    return AutoConfig.from_pretrained(where, local_files_only=local, **kw)
 
 
-def load_model_and_tokenizer(name_or_path: str, *, dtype=torch.float32, device="cpu"):
-    """Load a causal LM and its tokenizer with ``transformers`` (local path or hub id; a
-    local folder is read with ``local_files_only``, see :func:`resolve_model_source`)."""
+def materialize_gguf(path: str, folder: str | Path) -> str:
+    """Dequantise the GGUF file ``path`` into a transformers folder ``folder`` (once: an
+    existing folder with a ``config.json`` is reused); returns the folder.
+
+    The weights are those of the file (e.g. Q4_1 dequantised to float32), not the
+    original checkpoint's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        where, kw = _gguf_kwargs(path)
+        loaded = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
+        # transformers marks it quantised (not serialisable) although the weights are plain
+        # float32 now: save a fresh model of the same config with those weights
+        config = loaded.config
+        config.__dict__.pop("quantization_config", None)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(folder)
+        load_tokenizer(path).save_pretrained(folder)
+    return str(folder)
+
+
+def load_model(name_or_path: str, dtype=None):
+    """The causal LM of ``--model`` (folder or hub id)."""
     from transformers import AutoModelForCausalLM
 
     name, local = resolve_model_source(name_or_path)
-    tokenizer = load_tokenizer(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
-    get_lm_head(model)
-    get_body(model)
-    return model.to(device), tokenizer
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
 
 
-def apply_lora(
-    model, r: int = 64, alpha: int = 128, dropout: float = 0.0, target_modules=LORA_TARGET_MODULES
-):
-    """Wrap ``model`` with a LoRA adapter (``peft``; install the ``[lora]`` extra).
-
-    Defaults follow the method: r=64, alpha=128 on q,k,v,o,gate,up,down projections.
-    """
+def lora_config(r: int = 64, alpha: int = 128, dropout: float = 0.0):
+    """The method's LoRA adapter (r 64, alpha 128 on q,k,v,o,gate,up,down), as a ``peft``
+    config for the TRL trainers' ``peft_config``."""
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
     except ImportError as e:
-        raise ImportError(
-            "LoRA needs the 'peft' package: pip install 'opsd-kernels[lora]' (or pip install peft)"
-        ) from e
-    cfg = LoraConfig(
+        raise ImportError("--lora needs the 'peft' package: pip install peft") from e
+    return LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(target_modules),
+        target_modules=list(LORA_TARGET_MODULES),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, cfg)
-
-
-def apply_liger(model) -> None:
-    """Patch the model's RMSNorm, RoPE and SwiGLU with Liger kernels (CUDA only; the loss
-    stays ours: Liger's cross-entropy patches are turned off)."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("--liger needs a CUDA device")
-    try:
-        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
-    except ImportError as e:
-        raise ImportError("--liger needs the 'liger-kernel' package") from e
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    _apply_liger_kernel_to_instance(
-        model=base, cross_entropy=False, fused_linear_cross_entropy=False
-    )
-
-
-def prepare_model(
-    model,
-    *,
-    lora: bool = False,
-    lora_r: int = 64,
-    lora_alpha: int = 128,
-    lora_dropout: float = 0.0,
-    lora_targets=LORA_TARGET_MODULES,
-    gradient_checkpointing: bool = False,
-    liger: bool = False,
-):
-    """Apply the optional pieces in a safe order and return the (possibly wrapped) model."""
-    get_lm_head(model)
-    get_body(model)
-    if liger:
-        apply_liger(model)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if lora:
-        model = apply_lora(
-            model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_targets
-        )
-    return model

@@ -2,7 +2,7 @@
 values.
 
 A preset is a dict of option values (keys: :class:`~opsd_train.cli.RunConfig` and
-:class:`~opsd_train.trainer.TrainConfig` field names). :func:`apply_presets` puts them
+:class:`~opsd_train.recipes.TrainConfig` field names). :func:`apply_presets` puts them
 *under* the options given explicitly (flags or config-file keys), so any flag overrides a
 preset value; the effective values are what the run folder's ``config.json`` records.
 
@@ -27,6 +27,7 @@ evaluation (T 1.0, top-p 0.95, no top-k, 38,912 new tokens, avg@12, no greedy pa
 from __future__ import annotations
 
 from .config import ConfigError
+from .evaluate import EVAL_PRESETS
 
 __all__ = ["PRESETS", "EVAL_PRESET_OPTIONS", "apply_presets", "preset_names"]
 
@@ -71,27 +72,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _eval_options(name: str) -> dict:
-    from .evaluate import eval_preset
-
-    s = eval_preset(name)
-    return dict(
-        eval_temperature=s.temperature,
-        eval_top_p=s.top_p,
-        eval_top_k=s.top_k,
-        eval_max_new_tokens=s.max_new_tokens,
-        eval_k=s.k,
-        eval_greedy=s.greedy,
-    )
-
-
-def _eval_names() -> list[str]:
-    from .evaluate import EVAL_PRESETS
-
-    return sorted(EVAL_PRESETS)
-
-
-EVAL_PRESET_OPTIONS = {name: _eval_options(name) for name in _eval_names()}
+# the evaluation presets of opsd_train.evaluate as options: temperature -> eval_temperature
+EVAL_PRESET_OPTIONS = {
+    name: {f"eval_{k}": v for k, v in s.as_kwargs().items()} for name, s in EVAL_PRESETS.items()
+}
 
 
 def preset_names() -> tuple[str, ...]:

@@ -36,6 +36,7 @@ Please reason step by step, and put your final answer within \\boxed{}.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .data import Problem
@@ -79,18 +80,10 @@ def fill_template(template: str, **values: str) -> str:
     >>> fill_template(r"Q: {problem} \\boxed{}", problem="x{1}")
     'Q: x{1} \\\\boxed{}'
     """
-    out, i = [], 0
-    keys = {"{" + k + "}": str(v) for k, v in values.items()}
-    while i < len(template):
-        for key, val in keys.items():
-            if template.startswith(key, i):
-                out.append(val)
-                i += len(key)
-                break
-        else:
-            out.append(template[i])
-            i += 1
-    return "".join(out)
+    if not values:
+        return template
+    placeholders = re.compile("|".join(re.escape("{" + k + "}") for k in values))
+    return placeholders.sub(lambda m: str(values[m.group(0)[1:-1]]), template)
 
 
 def load_template(value: str | None) -> str | None:

@@ -51,7 +51,12 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
         "student_after_grpo",
     ):
         assert 0.0 <= summary[key]["pass@1"] <= 1.0
-    assert summary["opsd_steps"] == summary["control_steps"] == summary["grpo_steps"] == 2
+    assert summary["steps"] == {"warmup": 3, "opsd": 2, "control": 2, "grpo": 2}
+    assert summary["trainer"] == {
+        "opsd": "FusedSDFTTrainer",
+        "control": "SFTTrainer",
+        "grpo": "GRPOTrainer",
+    }
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     phases = {r["phase"] for r in recs if r["event"] == "step"}
     assert phases == {"warmup", "opsd", "control", "grpo"}
@@ -91,8 +96,11 @@ def test_cli_real_model_path(tmp_path, tiny_dir):
             "2",
             "--max-new-tokens",
             "5",
-            "--teacher",
-            "ema",
+            "--lora",
+            "--lora-r",
+            "2",
+            "--lora-alpha",
+            "4",
             "--clip",
             "0.05",
             "--out",
@@ -103,8 +111,10 @@ def test_cli_real_model_path(tmp_path, tiny_dir):
         ]
     )
     assert rc == 0
-    assert (out / "checkpoints" / "step_1" / "trainer_state.pt").is_file()
-    assert (out / "final" / "config.json").is_file()
+    assert (out / "checkpoints" / "step_1" / "trainer_state.json").is_file()
+    assert (out / "final" / "adapter_config.json").is_file()  # the LoRA path saves the adapter
+    config = json.loads((out / "config.json").read_text())
+    assert config["lora"] and config["clip"] == 0.05 and config["grad_accum"] == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and len(summary["evals"]) == 2
     # resume from step 1 to a longer budget
@@ -122,17 +132,20 @@ def test_cli_real_model_path(tmp_path, tiny_dir):
             "4",
             "--max-new-tokens",
             "5",
-            "--teacher",
-            "ema",
+            "--grad-accum",
+            "2",
+            "--lora",
+            "--lora-r",
+            "2",
+            "--lora-alpha",
+            "4",
             "--out",
             str(tmp_path / "resumed"),
             "--no-progress",
             "--resume",
             str(out / "checkpoints" / "step_1"),
-            "--resume-override",
-            "steps",
         ]
-    )  # extending a run is an explicit choice
+    )
     assert rc == 0
     steps = [
         json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()

@@ -20,7 +20,7 @@ TINY_TEST_MODEL = dict(
 def small_config(**overrides):
     """A TrainConfig for a few quick steps on the tiny model (no evaluation, no progress
     bar, seed 1); ``overrides`` replace any field."""
-    from opsd_train.trainer import TrainConfig
+    from opsd_train.recipes import TrainConfig
 
     base = dict(
         algo="opsd",
@@ -56,10 +56,10 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture
 def tiny(tiny_dir):
     """``(model, tokenizer)`` loaded by path, float32, on CPU, fresh for each test."""
-    from opsd_train.modeling import load_model_and_tokenizer
+    from opsd_train.modeling import load_model, load_tokenizer
 
     torch.manual_seed(0)
-    return load_model_and_tokenizer(str(tiny_dir), dtype=torch.float32, device="cpu")
+    return load_model(str(tiny_dir), dtype=torch.float32), load_tokenizer(str(tiny_dir))
 
 
 @pytest.fixture(scope="session")
