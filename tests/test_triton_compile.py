@@ -199,14 +199,24 @@ FUSED_SCRIPT = PRELUDE + textwrap.dedent("""
 
     hs, ht, w = empty(N, H, dt=dtype), empty(N, H, dt=dtype), empty(V, H, dt=dtype)
     mask, scale = empty(N, dt=torch.bool), empty(1, dt=torch.float32)
-    cases = [  # (kind, clip, teacher weight, bias, teacher bias, bias trainable)
+    cases = [  # (kind, clip, teacher weight, bias, teacher bias, bias trainable[, options
+        # with per-token statistics])
         ("forward_kl", 0.05, None, None, None, False),
         ("jsd", None, empty(V, H, dt=dtype), empty(V, dt=dtype), empty(V, dt=dtype), True),
         ("reverse_kl", None, None, empty(V, dt=dtype), None, False),
-    ]
-    for kind, clip, wt, b, bt, want_b in cases:
-        opts = check_options(kind, 0.5, 1.1, clip, "mean")
-        st = ff.fused_forward(hs, ht, w, wt, b, bt, mask, opts, cfg=row.config)
+        ("forward_kl", 0.05, None, None, None, False, dict(softcap=30.0)),
+        ("reverse_kl", 0.05, None, empty(V, dt=dtype), None, False,
+         dict(clip_mode="token", logit_scale=1.5)),
+        ("jsd", 0.05, empty(V, H, dt=dtype), empty(V, dt=dtype), empty(V, dt=dtype), True,
+         dict(clip_mode="entry_keep", softcap=30.0, teacher_softcap=None)),
+    ] + ([  # forward/reverse KL "entry_keep": 16-bit rows (float32's one-pass backward spills)
+        ("forward_kl", 0.05, None, None, None, False, dict(clip_mode="entry_keep", softcap=30.0)),
+        ("reverse_kl", 0.05, None, None, None, False, dict(clip_mode="entry_keep")),
+    ] if dtype != torch.float32 else [])
+    for kind, clip, wt, b, bt, want_b, *extra in cases:
+        opts = check_options(kind, 0.5, 1.1, clip, "mean", **(extra[0] if extra else {}))
+        st = ff.fused_forward(hs, ht, w, wt, b, bt, mask, opts, cfg=row.config,
+                              want_stats=bool(extra))
         for det in (True, False):
             fb.fused_backward(hs, ht, w, wt, b, bt, mask, st, scale, opts, skip_threshold=1e-6,
                               want_h=True, want_w=True, want_b=want_b, deterministic=det)

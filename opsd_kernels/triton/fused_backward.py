@@ -65,6 +65,21 @@ loss is never affected. A skipped entry drops from the logit gradient
   |G| = |L + 1|: the log ratio is not bounded by the probabilities, so the
   threshold bounds reverse KL's error only together with that factor.
 
+With a logit transform (DivergenceOptions' logit_scale / softcap) M_S, M_T and the
+LSEs are those of the transformed logits (see fused_forward: the transform is
+strictly increasing, so these are the transforms of the raw extremes and the
+probability bound above holds as stated). The kernels write the gradient with
+respect to the RAW logits x, dS_iv * dz/dx_iv with 0 < dz/dx = logit_scale
+(1 - (z/softcap)^2) <= logit_scale: every bound below on a dropped entry, and so
+on the dropped rows and columns, multiplies by logit_scale (the student's).
+
+Clip modes: "token" excludes a clipped token from the backward like a masked one
+(its gradient is exactly 0), and a token block with no token left is skipped at
+any threshold. "entry_keep" gives a clipped entry the row's mu, which no tile
+probability bounds: tiles that may hold a clipped entry (the terms pass's map; for
+forward/reverse KL the clip test's tiles) are never skipped, so every dropped
+entry is an unclipped one and the bounds below hold.
+
 Consequences (forward KL and JSD): per token row i the dropped entries sum to
 ``sum_v |error dS_iv| < n_skipped_i * threshold * |r_i| / tau <= V threshold |r_i| / tau``;
 row i of the hidden-state gradient errs by at most that times ``max_v |W_vk|``
@@ -76,8 +91,8 @@ threshold, the student's near 0) and checks them.
 ``skip_threshold="auto"`` (:func:`~opsd_kernels.triton.configs.resolve_skip_threshold`):
 0 (exact) for float32; for a 16-bit gradient ``u / V`` with u the dtype's unit
 roundoff (2^-8 bfloat16, 2^-11 float16), so the dropped entries of row i sum to
-less than ``V (u / V) |r_i| / tau = u |r_i| / tau``: half an ulp of the row's
-gradient scale (forward KL and JSD).
+less than ``V (u / V) |r_i| / tau = u |r_i| / tau`` (times logit_scale with a
+transform): half an ulp of the row's gradient scale (forward KL and JSD).
 """
 
 from __future__ import annotations

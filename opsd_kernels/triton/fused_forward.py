@@ -1,9 +1,14 @@
 """Triton kernels: the fused forward, logits only ever as (token block x vocab block) tiles.
 
-Derivation (formula sheet: opsd_kernels/divergences.py). Per token i, with
-b = s/tau, a = t/tau and s = h_S W^T + bias, t = h_T W_T^T + bias_T:
+Derivation (formula sheet: opsd_kernels/divergences.py). Per token i, with raw
+logits x_S = h_S W^T + bias, x_T = h_T W_T^T + bias_T, each role's logit transform
+(DivergenceOptions: s = softcap tanh(logit_scale x_S / softcap), or logit_scale x_S;
+t likewise with the teacher's values) applied in float32 to each tile right after
+the dot and bias, and b = s/tau, a = t/tau:
 
     L_i = sum_v c(phi_iv),     dL_i/ds_iv = (g_iv - pS_iv * G_i) / tau,   G_i = sum_v g_iv
+
+and the backward chains dL/dx_S = ds/dx_S * dL/ds in float32 (0 < ds/dx <= logit_scale).
 
 One program owns a block of BLOCK_N tokens and a contiguous range of vocabulary
 blocks (one "split"; several splits per token block keep the GPU busy when
@@ -44,6 +49,39 @@ rounding), no entry of the tile is clipped, c(phi) = phi there, and the tile's
 share of L^u and G^u is already exact: the tile is not recomputed. A row whose
 L^u is not finite (an infinite KL, NaN input) makes its whole token block
 recomputed and takes its loss and G from the terms pass alone.
+
+The logit transform and these bounds. Every recorded extreme (tile maxima and
+minima, per-token LSEs) is taken of the TRANSFORMED scaled logits b, a themselves,
+the very values the softmax and phi read, so the clip test above and the
+backward's skip bound (fused_backward) hold as derived, word for word. Nothing is
+lost by extremising after the transform: it is strictly increasing (d/dx of
+c tanh(k x / c) is k (1 - tanh^2) > 0, of k x it is k > 0, with k, c > 0), so the
+tile's largest (smallest) transformed logit is the transform of its largest
+(smallest) raw logit, the same entry: the order of the entries, hence which entry
+attains a tile's extreme, is unchanged, and the bounds are as tight as without a
+transform.
+
+clip_mode (DivergenceOptions):
+- "entry": as above.
+- "token": the kernels run without clip (no terms pass for forward/reverse KL);
+  L_i = min(L^u_i, clip) in torch, and a clipped token (not L^u_i < clip) is
+  excluded from the backward like a masked one (``ForwardStats.grad_mask``).
+- "entry_keep": loss and G as "entry"; the backward writes
+  mu_i = (sum_U pS g - G sum_U pS^2) / sum_U pS on clipped entries. The sums over
+  the unclipped entries U come without an extra pass: jsd's terms pass visits every
+  tile and sums U directly; for forward/reverse KL the stats pass also sums
+  e^(2 (b - m_S)) and e^(b - m_S) e^(a - m_T) (forward) or e^(2 (b - m_S)) (b - a)
+  (reverse) online, giving sum pS^2 and sum pS g over the whole vocabulary, and
+  the terms pass sums pS, pS g, pS^2 over the clipped entries C of the tiles it
+  recomputes (tiles the exact test clears hold no clipped entry): U = all - C
+  (sum pS = 1). The subtraction costs float32 a factor (sum_v |pS g|) / sum_U pS in
+  mu's relative accuracy (tests/test_fused_options.py checks the estimate).
+
+Per-token statistics (``want_stats``; opsd_kernels.stats): the student entropy
+log z_S - sum e^(b - M_S) (b - M_S) / z_S from one more online sum of the stats
+pass; the clipped teacher mass, count and (from the largest clipped pT) the
+teacher's top-1 from the terms pass (tiles it does not recompute hold no clipped
+entry and contribute 0); "token": 1, V, 1 for a clipped token.
 
 Global memory beyond the inputs: O(N * splits) statistics and
 (N / BLOCK_N) x (V / BLOCK_V) tile maxima per side (and minima with a clip).
@@ -333,6 +371,7 @@ def _fused_terms_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,
+    SUB: tl.constexpr,
 ):
     pid_n, split = grouped_tile(tl.program_id(0), n_blocks, n_splits, GROUP)
     rows, in_range, row_ok = token_block(pid_n, N, mask_ptr, HAS_MASK, BLOCK_N)
@@ -364,86 +403,89 @@ def _fused_terms_kernel(
             compute = tl.load(todo_ptr + pid_n.to(tl.int64) * n_vblocks + vb) != 0
         if compute:
             count_tile(count_ptr, pid_n, vb, n_vblocks, COUNT)
-            cols, col_ok = vocab_block(vb, V, BLOCK_V)
-            b, a = logit_tiles(
-                hs_ptr,
-                ht_ptr,
-                w_ptr,
-                wt_ptr,
-                b_ptr,
-                bt_ptr,
-                rows,
-                row_ok,
-                cols,
-                col_ok,
-                H,
-                H_T,
-                stride_hs,
-                stride_ht,
-                stride_w,
-                stride_wt,
-                inv_temp,
-                s_scale,
-                s_cap,
-                t_scale,
-                t_cap,
-                S_SOFTCAP,
-                T_SOFTCAP,
-                SHARED_W,
-                HAS_BIAS,
-                HAS_TBIAS,
-                UPCAST,
-                DOT_PRECISION,
-                BLOCK_N,
-                BLOCK_V,
-                BLOCK_K,
-            )
-            phi, c_phi, g, g_all, pS, pT = clipped_terms(
-                b, a, lse_s, lse_t, beta, log_beta, log_1m_beta, clip, KIND, HAS_CLIP
-            )
-            inside = col_ok[None, :]
-            # each tile temporary is read by consecutive sums and then dies (registers)
-            if HAS_CORR:  # only clipped entries (not phi < clip, as in the g kept) differ:
-                # c(phi) - phi = clip - phi and g kept - g = -g there
-                whole = inside & ~finite[:, None]
-                clipped = inside & ~(phi < clip)
-                fix = clipped & finite[:, None]
-                loss += tl.sum(tl.where(whole, c_phi, tl.where(fix, clip - phi, 0.0)), axis=1)
-                G += tl.sum(tl.where(whole, g, tl.where(fix, -g_all, 0.0)), axis=1)
-            else:
-                loss += tl.sum(tl.where(inside, c_phi, 0.0), axis=1)
-                G += tl.sum(tl.where(inside, g, 0.0), axis=1)
-            if HAS_CLIP:
-                clipped = inside & ~(phi < clip)
-                row_clipped = tl.sum(clipped.to(tl.float32), axis=1)  # (folded where unused)
-                if STATS:  # teacher mass, count and largest teacher probability clipped
-                    pT_c = tl.where(clipped, pT, 0.0)
-                    mass += tl.sum(pT_c, axis=1)
-                    top1 = tl.maximum(top1, tl.max(pT_c, axis=1))
-                    n_clipped += row_clipped
-                if KEEP:
-                    if HAS_CORR:
-                        part_of = clipped
-                    else:
-                        part_of = inside & (phi < clip)
-                    # pS g over finite g only (+inf: reverse KL against a -inf teacher
-                    # logit, always clipped; the stats pass leaves it out too)
-                    if KIND == 1:
-                        part_of_g = part_of & (g_all < float("inf"))
-                    else:
-                        part_of_g = part_of
-                    k2 += tl.sum(tl.where(part_of_g, pS * g_all, 0.0), axis=1)
-                    k1 += tl.sum(tl.where(part_of, pS, 0.0), axis=1)
-                    k3 += tl.sum(tl.where(part_of, pS * pS, 0.0), axis=1)
-                    if not HAS_CORR:
-                        # tiles holding a clipped entry of a counted token: never skipped by
-                        # the backward (their clipped entries' gradient is mu); forward and
-                        # reverse KL use the clip test's map instead (a superset)
-                        hit = tl.max(tl.where(row_ok, row_clipped, 0.0), axis=0) > 0
-                        tl.store(
-                            clipped_map_ptr + pid_n.to(tl.int64) * n_vblocks + vb,
-                            hit.to(tl.uint8),
-                        )
+            # the tile in SUB column slices (fewer live registers where many sums are taken)
+            hit = 0.0
+            for sub in tl.static_range(SUB):
+                cols, col_ok = vocab_block(vb * SUB + sub, V, BLOCK_V // SUB)
+                b, a = logit_tiles(
+                    hs_ptr,
+                    ht_ptr,
+                    w_ptr,
+                    wt_ptr,
+                    b_ptr,
+                    bt_ptr,
+                    rows,
+                    row_ok,
+                    cols,
+                    col_ok,
+                    H,
+                    H_T,
+                    stride_hs,
+                    stride_ht,
+                    stride_w,
+                    stride_wt,
+                    inv_temp,
+                    s_scale,
+                    s_cap,
+                    t_scale,
+                    t_cap,
+                    S_SOFTCAP,
+                    T_SOFTCAP,
+                    SHARED_W,
+                    HAS_BIAS,
+                    HAS_TBIAS,
+                    UPCAST,
+                    DOT_PRECISION,
+                    BLOCK_N,
+                    BLOCK_V // SUB,
+                    BLOCK_K,
+                )
+                phi, c_phi, g, g_all, pS, pT = clipped_terms(
+                    b, a, lse_s, lse_t, beta, log_beta, log_1m_beta, clip, KIND, HAS_CLIP
+                )
+                inside = col_ok[None, :]
+                # each tile temporary is read by consecutive sums and then dies (registers)
+                if HAS_CORR:  # only clipped entries (not phi < clip, as in the g kept) differ:
+                    # c(phi) - phi = clip - phi and g kept - g = -g there
+                    whole = inside & ~finite[:, None]
+                    clipped = inside & ~(phi < clip)
+                    fix = clipped & finite[:, None]
+                    loss += tl.sum(tl.where(whole, c_phi, tl.where(fix, clip - phi, 0.0)), axis=1)
+                    G += tl.sum(tl.where(whole, g, tl.where(fix, -g_all, 0.0)), axis=1)
+                else:
+                    loss += tl.sum(tl.where(inside, c_phi, 0.0), axis=1)
+                    G += tl.sum(tl.where(inside, g, 0.0), axis=1)
+                if HAS_CLIP:
+                    clipped = inside & ~(phi < clip)
+                    row_clipped = tl.sum(clipped.to(tl.float32), axis=1)  # (folded where unused)
+                    if STATS:  # teacher mass, count and largest teacher probability clipped
+                        pT_c = tl.where(clipped, pT, 0.0)
+                        mass += tl.sum(pT_c, axis=1)
+                        top1 = tl.maximum(top1, tl.max(pT_c, axis=1))
+                        n_clipped += row_clipped
+                    if KEEP:
+                        if HAS_CORR:
+                            part_of = clipped
+                        else:
+                            part_of = inside & (phi < clip)
+                        # pS g over finite g only (+inf: reverse KL against a -inf teacher
+                        # logit, always clipped; the stats pass leaves it out too)
+                        if KIND == 1:
+                            part_of_g = part_of & (g_all < float("inf"))
+                        else:
+                            part_of_g = part_of
+                        k2 += tl.sum(tl.where(part_of_g, pS * g_all, 0.0), axis=1)
+                        k1 += tl.sum(tl.where(part_of, pS, 0.0), axis=1)
+                        k3 += tl.sum(tl.where(part_of, pS * pS, 0.0), axis=1)
+                        if not HAS_CORR:  # a clipped entry of a counted token in the tile
+                            hit = tl.maximum(hit, tl.max(tl.where(row_ok, row_clipped, 0.0), 0))
+            if KEEP and not HAS_CORR:
+                # tiles holding a clipped entry of a counted token: never skipped by the
+                # backward (their clipped entries' gradient is mu); forward and reverse KL
+                # use the clip test's map instead (a superset)
+                tl.store(
+                    clipped_map_ptr + pid_n.to(tl.int64) * n_vblocks + vb, (hit > 0).to(tl.uint8)
+                )
     out = split.to(tl.int64) * N + rows
     part = n_splits * N
     tl.store(loss_ptr + out, loss, mask=in_range)
@@ -718,6 +760,7 @@ def fused_forward(
             clipped_map_ptr=clipped_map,
             todo_ptr=todo,
             count_ptr=counter("terms"),
+            SUB=_terms_slices(want_clip_stats, keep, hs.dtype),
             **inputs,
         )
         if one_pass:
@@ -768,6 +811,14 @@ def fused_forward(
     return ForwardStats(
         loss, lse_s, lse_t, g_sum, tmax_s, tmax_t, cfg, mu, clipped_tiles, grad_mask, stats
     )
+
+
+def _terms_slices(stats: bool, keep: bool, dtype: torch.dtype) -> int:
+    """Column slices per tile of the terms pass: 2 where its many per-tile sums (clip
+    statistics) would otherwise spill registers on sm_90 as ptxas allocates them
+    (tests/test_triton_compile.py: 16-bit tiles with "entry_keep" and statistics, float32
+    tiles with statistics but not "entry_keep"); 1 elsewhere."""
+    return 2 if stats and (keep != (dtype == torch.float32)) else 1
 
 
 def _keep_totals(kind_id, keep_all, m_s, m_t, shift_s, shift_t, zs_tot, zt_tot, lse_s, lse_t):

@@ -1,7 +1,8 @@
 """Triton helpers shared by the ``impl="fused"`` kernels: blocks, logit tiles, gradient tiles.
 
 A tile is (BLOCK_N tokens) x (BLOCK_V vocabulary entries) of the scaled student
-and teacher logits ``b = s / tau``, ``a = t / tau``; it is formed by ``tl.dot``
+and teacher logits ``b = s / tau``, ``a = t / tau`` (``s``, ``t``: each role's
+logit transform of the raw logits); it is formed by ``tl.dot``
 over the hidden size in BLOCK_K steps and never leaves the chip. The kernels in
 :mod:`~opsd_kernels.triton.fused_forward` and
 :mod:`~opsd_kernels.triton.fused_backward` are built from these helpers, so
