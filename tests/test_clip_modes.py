@@ -58,11 +58,13 @@ def test_divergence_dtypes_torch(dtype, clip_mode, kind):
     )
 
 
-@pytest.mark.parametrize("impl", [options_impl("torch"), options_impl("triton")])
+@pytest.mark.parametrize(
+    "impl", [options_impl("torch"), options_impl("triton"), options_impl("fused")]
+)
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("clip_mode", MODES)
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_fused_linear_chunked(impl, kind, clip_mode, reduction):
+def test_fused_linear_clip_modes(impl, kind, clip_mode, reduction):
     check_fused_linear(
         impl,
         kind=kind,
