@@ -84,17 +84,16 @@ class TopkOptions:
     softcap: float | None = None
 
     def row_options(self) -> dict:
-        """The keywords of the row functions (``topk_rows_torch`` and its Triton twin);
-        this round's (``clip_mode``, ``logit_scale``, ``softcap``) only when not default,
-        so a row function that predates them keeps working for the others."""
-        kw = dict(spec=self.spec, beta=self.beta, temperature=self.temperature, clip=self.clip)
-        if self.clip is not None and self.clip_mode != "entry":
-            kw["clip_mode"] = self.clip_mode
-        if self.logit_scale != 1.0:
-            kw["logit_scale"] = self.logit_scale
-        if self.softcap is not None:
-            kw["softcap"] = self.softcap
-        return kw
+        """The keywords of the row functions (``topk_rows_torch`` and its Triton twin)."""
+        return dict(
+            spec=self.spec,
+            beta=self.beta,
+            temperature=self.temperature,
+            clip=self.clip,
+            clip_mode=self.clip_mode,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+        )
 
 
 @dataclass

@@ -65,8 +65,7 @@ Nothing of size O(N x V) is communicated and the weight is never gathered.
 ``impl="torch"`` runs the local phases as torch operations on blocks of rows
 (float64-capable); ``impl="triton"`` as the Triton row kernel of
 :mod:`opsd_kernels.triton.vocab_parallel_rows` (one launch per phase, float32
-arithmetic; where those kernels predate the logit transform, ``clip_mode`` and
-``return_stats``, they are refused with a clear error). The chunk GEMMs are those of
+arithmetic, every option). The chunk GEMMs are those of
 :mod:`opsd_kernels.gemm` (float32 logits) for both. ``impl="fused"`` is not
 supported (a clear error).
 """
