@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +61,8 @@ def test_flag_table_names_every_trl_field():
     assert "| `--clip` | `distillation_clip` |" in table
     assert "| `--loss-normalization` | `distillation_normalization` |" in table
     assert "| `--clip-mode` | `distillation_clip_mode` |" in table
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert table in readme, "README's flag table is stale: paste trl_field_table()"
     # every named TRL field exists on the config the recipe builds
     from trl import GRPOConfig, SFTConfig
 
