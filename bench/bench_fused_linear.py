@@ -26,8 +26,6 @@ unclipped naive loss.
 
 from __future__ import annotations
 
-import inspect
-
 import baselines
 import harness
 import pytest
@@ -85,11 +83,6 @@ def _loss_fn(impl, cfg, chunk, softcap=None):
     raise ValueError(f"unknown fused_linear impl {impl!r}; known: {IMPLS}")
 
 
-def _takes_softcap() -> bool:
-    """Whether this build's ``fused_linear_divergence`` has the ``softcap`` option."""
-    return "softcap" in inspect.signature(opsd_kernels.fused_linear_divergence).parameters
-
-
 def _skip_reason(impl, cfg, device, mode="fwdbwd", softcap=None) -> str | None:
     if not cfg.wants(impl):
         return "not selected (--impls)"
@@ -99,8 +92,6 @@ def _skip_reason(impl, cfg, device, mode="fwdbwd", softcap=None) -> str | None:
         return f"impl={impl} runs the forward of {harness.SAME_FORWARD_AS[impl]}: see its fwd row"
     if impl.startswith("liger") and softcap is not None:
         return f"Liger-Kernel has no final-logit soft cap (this preset caps at {softcap:g})"
-    if impl in harness.OUR_IMPLS and softcap is not None and not _takes_softcap():
-        return "this build's fused_linear_divergence has no softcap option"
     if impl.startswith("liger") and not baselines.liger_available():
         return "Liger-Kernel needs CUDA and the liger-kernel package"
     if impl.startswith("liger") and cfg.kind == "jsd" and cfg.beta in (0.0, 1.0):

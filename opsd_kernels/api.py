@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from . import gemm
 from ._validation import (
     SAME_AS_STUDENT,
-    DivergenceOptions,
     check_chunk_size,
     check_impl,
     check_linear_inputs,
@@ -33,34 +30,6 @@ def _row_function(impl: str):
     from .triton.divergence_rows import divergence_rows_triton
 
     return divergence_rows_triton
-
-
-def new_options_used(opts: DivergenceOptions, return_stats: bool) -> list[str]:
-    """Names of this round's options that ``opts`` / ``return_stats`` switch on."""
-    used = [
-        ("clip_mode", opts.clip is not None and opts.clip_mode != "entry"),
-        ("logit_scale", opts.logit_scale != 1.0),
-        ("softcap", opts.softcap is not None),
-        ("teacher_logit_scale", opts.teacher_logit_scale != opts.logit_scale),
-        ("teacher_softcap", opts.teacher_softcap != opts.softcap),
-        ("return_stats", return_stats),
-    ]
-    return [name for name, on in used if on]
-
-
-def require_options_support(fn, opts: DivergenceOptions, return_stats: bool, impl: str) -> None:
-    """Refuse the new options for a kernel entry point that predates them.
-
-    The row-function contract of this round adds a ``stats`` parameter together with the
-    logit transform and the clip modes; an entry point without it computes none of them.
-    """
-    if "stats" in inspect.signature(fn).parameters:
-        return
-    used = new_options_used(opts, return_stats)
-    if used:
-        raise NotImplementedError(
-            f"impl={impl!r} does not support {', '.join(used)} yet; use impl='torch'"
-        )
 
 
 def _with_stats(loss: torch.Tensor, buffer: torch.Tensor | None, lead: torch.Size):
@@ -204,14 +173,14 @@ def divergence(
             teacher_logits,
             mask,
             opts,
-            check_process_group(process_group, impl, opts, return_stats),
+            check_process_group(process_group, impl),
             impl,
             stats,
         )
         return _with_stats(loss, stats, lead)
-    row_fn = _row_function(impl)
-    require_options_support(row_fn, opts, return_stats, impl)
-    loss = DivergenceFunction.apply(student_logits, teacher_logits, mask, opts, row_fn, stats)
+    loss = DivergenceFunction.apply(
+        student_logits, teacher_logits, mask, opts, _row_function(impl), stats
+    )
     return _with_stats(loss, stats, lead)
 
 
@@ -414,16 +383,12 @@ def fused_linear_divergence(
         # this rank's vocabulary slice (check_process_group refuses impl="fused")
         from .vocab_parallel import VocabParallelSweep, check_process_group
 
-        group = check_process_group(process_group, impl, opts, return_stats)
+        group = check_process_group(process_group, impl)
         sweep = VocabParallelSweep(group, chunk_size, impl)
     elif impl == "fused":
         from .triton.fused_function import FusedTritonLinearDivergenceFunction
 
-        fused = FusedTritonLinearDivergenceFunction
-        require_options_support(fused.forward, opts, return_stats, impl)
-        # the fused Function takes the stats buffer as a trailing argument once it has one
-        extra = () if "stats" not in inspect.signature(fused.forward).parameters else (stats,)
-        loss = fused.apply(
+        loss = FusedTritonLinearDivergenceFunction.apply(
             student_hidden,
             teacher_hidden,
             weight,
@@ -435,13 +400,11 @@ def fused_linear_divergence(
             skip_threshold,
             grad_dtype,
             deterministic,
-            *extra,
+            stats,  # stats_out: filled in place
         )
         return _with_stats(loss, stats, lead)
     else:
-        row_fn = _row_function(impl)
-        require_options_support(row_fn, opts, return_stats, impl)
-        sweep = ChunkedSweep(row_fn, chunk_size)
+        sweep = ChunkedSweep(_row_function(impl), chunk_size)
     loss = FusedLinearDivergenceFunction.apply(
         student_hidden,
         teacher_hidden,

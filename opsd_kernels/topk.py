@@ -84,17 +84,16 @@ class TopkOptions:
     softcap: float | None = None
 
     def row_options(self) -> dict:
-        """The keywords of the row functions (``topk_rows_torch`` and its Triton twin);
-        this round's (``clip_mode``, ``logit_scale``, ``softcap``) only when not default,
-        so a row function that predates them keeps working for the others."""
-        kw = dict(spec=self.spec, beta=self.beta, temperature=self.temperature, clip=self.clip)
-        if self.clip is not None and self.clip_mode != "entry":
-            kw["clip_mode"] = self.clip_mode
-        if self.logit_scale != 1.0:
-            kw["logit_scale"] = self.logit_scale
-        if self.softcap is not None:
-            kw["softcap"] = self.softcap
-        return kw
+        """The keywords of the row functions (``topk_rows_torch`` and its Triton twin)."""
+        return dict(
+            spec=self.spec,
+            beta=self.beta,
+            temperature=self.temperature,
+            clip=self.clip,
+            clip_mode=self.clip_mode,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+        )
 
 
 @dataclass
@@ -166,28 +165,6 @@ def _check_topk_options(
         o.logit_scale,
         o.softcap,
     )
-
-
-def _require_row_options(row_fn, opts: TopkOptions, impl: str, return_stats: bool) -> None:
-    """Refuse this round's options for a row function that predates them."""
-    import inspect
-
-    params = inspect.signature(row_fn).parameters
-    used = [k for k in ("clip_mode", "logit_scale", "softcap") if k in opts.row_options()]
-    missing = [k for k in used if k not in params]
-    if return_stats and "stats" not in params:
-        missing.append("return_stats")
-    if "clip_mode" in used and "clip_mode" in params:
-        # a row function lists the clip modes it computes in ``clip_modes`` (the torch
-        # rows: all of them; without the attribute: "entry" and "token")
-        modes = getattr(row_fn, "clip_modes", ("entry", "token"))
-        if opts.clip_mode not in modes:
-            missing.append(f"clip_mode={opts.clip_mode!r}")
-    if missing:
-        raise NotImplementedError(
-            f"impl={impl!r} does not support {', '.join(missing)} for top-k teachers yet; "
-            "use impl='torch'"
-        )
 
 
 def _check_teacher(teacher_ids, teacher_logprobs, lead_shape, device) -> int:
@@ -448,9 +425,6 @@ def _kept_mean(e, entry, pS, clipped, lS, g, G, row, z_c, K):
         num = num + torch.where(rest_kept, r_s * coef * sum_sq / z_c.square(), zero)
         mass = mass + torch.where(rest_kept, r_s, zero)
     return torch.where(mass == 0, zero, num / mass)
-
-
-topk_rows_torch.clip_modes = TOPK_CLIP_MODES
 
 
 def topk_stats(stats, e, lT, lS, ok, z_c, phi, clip, dropped) -> None:
@@ -737,7 +711,6 @@ def topk_divergence(
         student_logits = student_logits.detach()
     N = student_logits.numel() // V
     row_fn = _row_function(impl)
-    _require_row_options(row_fn, opts, impl, return_stats)
     stats = new_stats_buffer(N, device) if return_stats else None
     loss = TopkDivergenceFunction.apply(
         student_logits, teacher, mask1, opts, row_fn, _rows_per_block(V, N), stats
@@ -1152,8 +1125,6 @@ def fused_linear_topk_divergence(
     else:
         chunk = auto_topk_chunk(V, N)
     row_fn = _row_function(impl)
-    if opts.tail == "bucket":  # the renormalize tail runs the torch rows for every impl
-        _require_row_options(row_fn, opts, impl, return_stats)
     stats = new_stats_buffer(N, device) if return_stats else None
     loss = FusedLinearTopkFunction.apply(
         student_hidden, weight, bias, teacher, mask1, opts, row_fn, chunk, stats

@@ -65,8 +65,7 @@ Nothing of size O(N x V) is communicated and the weight is never gathered.
 ``impl="torch"`` runs the local phases as torch operations on blocks of rows
 (float64-capable); ``impl="triton"`` as the Triton row kernel of
 :mod:`opsd_kernels.triton.vocab_parallel_rows` (one launch per phase, float32
-arithmetic; where those kernels predate the logit transform, ``clip_mode`` and
-``return_stats``, they are refused with a clear error). The chunk GEMMs are those of
+arithmetic, every option). The chunk GEMMs are those of
 :mod:`opsd_kernels.gemm` (float32 logits) for both. ``impl="fused"`` is not
 supported (a clear error).
 """
@@ -92,9 +91,8 @@ PHI, G, H, KEPT_PS_G, KEPT_PS_SQ, KEPT_PS, CLIPPED_MASS, CLIPPED_COUNT, TOP1_CLI
 NUM_TERM_SUMS = 9
 
 
-def check_process_group(process_group, impl: str, opts=None, return_stats: bool = False):
-    """The group, validated: a ``torch.distributed.ProcessGroup`` and a supported impl
-    (and, given ``opts``, options the impl's phases compute)."""
+def check_process_group(process_group, impl: str):
+    """The group, validated: a ``torch.distributed.ProcessGroup`` and a supported impl."""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -110,15 +108,6 @@ def check_process_group(process_group, impl: str, opts=None, return_stats: bool 
             "impl='fused' does not support process_group (vocabulary parallelism); use "
             "impl='triton' or 'torch', or 'auto'"
         )
-    if opts is not None and impl == "triton" and not _triton_phases_take_options():
-        from .api import new_options_used
-
-        used = new_options_used(opts, return_stats)
-        if used:
-            raise NotImplementedError(
-                f"process_group (vocabulary parallel, impl={impl!r}) does not support "
-                f"{', '.join(used)} yet"
-            )
     return process_group
 
 
@@ -294,24 +283,11 @@ def _local_functions(impl: str):
     return local_stats_torch, local_term_sums_torch, local_gradients_torch
 
 
-def _triton_phases_take_options() -> bool:
-    """Whether the Triton phase kernels take this round's options (the logit transform,
-    the clip modes, the statistics: their phase 0 then has an ``entropy`` flag and they
-    read every column of the row statistics); older ones read the first four."""
-    import inspect
-
-    from .triton.vocab_parallel_rows import local_stats_triton
-
-    return "entropy" in inspect.signature(local_stats_triton).parameters
-
-
 def _phase_stats(stats: torch.Tensor, impl: str) -> torch.Tensor:
     """The row statistics as a phase function reads them (the Triton kernels: float32,
-    contiguous; the first four columns for kernels that predate the options)."""
+    contiguous)."""
     if impl != "triton":
         return stats
-    if not _triton_phases_take_options():
-        stats = stats[:, :4]
     return stats.float().contiguous()
 
 

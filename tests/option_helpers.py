@@ -7,8 +7,6 @@ gradient (so ``reduction="none"`` is exercised row by row) and the per-token sta
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
@@ -17,28 +15,11 @@ from opsd_kernels.reference import divergence_reference, fused_linear_divergence
 from tests.helpers import DEVICE, TRITON_RUNS, assert_close, make_logits, make_mask
 
 
-def _entry_point(impl: str, linear: bool):
-    if impl == "torch":
-        return None
-    if impl == "fused":
-        from opsd_kernels.triton.fused_function import FusedTritonLinearDivergenceFunction
-
-        return FusedTritonLinearDivergenceFunction.forward
-    from opsd_kernels.triton.divergence_rows import divergence_rows_triton
-
-    return divergence_rows_triton
-
-
 def options_impl(impl: str, linear: bool = False):
-    """``impl`` as a pytest parameter, skipped where Triton cannot run or where the impl's
-    kernels predate this round's options (their entry point has no ``stats`` parameter:
-    the public functions then refuse the options, tested in tests/test_clip_modes.py)."""
+    """``impl`` as a pytest parameter, skipped only where Triton cannot run."""
     marks = []
     if impl != "torch":
         marks.append(pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1"))
-        fn = _entry_point(impl, linear) if TRITON_RUNS else None
-        if fn is not None and "stats" not in inspect.signature(fn).parameters:
-            marks.append(pytest.mark.skip(reason=f"impl={impl!r} does not take the options yet"))
     return pytest.param(impl, marks=marks)
 
 

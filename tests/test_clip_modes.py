@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from opsd_kernels import api, divergence, fused_linear_divergence
+from opsd_kernels import divergence, fused_linear_divergence
 from opsd_kernels.divergences import KINDS
 from opsd_kernels.reference import divergence_reference
 from tests.helpers import make_logits
@@ -58,11 +58,13 @@ def test_divergence_dtypes_torch(dtype, clip_mode, kind):
     )
 
 
-@pytest.mark.parametrize("impl", [options_impl("torch"), options_impl("triton")])
+@pytest.mark.parametrize(
+    "impl", [options_impl("torch"), options_impl("triton"), options_impl("fused")]
+)
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("clip_mode", MODES)
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_fused_linear_chunked(impl, kind, clip_mode, reduction):
+def test_fused_linear_clip_modes(impl, kind, clip_mode, reduction):
     check_fused_linear(
         impl,
         kind=kind,
@@ -176,28 +178,6 @@ def test_nan_propagates_to_the_loss(clip_mode):
     assert math.isnan(loss[1].item()) and math.isnan(ref[1].item())
     keep = torch.tensor([True, False, True, True])
     torch.testing.assert_close(loss[keep].double(), ref[keep], rtol=2e-5, atol=1e-6)
-
-
-def test_impl_predating_the_options_refuses_them(monkeypatch):
-    """A row function without the ``stats`` parameter computes none of the new options:
-    the public function says so, naming the option and the impl."""
-
-    def old_rows(student, teacher, opts, *, mask, scale, grad_student, grad_teacher):
-        raise AssertionError("must not be called")
-
-    monkeypatch.setattr(api, "_row_function", lambda impl: old_rows)
-    s, t = make_logits((2, 9))
-    for kw, name in (
-        (dict(clip=0.1, clip_mode="token"), "clip_mode"),
-        (dict(softcap=30.0), "softcap"),
-        (dict(logit_scale=2.0), "logit_scale"),
-        (dict(teacher_softcap=5.0), "teacher_softcap"),
-        (dict(return_stats=True), "return_stats"),
-    ):
-        with pytest.raises(NotImplementedError, match=f"impl='torch'.*{name}|{name}.*"):
-            divergence(s, t, impl="torch", **kw)
-        with pytest.raises(NotImplementedError, match=name):
-            fused_linear_divergence(s, t, torch.randn(5, 9), impl="torch", **kw)
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,9 @@ def test_divergence_transforms(impl, kind, transform, clip, reduction):
     )
 
 
-@pytest.mark.parametrize("impl", [options_impl("torch"), options_impl("triton")])
+@pytest.mark.parametrize(
+    "impl", [options_impl("torch"), options_impl("triton"), options_impl("fused")]
+)
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("clip_mode", ["entry", "token", "entry_keep"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -11,23 +11,32 @@ import torch
 from opsd_kernels import Divergence, DivergenceStats, divergence, fused_linear_divergence
 from opsd_kernels.reference import divergence_reference
 from tests.helpers import make_logits, make_mask
-from tests.option_helpers import assert_stats_close, check_divergence, check_fused_linear
+from tests.option_helpers import (
+    assert_stats_close,
+    check_divergence,
+    check_fused_linear,
+    options_impl,
+)
 
 
+@pytest.mark.parametrize("impl", [options_impl("torch"), options_impl("triton")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_divergence_stats_every_reduction_and_dtype(dtype, reduction):
+def test_divergence_stats_every_reduction_and_dtype(impl, dtype, reduction):
     # float16 forms its gradients in the backward: the forward's statistics still come out
-    check_divergence("torch", dtype=dtype, reduction=reduction, clip=0.02, masked=True)
+    check_divergence(impl, dtype=dtype, reduction=reduction, clip=0.02, masked=True)
 
 
+@pytest.mark.parametrize(
+    "impl", [options_impl("torch"), options_impl("triton"), options_impl("fused")]
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_fused_linear_stats_every_reduction(reduction, frozen):
+def test_fused_linear_stats_every_reduction(impl, reduction, frozen):
     """Including "none" with a trainable weight, whose gradients are formed by a second
-    sweep in the backward."""
+    sweep in the backward (the chunked impls)."""
     check_fused_linear(
-        "torch", reduction=reduction, clip=0.02, masked=True, chunk_size=4, frozen=frozen
+        impl, reduction=reduction, clip=0.02, masked=True, chunk_size=4, frozen=frozen
     )
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opsd_kernels import FusedLinearTopkDivergence, topk
+from opsd_kernels import FusedLinearTopkDivergence
 from opsd_kernels.reference import (
     fused_linear_topk_divergence_reference,
     topk_divergence_reference,
@@ -28,17 +28,10 @@ from tests.test_topk import (
 
 
 def _topk_impl(impl: str):
-    """``impl`` as a parameter, skipped where its row function predates the options."""
+    """``impl`` as a parameter, skipped only where Triton cannot run."""
     if impl == "torch":
         return impl
     marks = [pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")]
-    if TRITON_RUNS:
-        import inspect
-
-        from opsd_kernels.triton.topk_rows import topk_rows_triton
-
-        if "softcap" not in inspect.signature(topk_rows_triton).parameters:
-            marks.append(pytest.mark.skip(reason="the Triton top-k rows predate the options"))
     return pytest.param(impl, marks=marks)
 
 
@@ -225,40 +218,11 @@ def test_bucket_entropy_is_the_full_students():
     torch.testing.assert_close(stats.student_entropy, full.student_entropy)
 
 
-def test_row_function_predating_the_options_refuses_them(monkeypatch):
-    from opsd_kernels import topk
-
-    def old_rows(
-        logits, *, ids, logprobs, valid, log_rest, spec, beta, temperature, clip, scale, want_grad
-    ):
-        raise AssertionError("must not be called")
-
-    monkeypatch.setattr(topk, "_row_function", lambda impl: old_rows)
-    s = torch.randn(3, 20)
-    lp, ids = torch.log_softmax(torch.randn(3, 20), -1).topk(4, dim=-1)
-    for kw, name in (
-        (dict(return_stats=True), "return_stats"),
-        (dict(softcap=3.0), "softcap"),
-        (dict(logit_scale=2.0), "logit_scale"),
-        (dict(clip=0.1, clip_mode="token"), "clip_mode"),
-    ):
-        with pytest.raises(NotImplementedError, match=f"impl='torch'.*{name}|{name}"):
-            topk_divergence(s, ids, lp, impl="torch", **kw)
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_entry_keep(impl, tail, kind):
     clip = 0.02 if kind != "jsd" else 0.005
-    if impl != "torch" and "entry_keep" not in getattr(
-        topk._row_function(impl), "clip_modes", ("entry", "token")
-    ):
-        s = torch.randn(3, 20, device=DEVICE)
-        lp, ids = torch.log_softmax(torch.randn(3, 20, device=DEVICE), -1).topk(4, dim=-1)
-        with pytest.raises(NotImplementedError, match=f"impl='{impl}'.*entry_keep"):
-            topk_divergence(s, ids, lp, clip=0.1, clip_mode="entry_keep", tail=tail, impl=impl)
-        return
     check_logits_case(
         impl,
         tail=tail,

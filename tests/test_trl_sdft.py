@@ -519,35 +519,9 @@ def test_clip_against_the_teacher_warns_once(tok, tmp_path, clip_mode, warns):
         assert f"{share[0]:.1%}" in str(ours[0].message)
 
 
-def test_stats_refused_by_an_impl_are_switched_off_once(tok, tmp_path, monkeypatch):
-    """An impl that refuses return_stats (NotImplementedError, as an older kernel impl
-    does): the loss is computed without, one warning, no statistics logged."""
-    stock, fused = _pair(tok, tmp_path, _model(tok), **MODES["full_fkl"])
-    kernel = trl_sdft.fused_linear_divergence
-
-    def refusing(*args, return_stats=False, **kwargs):
-        if return_stats:
-            raise NotImplementedError("impl='x' does not support return_stats yet")
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(trl_sdft, "fused_linear_divergence", refusing)
-    inputs = _batch(fused)
-    with pytest.warns(UserWarning, match="statistics switched off"):
-        ours = _loss_grads(fused, inputs)
-    _assert_same(ours, _loss_grads(stock, inputs))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _loss_grads(fused, inputs)
-    assert "sdft/student_entropy" not in fused._metrics["train"]
-
-
-_TOPK_CLIP_MODES = trl_sdft._accepts(trl_sdft.fused_linear_topk_divergence, "clip_mode")
-
-
-@pytest.mark.skipif(not _TOPK_CLIP_MODES, reason="the top-k kernel has no clip_mode yet")
 def test_topk_token_clip_against_float64_formula(tok, tmp_path, monkeypatch):
-    """clip_mode='token' in topk_logits (when the top-k kernel takes clip modes): the
-    clip of each token's sum over its K + 1 outcomes."""
+    """clip_mode='token' in topk_logits: the clip of each token's sum over its K + 1
+    outcomes."""
     opts = MODES["topk_tail_fkl"]
     stock, fused = _pair(
         tok,
@@ -566,20 +540,6 @@ def test_topk_token_clip_against_float64_formula(tok, tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         _assert_same(_loss_grads(fused, inputs), _loss_grads(stock, inputs))
-
-
-def test_topk_clip_modes_follow_the_kernel(tmp_path):
-    """topk_logits takes the clip modes the top-k kernel takes; any other fails at
-    construction."""
-    supported = trl_sdft._topk_clip_modes()
-    assert "entry" in supported
-    for mode in trl_sdft.CLIP_MODES:
-        opts = dict(distillation_clip=0.1, distillation_clip_mode=mode)
-        if mode in supported:
-            assert _config(FusedSDFTConfig, tmp_path, **opts).distillation_clip_mode == mode
-        else:
-            with pytest.raises(ValueError, match="the top-k kernel takes"):
-                _config(FusedSDFTConfig, tmp_path, **opts)
 
 
 def _reference_topk_loss(clip, clip_mode, seen):
@@ -621,11 +581,8 @@ def _reference_topk_loss(clip, clip_mode, seen):
     ],
 )
 def test_topk_clip_modes_and_stats(tok, tmp_path, monkeypatch, mode, clip_mode, clip):
-    """Every clip mode the top-k kernel takes, through TRL's pipeline against the float64
-    reference; the logged statistics against the reference's (when the kernel returns
-    them)."""
-    if clip_mode not in trl_sdft._topk_clip_modes():
-        pytest.skip(f"the top-k kernel does not take clip_mode={clip_mode!r}")
+    """Every clip mode, through TRL's pipeline against the float64 reference; the logged
+    statistics against the reference's."""
     stock, fused = _pair(
         tok,
         tmp_path,
@@ -647,13 +604,12 @@ def test_topk_clip_modes_and_stats(tok, tmp_path, monkeypatch, mode, clip_mode, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         _assert_same(_loss_grads(fused, inputs), ref)
-    if trl_sdft._topk_returns_stats():
-        (stats,) = seen
-        mask = fused._loss_mask(inputs).double()
-        for name in ("student_entropy", "teacher_clipped_mass", "clipped_entries"):
-            want = (getattr(stats, name).double() * mask).sum() / mask.sum()
-            got = fused._metrics["train"][f"sdft/{name}"]
-            assert got == pytest.approx([float(want)], rel=1e-6), name
+    (stats,) = seen
+    mask = fused._loss_mask(inputs).double()
+    for name in ("student_entropy", "teacher_clipped_mass", "clipped_entries"):
+        want = (getattr(stats, name).double() * mask).sum() / mask.sum()
+        got = fused._metrics["train"][f"sdft/{name}"]
+        assert got == pytest.approx([float(want)], rel=1e-6), name
 
 
 def test_stats_can_be_switched_off(tok, tmp_path):

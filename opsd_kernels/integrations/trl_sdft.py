@@ -71,8 +71,7 @@ TRL's behaviour):
   ``fp32_weight_grad``, ``skip_threshold``).
 
 Refused at construction: a negative or zero clip, a clip with ``"sampled_token"`` (one
-token's log-ratio has no vocabulary entries to clip), a clip mode the top-k kernel does not
-take with ``"topk_logits"``, a loss temperature apart from the
+token's log-ratio has no vocabulary entries to clip), a loss temperature apart from the
 sampling one with the teacher server (vLLM scores at the sampling temperature), an lm_head
 the kernels cannot read (no linear output layer). Scalar logit multipliers (Cohere,
 Granite) are folded into the hidden states; Gemma 2's ``final_logit_softcapping`` is
@@ -86,7 +85,7 @@ a separate teacher's body inside the teacher's, and every read of an lm_head goe
 against 1, ``tests/test_trl_sharded.py``); DeepSpeed ZeRO-3 is refused at construction
 (that test measures wrong updates; cause open).
 
-Per step (``full_logits``; ``topk_logits`` where the top-k kernel returns them), TRL's
+Per step (``full_logits`` and ``topk_logits``), TRL's
 metrics dict gets the kernels' per-token statistics (means over the loss tokens):
 ``<name>/student_entropy``, ``<name>/teacher_clipped_mass``, ``<name>/clipped_entries``,
 ``<name>/teacher_top1_clipped`` (the share of tokens whose teacher top-1 entry was
@@ -98,7 +97,6 @@ student away from the teacher's choice.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import warnings
@@ -108,7 +106,6 @@ from typing import Any
 import torch
 
 from .. import config as _config
-from .. import topk as _topk_module
 from ..api import fused_linear_divergence
 from ..divergences import transform_logits
 from ..gemm import compute_dtype, linear_logits
@@ -308,41 +305,6 @@ def vocab_sweep(
     return lse, top_v, top_i, gathered
 
 
-_FULL_KERNEL_PARAMS = frozenset(inspect.signature(fused_linear_divergence).parameters)
-
-
-def _accepts(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
-def _topk_clip_modes() -> tuple:
-    """The clip modes :func:`fused_linear_topk_divergence` takes."""
-    if not _accepts(fused_linear_topk_divergence, "clip_mode"):
-        return ("entry",)
-    return getattr(_topk_module, "TOPK_CLIP_MODES", CLIP_MODES)
-
-
-@functools.cache
-def _topk_returns_stats() -> bool:
-    """Whether :func:`fused_linear_topk_divergence` returns per-token statistics (a 1 x 1
-    probe: the kernel refuses ``return_stats`` with ``NotImplementedError`` before any
-    work while top-k statistics do not exist)."""
-    if not _accepts(fused_linear_topk_divergence, "return_stats"):
-        return False
-    try:
-        fused_linear_topk_divergence(
-            torch.zeros(1, 1),
-            torch.zeros(2, 1),
-            torch.zeros(1, 1, dtype=torch.long),
-            torch.zeros(1, 1),
-            reduction="none",
-            return_stats=True,
-        )
-    except NotImplementedError:
-        return False
-    return True
-
-
 def _kind(alpha: float) -> tuple[str, float]:
     """TRL's ``compute_divergence``: alpha 0 forward KL, 1 reverse KL, else JSD(beta=alpha)."""
     if alpha == 0.0:
@@ -371,16 +333,6 @@ def _check_opsd_options(cfg) -> None:
         raise ValueError(
             f"distillation_clip_mode must be one of {CLIP_MODES}, "
             f"got {cfg.distillation_clip_mode!r}"
-        )
-    if (
-        clip is not None
-        and cfg.distillation_mode == "topk_logits"
-        and cfg.distillation_clip_mode not in _topk_clip_modes()
-    ):
-        raise ValueError(
-            f"distillation_clip_mode={cfg.distillation_clip_mode!r} with distillation_mode="
-            f"'topk_logits': the top-k kernel takes {_topk_clip_modes()} ('entry_keep' is "
-            "defined on a full-vocabulary teacher)"
         )
     if not isinstance(cfg.distillation_stats, bool):
         raise TypeError(f"distillation_stats must be a bool, got {cfg.distillation_stats!r}")
@@ -484,8 +436,8 @@ class _OPSDOptions:
         teacher_topk (`bool`, defaults to `False`):
             ``topk_logits`` over the local teacher's top-k instead of the student's.
         distillation_stats (`bool`, defaults to `True`):
-            Log the kernels' per-token statistics each step (full_logits, and topk_logits
-            where the top-k kernel returns them); False skips them.
+            Log the kernels' per-token statistics each step (full_logits and
+            topk_logits); False skips them.
         fused_loss_kwargs (`dict` or `None`, defaults to `None`):
             Kernel settings: ``impl``, ``chunk_size`` (full_logits also
             ``fp32_weight_grad``, ``skip_threshold``).
@@ -796,7 +748,6 @@ class _FusedSelfDistillation(_FusedLossMixin):
             teacher.update(softcap=c_s, teacher_softcap=c_t)
         return self._with_stats(
             fused_linear_divergence,
-            "return_stats" in _FULL_KERNEL_PARAMS,
             h_s,
             h_t,
             w_s,
@@ -811,22 +762,12 @@ class _FusedSelfDistillation(_FusedLossMixin):
             **self._kernel_kwargs(full=True),
         )
 
-    def _with_stats(self, kernel, supported: bool, *args, **kwargs):
+    def _with_stats(self, kernel, *args, **kwargs):
         """``(per_token, DivergenceStats or None)`` from ``kernel``; the statistics are
-        asked for when ``distillation_stats`` is on and the kernel takes them. An impl that
-        refuses them (``NotImplementedError``, raised before any work) is run without, and
-        the statistics are switched off with one warning."""
-        if not (self._opsd["distillation_stats"] and supported):
+        asked for when ``distillation_stats`` is on."""
+        if not self._opsd["distillation_stats"]:
             return kernel(*args, **kwargs), None
-        try:
-            return kernel(*args, return_stats=True, **kwargs)
-        except NotImplementedError as e:
-            out = kernel(*args, **kwargs)  # raises again if the refusal was not the stats'
-            self._opsd["distillation_stats"] = False
-            warnings.warn(
-                f"{type(self).__name__}: per-token statistics switched off ({e})", stacklevel=3
-            )
-            return out, None
+        return kernel(*args, return_stats=True, **kwargs)
 
     def _topk_support(self, student, teacher_states, lt):
         """Local top-k support ``(ids, teacher log-probs)``, each (B, C, K): the student's
@@ -849,7 +790,6 @@ class _FusedSelfDistillation(_FusedLossMixin):
         kind, beta = _kind(self.args.distillation_alpha)
         return self._with_stats(
             fused_linear_topk_divergence,
-            _topk_returns_stats(),
             h_s,
             w_s,
             ids,
