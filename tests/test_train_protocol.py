@@ -346,19 +346,6 @@ def test_eval_data_may_be_answer_only(tmp_path, problems):
 # ------------------------------------------------------------------ the clip in the run log
 
 
-def _kernels_return_stats() -> bool:
-    import inspect
-
-    from opsd_kernels import fused_linear_divergence
-
-    return "return_stats" in inspect.signature(fused_linear_divergence).parameters
-
-
-@pytest.mark.skipif(
-    not _kernels_return_stats(),
-    reason="fused_linear_divergence has no "
-    "return_stats yet (the kernels' statistics land separately)",
-)
 def test_clip_statistics_and_warning_reach_the_run_log(tiny, problems, tmp_path, capsys):
     """Per-step clip statistics (FusedSDFTTrainer's metrics) land in metrics.jsonl; its
     once-per-run warning about the clip turning against the teacher is printed and

@@ -4,12 +4,10 @@ tokenizer edge cases."""
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import pytest
 
-from opsd_kernels import fused_linear_divergence
 from opsd_train.cli import main
 from opsd_train.data import save_jsonl, synthetic_split
 
@@ -46,13 +44,7 @@ def _records(out):
             "--grad-accum",
             "2",
         ],
-        pytest.param(
-            ["--clip-mode", "entry_keep"],
-            marks=pytest.mark.skipif(
-                "clip_mode" not in inspect.signature(fused_linear_divergence).parameters,
-                reason="the kernels' clip_mode lands separately",
-            ),
-        ),
+        ["--clip-mode", "entry_keep"],
     ],
     ids=["sft", "grpo", "teacher-topk", "sampled-token", "jsd-microbatch", "clip-mode"],
 )
