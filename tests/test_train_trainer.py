@@ -119,3 +119,46 @@ def test_no_progress_bar_floods_a_log(tiny, problems, tmp_path, capfd):
     out, err = capfd.readouterr()
     assert "\r" not in out + err
     assert sum("'loss'" in line for line in out.splitlines()) == 3
+
+
+def test_soft_capped_gemma2_trains_from_the_cli(tmp_path):
+    """A Gemma 2 model (final_logit_softcapping) trains through ``opsd-train --model``: the
+    OPSD loss applies its cap (FusedSDFTTrainer, checked against TRL's stock trainer on
+    Gemma 2 in float64 in tests/test_trl_sdft.py); here the whole CLI path runs."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from opsd_train.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=256,
+        final_logit_softcapping=2.0,  # small enough that the cap bends these logits
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    model_dir = tmp_path / "gemma2"
+    Gemma2ForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    train, held = synthetic_split(8, 2, seed=1)
+    save_jsonl(train, tmp_path / "train.jsonl")
+    save_jsonl(held, tmp_path / "held.jsonl")
+    out = tmp_path / "run"
+    args = ["--model", str(model_dir), "--data", str(tmp_path / "train.jsonl"),
+            "--eval-data", str(tmp_path / "held.jsonl"), "--steps", "2", "--batch-size", "2",
+            "--max-new-tokens", "4", "--eval-max-new-tokens", "3", "--lr", "1e-3",
+            "--clip", "0.05", "--threads", "1", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    steps = [r for r in _records(out) if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert all(r["generated_tokens"] > 0 for r in steps)
