@@ -493,9 +493,7 @@ def test_softcap_presets_and_skip_rules(bench_fused_linear, bench_modules, monke
         assert "no final-logit soft cap" in b._skip_reason(impl, cfg, cuda, "fwdbwd", 30.0)
     assert b._skip_reason("trl-chunked", cfg, cuda, "fwdbwd", 30.0) is None
     assert b._skip_reason("compiled", cfg, cuda, "fwdbwd", 30.0) is None
-    monkeypatch.setattr(b, "_takes_softcap", lambda: False)
-    assert "no softcap option" in b._skip_reason("fused", cfg, cuda, "fwdbwd", 30.0)
-    assert b._skip_reason("fused", cfg, cuda, "fwdbwd", None) is None
+    assert b._skip_reason("fused", cfg, cuda, "fwdbwd", 30.0) is None  # every impl caps
     monkeypatch.setattr(b.baselines, "trl_kernel", lambda: (None, "TRL is not installed (x)"))
     assert b._skip_reason("trl-chunked", cfg, cuda) == "TRL is not installed (x)"
 
@@ -559,7 +557,6 @@ def test_our_capped_impl_passes_the_correctness_check(bench_fused_linear):
     import types
 
     b = bench_fused_linear
-    assert b._takes_softcap()
     opts = dict(kind="forward_kl", beta=0.5, temperature=1.1, clip=0.05)
     cfg = types.SimpleNamespace(options=lambda: dict(opts))
     g = torch.Generator().manual_seed(6)
