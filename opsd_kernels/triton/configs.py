@@ -48,6 +48,8 @@ class FusedConfig:
     float32 dH accumulator takes at most half as much more, and so does a float32
     product buffer where the GEMMs cannot add in place; see
     :func:`opsd_kernels.triton.fused_backward.fused_backward`).
+    ``terms_stages`` / ``backward_stages``: ``num_stages`` of the forward's terms pass /
+    of the backward kernels, where they differ from ``num_stages`` (None: the same).
     ``group``: token blocks that run side by side over the vocabulary splits in the
     forward's grouped launch order: programs running at the same time then touch
     ``group`` token blocks' hidden states (32 x 64 tokens x H=2560 x 2 sides x 2
@@ -65,6 +67,8 @@ class FusedConfig:
     dot_precision: str = "ieee"
     scratch_bytes: int = 32 * 2**20
     group: int = 32
+    terms_stages: int | None = None
+    backward_stages: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,16 @@ _CUDA_16 = FusedConfig()
 _CUDA_16_WIDE = FusedConfig(
     block_k=32, group=16
 )  # large H: a shorter K step keeps the stages small
-_CUDA_32 = FusedConfig(block_v=64, block_k=32, num_stages=2)  # float32: no spills at 128
+# float32: 64-wide vocabulary tiles, 16-wide K steps, and stage counts per kernel. With
+# "ieee" dots (FMA, no tensor cores) each thread holds its rows' and columns' slices of
+# both dot operands for the whole K step, so register use sits near sm_90's 255 and
+# ptxas's allocation swings with Triton's version and the pipelining depth. At block_k
+# 32 the one-pass backward with "entry_keep" spilled 72-88 bytes (Triton 3.6 and 3.9)
+# and 3.6's forward-KL clip terms pass 20. The stage counts below are the ones at which
+# no specialisation that tests/test_triton_compile.py compiles spills under 3.6 or 3.9
+# (2/1/4: stats/terms/backward; every other uniform count spilled somewhere). Chosen
+# for that, not tuned for speed on a GPU.
+_CUDA_32 = FusedConfig(block_v=64, block_k=16, num_stages=2, terms_stages=1, backward_stages=4)
 _CPU = FusedConfig(
     block_n=16, block_v=32, block_k=16, num_warps=4, num_stages=1, splits=1, group=2
 )  # interpreter: tl.dot needs every dimension >= 16

@@ -508,7 +508,7 @@ def fused_backward(
         scale_stride=1 if per_row else 0,
         GROUP=cfg.group,
         **kernel_options(opts),
-        **block_args(cfg, hs.dtype),
+        **{**block_args(cfg, hs.dtype), "num_stages": cfg.backward_stages or cfg.num_stages},
     )
     if not deterministic:
         return _one_pass_backward(

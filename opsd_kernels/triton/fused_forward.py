@@ -761,7 +761,7 @@ def fused_forward(
             todo_ptr=todo,
             count_ptr=counter("terms"),
             SUB=_terms_slices(want_clip_stats, keep, hs.dtype),
-            **inputs,
+            **{**inputs, "num_stages": cfg.terms_stages or cfg.num_stages},
         )
         if one_pass:
             part_loss, part_g = part_loss.sum(0), part_g.sum(0)  # corrections where finite
