@@ -1,4 +1,4 @@
-"""FusedGKDTrainer with sharded models: FSDP2 and DeepSpeed ZeRO-3 on CPU (gloo, 2
+"""The fused TRL trainers with sharded models: FSDP2 and DeepSpeed ZeRO-3 on CPU (gloo, 2
 processes on 127.0.0.1) against one process on the same global batch.
 
 One ``torchrun`` launch (spawning is the slow part) runs every sharded case in turn; each
@@ -18,11 +18,20 @@ float32 rounding.
 - ``fsdp2_distillation``: the same with ``FusedDistillationTrainer`` (TRL's
   ``compute_loss``, its entropy metric gathered across the ranks); ``fsdp2_sdft`` with
   ``FusedSDFTTrainer`` (full logits, the student as its own teacher in another context).
+- ``fsdp2_sdpo``: ``FusedSDPOTrainer`` (both terms: the policy term's log-probs and the
+  clipped distillation term from the hidden states; a mixed ``self_distillation_mask``).
+- ``fsdp2_gold`` / ``zero3_gold``: ``FusedGOLDTrainer`` (same tokenizer: its JSD goes
+  through GKD's fused path, with GOLD's own forward keywords).
+- ``replicate_head``: no ``fully_shard``; the student's lm_head weight a ``Replicate``
+  DTensor (gathered by ``full_tensor()``, its gradient averaged back), the other gradients
+  averaged by hand.
 - ``zero3``: ``deepspeed.initialize`` with ZeRO stage 3 on DeepSpeed's CPU accelerator
   (``stage3_param_persistence_threshold`` 0: even the tiny lm_head is partitioned), the
   teacher its own ZeRO-3 engine, as TRL prepares it; ``zero3_distillation`` the same with
   ``FusedDistillationTrainer``; ``zero3_sdft`` with ``FusedSDFTTrainer`` (the student's
-  top-k support, found by a sweep over the gathered head).
+  top-k support, found by a sweep over the gathered head); ``zero3_sdpo`` with
+  ``FusedSDPOTrainer``. Gradient clipping off (DeepSpeed's default clips at norm 1.0, which
+  once passed for a trainer bug here: updates about half the one-process ones).
 
 Checked with TRL 1.16.0, torch 2.13 (CPU) and DeepSpeed 0.19.8 (skipped without it).
 The workers run this file as a module: ``torchrun ... -m tests.test_trl_sharded FOLDER``.
@@ -47,9 +56,14 @@ MODES = (
     "fsdp2_head_unit",
     "fsdp2_distillation",
     "fsdp2_sdft",
+    "fsdp2_sdpo",
+    "fsdp2_gold",
+    "replicate_head",
     "zero3",
     "zero3_distillation",
     "zero3_sdft",
+    "zero3_sdpo",
+    "zero3_gold",
 )
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 WORLD, BATCH, SEQ, LR = 2, 4, 9, 0.5
@@ -76,8 +90,10 @@ def _model(vocab, pad, seed, hidden=16):
 
 
 def _kind(mode):
-    """The trainer a mode runs: ``"gkd"``, ``"distillation"`` or ``"sdft"``."""
-    return mode.split("_")[-1] if mode.endswith(("_distillation", "_sdft")) else "gkd"
+    """The trainer a mode runs: ``"gkd"``, ``"gold"``, ``"distillation"``, ``"sdft"`` or
+    ``"sdpo"``."""
+    kinds = ("_gold", "_distillation", "_sdft", "_sdpo")
+    return mode.split("_")[-1] if mode.endswith(kinds) else "gkd"
 
 
 def _teacher_hidden(mode):
@@ -135,6 +151,28 @@ def _trainer(tok_dir, student, teacher, folder, mode):
         )
         data = datasets.Dataset.from_dict({**prompts, "privileged_context": ["2"] * 4})
         return FusedSDFTTrainer(model=student, args=args, train_dataset=data, processing_class=tok)
+    if _kind(mode) == "sdpo":
+        from opsd_kernels.integrations.trl_sdft import FusedSDPOConfig, FusedSDPOTrainer
+
+        args = FusedSDPOConfig(
+            num_generations=2,
+            teacher_model_kind="live",
+            distillation_mode="full_logits",
+            distillation_alpha=0.0,
+            distillation_weight=0.5,  # both terms: the policy log-probs from hidden states
+            loss_type="grpo",  # per-sequence means: the ranks' mean is the global one
+            distillation_clip=0.05,
+            fused_loss_kwargs=loss_kwargs,
+            **common,
+        )
+        data = datasets.Dataset.from_dict(prompts)
+        return FusedSDPOTrainer(
+            model=student,
+            reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+            args=args,
+            train_dataset=data,
+            processing_class=tok,
+        )
     if _kind(mode) == "distillation":
         from opsd_kernels.integrations.trl_distillation import (
             FusedDistillationConfig,
@@ -143,6 +181,14 @@ def _trainer(tok_dir, student, teacher, folder, mode):
 
         cls, args = FusedDistillationTrainer, FusedDistillationConfig(beta=0.3, **common)
         data = datasets.Dataset.from_dict(prompts)
+    elif _kind(mode) == "gold":  # same tokenizer: GOLD's JSD, fused as GKD's
+        from trl.experimental.gold import GOLDConfig
+
+        from opsd_kernels.integrations.trl import FusedGOLDTrainer
+
+        cls = FusedGOLDTrainer
+        args = GOLDConfig(lmbda=0.0, beta=0.3, max_completion_length=4, max_length=32, **common)
+        data = datasets.Dataset.from_dict({"messages": prompts["prompt"]})
     else:
         from trl.experimental.gkd import GKDConfig
 
@@ -172,7 +218,7 @@ def _local_inputs(mode, batch, rows, world):
     per-sequence then batch mean (equal local batches: the ranks' mean is the global one).
     """
     ids, mask, labels = batch
-    if _kind(mode) == "gkd":
+    if _kind(mode) in ("gkd", "gold"):
         n = (labels[:, 1:] != -100).sum().double() / world
         inputs = dict(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows])
         return inputs, dict(num_items_in_batch=n)
@@ -182,7 +228,11 @@ def _local_inputs(mode, batch, rows, world):
         completion_ids=ids[:, 4:],
         completion_mask=(labels[:, 4:] != -100).long(),
     )
-    if _kind(mode) == "sdft":
+    if _kind(mode) == "sdpo":  # a mixed distillation mask and non-zero advantages
+        g = torch.Generator().manual_seed(int(ids.sum()))
+        inputs["self_distillation_mask"] = torch.tensor([1.0, 0.0, 1.0, 1.0])
+        inputs["advantages"] = torch.randn(ids.shape[0], generator=g)
+    if _kind(mode) in ("sdft", "sdpo"):
         inputs["teacher_input_ids"] = torch.cat([ids[:, :4].flip(1), ids[:, 4:]], dim=1)
         inputs["teacher_attention_mask"] = torch.cat(
             [torch.ones_like(ids[:, :4]), inputs["completion_mask"]], dim=1
@@ -244,6 +294,36 @@ def _fsdp2_case(mode, tok_dir, folder, vocab, pad):
     return losses, _full_state(student)
 
 
+def _replicate_case(mode, tok_dir, folder, vocab, pad):
+    """The student's lm_head weight a ``Replicate`` DTensor (as tensor or hybrid
+    parallelism leaves it), the rest plain with its gradients averaged by hand (DDP's
+    job); ``FusedGKDTrainer``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    student, teacher = _model(vocab, pad, 0), _model(vocab, pad, 1)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    head = student.lm_head
+    head.weight = torch.nn.Parameter(distribute_tensor(head.weight.data, mesh, [Replicate()]))
+    trainer = _trainer(tok_dir, student, teacher, folder, mode)
+    opt = torch.optim.SGD(student.parameters(), lr=LR)
+
+    def backward(loss):
+        loss.backward()
+        for p in student.parameters():
+            if p.grad is not None and p is not head.weight:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+
+    def step():
+        opt.step()
+        opt.zero_grad()
+
+    rank = torch.distributed.get_rank()
+    rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    losses = _run(mode, trainer, student, _batches(vocab), rows, WORLD, backward, step)
+    return losses, _full_state(student)
+
+
 def _zero3_case(mode, tok_dir, folder, vocab, pad):
     import deepspeed
 
@@ -254,6 +334,9 @@ def _zero3_case(mode, tok_dir, folder, vocab, pad):
         "gradient_accumulation_steps": 1,
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        # off, as in the one-process run: DeepSpeed clips at norm 1.0 unless told otherwise
+        # (GRADIENT_CLIPPING_DEFAULT in 0.19.8; accelerate passes max_grad_norm instead)
+        "gradient_clipping": 0.0,
     }
     opt = torch.optim.SGD(student.parameters(), lr=LR)
     engine, *_ = deepspeed.initialize(model=student, optimizer=opt, config=config)
@@ -286,6 +369,8 @@ def _worker(folder: str) -> None:
             if not HAS_DEEPSPEED:
                 continue
             losses, state = _zero3_case(mode, tok_dir, folder / mode, vocab, pad)
+        elif mode == "replicate_head":
+            losses, state = _replicate_case(mode, tok_dir, folder / mode, vocab, pad)
         else:
             losses, state = _fsdp2_case(mode, tok_dir, folder / mode, vocab, pad)
         if rank == 0:
@@ -360,16 +445,7 @@ def _single_process(mode, folder):
     return losses, _full_state(student), _model(vocab, pad, 0).state_dict()
 
 
-ZERO3_SDFT = pytest.mark.xfail(
-    strict=True,
-    reason="FusedSDFTTrainer under ZeRO-3: the updates differ (about half; also with a "
-    "separate teacher copy); the trainer refuses ZeRO-3 until the cause is found",
-)
-
-
-@pytest.mark.parametrize(
-    "mode", [pytest.param(m, marks=ZERO3_SDFT) if m == "zero3_sdft" else m for m in MODES]
-)
+@pytest.mark.parametrize("mode", MODES)
 def test_two_sharded_processes_match_one_process(sharded_runs, mode):
     if mode.startswith("zero3") and not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed")
@@ -393,26 +469,6 @@ def test_trl_forward_redirection_is_where_we_expect_it():
     outer, inner = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     outer.forward = lambda *a, **k: inner(*a, **k)  # a wrapper that calls its module
     assert redirect(outer, inner, lambda x: json.dumps(x), [1]) == "[1]"
-
-
-def test_sdft_refuses_zero3_at_construction():
-    """What ``zero3_sdft`` measures, users are kept from: SDFT/SDPO refuse an accelerate
-    DeepSpeed ZeRO-3 setup (stage 1/2 and no DeepSpeed pass)."""
-    pytest.importorskip("trl.experimental.sdft")
-    from types import SimpleNamespace
-
-    from opsd_kernels.integrations.trl_sdft import _refuse_zero3
-
-    def trainer(enabled, stage):
-        state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage))
-        return SimpleNamespace(
-            accelerator=SimpleNamespace(state=state), is_deepspeed_enabled=enabled
-        )
-
-    with pytest.raises(ValueError, match="does not support DeepSpeed ZeRO-3"):
-        _refuse_zero3(trainer(True, 3))
-    _refuse_zero3(trainer(True, 2))
-    _refuse_zero3(trainer(False, 3))
 
 
 if __name__ == "__main__":

@@ -81,9 +81,8 @@ Sharded models, as the GKD/GOLD integrations: the loss runs inside the student's
 (TRL's ``_ForwardRedirection`` through the wrapper, or the ``fully_shard`` model itself),
 a separate teacher's body inside the teacher's, and every read of an lm_head goes through
 :func:`lm_head_of`, which gathers it whole
-(:func:`opsd_kernels.integrations._heads.gathered_lm_head`). FSDP2 is tested (2 processes
-against 1, ``tests/test_trl_sharded.py``); DeepSpeed ZeRO-3 is refused at construction
-(that test measures wrong updates; cause open).
+(:func:`opsd_kernels.integrations._heads.gathered_lm_head`). FSDP2 and DeepSpeed ZeRO-3
+are tested (2 processes against 1, ``tests/test_trl_sharded.py``).
 
 Per step (``full_logits`` and ``topk_logits``), TRL's
 metrics dict gets the kernels' per-token statistics (means over the loss tokens):
@@ -185,20 +184,6 @@ def lm_head_of(model) -> LMHead:
 def _check_lm_head(model) -> None:
     """At construction: the lm_head is one the kernels read (no gathering)."""
     causal_lm_head(model, with_softcap=True)
-
-
-def _refuse_zero3(trainer) -> None:
-    """DeepSpeed ZeRO-3 is refused: two processes gave other parameter updates than one
-    (about half of them) in ``tests/test_trl_sharded.py`` (``zero3_sdft``, an expected
-    failure; also, checked once, with a separate copy of the student as the teacher),
-    while GKD, DistillationTrainer and FSDP2 (SDFT included) agree. Cause not found yet:
-    not the second use of the student's body, not the lm_head gather."""
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if getattr(trainer, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3:
-        raise ValueError(
-            f"{type(trainer).__name__} does not support DeepSpeed ZeRO-3 yet (measured wrong "
-            "updates in a 2-process test); use FSDP2 or ZeRO stage 1/2"
-        )
 
 
 def _completion_states(model, input_ids, attention_mask, width: int, head=None):
@@ -536,7 +521,6 @@ class _FusedSelfDistillation(_FusedLossMixin):
         self._opsd = {k: getattr(self.args, k, v) for k, v in _OPSD_DEFAULTS.items()}
         self._init_fused(None)
         self.fused_loss_kwargs = dict(self._opsd["fused_loss_kwargs"] or {})
-        _refuse_zero3(self)
         # an lm_head the kernels cannot read fails here, not at the first step
         _check_lm_head(self.accelerator.unwrap_model(self.model))
         _check_lm_head(self.accelerator.unwrap_model(self.teacher_model))
