@@ -494,11 +494,15 @@ def test_full_logits_clip_modes_and_stats(tok, tmp_path, monkeypatch, mode, clip
     assert float((stats.clipped_entries.double() * mask).sum()) > 0
 
 
-@pytest.mark.parametrize("clip_mode, warns", [("entry", True), ("entry_keep", False)])
+@pytest.mark.parametrize(
+    "clip_mode, warns", [("entry", True), ("entry_keep", True), ("token", False)]
+)
 def test_clip_against_the_teacher_warns_once(tok, tmp_path, clip_mode, warns):
     """A clip that removes the teacher's top-1 entry on more than CLIP_WARNING_SHARE of the
-    tokens warns, once, naming the share, under clip_mode='entry' (the mode that pushes the
-    student away from those entries); 'entry_keep' does not push, and does not warn."""
+    tokens warns, once, naming the share and the mode, under the per-entry modes ('entry'
+    pushes the student away from those entries; 'entry_keep' holds them while the rest
+    moves: both collapsed accuracy on a real model); 'token' (a clipped token passes no
+    gradient at all) does not warn, although it clips every token here."""
     _, fused = _pair(
         tok,
         tmp_path,
@@ -517,6 +521,7 @@ def test_clip_against_the_teacher_warns_once(tok, tmp_path, clip_mode, warns):
     assert len(ours) == (1 if warns else 0)
     if warns:
         assert f"{share[0]:.1%}" in str(ours[0].message)
+        assert f"clip_mode={clip_mode!r}" in str(ours[0].message)
 
 
 def test_topk_token_clip_against_float64_formula(tok, tmp_path, monkeypatch):
